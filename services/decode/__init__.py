@@ -1,0 +1,1 @@
+"""Decode worker: runs an engine, streams tokens, registers in discovery."""

@@ -1,0 +1,3 @@
+from services.decode.cli import app
+
+app()

@@ -1,0 +1,253 @@
+"""The decode worker actor: registers, takes generate requests on its own subject, streams tokens.
+
+One class owns the engine, the in-flight requests and the registration. Each request runs as a
+task in the worker's task group; a Cancel message, a deadline or a drain cancels it, and the
+engine frees its KV blocks when its stream is closed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import anyio
+from nats.aio.msg import Msg
+from prometheus_client import Counter, Gauge
+
+from shared.bus import Bus
+from shared.config import DEFAULT_NATS_URL
+from shared.discovery import DEFAULT_TTL, WorkerRegistration
+from shared.engines import Engine, EngineConfig, make_engine
+from shared.messages import (
+    GenerateError,
+    GenerateRequest,
+    KvEventBatch,
+    LoadReport,
+    TokenChunk,
+    Usage,
+    WorkerInfo,
+    cancel_decoder,
+    generate_request_decoder,
+)
+from shared import subjects
+from shared.telemetry import serve_metrics
+
+log = logging.getLogger("baton.decode")
+
+REQUESTS = Counter("baton_worker_requests_total", "Requests by outcome", ["role", "outcome"])
+RUNNING = Gauge("baton_worker_requests_running", "Requests in flight", ["role"])
+KV_USED = Gauge("baton_worker_kv_blocks_used", "KV blocks in use", ["role"])
+KV_TOTAL = Gauge("baton_worker_kv_blocks_total", "KV blocks in the pool", ["role"])
+
+
+@dataclass
+class DecodeSettings:
+    nats_url: str = DEFAULT_NATS_URL
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    worker_id: str | None = None
+    served_model_name: str | None = None
+    discovery_ttl: float = DEFAULT_TTL
+    load_interval: float = 1.0
+    kv_event_interval: float = 0.05
+    max_inflight: int = 1024  # admission: beyond this a request gets 503 at once
+    metrics_port: int = 0
+
+
+class DecodeWorker:
+    role = "decode"
+
+    def __init__(self, settings: DecodeSettings, engine: Engine | None = None) -> None:
+        self.settings = settings
+        self.worker_id = settings.worker_id or f"{self.role}-{uuid.uuid4().hex[:8]}"
+        self.engine = engine or make_engine(settings.engine)
+        self.bus: Bus | None = None
+        self.registration: WorkerRegistration | None = None
+        self._scopes: dict[str, anyio.CancelScope] = {}
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._draining = False
+        self._kv_seq = 0
+        self.ready = False
+
+    @property
+    def model(self) -> str:
+        return self.settings.served_model_name or self.engine.model_name or self.settings.engine.model
+
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(
+            worker_id=self.worker_id, role=self.role, model=self.model,  # type: ignore[arg-type]
+            generate_subject=subjects.generate(self.worker_id), cancel_subject=subjects.cancel(self.worker_id),
+            block_size=self.engine.block_size, engine=self.engine.name, pid=os.getpid(), host=socket.gethostname(),
+            started_at=time.time(),
+        )
+
+    async def run(self) -> None:
+        self.bus = await Bus.connect(self.settings.nats_url, f"baton-{self.worker_id}")
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                tg.start_soon(self.engine.run)
+                if self.settings.metrics_port:
+                    tg.start_soon(serve_metrics, self.settings.metrics_port, lambda: self.ready)
+                await self.engine.wait_ready()
+                await self.bus.subscribe(subjects.generate(self.worker_id), self._on_generate)
+                await self.bus.subscribe(subjects.cancel(self.worker_id), self._on_cancel)
+                self.registration = WorkerRegistration(self.bus, self.info(), self.settings.discovery_ttl)
+                await self.registration.register()
+                tg.start_soon(self.registration.run)
+                tg.start_soon(self._report_load)
+                tg.start_soon(self._publish_kv_events)
+                self.ready = True
+                log.info("%s serving %s with the %s engine", self.worker_id, self.model, self.engine.name)
+        finally:
+            self.ready = False
+            await self.bus.close()
+
+    async def drain(self) -> None:
+        """Deregister so no new work arrives, let in-flight requests finish, then return."""
+        self._draining = True
+        if self.registration is not None:
+            await self.registration.withdraw()
+        while self._scopes:
+            await anyio.sleep(0.05)
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
+
+    # --- handlers ------------------------------------------------------------------------
+
+    async def _on_generate(self, msg: Msg) -> None:
+        assert self._tg is not None
+        self._tg.start_soon(self._serve, msg)
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        try:
+            cancel = cancel_decoder.decode(msg.data)
+        except Exception:
+            return
+        scope = self._scopes.get(cancel.request_id)
+        if scope is not None:
+            log.debug("cancelling %s: %s", cancel.request_id, cancel.reason)
+            scope.cancel()
+
+    def _validate(self, req: GenerateRequest) -> str | None:
+        if req.model and req.model != self.model:
+            return f"this worker serves {self.model!r}, not {req.model!r}"
+        if not req.token_ids:
+            return "the prompt is empty"
+        if req.sampling.max_tokens < 1:
+            return "max_tokens must be at least 1"
+        vocab = getattr(self.engine, "vocab_size", 0)
+        if vocab and (min(req.token_ids) < 0 or max(req.token_ids) >= vocab):
+            return f"token ids must be in [0, {vocab})"
+        max_len = getattr(self.engine, "max_model_len", 0)
+        if max_len and len(req.token_ids) + req.sampling.max_tokens > max_len:
+            return f"prompt plus max_tokens exceeds the context length {max_len}"
+        if req.request_id in self._scopes:
+            return f"duplicate request id {req.request_id!r}"
+        return None
+
+    async def _serve(self, msg: Msg) -> None:
+        assert self.bus is not None
+        reply = msg.reply
+        try:
+            req = generate_request_decoder.decode(msg.data)
+        except Exception as e:
+            REQUESTS.labels(self.role, "bad_request").inc()
+            if reply:
+                await self.bus.publish(reply, GenerateError(request_id="", code=400, message=f"undecodable request: {e}"))
+            return
+        if not reply:
+            return
+        if self._draining or len(self._scopes) >= self.settings.max_inflight:
+            REQUESTS.labels(self.role, "rejected").inc()
+            await self.bus.publish(reply, GenerateError(request_id=req.request_id, code=503,
+                                                       message=f"{self.worker_id} is draining or full"))
+            return
+        problem = self._validate(req)
+        if problem:
+            REQUESTS.labels(self.role, "bad_request").inc()
+            await self.bus.publish(reply, GenerateError(request_id=req.request_id, code=400, message=problem))
+            return
+        scope = anyio.CancelScope()
+        if req.deadline:
+            scope.deadline = anyio.current_time() + max(0.0, req.deadline - time.time())
+        self._scopes[req.request_id] = scope
+        RUNNING.labels(self.role).inc()
+        outcome = "cancelled"
+        try:
+            with scope:
+                outcome = await self._stream(req, reply)
+        except Exception as e:
+            outcome = "error"
+            log.exception("request %s failed", req.request_id)
+            with anyio.move_on_after(1, shield=True):
+                await self.bus.publish(reply, GenerateError(request_id=req.request_id, code=500, message=f"engine error: {e!r}"))
+        finally:
+            self._scopes.pop(req.request_id, None)
+            RUNNING.labels(self.role).dec()
+            REQUESTS.labels(self.role, outcome).inc()
+
+    async def _stream(self, req: GenerateRequest, reply: str) -> str:
+        assert self.bus is not None
+        publish = self.bus.publish
+        rid = req.request_id
+        index = 0
+        held: list[int] = []  # non-streaming: coalesce into one final message
+        async for out in self.engine.generate(rid, req.token_ids, req.sampling):
+            if out.error:
+                await publish(reply, GenerateError(request_id=rid, code=400, message=out.error))
+                return "bad_request"
+            if out.finish_reason is not None:
+                tokens = held + out.token_ids if not req.stream else out.token_ids
+                start = 0 if not req.stream else index
+                usage = Usage(prompt_tokens=out.num_prompt_tokens or len(req.token_ids),
+                              completion_tokens=index + len(out.token_ids), cached_tokens=out.num_cached_tokens)
+                await publish(reply, TokenChunk(request_id=rid, index=start, token_ids=tokens,
+                                                finish_reason=out.finish_reason, usage=usage))  # type: ignore[arg-type]
+                return out.finish_reason
+            if req.stream:
+                if out.token_ids:
+                    await publish(reply, TokenChunk(request_id=rid, index=index, token_ids=out.token_ids))
+            else:
+                held.extend(out.token_ids)
+            index += len(out.token_ids)
+        return "ended"
+
+    # --- periodic reports ----------------------------------------------------------------
+
+    async def _report_load(self) -> None:
+        assert self.bus is not None
+        subject = subjects.load(self.worker_id)
+        while True:
+            st = self.engine.stats()
+            KV_USED.labels(self.role).set(st.kv_blocks_used)
+            KV_TOTAL.labels(self.role).set(st.kv_blocks_total)
+            report = LoadReport(
+                worker_id=self.worker_id, role=self.role, timestamp=time.time(),  # type: ignore[arg-type]
+                kv_blocks_used=st.kv_blocks_used, kv_blocks_total=st.kv_blocks_total, running=st.running,
+                waiting=st.waiting, prefill_tokens_queued=st.prefill_tokens_queued,
+            )
+            try:
+                await self.bus.publish(subject, report)
+            except Exception as e:
+                log.debug("load report failed: %r", e)
+            await anyio.sleep(self.settings.load_interval)
+
+    async def _publish_kv_events(self) -> None:
+        assert self.bus is not None
+        subject = subjects.kv_events(self.worker_id)
+        while True:
+            await anyio.sleep(self.settings.kv_event_interval)
+            stored, removed, cleared = self.engine.kv_events.drain()
+            if not (stored or removed or cleared):
+                continue
+            self._kv_seq += 1
+            batch = KvEventBatch(worker_id=self.worker_id, seq=self._kv_seq, stored=stored, removed=removed,
+                                 cleared=cleared)
+            try:
+                await self.bus.publish(subject, batch)
+            except Exception as e:
+                log.debug("kv event publish failed: %r", e)

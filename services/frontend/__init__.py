@@ -1,0 +1,1 @@
+"""Frontend: OpenAI-compatible HTTP and the NATS request API."""

@@ -1,0 +1,3 @@
+from services.frontend.cli import app
+
+app()

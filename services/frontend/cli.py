@@ -1,0 +1,49 @@
+"""``baton frontend`` / ``python -m services.frontend``: a thin shell around :class:`Frontend`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from shared.builtin_model import DEFAULT_MODEL
+from shared.config import DEFAULT_NATS_URL, DiscoveryTtl, LogLevel, Model, NatsUrl, ServedModelName
+from shared.discovery import DEFAULT_TTL
+
+
+def main(
+    nats_url: NatsUrl = DEFAULT_NATS_URL,
+    host: Annotated[str, typer.Option(envvar="BATON_HOST", help="HTTP bind address.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(envvar="BATON_PORT", help="HTTP port.")] = 8000,
+    model: Model = DEFAULT_MODEL,
+    served_model_name: ServedModelName = None,
+    max_model_len: Annotated[
+        int, typer.Option(envvar="BATON_MAX_MODEL_LEN", help="Context length limit (0: the model's own).")
+    ] = 0,
+    max_body_bytes: Annotated[
+        int, typer.Option(envvar="BATON_MAX_BODY_BYTES", help="Largest request body accepted (413 beyond).")
+    ] = 2 * 1024 * 1024,
+    route_timeout: Annotated[
+        float, typer.Option(envvar="BATON_ROUTE_TIMEOUT", help="Seconds to wait for the router.")
+    ] = 5.0,
+    first_token_timeout: Annotated[
+        float, typer.Option(envvar="BATON_FIRST_TOKEN_TIMEOUT", help="Seconds to wait for a worker's first reply.")
+    ] = 300.0,
+    discovery_ttl: DiscoveryTtl = DEFAULT_TTL,
+    log_level: LogLevel = "info",
+) -> None:
+    """Serve the OpenAI-compatible HTTP API and the NATS request API."""
+    from services.frontend.generation import GenerationSettings
+    from services.frontend.service import Frontend, FrontendSettings
+    from shared.runtime import run_service
+
+    settings = FrontendSettings(
+        nats_url=nats_url, host=host, port=port, model=model, served_model_name=served_model_name,
+        max_model_len=max_model_len, max_body_bytes=max_body_bytes, discovery_ttl=discovery_ttl,
+        generation=GenerationSettings(route_timeout=route_timeout, first_token_timeout=first_token_timeout),
+    )
+    run_service(Frontend(settings), "frontend", log_level)
+
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app.command()(main)

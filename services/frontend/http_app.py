@@ -1,0 +1,295 @@
+"""The OpenAI-compatible HTTP API as a bare ASGI app (no framework: this is the hot path).
+
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,
+GET /metrics. Every error is OpenAI's error object with the right status.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from contextlib import aclosing
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import msgspec
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from services.frontend import metrics
+from services.frontend.generation import Delta, Generation
+from services.frontend.openai_api import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_chunk,
+    chat_decoder,
+    chat_messages,
+    chat_response,
+    completion_chunk,
+    completion_decoder,
+    completion_prompt,
+    completion_response,
+    decode_request,
+    parse_stops,
+    sampling_from,
+    usage_chunk,
+)
+from shared.messages import Usage
+
+log = logging.getLogger("baton.frontend.http")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+_json = msgspec.json.Encoder()
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+_SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+
+
+class ClientGone(Exception):
+    pass
+
+
+class OpenAIApp:
+    def __init__(
+        self,
+        generation: Generation,
+        model: str,
+        max_model_len: int,
+        ready: Callable[[], dict[str, Any] | None],
+        max_body_bytes: int = 2 * 1024 * 1024,
+    ) -> None:
+        self.generation = generation
+        self.tokenizer = generation.tokenizer
+        self.model = model
+        self.max_model_len = max_model_len
+        self.ready = ready  # returns a status dict when ready, None when not
+        self.max_body_bytes = max_body_bytes
+        self.created = int(time.time())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        path: str = scope["path"]
+        method: str = scope["method"]
+        endpoint = path
+        status = 500
+        try:
+            if path == "/v1/chat/completions" or path == "/v1/completions":
+                if method != "POST":
+                    raise ApiError(405, f"use POST for {path}", code="method_not_allowed")
+                metrics.INFLIGHT.inc()
+                t0 = time.perf_counter()
+                try:
+                    body = await self._read_body(scope, receive)
+                    status = await self._generate(path == "/v1/chat/completions", body, receive, send)
+                finally:
+                    metrics.INFLIGHT.dec()
+                    metrics.DURATION.observe(time.perf_counter() - t0)
+            elif path == "/v1/models" and method == "GET":
+                status = await self._send_json(send, 200, self._models())
+            elif path == "/health" or path == "/health/ready":
+                st = self.ready()
+                status = await self._send_json(send, 200 if st else 503, st or {"status": "not ready"})
+            elif path == "/health/live":
+                status = await self._send_json(send, 200, {"status": "alive"})
+            elif path == "/metrics" and method == "GET":
+                body = generate_latest()
+                await send({"type": "http.response.start", "status": 200,
+                            "headers": [(b"content-type", CONTENT_TYPE_LATEST.encode())]})
+                await send({"type": "http.response.body", "body": body})
+                status = 200
+            else:
+                endpoint = "other"
+                raise ApiError(404, f"no route for {method} {path}", code="not_found")
+        except ApiError as e:
+            status = await self._send_json(send, e.status, e.body())
+        except ClientGone:
+            status = 499
+        finally:
+            metrics.REQUESTS.labels(endpoint, str(status)).inc()
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    raise ApiError(400, "invalid Content-Length") from None
+                if declared > self.max_body_bytes:
+                    raise ApiError(413, f"request body exceeds {self.max_body_bytes} bytes", code="request_too_large")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise ApiError(413, f"request body exceeds {self.max_body_bytes} bytes", code="request_too_large")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _send_json(self, send: Send, status: int, obj: Any, headers: list | None = None) -> int:
+        await send({"type": "http.response.start", "status": status, "headers": headers or _JSON_HEADERS})
+        await send({"type": "http.response.body", "body": _json.encode(obj)})
+        return status
+
+    def _models(self) -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [{"id": self.model, "object": "model", "created": self.created, "owned_by": "baton",
+                      "max_model_len": self.max_model_len}],
+        }
+
+    def _check_model(self, model: str) -> None:
+        if model != self.model:
+            raise ApiError(404, f"the model {model!r} does not exist; this endpoint serves {self.model!r}",
+                           param="model", code="model_not_found")
+
+    async def _generate(self, chat: bool, body: bytes, receive: Receive, send: Send) -> int:
+        if chat:
+            req: ChatCompletionRequest | CompletionRequest = decode_request(body, chat_decoder)
+            assert isinstance(req, ChatCompletionRequest)
+            self._check_model(req.model)
+            messages = chat_messages(req)
+            try:
+                token_ids = self.tokenizer.encode_chat(messages)
+            except ValueError as e:
+                raise ApiError(400, str(e), param="messages") from None
+            max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+            rid = f"chatcmpl-{uuid.uuid4().hex}"
+        else:
+            req = decode_request(body, completion_decoder)
+            assert isinstance(req, CompletionRequest)
+            self._check_model(req.model)
+            prompt = completion_prompt(req)
+            if isinstance(prompt, str):
+                token_ids = self.tokenizer.encode(prompt)
+            else:
+                if any(t < 0 or t >= self.tokenizer.vocab_size for t in prompt):
+                    raise ApiError(400, f"token ids must be in [0, {self.tokenizer.vocab_size})", param="prompt")
+                token_ids = list(prompt)
+            if not token_ids:
+                raise ApiError(400, "prompt must not be empty", param="prompt")
+            max_tokens = req.max_tokens if req.max_tokens is not None else 16  # OpenAI's default
+            rid = f"cmpl-{uuid.uuid4().hex}"
+        stops = parse_stops(req.stop)
+        sampling = sampling_from(req, max_tokens, len(token_ids), self.max_model_len)
+        metrics.INPUT_TOKENS.observe(len(token_ids))
+        deltas = self.generation.run(rid, token_ids, sampling, stops, req.stream)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return await self._stream(chat, rid, deltas, include_usage, receive, send)
+        return await self._complete(chat, rid, deltas, receive, send)
+
+    async def _complete(self, chat: bool, rid: str, deltas: Any, receive: Receive, send: Send) -> int:
+        parts: list[str] = []
+        final: Delta | None = None
+
+        async def collect() -> None:
+            nonlocal final
+            async with aclosing(deltas) as it:
+                async for d in it:
+                    parts.append(d.text)
+                    final = d
+
+        await _run_unless_disconnected(collect, receive)
+        assert final is not None and final.finish_reason is not None
+        usage = final.usage or Usage()
+        metrics.OUTPUT_TOKENS.observe(usage.completion_tokens)
+        text = "".join(parts)
+        body = (chat_response if chat else completion_response)(rid, self.model, text, final.finish_reason, usage)
+        return await self._send_json(send, 200, body, [*_JSON_HEADERS, (b"x-request-id", rid.encode())])
+
+    async def _stream(self, chat: bool, rid: str, deltas: Any, include_usage: bool, receive: Receive, send: Send) -> int:
+        created = int(time.time())
+        started = False
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        async def start() -> None:
+            nonlocal started
+            if not started:
+                started = True
+                await send({"type": "http.response.start", "status": 200,
+                            "headers": [*_SSE_HEADERS, (b"x-request-id", rid.encode())]})
+
+        async def event(payload: Any) -> None:
+            await send({"type": "http.response.body", "body": b"data: " + _json.encode(payload) + b"\n\n",
+                        "more_body": True})
+
+        async def pump() -> None:
+            last = time.perf_counter()
+            async with aclosing(deltas) as it:
+                first = True
+                async for d in it:
+                    if first:
+                        await start()  # errors before the first token still get a proper status
+                        if chat:
+                            await event(chat_chunk(rid, self.model, created, {"role": "assistant", "content": ""}, None))
+                        first = False
+                    now = time.perf_counter()
+                    metrics.ITL.observe(now - last)
+                    last = now
+                    if d.text or d.finish_reason is None:
+                        if chat:
+                            await event(chat_chunk(rid, self.model, created, {"content": d.text}, None))
+                        else:
+                            await event(completion_chunk(rid, self.model, created, d.text, None))
+                    if d.finish_reason is not None:
+                        if chat:
+                            await event(chat_chunk(rid, self.model, created, {}, d.finish_reason))
+                        else:
+                            await event(completion_chunk(rid, self.model, created, "", d.finish_reason))
+                        usage = d.usage or Usage()
+                        metrics.OUTPUT_TOKENS.observe(usage.completion_tokens)
+                        if include_usage:
+                            await event(usage_chunk(rid, self.model, created, obj, usage))
+            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+        try:
+            await _run_unless_disconnected(pump, receive)
+        except ApiError as e:
+            if not started:
+                raise
+            # Headers are gone: report in-band, as OpenAI's servers do, then end the stream.
+            await event(e.body())
+            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+        return 200
+
+
+async def _run_unless_disconnected(work: Callable[[], Awaitable[None]], receive: Receive) -> None:
+    """Run ``work``; if the client disconnects first, cancel it (which cancels the request)."""
+    gone = False
+    error: BaseException | None = None
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            nonlocal gone
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    gone = True
+                    tg.cancel_scope.cancel()
+                    return
+
+        async def run() -> None:
+            nonlocal error
+            try:
+                await work()
+            except Exception as e:  # re-raised below, unwrapped from the task group
+                error = e
+            finally:
+                tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        tg.start_soon(run)
+    if error is not None:
+        raise error
+    if gone:
+        raise ClientGone

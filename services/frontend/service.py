@@ -1,0 +1,114 @@
+"""The frontend actor: OpenAI HTTP API and the NATS request API in front of router and workers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from services.frontend.generation import Generation, GenerationSettings
+from services.frontend.http_app import OpenAIApp
+from services.frontend.nats_api import NatsApi
+from shared.builtin_model import DEFAULT_MODEL
+from shared.bus import Bus
+from shared.config import DEFAULT_NATS_URL
+from shared.discovery import DEFAULT_TTL, WorkerView
+from shared.models import resolve_model
+from shared.subjects import API_GENERATE, API_QUEUE
+from shared.tokenizer import Tokenizer
+
+log = logging.getLogger("baton.frontend")
+
+
+@dataclass
+class FrontendSettings:
+    nats_url: str = DEFAULT_NATS_URL
+    host: str = "0.0.0.0"
+    port: int = 8000
+    model: str = DEFAULT_MODEL
+    served_model_name: str | None = None
+    max_model_len: int = 0  # 0: from the model's config
+    max_body_bytes: int = 2 * 1024 * 1024
+    discovery_ttl: float = DEFAULT_TTL
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+
+
+class NoDelayHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with TCP_NODELAY: without it, Nagle plus delayed ACK add
+    ~40 ms to small streamed writes on keep-alive connections."""
+
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        super().connection_made(transport)
+
+
+class _Server(uvicorn.Server):
+    # Signals belong to the service runtime (drain, then cancel), not to uvicorn.
+    def capture_signals(self):  # type: ignore[override]
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+class Frontend:
+    def __init__(self, settings: FrontendSettings) -> None:
+        self.settings = settings
+        ref = resolve_model(settings.model, settings.served_model_name)
+        self.model = ref.name
+        self.tokenizer = Tokenizer(ref.path)
+        cfg = json.loads((ref.path / "config.json").read_text())
+        self.max_model_len = settings.max_model_len or int(cfg.get("max_position_embeddings", 4096))
+        self.bus: Bus | None = None
+        self.view: WorkerView | None = None
+        self.server: _Server | None = None
+
+    def ready(self) -> dict[str, Any] | None:
+        if self.bus is None or self.view is None or not self.bus.connected:
+            return None
+        workers = self.view.workers("decode", self.model)
+        if not workers:
+            return None
+        return {"status": "ready", "model": self.model, "decode_workers": len(workers),
+                "prefill_workers": len(self.view.workers("prefill", self.model))}
+
+    async def run(self) -> None:
+        s = self.settings
+        self.bus = await Bus.connect(s.nats_url, "baton-frontend")
+        try:
+            self.view = WorkerView(self.bus, s.discovery_ttl)
+            generation = Generation(self.bus, self.tokenizer, self.model, s.generation)
+            app = OpenAIApp(generation, self.model, self.max_model_len, self.ready, s.max_body_bytes)
+            nats_api = NatsApi(self.bus, generation, self.model, self.max_model_len)
+            config = uvicorn.Config(
+                app, host=s.host, port=s.port, http=NoDelayHttpToolsProtocol, loop="none", lifespan="off",
+                access_log=False, log_level="warning", timeout_keep_alive=30, backlog=4096,
+                timeout_graceful_shutdown=30,
+            )
+            self.server = _Server(config)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self.view.run)
+
+                async def on_api(msg: Any) -> None:
+                    tg.start_soon(nats_api.handle, msg)
+
+                await self.bus.subscribe(API_GENERATE, on_api, queue=API_QUEUE)
+                await self.server.serve()
+                tg.cancel_scope.cancel()  # the HTTP server stopped (drain): stop the rest
+        finally:
+            await self.bus.close()
+
+    async def drain(self) -> None:
+        if self.server is not None:
+            self.server.should_exit = True  # stop accepting; uvicorn finishes in-flight requests
+        await anyio.sleep_forever()

@@ -1,0 +1,1 @@
+"""Planner: watches queue depth and load to size the worker fleets."""

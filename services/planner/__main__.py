@@ -1,0 +1,3 @@
+from services.planner.cli import app
+
+app()

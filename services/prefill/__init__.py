@@ -1,0 +1,1 @@
+"""Prefill worker: computes prompts pulled from the JetStream prefill queue."""

@@ -1,0 +1,3 @@
+from services.prefill.cli import app
+
+app()

@@ -1,0 +1,63 @@
+"""``baton prefill`` / ``python -m services.prefill``: a thin shell around :class:`PrefillWorker`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from shared.builtin_model import DEFAULT_MODEL
+from shared.config import (
+    DEFAULT_NATS_URL,
+    BlockSize,
+    DiscoveryTtl,
+    Engine,
+    LogLevel,
+    MaxBatchedTokens,
+    MaxNumSeqs,
+    MetricsPort,
+    MockerSpeedup,
+    Model,
+    NatsUrl,
+    NumBlocks,
+    ServedModelName,
+    WorkerId,
+)
+from shared.discovery import DEFAULT_TTL
+
+
+def main(
+    nats_url: NatsUrl = DEFAULT_NATS_URL,
+    model: Model = DEFAULT_MODEL,
+    served_model_name: ServedModelName = None,
+    engine: Engine = "torch",
+    block_size: BlockSize = 16,
+    num_blocks: NumBlocks = 0,
+    max_num_seqs: MaxNumSeqs = 64,
+    max_batched_tokens: MaxBatchedTokens = 512,
+    mocker_speedup: MockerSpeedup = 1.0,
+    worker_id: WorkerId = None,
+    max_concurrent_jobs: Annotated[
+        int, typer.Option(envvar="BATON_MAX_CONCURRENT_JOBS", help="Prefill jobs computed at once.")
+    ] = 8,
+    discovery_ttl: DiscoveryTtl = DEFAULT_TTL,
+    metrics_port: MetricsPort = 0,
+    log_level: LogLevel = "info",
+) -> None:
+    """Run a prefill worker: pull prefill jobs from the JetStream work queue."""
+    from services.prefill.worker import PrefillSettings, PrefillWorker
+    from shared.engines import EngineConfig
+    from shared.runtime import run_service
+
+    settings = PrefillSettings(
+        nats_url=nats_url,
+        engine=EngineConfig(engine=engine, model=model, block_size=block_size, num_blocks=num_blocks,
+                            max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens, speedup=mocker_speedup),
+        worker_id=worker_id, served_model_name=served_model_name, discovery_ttl=discovery_ttl,
+        max_concurrent_jobs=max_concurrent_jobs, metrics_port=metrics_port,
+    )
+    run_service(PrefillWorker(settings), "prefill", log_level)
+
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app.command()(main)

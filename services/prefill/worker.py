@@ -1,0 +1,172 @@
+"""The prefill worker actor: pulls prefill jobs from the JetStream work queue and computes them.
+
+A job is acked only after its result is announced, so a worker that dies mid-job leaves it
+un-acked and JetStream redelivers it to another worker after the ack wait. Writing the KV blocks
+into the decode worker's reserved blocks (the KV transport) is the disaggregation issue's; here
+the queue, the job lifecycle and the done/failed notices are real.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import anyio
+import nats.errors
+from nats.aio.msg import Msg
+
+from shared import subjects
+from shared.bus import Bus
+from shared.config import DEFAULT_NATS_URL
+from shared.discovery import DEFAULT_TTL, WorkerRegistration
+from shared.engines import Engine, EngineConfig, make_engine
+from shared.messages import PrefillDone, PrefillFailed, PrefillJob, SamplingParams, WorkerInfo, prefill_job_decoder
+from shared.streams import PREFILL_ACK_WAIT_S, ensure_prefill_queue
+from shared.telemetry import serve_metrics
+
+log = logging.getLogger("baton.prefill")
+
+
+@dataclass
+class PrefillSettings:
+    nats_url: str = DEFAULT_NATS_URL
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    worker_id: str | None = None
+    served_model_name: str | None = None
+    discovery_ttl: float = DEFAULT_TTL
+    max_concurrent_jobs: int = 8
+    metrics_port: int = 0
+
+
+class PrefillWorker:
+    role = "prefill"
+
+    def __init__(self, settings: PrefillSettings, engine: Engine | None = None) -> None:
+        self.settings = settings
+        self.worker_id = settings.worker_id or f"{self.role}-{uuid.uuid4().hex[:8]}"
+        self.engine = engine or make_engine(settings.engine)
+        self.bus: Bus | None = None
+        self.registration: WorkerRegistration | None = None
+        self._draining = False
+        self._active = 0
+        self.jobs_done = 0
+        self.ready = False
+
+    @property
+    def model(self) -> str:
+        return self.settings.served_model_name or self.engine.model_name or self.settings.engine.model
+
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(
+            worker_id=self.worker_id, role=self.role, model=self.model,  # type: ignore[arg-type]
+            block_size=self.engine.block_size, engine=self.engine.name, pid=os.getpid(), host=socket.gethostname(),
+            started_at=time.time(),
+        )
+
+    async def run(self) -> None:
+        self.bus = await Bus.connect(self.settings.nats_url, f"baton-{self.worker_id}")
+        try:
+            await ensure_prefill_queue(self.bus)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self.engine.run)
+                if self.settings.metrics_port:
+                    tg.start_soon(serve_metrics, self.settings.metrics_port, lambda: self.ready)
+                await self.engine.wait_ready()
+                self.registration = WorkerRegistration(self.bus, self.info(), self.settings.discovery_ttl)
+                await self.registration.register()
+                tg.start_soon(self.registration.run)
+                self.ready = True
+                log.info("%s pulling prefill jobs for %s", self.worker_id, self.model)
+                await self._pull_jobs(tg)
+                tg.cancel_scope.cancel()
+        finally:
+            self.ready = False
+            await self.bus.close()
+
+    async def drain(self) -> None:
+        self._draining = True
+        if self.registration is not None:
+            await self.registration.withdraw()
+        await anyio.sleep_forever()
+
+    async def _pull_jobs(self, tg: anyio.abc.TaskGroup) -> None:
+        assert self.bus is not None
+        psub = await self.bus.js.pull_subscribe(
+            subjects.PREFILL_JOBS, durable=subjects.PREFILL_CONSUMER, stream=subjects.PREFILL_STREAM
+        )
+        limit = anyio.Semaphore(self.settings.max_concurrent_jobs)
+        while not self._draining:
+            free = limit.value
+            if free == 0:
+                await limit.acquire()  # wait for a slot before asking for more work
+                limit.release()
+                continue
+            try:
+                msgs = await psub.fetch(batch=free, timeout=1.0)
+            except nats.errors.TimeoutError:
+                continue
+            except Exception as e:  # NATS away: back off and ask again
+                log.warning("fetch failed: %r", e)
+                await anyio.sleep(0.5)
+                continue
+            for m in msgs:
+                await limit.acquire()
+                tg.start_soon(self._job, m, limit)
+        # Draining: let running jobs finish; unfetched ones stay in the queue for others.
+        while self._active:
+            await anyio.sleep(0.05)
+
+    async def _job(self, msg: Msg, limit: anyio.Semaphore) -> None:
+        assert self.bus is not None
+        self._active += 1
+        try:
+            try:
+                job = prefill_job_decoder.decode(msg.data)
+            except Exception as e:
+                log.warning("dropping undecodable prefill job: %r", e)
+                await msg.term()
+                return
+            if job.deadline and time.time() > job.deadline:
+                await self._announce(job, PrefillFailed(request_id=job.request_id, prefill_worker_id=self.worker_id,
+                                                        reason="deadline passed before prefill started"))
+                await msg.ack()
+                return
+            done = await self._compute(job, msg)
+            await self._announce(job, done)
+            await msg.ack()  # only now: a crash before this line means redelivery
+            self.jobs_done += 1
+        finally:
+            self._active -= 1
+            limit.release()
+
+    async def _compute(self, job: PrefillJob, msg: Msg) -> PrefillDone | PrefillFailed:
+        """Run the prompt through the engine (max_tokens=1), telling JetStream we are alive."""
+        rid = f"{job.request_id}:prefill:{uuid.uuid4().hex[:6]}"
+        cached = 0
+        async with anyio.create_task_group() as tg:
+
+            async def keep_alive() -> None:
+                while True:
+                    await anyio.sleep(PREFILL_ACK_WAIT_S / 3)
+                    await msg.in_progress()
+
+            tg.start_soon(keep_alive)
+            try:
+                async for out in self.engine.generate(rid, job.token_ids, SamplingParams(max_tokens=1, temperature=0.0)):
+                    if out.error:
+                        tg.cancel_scope.cancel()
+                        return PrefillFailed(request_id=job.request_id, prefill_worker_id=self.worker_id, reason=out.error)
+                    cached = max(cached, out.num_cached_tokens)
+            finally:
+                tg.cancel_scope.cancel()
+        return PrefillDone(request_id=job.request_id, prefill_worker_id=self.worker_id, num_tokens=len(job.token_ids),
+                           cached_tokens=cached)
+
+    async def _announce(self, job: PrefillJob, result: PrefillDone | PrefillFailed) -> None:
+        assert self.bus is not None
+        with anyio.fail_after(5):
+            await self.bus.publish(subjects.prefill_done(job.request_id), result)

@@ -1,0 +1,1 @@
+"""Router: chooses the decode worker for each request."""

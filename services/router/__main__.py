@@ -1,0 +1,3 @@
+from services.router.cli import app
+
+app()

@@ -1,0 +1,53 @@
+"""Routing policies: given a request and the live workers, ``choose_worker``.
+
+Round-robin and random live here; the KV-aware policy plugs into the same interface.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Protocol
+
+from shared.messages import RouteRequest, WorkerInfo
+
+ROUTER_MODES = ("round-robin", "random")
+
+
+class RoutingPolicy(Protocol):
+    name: str
+
+    def choose_worker(self, request: RouteRequest, workers: list[WorkerInfo]) -> tuple[WorkerInfo, int]:
+        """Pick one of ``workers`` (never empty); return it and the predicted cached blocks."""
+        ...
+
+
+class RoundRobin:
+    name = "round-robin"
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def choose_worker(self, request: RouteRequest, workers: list[WorkerInfo]) -> tuple[WorkerInfo, int]:
+        # Sort so every replica walks the same order whatever order discovery reported.
+        ordered = sorted(workers, key=lambda w: w.worker_id)
+        w = ordered[self._next % len(ordered)]
+        self._next += 1
+        return w, 0
+
+
+class RandomChoice:
+    name = "random"
+
+    def __init__(self, seed: int | None = None) -> None:
+        self._rng = random.Random(seed)
+
+    def choose_worker(self, request: RouteRequest, workers: list[WorkerInfo]) -> tuple[WorkerInfo, int]:
+        return self._rng.choice(workers), 0
+
+
+def make_policy(mode: str, seed: int | None = None) -> RoutingPolicy:
+    if mode == "round-robin":
+        return RoundRobin()
+    if mode == "random":
+        return RandomChoice(seed)
+    raise ValueError(f"unknown router mode {mode!r}; choose one of {', '.join(ROUTER_MODES)}")

@@ -1,0 +1,217 @@
+"""The NATS bus: connect with reconnect, request with timeout, streamed replies, JetStream setup.
+
+A thin layer over nats-py. Messages are msgspec Structs encoded as msgpack
+(:func:`shared.messages.encode`); decoders are chosen by the caller, who knows the subject.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import msgspec
+import nats
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import StreamConfig
+from nats.js.errors import BadRequestError, NotFoundError
+
+from shared.messages import encode
+
+log = logging.getLogger("baton.bus")
+
+NO_RESPONDERS = "503"
+
+
+class BusError(Exception):
+    """The bus could not carry a message: not connected, timed out, or nobody listening."""
+
+
+class BusTimeout(BusError):
+    pass
+
+
+class NoResponders(BusError):
+    """Nobody subscribes to the subject (the worker is gone)."""
+
+
+def _payload(msg: msgspec.Struct | bytes) -> bytes:
+    return msg if isinstance(msg, bytes | bytearray | memoryview) else encode(msg)
+
+
+def is_no_responders(msg: Msg) -> bool:
+    return not msg.data and bool(msg.headers) and msg.headers.get("Status") == NO_RESPONDERS
+
+
+class ReplyStream:
+    """Replies to one request, in order, as raw messages."""
+
+    __slots__ = ("_queue", "subject")
+
+    def __init__(self, subject: str) -> None:
+        self.subject = subject
+        self._queue: asyncio.Queue[Msg] = asyncio.Queue()
+
+    async def next(self, timeout: float) -> Msg:
+        """The next reply; raises BusTimeout after ``timeout`` s and NoResponders if none listen."""
+        try:
+            msg = await asyncio.wait_for(self._queue.get(), timeout)
+        except TimeoutError:
+            raise BusTimeout(f"no reply on {self.subject} within {timeout:.1f}s") from None
+        if is_no_responders(msg):
+            raise NoResponders(self.subject)
+        return msg
+
+
+class ReplyInbox:
+    """One wildcard subscription that demultiplexes streamed replies to many requests.
+
+    Subscribing once per process (not per request) keeps the hot path to one publish and a
+    dict lookup per reply.
+    """
+
+    def __init__(self, nc: NatsClient) -> None:
+        self._nc = nc
+        self._prefix = nc.new_inbox()
+        self._streams: dict[str, ReplyStream] = {}
+        self._sub: Any = None
+
+    async def start(self) -> None:
+        self._sub = await self._nc.subscribe(f"{self._prefix}.*", cb=self._on_msg)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        stream = self._streams.get(msg.subject[len(self._prefix) + 1 :])
+        if stream is not None:
+            stream._queue.put_nowait(msg)
+
+    def open(self, token: str) -> ReplyStream:
+        stream = ReplyStream(f"{self._prefix}.{token}")
+        self._streams[token] = stream
+        return stream
+
+    def close(self, token: str) -> None:
+        self._streams.pop(token, None)
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+
+class Bus:
+    """A connected NATS client plus JetStream context and a shared reply inbox."""
+
+    def __init__(self, nc: NatsClient, js: JetStreamContext, inbox: ReplyInbox) -> None:
+        self.nc = nc
+        self.js = js
+        self.inbox = inbox
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str,
+        name: str,
+        *,
+        connect_timeout: float = 30.0,
+        on_disconnect: Callable[[], Awaitable[None]] | None = None,
+        on_reconnect: Callable[[], Awaitable[None]] | None = None,
+    ) -> Bus:
+        """Connect, retrying with backoff until ``connect_timeout``: services may start before NATS.
+
+        Once connected, the client reconnects forever with backoff; requests made while the
+        server is away fail fast instead of hanging (see the faults issue).
+        """
+
+        async def error_cb(e: Exception) -> None:
+            log.debug("nats error: %r", e)
+
+        async def disconnected_cb() -> None:
+            log.warning("disconnected from NATS")
+            if on_disconnect:
+                await on_disconnect()
+
+        async def reconnected_cb() -> None:
+            log.info("reconnected to NATS")
+            if on_reconnect:
+                await on_reconnect()
+
+        deadline = time.monotonic() + connect_timeout
+        delay = 0.1
+        while True:
+            try:
+                nc = await nats.connect(
+                    servers=[url],
+                    name=name,
+                    connect_timeout=2,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    ping_interval=5,
+                    max_outstanding_pings=3,
+                    pending_size=64 * 1024 * 1024,
+                    error_cb=error_cb,
+                    disconnected_cb=disconnected_cb,
+                    reconnected_cb=reconnected_cb,
+                )
+                break
+            except Exception as e:  # nats-py raises several unrelated types here
+                if time.monotonic() + delay > deadline:
+                    raise BusError(f"cannot connect to NATS at {url}: {e!r}") from e
+                log.info("NATS at %s not reachable yet (%r); retrying", url, e)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        inbox = ReplyInbox(nc)
+        await inbox.start()
+        return cls(nc, nc.jetstream(timeout=5.0), inbox)
+
+    async def close(self) -> None:
+        with anyio.move_on_after(5, shield=True):
+            try:
+                await self.nc.drain()
+            except Exception:  # already closed or never connected: nothing to drain
+                await self.nc.close()
+
+    @property
+    def connected(self) -> bool:
+        return self.nc.is_connected
+
+    async def publish(
+        self, subject: str, msg: msgspec.Struct | bytes, reply: str = "", headers: dict[str, str] | None = None
+    ) -> None:
+        await self.nc.publish(subject, _payload(msg), reply=reply, headers=headers)
+
+    async def request(
+        self, subject: str, msg: msgspec.Struct | bytes, timeout: float, headers: dict[str, str] | None = None
+    ) -> Msg:
+        """One request, one reply. Raises BusTimeout or NoResponders."""
+        if not self.nc.is_connected:
+            raise BusError("not connected to NATS")
+        try:
+            return await self.nc.request(subject, _payload(msg), timeout=timeout, headers=headers)
+        except nats.errors.NoRespondersError:
+            raise NoResponders(subject) from None
+        except nats.errors.TimeoutError:
+            raise BusTimeout(f"no reply on {subject} within {timeout:.1f}s") from None
+
+    async def subscribe(self, subject: str, cb: Callable[[Msg], Awaitable[None]], queue: str = "") -> Any:
+        return await self.nc.subscribe(subject, queue=queue, cb=cb, pending_msgs_limit=65536)
+
+    async def ensure_stream(self, config: StreamConfig) -> None:
+        """Create a JetStream stream, or update it to ``config`` if it exists: idempotent."""
+        try:
+            await self.js.add_stream(config)
+        except BadRequestError:
+            try:
+                await self.js.update_stream(config)
+            except BadRequestError as e:
+                # Some fields (e.g. retention) cannot change; keep the existing stream.
+                log.warning("stream %s exists with a different config: %s", config.name, e)
+        except NotFoundError:
+            raise
+
+    async def respond(self, msg: Msg, reply: msgspec.Struct | bytes) -> None:
+        if msg.reply:
+            await self.nc.publish(msg.reply, _payload(reply))

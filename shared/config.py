@@ -1,0 +1,65 @@
+"""Configuration shared by every service: CLI options that also read ``BATON_*`` variables.
+
+Each service's Typer CLI declares its options with these helpers, so ``--nats-url`` and
+``BATON_NATS_URL`` mean the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+
+NatsUrl = Annotated[
+    str, typer.Option("--nats-url", envvar="BATON_NATS_URL", help="NATS server URL (JetStream enabled).")
+]
+LogLevel = Annotated[
+    str, typer.Option("--log-level", envvar="BATON_LOG_LEVEL", help="debug, info, warning or error.")
+]
+MetricsPort = Annotated[
+    int,
+    typer.Option(
+        "--metrics-port", envvar="BATON_METRICS_PORT", help="Serve /metrics and /health on this port (0: off)."
+    ),
+]
+Model = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        envvar="BATON_MODEL",
+        help="Built-in model name (baton-tiny, baton-small) or a Hugging Face model directory.",
+    ),
+]
+ServedModelName = Annotated[
+    str | None,
+    typer.Option("--served-model-name", envvar="BATON_SERVED_MODEL_NAME", help="Name clients use in 'model'."),
+]
+DiscoveryTtl = Annotated[
+    float,
+    typer.Option(
+        "--discovery-ttl", envvar="BATON_DISCOVERY_TTL", help="Seconds after which a silent worker is gone."
+    ),
+]
+
+# --- engine options, shared by the decode and prefill worker CLIs -------------------------
+Engine = Annotated[str, typer.Option("--engine", envvar="BATON_ENGINE", help="torch, mocker or vllm.")]
+BlockSize = Annotated[int, typer.Option("--block-size", envvar="BATON_BLOCK_SIZE", help="Tokens per KV block.")]
+NumBlocks = Annotated[
+    int, typer.Option("--num-blocks", envvar="BATON_NUM_BLOCKS", help="KV pool size in blocks (0: engine default).")
+]
+MaxNumSeqs = Annotated[
+    int, typer.Option("--max-num-seqs", envvar="BATON_MAX_NUM_SEQS", help="Most sequences in the running batch.")
+]
+MaxBatchedTokens = Annotated[
+    int,
+    typer.Option("--max-batched-tokens", envvar="BATON_MAX_BATCHED_TOKENS", help="Token budget per engine step."),
+]
+MockerSpeedup = Annotated[
+    float,
+    typer.Option("--mocker-speedup", envvar="BATON_MOCKER_SPEEDUP", help="Mocker: divide simulated costs by this."),
+]
+WorkerId = Annotated[
+    str | None, typer.Option("--worker-id", envvar="BATON_WORKER_ID", help="Worker id (default: role + random hex).")
+]

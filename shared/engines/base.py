@@ -1,0 +1,171 @@
+"""The one small interface that prefill and decode workers share, whatever the engine.
+
+An engine owns its step loop (``run()``, started inside the worker's task group) and its KV block
+pool. ``generate()`` streams :class:`EngineOutput` for one request; closing or cancelling the
+iterator aborts the request and frees its blocks. Engines that compute (torch, vLLM) run their
+step loop off the event loop, so streaming, heartbeats and NATS traffic never wait on a forward
+pass; they hand outputs back with ``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import msgspec
+
+from shared.messages import KvStored, SamplingParams
+
+
+class EngineConfig(msgspec.Struct, kw_only=True):
+    engine: str = "torch"  # torch | mocker | vllm
+    model: str = "baton-tiny"  # built-in model name or a Hugging Face model directory
+    block_size: int = 16
+    num_blocks: int = 0  # KV pool size in blocks; 0: engine default
+    max_num_seqs: int = 64  # running batch cap
+    max_batched_tokens: int = 512  # per-step token budget (chunked prefill)
+    enable_prefix_caching: bool = True
+    dtype: str = "float32"
+    device: str = "cpu"
+    seed: int = 0
+    # mocker timing model: seconds, divided by speedup (a huge speedup makes it near free)
+    speedup: float = 1.0
+    prefill_s_per_token: float = 2e-5
+    decode_step_s: float = 5e-3
+    decode_s_per_seq: float = 1e-4
+    # vLLM: share of device (on CPU: host) memory it may reserve
+    gpu_memory_utilization: float = 0.2
+
+
+@dataclass(slots=True)
+class EngineOutput:
+    """New tokens of one request since its last output; the last one has a finish_reason."""
+
+    request_id: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class EngineStats:
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    running: int = 0
+    waiting: int = 0
+    prefill_tokens_queued: int = 0
+    preemptions: int = 0
+    prefix_hit_tokens: int = 0
+    prompt_tokens: int = 0
+
+
+@dataclass
+class KvEventBuffer:
+    """Blocks stored and removed since the last drain; filled by the engine, drained by the worker.
+
+    Thread-safe: the torch engine records from its step thread, the worker drains on the loop.
+    """
+
+    stored: list[KvStored] = field(default_factory=list)
+    removed: list[int] = field(default_factory=list)
+    cleared: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def record_stored(self, block_hashes: list[int], parent_hash: int | None) -> None:
+        if block_hashes:
+            with self._lock:
+                self.stored.append(KvStored(block_hashes=list(block_hashes), parent_hash=parent_hash))
+
+    def record_removed(self, block_hashes: list[int]) -> None:
+        if block_hashes:
+            with self._lock:
+                self.removed.extend(block_hashes)
+
+    def record_cleared(self) -> None:
+        with self._lock:
+            self.stored.clear()
+            self.removed.clear()
+            self.cleared = True
+
+    def drain(self) -> tuple[list[KvStored], list[int], bool]:
+        with self._lock:
+            out = (self.stored, self.removed, self.cleared)
+            self.stored, self.removed, self.cleared = [], [], False
+        return out
+
+
+class OutputQueues:
+    """Per-request asyncio queues that an engine's step loop (any thread) feeds."""
+
+    def __init__(self) -> None:
+        self._queues: dict[str, asyncio.Queue[EngineOutput]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def open(self, request_id: str) -> asyncio.Queue[EngineOutput]:
+        if request_id in self._queues:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        self._loop = asyncio.get_running_loop()
+        q: asyncio.Queue[EngineOutput] = asyncio.Queue()
+        self._queues[request_id] = q
+        return q
+
+    def close(self, request_id: str) -> None:
+        self._queues.pop(request_id, None)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._queues
+
+    def __len__(self) -> int:
+        return len(self._queues)
+
+    def put(self, outputs: list[EngineOutput]) -> None:
+        """Deliver from the event loop's own thread."""
+        for out in outputs:
+            q = self._queues.get(out.request_id)
+            if q is not None:
+                q.put_nowait(out)
+
+    def put_threadsafe(self, outputs: list[EngineOutput]) -> None:
+        """Deliver from a step thread: one loop wake-up per step, not per token."""
+        if outputs and self._loop is not None:
+            self._loop.call_soon_threadsafe(self.put, outputs)
+
+
+class Engine(ABC):
+    """What a worker needs from an engine. Implementations: torch, mocker, vLLM."""
+
+    name: str = "engine"
+    block_size: int = 16
+    model_name: str = ""
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __init__(self) -> None:
+        self.kv_events = KvEventBuffer()
+
+    @abstractmethod
+    async def run(self) -> None:
+        """Run the step loop until cancelled. Start it in the worker's task group."""
+
+    @abstractmethod
+    def generate(self, request_id: str, token_ids: list[int], sampling: SamplingParams) -> AsyncIterator[EngineOutput]:
+        """Stream outputs of one request. Closing the iterator early aborts the request."""
+
+    @abstractmethod
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its KV blocks; its stream ends with finish_reason ``abort``."""
+
+    @abstractmethod
+    def stats(self) -> EngineStats: ...
+
+    async def wait_ready(self) -> None:
+        """Return once the engine can take requests (models load in ``run()``)."""
+        return
+
+    # --- disaggregation (implemented by engines that support it; see the disaggregation issue)
+    def reserve_blocks(self, request_id: str, token_ids: list[int]) -> list[int]:
+        raise NotImplementedError(f"{self.name} engine does not support remote prefill")

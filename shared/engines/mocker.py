@@ -1,0 +1,188 @@
+"""Mocker engine: the real scheduler and KV accounting, no model.
+
+Requests go through the same :class:`Scheduler` and :class:`KvCacheManager` as the torch engine,
+so block usage, prefix caching (same chained hashes), KV events, preemption and stats behave as
+a real worker's would; only the forward pass is replaced by a timing model:
+
+    step cost = (decode_step_s + decode_s_per_seq * decodes + prefill_s_per_token * prefill tokens) / speedup
+
+Tokens are deterministic pseudo-random ids from (seed, or the prompt's hash) and the output
+position, drawn from the model's vocabulary without its special tokens, so a mocker never stops on
+EOS by chance (stop_token_ids still stop it). It runs on the event loop: a step is plain Python,
+cheap enough for dozens of mockers per machine. Simulated time is paid back with real sleeps only
+once it adds up to more than a timer tick, so a huge speedup costs almost nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from shared.engines.base import Engine, EngineConfig, EngineOutput, EngineStats, OutputQueues
+from shared.engines.kv_cache import default_num_blocks
+from shared.engines.scheduler import Scheduler
+from shared.messages import SamplingParams
+
+log = logging.getLogger(__name__)
+
+FALLBACK_VOCAB_SIZE = 2048
+_MASK64 = (1 << 64) - 1
+MIN_SLEEP_S = 0.0005  # below this, owed simulated time accumulates instead of arming a timer
+
+
+def _mix64(x: int) -> int:
+    """splitmix64 finaliser: a cheap, well-spread 64-bit hash of an int."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+class _ModelFacts:
+    """What the mocker borrows from the model directory, when it can find one."""
+
+    def __init__(self, model: str) -> None:
+        self.name = model
+        self.vocab_size = FALLBACK_VOCAB_SIZE
+        self.eos_token_ids: tuple[int, ...] = ()
+        self.special_ids: set[int] = set()
+        self.max_model_len: int | None = None
+        try:
+            import json
+
+            from tokenizers import Tokenizer as HfTokenizer
+
+            from shared.models import resolve_model
+            from shared.tokenizer import Tokenizer
+
+            ref = resolve_model(model)
+            self.name = ref.name
+            tok = Tokenizer(ref.path)
+            self.vocab_size = tok.vocab_size
+            self.eos_token_ids = tok.eos_token_ids
+            raw = HfTokenizer.from_file(str(ref.path / "tokenizer.json"))
+            self.special_ids = {i for i, t in raw.get_added_tokens_decoder().items() if t.special}
+            cfg = json.loads((ref.path / "config.json").read_text())
+            self.max_model_len = cfg.get("max_position_embeddings")
+        except Exception as e:  # no model directory: a mocker needs none
+            log.info("mocker: model %r not resolvable (%s); vocab %d", model, e, FALLBACK_VOCAB_SIZE)
+
+
+class MockerEngine(Engine):
+    name = "mocker"
+
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__()
+        self.config = config
+        facts = _ModelFacts(config.model)
+        self.model_name = facts.name
+        self.block_size = config.block_size
+        self.eos_token_ids = facts.eos_token_ids
+        self.vocab_size = facts.vocab_size
+        # Never emit special tokens: a mocker's output length is max_tokens unless a stop id is asked for.
+        self._avoid = frozenset(facts.special_ids | set(facts.eos_token_ids))
+        if len(self._avoid) >= self.vocab_size:
+            raise ValueError("mocker vocabulary has no ordinary tokens")
+        num_blocks = config.num_blocks or default_num_blocks(
+            config.max_num_seqs, config.block_size, facts.max_model_len
+        )
+        self.scheduler = Scheduler(
+            num_blocks=num_blocks,
+            block_size=config.block_size,
+            max_num_seqs=config.max_num_seqs,
+            max_batched_tokens=config.max_batched_tokens,
+            enable_prefix_caching=config.enable_prefix_caching,
+            eos_token_ids=facts.eos_token_ids,
+            max_model_len=facts.max_model_len,
+            kv_events=self.kv_events,
+        )
+        self._queues = OutputQueues()
+        self._wake = asyncio.Event()
+        speedup = config.speedup if config.speedup > 0 else 1.0
+        self._step_s = config.decode_step_s / speedup
+        self._seq_s = config.decode_s_per_seq / speedup
+        self._prefill_token_s = config.prefill_s_per_token / speedup
+        self.num_steps = 0
+        self.num_computed_tokens = 0  # tokens "forwarded": prefill chunks plus decodes
+
+    # --- the step loop -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        sched = self.scheduler
+        clock = loop.time()  # simulated time owed up to here
+        while True:
+            if not sched.has_work():
+                self._wake.clear()
+                await self._wake.wait()
+                clock = loop.time()
+                continue
+            clock += self._step()
+            owed = clock - loop.time()
+            if owed > MIN_SLEEP_S:
+                await asyncio.sleep(owed)
+            else:
+                if owed < 0:
+                    clock -= owed  # running behind: do not bank the lost time as credit
+                await asyncio.sleep(0)  # let consumers and new requests in between steps
+
+    def _step(self) -> float:
+        """Schedule, "compute" and deliver one step; returns its simulated duration (seconds)."""
+        sched = self.scheduler
+        batch = sched.schedule()
+        if not batch.entries:
+            return 0.0
+        vocab, avoid = self.vocab_size, self._avoid
+        sampled: list[int] = []
+        for req in batch.samplers:
+            token = (
+                _mix64(req.state ^ ((len(req.token_ids) - req.num_prompt_tokens) * 0xD1B54A32D192ED03))
+                % vocab
+            )
+            while token in avoid:
+                token = (token + 1) % vocab
+            sampled.append(token)
+        self._queues.put(sched.update(batch, sampled))
+        self.num_steps += 1
+        self.num_computed_tokens += batch.num_tokens
+        return (
+            self._step_s + self._seq_s * batch.num_decodes + self._prefill_token_s * batch.num_prefill_tokens
+        )
+
+    # --- Engine interface --------------------------------------------------------------------
+
+    async def generate(
+        self, request_id: str, token_ids: list[int], sampling: SamplingParams
+    ) -> AsyncIterator[EngineOutput]:
+        queue = self._queues.open(request_id)
+        finished = False
+        try:
+            added = self.scheduler.add(request_id, token_ids, sampling)
+            if isinstance(added, EngineOutput):
+                finished = True
+                yield added
+                return
+            # Same seed, same tokens; unseeded requests vary with their prompt.
+            added.state = _mix64(
+                sampling.seed if sampling.seed is not None else hash(tuple(token_ids)) & _MASK64
+            )
+            self._wake.set()
+            while True:
+                out = await queue.get()
+                finished = out.finish_reason is not None
+                yield out
+                if finished:
+                    return
+        finally:
+            self._queues.close(request_id)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        out = self.scheduler.abort(request_id)
+        if out is not None:
+            self._queues.put([out])
+
+    def stats(self) -> EngineStats:
+        return self.scheduler.stats()

@@ -1,0 +1,318 @@
+"""Continuous batching, engine-agnostic: which tokens of which requests to compute each step.
+
+Each step the running batch goes first (decodes, then unfinished prefill chunks), then waiting
+requests are admitted while the token budget (``max_batched_tokens``) and ``max_num_seqs``
+allow. A long prompt is prefilled in chunks across steps, so it never stalls running decodes.
+When the KV pool runs dry the most recently admitted request is preempted: its blocks are
+freed, it returns to the front of the waiting queue with the tokens it has generated so far,
+and is recomputed later (mostly from the prefix cache). Nothing here computes anything; the
+engine turns a :class:`ScheduledBatch` into sampled tokens and hands them to :meth:`Scheduler.update`.
+
+Not thread-safe: the torch engine drives it from its step thread only.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+from shared.engines.base import EngineOutput, EngineStats, KvEventBuffer
+from shared.engines.kv_cache import KvCacheManager
+from shared.messages import SamplingParams
+
+WAITING, RUNNING, FINISHED = 0, 1, 2
+
+
+class Request:
+    """One sequence: prompt plus generated tokens, and its place in the KV pool."""
+
+    __slots__ = (
+        "block_hashes",
+        "blocks",
+        "max_tokens",
+        "min_tokens",
+        "num_cached_blocks",
+        "num_cached_tokens",
+        "num_computed_tokens",
+        "num_prompt_tokens",
+        "request_id",
+        "sampling",
+        "state",
+        "status",
+        "stop_ids",
+        "token_ids",
+    )
+
+    def __init__(
+        self, request_id: str, token_ids: list[int], sampling: SamplingParams, stop_ids: frozenset[int]
+    ) -> None:
+        self.request_id = request_id
+        self.token_ids = list(token_ids)  # prompt, then every generated token
+        self.num_prompt_tokens = len(token_ids)
+        self.sampling = sampling
+        self.max_tokens = sampling.max_tokens
+        self.min_tokens = sampling.min_tokens
+        self.stop_ids = stop_ids  # EOS (unless ignore_eos) and stop_token_ids
+        self.num_computed_tokens = 0  # tokens whose KV is in the pool
+        self.blocks: list[int] = []
+        self.block_hashes: list[int] = []  # chained hashes of every full block of token_ids
+        self.num_cached_blocks = 0  # leading blocks already in the prefix cache
+        self.num_cached_tokens = -1  # prompt tokens served from the cache on first admission
+        self.status = WAITING
+        self.state: Any = None  # engine-private per-request state (sampler, token stream)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class ScheduledBatch:
+    """What to compute this step: ``entries`` is (request, new tokens), decodes first.
+
+    Requests in ``samplers`` reach the end of their tokens this step, so the engine samples one
+    new token for each (in that order) and passes them to :meth:`Scheduler.update`.
+    """
+
+    __slots__ = ("entries", "num_decodes", "num_prefill_tokens", "samplers")
+
+    def __init__(self, entries: list[tuple[Request, int]], num_decodes: int) -> None:
+        self.entries = entries
+        self.num_decodes = num_decodes
+        self.num_prefill_tokens = sum(n for _, n in entries[num_decodes:])
+        self.samplers = [r for r, n in entries if r.num_computed_tokens + n == len(r.token_ids)]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_decodes + self.num_prefill_tokens
+
+
+class Scheduler:
+    def __init__(
+        self,
+        *,
+        num_blocks: int,
+        block_size: int,
+        max_num_seqs: int,
+        max_batched_tokens: int,
+        enable_prefix_caching: bool = True,
+        eos_token_ids: Iterable[int] = (),
+        max_model_len: int | None = None,
+        vocab_size: int | None = None,
+        kv_events: KvEventBuffer | None = None,
+    ) -> None:
+        if max_num_seqs <= 0 or max_batched_tokens <= 0:
+            raise ValueError("max_num_seqs and max_batched_tokens must be positive")
+        self.kv = KvCacheManager(num_blocks, block_size, enable_prefix_caching, kv_events)
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_batched_tokens = max_batched_tokens
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.pool_tokens = num_blocks * block_size
+        self.max_model_len = max_model_len or (1 << 62)
+        self.vocab_size = vocab_size
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # admission order: the last is preempted first
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+        self.prompt_tokens = 0  # cumulative, over admitted requests
+
+    # --- requests in and out -----------------------------------------------------------------
+
+    def add(self, request_id: str, token_ids: list[int], sampling: SamplingParams) -> Request | EngineOutput:
+        """Queue a request; an :class:`EngineOutput` instead means it finished at once (error, or nothing to do)."""
+        if request_id in self.requests:
+            return EngineOutput(
+                request_id, [], "error", len(token_ids), error=f"duplicate request id {request_id!r}"
+            )
+        problem = self._check(token_ids, sampling)
+        if problem is not None:
+            return EngineOutput(request_id, [], "error", len(token_ids), error=problem)
+        if sampling.max_tokens <= 0:
+            return EngineOutput(request_id, [], "length", len(token_ids))
+        stop_ids = frozenset(sampling.stop_token_ids)
+        if not sampling.ignore_eos:
+            stop_ids |= self.eos_token_ids
+        req = Request(request_id, token_ids, sampling, stop_ids)
+        self.requests[request_id] = req
+        self.waiting.append(req)
+        return req
+
+    def _check(self, token_ids: list[int], sampling: SamplingParams) -> str | None:
+        n = len(token_ids)
+        if n == 0:
+            return "empty prompt"
+        if n >= self.max_model_len:
+            return (
+                f"prompt has {n} tokens; the model takes at most {self.max_model_len - 1} before generating"
+            )
+        if n > self.pool_tokens:
+            return f"prompt has {n} tokens; the KV cache holds at most {self.pool_tokens}"
+        if self.vocab_size is not None and (min(token_ids) < 0 or max(token_ids) >= self.vocab_size):
+            return f"token ids must be in [0, {self.vocab_size})"
+        if sampling.temperature < 0 or not 0 < sampling.top_p <= 1 or sampling.top_k < 0:
+            return "bad sampling parameters: need temperature >= 0, 0 < top_p <= 1, top_k >= 0"
+        return None
+
+    def abort(self, request_id: str) -> EngineOutput | None:
+        """Drop a request wherever it is and free its blocks; None if it is not here."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        if req.status == RUNNING:
+            self.running.remove(req)
+        elif req.status == WAITING:
+            self.waiting.remove(req)
+        self.kv.free(req)
+        req.status = FINISHED
+        return self._output(req, [], "abort")
+
+    def abort_all(self, reason: str = "abort", error: str | None = None) -> list[EngineOutput]:
+        outs = []
+        for request_id in list(self.requests):
+            out = self.abort(request_id)
+            if out is not None:
+                out.finish_reason, out.error = reason, error
+                outs.append(out)
+        return outs
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    # --- one step ----------------------------------------------------------------------------
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.max_batched_tokens
+        kv = self.kv
+        entries: list[tuple[Request, int]] = []
+        num_decodes = 0
+        preempted = False
+        if self.running:
+            # Decodes first, then chunks of prompts already under way.
+            running = self.running
+            decodes = [r for r in running if r.num_computed_tokens + 1 == len(r.token_ids)]
+            order = (
+                decodes
+                if len(decodes) == len(running)
+                else decodes + [r for r in running if r.num_computed_tokens + 1 != len(r.token_ids)]
+            )
+            for req in order:
+                if budget == 0:
+                    break
+                if req.status != RUNNING:  # preempted earlier in this loop
+                    continue
+                n = min(len(req.token_ids) - req.num_computed_tokens, budget)
+                while not kv.allocate_slots(req, n):
+                    victim = self.running[-1]
+                    self._preempt(victim)
+                    preempted = True
+                    for i, (r, k) in enumerate(entries):
+                        if r is victim:  # scheduled earlier this step: give its tokens back
+                            del entries[i]
+                            budget += k
+                            if i < num_decodes:
+                                num_decodes -= 1
+                            break
+                    if victim is req:
+                        break
+                else:
+                    entries.append((req, n))
+                    budget -= n
+                    if n == 1 and req.num_computed_tokens + 1 == len(req.token_ids):
+                        num_decodes += 1
+        # Admit only when nothing had to be preempted: the pool is tight.
+        if not preempted:
+            waiting = self.waiting
+            while waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+                req = waiting[0]
+                hit = kv.lookup_prefix(req)
+                computed = len(hit) * self.block_size
+                n = min(len(req.token_ids) - computed, budget)
+                if not kv.allocate_slots(req, n, hit):
+                    break
+                waiting.popleft()
+                if req.num_cached_tokens < 0:  # first admission (not a preempted one coming back)
+                    req.num_cached_tokens = min(computed, req.num_prompt_tokens)
+                    kv.prefix_hit_tokens += req.num_cached_tokens
+                    self.prompt_tokens += req.num_prompt_tokens
+                req.status = RUNNING
+                self.running.append(req)
+                entries.append((req, n))
+                budget -= n
+        return ScheduledBatch(entries, num_decodes)
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        req.status = WAITING
+        self.waiting.appendleft(req)
+        self.num_preemptions += 1
+
+    def update(self, batch: ScheduledBatch, sampled: list[int]) -> list[EngineOutput]:
+        """Record a computed step: ``sampled[i]`` is the new token of ``batch.samplers[i]``."""
+        kv = self.kv
+        block_size = self.block_size
+        for req, n in batch.entries:
+            if req.status != RUNNING:  # aborted while the step ran
+                continue
+            req.num_computed_tokens += n
+            if req.num_computed_tokens // block_size > req.num_cached_blocks:
+                kv.cache_computed(req)
+        outputs: list[EngineOutput] = []
+        finished = False
+        pool_tokens, max_model_len = self.pool_tokens, self.max_model_len
+        for req, token in zip(batch.samplers, sampled, strict=True):
+            if req.status != RUNNING:  # aborted while the step ran
+                continue
+            tokens = req.token_ids
+            tokens.append(token)
+            num_out = len(tokens) - req.num_prompt_tokens
+            reason = None
+            if token in req.stop_ids and num_out >= req.min_tokens:
+                reason = "stop"
+            elif num_out >= req.max_tokens or len(tokens) >= max_model_len or len(tokens) > pool_tokens:
+                reason = "length"  # out of budget, positions or KV room
+            if reason is not None:
+                finished = True
+                req.status = FINISHED
+                kv.free(req)
+                del self.requests[req.request_id]
+            outputs.append(
+                EngineOutput(req.request_id, [token], reason, req.num_prompt_tokens, req.num_cached_tokens)
+            )
+        if finished:
+            self.running = [r for r in self.running if r.status == RUNNING]
+        return outputs
+
+    def _output(self, req: Request, token_ids: list[int], reason: str | None) -> EngineOutput:
+        return EngineOutput(
+            req.request_id, token_ids, reason, req.num_prompt_tokens, max(req.num_cached_tokens, 0)
+        )
+
+    # --- accounting --------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        queued = sum(r.num_tokens for r in self.waiting)
+        queued += sum(
+            r.num_tokens - r.num_computed_tokens
+            for r in self.running
+            if r.num_computed_tokens + 1 < r.num_tokens
+        )
+        return EngineStats(
+            kv_blocks_used=self.kv.num_used_blocks,
+            kv_blocks_total=self.kv.num_blocks,
+            running=len(self.running),
+            waiting=len(self.waiting),
+            prefill_tokens_queued=queued,
+            preemptions=self.num_preemptions,
+            prefix_hit_tokens=self.kv.prefix_hit_tokens,
+            prompt_tokens=self.prompt_tokens,
+        )

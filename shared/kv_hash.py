@@ -1,0 +1,51 @@
+"""Chained KV block hashes, shared by engines, router and KV transfer.
+
+A block's hash covers its parent's hash and its own token ids, so equal hashes mean equal
+prefixes (not merely equal blocks). Only full blocks are hashed: a partial last block is never
+shared. 64-bit BLAKE2b rather than a polynomial hash: prefix caching trusts hash equality, and a
+crafted collision would feed one tenant's KV to another's attention.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Sequence
+from hashlib import blake2b
+
+import numpy as np
+
+# Parent of the first block. A model/namespace salt can be mixed in by passing another root.
+ROOT_HASH = 0x6261746F6E2D6B76  # "baton-kv"
+
+
+def _digest(parent: int, block: bytes) -> int:
+    return int.from_bytes(blake2b(parent.to_bytes(8, "little") + block, digest_size=8).digest(), "little")
+
+
+def block_hashes(token_ids: Sequence[int] | np.ndarray, block_size: int, parent: int = ROOT_HASH) -> list[int]:
+    """Hashes of every full block of ``token_ids``, each chained on the one before."""
+    if block_size <= 0:
+        raise ValueError("block_size must be positive")
+    n_full = len(token_ids) // block_size
+    if n_full == 0:
+        return []
+    head = token_ids[: n_full * block_size]
+    raw = head.astype(np.int64).tobytes() if isinstance(head, np.ndarray) else array("q", head).tobytes()
+    stride = block_size * 8
+    out: list[int] = []
+    h = parent
+    for i in range(n_full):
+        h = _digest(h, raw[i * stride : (i + 1) * stride])
+        out.append(h)
+    return out
+
+
+def extend_hashes(hashes: list[int], token_ids: Sequence[int], block_size: int) -> list[int]:
+    """Append the hashes of blocks that ``token_ids`` completes beyond those already in ``hashes``."""
+    done = len(hashes)
+    n_full = len(token_ids) // block_size
+    if n_full <= done:
+        return hashes
+    parent = hashes[-1] if hashes else ROOT_HASH
+    hashes.extend(block_hashes(token_ids[done * block_size : n_full * block_size], block_size, parent))
+    return hashes

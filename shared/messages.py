@@ -1,0 +1,266 @@
+"""msgspec Structs for every message that crosses the bus.
+
+Internal subjects carry msgpack. Messages that share a subject form a tagged union (``type``
+field) so a receiver decodes exactly one of a known set. Token ids travel as ints, never text,
+past the frontend.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+from msgspec import Struct, field
+
+Role = Literal["decode", "prefill"]
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+class SamplingParams(Struct, kw_only=True, omit_defaults=True):
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    seed: int | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    min_tokens: int = 0
+
+
+class Usage(Struct, kw_only=True, omit_defaults=True):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+# --- frontend -> decode worker -------------------------------------------------------------
+
+
+class GenerateRequest(Struct, tag="generate", kw_only=True, omit_defaults=True):
+    request_id: str
+    token_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    model: str = ""
+    # False: the worker coalesces and sends one final TokenChunk with every token.
+    stream: bool = True
+    # Absolute wall-clock deadline (unix seconds); 0 means none. Past it the worker aborts.
+    deadline: float = 0.0
+
+
+class TokenChunk(Struct, tag="chunk", kw_only=True, omit_defaults=True):
+    """New tokens of one request. The last chunk carries finish_reason and usage."""
+
+    request_id: str
+    index: int  # position of token_ids[0] in the completion
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+
+
+class GenerateError(Struct, tag="error", kw_only=True):
+    request_id: str
+    # HTTP-like: 400 bad request, 404 unknown model, 429/503 overloaded, 500 internal.
+    code: int
+    message: str
+
+
+GenerateReply = TokenChunk | GenerateError
+
+
+class Cancel(Struct, tag="cancel", kw_only=True):
+    request_id: str
+    reason: str = "cancelled"
+
+
+# --- frontend -> router --------------------------------------------------------------------
+
+
+class RouteRequest(Struct, tag="route", kw_only=True, omit_defaults=True):
+    request_id: str
+    model: str
+    token_ids: list[int]
+    # Workers the caller has just seen fail; the router avoids them.
+    exclude: list[str] = field(default_factory=list)
+
+
+class RouteDecision(Struct, tag="decision", kw_only=True, omit_defaults=True):
+    worker_id: str
+    subject: str
+    cancel_subject: str
+    overlap_blocks: int = 0
+    policy: str = ""
+
+
+class RouteError(Struct, tag="route_error", kw_only=True):
+    code: int  # 503: no worker, 404: unknown model
+    message: str
+
+
+RouteReply = RouteDecision | RouteError
+
+
+# --- discovery and load --------------------------------------------------------------------
+
+
+class WorkerInfo(Struct, kw_only=True, omit_defaults=True):
+    worker_id: str
+    role: Role
+    model: str
+    generate_subject: str = ""
+    cancel_subject: str = ""
+    kv_endpoint: str = ""  # where KV blocks are pushed (transport URL), "" if none
+    block_size: int = 16
+    engine: str = ""
+    pid: int = 0
+    host: str = ""
+    started_at: float = 0.0
+
+
+class LoadReport(Struct, tag="load", kw_only=True, omit_defaults=True):
+    worker_id: str
+    role: Role
+    timestamp: float
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    running: int = 0
+    waiting: int = 0
+    prefill_tokens_queued: int = 0
+
+
+# --- disaggregated prefill -----------------------------------------------------------------
+
+
+class PrefillJob(Struct, tag="prefill_job", kw_only=True, omit_defaults=True):
+    request_id: str
+    token_ids: list[int]
+    block_hashes: list[int] = field(default_factory=list)
+    decode_worker_id: str = ""
+    kv_endpoint: str = ""  # where to write the KV blocks
+    block_ids: list[int] = field(default_factory=list)  # reserved on the decode worker
+    deadline: float = 0.0  # unix seconds; past it the job is dropped
+
+
+class PrefillDone(Struct, tag="prefill_done", kw_only=True, omit_defaults=True):
+    request_id: str
+    prefill_worker_id: str
+    num_tokens: int = 0
+    cached_tokens: int = 0
+    blocks_written: int = 0
+
+
+class PrefillFailed(Struct, tag="prefill_failed", kw_only=True):
+    request_id: str
+    prefill_worker_id: str
+    reason: str
+
+
+PrefillReply = PrefillDone | PrefillFailed
+
+
+# --- KV events (router index) --------------------------------------------------------------
+
+
+class KvStored(Struct, kw_only=True, omit_defaults=True):
+    """A run of blocks stored in order: block_hashes[0]'s parent is parent_hash."""
+
+    block_hashes: list[int]
+    parent_hash: int | None = None
+
+
+class KvEventBatch(Struct, tag="kv_events", kw_only=True, omit_defaults=True):
+    worker_id: str
+    seq: int  # per worker, +1 per batch; a gap means lost events -> resync
+    stored: list[KvStored] = field(default_factory=list)
+    removed: list[int] = field(default_factory=list)
+    cleared: bool = False  # the worker dropped every block
+    tier: int = 1  # 1 device, 2 host, 3 disk, 4 remote
+
+
+# --- planner -------------------------------------------------------------------------------
+
+
+class PlannerObservation(Struct, tag="planner_observation", kw_only=True, omit_defaults=True):
+    timestamp: float
+    prefill_pending: int = 0
+    prefill_ack_pending: int = 0
+    prefill_workers: int = 0
+    decode_workers: int = 0
+    decode_running: int = 0
+    decode_waiting: int = 0
+    kv_usage: float = 0.0  # mean fraction of KV blocks in use over decode workers
+
+
+class ScaleDecision(Struct, tag="scale_decision", kw_only=True, omit_defaults=True):
+    timestamp: float
+    role: Role
+    before: int
+    after: int
+    reason: str
+    dry_run: bool = False
+
+
+# --- public NATS request API ---------------------------------------------------------------
+
+
+class ChatMessage(Struct, kw_only=True, omit_defaults=True):
+    role: str
+    content: str
+
+
+class ApiGenerateRequest(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """Body of a request on ``baton.v1.api.generate``: exactly one of prompt, messages, token_ids."""
+
+    model: str = ""
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    token_ids: list[int] | None = None
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    stream: bool = True
+
+
+class ApiChunk(Struct, tag="chunk", kw_only=True, omit_defaults=True):
+    request_id: str
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+
+
+class ApiError(Struct, tag="error", kw_only=True):
+    code: int
+    message: str
+    request_id: str = ""
+
+
+ApiReply = ApiChunk | ApiError
+
+
+# --- codecs --------------------------------------------------------------------------------
+# One encoder/decoder per union, built once: msgspec decoders are fastest when reused.
+
+_encoder = msgspec.msgpack.Encoder()
+encode = _encoder.encode
+
+generate_request_decoder = msgspec.msgpack.Decoder(GenerateRequest)
+generate_reply_decoder = msgspec.msgpack.Decoder(GenerateReply)
+cancel_decoder = msgspec.msgpack.Decoder(Cancel)
+route_request_decoder = msgspec.msgpack.Decoder(RouteRequest)
+route_reply_decoder = msgspec.msgpack.Decoder(RouteReply)
+worker_info_decoder = msgspec.msgpack.Decoder(WorkerInfo)
+load_report_decoder = msgspec.msgpack.Decoder(LoadReport)
+prefill_job_decoder = msgspec.msgpack.Decoder(PrefillJob)
+prefill_reply_decoder = msgspec.msgpack.Decoder(PrefillReply)
+kv_event_decoder = msgspec.msgpack.Decoder(KvEventBatch)
+planner_observation_decoder = msgspec.msgpack.Decoder(PlannerObservation)
+api_request_msgpack_decoder = msgspec.msgpack.Decoder(ApiGenerateRequest)
+api_request_json_decoder = msgspec.json.Decoder(ApiGenerateRequest)
+api_reply_msgpack_decoder = msgspec.msgpack.Decoder(ApiReply)
+api_reply_json_decoder = msgspec.json.Decoder(ApiReply)

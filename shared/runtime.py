@@ -1,0 +1,49 @@
+"""Running a service actor as a process: logging, uvloop, signals, graceful drain."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from typing import Protocol
+
+import anyio
+
+from shared.telemetry import setup_logging
+
+log = logging.getLogger("baton.runtime")
+
+
+class Actor(Protocol):
+    async def run(self) -> None: ...
+
+    async def drain(self) -> None:
+        """Stop taking new work and finish what is in flight (bounded by the caller)."""
+
+
+async def run_until_signalled(actor: Actor, drain_timeout: float = 30.0) -> None:
+    """Run ``actor.run()``; on SIGTERM/SIGINT drain it (bounded), then cancel. A second signal cancels now."""
+    async with anyio.create_task_group() as tg:
+
+        async def on_signals() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    log.info("received %s: draining (up to %.0fs)", signal.Signals(signum).name, drain_timeout)
+                    tg.start_soon(drain_then_cancel)
+                    break
+                async for _ in signals:
+                    log.info("second signal: stopping now")
+                    tg.cancel_scope.cancel()
+
+        async def drain_then_cancel() -> None:
+            with anyio.move_on_after(drain_timeout):
+                await actor.drain()
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(on_signals)
+        await actor.run()
+        tg.cancel_scope.cancel()
+
+
+def run_service(actor: Actor, service: str, log_level: str = "info", drain_timeout: float = 30.0) -> None:
+    setup_logging(service, log_level)
+    anyio.run(run_until_signalled, actor, drain_timeout, backend_options={"use_uvloop": True})

@@ -1,0 +1,165 @@
+"""Tokenizer, chat template and incremental detokenization from a model directory.
+
+Uses the ``tokenizers`` library and a sandboxed Jinja chat template directly (no transformers),
+so the frontend container stays small.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer as HfTokenizer
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, dict):  # AddedToken serialised as a dict
+        return value.get("content")
+    return value
+
+
+class Tokenizer:
+    def __init__(self, model_dir: str | Path) -> None:
+        d = Path(model_dir)
+        self.model_dir = d
+        self._tok = HfTokenizer.from_file(str(d / "tokenizer.json"))
+        cfg: dict[str, Any] = {}
+        if (d / "tokenizer_config.json").exists():
+            cfg = json.loads((d / "tokenizer_config.json").read_text())
+        self.bos_token = _token_text(cfg.get("bos_token"))
+        self.eos_token = _token_text(cfg.get("eos_token"))
+        template = cfg.get("chat_template")
+        if isinstance(template, list):  # named templates: take "default"
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if template is None and (d / "chat_template.jinja").exists():
+            template = (d / "chat_template.jinja").read_text()
+        self._template = None
+        if template:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = _raise_template_error
+            self._template = env.from_string(template)
+        self.eos_token_ids = self._eos_ids(d)
+        self.vocab_size = self._tok.get_vocab_size()
+
+    def _eos_ids(self, d: Path) -> tuple[int, ...]:
+        ids: list[int] = []
+        for name in ("generation_config.json", "config.json"):
+            p = d / name
+            if p.exists():
+                eos = json.loads(p.read_text()).get("eos_token_id")
+                if isinstance(eos, int):
+                    ids.append(eos)
+                elif isinstance(eos, list):
+                    ids.extend(int(e) for e in eos)
+                if ids:
+                    break
+        if not ids and self.eos_token is not None:
+            tid = self._tok.token_to_id(self.eos_token)
+            if tid is not None:
+                ids.append(tid)
+        return tuple(dict.fromkeys(ids))
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self._template is not None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        if self._template is None:
+            raise ValueError("this model has no chat template; use /v1/completions")
+        return self._template.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+        )
+
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        # The template writes BOS itself, so the tokenizer must not add another.
+        return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+
+    def detokenizer(self) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self)
+
+
+def _raise_template_error(message: str) -> None:
+    raise ValueError(f"chat template error: {message}")
+
+
+@dataclass
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas without re-decoding everything.
+
+    Decodes a small window before the newest tokens and emits only text that is complete: a
+    byte-level token may end inside a UTF-8 character, which decodes to U+FFFD until the next
+    token finishes it.
+    """
+
+    tokenizer: Tokenizer
+    ids: list[int] | None = None
+    prefix_offset: int = 0
+    read_offset: int = 0
+
+    def __post_init__(self) -> None:
+        self.ids = []
+
+    def add(self, new_ids: Sequence[int]) -> str:
+        assert self.ids is not None
+        self.ids.extend(new_ids)
+        decode = self.tokenizer.decode
+        prefix_text = decode(self.ids[self.prefix_offset : self.read_offset])
+        full_text = decode(self.ids[self.prefix_offset :])
+        if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
+            delta = full_text[len(prefix_text) :]
+            self.prefix_offset = self.read_offset
+            self.read_offset = len(self.ids)
+            return delta
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is left at the end, incomplete characters included."""
+        assert self.ids is not None
+        prefix_text = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
+        full_text = self.tokenizer.decode(self.ids[self.prefix_offset :])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return full_text[len(prefix_text) :]
+
+
+class StopStringMatcher:
+    """Finds the first stop string in streamed text, holding back text that may start one.
+
+    ``push(delta)`` returns ``(text_safe_to_emit, stopped)``; after a stop, the text up to (not
+    including) the stop string has been emitted and the rest is dropped, as OpenAI does.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self._hold = max((len(s) for s in self.stops), default=1) - 1
+        self._buf = ""
+
+    def push(self, delta: str) -> tuple[str, bool]:
+        if not self.stops:
+            return delta, False
+        self._buf += delta
+        cut = min((i for i in (self._buf.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            out, self._buf = self._buf[:cut], ""
+            return out, True
+        keep = min(self._hold, len(self._buf))
+        out = self._buf[: len(self._buf) - keep]
+        self._buf = self._buf[len(self._buf) - keep :]
+        return out, False
+
+    def flush(self) -> str:
+        out, self._buf = self._buf, ""
+        return out
