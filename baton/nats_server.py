@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -10,6 +12,15 @@ import sysconfig
 import tempfile
 import time
 from pathlib import Path
+
+
+def die_with_parent() -> None:
+    """preexec_fn: have the kernel send SIGTERM to the child when its parent dies (Linux)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def find_nats_server() -> str:
@@ -67,7 +78,7 @@ class EmbeddedNats:
         try:
             self.proc = subprocess.Popen(
                 [find_nats_server(), "-js", "-a", self.host, "-p", str(self.port), "-sd", str(self.data_dir)],
-                stdout=out, stderr=subprocess.STDOUT,
+                stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent, start_new_session=True,
             )
         finally:
             if out is not subprocess.DEVNULL:

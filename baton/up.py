@@ -9,7 +9,6 @@ server last. Children get PR_SET_PDEATHSIG, so even a SIGKILLed ``baton up`` lea
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import signal
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import anyio
 
-from baton.nats_server import EmbeddedNats
+from baton.nats_server import EmbeddedNats, die_with_parent
 
 log = logging.getLogger("baton.up")
 
@@ -54,15 +53,6 @@ class ProcessSpec:
     argv: list[str]
     restarts: int = 0
     proc: asyncio.subprocess.Process | None = None
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: deliver SIGTERM to it when the parent dies."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def service_specs(s: UpSettings, nats_url: str) -> list[ProcessSpec]:
@@ -110,7 +100,8 @@ class Stack:
         if nats_url is None:
             log_file = Path(s.log_dir) / "nats.log" if s.log_dir else None
             self.nats = EmbeddedNats(port=s.nats_port, data_dir=s.data_dir, log_file=log_file)
-            await anyio.to_thread.run_sync(self.nats.start)
+            # Started from this (the main) thread: PR_SET_PDEATHSIG follows the thread that forked.
+            self.nats.start()
             nats_url = self.nats.url
             print(f"embedded nats-server with JetStream at {nats_url} (store: {self.nats.data_dir})", flush=True)
         self.specs = service_specs(s, nats_url)
@@ -140,7 +131,7 @@ class Stack:
         try:
             return await asyncio.create_subprocess_exec(
                 *spec.argv, env=env, stdout=out, stderr=out, stdin=asyncio.subprocess.DEVNULL,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
                 start_new_session=True,  # Ctrl-C reaches only us; we stop the children in order
             )
         finally:

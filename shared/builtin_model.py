@@ -212,6 +212,10 @@ def ensure_builtin(name: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
     try:
         build(name, tmp)
+        # mkdtemp makes 0700: open the cache up so other users (e.g. a container's) can read it.
+        tmp.chmod(0o755)
+        for f in tmp.iterdir():
+            f.chmod(0o644)
         try:
             os.rename(tmp, final)
         except OSError:

@@ -1,0 +1,226 @@
+"""Engine throughput on one machine: Baton's torch engine vs transformers ``generate``.
+
+    python bench/engine_bench.py [--model baton-small] [--batches 1,16,64] [--prompt-len 128] [--output-len 128]
+
+For each batch size every backend runs two workloads on the same random prompts:
+  * prefill: ``batch`` prompts with one output token each -> prefill tokens/s
+  * generate: ``batch`` prompts, ``output_len`` tokens each (EOS ignored) -> output tokens/s, and
+    the time between consecutive output tokens of a request (p50/p99 TPOT)
+All requests of a batch arrive at once. Another backend (vLLM) is one more :class:`Backend`
+subclass in ``BACKENDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+from shared.engines.base import EngineConfig
+from shared.messages import SamplingParams
+from shared.models import resolve_model
+
+
+@dataclass
+class RunResult:
+    seconds: float
+    tokens: int  # prompt tokens (prefill run) or output tokens (generate run)
+    gaps: list[float] = field(default_factory=list)  # seconds between a request's consecutive tokens
+
+
+@dataclass
+class Row:
+    backend: str
+    batch: int
+    output_tok_s: float
+    prefill_tok_s: float
+    tpot_p50_ms: float
+    tpot_p99_ms: float
+
+
+class Backend(ABC):
+    name: str
+
+    def __init__(self, model: str, max_batch: int) -> None:
+        self.model = model
+        self.max_batch = max_batch
+
+    def start(self) -> None:  # noqa: B027 - optional hook
+        """Load the model (not timed)."""
+
+    def stop(self) -> None:  # noqa: B027 - optional hook
+        """Release what start() took."""
+
+    @abstractmethod
+    def run(self, prompts: list[list[int]], output_len: int) -> RunResult:
+        """Generate ``output_len`` tokens for every prompt, all submitted at once."""
+
+
+class TorchEngineBackend(Backend):
+    """Baton's torch engine, driven through its public async interface."""
+
+    name = "baton-torch"
+
+    def start(self) -> None:
+        from shared.engines.torch_engine import TorchEngine
+
+        self.loop = asyncio.new_event_loop()
+        self.engine = TorchEngine(
+            EngineConfig(engine="torch", model=self.model, max_num_seqs=self.max_batch, max_batched_tokens=512)
+        )
+        self.task = self.loop.create_task(self.engine.run())
+        self.loop.run_until_complete(self.engine.wait_ready())
+        self.n = 0
+
+    def stop(self) -> None:
+        self.task.cancel()
+        self.loop.run_until_complete(asyncio.gather(self.task, return_exceptions=True))
+        self.loop.close()
+
+    def run(self, prompts: list[list[int]], output_len: int) -> RunResult:
+        params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+        gaps: list[float] = []
+
+        async def one(prompt: list[int]) -> int:
+            self.n += 1
+            count, last = 0, None
+            async for out in self.engine.generate(f"bench-{self.n}", prompt, params):
+                now = time.perf_counter()
+                if last is not None and out.token_ids:
+                    gaps.append((now - last) / len(out.token_ids))
+                last = now
+                count += len(out.token_ids)
+            return count
+
+        async def all_at_once() -> int:
+            return sum(await asyncio.gather(*(one(p) for p in prompts)))
+
+        t0 = time.perf_counter()
+        produced = self.loop.run_until_complete(all_at_once())
+        seconds = time.perf_counter() - t0
+        assert produced == output_len * len(prompts)
+        return RunResult(seconds, produced, gaps)
+
+
+class TransformersBackend(Backend):
+    """transformers ``generate`` on one padded batch (prompts have equal length: no padding)."""
+
+    name = "transformers"
+
+    def start(self) -> None:
+        from transformers import AutoModelForCausalLM, LogitsProcessor
+
+        self.model_hf = AutoModelForCausalLM.from_pretrained(resolve_model(self.model).path, dtype=torch.float32).eval()
+
+        class StepClock(LogitsProcessor):
+            """Called once per generated token of the whole batch: a timestamp per step."""
+
+            def __init__(self) -> None:
+                self.times: list[float] = []
+
+            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+                self.times.append(time.perf_counter())
+                return scores
+
+        self.clock_cls = StepClock
+
+    def run(self, prompts: list[list[int]], output_len: int) -> RunResult:
+        from transformers import LogitsProcessorList
+
+        clock = self.clock_cls()
+        ids = torch.tensor(prompts)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model_hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=output_len,
+                min_new_tokens=output_len,
+                do_sample=False,
+                logits_processor=LogitsProcessorList([clock]),
+                pad_token_id=0,
+            )
+        seconds = time.perf_counter() - t0
+        produced = (out.shape[1] - ids.shape[1]) * ids.shape[0]
+        assert produced == output_len * len(prompts)
+        step_gaps = [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)]
+        return RunResult(seconds, produced, step_gaps * len(prompts))
+
+
+BACKENDS: dict[str, type[Backend]] = {
+    "baton-torch": TorchEngineBackend,
+    "transformers": TransformersBackend,
+    # "vllm": VllmBackend,  (the vLLM adapter's engineer adds it: same Backend interface)
+}
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="baton-small")
+    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--backends", default=",".join(BACKENDS))
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    vocab = resolve_model(args.model)  # build the built-in model first, outside any timing
+    from shared.tokenizer import Tokenizer
+
+    vocab_size = Tokenizer(vocab.path).vocab_size
+    rng = random.Random(args.seed)
+    print(f"model {args.model}, prompt {args.prompt_len} tokens, output {args.output_len} tokens, torch threads {torch.get_num_threads()}")
+
+    rows: list[Row] = []
+    for name in args.backends.split(","):
+        backend = BACKENDS[name](args.model, max(batches))
+        backend.start()
+        try:
+            backend.run([[1, 2, 3]], 4)  # warm-up: first-call allocations, thread start
+            for batch in batches:
+                # distinct prompts per run, so no backend gets prefix-cache hits from an earlier run
+                def prompts(b: int = batch) -> list[list[int]]:
+                    return [[rng.randrange(5, vocab_size) for _ in range(args.prompt_len)] for _ in range(b)]
+
+                pre = backend.run(prompts(), 1)
+                gen = backend.run(prompts(), args.output_len)
+                row = Row(
+                    name,
+                    batch,
+                    output_tok_s=gen.tokens / gen.seconds,
+                    prefill_tok_s=batch * args.prompt_len / pre.seconds,
+                    tpot_p50_ms=1e3 * statistics.median(gen.gaps) if gen.gaps else float("nan"),
+                    tpot_p99_ms=1e3 * percentile(gen.gaps, 99),
+                )
+                rows.append(row)
+                print(f"  {name:14s} batch {batch:3d}: {row.output_tok_s:8.1f} out tok/s  {row.prefill_tok_s:8.1f} prefill tok/s", flush=True)
+        finally:
+            backend.stop()
+
+    print()
+    print(f"| {'backend':14s} | batch | output tok/s | prefill tok/s | TPOT p50 ms | TPOT p99 ms | vs transformers |")
+    print(f"|{'-' * 16}|-------|--------------|---------------|-------------|-------------|-----------------|")
+    base = {r.batch: r.output_tok_s for r in rows if r.backend == "transformers"}
+    for r in rows:
+        ratio = f"{r.output_tok_s / base[r.batch]:.2f}x" if r.batch in base else "-"
+        print(
+            f"| {r.backend:14s} | {r.batch:5d} | {r.output_tok_s:12.1f} | {r.prefill_tok_s:13.1f} "
+            f"| {r.tpot_p50_ms:11.2f} | {r.tpot_p99_ms:11.2f} | {ratio:>15s} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

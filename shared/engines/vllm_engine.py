@@ -1,0 +1,486 @@
+"""vLLM behind Baton's engine interface: the v1 ``AsyncLLM`` runs inside the worker process.
+
+Layout at run time (vLLM's own): ``AsyncLLM`` (input/output processing) lives on the worker's
+asyncio loop; the scheduler and model run in an ``EngineCore`` child process that vLLM *spawns*,
+so the process that builds this engine must have a ``__main__``-guarded entry point (``python -m
+services.decode`` and console scripts are; a bare script needs ``if __name__ == "__main__":``).
+
+What is bridged and how:
+
+* Requests: token-id prompts (``TokensPrompt``), detokenization off (the frontend detokenizes),
+  ``RequestOutputKind.DELTA`` so every output carries only the new token ids.
+* Abort: ``abort()`` and closing/cancelling a ``generate()`` stream call ``AsyncLLM.abort``; the
+  stream then ends with finish_reason ``abort``.
+* Stats: a custom vLLM stat logger keeps the scheduler's last per-step snapshot (KV usage,
+  running, waiting, prefix-cache counters); see :meth:`VllmEngine.stats` for what is approximate.
+* KV events: vLLM publishes ``BlockStored``/``BlockRemoved``/``AllBlocksCleared`` from the
+  EngineCore process over ZMQ (there is no in-process publisher hook: the EngineCore is another
+  process and ``KVEventsConfig.publisher`` only accepts ``null``/``zmq``). We bind it to a private
+  ``ipc://`` socket and subscribe from a thread here. vLLM's block hashes (SHA-256 based, seeded
+  per process) are not ours, so each ``BlockStored`` is re-hashed with :mod:`shared.kv_hash` from
+  the token ids the event carries, chained on our hash of its parent (kept in a vLLM-hash -> our-hash
+  map); removals are translated through the same map.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import tempfile
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from shared.engines.base import Engine, EngineConfig, EngineOutput, EngineStats, KvEventBuffer
+from shared.kv_hash import ROOT_HASH, block_hashes
+from shared.messages import SamplingParams
+from shared.models import resolve_model
+
+if TYPE_CHECKING:
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.metrics.stats import SchedulerStats
+
+log = logging.getLogger("baton.engine.vllm")
+
+# vLLM's CPU attention kernel (CPU_ATTN) only takes KV block sizes that are multiples of 32.
+CPU_BLOCK_MULTIPLE = 32
+# Fallback for CPU_ATTN's head sizes, should the backend class move; the live list wins.
+_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+DEFAULT_MAX_MODEL_LEN = 2048  # small on purpose: the KV pool must hold one full-length sequence
+_FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort", "error": "error"}
+
+
+def _model_config(path: Path) -> dict[str, Any]:
+    return json.loads((path / "config.json").read_text())
+
+
+def _head_dim(cfg: dict[str, Any]) -> int:
+    return int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+
+
+def _eos_ids(path: Path, cfg: dict[str, Any]) -> tuple[int, ...]:
+    ids: list[int] = []
+    gen = path / "generation_config.json"
+    for source in ([json.loads(gen.read_text())] if gen.exists() else []) + [cfg]:
+        eos = source.get("eos_token_id")
+        ids.extend([eos] if isinstance(eos, int) else list(eos or []))
+        if ids:
+            break
+    return tuple(dict.fromkeys(int(i) for i in ids))
+
+
+def _cpu_head_sizes() -> tuple[int, ...]:
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        return tuple(CPUAttentionBackend.get_supported_head_sizes())
+    except Exception:  # the class moved or was renamed: keep the 0.32 list
+        return _CPU_HEAD_SIZES
+
+
+class _KvEventBridge:
+    """Subscribes to vLLM's KV event stream and feeds our :class:`KvEventBuffer` with our hashes.
+
+    Runs on its own daemon thread (a blocking ZMQ SUB socket); the buffer is thread-safe.
+    """
+
+    def __init__(self, endpoint: str, buffer: KvEventBuffer, block_size: int) -> None:
+        import msgspec
+        import zmq
+        from vllm.distributed.kv_events import KVEventBatch
+
+        self.endpoint = endpoint
+        self.buffer = buffer
+        self.block_size = block_size
+        self._decoder = msgspec.msgpack.Decoder(KVEventBatch)
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.SUB)
+        self._sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self._sock.setsockopt(zmq.LINGER, 0)
+        # Connecting before vLLM binds is fine (ZMQ retries), so no event is missed at start.
+        self._sock.connect(endpoint)
+        # vLLM block hash -> [our hash, live copies]. Two physical blocks can hold the same hash
+        # (two requests cache one prefix in the same step), each with its own stored/removed event.
+        self._ours: dict[bytes | int, list[int]] = {}
+        self._next_seq: int | None = None
+        self._stop = threading.Event()
+        self.dropped = 0  # stored events we could not chain (unknown parent or odd shape)
+        self.batches = 0
+        self._thread = threading.Thread(target=self._loop, name="vllm-kv-events", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self._sock.close(linger=0)
+        self._ctx.term()
+
+    def _loop(self) -> None:
+        import zmq
+
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        while not self._stop.is_set():
+            if not poller.poll(100):
+                continue
+            try:
+                _topic, seq_bytes, payload = self._sock.recv_multipart()
+                self.apply_batch(int.from_bytes(seq_bytes, "big", signed=True), self._decoder.decode(payload))
+            except Exception:
+                log.exception("bad KV event batch from vLLM; dropping it")
+
+    def apply_batch(self, seq: int, batch: Any) -> None:
+        from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
+
+        if self._next_seq is not None and seq != self._next_seq:
+            # Lost batches (publisher queue overflow): our map may hold blocks vLLM evicted. Say
+            # "cleared" so the router forgets this worker's blocks rather than route on stale ones.
+            log.warning("vLLM KV events %d..%d lost; reporting a clear", self._next_seq, seq - 1)
+            self._ours.clear()
+            self.buffer.record_cleared()
+        self._next_seq = seq + 1
+        self.batches += 1
+        for ev in batch.events:
+            if isinstance(ev, BlockStored):
+                self._stored(ev)
+            elif isinstance(ev, BlockRemoved):
+                self._removed(ev.block_hashes)
+            elif isinstance(ev, AllBlocksCleared):
+                self._ours.clear()
+                self.buffer.record_cleared()
+
+    def _stored(self, ev: Any) -> None:
+        if ev.block_size != self.block_size or len(ev.token_ids) != len(ev.block_hashes) * self.block_size:
+            self.dropped += 1  # partial-block or mixed-size entries: ours hashes full blocks only
+            return
+        if ev.parent_block_hash is None:
+            parent, reported_parent = ROOT_HASH, None
+        else:
+            entry = self._ours.get(ev.parent_block_hash)
+            if entry is None:
+                self.dropped += 1  # parent never seen (events lost): the chain can't be rebuilt
+                return
+            parent = reported_parent = entry[0]
+        ours = block_hashes(ev.token_ids, self.block_size, parent)
+        for theirs, mine in zip(ev.block_hashes, ours, strict=True):
+            entry = self._ours.get(theirs)
+            if entry is None:
+                self._ours[theirs] = [mine, 1]
+            else:
+                entry[1] += 1
+        self.buffer.record_stored(ours, reported_parent)
+
+    def _removed(self, theirs_list: list[bytes | int]) -> None:
+        gone: list[int] = []
+        for theirs in theirs_list:
+            entry = self._ours.get(theirs)
+            if entry is None:
+                continue
+            entry[1] -= 1
+            if entry[1] <= 0:
+                del self._ours[theirs]
+                gone.append(entry[0])
+        self.buffer.record_removed(gone)
+
+
+class _StatsSink:
+    """Last scheduler snapshot plus running totals, fed by vLLM's stat-logger hook (loop thread)."""
+
+    def __init__(self) -> None:
+        self.kv_usage = 0.0
+        self.running = 0
+        self.waiting = 0
+        self.prefix_hit_tokens = 0
+        self.prompt_tokens = 0
+        self.preemptions = 0
+        self.steps = 0
+
+    def update(self, s: SchedulerStats) -> None:
+        self.steps += 1
+        self.kv_usage = s.kv_cache_usage
+        self.running = s.num_running_reqs
+        self.waiting = s.num_waiting_reqs + s.num_skipped_waiting_reqs
+        p = s.prefix_cache_stats
+        # Prompt tokens looked up / found in the prefix cache at first admission (vLLM counts
+        # re-admitted preempted requests apart, and resets all of these every step).
+        self.prompt_tokens += p.queries
+        self.prefix_hit_tokens += p.hits
+        self.preemptions += p.preempted_requests
+
+
+def _stat_logger_factory(sink: _StatsSink) -> Any:
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class BatonStatLogger(StatLoggerBase):
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            self.sink = sink
+
+        def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+                   engine_idx: int = 0) -> None:
+            if scheduler_stats is not None:
+                self.sink.update(scheduler_stats)
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return BatonStatLogger
+
+
+class VllmEngine(Engine):
+    """The vLLM v1 async engine (``AsyncLLM``) as a Baton engine."""
+
+    name = "vllm"
+
+    def __init__(self, config: EngineConfig, *, max_model_len: int | None = None,
+                 engine_args: dict[str, Any] | None = None) -> None:
+        """``max_model_len``: context cap (default min(model's, 2048)); ``engine_args``: extra
+        ``AsyncEngineArgs`` fields, applied last (tests and benchmarks tune vLLM with them)."""
+        super().__init__()
+        try:
+            import vllm  # noqa: F401  (fail here, with a clear message, not in run())
+        except ImportError as e:
+            raise RuntimeError("the vllm engine needs vLLM: pip install 'baton[vllm]'") from e
+        self.config = config
+        ref = resolve_model(config.model)
+        self.model_name = ref.name
+        self.model_path = ref.path
+        cfg = _model_config(ref.path)
+        self.vocab_size = int(cfg["vocab_size"])
+        self.eos_token_ids = _eos_ids(ref.path, cfg)
+        self.max_model_len = min(int(cfg.get("max_position_embeddings", DEFAULT_MAX_MODEL_LEN)),
+                                 max_model_len or DEFAULT_MAX_MODEL_LEN)
+        self.block_size = config.block_size
+        if config.device == "cpu":
+            head_dim = _head_dim(cfg)
+            sizes = _cpu_head_sizes()
+            if head_dim not in sizes:
+                raise ValueError(
+                    f"vLLM's CPU attention supports head sizes {sizes}; {config.model!r} has head_dim "
+                    f"{head_dim}. Use another engine (torch) or a model such as baton-small."
+                )
+            if self.block_size % CPU_BLOCK_MULTIPLE:
+                rounded = -(-self.block_size // CPU_BLOCK_MULTIPLE) * CPU_BLOCK_MULTIPLE
+                log.warning("vLLM on CPU needs a block size that is a multiple of %d: using %d, not %d",
+                            CPU_BLOCK_MULTIPLE, rounded, self.block_size)
+                self.block_size = rounded
+        self._engine_args = dict(engine_args or {})
+        self._llm: AsyncLLM | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready = asyncio.Event()
+        self._startup_error: BaseException | None = None
+        self._stats = _StatsSink()
+        self._kv_bridge: _KvEventBridge | None = None
+        self._kv_dir: str | None = None
+        self._num_blocks = 0
+        self._active: set[str] = set()
+        self._abort_requested: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # strong refs to fire-and-forget aborts
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def _engine_args_obj(self, kv_endpoint: str | None) -> Any:
+        from vllm.config import KVEventsConfig
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        c = self.config
+        kwargs: dict[str, Any] = dict(
+            model=str(self.model_path),
+            served_model_name=self.model_name,
+            dtype=c.dtype,
+            seed=c.seed,
+            block_size=self.block_size,
+            max_model_len=self.max_model_len,
+            max_num_seqs=c.max_num_seqs,
+            # vLLM rejects a step budget below max_num_seqs (every running seq decodes one token).
+            max_num_batched_tokens=max(c.max_batched_tokens, c.max_num_seqs),
+            enable_prefix_caching=c.enable_prefix_caching,
+            gpu_memory_utilization=c.gpu_memory_utilization,  # on CPU: share of host memory
+            enforce_eager=True,  # no torch.compile/graph capture: startup in seconds, not minutes
+            disable_log_stats=True,  # no periodic log lines; our stat logger still gets stats
+            enable_log_requests=False,
+        )
+        if c.num_blocks > 0:
+            kwargs["num_gpu_blocks_override"] = c.num_blocks
+        if kv_endpoint is not None:
+            kwargs["kv_events_config"] = KVEventsConfig(
+                enable_kv_cache_events=True, publisher="zmq", endpoint=kv_endpoint, topic="")
+        kwargs.update(self._engine_args)
+        return AsyncEngineArgs(**kwargs)
+
+    def _build(self, kv_endpoint: str | None) -> AsyncLLM:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        return AsyncLLM.from_engine_args(self._engine_args_obj(kv_endpoint),
+                                         stat_loggers=[_stat_logger_factory(self._stats)])
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        kv_endpoint = None
+        try:
+            if self.config.enable_prefix_caching:
+                self._kv_dir = tempfile.mkdtemp(prefix="baton-vllm-")
+                kv_endpoint = f"ipc://{self._kv_dir}/kv-events"
+                self._kv_bridge = _KvEventBridge(kv_endpoint, self.kv_events, self.block_size)
+                self._kv_bridge.start()
+            # Building blocks ~20 s (spawns EngineCore, loads weights, sizes the KV pool): do it on
+            # a thread so the worker's loop keeps serving. AsyncLLM binds to our loop lazily, on
+            # its first request. Not cancellable midway; a cancel lands right after, in the try.
+            llm = await anyio.to_thread.run_sync(self._build, kv_endpoint)
+        except BaseException as e:
+            self._startup_error = e
+            self._ready.set()
+            self._close_kv()
+            raise
+        self._llm = llm
+        try:
+            cache = llm.vllm_config.cache_config
+            if cache.block_size != self.block_size:
+                raise RuntimeError(f"vLLM chose block size {cache.block_size}, expected {self.block_size}")
+            self._num_blocks = int(cache.num_gpu_blocks or 0)
+            self.max_model_len = int(llm.vllm_config.model_config.max_model_len)
+            log.info("vLLM %s ready: %d KV blocks of %d tokens, max_model_len %d",
+                     self.model_name, self._num_blocks, self.block_size, self.max_model_len)
+            self._ready.set()
+            await anyio.sleep_forever()
+        finally:
+            self._llm = None
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(llm.shutdown)
+            del llm  # let AsyncLLM.__del__ run now, while vLLM's modules are still loaded
+            self._close_kv()
+
+    def _close_kv(self) -> None:
+        if self._kv_bridge is not None:
+            self._kv_bridge.close()
+            self._kv_bridge = None
+        if self._kv_dir is not None:
+            shutil.rmtree(self._kv_dir, ignore_errors=True)
+            self._kv_dir = None
+
+    async def wait_ready(self) -> None:
+        await self._ready.wait()
+        if self._startup_error is not None:
+            raise RuntimeError(f"vLLM engine failed to start: {self._startup_error!r}") from self._startup_error
+
+    # --- requests --------------------------------------------------------------------------
+
+    def _sampling(self, s: SamplingParams) -> Any:
+        from vllm import SamplingParams as VllmSamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return VllmSamplingParams(
+            max_tokens=s.max_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,  # 0 disables top-k in both
+            seed=s.seed,
+            stop_token_ids=list(s.stop_token_ids),
+            ignore_eos=s.ignore_eos,
+            min_tokens=s.min_tokens,
+            detokenize=False,  # the frontend detokenizes; token ids are all we ship
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    async def generate(self, request_id: str, token_ids: list[int], sampling: SamplingParams) -> AsyncIterator[EngineOutput]:
+        from vllm import TokensPrompt
+
+        await self.wait_ready()
+        llm = self._llm
+        if llm is None:
+            raise RuntimeError("the vLLM engine has stopped")
+        if request_id in self._active:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        n_prompt = len(token_ids)
+        try:
+            params = self._sampling(sampling)
+        except ValueError as e:  # vLLM's own validation (VLLMValidationError is a ValueError)
+            yield EngineOutput(request_id, [], "error", n_prompt, error=str(e))
+            return
+        self._active.add(request_id)
+        finished = False
+        try:
+            try:
+                q = await llm.add_request(request_id, TokensPrompt(prompt_token_ids=list(token_ids)), params)
+            except ValueError as e:  # e.g. prompt longer than max_model_len
+                finished = True
+                yield EngineOutput(request_id, [], "error", n_prompt, error=str(e))
+                return
+            if request_id in self._abort_requested:  # abort() raced the add
+                self._abort_soon(request_id)
+            while not finished:
+                # get_nowait first: under load the next delta is often already there.
+                out = q.get_nowait() or await q.get()
+                comp = out.outputs[0]
+                finished = out.finished
+                reason = None
+                if finished:
+                    reason = _FINISH_REASONS.get(str(comp.finish_reason), "stop")
+                yield EngineOutput(request_id, list(comp.token_ids), reason, n_prompt, out.num_cached_tokens or 0)
+        finally:
+            self._active.discard(request_id)
+            self._abort_requested.discard(request_id)
+            if not finished:
+                # Closed or cancelled early. Abort from a task of its own: awaiting here may be
+                # cancelled again (anyio scopes), which would leave the request running in vLLM.
+                self._abort_soon(request_id)
+
+    def abort(self, request_id: str) -> None:
+        if request_id in self._active:
+            self._abort_requested.add(request_id)
+            self._abort_soon(request_id)
+
+    def _abort_soon(self, request_id: str) -> None:
+        llm, loop = self._llm, self._loop
+        if llm is None or loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not loop:  # another thread, or a stream finalised outside the loop
+            loop.call_soon_threadsafe(self._abort_soon, request_id)
+            return
+        task = loop.create_task(llm.abort(request_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- stats -----------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        """vLLM's scheduler snapshot from its last step, reconciled with the frontend's count.
+
+        Approximate: running/waiting/KV usage are as of vLLM's last engine step (it sends no
+        stats while idle), so when this process holds no unfinished request they are reported as
+        0 (vLLM counts unreferenced prefix-cached blocks as free, so used KV is then 0 too);
+        ``kv_blocks_used`` is usage x usable blocks, rounded; ``prefill_tokens_queued`` is the
+        prompt length of requests not yet past prefill (cache hits and chunk progress not
+        subtracted); ``preemptions`` counts preempted requests when they are rescheduled.
+        """
+        s = self._stats
+        llm = self._llm
+        unfinished = llm.get_num_unfinished_requests() if llm is not None else 0
+        total = max(self._num_blocks - 1, 0)  # vLLM keeps one null block out of use
+        if unfinished == 0:
+            running = waiting = used = 0
+        else:
+            running = min(s.running, unfinished)
+            waiting = unfinished - running
+            used = round(s.kv_usage * total)
+        return EngineStats(
+            kv_blocks_used=used,
+            kv_blocks_total=total,
+            running=running,
+            waiting=waiting,
+            prefill_tokens_queued=llm.get_num_queued_tokens() if llm is not None else 0,
+            preemptions=s.preemptions,
+            prefix_hit_tokens=s.prefix_hit_tokens,
+            prompt_tokens=s.prompt_tokens,
+        )
+

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.procs import Stack
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One hermetic cache for the built-in models, built once, shared by every process."""
+    cache = Path(os.environ.get("BATON_TEST_CACHE_DIR") or tmp_path_factory.mktemp("baton-cache"))
+    os.environ["BATON_CACHE_DIR"] = str(cache)
+    from shared.builtin_model import ensure_builtin
+
+    ensure_builtin("baton-tiny")
+    return cache
+
+
+def e2e_engine() -> str:
+    """End-to-end tests run the real torch engine; the mocker only where the torch engine is absent."""
+    forced = os.environ.get("BATON_TEST_ENGINE")
+    if forced:
+        return forced
+    return "torch" if importlib.util.find_spec("shared.engines.torch_engine") else "mocker"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
+    """A running stack for a test module: nats-server, router, one decode worker, frontend."""
+    s = Stack(tmp_path_factory.mktemp("stack"), e2e_engine())
+    try:
+        s.start()
+    except Exception:
+        print(s.logs())
+        s.stop()
+        raise
+    yield s
+    s.stop()
+    if request.session.testsfailed:
+        print(s.logs())

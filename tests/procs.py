@@ -1,0 +1,176 @@
+"""Real processes for end-to-end tests: nats-server and Baton services on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from baton.nats_server import EmbeddedNats, free_port
+
+
+def service_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+@dataclass
+class ServiceProcess:
+    """One ``python -m services.<name>`` process with its log in a file."""
+
+    name: str
+    args: list[str]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ServiceProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", f"services.{self.name}", *self.args],
+                stdout=log, stderr=subprocess.STDOUT, env=service_env(self.env), start_new_session=True,
+            )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye, as a crash would."""
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition") -> None:
+    """Poll ``predicate`` until true; fail after ``timeout``. Polling a real condition, not sleeping blind."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Stack:
+    """nats-server + router + decode workers (+ prefill, planner) + frontend, all real processes."""
+
+    def __init__(self, workdir: Path, engine: str, decode_workers: int = 1, prefill_workers: int = 0,
+                 planner: bool = False, discovery_ttl: float = 3.0, model: str = "baton-tiny",
+                 extra_decode_args: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+        self.workdir = workdir
+        self.engine = engine
+        self.model = model
+        self.ttl = discovery_ttl
+        self.env = env or {}
+        self.nats = EmbeddedNats(data_dir=workdir / "nats", log_file=workdir / "logs" / "nats.log")
+        self.port = free_port()
+        self.procs: list[ServiceProcess] = []
+        self.decoders: list[ServiceProcess] = []
+        self.prefillers: list[ServiceProcess] = []
+        self.frontend: ServiceProcess | None = None
+        self.router: ServiceProcess | None = None
+        self._n_decode = decode_workers
+        self._n_prefill = prefill_workers
+        self._planner = planner
+        self._extra_decode = extra_decode_args or []
+        self._expected_dead: list[ServiceProcess] = []  # killed on purpose by a test
+
+    def kill(self, p: ServiceProcess) -> None:
+        self._expected_dead.append(p)
+        p.kill()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def common(self) -> list[str]:
+        return ["--nats-url", self.nats.url, "--discovery-ttl", str(self.ttl)]
+
+    def _proc(self, name: str, label: str, args: list[str]) -> ServiceProcess:
+        p = ServiceProcess(name, args, self.workdir / "logs" / f"{label}.log", env=self.env).start()
+        self.procs.append(p)
+        return p
+
+    def add_decode(self, extra: list[str] | None = None) -> ServiceProcess:
+        i = len(self.decoders)
+        p = self._proc("decode", f"decode-{i}", [*self.common(), "--engine", self.engine, "--model", self.model,
+                                                 *self._extra_decode, *(extra or [])])
+        self.decoders.append(p)
+        return p
+
+    def add_prefill(self) -> ServiceProcess:
+        i = len(self.prefillers)
+        p = self._proc("prefill", f"prefill-{i}", [*self.common(), "--engine", self.engine, "--model", self.model])
+        self.prefillers.append(p)
+        return p
+
+    def start(self, ready_timeout: float = 90.0) -> Stack:
+        self.nats.start()
+        self.router = self._proc("router", "router", self.common())
+        for _ in range(self._n_decode):
+            self.add_decode()
+        for _ in range(self._n_prefill):
+            self.add_prefill()
+        if self._planner:
+            self._proc("planner", "planner", [*self.common(), "--interval", "0.5"])
+        self.frontend = self._proc("frontend", "frontend", [*self.common(), "--model", self.model, "--host",
+                                                            "127.0.0.1", "--port", str(self.port)])
+        self.wait_ready(self._n_decode, ready_timeout)
+        return self
+
+    def health(self) -> dict:
+        try:
+            r = httpx.get(f"{self.url}/health", timeout=2)
+            return r.json() if r.status_code == 200 else {}
+        except (httpx.HTTPError, ValueError):
+            return {}
+
+    def wait_ready(self, decode_workers: int, timeout: float = 90.0) -> None:
+        def ok() -> bool:
+            for p in self.procs:
+                if not p.alive() and p not in self._expected_dead:
+                    raise RuntimeError(f"{p.log_path.name} exited early:\n{p.log()[-3000:]}")
+            return self.health().get("decode_workers") == decode_workers
+
+        wait_until(ok, timeout, 0.1, f"{decode_workers} decode workers ready")
+
+    def logs(self) -> str:
+        return "\n".join(f"===== {p.log_path.name}\n{p.log()[-4000:]}" for p in self.procs)
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+        self.nats.cleanup()

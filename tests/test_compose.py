@@ -1,0 +1,179 @@
+"""compose.yaml and the Dockerfile, checked without a Docker engine.
+
+A real Compose implementation validates the file (`docker compose config -q`, else the
+`docker-compose` v1 from Debian's package); our own CLI checks that every service's command and
+BATON_* variable exists, so a renamed option breaks this test rather than a deployment.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE_FILE = ROOT / "compose.yaml"
+DOCKERFILE = ROOT / "Dockerfile"
+BATON_SERVICES = {"frontend", "router", "decode", "prefill", "planner"}
+SCALABLE = {"decode", "prefill"}
+
+# safe_load resolves the file's YAML anchors and merge keys (<<), as Compose does.
+COMPOSE = yaml.safe_load(COMPOSE_FILE.read_text())
+SERVICES: dict[str, dict] = COMPOSE["services"]
+# Compose services that run Baton (everything but NATS), keyed by name.
+BATON = {name: svc for name, svc in SERVICES.items() if name != "nats"}
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _compose_command() -> list[str] | None:
+    docker = shutil.which("docker")
+    if docker:
+        # The docker CLI exists without the compose plugin on some machines: ask, don't assume.
+        try:
+            probe = subprocess.run([docker, "compose", "version"], capture_output=True, timeout=20)
+        except subprocess.TimeoutExpired:
+            probe = None
+        if probe is not None and probe.returncode == 0:
+            return [docker, "compose"]
+    legacy = shutil.which("docker-compose")
+    return [legacy] if legacy else None
+
+
+@functools.cache
+def _help(command: str) -> str:
+    # Wide, plain output so rich neither wraps option names nor adds colour codes.
+    env = {**os.environ, "COLUMNS": "250", "NO_COLOR": "1", "TERM": "dumb"}
+    r = subprocess.run(
+        [sys.executable, "-m", "baton", command, "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert r.returncode == 0, f"`baton {command} --help` exited {r.returncode}:\n{r.stdout}\n{r.stderr}"
+    return r.stdout
+
+
+def _options(command: list[str]) -> dict[str, str | None]:
+    """--flag value pairs of a command line (value None for a flag followed by another flag)."""
+    opts: dict[str, str | None] = {}
+    args = [str(a) for a in command[1:]]
+    for i, arg in enumerate(args):
+        if arg.startswith("--"):
+            name, _, value = arg.partition("=")
+            if not value and i + 1 < len(args) and not args[i + 1].startswith("--"):
+                value = args[i + 1]
+            opts[name] = value or None
+    return opts
+
+
+def _environment(svc: dict) -> dict[str, str]:
+    env = svc.get("environment") or {}
+    if isinstance(env, list):  # the "KEY=value" list form
+        env = dict(item.partition("=")[::2] for item in env)
+    return {str(k): str(v) for k, v in env.items()}
+
+
+def test_compose_file_is_valid_for_compose():
+    cmd = _compose_command()
+    if cmd is None:
+        msg = (
+            "no Compose implementation: neither `docker compose` nor `docker-compose` is installed "
+            "(apt-get install -y docker-compose)"
+        )
+        if _in_ci():
+            pytest.fail(msg + "; CI must install it")
+        pytest.skip(msg)
+    r = subprocess.run(
+        [*cmd, "-f", str(COMPOSE_FILE), "config", "-q"], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+    assert r.returncode == 0, f"{' '.join(cmd)} config -q rejected compose.yaml:\n{r.stdout}\n{r.stderr}"
+
+
+def test_compose_is_the_whole_deployment():
+    commands = {svc["command"][0] for svc in BATON.values()}
+    assert commands >= BATON_SERVICES, f"services missing from compose.yaml: {BATON_SERVICES - commands}"
+    nats = SERVICES["nats"]
+    assert nats["image"].startswith("nats:")
+    assert "-js" in nats["command"] or "--jetstream" in nats["command"], "NATS needs JetStream"
+    for name, svc in BATON.items():
+        assert svc.get("build"), f"{name}: built from our Dockerfile"
+        assert svc["depends_on"]["nats"]["condition"] == "service_healthy", name
+        assert _environment(svc).get("BATON_NATS_URL") == "nats://nats:4222", name
+
+
+@pytest.mark.parametrize("name", sorted(BATON))
+def test_command_and_env_are_real_cli(name: str):
+    svc = BATON[name]
+    command = svc["command"]
+    assert isinstance(command, list), f"{name}: command as an exec-form list (ENTRYPOINT baton)"
+    assert command[0] in BATON_SERVICES, f"{name}: {command[0]!r} is not a Baton service"
+    help_text = _help(command[0])
+    known_options = set(re.findall(r"--[a-z][a-z0-9-]*", help_text))
+    for opt in _options(command):
+        assert opt in known_options, f"{name}: `baton {command[0]}` has no option {opt}"
+    known_env = set(re.findall(r"BATON_[A-Z0-9_]+", help_text))
+    for var in _environment(svc):
+        if var.startswith("BATON_"):
+            assert var in known_env, f"{name}: `baton {command[0]}` reads no {var}"
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_restart_policy_and_healthcheck(name: str):
+    svc = SERVICES[name]
+    assert svc.get("restart") in ("unless-stopped", "always", "on-failure"), f"{name}: restart policy"
+    hc = svc.get("healthcheck") or {}
+    assert hc.get("test") and not hc.get("disable"), f"{name}: healthcheck"
+    if name in BATON:
+        assert svc.get("stop_grace_period"), f"{name}: time to drain on SIGTERM"
+
+
+@pytest.mark.parametrize("name", sorted(BATON))
+def test_healthcheck_probes_the_port_the_service_serves(name: str):
+    svc = BATON[name]
+    opts = _options(svc["command"])
+    probe = " ".join(map(str, svc["healthcheck"]["test"]))
+    m = re.search(r"127\.0\.0\.1:(\d+)/health", probe)
+    assert m, f"{name}: healthcheck should GET /health: {probe}"
+    served = opts.get("--port") if svc["command"][0] == "frontend" else opts.get("--metrics-port")
+    assert served == m.group(1), f"{name}: healthcheck probes port {m.group(1)}, service serves {served}"
+    if svc["command"][0] == "frontend":
+        targets = [
+            str(p).rsplit(":", 1)[-1] if not isinstance(p, dict) else str(p["target"])
+            for p in svc.get("ports", [])
+        ]
+        assert served in targets, f"{name}: HTTP port {served} is not published"
+
+
+@pytest.mark.parametrize("name", sorted(SCALABLE))
+def test_workers_scale(name: str):
+    svc = SERVICES[name]
+    # Anything fixed per container would collide under `docker compose up --scale decode=3`.
+    assert "container_name" not in svc, name
+    assert not svc.get("ports"), f"{name}: no host ports on a scalable service"
+    assert "--worker-id" not in _options(svc["command"]) and "BATON_WORKER_ID" not in _environment(svc), name
+
+
+def test_dockerfile_entrypoint_is_baton():
+    text = DOCKERFILE.read_text()
+    entrypoints = re.findall(r"^ENTRYPOINT\s+(.+)$", text, re.M)
+    assert entrypoints, "Dockerfile has no ENTRYPOINT"
+    assert json.loads(entrypoints[-1]) == ["baton"]
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts.get("baton") == "baton.cli:app", "ENTRYPOINT relies on the `baton` console script"
+    users = re.findall(r"^USER\s+(\S+)", text, re.M)
+    assert users and users[-1].split(":")[0] not in ("root", "0"), "the image runs as a non-root user"
+    assert "baton model build" in text, "the built-in model is baked in, so containers need no network"
