@@ -246,9 +246,11 @@ class TorchEngine(Engine):
         table = mask = window_mask = None
         if decodes:
             max_blocks = max(len(r.blocks) for r, _ in decodes)
-            table = torch.tensor(
-                [r.blocks + [0] * (max_blocks - len(r.blocks)) for r, _ in decodes], dtype=torch.long, device=device
-            )
+            padded: list[int] = []
+            for r, _ in decodes:
+                padded += r.blocks
+                padded += [0] * (max_blocks - len(r.blocks))
+            table = torch.tensor(padded, dtype=torch.long, device=device)
             ctx = torch.tensor(positions, dtype=torch.long, device=device)[:, None]
             key_pos = torch.arange(max_blocks * bs, device=device)[None, :]
             mask = (key_pos <= ctx)[:, None, None, :]

@@ -121,7 +121,7 @@ class StepInputs:
     slot_mapping: torch.Tensor  # [T] int64: block * block_size + offset where each new K/V goes
     logits_indices: torch.Tensor  # [S] rows whose next-token logits are wanted
     num_decodes: int
-    decode_block_table: torch.Tensor | None  # [D, max_blocks] padded block ids
+    decode_block_table: torch.Tensor | None  # [D * max_blocks] padded block ids, row after row
     decode_mask: torch.Tensor | None  # [D, 1, 1, max_blocks*block_size] bool: True where a key is real
     decode_window_mask: torch.Tensor | None  # same, with the sliding window applied (None if no layer slides)
     # per prefill chunk: (start row in the flat batch, new tokens, tokens already cached, block ids)
@@ -241,17 +241,18 @@ class LlamaModel:
         if n_dec:
             table = inp.decode_block_table
             assert table is not None
-            # [D, blocks, bs, KVH, hd] -> [D, KVH, L, hd]; padded slots are masked out
-            keys = k_cache[table].flatten(1, 2).transpose(1, 2)
-            values = v_cache[table].flatten(1, 2).transpose(1, 2)
+            # index_select, not advanced indexing: a block copy instead of a per-element gather (10x on CPU)
+            ctx_shape = (n_dec, -1, a.num_kv_heads, a.head_dim)
+            keys = k_cache.index_select(0, table).view(ctx_shape).transpose(1, 2)  # [D, KVH, L, hd]
+            values = v_cache.index_select(0, table).view(ctx_shape).transpose(1, 2)
             mask = inp.decode_window_mask if window is not None else inp.decode_mask
             qd = q[:n_dec].view(n_dec, a.num_kv_heads, group, a.head_dim)
             att = F.scaled_dot_product_attention(qd, keys, values, attn_mask=mask)
             out[:n_dec] = att.reshape(n_dec, a.num_heads, a.head_dim)
         for start, n_new, n_cached, blocks in inp.prefills:
             ctx = n_cached + n_new
-            keys = k_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1)  # [KVH, ctx, hd]
-            values = v_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1)
+            keys = k_cache.index_select(0, blocks).flatten(0, 1)[:ctx].transpose(0, 1)  # [KVH, ctx, hd]
+            values = v_cache.index_select(0, blocks).flatten(0, 1)[:ctx].transpose(0, 1)
             qp = q[start : start + n_new].transpose(0, 1)  # [H, n_new, hd]
             if n_cached == 0 and window is None:
                 att = F.scaled_dot_product_attention(qp, keys, values, is_causal=True, enable_gqa=True)

@@ -270,6 +270,8 @@ class VllmEngine(Engine):
                 log.warning("vLLM on CPU needs a block size that is a multiple of %d: using %d, not %d",
                             CPU_BLOCK_MULTIPLE, rounded, self.block_size)
                 self.block_size = rounded
+        if config.num_blocks > 0:  # vLLM refuses to start if one max-length sequence can't fit
+            self.max_model_len = min(self.max_model_len, (config.num_blocks - 1) * self.block_size)
         self._engine_args = dict(engine_args or {})
         self._llm: AsyncLLM | None = None
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -61,9 +61,8 @@ def hf():
 
 @pytest.fixture(scope="module")
 async def engine() -> AsyncIterator[VllmEngine]:
-    eng = make_engine(EngineConfig(engine="vllm", model=MODEL, block_size=BLOCK, num_blocks=NUM_BLOCKS,
-                                   max_num_seqs=16, max_batched_tokens=512))
-    assert isinstance(eng, VllmEngine)
+    eng = VllmEngine(EngineConfig(engine="vllm", model=MODEL, block_size=BLOCK, num_blocks=NUM_BLOCKS,
+                                  max_num_seqs=16, max_batched_tokens=512), max_model_len=512)
     async with anyio.create_task_group() as tg:
         tg.start_soon(eng.run)
         with anyio.fail_after(240):
@@ -133,8 +132,8 @@ async def test_sampling_params_pass_through(engine: VllmEngine, hf) -> None:
                      ("topp", SamplingParams(max_tokens=16, temperature=1.0, top_p=1e-6))):
         assert tokens(await collect(engine, name, ids, sp)) == ref, name
     # seed: same seed, same sample; another seed, (almost surely) another one.
-    a, b, c = (tokens(await collect(engine, f"seed-{i}", ids, SamplingParams(max_tokens=16, seed=s)))
-               for i, s in enumerate((11, 11, 12)))
+    a, b, c = [tokens(await collect(engine, f"seed-{i}", ids, SamplingParams(max_tokens=16, seed=s)))
+               for i, s in enumerate((11, 11, 12))]
     assert a == b and a != c
 
 
@@ -229,5 +228,5 @@ async def test_kv_events_carry_our_hashes(engine: VllmEngine) -> None:
 
 
 def test_rejects_head_size_cpu_attention_lacks() -> None:
-    with pytest.raises(ValueError, match="head_dim 16"):
-        VllmEngine(EngineConfig(engine="vllm", model="baton-tiny"))
+    with pytest.raises(ValueError, match="head_dim 16"):  # via make_engine: "vllm" dispatches here
+        make_engine(EngineConfig(engine="vllm", model="baton-tiny"))
