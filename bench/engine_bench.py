@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import statistics
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
+# Before torch loads OpenMP: spinning workers are ruinous on a shared or oversubscribed CPU.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 from shared.engines.base import EngineConfig
@@ -72,7 +75,9 @@ class TorchEngineBackend(Backend):
 
         self.loop = asyncio.new_event_loop()
         self.engine = TorchEngine(
-            EngineConfig(engine="torch", model=self.model, max_num_seqs=self.max_batch, max_batched_tokens=512)
+            EngineConfig(
+                engine="torch", model=self.model, max_num_seqs=self.max_batch, max_batched_tokens=512
+            )
         )
         self.task = self.loop.create_task(self.engine.run())
         self.loop.run_until_complete(self.engine.wait_ready())
@@ -116,7 +121,9 @@ class TransformersBackend(Backend):
     def start(self) -> None:
         from transformers import AutoModelForCausalLM, LogitsProcessor
 
-        self.model_hf = AutoModelForCausalLM.from_pretrained(resolve_model(self.model).path, dtype=torch.float32).eval()
+        self.model_hf = AutoModelForCausalLM.from_pretrained(
+            resolve_model(self.model).path, dtype=torch.float32
+        ).eval()
 
         class StepClock(LogitsProcessor):
             """Called once per generated token of the whole batch: a timestamp per step."""
@@ -175,14 +182,21 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--backends", default=",".join(BACKENDS))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--threads", type=int, default=torch.get_num_threads(), help="torch threads, every backend"
+    )
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ["BATON_TORCH_THREADS"] = str(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
     vocab = resolve_model(args.model)  # build the built-in model first, outside any timing
     from shared.tokenizer import Tokenizer
 
     vocab_size = Tokenizer(vocab.path).vocab_size
     rng = random.Random(args.seed)
-    print(f"model {args.model}, prompt {args.prompt_len} tokens, output {args.output_len} tokens, torch threads {torch.get_num_threads()}")
+    print(
+        f"model {args.model}, prompt {args.prompt_len} tokens, output {args.output_len} tokens, torch threads {torch.get_num_threads()}"
+    )
 
     rows: list[Row] = []
     for name in args.backends.split(","):
@@ -206,13 +220,20 @@ def main() -> None:
                     tpot_p99_ms=1e3 * percentile(gen.gaps, 99),
                 )
                 rows.append(row)
-                print(f"  {name:14s} batch {batch:3d}: {row.output_tok_s:8.1f} out tok/s  {row.prefill_tok_s:8.1f} prefill tok/s", flush=True)
+                print(
+                    f"  {name:14s} batch {batch:3d}: {row.output_tok_s:8.1f} out tok/s  {row.prefill_tok_s:8.1f} prefill tok/s",
+                    flush=True,
+                )
         finally:
             backend.stop()
 
     print()
-    print(f"| {'backend':14s} | batch | output tok/s | prefill tok/s | TPOT p50 ms | TPOT p99 ms | vs transformers |")
-    print(f"|{'-' * 16}|-------|--------------|---------------|-------------|-------------|-----------------|")
+    print(
+        f"| {'backend':14s} | batch | output tok/s | prefill tok/s | TPOT p50 ms | TPOT p99 ms | vs transformers |"
+    )
+    print(
+        f"|{'-' * 16}|-------|--------------|---------------|-------------|-------------|-----------------|"
+    )
     base = {r.batch: r.output_tok_s for r in rows if r.backend == "transformers"}
     for r in rows:
         ratio = f"{r.output_tok_s / base[r.batch]:.2f}x" if r.batch in base else "-"

@@ -40,6 +40,15 @@ class NoResponders(BusError):
     """Nobody subscribes to the subject (the worker is gone)."""
 
 
+class SlowConsumer(BusError):
+    """Replies arrived faster than the caller took them, past the stream's bound."""
+
+
+# Marks put into a ReplyStream instead of a message.
+_LOST = object()
+_OVERFLOW = object()
+
+
 def _payload(msg: msgspec.Struct | bytes) -> bytes:
     return msg if isinstance(msg, bytes | bytearray | memoryview) else encode(msg)
 
@@ -49,20 +58,37 @@ def is_no_responders(msg: Msg) -> bool:
 
 
 class ReplyStream:
-    """Replies to one request, in order, as raw messages."""
+    """Replies to one request, in order, as raw messages.
+
+    Bounded: a caller that stops taking replies (a slow HTTP client) gets SlowConsumer instead
+    of letting this process's memory grow without bound.
+    """
 
     __slots__ = ("_queue", "subject")
 
-    def __init__(self, subject: str) -> None:
+    def __init__(self, subject: str, max_pending: int) -> None:
         self.subject = subject
-        self._queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self._queue: asyncio.Queue[Any] = asyncio.Queue(max_pending + 1)
+
+    def _deliver(self, item: Any) -> None:
+        if self._queue.qsize() >= self._queue.maxsize - 1 and item is not _LOST:
+            item = _OVERFLOW
+        try:
+            self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            pass  # already overflowed; next() reports it
 
     async def next(self, timeout: float) -> Msg:
-        """The next reply; raises BusTimeout after ``timeout`` s and NoResponders if none listen."""
+        """The next reply. Raises BusTimeout after ``timeout`` s, NoResponders if none listen,
+        BusError if the NATS connection was lost, SlowConsumer past the bound."""
         try:
             msg = await asyncio.wait_for(self._queue.get(), timeout)
         except TimeoutError:
             raise BusTimeout(f"no reply on {self.subject} within {timeout:.1f}s") from None
+        if msg is _LOST:
+            raise BusError("connection to NATS lost")
+        if msg is _OVERFLOW:
+            raise SlowConsumer(f"more than {self._queue.maxsize - 1} replies pending on {self.subject}")
         if is_no_responders(msg):
             raise NoResponders(self.subject)
         return msg
@@ -75,8 +101,9 @@ class ReplyInbox:
     dict lookup per reply.
     """
 
-    def __init__(self, nc: NatsClient) -> None:
+    def __init__(self, nc: NatsClient, max_pending: int = 4096) -> None:
         self._nc = nc
+        self._max_pending = max_pending
         self._prefix = nc.new_inbox()
         self._streams: dict[str, ReplyStream] = {}
         self._sub: Any = None
@@ -87,10 +114,15 @@ class ReplyInbox:
     async def _on_msg(self, msg: Msg) -> None:
         stream = self._streams.get(msg.subject[len(self._prefix) + 1 :])
         if stream is not None:
-            stream._queue.put_nowait(msg)
+            stream._deliver(msg)
+
+    def fail_all(self) -> None:
+        """The connection dropped: replies in flight are lost, so wake every waiter now."""
+        for stream in self._streams.values():
+            stream._deliver(_LOST)
 
     def open(self, token: str) -> ReplyStream:
-        stream = ReplyStream(f"{self._prefix}.{token}")
+        stream = ReplyStream(f"{self._prefix}.{token}", self._max_pending)
         self._streams[token] = stream
         return stream
 
@@ -128,8 +160,12 @@ class Bus:
         async def error_cb(e: Exception) -> None:
             log.debug("nats error: %r", e)
 
+        inbox_ref: list[ReplyInbox] = []
+
         async def disconnected_cb() -> None:
             log.warning("disconnected from NATS")
+            for inbox in inbox_ref:
+                inbox.fail_all()  # fail fast rather than wait out every timeout
             if on_disconnect:
                 await on_disconnect()
 
@@ -164,6 +200,7 @@ class Bus:
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 2.0)
         inbox = ReplyInbox(nc)
+        inbox_ref.append(inbox)
         await inbox.start()
         return cls(nc, nc.jetstream(timeout=5.0), inbox)
 

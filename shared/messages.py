@@ -72,6 +72,18 @@ class Cancel(Struct, tag="cancel", kw_only=True):
     reason: str = "cancelled"
 
 
+class StatusRequest(Struct, tag="status_request", kw_only=True):
+    """Liveness probe: does the worker still hold these requests? (No responders = it is dead.)"""
+
+    request_ids: list[str] = field(default_factory=list)
+
+
+class StatusReply(Struct, tag="status_reply", kw_only=True):
+    worker_id: str
+    known: list[str] = field(default_factory=list)
+    draining: bool = False
+
+
 # --- frontend -> router --------------------------------------------------------------------
 
 
@@ -252,6 +264,8 @@ encode = _encoder.encode
 generate_request_decoder = msgspec.msgpack.Decoder(GenerateRequest)
 generate_reply_decoder = msgspec.msgpack.Decoder(GenerateReply)
 cancel_decoder = msgspec.msgpack.Decoder(Cancel)
+status_request_decoder = msgspec.msgpack.Decoder(StatusRequest)
+status_reply_decoder = msgspec.msgpack.Decoder(StatusReply)
 route_request_decoder = msgspec.msgpack.Decoder(RouteRequest)
 route_reply_decoder = msgspec.msgpack.Decoder(RouteReply)
 worker_info_decoder = msgspec.msgpack.Decoder(WorkerInfo)

@@ -44,6 +44,11 @@ def cancel(worker_id: str) -> str:
     return f"{PREFIX}.cancel.{worker_id}"
 
 
+def status(worker_id: str) -> str:
+    """Request/reply liveness probe of one worker (StatusRequest -> StatusReply)."""
+    return f"{PREFIX}.status.{worker_id}"
+
+
 def prefill_done(request_id: str) -> str:
     """Prefill worker -> decode worker notice for one request."""
     return f"{PREFIX}.prefill.done.{request_id}"

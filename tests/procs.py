@@ -89,7 +89,8 @@ class Stack:
 
     def __init__(self, workdir: Path, engine: str, decode_workers: int = 1, prefill_workers: int = 0,
                  planner: bool = False, discovery_ttl: float = 3.0, model: str = "baton-tiny",
-                 extra_decode_args: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+                 extra_decode_args: list[str] | None = None, env: dict[str, str] | None = None,
+                 decode_ids: list[str] | None = None) -> None:
         self.workdir = workdir
         self.engine = engine
         self.model = model
@@ -106,6 +107,7 @@ class Stack:
         self._n_prefill = prefill_workers
         self._planner = planner
         self._extra_decode = extra_decode_args or []
+        self._decode_ids = decode_ids or []
         self._expected_dead: list[ServiceProcess] = []  # killed on purpose by a test
 
     def kill(self, p: ServiceProcess) -> None:
@@ -140,8 +142,8 @@ class Stack:
     def start(self, ready_timeout: float = 90.0) -> Stack:
         self.nats.start()
         self.router = self._proc("router", "router", self.common())
-        for _ in range(self._n_decode):
-            self.add_decode()
+        for i in range(self._n_decode):
+            self.add_decode(["--worker-id", self._decode_ids[i]] if i < len(self._decode_ids) else None)
         for _ in range(self._n_prefill):
             self.add_prefill()
         if self._planner:

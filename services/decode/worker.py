@@ -27,11 +27,13 @@ from shared.messages import (
     GenerateRequest,
     KvEventBatch,
     LoadReport,
+    StatusReply,
     TokenChunk,
     Usage,
     WorkerInfo,
     cancel_decoder,
     generate_request_decoder,
+    status_request_decoder,
 )
 from shared import subjects
 from shared.telemetry import serve_metrics
@@ -95,6 +97,7 @@ class DecodeWorker:
                 await self.engine.wait_ready()
                 await self.bus.subscribe(subjects.generate(self.worker_id), self._on_generate)
                 await self.bus.subscribe(subjects.cancel(self.worker_id), self._on_cancel)
+                await self.bus.subscribe(subjects.status(self.worker_id), self._on_status)
                 self.registration = WorkerRegistration(self.bus, self.info(), self.settings.discovery_ttl)
                 await self.registration.register()
                 tg.start_soon(self.registration.run)
@@ -131,6 +134,15 @@ class DecodeWorker:
         if scope is not None:
             log.debug("cancelling %s: %s", cancel.request_id, cancel.reason)
             scope.cancel()
+
+    async def _on_status(self, msg: Msg) -> None:
+        assert self.bus is not None
+        try:
+            asked = status_request_decoder.decode(msg.data).request_ids
+        except Exception:
+            asked = []
+        known = [rid for rid in asked if rid in self._scopes]
+        await self.bus.respond(msg, StatusReply(worker_id=self.worker_id, known=known, draining=self._draining))
 
     def _validate(self, req: GenerateRequest) -> str | None:
         if req.model and req.model != self.model:

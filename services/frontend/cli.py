@@ -23,6 +23,12 @@ def main(
     max_body_bytes: Annotated[
         int, typer.Option(envvar="BATON_MAX_BODY_BYTES", help="Largest request body accepted (413 beyond).")
     ] = 2 * 1024 * 1024,
+    max_inflight: Annotated[
+        int, typer.Option(envvar="BATON_MAX_INFLIGHT", help="Requests served at once; beyond it, 503 at once.")
+    ] = 2048,
+    max_migrations: Annotated[
+        int, typer.Option(envvar="BATON_MAX_MIGRATIONS", help="Worker failures one request may survive.")
+    ] = 3,
     route_timeout: Annotated[
         float, typer.Option(envvar="BATON_ROUTE_TIMEOUT", help="Seconds to wait for the router.")
     ] = 5.0,
@@ -39,8 +45,10 @@ def main(
 
     settings = FrontendSettings(
         nats_url=nats_url, host=host, port=port, model=model, served_model_name=served_model_name,
-        max_model_len=max_model_len, max_body_bytes=max_body_bytes, discovery_ttl=discovery_ttl,
-        generation=GenerationSettings(route_timeout=route_timeout, first_token_timeout=first_token_timeout),
+        max_model_len=max_model_len, max_body_bytes=max_body_bytes, max_inflight=max_inflight,
+        discovery_ttl=discovery_ttl,
+        generation=GenerationSettings(route_timeout=route_timeout, first_token_timeout=first_token_timeout,
+                                      max_migrations=max_migrations),
     )
     run_service(Frontend(settings), "frontend", log_level)
 

@@ -1,7 +1,11 @@
 """The frontend's side of a generation: ask the router, stream from the chosen worker, detokenize.
 
 Shared by the HTTP API and the NATS request API, so both behave the same: same routing, same
-retries when a worker has vanished, same stop strings, same cancellation when the caller leaves.
+stop strings, same cancellation when the caller leaves, and the same survival when a worker dies
+under a request. If a worker vanishes (no responders) or stops answering (its liveness probe
+fails), the request migrates: it is resubmitted to another worker with the tokens generated so
+far appended to the prompt, so it continues rather than restarts, and the caller sees one
+uninterrupted stream.
 """
 
 from __future__ import annotations
@@ -12,10 +16,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import anyio
+from prometheus_client import Counter
 
 from services.frontend import metrics
 from services.frontend.openai_api import ApiError
-from shared.bus import Bus, BusError, BusTimeout, NoResponders
+from shared import subjects
+from shared.bus import Bus, BusError, BusTimeout, NoResponders, SlowConsumer
 from shared.messages import (
     Cancel,
     GenerateError,
@@ -24,15 +30,18 @@ from shared.messages import (
     RouteError,
     RouteRequest,
     SamplingParams,
+    StatusRequest,
     TokenChunk,
     Usage,
     generate_reply_decoder,
     route_reply_decoder,
+    status_reply_decoder,
 )
-from shared.subjects import ROUTE
 from shared.tokenizer import StopStringMatcher, Tokenizer
 
 log = logging.getLogger("baton.frontend")
+
+MIGRATIONS = Counter("baton_frontend_migrations_total", "Requests moved to another worker mid-flight", ["reason"])
 
 
 @dataclass(slots=True)
@@ -43,6 +52,7 @@ class Delta:
     token_ids: list[int]
     finish_reason: str | None = None
     usage: Usage | None = None
+    worker_id: str = ""
 
 
 @dataclass
@@ -50,7 +60,16 @@ class GenerationSettings:
     route_timeout: float = 5.0
     first_token_timeout: float = 300.0  # prefill of a long prompt on CPU can be slow
     inter_token_timeout: float = 120.0
-    max_route_attempts: int = 3
+    probe_interval: float = 1.0  # silence longer than this: ask the worker if it is alive
+    probe_timeout: float = 1.0
+    max_migrations: int = 3  # worker failures one request may survive
+    max_route_attempts: int = 3  # workers tried before the first token (no responders, full)
+
+
+class _Migrate(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class Generation:
@@ -63,9 +82,12 @@ class Generation:
         self.settings = settings
 
     async def _route(self, request_id: str, token_ids: list[int], exclude: list[str]) -> RouteDecision:
+        if not self.bus.connected:
+            raise ApiError(503, "the message bus is unavailable; retry shortly", type="service_unavailable",
+                           code="bus_unavailable")
         req = RouteRequest(request_id=request_id, model=self.model, token_ids=token_ids, exclude=exclude)
         try:
-            msg = await self.bus.request(ROUTE, req, timeout=self.settings.route_timeout)
+            msg = await self.bus.request(subjects.ROUTE, req, timeout=self.settings.route_timeout)
         except BusError as e:
             raise ApiError(503, f"router unavailable: {e}", type="service_unavailable", code="router_unavailable") from None
         reply = route_reply_decoder.decode(msg.data)
@@ -73,6 +95,15 @@ class Generation:
             kind = "service_unavailable" if reply.code >= 500 else "invalid_request_error"
             raise ApiError(reply.code, reply.message, type=kind, code="no_worker" if reply.code == 503 else None)
         return reply
+
+    async def _alive(self, decision: RouteDecision, request_id: str) -> bool:
+        """Does the worker still hold the request? No responders or silence means no."""
+        try:
+            msg = await self.bus.request(subjects.status(decision.worker_id), StatusRequest(request_ids=[request_id]),
+                                         timeout=self.settings.probe_timeout)
+        except (NoResponders, BusTimeout):
+            return False
+        return request_id in status_reply_decoder.decode(msg.data).known
 
     async def run(
         self,
@@ -84,81 +115,107 @@ class Generation:
     ) -> AsyncIterator[Delta]:
         """Yield text deltas until the request finishes. Cancelling the iterator cancels the request."""
         t0 = time.perf_counter()
+        s = self.settings
         detok = self.tokenizer.detokenizer()
         matcher = StopStringMatcher(stops)
+        generated: list[int] = []  # every token the caller has been given, across workers
+        cached_tokens = 0
         exclude: list[str] = []
-        # With stop strings the worker must stream, so the frontend can stop it early.
+        failures = 0
+        # With stop strings the worker must stream, so the frontend can stop it early. A request
+        # the caller does not stream needs no tokens from a worker that dies: it restarts whole.
         worker_streams = stream or bool(stops)
-        req = GenerateRequest(
-            request_id=request_id, token_ids=token_ids, sampling=sampling, model=self.model, stream=worker_streams
-        )
-        for attempt in range(self.settings.max_route_attempts):
-            decision = await self._route(request_id, token_ids, exclude)
+        while True:
+            remaining = sampling.max_tokens - len(generated)
+            job_sampling = sampling
+            if generated:
+                job_sampling = SamplingParams(
+                    max_tokens=remaining, temperature=sampling.temperature, top_p=sampling.top_p,
+                    top_k=sampling.top_k, seed=sampling.seed, stop_token_ids=sampling.stop_token_ids,
+                    ignore_eos=sampling.ignore_eos, min_tokens=max(0, sampling.min_tokens - len(generated)),
+                )
+            req = GenerateRequest(request_id=request_id, token_ids=token_ids + generated, sampling=job_sampling,
+                                  model=self.model, stream=worker_streams)
+            decision = await self._route(request_id, req.token_ids, exclude)
             inbox = self.bus.inbox.open(request_id)
             finished = False
-            got_any = False
             try:
                 await self.bus.publish(decision.subject, req, reply=inbox.subject)
-                timeout = self.settings.first_token_timeout
+                silent = 0.0
                 while True:
                     try:
-                        msg = await inbox.next(timeout)
+                        msg = await inbox.next(s.probe_interval)
                     except NoResponders:
-                        if got_any:
-                            raise ApiError(503, "worker went away mid-request", type="service_unavailable") from None
-                        log.info("worker %s has no responders; rerouting %s", decision.worker_id, request_id)
-                        exclude.append(decision.worker_id)
-                        finished = True  # nothing to cancel there
-                        break
+                        raise _Migrate("worker gone") from None
                     except BusTimeout:
-                        raise ApiError(
-                            503, f"worker {decision.worker_id} did not answer in time", type="service_unavailable",
-                            code="worker_timeout",
-                        ) from None
+                        silent += s.probe_interval
+                        limit = s.inter_token_timeout if generated else s.first_token_timeout
+                        if not await self._alive(decision, request_id):
+                            raise _Migrate("worker not answering") from None
+                        if silent >= limit:
+                            raise ApiError(504, f"worker {decision.worker_id} sent nothing for {silent:.0f}s",
+                                           type="server_error", code="worker_timeout") from None
+                        continue
+                    except SlowConsumer:
+                        raise ApiError(503, "the client read too slowly; request cancelled", type="server_error",
+                                       code="slow_consumer") from None
+                    except BusError as e:
+                        raise ApiError(503, f"lost the message bus mid-request: {e}", type="service_unavailable",
+                                       code="bus_unavailable") from None
+                    silent = 0.0
                     reply = generate_reply_decoder.decode(msg.data)
                     if isinstance(reply, GenerateError):
+                        if reply.code == 503:  # worker full or draining: try another
+                            finished = True
+                            raise _Migrate("worker busy")
                         finished = True
-                        raise ApiError(reply.code, reply.message, type="invalid_request_error" if reply.code < 500 else "server_error")
+                        raise ApiError(reply.code, reply.message,
+                                       type="invalid_request_error" if reply.code < 500 else "server_error")
                     assert isinstance(reply, TokenChunk)
-                    if not got_any:
-                        got_any = True
+                    if not generated and reply.token_ids:
                         metrics.TTFT.observe(time.perf_counter() - t0)
-                        timeout = self.settings.inter_token_timeout
+                    if reply.usage is not None:
+                        cached_tokens = max(cached_tokens, reply.usage.cached_tokens)
+                    if reply.finish_reason in ("abort", "error"):
+                        finished = True
+                        raise _Migrate(f"worker {reply.finish_reason}")
+                    generated.extend(reply.token_ids)
                     text = detok.add(reply.token_ids) if reply.token_ids else ""
                     if reply.finish_reason is not None:
                         text += detok.flush()
                     text, stopped = matcher.push(text)
+                    usage = Usage(prompt_tokens=len(token_ids), completion_tokens=len(generated),
+                                  cached_tokens=cached_tokens)
                     if stopped:
-                        usage = Usage(
-                            prompt_tokens=len(token_ids),
-                            completion_tokens=reply.index + len(reply.token_ids),
-                            cached_tokens=reply.usage.cached_tokens if reply.usage else 0,
-                        )
                         if reply.finish_reason is None:
                             await self._cancel(decision, request_id, "stop string")
                         finished = True
-                        yield Delta(text, reply.token_ids, "stop", usage)
+                        yield Delta(text, reply.token_ids, "stop", usage, decision.worker_id)
                         return
                     if reply.finish_reason is not None:
                         finished = True
                         text += matcher.flush()
-                        usage = reply.usage or Usage(
-                            prompt_tokens=len(token_ids), completion_tokens=reply.index + len(reply.token_ids)
-                        )
-                        finish = "length" if reply.finish_reason == "length" else "stop"
-                        if reply.finish_reason in ("abort", "error"):
-                            raise ApiError(503, f"request {reply.finish_reason}ed by the worker", type="server_error")
-                        yield Delta(text, reply.token_ids, finish, usage)
+                        yield Delta(text, reply.token_ids, reply.finish_reason, usage, decision.worker_id)
                         return
                     if text or reply.token_ids:
-                        yield Delta(text, reply.token_ids)
+                        yield Delta(text, reply.token_ids, worker_id=decision.worker_id)
+            except _Migrate as m:
+                exclude.append(decision.worker_id)
+                failures += 1
+                budget = s.max_migrations if generated else max(s.max_migrations, s.max_route_attempts)
+                if failures > budget:
+                    raise ApiError(503, f"request failed on {failures} workers ({m.reason})",
+                                   type="service_unavailable", code="no_worker") from None
+                MIGRATIONS.labels(m.reason).inc()
+                log.warning("request %s: %s on %s after %d tokens; migrating", request_id, m.reason,
+                            decision.worker_id, len(generated))
+                if not finished:
+                    await self._cancel(decision, request_id, "migrated")
+                    finished = True
             finally:
                 self.bus.inbox.close(request_id)
                 if not finished:
                     await self._cancel(decision, request_id, "caller left")
-            if attempt + 1 < self.settings.max_route_attempts:
-                continue
-        raise ApiError(503, "no decode worker answered", type="service_unavailable", code="no_worker")
 
     async def _cancel(self, decision: RouteDecision, request_id: str, reason: str) -> None:
         with anyio.move_on_after(1, shield=True):

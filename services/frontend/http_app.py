@@ -61,6 +61,7 @@ class OpenAIApp:
         max_model_len: int,
         ready: Callable[[], dict[str, Any] | None],
         max_body_bytes: int = 2 * 1024 * 1024,
+        max_inflight: int = 2048,
     ) -> None:
         self.generation = generation
         self.tokenizer = generation.tokenizer
@@ -68,6 +69,8 @@ class OpenAIApp:
         self.max_model_len = max_model_len
         self.ready = ready  # returns a status dict when ready, None when not
         self.max_body_bytes = max_body_bytes
+        self.max_inflight = max_inflight
+        self.inflight = 0
         self.created = int(time.time())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -81,12 +84,18 @@ class OpenAIApp:
             if path == "/v1/chat/completions" or path == "/v1/completions":
                 if method != "POST":
                     raise ApiError(405, f"use POST for {path}", code="method_not_allowed")
+                if self.inflight >= self.max_inflight:
+                    # Admission control: answer at once rather than queue past what we can serve.
+                    raise ApiError(503, f"overloaded: {self.inflight} requests in flight; retry shortly",
+                                   type="service_unavailable", code="overloaded")
+                self.inflight += 1
                 metrics.INFLIGHT.inc()
                 t0 = time.perf_counter()
                 try:
                     body = await self._read_body(scope, receive)
                     status = await self._generate(path == "/v1/chat/completions", body, receive, send)
                 finally:
+                    self.inflight -= 1
                     metrics.INFLIGHT.dec()
                     metrics.DURATION.observe(time.perf_counter() - t0)
             elif path == "/v1/models" and method == "GET":
@@ -106,7 +115,7 @@ class OpenAIApp:
                 endpoint = "other"
                 raise ApiError(404, f"no route for {method} {path}", code="not_found")
         except ApiError as e:
-            status = await self._send_json(send, e.status, e.body())
+            status = await self._send_json(send, e.status, e.body(), [*_JSON_HEADERS, *e.headers])
         except ClientGone:
             status = 499
         finally:
@@ -212,23 +221,28 @@ class OpenAIApp:
         started = False
         obj = "chat.completion.chunk" if chat else "text_completion"
 
+        worker = ""
+
         async def start() -> None:
             nonlocal started
             if not started:
                 started = True
                 await send({"type": "http.response.start", "status": 200,
-                            "headers": [*_SSE_HEADERS, (b"x-request-id", rid.encode())]})
+                            "headers": [*_SSE_HEADERS, (b"x-request-id", rid.encode()),
+                                        (b"x-baton-worker", worker.encode())]})
 
         async def event(payload: Any) -> None:
             await send({"type": "http.response.body", "body": b"data: " + _json.encode(payload) + b"\n\n",
                         "more_body": True})
 
         async def pump() -> None:
+            nonlocal worker
             last = time.perf_counter()
             async with aclosing(deltas) as it:
                 first = True
                 async for d in it:
                     if first:
+                        worker = d.worker_id
                         await start()  # errors before the first token still get a proper status
                         if chat:
                             await event(chat_chunk(rid, self.model, created, {"role": "assistant", "content": ""}, None))

@@ -29,6 +29,9 @@ class ApiError(Exception):
         self.type = type
         self.param = param
         self.code = code
+        self.headers: list[tuple[bytes, bytes]] = []
+        if status in (429, 503):
+            self.headers.append((b"retry-after", b"1"))
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

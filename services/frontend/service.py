@@ -35,6 +35,7 @@ class FrontendSettings:
     served_model_name: str | None = None
     max_model_len: int = 0  # 0: from the model's config
     max_body_bytes: int = 2 * 1024 * 1024
+    max_inflight: int = 2048
     discovery_ttl: float = DEFAULT_TTL
     generation: GenerationSettings = field(default_factory=GenerationSettings)
 
@@ -88,7 +89,8 @@ class Frontend:
         try:
             self.view = WorkerView(self.bus, s.discovery_ttl)
             generation = Generation(self.bus, self.tokenizer, self.model, s.generation)
-            app = OpenAIApp(generation, self.model, self.max_model_len, self.ready, s.max_body_bytes)
+            app = OpenAIApp(generation, self.model, self.max_model_len, self.ready, s.max_body_bytes,
+                            s.max_inflight)
             nats_api = NatsApi(self.bus, generation, self.model, self.max_model_len)
             config = uvicorn.Config(
                 app, host=s.host, port=s.port, http=NoDelayHttpToolsProtocol, loop="none", lifespan="off",

@@ -14,7 +14,7 @@ from shared.engines.scheduler import Request
 class SamplerState:
     """Per-request sampling state, kept in ``Request.state`` by the torch engine."""
 
-    __slots__ = ("generator", "min_tokens_ban", "greedy")
+    __slots__ = ("generator", "greedy", "min_tokens_ban")
 
     def __init__(self, req: Request, vocab_size: int, shared: torch.Generator) -> None:
         sp = req.sampling

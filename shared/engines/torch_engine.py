@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import os
+import sys
 import threading
 from collections import deque
 from collections.abc import AsyncIterator
@@ -20,6 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+
+if "torch" not in sys.modules:
+    # OpenMP workers that spin while waiting wreck throughput once the CPU is shared (other
+    # services, other workers); passive waiting costs little. Only effective before torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 from shared.engines.base import Engine, EngineConfig, EngineOutput, EngineStats, OutputQueues
@@ -170,6 +176,7 @@ class TorchEngine(Engine):
 
     def _step_loop(self, stopped: threading.Event) -> None:
         try:
+            torch.set_num_threads(_torch_threads())  # OpenMP settings are per calling thread
             with torch.inference_mode():
                 while not self._stop.is_set():
                     self._step_once()
@@ -266,7 +273,9 @@ class TorchEngine(Engine):
             input_ids.extend(req.token_ids[start:end])
             positions.extend(range(start, end))
             slots.extend([blocks[p // bs] * bs + p % bs for p in range(start, end)])
-            prefills.append((row, n, start, torch.tensor(blocks[: -(-end // bs)], dtype=torch.long, device=device)))
+            prefills.append(
+                (row, n, start, torch.tensor(blocks[: -(-end // bs)], dtype=torch.long, device=device))
+            )
             row += n
             if end == len(req.token_ids):
                 logits_rows.append(row - 1)
@@ -295,7 +304,9 @@ class TorchEngine(Engine):
         self._inbox.append(cmd)
         self._wake.set()
 
-    async def generate(self, request_id: str, token_ids: list[int], sampling: SamplingParams) -> AsyncIterator[EngineOutput]:
+    async def generate(
+        self, request_id: str, token_ids: list[int], sampling: SamplingParams
+    ) -> AsyncIterator[EngineOutput]:
         queue = self._queues.open(request_id)
         finished = False
         try:

@@ -46,7 +46,9 @@ class ModelArgs:
         archs = cfg.get("architectures") or []
         known = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
         if archs and not set(archs) & known:
-            raise ValueError(f"unsupported architecture {archs}; the torch engine runs {', '.join(sorted(known))}")
+            raise ValueError(
+                f"unsupported architecture {archs}; the torch engine runs {', '.join(sorted(known))}"
+            )
         if cfg.get("hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported activation {cfg.get('hidden_act')!r}")
         heads = cfg["num_attention_heads"]
@@ -131,7 +133,9 @@ class StepInputs:
 class LlamaModel:
     """Weights plus a varlen, paged forward pass. Not an nn.Module: nothing here trains."""
 
-    def __init__(self, args: ModelArgs, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, args: ModelArgs, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device
+    ) -> None:
         self.args = args
         self.dtype = dtype
         self.device = device
@@ -175,7 +179,9 @@ class LlamaModel:
 
     def kv_bytes_per_token(self) -> int:
         a = self.args
-        return 2 * a.num_layers * a.num_kv_heads * a.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        return (
+            2 * a.num_layers * a.num_kv_heads * a.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        )
 
     def allocate_kv(self, num_blocks: int, block_size: int) -> None:
         """One [num_blocks, block_size, kv_heads, head_dim] pool per layer for K and for V.
@@ -186,8 +192,25 @@ class LlamaModel:
         a = self.args
         shape = (num_blocks, block_size, a.num_kv_heads, a.head_dim)
         self.block_size = block_size
-        self.k_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(a.num_layers)]
-        self.v_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(a.num_layers)]
+        self._ws_k = self._ws_v = torch.empty((0, *shape[1:]), dtype=self.dtype, device=self.device)
+        self.k_caches = [
+            torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(a.num_layers)
+        ]
+        self.v_caches = [
+            torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(a.num_layers)
+        ]
+
+    def _workspace(self, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reused buffers for gathered K/V blocks.
+
+        A fresh multi-megabyte tensor per layer would be mmapped and page-faulted in every time
+        (glibc returns big frees to the OS); that cost as much as the copy itself.
+        """
+        if self._ws_k.shape[0] < num_blocks:
+            shape = (max(num_blocks, 2 * self._ws_k.shape[0]), *self.k_caches[0].shape[1:])
+            self._ws_k = torch.empty(shape, dtype=self.dtype, device=self.device)
+            self._ws_v = torch.empty(shape, dtype=self.dtype, device=self.device)
+        return self._ws_k[:num_blocks], self._ws_v[:num_blocks]
 
     # --- forward ------------------------------------------------------------------------------
 
@@ -227,7 +250,9 @@ class LlamaModel:
         h = self._rms_norm(h[inp.logits_indices], self.norm)
         return F.linear(h, self.lm_head).float()
 
-    def _attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inp: StepInputs) -> torch.Tensor:
+    def _attention(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inp: StepInputs
+    ) -> torch.Tensor:
         """q [T, H, hd], k/v [T, KVH, hd] -> [T, H, hd]; writes k/v into the pool first."""
         a = self.args
         k_cache, v_cache = self.k_caches[layer], self.v_caches[layer]
@@ -243,16 +268,22 @@ class LlamaModel:
             assert table is not None
             # index_select, not advanced indexing: a block copy instead of a per-element gather (10x on CPU)
             ctx_shape = (n_dec, -1, a.num_kv_heads, a.head_dim)
-            keys = k_cache.index_select(0, table).view(ctx_shape).transpose(1, 2)  # [D, KVH, L, hd]
-            values = v_cache.index_select(0, table).view(ctx_shape).transpose(1, 2)
+            ws_k, ws_v = self._workspace(table.shape[0])
+            keys = (
+                torch.index_select(k_cache, 0, table, out=ws_k).view(ctx_shape).transpose(1, 2)
+            )  # [D, KVH, L, hd]
+            values = torch.index_select(v_cache, 0, table, out=ws_v).view(ctx_shape).transpose(1, 2)
             mask = inp.decode_window_mask if window is not None else inp.decode_mask
             qd = q[:n_dec].view(n_dec, a.num_kv_heads, group, a.head_dim)
             att = F.scaled_dot_product_attention(qd, keys, values, attn_mask=mask)
             out[:n_dec] = att.reshape(n_dec, a.num_heads, a.head_dim)
         for start, n_new, n_cached, blocks in inp.prefills:
             ctx = n_cached + n_new
-            keys = k_cache.index_select(0, blocks).flatten(0, 1)[:ctx].transpose(0, 1)  # [KVH, ctx, hd]
-            values = v_cache.index_select(0, blocks).flatten(0, 1)[:ctx].transpose(0, 1)
+            ws_k, ws_v = self._workspace(blocks.shape[0])
+            keys = (
+                torch.index_select(k_cache, 0, blocks, out=ws_k).flatten(0, 1)[:ctx].transpose(0, 1)
+            )  # [KVH, ctx, hd]
+            values = torch.index_select(v_cache, 0, blocks, out=ws_v).flatten(0, 1)[:ctx].transpose(0, 1)
             qp = q[start : start + n_new].transpose(0, 1)  # [H, n_new, hd]
             if n_cached == 0 and window is None:
                 att = F.scaled_dot_product_attention(qp, keys, values, is_causal=True, enable_gqa=True)

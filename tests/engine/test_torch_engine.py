@@ -78,7 +78,9 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new: int) -> list[l
 
 
 @pytest.fixture(scope="module", params=list(ARCHS))
-def arch_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[list[int]]]:
+def arch_model(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, list[list[int]]]:
     torch.manual_seed(1)
     model = transformers.AutoModelForCausalLM.from_config(ARCHS[request.param]())
     with torch.no_grad():  # init leaves biases 0 and norms 1, which would hide mistakes with them
@@ -124,7 +126,9 @@ class Running:
         await self._tg.__aexit__(None, None, None)
 
 
-async def run_batch(engine: TorchEngine, prompts: list[list[int]], params: SamplingParams, tag: str = "") -> list[list[int]]:
+async def run_batch(
+    engine: TorchEngine, prompts: list[list[int]], params: SamplingParams, tag: str = ""
+) -> list[list[int]]:
     results: dict[int, list[int]] = {}
 
     async def one(i: int) -> None:
@@ -138,7 +142,9 @@ async def run_batch(engine: TorchEngine, prompts: list[list[int]], params: Sampl
 
 
 @pytest.mark.parametrize("prefix_caching", [True, False])
-async def test_greedy_matches_transformers(arch_model: tuple[Path, list[list[int]]], prefix_caching: bool) -> None:
+async def test_greedy_matches_transformers(
+    arch_model: tuple[Path, list[list[int]]], prefix_caching: bool
+) -> None:
     path, expected = arch_model
     async with Running(model=str(path), num_blocks=128, enable_prefix_caching=prefix_caching) as engine:
         alone = [(await collect(engine.generate(f"a{i}", p, greedy())))[0] for i, p in enumerate(PROMPTS)]
@@ -195,7 +201,9 @@ async def test_seeded_sampling_ignores_batch_mates() -> None:
         alone, _ = await collect(engine.generate("alone", prompt, params))
         crowd = await run_batch(engine, [[7, 8, 9], prompt, list(range(50, 90)), prompt], other, "noise")
         mixed = await run_batch(engine, [[5] * 30, prompt, [6] * 9], params, "mixed")
-        reseeded, _ = await collect(engine.generate("reseeded", prompt, msgspec.structs.replace(params, seed=99)))
+        reseeded, _ = await collect(
+            engine.generate("reseeded", prompt, msgspec.structs.replace(params, seed=99))
+        )
     assert mixed[1] == alone
     assert crowd[1] != alone or crowd[3] != alone  # unseeded requests do vary
     assert reseeded != alone

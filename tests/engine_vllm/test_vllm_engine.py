@@ -200,16 +200,16 @@ async def test_kv_events_carry_our_hashes(engine: VllmEngine) -> None:
     # Start from an empty prefix cache, so every block vLLM holds from here on was reported here.
     assert engine._llm is not None
     assert await engine._llm.reset_prefix_cache()
-    _, _, cleared = await drain_until(engine, lambda s, r, c: c)
-    assert cleared  # vLLM's AllBlocksCleared
-
     ids = prompt(13, 100)
     outs = await collect(engine, "kv", ids, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     seq = ids + tokens(outs)
     # vLLM caches a block once its KV is computed: the prompt's full blocks, then those that the
     # generated tokens complete (the last sampled token has no KV yet).
     want = block_hashes(seq[:-1], BLOCK)
-    stored, _, _ = await drain_until(engine, lambda s, r, c: sum(len(k.block_hashes) for k in s) >= len(want))
+    # vLLM queues the reset's AllBlocksCleared and publishes it with its next step's events.
+    stored, _, cleared = await drain_until(
+        engine, lambda s, r, c: c and sum(len(k.block_hashes) for k in s) >= len(want))
+    assert cleared
     flat = [h for k in stored for h in k.block_hashes]
     assert len(want) == 3 and flat == want == block_hashes(seq, BLOCK)[: len(want)]
     # Runs chain: the first starts at the root, each later one on the block before it.
