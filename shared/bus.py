@@ -140,6 +140,7 @@ class Bus:
         self.nc = nc
         self.js = js
         self.inbox = inbox
+        self.reconnects = 0  # bumped on every reconnect
 
     @classmethod
     async def connect(
@@ -161,6 +162,7 @@ class Bus:
             log.debug("nats error: %r", e)
 
         inbox_ref: list[ReplyInbox] = []
+        bus_ref: list[Bus] = []
 
         async def disconnected_cb() -> None:
             log.warning("disconnected from NATS")
@@ -171,6 +173,8 @@ class Bus:
 
         async def reconnected_cb() -> None:
             log.info("reconnected to NATS")
+            for bus in bus_ref:
+                bus.reconnects += 1  # JetStream consumers (KV watches) must be re-created
             if on_reconnect:
                 await on_reconnect()
 
@@ -202,7 +206,9 @@ class Bus:
         inbox = ReplyInbox(nc)
         inbox_ref.append(inbox)
         await inbox.start()
-        return cls(nc, nc.jetstream(timeout=5.0), inbox)
+        bus = cls(nc, nc.jetstream(timeout=5.0), inbox)
+        bus_ref.append(bus)
+        return bus
 
     async def close(self) -> None:
         with anyio.move_on_after(5, shield=True):

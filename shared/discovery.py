@@ -62,9 +62,15 @@ class WorkerRegistration:
         await self._put()
 
     async def _put(self) -> None:
-        assert self._kv is not None
-        with anyio.fail_after(5):
-            await self._kv.put(self.key, encode(self.info))
+        if self._kv is None:
+            self._kv = await workers_bucket(self.bus, self.ttl)
+        try:
+            with anyio.fail_after(5):
+                await self._kv.put(self.key, encode(self.info))
+        except Exception:
+            # The bucket may be gone (a NATS restart loses memory storage): reopen it next time.
+            self._kv = None
+            raise
 
     async def run(self) -> None:
         if self._kv is None:
@@ -108,6 +114,7 @@ class WorkerView:
         while True:
             try:
                 await self._watch()
+                log.info("re-watching discovery after a reconnect")
             except anyio.get_cancelled_exc_class():
                 raise
             except Exception as e:  # the watch consumer died (NATS restart): watch again
@@ -116,13 +123,16 @@ class WorkerView:
 
     async def _watch(self) -> None:
         kv = await workers_bucket(self.bus, self.ttl)
+        seen_reconnects = self.bus.reconnects
         watcher = await kv.watchall()
         try:
             while True:
                 try:
-                    entry = await watcher.updates(timeout=self.ttl / 2)
+                    entry = await watcher.updates(timeout=min(1.0, self.ttl / 2))
                 except nats.errors.TimeoutError:
                     self._expire()
+                    if self.bus.reconnects != seen_reconnects:
+                        return  # the server restarted: its consumer may be gone, so watch anew
                     continue
                 if entry is None:  # initial values delivered
                     self.synced.set()

@@ -90,14 +90,18 @@ class Stack:
     def __init__(self, workdir: Path, engine: str, decode_workers: int = 1, prefill_workers: int = 0,
                  planner: bool = False, discovery_ttl: float = 3.0, model: str = "baton-tiny",
                  extra_decode_args: list[str] | None = None, env: dict[str, str] | None = None,
-                 decode_ids: list[str] | None = None) -> None:
+                 decode_ids: list[str] | None = None, routers: int = 1, frontends: int = 1) -> None:
         self.workdir = workdir
         self.engine = engine
         self.model = model
         self.ttl = discovery_ttl
         self.env = env or {}
         self.nats = EmbeddedNats(data_dir=workdir / "nats", log_file=workdir / "logs" / "nats.log")
-        self.port = free_port()
+        self.ports = [free_port() for _ in range(frontends)]
+        self.port = self.ports[0]
+        self.routers: list[ServiceProcess] = []
+        self.frontends: list[ServiceProcess] = []
+        self._n_routers = routers
         self.procs: list[ServiceProcess] = []
         self.decoders: list[ServiceProcess] = []
         self.prefillers: list[ServiceProcess] = []
@@ -108,6 +112,7 @@ class Stack:
         self._planner = planner
         self._extra_decode = extra_decode_args or []
         self._decode_ids = decode_ids or []
+        self.frontend_extra: list[str] = []
         self._expected_dead: list[ServiceProcess] = []  # killed on purpose by a test
 
     def kill(self, p: ServiceProcess) -> None:
@@ -141,21 +146,26 @@ class Stack:
 
     def start(self, ready_timeout: float = 90.0) -> Stack:
         self.nats.start()
-        self.router = self._proc("router", "router", self.common())
+        self.routers = [self._proc("router", f"router-{i}", self.common()) for i in range(self._n_routers)]
+        self.router = self.routers[0]
         for i in range(self._n_decode):
             self.add_decode(["--worker-id", self._decode_ids[i]] if i < len(self._decode_ids) else None)
         for _ in range(self._n_prefill):
             self.add_prefill()
         if self._planner:
             self._proc("planner", "planner", [*self.common(), "--interval", "0.5"])
-        self.frontend = self._proc("frontend", "frontend", [*self.common(), "--model", self.model, "--host",
-                                                            "127.0.0.1", "--port", str(self.port)])
+        self.frontends = [
+            self._proc("frontend", f"frontend-{i}", [*self.common(), "--model", self.model, "--host", "127.0.0.1",
+                                                      "--port", str(port), *self.frontend_extra])
+            for i, port in enumerate(self.ports)
+        ]
+        self.frontend = self.frontends[0]
         self.wait_ready(self._n_decode, ready_timeout)
         return self
 
-    def health(self) -> dict:
+    def health(self, port: int | None = None) -> dict:
         try:
-            r = httpx.get(f"{self.url}/health", timeout=2)
+            r = httpx.get(f"http://127.0.0.1:{port or self.port}/health", timeout=2)
             return r.json() if r.status_code == 200 else {}
         except (httpx.HTTPError, ValueError):
             return {}
@@ -165,7 +175,7 @@ class Stack:
             for p in self.procs:
                 if not p.alive() and p not in self._expected_dead:
                     raise RuntimeError(f"{p.log_path.name} exited early:\n{p.log()[-3000:]}")
-            return self.health().get("decode_workers") == decode_workers
+            return all(self.health(port).get("decode_workers") == decode_workers for port in self.ports)
 
         wait_until(ok, timeout, 0.1, f"{decode_workers} decode workers ready")
 

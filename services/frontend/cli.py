@@ -26,6 +26,9 @@ def main(
     max_inflight: Annotated[
         int, typer.Option(envvar="BATON_MAX_INFLIGHT", help="Requests served at once; beyond it, 503 at once.")
     ] = 2048,
+    header_timeout: Annotated[
+        float, typer.Option(envvar="BATON_HEADER_TIMEOUT", help="Seconds a client has to send a request's headers.")
+    ] = 30.0,
     max_migrations: Annotated[
         int, typer.Option(envvar="BATON_MAX_MIGRATIONS", help="Worker failures one request may survive.")
     ] = 3,
@@ -46,7 +49,7 @@ def main(
     settings = FrontendSettings(
         nats_url=nats_url, host=host, port=port, model=model, served_model_name=served_model_name,
         max_model_len=max_model_len, max_body_bytes=max_body_bytes, max_inflight=max_inflight,
-        discovery_ttl=discovery_ttl,
+        header_timeout=header_timeout, discovery_ttl=discovery_ttl,
         generation=GenerationSettings(route_timeout=route_timeout, first_token_timeout=first_token_timeout,
                                       max_migrations=max_migrations),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import socket
@@ -36,13 +37,23 @@ class FrontendSettings:
     max_model_len: int = 0  # 0: from the model's config
     max_body_bytes: int = 2 * 1024 * 1024
     max_inflight: int = 2048
+    header_timeout: float = 30.0
     discovery_ttl: float = DEFAULT_TTL
     generation: GenerationSettings = field(default_factory=GenerationSettings)
 
 
-class NoDelayHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with TCP_NODELAY: without it, Nagle plus delayed ACK add
-    ~40 ms to small streamed writes on keep-alive connections."""
+class BatonHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with two additions.
+
+    - TCP_NODELAY: without it, Nagle plus delayed ACK add ~40 ms to small streamed writes on
+      keep-alive connections.
+    - A request-header deadline: a client must finish sending a request's headers within
+      ``header_timeout`` seconds of connecting (or of starting the next request), else the
+      connection is closed. Idle sockets and slowloris clients cannot pin connections forever.
+    """
+
+    header_timeout: float = 30.0
+    _header_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         sock = transport.get_extra_info("socket")
@@ -52,6 +63,44 @@ class NoDelayHttpToolsProtocol(HttpToolsProtocol):
             except OSError:
                 pass
         super().connection_made(transport)
+        self._arm_header_timer()
+
+    def _arm_header_timer(self) -> None:
+        self._disarm_header_timer()
+        self._header_timer = self.loop.call_later(self.header_timeout, self._header_deadline)
+
+    def _disarm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_deadline(self) -> None:
+        self._header_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._header_timer is None:
+            self._arm_header_timer()
+
+    def on_headers_complete(self) -> None:
+        self._disarm_header_timer()
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # Keep-alive: the next request's headers get the same deadline, counted from now.
+        if not self.transport.is_closing():
+            self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_header_timer()
+        super().connection_lost(exc)
+
+
+def protocol_with(header_timeout: float) -> type[BatonHttpProtocol]:
+    return type("BatonHttpProtocolConfigured", (BatonHttpProtocol,), {"header_timeout": header_timeout})
 
 
 class _Server(uvicorn.Server):
@@ -93,7 +142,7 @@ class Frontend:
                             s.max_inflight)
             nats_api = NatsApi(self.bus, generation, self.model, self.max_model_len)
             config = uvicorn.Config(
-                app, host=s.host, port=s.port, http=NoDelayHttpToolsProtocol, loop="none", lifespan="off",
+                app, host=s.host, port=s.port, http=protocol_with(s.header_timeout), loop="none", lifespan="off",
                 access_log=False, log_level="warning", timeout_keep_alive=30, backlog=4096,
                 timeout_graceful_shutdown=30,
             )

@@ -13,9 +13,24 @@ from shared.discovery import DEFAULT_TTL
 def main(
     nats_url: NatsUrl = DEFAULT_NATS_URL,
     mode: Annotated[
-        str, typer.Option("--mode", envvar="BATON_ROUTER_MODE", help="Routing policy: round-robin or random.")
+        str, typer.Option("--mode", envvar="BATON_ROUTER_MODE",
+                          help="Routing policy: kv, kv-approx (no KV events needed), round-robin or random.")
     ] = "round-robin",
-    seed: Annotated[int | None, typer.Option(envvar="BATON_ROUTER_SEED", help="Seed for the random policy.")] = None,
+    seed: Annotated[int | None, typer.Option(envvar="BATON_ROUTER_SEED", help="Seed for random choices.")] = None,
+    overlap_weight: Annotated[float, typer.Option(
+        envvar="BATON_ROUTER_OVERLAP_WEIGHT",
+        help="kv: weight of blocks to prefill against blocks in use in a worker's cost.")] = 1.0,
+    temperature: Annotated[float, typer.Option(
+        envvar="BATON_ROUTER_TEMPERATURE", help="kv: 0 picks the cheapest worker; > 0 samples (softmax).")] = 0.0,
+    prediction_ttl: Annotated[float, typer.Option(
+        envvar="BATON_ROUTER_PREDICTION_TTL",
+        help="kv: seconds a routed prompt counts as cached on its worker before events say so "
+             "(0: 10 s for kv, 120 s for kv-approx).")] = 0.0,
+    snapshot_interval: Annotated[float, typer.Option(
+        envvar="BATON_ROUTER_SNAPSHOT_INTERVAL", help="kv: seconds between index snapshots (0: none).")] = 30.0,
+    catchup_timeout: Annotated[float, typer.Option(
+        envvar="BATON_ROUTER_CATCHUP_TIMEOUT",
+        help="kv: at start, wait this long at most for the KV events replay before routing.")] = 20.0,
     discovery_ttl: DiscoveryTtl = DEFAULT_TTL,
     metrics_port: MetricsPort = 0,
     log_level: LogLevel = "info",
@@ -30,7 +45,9 @@ def main(
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--mode") from None
     settings = RouterSettings(nats_url=nats_url, mode=mode, discovery_ttl=discovery_ttl, metrics_port=metrics_port,
-                              seed=seed)
+                              seed=seed, overlap_weight=overlap_weight, temperature=temperature,
+                              prediction_ttl=prediction_ttl, snapshot_interval=snapshot_interval,
+                              catchup_timeout=catchup_timeout)
     run_service(Router(settings), "router", log_level)
 
 

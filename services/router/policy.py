@@ -1,16 +1,20 @@
 """Routing policies: given a request and the live workers, ``choose_worker``.
 
-Round-robin and random live here; the KV-aware policy plugs into the same interface.
+Round-robin and random live here; the KV-aware policies (``kv``, ``kv-approx``) are in
+:mod:`services.router.kv_policy` and plug into the same interface.
 """
 
 from __future__ import annotations
 
 import random
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from shared.messages import RouteRequest, WorkerInfo
 
-ROUTER_MODES = ("round-robin", "random")
+if TYPE_CHECKING:
+    from services.router.kv_policy import KvRouterConfig
+
+ROUTER_MODES = ("kv", "kv-approx", "round-robin", "random")
 
 
 class RoutingPolicy(Protocol):
@@ -45,9 +49,18 @@ class RandomChoice:
         return self._rng.choice(workers), 0
 
 
-def make_policy(mode: str, seed: int | None = None) -> RoutingPolicy:
+def make_policy(mode: str, seed: int | None = None, kv_config: KvRouterConfig | None = None) -> RoutingPolicy:
     if mode == "round-robin":
         return RoundRobin()
     if mode == "random":
         return RandomChoice(seed)
+    if mode in ("kv", "kv-approx"):
+        from dataclasses import replace
+
+        from services.router.kv_policy import KvRouter, KvRouterConfig
+
+        config = replace(kv_config or KvRouterConfig(), use_kv_events=mode == "kv")
+        if seed is not None:
+            config.seed = seed
+        return KvRouter(config)
     raise ValueError(f"unknown router mode {mode!r}; choose one of {', '.join(ROUTER_MODES)}")

@@ -100,6 +100,7 @@ class TorchEngine(Engine):
         self._lock = threading.Lock()
         self._ready = asyncio.Event()
         self._load_error: BaseException | None = None
+        self._sliding_window: int | None = None
 
     # --- loading ------------------------------------------------------------------------------
 
@@ -124,6 +125,10 @@ class TorchEngine(Engine):
             vocab_size=args.vocab_size,
             kv_events=self.kv_events,
         )
+        windows = {w for w in args.sliding_windows if w is not None}
+        if len(windows) > 1:
+            raise NotImplementedError("layers with different sliding windows")
+        self._sliding_window = windows.pop() if windows else None
         self.model = model
         log.info(
             "torch engine: %s, %d KV blocks of %d tokens (%.0f MiB), %d threads",
@@ -261,7 +266,7 @@ class TorchEngine(Engine):
             ctx = torch.tensor(positions, dtype=torch.long, device=device)[:, None]
             key_pos = torch.arange(max_blocks * bs, device=device)[None, :]
             mask = (key_pos <= ctx)[:, None, None, :]
-            window = self._decode_window()
+            window = self._sliding_window
             if window is not None:
                 window_mask = ((key_pos <= ctx) & (ctx - key_pos < window))[:, None, None, :]
         prefills: list[tuple[int, int, int, torch.Tensor]] = []
@@ -290,13 +295,6 @@ class TorchEngine(Engine):
             decode_window_mask=window_mask,
             prefills=prefills,
         )
-
-    def _decode_window(self) -> int | None:
-        assert self.model is not None
-        windows = {w for w in self.model.args.sliding_windows if w is not None}
-        if len(windows) > 1:
-            raise NotImplementedError("layers with different sliding windows")
-        return windows.pop() if windows else None
 
     # --- Engine interface ---------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,12 +194,8 @@ class LlamaModel:
         shape = (num_blocks, block_size, a.num_kv_heads, a.head_dim)
         self.block_size = block_size
         self._ws_k = self._ws_v = torch.empty((0, *shape[1:]), dtype=self.dtype, device=self.device)
-        self.k_caches = [
-            torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(a.num_layers)
-        ]
-        self.v_caches = [
-            torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(a.num_layers)
-        ]
+        self.k_caches = [_zeros(shape, self.dtype, self.device) for _ in range(a.num_layers)]
+        self.v_caches = [_zeros(shape, self.dtype, self.device) for _ in range(a.num_layers)]
 
     def _workspace(self, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Reused buffers for gathered K/V blocks.
@@ -292,6 +289,18 @@ class LlamaModel:
                 att = F.scaled_dot_product_attention(qp, keys, values, attn_mask=mask, enable_gqa=True)
             out[start : start + n_new] = att.transpose(0, 1)
         return out
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed tensor; on CPU backed by anonymous mmap, so memory is committed only as blocks get used.
+
+    A generous default pool then costs nothing until traffic fills it.
+    """
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    count = math.prod(shape)
+    buf = mmap.mmap(-1, max(count * torch.empty((), dtype=dtype).element_size(), 1))  # zero pages, lazily
+    return torch.frombuffer(buf, dtype=dtype, count=count).view(shape)
 
 
 def chunk_mask(n_cached: int, n_new: int, window: int | None, device: torch.device) -> torch.Tensor:

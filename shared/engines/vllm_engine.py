@@ -25,6 +25,7 @@ What is bridged and how:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import shutil
@@ -316,16 +317,17 @@ class VllmEngine(Engine):
         kwargs.update(self._engine_args)
         return AsyncEngineArgs(**kwargs)
 
-    def _build(self, kv_endpoint: str | None) -> AsyncLLM:
+    def _build(self, kv_endpoint: str | None) -> None:
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        return AsyncLLM.from_engine_args(self._engine_args_obj(kv_endpoint),
-                                         stat_loggers=[_stat_logger_factory(self._stats)])
+        # Kept on self, not returned: a cancel during the build discards a thread's return value.
+        self._llm = AsyncLLM.from_engine_args(self._engine_args_obj(kv_endpoint),
+                                              stat_loggers=[_stat_logger_factory(self._stats)])
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
-        kv_endpoint = None
         try:
+            kv_endpoint = None
             if self.config.enable_prefix_caching:
                 self._kv_dir = tempfile.mkdtemp(prefix="baton-vllm-")
                 kv_endpoint = f"ipc://{self._kv_dir}/kv-events"
@@ -333,15 +335,17 @@ class VllmEngine(Engine):
                 self._kv_bridge.start()
             # Building blocks ~20 s (spawns EngineCore, loads weights, sizes the KV pool): do it on
             # a thread so the worker's loop keeps serving. AsyncLLM binds to our loop lazily, on
-            # its first request. Not cancellable midway; a cancel lands right after, in the try.
-            llm = await anyio.to_thread.run_sync(self._build, kv_endpoint)
-        except BaseException as e:
-            self._startup_error = e
-            self._ready.set()
-            self._close_kv()
-            raise
-        self._llm = llm
-        try:
+            # its first request. A cancel waits for the build to end, so the finally below can shut
+            # it down (else vLLM's processes would outlive us).
+            build = self._loop.run_in_executor(None, self._build, kv_endpoint)
+            try:
+                await asyncio.shield(build)
+            except asyncio.CancelledError:
+                with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                    await build
+                raise
+            llm = self._llm
+            assert llm is not None
             cache = llm.vllm_config.cache_config
             if cache.block_size != self.block_size:
                 raise RuntimeError(f"vLLM chose block size {cache.block_size}, expected {self.block_size}")
@@ -350,12 +354,28 @@ class VllmEngine(Engine):
             log.info("vLLM %s ready: %d KV blocks of %d tokens, max_model_len %d",
                      self.model_name, self._num_blocks, self.block_size, self.max_model_len)
             self._ready.set()
-            await anyio.sleep_forever()
+            # vLLM's EngineCore lives in another process: if it dies, fail run() so the worker
+            # stops (and deregisters) instead of advertising an engine that can't serve. vLLM's
+            # monitor thread flips ``errored``; there is no event to wait on, so poll.
+            while not llm.errored:  # noqa: ASYNC110
+                await anyio.sleep(1.0)
+            raise RuntimeError("the vLLM engine core died; see vLLM's log above")
+        except BaseException as e:
+            if not self._ready.is_set():
+                self._startup_error = e
+            raise
         finally:
-            self._llm = None
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(llm.shutdown)
-            del llm  # let AsyncLLM.__del__ run now, while vLLM's modules are still loaded
+            self._ready.set()  # wake wait_ready() callers: they see the error or a stopped engine
+            llm, self._llm = self._llm, None
+            if llm is not None:
+                # Stop AsyncLLM's output task first: left running, it logs the EngineCore's exit
+                # below as an engine failure.
+                handler = getattr(llm, "output_handler", None)
+                if handler is not None:
+                    handler.cancel()
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(llm.shutdown)
+                del llm  # let AsyncLLM.__del__ run now, while vLLM's modules are still loaded
             self._close_kv()
 
     def _close_kv(self) -> None:
@@ -370,6 +390,8 @@ class VllmEngine(Engine):
         await self._ready.wait()
         if self._startup_error is not None:
             raise RuntimeError(f"vLLM engine failed to start: {self._startup_error!r}") from self._startup_error
+        if self._llm is None:
+            raise RuntimeError("the vLLM engine has stopped")
 
     # --- requests --------------------------------------------------------------------------
 
@@ -395,8 +417,7 @@ class VllmEngine(Engine):
 
         await self.wait_ready()
         llm = self._llm
-        if llm is None:
-            raise RuntimeError("the vLLM engine has stopped")
+        assert llm is not None  # wait_ready() raised otherwise
         if request_id in self._active:
             raise ValueError(f"duplicate request id {request_id!r}")
         n_prompt = len(token_ids)

@@ -1,0 +1,291 @@
+"""KV-aware routing: send each request where its prefix is cached, unless that worker is too busy.
+
+For each candidate worker the cost is, in KV blocks,
+
+    cost = overlap_weight * prefill_blocks + active_blocks
+    prefill_blocks = (prompt tokens not cached there + prefill tokens queued there) / block_size
+    active_blocks  = KV blocks in use there (running requests)
+
+from the index (:mod:`services.router.kv_index`) and the workers' LoadReports. The cheapest worker
+wins (``temperature`` 0; ties go to the one with fewest requests, then at random), or one is
+sampled with probability ``softmax(-normalised cost / temperature)``.
+
+Between reports the router adds what it has just sent to each worker (``pending``: prompt tokens
+to prefill, blocks, requests) and predicts that the chosen worker will cache the request's blocks
+(:class:`PredictedBlocks`, with a TTL). Without this a burst of requests sharing a new prefix
+would all see "nobody has it" and spread, and a run of cache misses would pile onto the worker
+that looked idle at the last report. A report received ``PENDING_MARGIN_S`` after a decision has
+it counted already, so pending entries older than that are dropped when one arrives.
+
+``kv-approx`` mode is the same policy fed by predictions only (for engines without KV events):
+every routed request refreshes its blocks on the chosen worker, and they are forgotten after a TTL.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import repeat
+
+from services.router.kv_index import KvBlockIndex, WorkerSlots, depths_by_slot, prefix_depths
+from shared.kv_hash import block_hashes
+from shared.messages import LoadReport, RouteRequest, WorkerInfo
+
+PENDING_MARGIN_S = 0.15  # a report received this long after a decision reflects it
+PENDING_MAX_AGE_S = 5.0  # no report for this long: forget pending work anyway (worker silent or gone)
+
+
+@dataclass
+class KvRouterConfig:
+    overlap_weight: float = 1.0  # weight of blocks to prefill against blocks in use
+    temperature: float = 0.0  # 0: argmin; > 0: softmax sampling over normalised costs
+    use_kv_events: bool = True  # False: kv-approx (predictions only)
+    prediction_ttl: float = 0.0  # seconds; 0: 10 s with events, 120 s without
+    max_predicted_blocks: int = 1 << 22
+    max_blocks_per_worker: int = 1 << 21
+    max_indexed_blocks: int = 1 << 25
+    seed: int | None = None
+
+    def effective_ttl(self) -> float:
+        if self.prediction_ttl > 0:
+            return self.prediction_ttl
+        return 10.0 if self.use_kv_events else 120.0
+
+
+class PredictedBlocks:
+    """Blocks each worker should hold soon because the router sent them there, for about ``ttl`` s.
+
+    Two generations of ``hash -> worker bitmask``: additions go to the current one, which becomes
+    the previous one every ``ttl/2``; the previous one is dropped whole. An entry therefore lives
+    between ttl/2 and ttl after its last refresh, and expiry costs nothing per block.
+    """
+
+    def __init__(self, ttl: float, max_blocks: int = 1 << 22) -> None:
+        self.ttl = ttl
+        self.max_blocks = max_blocks
+        self.current: dict[int, int] = {}
+        self.previous: dict[int, int] = {}
+        self._rotated_at: float | None = None  # set on first use, on the caller's clock
+
+    def maps(self, now: float) -> tuple[dict[int, int], dict[int, int]]:
+        self._rotate(now)
+        return self.current, self.previous
+
+    def add(self, bit: int, hashes: Sequence[int], now: float) -> None:
+        self._rotate(now)
+        cur = self.current
+        if cur.keys().isdisjoint(hashes):
+            cur.update(zip(hashes, repeat(bit)))
+        else:
+            cur.update(zip(hashes, map(bit.__or__, map(cur.get, hashes, repeat(0))), strict=False))
+        if len(cur) > self.max_blocks // 2:  # bound memory under a flood: age out early
+            self.previous, self.current, self._rotated_at = cur, {}, now
+
+    def __len__(self) -> int:
+        return len(self.current) + len(self.previous)
+
+    def _rotate(self, now: float) -> None:
+        if self._rotated_at is None:
+            self._rotated_at = now
+        age = now - self._rotated_at
+        if age >= self.ttl / 2:
+            self.previous = {} if age >= self.ttl else self.current
+            self.current = {}
+            self._rotated_at = now
+
+
+class WorkerLoad:
+    """The last LoadReport of one worker plus what this router sent it since."""
+
+    __slots__ = ("active_blocks", "kv_blocks_total", "pending", "pending_blocks", "pending_prefill_tokens",
+                 "pending_requests", "prefill_tokens_queued", "reported_at", "requests")
+
+    def __init__(self) -> None:
+        self.active_blocks = 0
+        self.prefill_tokens_queued = 0
+        self.requests = 0  # running + waiting, as reported
+        self.kv_blocks_total = 0
+        self.reported_at = 0.0
+        self.pending: deque[tuple[float, int, int]] = deque()  # (sent at, prefill tokens, blocks)
+        self.pending_prefill_tokens = 0
+        self.pending_blocks = 0
+        self.pending_requests = 0
+
+    def on_report(self, report: LoadReport, now: float) -> None:
+        self.active_blocks = report.kv_blocks_used
+        self.prefill_tokens_queued = report.prefill_tokens_queued
+        self.requests = report.running + report.waiting
+        self.kv_blocks_total = report.kv_blocks_total
+        self.reported_at = now
+        self.expire_pending(now - PENDING_MARGIN_S)
+
+    def add_pending(self, now: float, prefill_tokens: int, blocks: int) -> None:
+        if self.pending and self.pending[0][0] < now - PENDING_MAX_AGE_S:
+            self.expire_pending(now - PENDING_MAX_AGE_S)
+        self.pending.append((now, prefill_tokens, blocks))
+        self.pending_prefill_tokens += prefill_tokens
+        self.pending_blocks += blocks
+        self.pending_requests += 1
+
+    def expire_pending(self, before: float) -> None:
+        p = self.pending
+        while p and p[0][0] <= before:
+            _, tokens, blocks = p.popleft()
+            self.pending_prefill_tokens -= tokens
+            self.pending_blocks -= blocks
+            self.pending_requests -= 1
+
+
+class KvRouter:
+    """The ``kv`` / ``kv-approx`` routing policy (implements :class:`~services.router.policy.RoutingPolicy`)."""
+
+    def __init__(self, config: KvRouterConfig | None = None) -> None:
+        self.config = config or KvRouterConfig()
+        self.name = "kv" if self.config.use_kv_events else "kv-approx"
+        self.slots = WorkerSlots()
+        self.index = KvBlockIndex(self.slots, self.config.max_blocks_per_worker, self.config.max_indexed_blocks)
+        self.predicted = PredictedBlocks(self.config.effective_ttl(), self.config.max_predicted_blocks)
+        self.loads: dict[str, WorkerLoad] = {}
+        self._rng = random.Random(self.config.seed)
+        self._retired: deque[tuple[float, str]] = deque()  # forgotten workers whose slot waits out the TTL
+
+    # --- inputs ----------------------------------------------------------------------------
+
+    def on_load(self, report: LoadReport, now: float | None = None) -> None:
+        load = self.loads.get(report.worker_id)
+        if load is None:
+            load = self.loads[report.worker_id] = WorkerLoad()
+        load.on_report(report, time.monotonic() if now is None else now)
+
+    def forget_worker(self, worker_id: str, now: float | None = None) -> None:
+        """Drop everything about a worker that left discovery."""
+        now = time.monotonic() if now is None else now
+        self.index.drop_worker(worker_id, release_slot=False)
+        self.loads.pop(worker_id, None)
+        if self.slots.get(worker_id) is not None:
+            self._retired.append((now, worker_id))
+        self._release_retired(now)
+
+    def maintain(self, now: float | None = None) -> None:
+        """Periodic upkeep: free the slots of workers forgotten more than a prediction TTL ago."""
+        self._release_retired(time.monotonic() if now is None else now)
+
+    def _release_retired(self, now: float) -> None:
+        # Predictions may still carry a forgotten worker's bit until they age out; only then is
+        # its slot safe to hand to another worker.
+        while self._retired and self._retired[0][0] <= now - self.predicted.ttl:
+            _, worker_id = self._retired.popleft()
+            if worker_id not in self.index and worker_id not in self.loads:
+                self.slots.release(worker_id)
+
+    # --- the decision ----------------------------------------------------------------------
+
+    def request_hashes(self, request: RouteRequest, block_size: int) -> list[int]:
+        """The prompt's block hashes for ``block_size``: the frontend's, if it sent them for that size."""
+        sent = getattr(request, "block_hashes", None)
+        if sent and getattr(request, "block_size", 0) == block_size:
+            return sent
+        return block_hashes(request.token_ids, block_size)
+
+    def overlaps(self, hashes: Sequence[int], now: float) -> dict[int, int]:
+        """``{slot: cached prefix blocks}``: confirmed (events) union predicted blocks."""
+        cur, prev = self.predicted.maps(now)
+        if self.config.use_kv_events:
+            return depths_by_slot(prefix_depths(hashes, (self.index.holders, cur, prev)))
+        return depths_by_slot(prefix_depths(hashes, (cur, prev)))
+
+    def choose_worker(self, request: RouteRequest, workers: list[WorkerInfo]) -> tuple[WorkerInfo, int]:
+        now = time.monotonic()
+        worker, overlap, hashes = self.decide(request, workers, now)
+        self.record(worker, hashes, overlap, len(request.token_ids), now)
+        return worker, overlap
+
+    def decide(
+        self, request: RouteRequest, workers: list[WorkerInfo], now: float
+    ) -> tuple[WorkerInfo, int, list[int]]:
+        """Pick a worker; returns it, its predicted cached blocks and the hashes for its block size."""
+        block_size = workers[0].block_size
+        if any(w.block_size != block_size for w in workers):
+            return self._decide_mixed(request, workers, now)
+        hashes = self.request_hashes(request, block_size)
+        depths = self.overlaps(hashes, now)
+        costs = self._costs(workers, depths, len(request.token_ids))
+        i = self._pick(costs, workers)
+        w = workers[i]
+        slot = self.slots.get(w.worker_id)
+        return w, depths.get(slot, 0) if slot is not None else 0, hashes
+
+    def _costs(self, workers: list[WorkerInfo], depths: dict[int, int], num_tokens: int) -> list[float]:
+        ow = self.config.overlap_weight
+        slot_of = self.slots.mapping
+        loads = self.loads
+        idle = _IDLE
+        costs: list[float] = []
+        append = costs.append
+        for w in workers:
+            bs = w.block_size
+            overlap = depths.get(slot_of.get(w.worker_id, -1), 0) if depths else 0
+            ld = loads.get(w.worker_id, idle)
+            to_prefill = num_tokens - overlap * bs
+            if to_prefill < 1:
+                to_prefill = 1  # the engine always computes at least the last token
+            append(ow * (to_prefill + ld.prefill_tokens_queued + ld.pending_prefill_tokens) / bs
+                   + ld.active_blocks + ld.pending_blocks)
+        return costs
+
+    def _pick(self, costs: list[float], workers: list[WorkerInfo]) -> int:
+        temperature = self.config.temperature
+        best = min(costs)
+        if temperature > 0 and len(costs) > 1:
+            spread = max(costs) - best
+            if spread > 0:
+                weights = [math.exp(-(c - best) / spread / temperature) for c in costs]
+                return self._rng.choices(range(len(costs)), weights)[0]
+        ties = [i for i, c in enumerate(costs) if c <= best]
+        if len(ties) == 1:
+            return ties[0]
+        # Equal cost (e.g. all idle, nothing cached): fewest requests, then at random, so equal
+        # workers share the load instead of the first in the list taking it all.
+        loads, idle = self.loads, _IDLE
+        reqs = [loads.get(workers[i].worker_id, idle) for i in ties]
+        counts = [ld.requests + ld.pending_requests for ld in reqs]
+        fewest = min(counts)
+        ties = [i for i, n in zip(ties, counts, strict=True) if n == fewest]
+        return ties[0] if len(ties) == 1 else self._rng.choice(ties)
+
+    def _decide_mixed(
+        self, request: RouteRequest, workers: list[WorkerInfo], now: float
+    ) -> tuple[WorkerInfo, int, list[int]]:
+        # Workers with different block sizes hash differently: one walk per block size.
+        by_size: dict[int, tuple[list[int], dict[int, int]]] = {}
+        costs: list[float] = []
+        for w in workers:
+            if w.block_size not in by_size:
+                hashes = self.request_hashes(request, w.block_size)
+                by_size[w.block_size] = (hashes, self.overlaps(hashes, now))
+            costs.extend(self._costs([w], by_size[w.block_size][1], len(request.token_ids)))
+        w = workers[self._pick(costs, workers)]
+        hashes, depths = by_size[w.block_size]
+        slot = self.slots.get(w.worker_id)
+        return w, depths.get(slot, 0) if slot is not None else 0, hashes
+
+    def record(self, worker: WorkerInfo, hashes: list[int], overlap: int, num_tokens: int, now: float) -> None:
+        """Count the request against ``worker`` until its events and load report catch up."""
+        bit = 1 << self.slots.slot(worker.worker_id)
+        # With events, blocks already cached are confirmed; predict the rest. Without, refresh all
+        # (a prefix in use stays in an LRU cache).
+        new = hashes[overlap:] if self.config.use_kv_events else hashes
+        if new:
+            self.predicted.add(bit, new, now)
+        load = self.loads.get(worker.worker_id)
+        if load is None:
+            load = self.loads[worker.worker_id] = WorkerLoad()
+        bs = worker.block_size
+        load.add_pending(now, max(1, num_tokens - overlap * bs), -(-num_tokens // bs))
+
+
+_IDLE = WorkerLoad()  # stands for a worker with no report yet (never mutated)

@@ -1,0 +1,183 @@
+"""The KV routing policy: cache affinity against load, pending work, predictions, modes."""
+
+from __future__ import annotations
+
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+
+from services.router.kv_policy import PENDING_MARGIN_S, KvRouter, KvRouterConfig
+from services.router.policy import ROUTER_MODES, RandomChoice, RoundRobin, make_policy
+from shared.kv_hash import block_hashes
+from shared.messages import KvEventBatch, KvStored, LoadReport, RouteRequest, WorkerInfo
+
+BS = 16
+
+
+def workers(n: int, block_size: int = BS) -> list[WorkerInfo]:
+    return [WorkerInfo(worker_id=f"w{i}", role="decode", model="m", block_size=block_size) for i in range(n)]
+
+
+def tokens(seed: int, n: int) -> list[int]:
+    return [(seed * 1_000_003 + i * 7) % 30_000 for i in range(n)]
+
+
+def request(toks: list[int]) -> RouteRequest:
+    return RouteRequest(request_id="r", model="m", token_ids=toks)
+
+
+def cache(router: KvRouter, worker_id: str, toks: list[int], seq: int = 1) -> None:
+    router.index.apply(KvEventBatch(worker_id=worker_id, seq=seq,
+                                    stored=[KvStored(block_hashes=block_hashes(toks, BS))]))
+
+
+def load(router: KvRouter, worker_id: str, now: float, used: int = 0, queued: int = 0, running: int = 0) -> None:
+    router.on_load(LoadReport(worker_id=worker_id, role="decode", timestamp=0, kv_blocks_used=used,
+                              kv_blocks_total=10_000, running=running, prefill_tokens_queued=queued), now)
+
+
+def test_modes() -> None:
+    assert set(ROUTER_MODES) == {"kv", "kv-approx", "round-robin", "random"}
+    assert isinstance(make_policy("round-robin"), RoundRobin)
+    assert isinstance(make_policy("random", 1), RandomChoice)
+    kv, approx = make_policy("kv"), make_policy("kv-approx")
+    assert isinstance(kv, KvRouter) and kv.config.use_kv_events and kv.name == "kv"
+    assert isinstance(approx, KvRouter) and not approx.config.use_kv_events and approx.name == "kv-approx"
+    with pytest.raises(ValueError):
+        make_policy("nope")
+
+
+def test_cached_prefix_wins_over_idle_workers() -> None:
+    r = KvRouter(KvRouterConfig(seed=0))
+    prefix = tokens(1, 64 * BS)
+    cache(r, "w2", prefix)
+    w, overlap = r.choose_worker(request(prefix + tokens(2, 40)), workers(4))
+    assert (w.worker_id, overlap) == ("w2", 64)
+
+
+def test_load_outweighs_a_small_overlap_and_weight_tunes_it() -> None:
+    prefix = tokens(1, 4 * BS)
+    prompt = prefix + tokens(2, 60 * BS)
+    for weight, expect in ((1.0, "w1"), (100.0, "w0")):
+        r = KvRouter(KvRouterConfig(seed=0, overlap_weight=weight))
+        cache(r, "w0", prefix)
+        load(r, "w0", now=0.0, used=200)  # w0 is busy decoding
+        load(r, "w1", now=0.0, used=0)
+        w, _ = r.choose_worker(request(prompt), workers(2))
+        assert w.worker_id == expect, weight
+
+
+def test_queued_prefill_counts_against_a_worker() -> None:
+    r = KvRouter(KvRouterConfig(seed=0))
+    prefix = tokens(1, 8 * BS)
+    cache(r, "w0", prefix)
+    cache(r, "w1", prefix)
+    load(r, "w0", now=0.0, queued=5000)
+    w, overlap = r.choose_worker(request(prefix + [1] * 30), workers(2))
+    assert (w.worker_id, overlap) == ("w1", 8)
+
+
+def test_burst_of_cold_requests_spreads_evenly() -> None:
+    r = KvRouter(KvRouterConfig(seed=0))
+    ws = workers(8)
+    chosen = Counter(r.choose_worker(request(tokens(i, 20 * BS)), ws)[0].worker_id for i in range(64))
+    assert set(chosen.values()) == {8}, chosen
+
+
+def test_burst_sharing_a_new_prefix_spreads_then_sticks() -> None:
+    r = KvRouter(KvRouterConfig(seed=0))
+    ws = workers(4)
+    prefix = tokens(5, 50 * BS)
+    # At once: each queued copy makes its worker look busier than an idle one, so they spread.
+    chosen = set()
+    for i in range(4):
+        w, overlap, hashes = r.decide(request(prefix + [i] * 8), ws, now=0.0)
+        r.record(w, hashes, overlap, len(prefix) + 8, now=0.0)
+        chosen.add(w.worker_id)
+    assert len(chosen) == 4
+
+
+def test_prefix_sent_once_is_predicted_before_events_arrive() -> None:
+    r = KvRouter(KvRouterConfig(seed=0))
+    ws = workers(4)
+    prefix = tokens(5, 50 * BS)
+    first, overlap, hashes = r.decide(request(prefix + [1] * 8), ws, now=0.0)
+    r.record(first, hashes, overlap, len(prefix) + 8, now=0.0)
+    for w in ws:  # its prefill is done (the report says so); no KV event has arrived yet
+        load(r, w.worker_id, now=1.0)
+    second, overlap, _ = r.decide(request(prefix + [2] * 8), ws, now=1.0)
+    assert second.worker_id == first.worker_id and overlap == 50
+
+
+def test_pending_work_is_dropped_once_a_report_covers_it() -> None:
+    r = KvRouter(KvRouterConfig(seed=0))
+    ws = workers(2)
+    w, overlap, hashes = r.decide(request(tokens(1, 10 * BS)), ws, now=100.0)
+    r.record(w, hashes, overlap, 10 * BS, now=100.0)
+    ld = r.loads[w.worker_id]
+    assert (ld.pending_requests, ld.pending_blocks, ld.pending_prefill_tokens) == (1, 10, 10 * BS)
+    load(r, w.worker_id, now=100.0 + PENDING_MARGIN_S / 2, used=10)  # too soon to include it
+    assert ld.pending_requests == 1
+    load(r, w.worker_id, now=100.0 + PENDING_MARGIN_S * 2, used=10)
+    assert (ld.pending_requests, ld.pending_blocks, ld.pending_prefill_tokens) == (0, 0, 0)
+    assert ld.active_blocks == 10
+
+
+def test_approx_mode_learns_from_its_decisions_and_forgets_after_ttl() -> None:
+    r = make_policy("kv-approx", 0, KvRouterConfig(prediction_ttl=10.0))
+    assert isinstance(r, KvRouter)
+    ws = workers(4)
+    prefix = tokens(9, 30 * BS)
+    w, overlap, hashes = r.decide(request(prefix), ws, now=0.0)
+    assert overlap == 0
+    r.record(w, hashes, overlap, len(prefix), now=0.0)
+    for t in (1.0, 2.0):  # pending work expires with these reports; the prediction stays
+        for x in ws:
+            load(r, x.worker_id, now=t)
+    w2, overlap2, _ = r.decide(request(prefix + [3] * 16), ws, now=2.0)
+    assert (w2.worker_id, overlap2) == (w.worker_id, 30)
+    _, overlap3, _ = r.decide(request(prefix), ws, now=30.0)
+    assert overlap3 == 0  # aged out
+
+
+def test_temperature_samples_but_prefers_the_cheap_worker() -> None:
+    r = KvRouter(KvRouterConfig(seed=3, temperature=0.2))
+    prefix = tokens(1, 32 * BS)
+    cache(r, "w0", prefix)
+    ws = workers(4)
+    picks = Counter()
+    for _ in range(400):
+        w, _, _ = r.decide(request(prefix + [1] * 4), ws, now=0.0)
+        picks[w.worker_id] += 1
+    assert picks["w0"] > 300 and len(picks) > 1, picks
+
+
+def test_precomputed_hashes_are_used_when_the_block_size_matches() -> None:
+    r = KvRouter()
+    toks = tokens(1, 4 * BS)
+    fake = [11, 12, 13]
+    req = SimpleNamespace(request_id="r", model="m", token_ids=toks, block_hashes=fake, block_size=BS)
+    assert r.request_hashes(req, BS) is fake  # type: ignore[arg-type]
+    assert r.request_hashes(req, 32) == block_hashes(toks, 32)  # type: ignore[arg-type]
+
+
+def test_mixed_block_sizes_hash_per_size() -> None:
+    r = KvRouter(KvRouterConfig(seed=0))
+    toks = tokens(4, 64 * 32)
+    r.index.apply(KvEventBatch(worker_id="big", seq=1, stored=[KvStored(block_hashes=block_hashes(toks, 32))]))
+    ws = [*workers(2), WorkerInfo(worker_id="big", role="decode", model="m", block_size=32)]
+    w, overlap = r.choose_worker(request(toks + [1] * 8), ws)
+    assert (w.worker_id, overlap) == ("big", 64)
+
+
+def test_forgotten_worker_slot_is_reused_only_after_predictions_age_out() -> None:
+    r = KvRouter(KvRouterConfig(prediction_ttl=4.0))
+    ws = workers(1)
+    w, overlap, hashes = r.decide(request(tokens(1, 4 * BS)), ws, now=0.0)
+    r.record(w, hashes, overlap, 4 * BS, now=0.0)
+    slot = r.slots.get("w0")
+    r.forget_worker("w0", now=1.0)
+    assert r.slots.get("w0") == slot  # its predicted bits are still around
+    r.maintain(now=6.0)
+    assert r.slots.get("w0") is None
