@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from itertools import chain, repeat
+from itertools import chain, islice, repeat
 from typing import Final
 
 import msgspec
@@ -107,32 +107,47 @@ def prefix_depths(hashes: Sequence[int], holders: Sequence[dict[int, int]]) -> l
 
     Each pair says: the workers in ``mask`` hold exactly the first ``depth`` blocks (depth >= 1).
     Workers in no pair hold not even the first block. Stops as soon as no worker is left, so a
-    miss costs one lookup; a full hit costs one lookup per block (per map in ``holders``).
+    miss costs one lookup; a full hit one lookup per block in the first map (the event index).
+    The other maps (predictions) are consulted only for blocks that some still-matching worker
+    lacks in the first one.
     """
-    maps = [h for h in holders if h]
-    if not maps or not hashes:
+    if not hashes:
         return []
-    if len(maps) == 1:
-        it = map(maps[0].get, hashes, repeat(0))
-    else:
-        # Bitwise OR of the masks from each map, still looked up in C; rare enough to zip.
-        gets = [m.get for m in maps]
-        if len(gets) == 2:
-            g0, g1 = gets
-            it = map(int.__or__, map(g0, hashes, repeat(0)), map(g1, hashes, repeat(0)))
-        else:
-            g0, g1, g2 = gets[:3]
-            it = map(int.__or__, map(int.__or__, map(g0, hashes, repeat(0)), map(g1, hashes, repeat(0))),
-                     map(g2, hashes, repeat(0)))
-            for g in gets[3:]:
-                it = map(int.__or__, it, map(g, hashes, repeat(0)))
-    alive = next(it)
+    first, *rest = holders
+    extra = [m.get for m in rest if m]
+    if not extra:
+        if not first:
+            return []
+        it = map(first.get, hashes, repeat(0))
+        alive = next(it)
+        if not alive:
+            return []
+        out: list[tuple[int, int]] = []
+        depth = 1
+        for m in it:
+            if m != alive:  # fast path: the same workers hold this block too
+                kept = m & alive
+                if kept != alive:
+                    out.append((depth, alive ^ kept))
+                    alive = kept
+                    if not alive:
+                        return out
+            depth += 1
+        out.append((depth, alive))
+        return out
+    get = first.get
+    alive = get(hashes[0], 0)
+    for g in extra:
+        alive |= g(hashes[0], 0)
     if not alive:
         return []
-    out: list[tuple[int, int]] = []
+    out = []
     depth = 1
-    for m in it:
-        if m != alive:  # fast path: the same workers hold this block too
+    for h in islice(hashes, 1, None):
+        m = get(h, 0)
+        if m & alive != alive:
+            for g in extra:
+                m |= g(h, 0)
             kept = m & alive
             if kept != alive:
                 out.append((depth, alive ^ kept))

@@ -99,10 +99,14 @@ class PredictedBlocks:
 
 
 class WorkerLoad:
-    """The last LoadReport of one worker plus what this router sent it since."""
+    """The last LoadReport of one worker plus what this router sent it since.
 
-    __slots__ = ("active_blocks", "kv_blocks_total", "pending", "pending_blocks", "pending_prefill_tokens",
-                 "pending_requests", "prefill_tokens_queued", "reported_at", "requests")
+    ``busy_tokens`` (prefill tokens queued, reported plus pending) and ``busy_blocks`` (KV blocks
+    in use, reported plus pending) are kept summed so the cost loop reads two attributes.
+    """
+
+    __slots__ = ("active_blocks", "busy_blocks", "busy_tokens", "kv_blocks_total", "pending", "pending_blocks",
+                 "pending_prefill_tokens", "pending_requests", "prefill_tokens_queued", "reported_at", "requests")
 
     def __init__(self) -> None:
         self.active_blocks = 0
@@ -114,6 +118,8 @@ class WorkerLoad:
         self.pending_prefill_tokens = 0
         self.pending_blocks = 0
         self.pending_requests = 0
+        self.busy_tokens = 0
+        self.busy_blocks = 0
 
     def on_report(self, report: LoadReport, now: float) -> None:
         self.active_blocks = report.kv_blocks_used
@@ -122,6 +128,7 @@ class WorkerLoad:
         self.kv_blocks_total = report.kv_blocks_total
         self.reported_at = now
         self.expire_pending(now - PENDING_MARGIN_S)
+        self._sum()
 
     def add_pending(self, now: float, prefill_tokens: int, blocks: int) -> None:
         if self.pending and self.pending[0][0] < now - PENDING_MAX_AGE_S:
@@ -130,6 +137,7 @@ class WorkerLoad:
         self.pending_prefill_tokens += prefill_tokens
         self.pending_blocks += blocks
         self.pending_requests += 1
+        self._sum()
 
     def expire_pending(self, before: float) -> None:
         p = self.pending
@@ -138,6 +146,11 @@ class WorkerLoad:
             self.pending_prefill_tokens -= tokens
             self.pending_blocks -= blocks
             self.pending_requests -= 1
+        self._sum()
+
+    def _sum(self) -> None:
+        self.busy_tokens = self.prefill_tokens_queued + self.pending_prefill_tokens
+        self.busy_blocks = self.active_blocks + self.pending_blocks
 
 
 class KvRouter:
@@ -220,21 +233,25 @@ class KvRouter:
         return w, depths.get(slot, 0) if slot is not None else 0, hashes
 
     def _costs(self, workers: list[WorkerInfo], depths: dict[int, int], num_tokens: int) -> list[float]:
-        ow = self.config.overlap_weight
-        slot_of = self.slots.mapping
-        loads = self.loads
-        idle = _IDLE
-        costs: list[float] = []
-        append = costs.append
-        for w in workers:
-            bs = w.block_size
-            overlap = depths.get(slot_of.get(w.worker_id, -1), 0) if depths else 0
-            ld = loads.get(w.worker_id, idle)
-            to_prefill = num_tokens - overlap * bs
-            if to_prefill < 1:
-                to_prefill = 1  # the engine always computes at least the last token
-            append(ow * (to_prefill + ld.prefill_tokens_queued + ld.pending_prefill_tokens) / bs
-                   + ld.active_blocks + ld.pending_blocks)
+        """Cost of each worker, in blocks; all ``workers`` share one block size."""
+        bs = workers[0].block_size
+        k = self.config.overlap_weight / bs
+        ids = [w.worker_id for w in workers]
+        lds = list(map(self.loads.get, ids, repeat(_IDLE)))
+        # Everyone as if nothing were cached (list comprehension: the per-worker work stays small),
+        costs = [k * (ld.busy_tokens + num_tokens) + ld.busy_blocks for ld in lds]
+        if depths:
+            # then credit the few workers that hold a prefix. At least one token is always computed.
+            worker_id, index = self.slots.worker_id, ids.index
+            for slot, depth in depths.items():
+                wid = worker_id(slot)
+                if wid is None:
+                    continue
+                try:
+                    i = index(wid)
+                except ValueError:  # not a candidate (other model, excluded, gone)
+                    continue
+                costs[i] -= k * min(depth * bs, num_tokens - 1)
         return costs
 
     def _pick(self, costs: list[float], workers: list[WorkerInfo]) -> int:
@@ -267,7 +284,7 @@ class KvRouter:
             if w.block_size not in by_size:
                 hashes = self.request_hashes(request, w.block_size)
                 by_size[w.block_size] = (hashes, self.overlaps(hashes, now))
-            costs.extend(self._costs([w], by_size[w.block_size][1], len(request.token_ids)))
+            costs.extend(self._costs([w], by_size[w.block_size][1], len(request.token_ids)))  # one by one: sizes differ
         w = workers[self._pick(costs, workers)]
         hashes, depths = by_size[w.block_size]
         slot = self.slots.get(w.worker_id)
