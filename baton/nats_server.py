@@ -74,7 +74,7 @@ class EmbeddedNats:
         out = subprocess.DEVNULL
         if self.log_file:
             Path(self.log_file).parent.mkdir(parents=True, exist_ok=True)
-            out = open(self.log_file, "ab")  # noqa: SIM115 - the child keeps it; closed below
+            out = open(self.log_file, "ab")
         try:
             self.proc = subprocess.Popen(
                 [find_nats_server(), "-js", "-a", self.host, "-p", str(self.port), "-sd", str(self.data_dir)],

@@ -90,6 +90,8 @@ async def http_status(host: str, port: int, path: str, timeout: float = 2.0) -> 
 class Stack:
     def __init__(self, settings: UpSettings) -> None:
         self.settings = settings
+        if settings.log_dir:
+            Path(settings.log_dir).mkdir(parents=True, exist_ok=True)
         self.nats: EmbeddedNats | None = None
         self.specs: list[ProcessSpec] = []
         self._stopping = False
@@ -126,7 +128,6 @@ class Stack:
         env = {**os.environ, **self.settings.extra_env, "PYTHONUNBUFFERED": "1"}
         out: int | None = None
         if self.settings.log_dir:
-            Path(self.settings.log_dir).mkdir(parents=True, exist_ok=True)
             out = os.open(Path(self.settings.log_dir) / f"{spec.name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         try:
             return await asyncio.create_subprocess_exec(

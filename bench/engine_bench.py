@@ -50,9 +50,10 @@ class Row:
 class Backend(ABC):
     name: str
 
-    def __init__(self, model: str, max_batch: int) -> None:
+    def __init__(self, model: str, max_batch: int, dtype: str) -> None:
         self.model = model
         self.max_batch = max_batch
+        self.dtype = dtype
 
     def start(self) -> None:  # noqa: B027 - optional hook
         """Load the model (not timed)."""
@@ -76,7 +77,11 @@ class TorchEngineBackend(Backend):
         self.loop = asyncio.new_event_loop()
         self.engine = TorchEngine(
             EngineConfig(
-                engine="torch", model=self.model, max_num_seqs=self.max_batch, max_batched_tokens=512
+                engine="torch",
+                model=self.model,
+                max_num_seqs=self.max_batch,
+                max_batched_tokens=512,
+                dtype=self.dtype,
             )
         )
         self.task = self.loop.create_task(self.engine.run())
@@ -122,7 +127,7 @@ class TransformersBackend(Backend):
         from transformers import AutoModelForCausalLM, LogitsProcessor
 
         self.model_hf = AutoModelForCausalLM.from_pretrained(
-            resolve_model(self.model).path, dtype=torch.float32
+            resolve_model(self.model).path, dtype=getattr(torch, self.dtype)
         ).eval()
 
         class StepClock(LogitsProcessor):
@@ -182,6 +187,7 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--backends", default=",".join(BACKENDS))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="every backend")
     ap.add_argument(
         "--threads", type=int, default=torch.get_num_threads(), help="torch threads, every backend"
     )
@@ -195,12 +201,13 @@ def main() -> None:
     vocab_size = Tokenizer(vocab.path).vocab_size
     rng = random.Random(args.seed)
     print(
-        f"model {args.model}, prompt {args.prompt_len} tokens, output {args.output_len} tokens, torch threads {torch.get_num_threads()}"
+        f"model {args.model} ({args.dtype}), prompt {args.prompt_len} tokens, output {args.output_len} tokens, "
+        f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}"
     )
 
     rows: list[Row] = []
     for name in args.backends.split(","):
-        backend = BACKENDS[name](args.model, max(batches))
+        backend = BACKENDS[name](args.model, max(batches), args.dtype)
         backend.start()
         try:
             backend.run([[1, 2, 3]], 4)  # warm-up: first-call allocations, thread start

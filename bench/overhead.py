@@ -22,12 +22,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from baton.nats_server import free_port  # noqa: E402
-from bench.loadgen import run_load  # noqa: E402
+from baton.nats_server import free_port
+from bench.loadgen import run_load
 
 
 def start_stack(port: int, logdir: Path, extra: list[str]) -> subprocess.Popen:
-    log = open(logdir / "up.log", "wb")  # noqa: SIM115
+    log = open(logdir / "up.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "baton", "up", "--engine", "mocker", "--mocker-speedup", "1e9", "--host", "127.0.0.1",
          "--port", str(port), "--nats-port", str(free_port()), "--prefill-workers", "0", "--log-dir", str(logdir),
@@ -64,7 +64,7 @@ def main() -> None:
                                          args.duration))
                 results.append(r.summary())
                 s = results[-1]
-                print(f"stream={str(stream):5} c={c:3}  {s['rps']:8.1f} req/s  p50 {s['p50_ms']:7.2f} ms  "
+                print(f"stream={stream!s:5} c={c:3}  {s['rps']:8.1f} req/s  p50 {s['p50_ms']:7.2f} ms  "
                       f"p99 {s['p99_ms']:7.2f} ms  ttft p50 {s['ttft_p50_ms']:7.2f} ms  errors {s['errors']}",
                       flush=True)
     finally:

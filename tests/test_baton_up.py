@@ -59,7 +59,7 @@ def port_free(port: int) -> bool:
 
 def start_up(tmp_path, extra: list[str]) -> tuple[subprocess.Popen, int, int]:
     http_port, nats_port = free_port(), free_port()
-    log = open(tmp_path / "up.log", "wb")  # noqa: SIM115 - lives as long as the process
+    log = open(tmp_path / "up.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "baton", "up", "--engine", e2e_engine(), "--port", str(http_port), "--host",
          "127.0.0.1", "--nats-port", str(nats_port), "--log-dir", str(tmp_path / "logs"), "--discovery-ttl", "3",
@@ -86,8 +86,12 @@ def test_up_serves_and_sigterm_stops_everything(tmp_path) -> None:
         r = httpx.post(f"http://127.0.0.1:{http_port}/v1/chat/completions", json={
             "model": "baton-tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}, timeout=60)
         assert r.status_code == 200, r.text
-        health = httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=5).json()
-        assert health["decode_workers"] == 1 and health["prefill_workers"] == 1
+        def health() -> dict:
+            return httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=5).json()
+
+        # Ready means a decode worker is up; the prefill worker registers on its own schedule.
+        wait_until(lambda: health().get("prefill_workers") == 1, 30, 0.1, "prefill worker registered")
+        assert health()["decode_workers"] == 1
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
         wait_until(lambda: not any(alive(k) for k in kids), 10, 0.05, "children gone")

@@ -18,6 +18,7 @@ import anyio
 from nats.aio.msg import Msg
 from prometheus_client import Counter, Gauge
 
+from shared import subjects
 from shared.bus import Bus
 from shared.config import DEFAULT_NATS_URL
 from shared.discovery import DEFAULT_TTL, WorkerRegistration
@@ -35,7 +36,6 @@ from shared.messages import (
     generate_request_decoder,
     status_request_decoder,
 )
-from shared import subjects
 from shared.telemetry import serve_metrics
 
 log = logging.getLogger("baton.decode")
@@ -71,6 +71,7 @@ class DecodeWorker:
         self._scopes: dict[str, anyio.CancelScope] = {}
         self._tg: anyio.abc.TaskGroup | None = None
         self._draining = False
+        self._idle = anyio.Event()  # set when draining and the last request is done
         self._kv_seq = 0
         self.ready = False
 
@@ -114,8 +115,8 @@ class DecodeWorker:
         self._draining = True
         if self.registration is not None:
             await self.registration.withdraw()
-        while self._scopes:
-            await anyio.sleep(0.05)
+        if self._scopes:
+            await self._idle.wait()
         if self._tg is not None:
             self._tg.cancel_scope.cancel()
 
@@ -199,6 +200,8 @@ class DecodeWorker:
                 await self.bus.publish(reply, GenerateError(request_id=req.request_id, code=500, message=f"engine error: {e!r}"))
         finally:
             self._scopes.pop(req.request_id, None)
+            if self._draining and not self._scopes:
+                self._idle.set()
             RUNNING.labels(self.role).dec()
             REQUESTS.labels(self.role, outcome).inc()
 

@@ -33,8 +33,8 @@ def main(
         int, typer.Option(envvar="BATON_MAX_MIGRATIONS", help="Worker failures one request may survive.")
     ] = 3,
     route_timeout: Annotated[
-        float, typer.Option(envvar="BATON_ROUTE_TIMEOUT", help="Seconds to wait for the router.")
-    ] = 5.0,
+        float, typer.Option(envvar="BATON_ROUTE_TIMEOUT", help="Seconds to wait for the router (per attempt, 3 attempts).")
+    ] = 2.0,
     first_token_timeout: Annotated[
         float, typer.Option(envvar="BATON_FIRST_TOKEN_TIMEOUT", help="Seconds to wait for a worker's first reply.")
     ] = 300.0,

@@ -57,7 +57,8 @@ class Delta:
 
 @dataclass
 class GenerationSettings:
-    route_timeout: float = 5.0
+    route_timeout: float = 2.0
+    route_attempts: int = 3
     first_token_timeout: float = 300.0  # prefill of a long prompt on CPU can be slow
     inter_token_timeout: float = 120.0
     probe_interval: float = 1.0  # silence longer than this: ask the worker if it is alive
@@ -86,10 +87,17 @@ class Generation:
             raise ApiError(503, "the message bus is unavailable; retry shortly", type="service_unavailable",
                            code="bus_unavailable")
         req = RouteRequest(request_id=request_id, model=self.model, token_ids=token_ids, exclude=exclude)
-        try:
-            msg = await self.bus.request(subjects.ROUTE, req, timeout=self.settings.route_timeout)
-        except BusError as e:
-            raise ApiError(503, f"router unavailable: {e}", type="service_unavailable", code="router_unavailable") from None
+        # Routing is idempotent: a request lost with a dying router replica is simply asked again.
+        for attempt in range(self.settings.route_attempts):
+            try:
+                msg = await self.bus.request(subjects.ROUTE, req, timeout=self.settings.route_timeout)
+                break
+            except BusError as e:
+                if attempt + 1 == self.settings.route_attempts or not self.bus.connected:
+                    raise ApiError(503, f"router unavailable: {e}", type="service_unavailable",
+                                   code="router_unavailable") from None
+                if isinstance(e, NoResponders):
+                    await anyio.sleep(0.2 * (attempt + 1))  # no router right now: give one a moment
         reply = route_reply_decoder.decode(msg.data)
         if isinstance(reply, RouteError):
             kind = "service_unavailable" if reply.code >= 500 else "invalid_request_error"

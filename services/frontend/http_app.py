@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from contextlib import aclosing
 from collections.abc import Awaitable, Callable
+from contextlib import aclosing
 from typing import Any
 
 import anyio

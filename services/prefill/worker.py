@@ -24,7 +24,14 @@ from shared.bus import Bus
 from shared.config import DEFAULT_NATS_URL
 from shared.discovery import DEFAULT_TTL, WorkerRegistration
 from shared.engines import Engine, EngineConfig, make_engine
-from shared.messages import PrefillDone, PrefillFailed, PrefillJob, SamplingParams, WorkerInfo, prefill_job_decoder
+from shared.messages import (
+    PrefillDone,
+    PrefillFailed,
+    PrefillJob,
+    SamplingParams,
+    WorkerInfo,
+    prefill_job_decoder,
+)
 from shared.streams import PREFILL_ACK_WAIT_S, ensure_prefill_queue
 from shared.telemetry import serve_metrics
 
@@ -53,6 +60,7 @@ class PrefillWorker:
         self.registration: WorkerRegistration | None = None
         self._draining = False
         self._active = 0
+        self._idle = anyio.Event()  # set when draining and the last job is done
         self.jobs_done = 0
         self.ready = False
 
@@ -117,8 +125,8 @@ class PrefillWorker:
                 await limit.acquire()
                 tg.start_soon(self._job, m, limit)
         # Draining: let running jobs finish; unfetched ones stay in the queue for others.
-        while self._active:
-            await anyio.sleep(0.05)
+        if self._active:
+            await self._idle.wait()
 
     async def _job(self, msg: Msg, limit: anyio.Semaphore) -> None:
         assert self.bus is not None
@@ -141,6 +149,8 @@ class PrefillWorker:
             self.jobs_done += 1
         finally:
             self._active -= 1
+            if self._draining and not self._active:
+                self._idle.set()
             limit.release()
 
     async def _compute(self, job: PrefillJob, msg: Msg) -> PrefillDone | PrefillFailed:

@@ -2,20 +2,21 @@
 
 For each candidate worker the cost is, in KV blocks,
 
-    cost = overlap_weight * prefill_blocks + active_blocks
+    cost = overlap_weight * prefill_blocks + decode_blocks
     prefill_blocks = (prompt tokens not cached there + prefill tokens queued there) / block_size
-    active_blocks  = KV blocks in use there (running requests)
+    decode_blocks  = KV blocks in use there + the blocks this request adds (those beyond its cached prefix)
 
 from the index (:mod:`services.router.kv_index`) and the workers' LoadReports. The cheapest worker
 wins (``temperature`` 0; ties go to the one with fewest requests, then at random), or one is
 sampled with probability ``softmax(-normalised cost / temperature)``.
 
 Between reports the router adds what it has just sent to each worker (``pending``: prompt tokens
-to prefill, blocks, requests) and predicts that the chosen worker will cache the request's blocks
-(:class:`PredictedBlocks`, with a TTL). Without this a burst of requests sharing a new prefix
-would all see "nobody has it" and spread, and a run of cache misses would pile onto the worker
-that looked idle at the last report. A report received ``PENDING_MARGIN_S`` after a decision has
-it counted already, so pending entries older than that are dropped when one arrives.
+to prefill, new blocks, requests) and predicts that the chosen worker will cache the request's
+blocks (:class:`PredictedBlocks`, with a TTL). Without this a run of cache misses would pile onto
+the worker that looked idle at the last report, and a burst sharing a new prefix would not know
+where it is going to be. A request's pending prefill ends when the worker's KV events announce
+its prompt's last block (its prefill is done); all of its pending work ends with the first load
+report received ``PENDING_MARGIN_S`` after the decision (the report counts it already).
 
 ``kv-approx`` mode is the same policy fed by predictions only (for engines without KV events):
 every routed request refreshes its blocks on the chosen worker, and they are forgotten after a TTL.
@@ -33,7 +34,7 @@ from itertools import repeat
 
 from services.router.kv_index import KvBlockIndex, WorkerSlots, depths_by_slot, prefix_depths
 from shared.kv_hash import block_hashes
-from shared.messages import LoadReport, RouteRequest, WorkerInfo
+from shared.messages import KvEventBatch, LoadReport, RouteRequest, WorkerInfo
 
 PENDING_MARGIN_S = 0.15  # a report received this long after a decision reflects it
 PENDING_MAX_AGE_S = 5.0  # no report for this long: forget pending work anyway (worker silent or gone)
@@ -98,6 +99,18 @@ class PredictedBlocks:
             self._rotated_at = now
 
 
+class PendingRequest:
+    """A request this router sent to a worker that the worker's reports may not show yet."""
+
+    __slots__ = ("blocks", "prefill_tokens", "prompt_last_hash", "sent_at")
+
+    def __init__(self, sent_at: float, prefill_tokens: int, blocks: int, prompt_last_hash: int | None) -> None:
+        self.sent_at = sent_at
+        self.prefill_tokens = prefill_tokens  # zeroed once the worker announces the prompt's last block
+        self.blocks = blocks  # KV blocks it adds there (its blocks beyond the cached prefix)
+        self.prompt_last_hash = prompt_last_hash
+
+
 class WorkerLoad:
     """The last LoadReport of one worker plus what this router sent it since.
 
@@ -106,7 +119,8 @@ class WorkerLoad:
     """
 
     __slots__ = ("active_blocks", "busy_blocks", "busy_tokens", "kv_blocks_total", "pending", "pending_blocks",
-                 "pending_prefill_tokens", "pending_requests", "prefill_tokens_queued", "reported_at", "requests")
+                 "pending_by_last_hash", "pending_prefill_tokens", "pending_requests", "prefill_tokens_queued",
+                 "reported_at", "requests")
 
     def __init__(self) -> None:
         self.active_blocks = 0
@@ -114,7 +128,8 @@ class WorkerLoad:
         self.requests = 0  # running + waiting, as reported
         self.kv_blocks_total = 0
         self.reported_at = 0.0
-        self.pending: deque[tuple[float, int, int]] = deque()  # (sent at, prefill tokens, blocks)
+        self.pending: deque[PendingRequest] = deque()  # oldest first
+        self.pending_by_last_hash: dict[int, PendingRequest] = {}
         self.pending_prefill_tokens = 0
         self.pending_blocks = 0
         self.pending_requests = 0
@@ -130,22 +145,40 @@ class WorkerLoad:
         self.expire_pending(now - PENDING_MARGIN_S)
         self._sum()
 
-    def add_pending(self, now: float, prefill_tokens: int, blocks: int) -> None:
-        if self.pending and self.pending[0][0] < now - PENDING_MAX_AGE_S:
+    def add_pending(self, now: float, prefill_tokens: int, blocks: int, prompt_last_hash: int | None = None) -> None:
+        if self.pending and self.pending[0].sent_at < now - PENDING_MAX_AGE_S:
             self.expire_pending(now - PENDING_MAX_AGE_S)
-        self.pending.append((now, prefill_tokens, blocks))
+        p = PendingRequest(now, prefill_tokens, blocks, prompt_last_hash)
+        self.pending.append(p)
+        if prompt_last_hash is not None:
+            self.pending_by_last_hash[prompt_last_hash] = p
         self.pending_prefill_tokens += prefill_tokens
         self.pending_blocks += blocks
         self.pending_requests += 1
         self._sum()
 
+    def prefill_done(self, last_hashes: list[int]) -> None:
+        """The worker cached blocks ending runs at these hashes: requests whose prompt ends there are prefilled."""
+        by_hash = self.pending_by_last_hash
+        changed = False
+        for h in last_hashes:
+            p = by_hash.pop(h, None)
+            if p is not None and p.prefill_tokens:
+                self.pending_prefill_tokens -= p.prefill_tokens
+                p.prefill_tokens = 0
+                changed = True
+        if changed:
+            self._sum()
+
     def expire_pending(self, before: float) -> None:
-        p = self.pending
-        while p and p[0][0] <= before:
-            _, tokens, blocks = p.popleft()
-            self.pending_prefill_tokens -= tokens
-            self.pending_blocks -= blocks
+        q = self.pending
+        while q and q[0].sent_at <= before:
+            p = q.popleft()
+            self.pending_prefill_tokens -= p.prefill_tokens
+            self.pending_blocks -= p.blocks
             self.pending_requests -= 1
+            if p.prompt_last_hash is not None and self.pending_by_last_hash.get(p.prompt_last_hash) is p:
+                del self.pending_by_last_hash[p.prompt_last_hash]
         self._sum()
 
     def _sum(self) -> None:
@@ -238,10 +271,12 @@ class KvRouter:
         k = self.config.overlap_weight / bs
         ids = [w.worker_id for w in workers]
         lds = list(map(self.loads.get, ids, repeat(_IDLE)))
+        blocks = -(-num_tokens // bs)
         # Everyone as if nothing were cached (list comprehension: the per-worker work stays small),
-        costs = [k * (ld.busy_tokens + num_tokens) + ld.busy_blocks for ld in lds]
+        costs = [k * (ld.busy_tokens + num_tokens) + ld.busy_blocks + blocks for ld in lds]
         if depths:
-            # then credit the few workers that hold a prefix. At least one token is always computed.
+            # then credit the few workers that hold a prefix: fewer tokens to prefill (at least one
+            # is always computed), and the shared blocks take no new memory there.
             worker_id, index = self.slots.worker_id, ids.index
             for slot, depth in depths.items():
                 wid = worker_id(slot)
@@ -251,7 +286,7 @@ class KvRouter:
                     i = index(wid)
                 except ValueError:  # not a candidate (other model, excluded, gone)
                     continue
-                costs[i] -= k * min(depth * bs, num_tokens - 1)
+                costs[i] -= k * min(depth * bs, num_tokens - 1) + depth
         return costs
 
     def _pick(self, costs: list[float], workers: list[WorkerInfo]) -> int:
@@ -302,7 +337,17 @@ class KvRouter:
         if load is None:
             load = self.loads[worker.worker_id] = WorkerLoad()
         bs = worker.block_size
-        load.add_pending(now, max(1, num_tokens - overlap * bs), -(-num_tokens // bs))
+        cached_tokens = min(overlap * bs, num_tokens - 1)
+        # Its last full prompt block ends the run the worker announces when the prefill is done.
+        last = hashes[-1] if self.config.use_kv_events and len(hashes) > overlap else None
+        load.add_pending(now, num_tokens - cached_tokens, -(-num_tokens // bs) - overlap, last)
+
+    def on_kv_events(self, batch: KvEventBatch) -> None:
+        """Events from a worker: requests whose prompts it has now cached no longer wait for prefill."""
+        if batch.stored:
+            load = self.loads.get(batch.worker_id)
+            if load is not None and load.pending_by_last_hash:
+                load.prefill_done([run.block_hashes[-1] for run in batch.stored if run.block_hashes])
 
 
 _IDLE = WorkerLoad()  # stands for a worker with no report yet (never mutated)

@@ -112,20 +112,24 @@ class MockerEngine(Engine):
         loop = asyncio.get_running_loop()
         sched = self.scheduler
         clock = loop.time()  # simulated time owed up to here
-        while True:
-            if not sched.has_work():
-                self._wake.clear()
-                await self._wake.wait()
-                clock = loop.time()
-                continue
-            clock += self._step()
-            owed = clock - loop.time()
-            if owed > MIN_SLEEP_S:
-                await asyncio.sleep(owed)
-            else:
-                if owed < 0:
-                    clock -= owed  # running behind: do not bank the lost time as credit
-                await asyncio.sleep(0)  # let consumers and new requests in between steps
+        try:
+            while True:
+                if not sched.has_work():
+                    self._wake.clear()
+                    await self._wake.wait()
+                    clock = loop.time()
+                    continue
+                clock += self._step()
+                owed = clock - loop.time()
+                if owed > MIN_SLEEP_S:
+                    await asyncio.sleep(owed)
+                else:
+                    if owed < 0:
+                        clock -= owed  # running behind: do not bank the lost time as credit
+                    await asyncio.sleep(0)  # let consumers and new requests in between steps
+        finally:
+            # Nobody will step again: end every stream rather than leave clients hanging.
+            self._queues.put(sched.abort_all("abort", "engine stopped"))
 
     def _step(self) -> float:
         """Schedule, "compute" and deliver one step; returns its simulated duration (seconds)."""

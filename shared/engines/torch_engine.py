@@ -101,6 +101,7 @@ class TorchEngine(Engine):
         self._ready = asyncio.Event()
         self._load_error: BaseException | None = None
         self._sliding_window: int | None = None
+        self._closed = False  # run() ended (or never loaded): new requests fail at once
 
     # --- loading ------------------------------------------------------------------------------
 
@@ -157,12 +158,15 @@ class TorchEngine(Engine):
     # --- the step loop ------------------------------------------------------------------------
 
     async def run(self) -> None:
+        self._closed = False
         if self.model is None:
             try:
                 await anyio.to_thread.run_sync(self._load)
             except BaseException as e:
                 self._load_error = e
+                self._closed = True
                 self._ready.set()
+                self._fail_pending("error", f"engine failed to load: {e!r}")
                 raise
         self._ready.set()
         self._stop.clear()
@@ -175,9 +179,19 @@ class TorchEngine(Engine):
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(stopped.wait)
                 # Nobody will step again: end every stream rather than leave clients hanging.
-                assert self.scheduler is not None
-                self._inbox.clear()
-                self._queues.put(self.scheduler.abort_all("abort", "engine stopped"))
+                self._closed = True
+                self._fail_pending("abort", "engine stopped")
+
+    def _fail_pending(self, reason: str, error: str) -> None:
+        """End every request, queued or admitted (call on the loop, with the step thread gone)."""
+        outputs: list[EngineOutput] = []
+        while self._inbox:
+            cmd = self._inbox.popleft()
+            if cmd[0] == "add":
+                outputs.append(EngineOutput(cmd[1], [], reason, len(cmd[2]), error=error))
+        if self.scheduler is not None:
+            outputs += self.scheduler.abort_all(reason, error)
+        self._queues.put(outputs)
 
     def _step_loop(self, stopped: threading.Event) -> None:
         try:
@@ -308,6 +322,10 @@ class TorchEngine(Engine):
         queue = self._queues.open(request_id)
         finished = False
         try:
+            if self._closed:
+                finished = True
+                yield EngineOutput(request_id, [], "error", len(token_ids), error="engine is not running")
+                return
             self._submit(("add", request_id, list(token_ids), sampling))
             while True:
                 out = await queue.get()

@@ -170,3 +170,16 @@ async def test_huge_speedup_is_cheap() -> None:
         rate = n / (time.perf_counter() - t0)
         tg.cancel_scope.cancel()
     assert rate > 1000, f"{rate:.0f} requests/s"
+
+
+async def test_stopping_the_mocker_ends_open_streams() -> None:
+    eng = MockerEngine(EngineConfig(engine="mocker", model="no-such-model", speedup=1.0))
+    outs: list[EngineOutput] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(eng.run)
+        stream = eng.generate("r", [1, 2, 3], SamplingParams(max_tokens=10_000))
+        outs.append(await stream.__anext__())  # type: ignore[attr-defined]
+        tg.cancel_scope.cancel()
+    async for out in stream:
+        outs.append(out)
+    assert outs[-1].finish_reason == "abort" and eng.stats().kv_blocks_used == 0

@@ -248,3 +248,28 @@ async def test_stopping_the_engine_ends_open_streams() -> None:
     async for out in stream:
         outs.append(out)
     assert outs[-1].finish_reason == "abort"
+
+
+async def test_load_failure_fails_requests_and_wait_ready(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(
+        '{"architectures": ["LlamaForCausalLM"], "vocab_size": 8}'
+    )  # no weights
+    engine = TorchEngine(EngineConfig(model=str(tmp_path)))
+    outs: list[EngineOutput] = []
+
+    async def client() -> None:
+        outs.extend([o async for o in engine.generate("early", [1, 2], greedy())])
+
+    async def run_engine() -> None:
+        with pytest.raises(Exception):  # noqa: B017 - whatever the loader raises, run() must not swallow it
+            await engine.run()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(client)
+        await anyio.wait_all_tasks_blocked()  # the request is queued before the engine starts
+        tg.start_soon(run_engine)
+    with pytest.raises(RuntimeError):
+        await engine.wait_ready()
+    assert outs and outs[-1].finish_reason == "error"
+    late = [o async for o in engine.generate("late", [1, 2], greedy())]
+    assert late[-1].finish_reason == "error"

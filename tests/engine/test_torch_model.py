@@ -33,9 +33,15 @@ LLAMA3 = {
 def test_rope_scaling_in_transformers_4_layout_matches_transformers(rope_type: str) -> None:
     scaling = {"rope_type": rope_type, **(LLAMA3 if rope_type == "llama3" else {"factor": 4.0})}
     # transformers 4.x wrote rope_theta and rope_scaling at the top level ("type" in older files)
-    legacy = {**BASE, "rope_theta": 500000.0, "rope_scaling": {"type" if rope_type == "linear" else "rope_type": rope_type, **scaling}}
+    legacy = {
+        **BASE,
+        "rope_theta": 500000.0,
+        "rope_scaling": {"type" if rope_type == "linear" else "rope_type": rope_type, **scaling},
+    }
     ours = rope_inv_freq(ModelArgs.from_config(legacy))
-    hf_config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, rope_scaling=scaling, rope_theta=500000.0)
+    hf_config = transformers.LlamaConfig(
+        hidden_size=64, num_attention_heads=4, rope_scaling=scaling, rope_theta=500000.0
+    )
     theirs, attention_factor = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
     assert attention_factor == 1.0
     torch.testing.assert_close(ours, theirs.float())
@@ -58,10 +64,18 @@ def test_unsupported_configs_are_refused() -> None:
 def test_sliding_windows_per_layer() -> None:
     mistral = ModelArgs.from_config({**BASE, "model_type": "mistral", "sliding_window": 8})
     assert mistral.sliding_windows == (8, 8)
-    qwen_off = ModelArgs.from_config({**BASE, "model_type": "qwen2", "sliding_window": 8, "use_sliding_window": False})
+    qwen_off = ModelArgs.from_config(
+        {**BASE, "model_type": "qwen2", "sliding_window": 8, "use_sliding_window": False}
+    )
     assert qwen_off.sliding_windows == (None, None)
     qwen_on = ModelArgs.from_config(
-        {**BASE, "model_type": "qwen2", "sliding_window": 8, "use_sliding_window": True, "max_window_layers": 1}
+        {
+            **BASE,
+            "model_type": "qwen2",
+            "sliding_window": 8,
+            "use_sliding_window": True,
+            "max_window_layers": 1,
+        }
     )
     assert qwen_on.sliding_windows == (None, 8)
 

@@ -181,3 +181,22 @@ def test_forgotten_worker_slot_is_reused_only_after_predictions_age_out() -> Non
     assert r.slots.get("w0") == slot  # its predicted bits are still around
     r.maintain(now=6.0)
     assert r.slots.get("w0") is None
+
+
+def test_prefill_done_event_ends_pending_prefill_and_next_turn_sticks() -> None:
+    # Back-to-back turns of one conversation, no load report in between: once the worker's events
+    # show the first prompt cached, its pending prefill no longer repels the second turn.
+    r = KvRouter(KvRouterConfig(seed=0))
+    ws = workers(3)
+    turn1 = tokens(8, 40 * BS)
+    w1, overlap, hashes = r.decide(request(turn1), ws, now=0.0)
+    r.record(w1, hashes, overlap, len(turn1), now=0.0)
+    ld = r.loads[w1.worker_id]
+    assert ld.pending_prefill_tokens == len(turn1) - 0 and ld.pending_blocks == 40
+    batch = KvEventBatch(worker_id=w1.worker_id, seq=1, stored=[KvStored(block_hashes=hashes[:24]),
+                                                                KvStored(block_hashes=hashes[24:])])
+    r.index.apply(batch)
+    r.on_kv_events(batch)
+    assert ld.pending_prefill_tokens == 0 and ld.pending_blocks == 40  # still decoding, as far as we know
+    w2, overlap2 = r.choose_worker(request(turn1 + tokens(9, 3 * BS)), ws)
+    assert (w2.worker_id, overlap2) == (w1.worker_id, 40)
