@@ -294,7 +294,13 @@ class NatsBatonClient:
 
     async def stream(self, *, prompt: str | None = None, messages: list[dict[str, str]] | None = None,
                      token_ids: list[int] | None = None, **params: Any) -> AsyncIterator[StreamChunk]:
-        from shared.messages import ApiError, ApiGenerateRequest, ChatMessage, api_reply_msgpack_decoder, encode
+        from shared.messages import (
+            ApiError,
+            ApiGenerateRequest,
+            ChatMessage,
+            api_reply_msgpack_decoder,
+            encode,
+        )
         from shared.subjects import API_GENERATE
 
         req = ApiGenerateRequest(prompt=prompt, token_ids=token_ids,

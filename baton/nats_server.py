@@ -57,17 +57,20 @@ class EmbeddedNats:
     """Start/stop a local nats-server with JetStream storing under ``data_dir``."""
 
     def __init__(self, port: int = 0, data_dir: str | Path | None = None, host: str = "127.0.0.1",
-                 log_file: str | Path | None = None) -> None:
+                 log_file: str | Path | None = None, extra_args: list[str] | None = None) -> None:
         self.host = host
         self.port = port or free_port()
         self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="baton-nats-")
         self.data_dir = Path(data_dir or self._tmp.name)  # type: ignore[union-attr]
         self.log_file = log_file
+        self.extra_args = extra_args or []  # e.g. --user/--pass, --tls*: see nats-server --help
         self.proc: subprocess.Popen[bytes] | None = None
+
+    scheme = "nats"  # "tls" when the server requires TLS
 
     @property
     def url(self) -> str:
-        return f"nats://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     def start(self, timeout: float = 10.0) -> EmbeddedNats:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -77,7 +80,8 @@ class EmbeddedNats:
             out = open(self.log_file, "ab")
         try:
             self.proc = subprocess.Popen(
-                [find_nats_server(), "-js", "-a", self.host, "-p", str(self.port), "-sd", str(self.data_dir)],
+                [find_nats_server(), "-js", "-a", self.host, "-p", str(self.port), "-sd", str(self.data_dir),
+                 *self.extra_args],
                 stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent, start_new_session=True,
             )
         finally:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import signal
@@ -299,6 +300,7 @@ async def one_request(bus: Bus, r: TraceRequest, t_start: float) -> Outcome:
 async def drive(nats_url: str, reqs: list[TraceRequest], workers: int) -> tuple[list[Outcome], float]:
     from shared.discovery import WorkerView
 
+    logging.getLogger("baton.bus").setLevel(logging.ERROR)  # "disconnected" at close is expected
     bus = await Bus.connect(nats_url, "trace-driver")
     try:
         view = WorkerView(bus)
@@ -395,7 +397,8 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--max-batched-tokens", type=int, default=128)
     ap.add_argument("--output-cap", type=int, default=32)
-    ap.add_argument("--modes", nargs="+", default=["kv", "round-robin", "random"])
+    ap.add_argument("--modes", nargs="+", default=["kv", "round-robin", "random"],
+                    help="any of kv, kv-approx, round-robin, random")
     ap.add_argument("--router-args", default="", help="extra router options, e.g. '--overlap-weight 2'")
     ap.add_argument("--json", type=str, default="")
     ap.add_argument("--serve-workers", action="store_true", help=argparse.SUPPRESS)

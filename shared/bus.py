@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import ssl
 import time
+from dataclasses import dataclass
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -30,6 +33,54 @@ NO_RESPONDERS = "503"
 
 class BusError(Exception):
     """The bus could not carry a message: not connected, timed out, or nobody listening."""
+
+
+class BusAuthError(BusError):
+    """NATS refused our credentials: retrying cannot help, so services exit at once."""
+
+
+@dataclass(frozen=True)
+class NatsSecurity:
+    """Credentials and TLS for the NATS connection, from ``BATON_NATS_*`` variables.
+
+    Credentials may also ride in the URL (``nats://user:pass@host:4222``, ``nats://token@host``).
+    """
+
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    creds_file: str | None = None  # NATS decentralised auth (.creds: JWT + nkey seed)
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @classmethod
+    def from_env(cls) -> NatsSecurity:
+        env = os.environ.get
+        return cls(user=env("BATON_NATS_USER"), password=env("BATON_NATS_PASSWORD"), token=env("BATON_NATS_TOKEN"),
+                   creds_file=env("BATON_NATS_CREDS"), tls_ca=env("BATON_NATS_TLS_CA"),
+                   tls_cert=env("BATON_NATS_TLS_CERT"), tls_key=env("BATON_NATS_TLS_KEY"))
+
+    def connect_options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {}
+        if self.user:
+            opts["user"] = self.user
+            opts["password"] = self.password or ""
+        if self.token:
+            opts["token"] = self.token
+        if self.creds_file:
+            opts["user_credentials"] = self.creds_file
+        if self.tls_ca or self.tls_cert:
+            ctx = ssl.create_default_context(cafile=self.tls_ca)
+            if self.tls_cert:
+                ctx.load_cert_chain(self.tls_cert, self.tls_key)
+            opts["tls"] = ctx
+        return opts
+
+
+def _is_auth_failure(e: BaseException) -> bool:
+    text = f"{type(e).__name__} {e}".lower()
+    return isinstance(e, nats.errors.AuthorizationError) or "authorization" in text or "authentication" in text
 
 
 class BusTimeout(BusError):
@@ -151,6 +202,7 @@ class Bus:
         connect_timeout: float = 30.0,
         on_disconnect: Callable[[], Awaitable[None]] | None = None,
         on_reconnect: Callable[[], Awaitable[None]] | None = None,
+        security: NatsSecurity | None = None,
     ) -> Bus:
         """Connect, retrying with backoff until ``connect_timeout``: services may start before NATS.
 
@@ -180,29 +232,67 @@ class Bus:
 
         deadline = time.monotonic() + connect_timeout
         delay = 0.1
+        secure = (security or NatsSecurity.from_env()).connect_options()
         while True:
-            try:
-                nc = await nats.connect(
-                    servers=[url],
-                    name=name,
-                    connect_timeout=2,
-                    allow_reconnect=True,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5,
-                    ping_interval=5,
-                    max_outstanding_pings=3,
-                    pending_size=64 * 1024 * 1024,
-                    error_cb=error_cb,
-                    disconnected_cb=disconnected_cb,
-                    reconnected_cb=reconnected_cb,
-                )
+            auth_failed: list[BaseException] = []
+            refused = anyio.Event()
+
+            async def first_error_cb(e: Exception) -> None:
+                if _is_auth_failure(e):
+                    auth_failed.append(e)
+                    refused.set()
+
+            nc: NatsClient | None = None
+            error: BaseException | None = None
+            async with anyio.create_task_group() as tg:
+
+                async def attempt() -> None:
+                    nonlocal nc, error
+                    try:
+                        nc = await nats.connect(
+                            servers=[url],
+                            name=name,
+                            connect_timeout=2,
+                            allow_reconnect=True,
+                            max_reconnect_attempts=-1,
+                            reconnect_time_wait=0.5,
+                            ping_interval=5,
+                            max_outstanding_pings=3,
+                            pending_size=64 * 1024 * 1024,
+                            error_cb=first_error_cb,
+                            disconnected_cb=disconnected_cb,
+                            reconnected_cb=reconnected_cb,
+                            **secure,
+                        )
+                    except Exception as e:  # nats-py raises several unrelated types here
+                        error = e
+                    tg.cancel_scope.cancel()
+
+                async def watch_refusal() -> None:
+                    # nats-py keeps retrying a refused login inside connect(): stop it at once.
+                    await refused.wait()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(attempt)
+                tg.start_soon(watch_refusal)
+                with anyio.move_on_after(max(1.0, deadline - time.monotonic())):
+                    await anyio.sleep_forever()
+                tg.cancel_scope.cancel()
+            if nc is not None and nc.is_connected and not auth_failed:
+                nc._error_cb = error_cb  # after the first connect, errors are only logged
                 break
-            except Exception as e:  # nats-py raises several unrelated types here
-                if time.monotonic() + delay > deadline:
-                    raise BusError(f"cannot connect to NATS at {url}: {e!r}") from e
-                log.info("NATS at %s not reachable yet (%r); retrying", url, e)
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+            if nc is not None:
+                await nc.close()
+            if auth_failed or (error is not None and _is_auth_failure(error)):
+                raise BusAuthError(
+                    f"NATS at {url} refused our credentials ({(auth_failed or [error])[0]!r}); check the URL's "
+                    "user/password or BATON_NATS_USER/PASSWORD/TOKEN/CREDS"
+                )
+            if time.monotonic() + delay > deadline:
+                raise BusError(f"cannot connect to NATS at {url}: {error!r}")
+            log.info("NATS at %s not reachable yet (%r); retrying", url, error)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 2.0)
         inbox = ReplyInbox(nc)
         inbox_ref.append(inbox)
         await inbox.start()

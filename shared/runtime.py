@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 from typing import Protocol
 
 import anyio
 
+from shared.bus import BusError
 from shared.telemetry import setup_logging
 
 log = logging.getLogger("baton.runtime")
@@ -45,5 +47,20 @@ async def run_until_signalled(actor: Actor, drain_timeout: float = 30.0) -> None
 
 
 def run_service(actor: Actor, service: str, log_level: str = "info", drain_timeout: float = 30.0) -> None:
+    """Run a service process. A bus it cannot reach or that refuses it ends the process with
+    one clear line and exit code 2, not a traceback."""
     setup_logging(service, log_level)
-    anyio.run(run_until_signalled, actor, drain_timeout, backend_options={"use_uvloop": True})
+    try:
+        anyio.run(run_until_signalled, actor, drain_timeout, backend_options={"use_uvloop": True})
+    except (BusError, BaseExceptionGroup) as e:
+        bus_errors = [e] if isinstance(e, BusError) else _leaves(e, BusError)
+        if not bus_errors:
+            raise
+        log.error("%s: %s", service, bus_errors[0])
+        sys.exit(2)
+
+
+def _leaves(group: BaseException, kind: type[BaseException]) -> list[BaseException]:
+    if isinstance(group, BaseExceptionGroup):
+        return [leaf for sub in group.exceptions for leaf in _leaves(sub, kind)]
+    return [group] if isinstance(group, kind) else []

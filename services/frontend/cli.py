@@ -29,6 +29,21 @@ def main(
     header_timeout: Annotated[
         float, typer.Option(envvar="BATON_HEADER_TIMEOUT", help="Seconds a client has to send a request's headers.")
     ] = 30.0,
+    api_keys_file: Annotated[
+        str | None,
+        typer.Option(envvar="BATON_API_KEYS_FILE",
+                     help="Require 'Authorization: Bearer <key>' with a key from this file (one a line); "
+                          "BATON_API_KEYS may also list keys, comma-separated."),
+    ] = None,
+    rate_limit_rpm: Annotated[
+        float, typer.Option(envvar="BATON_RATE_LIMIT_RPM", help="Requests a minute per API key (or client); 0: off.")
+    ] = 0.0,
+    rate_limit_burst: Annotated[
+        int, typer.Option(envvar="BATON_RATE_LIMIT_BURST", help="Burst size of the rate limit (0: rpm/6).")
+    ] = 0,
+    max_prompt_tokens: Annotated[
+        int, typer.Option(envvar="BATON_MAX_PROMPT_TOKENS", help="Longest prompt accepted, in tokens (0: context).")
+    ] = 0,
     max_migrations: Annotated[
         int, typer.Option(envvar="BATON_MAX_MIGRATIONS", help="Worker failures one request may survive.")
     ] = 3,
@@ -49,7 +64,8 @@ def main(
     settings = FrontendSettings(
         nats_url=nats_url, host=host, port=port, model=model, served_model_name=served_model_name,
         max_model_len=max_model_len, max_body_bytes=max_body_bytes, max_inflight=max_inflight,
-        header_timeout=header_timeout, discovery_ttl=discovery_ttl,
+        header_timeout=header_timeout, discovery_ttl=discovery_ttl, api_keys_file=api_keys_file,
+        rate_limit_rpm=rate_limit_rpm, rate_limit_burst=rate_limit_burst, max_prompt_tokens=max_prompt_tokens,
         generation=GenerationSettings(route_timeout=route_timeout, first_token_timeout=first_token_timeout,
                                       max_migrations=max_migrations),
     )

@@ -18,6 +18,7 @@ import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.frontend import metrics
+from services.frontend.access import AccessControl
 from services.frontend.generation import Delta, Generation
 from services.frontend.openai_api import (
     ApiError,
@@ -62,6 +63,8 @@ class OpenAIApp:
         ready: Callable[[], dict[str, Any] | None],
         max_body_bytes: int = 2 * 1024 * 1024,
         max_inflight: int = 2048,
+        access: AccessControl | None = None,
+        max_prompt_tokens: int = 0,
     ) -> None:
         self.generation = generation
         self.tokenizer = generation.tokenizer
@@ -70,6 +73,8 @@ class OpenAIApp:
         self.ready = ready  # returns a status dict when ready, None when not
         self.max_body_bytes = max_body_bytes
         self.max_inflight = max_inflight
+        self.access = access
+        self.max_prompt_tokens = max_prompt_tokens  # 0: only the context length bounds a prompt
         self.inflight = 0
         self.created = int(time.time())
 
@@ -81,6 +86,8 @@ class OpenAIApp:
         endpoint = path
         status = 500
         try:
+            if path.startswith("/v1/") and self.access is not None:
+                self.access.admit(scope["headers"], scope.get("client"))
             if path == "/v1/chat/completions" or path == "/v1/completions":
                 if method != "POST":
                     raise ApiError(405, f"use POST for {path}", code="method_not_allowed")
@@ -188,6 +195,10 @@ class OpenAIApp:
                 raise ApiError(400, "prompt must not be empty", param="prompt")
             max_tokens = req.max_tokens if req.max_tokens is not None else 16  # OpenAI's default
             rid = f"cmpl-{uuid.uuid4().hex}"
+        if self.max_prompt_tokens and len(token_ids) > self.max_prompt_tokens:
+            raise ApiError(400, f"the prompt has {len(token_ids)} tokens; this endpoint accepts at most "
+                           f"{self.max_prompt_tokens}", param="messages" if chat else "prompt",
+                           code="prompt_too_long")
         stops = parse_stops(req.stop)
         sampling = sampling_from(req, max_tokens, len(token_ids), self.max_model_len)
         metrics.INPUT_TOKENS.observe(len(token_ids))

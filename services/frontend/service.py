@@ -13,6 +13,7 @@ import anyio
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from services.frontend.access import AccessControl, RateLimiter, load_api_keys
 from services.frontend.generation import Generation, GenerationSettings
 from services.frontend.http_app import OpenAIApp
 from services.frontend.nats_api import NatsApi
@@ -38,6 +39,10 @@ class FrontendSettings:
     max_body_bytes: int = 2 * 1024 * 1024
     max_inflight: int = 2048
     header_timeout: float = 30.0
+    api_keys_file: str | None = None
+    rate_limit_rpm: float = 0.0  # per API key (or client address without keys); 0: off
+    rate_limit_burst: int = 0
+    max_prompt_tokens: int = 0
     discovery_ttl: float = DEFAULT_TTL
     generation: GenerationSettings = field(default_factory=GenerationSettings)
 
@@ -53,6 +58,10 @@ class BatonHttpProtocol(HttpToolsProtocol):
     """
 
     header_timeout: float = 30.0
+    api_keys_file: str | None = None
+    rate_limit_rpm: float = 0.0  # per API key (or client address without keys); 0: off
+    rate_limit_burst: int = 0
+    max_prompt_tokens: int = 0
     _header_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
@@ -138,8 +147,13 @@ class Frontend:
         try:
             self.view = WorkerView(self.bus, s.discovery_ttl)
             generation = Generation(self.bus, self.tokenizer, self.model, s.generation)
+            keys = load_api_keys(s.api_keys_file)
+            limiter = RateLimiter(s.rate_limit_rpm, s.rate_limit_burst or None) if s.rate_limit_rpm > 0 else None
+            access = AccessControl(keys, limiter) if keys or limiter else None
+            if keys:
+                log.info("API keys required (%d configured)", len(keys))
             app = OpenAIApp(generation, self.model, self.max_model_len, self.ready, s.max_body_bytes,
-                            s.max_inflight)
+                            s.max_inflight, access, s.max_prompt_tokens)
             nats_api = NatsApi(self.bus, generation, self.model, self.max_model_len)
             config = uvicorn.Config(
                 app, host=s.host, port=s.port, http=protocol_with(s.header_timeout), loop="none", lifespan="off",

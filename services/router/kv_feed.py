@@ -25,11 +25,12 @@ import logging
 import time
 
 import anyio
+import anyio.lowlevel
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy, ObjectStoreConfig, StorageType
 from prometheus_client import Counter, Gauge
 
-from services.router.kv_index import EventOutcome
+from services.router.kv_index import EventOutcome, encode_snapshot
 from services.router.kv_policy import KvRouter
 from shared.bus import Bus
 from shared.messages import kv_event_decoder
@@ -196,12 +197,20 @@ class KvEventFeed:
         return snap.stream_seq
 
     async def save_snapshot(self) -> bool:
-        """Write the index to the object store if it changed since the last snapshot."""
+        """Write the index to the object store if it changed since the last snapshot.
+
+        Built one worker at a time, yielding to the event loop in between, so routing never
+        stalls for the whole index (see :meth:`KvBlockIndex.snapshot_parts` for why that is exact).
+        """
         seq = self.applied_stream_seq
         if seq <= self._snapshot_seq:
             return False
         t0 = time.perf_counter()
-        data = self.router.index.snapshot(seq, time.time())
+        parts = []
+        for part in self.router.index.snapshot_parts():
+            parts.append(part)
+            await anyio.lowlevel.checkpoint()
+        data = encode_snapshot(seq, time.time(), parts)
         t1 = time.perf_counter()
         store = await self._object_store()
         await store.put(SNAPSHOT_OBJECT, data)

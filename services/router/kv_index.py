@@ -22,7 +22,7 @@ Not thread-safe: the router mutates and queries it from its event loop only.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from itertools import chain, islice, repeat
@@ -174,6 +174,7 @@ class WorkerSnapshot(msgspec.Struct, kw_only=True, array_like=True):
     worker_id: str
     last_seq: int
     hashes: bytes  # little-endian uint64 array
+    needs_resync: bool = False
 
 
 class IndexSnapshot(msgspec.Struct, kw_only=True, array_like=True):
@@ -185,6 +186,10 @@ class IndexSnapshot(msgspec.Struct, kw_only=True, array_like=True):
 
 
 _snapshot_decoder = msgspec.msgpack.Decoder(IndexSnapshot)
+
+
+def encode_snapshot(stream_seq: int, created_at: float, parts: list[WorkerSnapshot]) -> bytes:
+    return msgspec.msgpack.encode(IndexSnapshot(stream_seq=stream_seq, created_at=created_at, workers=parts))
 
 
 @dataclass
@@ -323,15 +328,26 @@ class KvBlockIndex:
 
     # --- snapshots -------------------------------------------------------------------------
 
-    def snapshot(self, stream_seq: int, created_at: float) -> bytes:
+    def snapshot_parts(self) -> Iterator[WorkerSnapshot]:
+        """One worker at a time, so a caller can yield to its event loop in between.
+
+        Parts taken at different moments still restore exactly: each carries its worker's
+        ``last_seq``, and replay from the stream seq taken *before* the first part skips, per
+        worker, the batches a part already includes (their seq is not above ``last_seq``).
+        """
         import numpy as np
 
-        workers = [
-            WorkerSnapshot(worker_id=w.worker_id, last_seq=w.last_seq,
-                           hashes=np.fromiter(self.worker_blocks(w.worker_id), dtype="<u8", count=w.count).tobytes())
-            for w in self._workers.values()
-        ]
-        return msgspec.msgpack.encode(IndexSnapshot(stream_seq=stream_seq, created_at=created_at, workers=workers))
+        for worker_id in list(self._workers):
+            w = self._workers.get(worker_id)
+            if w is None:
+                continue
+            yield WorkerSnapshot(worker_id=w.worker_id, last_seq=w.last_seq,
+                                 hashes=np.fromiter(self.worker_blocks(w.worker_id), dtype="<u8",
+                                                    count=w.count).tobytes(),
+                                 needs_resync=w.worker_id in self.needs_resync)
+
+    def snapshot(self, stream_seq: int, created_at: float) -> bytes:
+        return encode_snapshot(stream_seq, created_at, list(self.snapshot_parts()))
 
     def restore(self, data: bytes) -> IndexSnapshot:
         """Replace the contents with a snapshot; returns it (its ``stream_seq`` says where to resume)."""
@@ -344,6 +360,8 @@ class KvBlockIndex:
             w = self._add_worker(ws.worker_id)
             w.last_seq = ws.last_seq
             self._store(w, np.frombuffer(ws.hashes, dtype="<u8").tolist())
+            if ws.needs_resync:
+                self.needs_resync.add(ws.worker_id)
         return snap
 
     # --- internals -------------------------------------------------------------------------

@@ -8,6 +8,7 @@ drops workers whose discovery key is gone.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from dataclasses import dataclass
 
@@ -142,7 +143,12 @@ class Router:
             ERRORS.labels("no_worker").inc()
             await self.bus.respond(msg, RouteError(code=503, message=f"no decode worker serves {req.model!r}"))
             return
-        worker, overlap = self.policy.choose_worker(req, workers)
+        try:
+            worker, overlap = self.policy.choose_worker(req, workers)
+        except Exception:  # a policy bug must not cost the request: place it anyway
+            ERRORS.labels("policy").inc()
+            log.exception("policy %s failed; routing %s at random", self.policy.name, req.request_id)
+            worker, overlap = random.choice(workers), 0
         DECISION_SECONDS.observe(time.perf_counter() - t0)
         await self.bus.respond(msg, RouteDecision(
             worker_id=worker.worker_id, subject=worker.generate_subject, cancel_subject=worker.cancel_subject,

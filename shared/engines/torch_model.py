@@ -263,25 +263,26 @@ class LlamaModel:
         if n_dec:
             table = inp.decode_block_table
             assert table is not None
-            # index_select, not advanced indexing: a block copy instead of a per-element gather (10x on CPU)
-            ctx_shape = (n_dec, -1, a.num_kv_heads, a.head_dim)
+            # index_select, not advanced indexing: whole-block copies, not a per-element gather (10x on CPU)
             ws_k, ws_v = self._workspace(table.shape[0])
-            keys = (
-                torch.index_select(k_cache, 0, table, out=ws_k).view(ctx_shape).transpose(1, 2)
-            )  # [D, KVH, L, hd]
+            ctx_shape = (n_dec, -1, a.num_kv_heads, a.head_dim)
+            keys = torch.index_select(k_cache, 0, table, out=ws_k).view(ctx_shape).transpose(1, 2)
             values = torch.index_select(v_cache, 0, table, out=ws_v).view(ctx_shape).transpose(1, 2)
-            mask = inp.decode_window_mask if window is not None else inp.decode_mask
+            # [D, KVH, L, hd]: each KV head's query group rides in the "query length" slot, no repeat_kv
             qd = q[:n_dec].view(n_dec, a.num_kv_heads, group, a.head_dim)
+            mask = inp.decode_window_mask if window is not None else inp.decode_mask
             att = F.scaled_dot_product_attention(qd, keys, values, attn_mask=mask)
             out[:n_dec] = att.reshape(n_dec, a.num_heads, a.head_dim)
         for start, n_new, n_cached, blocks in inp.prefills:
-            ctx = n_cached + n_new
-            ws_k, ws_v = self._workspace(blocks.shape[0])
-            keys = (
-                torch.index_select(k_cache, 0, blocks, out=ws_k).flatten(0, 1)[:ctx].transpose(0, 1)
-            )  # [KVH, ctx, hd]
-            values = torch.index_select(v_cache, 0, blocks, out=ws_v).flatten(0, 1)[:ctx].transpose(0, 1)
             qp = q[start : start + n_new].transpose(0, 1)  # [H, n_new, hd]
+            if n_cached == 0:  # the whole context is this chunk: attend to its own k/v, no gather
+                keys = k[start : start + n_new].transpose(0, 1)  # [KVH, n_new, hd]
+                values = v[start : start + n_new].transpose(0, 1)
+            else:
+                ctx = n_cached + n_new
+                ws_k, ws_v = self._workspace(blocks.shape[0])
+                keys = torch.index_select(k_cache, 0, blocks, out=ws_k).flatten(0, 1)[:ctx].transpose(0, 1)
+                values = torch.index_select(v_cache, 0, blocks, out=ws_v).flatten(0, 1)[:ctx].transpose(0, 1)
             if n_cached == 0 and window is None:
                 att = F.scaled_dot_product_attention(qp, keys, values, is_causal=True, enable_gqa=True)
             else:

@@ -255,8 +255,9 @@ class VllmEngine(Engine):
         cfg = _model_config(ref.path)
         self.vocab_size = int(cfg["vocab_size"])
         self.eos_token_ids = _eos_ids(ref.path, cfg)
-        self.max_model_len = min(int(cfg.get("max_position_embeddings", DEFAULT_MAX_MODEL_LEN)),
-                                 max_model_len or DEFAULT_MAX_MODEL_LEN)
+        # EngineConfig has no max_model_len (yet): honour one if it grows the field.
+        cap = max_model_len or getattr(config, "max_model_len", 0) or DEFAULT_MAX_MODEL_LEN
+        self.max_model_len = min(int(cfg.get("max_position_embeddings", cap)), cap)
         self.block_size = config.block_size
         if config.device == "cpu":
             head_dim = _head_dim(cfg)
@@ -414,7 +415,10 @@ class VllmEngine(Engine):
 
     async def generate(self, request_id: str, token_ids: list[int], sampling: SamplingParams) -> AsyncIterator[EngineOutput]:
         from vllm import TokensPrompt
+        from vllm.exceptions import VLLMClientError
 
+        # A bad request (vLLM's validation) ends the stream with an error output, not an exception.
+        bad_request = (ValueError, VLLMClientError)
         await self.wait_ready()
         llm = self._llm
         assert llm is not None  # wait_ready() raised otherwise
@@ -423,7 +427,7 @@ class VllmEngine(Engine):
         n_prompt = len(token_ids)
         try:
             params = self._sampling(sampling)
-        except ValueError as e:  # vLLM's own validation (VLLMValidationError is a ValueError)
+        except bad_request as e:
             yield EngineOutput(request_id, [], "error", n_prompt, error=str(e))
             return
         self._active.add(request_id)
@@ -431,7 +435,7 @@ class VllmEngine(Engine):
         try:
             try:
                 q = await llm.add_request(request_id, TokensPrompt(prompt_token_ids=list(token_ids)), params)
-            except ValueError as e:  # e.g. prompt longer than max_model_len
+            except bad_request as e:  # e.g. prompt longer than max_model_len, token id out of vocab
                 finished = True
                 yield EngineOutput(request_id, [], "error", n_prompt, error=str(e))
                 return

@@ -132,6 +132,11 @@ async def test_sampling_params_pass_through(engine: VllmEngine, hf) -> None:
     for name, sp in (("topk", SamplingParams(max_tokens=16, temperature=1.0, top_k=1)),
                      ("topp", SamplingParams(max_tokens=16, temperature=1.0, top_p=1e-6))):
         assert tokens(await collect(engine, name, ids, sp)) == ref, name
+    # Requests vLLM rejects end with an error output (the worker answers 400), not an exception.
+    for name, bad_ids, sp in (("too-long", prompt(1, 600), GREEDY), ("bad-id", [5, 10**6], GREEDY),
+                              ("bad-min", ids, SamplingParams(max_tokens=4, min_tokens=8))):
+        outs = await collect(engine, name, bad_ids, sp)
+        assert len(outs) == 1 and outs[0].finish_reason == "error" and outs[0].error, name
     # seed: same seed, same sample; another seed, (almost surely) another one.
     a, b, c = [tokens(await collect(engine, f"seed-{i}", ids, SamplingParams(max_tokens=16, seed=s)))
                for i, s in enumerate((11, 11, 12))]

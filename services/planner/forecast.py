@@ -1,0 +1,137 @@
+"""Short-term forecast of the load: request rate and prompt/output lengths, one interval at a time.
+
+Rate: Holt's linear (double exponential) smoothing, level plus trend, forecast ``h`` intervals
+ahead; never below the latest sample, so a step up in traffic is acted on at once rather than
+after the smoothing catches up (the stabilizer's N-intervals rule filters one-off spikes).
+Lengths: EWMA of the per-interval means, updated only when requests arrived.
+
+:class:`TrafficMeter` collects what the planner's subscriptions see between two samples.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from services.planner.signals import Traffic
+
+
+class Holt:
+    """Level + trend exponential smoothing."""
+
+    def __init__(self, alpha: float = 0.5, beta: float = 0.3) -> None:
+        self.alpha = alpha
+        self.beta = beta
+        self.level: float | None = None
+        self.trend = 0.0
+
+    def update(self, x: float) -> None:
+        if self.level is None:
+            self.level = x
+            return
+        prev = self.level
+        self.level = self.alpha * x + (1 - self.alpha) * (self.level + self.trend)
+        self.trend = self.beta * (self.level - prev) + (1 - self.beta) * self.trend
+
+    def forecast(self, h: float = 1.0) -> float:
+        if self.level is None:
+            return 0.0
+        return max(0.0, self.level + h * self.trend)
+
+
+@dataclass(slots=True)
+class Prediction:
+    request_rate: float = 0.0
+    prompt_tokens: float = 0.0
+    output_tokens: float = 0.0
+    prefill_job_rate: float = 0.0
+    prefill_job_tokens: float = 0.0
+
+
+class _Mean:
+    __slots__ = ("alpha", "value")
+
+    def __init__(self, alpha: float, initial: float) -> None:
+        self.alpha = alpha
+        self.value = initial
+
+    def update(self, x: float, seen: bool) -> None:
+        if seen:
+            self.value = x if self.value <= 0 else self.alpha * x + (1 - self.alpha) * self.value
+
+
+class Forecaster:
+    def __init__(self, alpha: float = 0.5, beta: float = 0.3, length_alpha: float = 0.3,
+                 prompt_tokens: float = 0.0, output_tokens: float = 0.0) -> None:
+        self.rate = Holt(alpha, beta)
+        self.job_rate = Holt(alpha, beta)
+        self.isl = _Mean(length_alpha, prompt_tokens)
+        self.osl = _Mean(length_alpha, output_tokens)
+        self.job_isl = _Mean(length_alpha, prompt_tokens)
+        self._last_rate = 0.0
+        self._last_job_rate = 0.0
+
+    def update(self, t: Traffic) -> None:
+        self._last_rate = t.request_rate
+        self._last_job_rate = t.prefill_job_rate
+        self.rate.update(t.request_rate)
+        self.job_rate.update(t.prefill_job_rate)
+        self.isl.update(t.prompt_tokens, t.requests > 0)
+        self.osl.update(t.output_tokens, t.requests > 0)
+        self.job_isl.update(t.prefill_job_tokens, t.prefill_jobs > 0)
+
+    def predict(self, horizon: float = 1.0) -> Prediction:
+        return Prediction(
+            request_rate=max(self.rate.forecast(horizon), self._last_rate),
+            prompt_tokens=self.isl.value,
+            output_tokens=self.osl.value,
+            prefill_job_rate=max(self.job_rate.forecast(horizon), self._last_job_rate),
+            prefill_job_tokens=self.job_isl.value,
+        )
+
+
+class TrafficMeter:
+    """Counts new requests and prefill jobs between two :meth:`take` calls.
+
+    A request migrated to another worker is sent again under the same id: counted once.
+    """
+
+    def __init__(self, dedupe: int = 50_000) -> None:
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._dedupe = dedupe
+        self._last = time.monotonic()
+        self._reset()
+
+    def _reset(self) -> None:
+        self.requests = 0
+        self.prompt_tokens = 0
+        self.output_tokens = 0
+        self.jobs = 0
+        self.job_tokens = 0
+
+    def request(self, request_id: str, prompt_tokens: int, max_tokens: int) -> None:
+        if request_id in self._seen:
+            return
+        self._seen[request_id] = None
+        if len(self._seen) > self._dedupe:
+            self._seen.popitem(last=False)
+        self.requests += 1
+        self.prompt_tokens += prompt_tokens
+        self.output_tokens += max_tokens
+
+    def prefill_job(self, prompt_tokens: int) -> None:
+        self.jobs += 1
+        self.job_tokens += prompt_tokens
+
+    def take(self, now: float | None = None) -> Traffic:
+        now = time.monotonic() if now is None else now
+        t = Traffic(
+            interval=max(now - self._last, 1e-3), requests=self.requests,
+            prompt_tokens=self.prompt_tokens / self.requests if self.requests else 0.0,
+            output_tokens=self.output_tokens / self.requests if self.requests else 0.0,
+            prefill_jobs=self.jobs, prefill_job_tokens=self.job_tokens / self.jobs if self.jobs else 0.0,
+        )
+        self._last = now
+        self._reset()
+        return t
