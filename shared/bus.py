@@ -11,8 +11,8 @@ import logging
 import os
 import ssl
 import time
-from dataclasses import dataclass
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -76,6 +76,47 @@ class NatsSecurity:
                 ctx.load_cert_chain(self.tls_cert, self.tls_key)
             opts["tls"] = ctx
         return opts
+
+
+async def _connect_once(
+    url: str, name: str, budget: float, secure: dict[str, Any], **callbacks: Any
+) -> tuple[NatsClient | None, BaseException | None, list[BaseException]]:
+    """One bounded connection attempt: (client or None, the error, auth failures seen)."""
+    auth_failed: list[BaseException] = []
+    refused = anyio.Event()
+    nc: NatsClient | None = None
+    error: BaseException | None = None
+
+    async def first_error_cb(e: Exception) -> None:
+        if _is_auth_failure(e):
+            auth_failed.append(e)
+            refused.set()
+
+    async with anyio.create_task_group() as tg:
+
+        async def attempt() -> None:
+            nonlocal nc, error
+            try:
+                nc = await nats.connect(
+                    servers=[url], name=name, connect_timeout=2, allow_reconnect=True, max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5, ping_interval=5, max_outstanding_pings=3,
+                    pending_size=64 * 1024 * 1024, error_cb=first_error_cb, **callbacks, **secure,
+                )
+            except Exception as e:  # nats-py raises several unrelated types here
+                error = e
+            tg.cancel_scope.cancel()
+
+        async def watch_refusal() -> None:
+            # nats-py keeps retrying a refused login inside connect(): stop it at once.
+            await refused.wait()
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(attempt)
+        tg.start_soon(watch_refusal)
+        with anyio.move_on_after(budget):
+            await anyio.sleep_forever()
+        tg.cancel_scope.cancel()
+    return nc, error, auth_failed
 
 
 def _is_auth_failure(e: BaseException) -> bool:
@@ -234,50 +275,10 @@ class Bus:
         delay = 0.1
         secure = (security or NatsSecurity.from_env()).connect_options()
         while True:
-            auth_failed: list[BaseException] = []
-            refused = anyio.Event()
-
-            async def first_error_cb(e: Exception) -> None:
-                if _is_auth_failure(e):
-                    auth_failed.append(e)
-                    refused.set()
-
-            nc: NatsClient | None = None
-            error: BaseException | None = None
-            async with anyio.create_task_group() as tg:
-
-                async def attempt() -> None:
-                    nonlocal nc, error
-                    try:
-                        nc = await nats.connect(
-                            servers=[url],
-                            name=name,
-                            connect_timeout=2,
-                            allow_reconnect=True,
-                            max_reconnect_attempts=-1,
-                            reconnect_time_wait=0.5,
-                            ping_interval=5,
-                            max_outstanding_pings=3,
-                            pending_size=64 * 1024 * 1024,
-                            error_cb=first_error_cb,
-                            disconnected_cb=disconnected_cb,
-                            reconnected_cb=reconnected_cb,
-                            **secure,
-                        )
-                    except Exception as e:  # nats-py raises several unrelated types here
-                        error = e
-                    tg.cancel_scope.cancel()
-
-                async def watch_refusal() -> None:
-                    # nats-py keeps retrying a refused login inside connect(): stop it at once.
-                    await refused.wait()
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(attempt)
-                tg.start_soon(watch_refusal)
-                with anyio.move_on_after(max(1.0, deadline - time.monotonic())):
-                    await anyio.sleep_forever()
-                tg.cancel_scope.cancel()
+            nc, error, auth_failed = await _connect_once(
+                url, name, max(1.0, deadline - time.monotonic()), secure,
+                disconnected_cb=disconnected_cb, reconnected_cb=reconnected_cb,
+            )
             if nc is not None and nc.is_connected and not auth_failed:
                 nc._error_cb = error_cb  # after the first connect, errors are only logged
                 break

@@ -38,6 +38,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     decode_s_per_seq: float = 1e-4
     # vLLM: share of device (on CPU: host) memory it may reserve
     gpu_memory_utilization: float = 0.2
+    max_model_len: int = 0  # context cap; 0: engine default (the model's own; vLLM: min(model's, 2048))
 
 
 @dataclass(slots=True)
