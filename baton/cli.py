@@ -9,6 +9,7 @@ import typer
 from services.decode.cli import main as decode_main
 from services.frontend.cli import main as frontend_main
 from services.planner.cli import main as planner_main
+from services.planner.profile import main as profile_main
 from services.prefill.cli import main as prefill_main
 from services.router.cli import main as router_main
 
@@ -18,6 +19,7 @@ app.command("router")(router_main)
 app.command("decode")(decode_main)
 app.command("prefill")(prefill_main)
 app.command("planner")(planner_main)
+app.command("profile")(profile_main)
 
 model_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, help="Built-in models.")
 app.add_typer(model_app, name="model")
@@ -48,15 +50,33 @@ def up(
     log_dir: Annotated[str | None, typer.Option(help="Write each service's log to a file here.")] = None,
     log_level: Annotated[str, typer.Option(envvar="BATON_LOG_LEVEL", help="Log level of the services.")] = "info",
     ready_timeout: Annotated[float, typer.Option(help="Seconds to wait for /health to be ready.")] = 180.0,
+    planner_connector: Annotated[str, typer.Option(
+        help="local: the planner starts/stops the workers; none: a fixed fleet, the planner only observes.")] = "local",
+    planner_policy: Annotated[str, typer.Option(help="Planner policy: load, sla or none.")] = "load",
+    planner_interval: Annotated[float, typer.Option(help="Seconds between planner decisions.")] = 2.0,
+    planner_dry_run: Annotated[bool, typer.Option(help="The planner decides and reports, never acts.")] = False,
+    min_decode_workers: Annotated[int | None, typer.Option(help="Planner: fewest decode workers.")] = None,
+    max_decode_workers: Annotated[int | None, typer.Option(
+        help="Planner: most decode workers (default --decode-workers: no autoscaling).")] = None,
+    min_prefill_workers: Annotated[int | None, typer.Option(help="Planner: fewest prefill workers.")] = None,
+    max_prefill_workers: Annotated[int | None, typer.Option(help="Planner: most prefill workers.")] = None,
+    planner_args: Annotated[str, typer.Option(
+        help="More planner options, one string (e.g. '--profile p.json --ttft-target-ms 300').")] = "",
 ) -> None:
     """Start the whole stack on this machine: embedded NATS plus the five services."""
+    import shlex
+
     from baton.up import UpSettings, run_up
 
     run_up(UpSettings(
         nats_url=nats_url, nats_port=nats_port, data_dir=data_dir, host=host, port=port, model=model, engine=engine,
         decode_workers=decode_workers, prefill_workers=prefill_workers, routers=routers, router_mode=router_mode,
         mocker_speedup=mocker_speedup, num_blocks=num_blocks, discovery_ttl=discovery_ttl, log_dir=log_dir,
-        log_level=log_level, ready_timeout=ready_timeout,
+        log_level=log_level, ready_timeout=ready_timeout, planner_connector=planner_connector,
+        planner_policy=planner_policy, planner_interval=planner_interval, planner_dry_run=planner_dry_run,
+        min_decode_workers=min_decode_workers, max_decode_workers=max_decode_workers,
+        min_prefill_workers=min_prefill_workers, max_prefill_workers=max_prefill_workers,
+        planner_args=shlex.split(planner_args),
     ))
 
 

@@ -45,6 +45,18 @@ class UpSettings:
     stop_grace: float = 15.0
     log_dir: str | None = None  # per-service log files instead of this terminal
     extra_env: dict[str, str] = field(default_factory=dict)
+    # The planner. "local": it starts and stops the decode/prefill worker processes itself (within
+    # min..max, default exactly --decode-workers/--prefill-workers); "none": this supervisor runs a
+    # fixed fleet and the planner only observes.
+    planner_connector: str = "local"
+    planner_policy: str = "load"
+    planner_interval: float = 2.0
+    planner_dry_run: bool = False
+    min_decode_workers: int | None = None
+    max_decode_workers: int | None = None
+    min_prefill_workers: int | None = None
+    max_prefill_workers: int | None = None
+    planner_args: list[str] = field(default_factory=list)  # passed through to `python -m services.planner`
 
 
 @dataclass
@@ -64,11 +76,33 @@ def service_specs(s: UpSettings, nats_url: str) -> list[ProcessSpec]:
                                       "--port", str(s.port)])]
     specs += [ProcessSpec(f"router-{i}", [*py, "services.router", *common, "--mode", s.router_mode])
               for i in range(s.routers)]
-    specs += [ProcessSpec(f"decode-{i}", [*py, "services.decode", *common, *engine]) for i in range(s.decode_workers)]
-    specs += [ProcessSpec(f"prefill-{i}", [*py, "services.prefill", *common, *engine])
-              for i in range(s.prefill_workers)]
-    specs.append(ProcessSpec("planner", [*py, "services.planner", *common]))
+    if s.planner_connector != "local":  # else the planner owns the workers (and the supervisor the planner)
+        specs += [ProcessSpec(f"decode-{i}", [*py, "services.decode", *common, *engine])
+                  for i in range(s.decode_workers)]
+        specs += [ProcessSpec(f"prefill-{i}", [*py, "services.prefill", *common, *engine])
+                  for i in range(s.prefill_workers)]
+    specs.append(ProcessSpec("planner", [*py, "services.planner", *common, *planner_args(s, engine)]))
     return specs
+
+
+def planner_args(s: UpSettings, engine: list[str]) -> list[str]:
+    """The planner's options: fleet limits (default: exactly the fleet asked for) and, for the local
+    connector, the worker options the supervisor would otherwise give the workers."""
+    lo_d = s.decode_workers if s.min_decode_workers is None else s.min_decode_workers
+    hi_d = max(lo_d, s.decode_workers if s.max_decode_workers is None else s.max_decode_workers)
+    lo_p = s.prefill_workers if s.min_prefill_workers is None else s.min_prefill_workers
+    hi_p = max(lo_p, s.prefill_workers if s.max_prefill_workers is None else s.max_prefill_workers)
+    args = ["--connector", s.planner_connector, "--policy", s.planner_policy, "--interval", str(s.planner_interval),
+            "--min-decode", str(lo_d), "--max-decode", str(hi_d), "--min-prefill", str(lo_p),
+            "--max-prefill", str(hi_p)]
+    if s.planner_connector == "local":
+        args += ["--initial-decode", str(min(max(s.decode_workers, lo_d), hi_d)),
+                 "--initial-prefill", str(min(max(s.prefill_workers, lo_p), hi_p)), *engine]
+        if s.log_dir:
+            args += ["--worker-log-dir", s.log_dir]
+    if s.planner_dry_run:
+        args.append("--dry-run")
+    return args + list(s.planner_args)
 
 
 async def http_status(host: str, port: int, path: str, timeout: float = 2.0) -> int:

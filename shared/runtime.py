@@ -11,6 +11,7 @@ import anyio
 
 from shared.bus import BusError
 from shared.telemetry import setup_logging
+from shared.tracing import setup_tracing
 
 log = logging.getLogger("baton.runtime")
 
@@ -50,6 +51,7 @@ def run_service(actor: Actor, service: str, log_level: str = "info", drain_timeo
     """Run a service process. A bus it cannot reach or that refuses it ends the process with
     one clear line and exit code 2, not a traceback."""
     setup_logging(service, log_level)
+    setup_tracing(service)
     try:
         anyio.run(run_until_signalled, actor, drain_timeout, backend_options={"use_uvloop": True})
     except (BusError, BaseExceptionGroup) as e:

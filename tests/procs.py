@@ -90,7 +90,8 @@ class Stack:
     def __init__(self, workdir: Path, engine: str, decode_workers: int = 1, prefill_workers: int = 0,
                  planner: bool = False, discovery_ttl: float = 3.0, model: str = "baton-tiny",
                  extra_decode_args: list[str] | None = None, env: dict[str, str] | None = None,
-                 decode_ids: list[str] | None = None, routers: int = 1, frontends: int = 1) -> None:
+                 decode_ids: list[str] | None = None, routers: int = 1, frontends: int = 1,
+                 metrics: bool = False) -> None:
         self.workdir = workdir
         self.engine = engine
         self.model = model
@@ -113,6 +114,8 @@ class Stack:
         self._extra_decode = extra_decode_args or []
         self._decode_ids = decode_ids or []
         self.frontend_extra: list[str] = []
+        self.metrics = metrics  # give every non-frontend service a --metrics-port
+        self.metrics_ports: dict[str, int] = {}
         self._expected_dead: list[ServiceProcess] = []  # killed on purpose by a test
 
     def kill(self, p: ServiceProcess) -> None:
@@ -127,6 +130,9 @@ class Stack:
         return ["--nats-url", self.nats.url, "--discovery-ttl", str(self.ttl)]
 
     def _proc(self, name: str, label: str, args: list[str]) -> ServiceProcess:
+        if self.metrics and name != "frontend":
+            self.metrics_ports[label] = free_port()
+            args = [*args, "--metrics-port", str(self.metrics_ports[label])]
         p = ServiceProcess(name, args, self.workdir / "logs" / f"{label}.log", env=self.env).start()
         self.procs.append(p)
         return p

@@ -13,12 +13,13 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 from nats.aio.msg import Msg
 from prometheus_client import Counter, Gauge
 
-from shared import subjects
+from shared import subjects, tracing
 from shared.bus import Bus
 from shared.config import DEFAULT_NATS_URL
 from shared.discovery import DEFAULT_TTL, WorkerRegistration
@@ -44,6 +45,13 @@ REQUESTS = Counter("baton_worker_requests_total", "Requests by outcome", ["role"
 RUNNING = Gauge("baton_worker_requests_running", "Requests in flight", ["role"])
 KV_USED = Gauge("baton_worker_kv_blocks_used", "KV blocks in use", ["role"])
 KV_TOTAL = Gauge("baton_worker_kv_blocks_total", "KV blocks in the pool", ["role"])
+KV_USAGE = Gauge("baton_worker_kv_cache_usage_ratio", "Share of KV blocks in use", ["role"])
+WAITING = Gauge("baton_worker_requests_waiting", "Requests queued in the engine", ["role"])
+ENGINE_RUNNING = Gauge("baton_worker_engine_requests_running", "Requests in the engine's running batch", ["role"])
+PREEMPTIONS = Gauge("baton_worker_preemptions", "Preemptions since start (KV pool ran out)", ["role"])
+PROMPT_TOKENS = Gauge("baton_worker_prompt_tokens", "Prompt tokens admitted since start", ["role"])
+PREFIX_HIT_TOKENS = Gauge("baton_worker_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache",
+                          ["role"])
 
 
 @dataclass
@@ -184,6 +192,10 @@ class DecodeWorker:
             REQUESTS.labels(self.role, "bad_request").inc()
             await self.bus.publish(reply, GenerateError(request_id=req.request_id, code=400, message=problem))
             return
+        span = tracing.start("decode", tracing.SpanKind.SERVER, tracing.context_from(msg.headers), **{
+            "baton.request_id": req.request_id, "baton.worker_id": self.worker_id,
+            "gen_ai.request.model": self.model, "gen_ai.request.max_tokens": req.sampling.max_tokens,
+            "gen_ai.usage.input_tokens": len(req.token_ids)})
         scope = anyio.CancelScope()
         if req.deadline:
             scope.deadline = anyio.current_time() + max(0.0, req.deadline - time.time())
@@ -192,20 +204,22 @@ class DecodeWorker:
         outcome = "cancelled"
         try:
             with scope:
-                outcome = await self._stream(req, reply)
+                outcome = await self._stream(req, reply, span)
         except Exception as e:
             outcome = "error"
             log.exception("request %s failed", req.request_id)
             with anyio.move_on_after(1, shield=True):
                 await self.bus.publish(reply, GenerateError(request_id=req.request_id, code=500, message=f"engine error: {e!r}"))
         finally:
+            tracing.end(span, error=None if outcome in ("length", "stop") else outcome,
+                        **{"gen_ai.response.finish_reasons": [outcome]})
             self._scopes.pop(req.request_id, None)
             if self._draining and not self._scopes:
                 self._idle.set()
             RUNNING.labels(self.role).dec()
             REQUESTS.labels(self.role, outcome).inc()
 
-    async def _stream(self, req: GenerateRequest, reply: str) -> str:
+    async def _stream(self, req: GenerateRequest, reply: str, span: Any = None) -> str:
         assert self.bus is not None
         publish = self.bus.publish
         rid = req.request_id
@@ -215,7 +229,12 @@ class DecodeWorker:
             if out.error:
                 await publish(reply, GenerateError(request_id=rid, code=400, message=out.error))
                 return "bad_request"
+            if index == 0 and out.token_ids:
+                tracing.event(span, "first_token", **{"baton.cached_tokens": out.num_cached_tokens})
             if out.finish_reason is not None:
+                if span is not None:
+                    span.set_attributes({"gen_ai.usage.output_tokens": index + len(out.token_ids),
+                                         "baton.cached_tokens": out.num_cached_tokens})
                 tokens = held + out.token_ids if not req.stream else out.token_ids
                 start = 0 if not req.stream else index
                 usage = Usage(prompt_tokens=out.num_prompt_tokens or len(req.token_ids),
@@ -240,6 +259,12 @@ class DecodeWorker:
             st = self.engine.stats()
             KV_USED.labels(self.role).set(st.kv_blocks_used)
             KV_TOTAL.labels(self.role).set(st.kv_blocks_total)
+            KV_USAGE.labels(self.role).set(st.kv_blocks_used / st.kv_blocks_total if st.kv_blocks_total else 0.0)
+            WAITING.labels(self.role).set(st.waiting)
+            ENGINE_RUNNING.labels(self.role).set(st.running)
+            PREEMPTIONS.labels(self.role).set(st.preemptions)
+            PROMPT_TOKENS.labels(self.role).set(st.prompt_tokens)
+            PREFIX_HIT_TOKENS.labels(self.role).set(st.prefix_hit_tokens)
             report = LoadReport(
                 worker_id=self.worker_id, role=self.role, timestamp=time.time(),  # type: ignore[arg-type]
                 kv_blocks_used=st.kv_blocks_used, kv_blocks_total=st.kv_blocks_total, running=st.running,

@@ -14,13 +14,14 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 from prometheus_client import Counter
 
 from services.frontend import metrics
 from services.frontend.openai_api import ApiError
-from shared import subjects
+from shared import subjects, tracing
 from shared.bus import Bus, BusError, BusTimeout, NoResponders, SlowConsumer
 from shared.messages import (
     Cancel,
@@ -82,23 +83,28 @@ class Generation:
         self.model = model
         self.settings = settings
 
-    async def _route(self, request_id: str, token_ids: list[int], exclude: list[str]) -> RouteDecision:
+    async def _route(self, request_id: str, token_ids: list[int], exclude: list[str], parent: Any = None) -> RouteDecision:
         if not self.bus.connected:
             raise ApiError(503, "the message bus is unavailable; retry shortly", type="service_unavailable",
                            code="bus_unavailable")
         req = RouteRequest(request_id=request_id, model=self.model, token_ids=token_ids, exclude=exclude)
+        span = tracing.start("route", tracing.SpanKind.CLIENT, parent, **{"baton.request_id": request_id})
         # Routing is idempotent: a request lost with a dying router replica is simply asked again.
         for attempt in range(self.settings.route_attempts):
             try:
-                msg = await self.bus.request(subjects.ROUTE, req, timeout=self.settings.route_timeout)
+                msg = await self.bus.request(subjects.ROUTE, req, timeout=self.settings.route_timeout,
+                                             headers=tracing.headers_for(span))
                 break
             except BusError as e:
                 if attempt + 1 == self.settings.route_attempts or not self.bus.connected:
+                    tracing.end(span, error=str(e))
                     raise ApiError(503, f"router unavailable: {e}", type="service_unavailable",
                                    code="router_unavailable") from None
                 if isinstance(e, NoResponders):
                     await anyio.sleep(0.2 * (attempt + 1))  # no router right now: give one a moment
         reply = route_reply_decoder.decode(msg.data)
+        tracing.end(span, **({"baton.worker_id": reply.worker_id, "baton.overlap_blocks": reply.overlap_blocks}
+                             if isinstance(reply, RouteDecision) else {"baton.route_error": reply.message}))
         if isinstance(reply, RouteError):
             kind = "service_unavailable" if reply.code >= 500 else "invalid_request_error"
             raise ApiError(reply.code, reply.message, type=kind, code="no_worker" if reply.code == 503 else None)
@@ -120,6 +126,7 @@ class Generation:
         sampling: SamplingParams,
         stops: list[str],
         stream: bool,
+        parent: Any = None,
     ) -> AsyncIterator[Delta]:
         """Yield text deltas until the request finishes. Cancelling the iterator cancels the request."""
         t0 = time.perf_counter()
@@ -144,11 +151,13 @@ class Generation:
                 )
             req = GenerateRequest(request_id=request_id, token_ids=token_ids + generated, sampling=job_sampling,
                                   model=self.model, stream=worker_streams)
-            decision = await self._route(request_id, req.token_ids, exclude)
+            decision = await self._route(request_id, req.token_ids, exclude, parent)
             inbox = self.bus.inbox.open(request_id)
             finished = False
+            gen_span = tracing.start("generate", tracing.SpanKind.CLIENT, parent, **{
+                "baton.worker_id": decision.worker_id, "baton.resumed_tokens": len(generated)})
             try:
-                await self.bus.publish(decision.subject, req, reply=inbox.subject)
+                await self.bus.publish(decision.subject, req, reply=inbox.subject, headers=tracing.headers_for(gen_span))
                 silent = 0.0
                 while True:
                     try:
@@ -208,6 +217,8 @@ class Generation:
                     if text or reply.token_ids:
                         yield Delta(text, reply.token_ids, worker_id=decision.worker_id)
             except _Migrate as m:
+                tracing.end(gen_span, error=m.reason)
+                gen_span = None
                 exclude.append(decision.worker_id)
                 failures += 1
                 budget = s.max_migrations if generated else max(s.max_migrations, s.max_route_attempts)
@@ -221,6 +232,7 @@ class Generation:
                     await self._cancel(decision, request_id, "migrated")
                     finished = True
             finally:
+                tracing.end(gen_span, **{"gen_ai.usage.output_tokens": len(generated)})
                 self.bus.inbox.close(request_id)
                 if not finished:
                     await self._cancel(decision, request_id, "caller left")

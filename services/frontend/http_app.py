@@ -37,6 +37,7 @@ from services.frontend.openai_api import (
     sampling_from,
     usage_chunk,
 )
+from shared import tracing
 from shared.messages import Usage
 
 log = logging.getLogger("baton.frontend.http")
@@ -48,6 +49,10 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 _json = msgspec.json.Encoder()
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+
+
+def _header_map(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in headers if k in (b"traceparent", b"tracestate")}
 
 
 class ClientGone(Exception):
@@ -100,7 +105,17 @@ class OpenAIApp:
                 t0 = time.perf_counter()
                 try:
                     body = await self._read_body(scope, receive)
-                    status = await self._generate(path == "/v1/chat/completions", body, receive, send)
+                    root = tracing.start(f"{method} {path}", tracing.SpanKind.SERVER,
+                                         tracing.context_from(_header_map(scope["headers"])),
+                                         **{"http.request.method": method, "url.path": path})
+                    try:
+                        status = await self._generate(path == "/v1/chat/completions", body, receive, send, root)
+                    except ApiError as e:
+                        tracing.end(root, error=e.message, **{"http.response.status_code": e.status})
+                        root = None
+                        raise
+                    finally:
+                        tracing.end(root, **{"http.response.status_code": status})
                 finally:
                     self.inflight -= 1
                     metrics.INFLIGHT.dec()
@@ -168,7 +183,7 @@ class OpenAIApp:
             raise ApiError(404, f"the model {model!r} does not exist; this endpoint serves {self.model!r}",
                            param="model", code="model_not_found")
 
-    async def _generate(self, chat: bool, body: bytes, receive: Receive, send: Send) -> int:
+    async def _generate(self, chat: bool, body: bytes, receive: Receive, send: Send, root: Any = None) -> int:
         if chat:
             req: ChatCompletionRequest | CompletionRequest = decode_request(body, chat_decoder)
             assert isinstance(req, ChatCompletionRequest)
@@ -202,13 +217,21 @@ class OpenAIApp:
         stops = parse_stops(req.stop)
         sampling = sampling_from(req, max_tokens, len(token_ids), self.max_model_len)
         metrics.INPUT_TOKENS.observe(len(token_ids))
-        deltas = self.generation.run(rid, token_ids, sampling, stops, req.stream)
+        tracing.event(root, "tokenized")
+        if root is not None:
+            root.set_attributes({"gen_ai.operation.name": "chat" if chat else "text_completion",
+                                 "gen_ai.request.model": self.model, "gen_ai.request.max_tokens": sampling.max_tokens,
+                                 "gen_ai.request.temperature": sampling.temperature,
+                                 "gen_ai.usage.input_tokens": len(token_ids), "gen_ai.response.id": rid})
+        trace_header = [(b"x-trace-id", tracing.trace_id_of(root).encode())] if root is not None else []
+        deltas = self.generation.run(rid, token_ids, sampling, stops, req.stream, root)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return await self._stream(chat, rid, deltas, include_usage, receive, send)
-        return await self._complete(chat, rid, deltas, receive, send)
+            return await self._stream(chat, rid, deltas, include_usage, receive, send, trace_header)
+        return await self._complete(chat, rid, deltas, receive, send, trace_header)
 
-    async def _complete(self, chat: bool, rid: str, deltas: Any, receive: Receive, send: Send) -> int:
+    async def _complete(self, chat: bool, rid: str, deltas: Any, receive: Receive, send: Send,
+                        extra_headers: list[tuple[bytes, bytes]]) -> int:
         parts: list[str] = []
         final: Delta | None = None
 
@@ -225,9 +248,10 @@ class OpenAIApp:
         metrics.OUTPUT_TOKENS.observe(usage.completion_tokens)
         text = "".join(parts)
         body = (chat_response if chat else completion_response)(rid, self.model, text, final.finish_reason, usage)
-        return await self._send_json(send, 200, body, [*_JSON_HEADERS, (b"x-request-id", rid.encode())])
+        return await self._send_json(send, 200, body, [*_JSON_HEADERS, (b"x-request-id", rid.encode()), *extra_headers])
 
-    async def _stream(self, chat: bool, rid: str, deltas: Any, include_usage: bool, receive: Receive, send: Send) -> int:
+    async def _stream(self, chat: bool, rid: str, deltas: Any, include_usage: bool, receive: Receive, send: Send,
+                      extra_headers: list[tuple[bytes, bytes]]) -> int:
         created = int(time.time())
         started = False
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -240,7 +264,7 @@ class OpenAIApp:
                 started = True
                 await send({"type": "http.response.start", "status": 200,
                             "headers": [*_SSE_HEADERS, (b"x-request-id", rid.encode()),
-                                        (b"x-baton-worker", worker.encode())]})
+                                        (b"x-baton-worker", worker.encode()), *extra_headers]})
 
         async def event(payload: Any) -> None:
             await send({"type": "http.response.body", "body": b"data: " + _json.encode(payload) + b"\n\n",
@@ -291,6 +315,7 @@ class OpenAIApp:
 async def _run_unless_disconnected(work: Callable[[], Awaitable[None]], receive: Receive) -> None:
     """Run ``work``; if the client disconnects first, cancel it (which cancels the request)."""
     gone = False
+    done = False
     error: BaseException | None = None
     async with anyio.create_task_group() as tg:
 
@@ -304,9 +329,10 @@ async def _run_unless_disconnected(work: Callable[[], Awaitable[None]], receive:
                     return
 
         async def run() -> None:
-            nonlocal error
+            nonlocal error, done
             try:
                 await work()
+                done = True
             except Exception as e:  # re-raised below, unwrapped from the task group
                 error = e
             finally:
@@ -316,5 +342,6 @@ async def _run_unless_disconnected(work: Callable[[], Awaitable[None]], receive:
         tg.start_soon(run)
     if error is not None:
         raise error
-    if gone:
+    # Once the response is complete, uvicorn reports a disconnect: that is not a client leaving.
+    if gone and not done:
         raise ClientGone

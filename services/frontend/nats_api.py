@@ -17,6 +17,7 @@ from nats.aio.msg import Msg
 from services.frontend import metrics
 from services.frontend.generation import Generation
 from services.frontend.openai_api import ApiError, CompletionRequest, sampling_from
+from shared import tracing
 from shared.bus import Bus
 from shared.messages import (
     ApiChunk,
@@ -45,13 +46,15 @@ class NatsApi:
         encode = _json.encode if as_json else _msgpack.encode
         rid = f"nats-{uuid.uuid4().hex}"
         status = "ok"
+        root = tracing.start(f"nats {msg.subject}", tracing.SpanKind.SERVER, tracing.context_from(msg.headers),
+                             **{"baton.request_id": rid})
         try:
             try:
                 req = (api_request_json_decoder if as_json else api_request_msgpack_decoder).decode(msg.data)
             except (msgspec.ValidationError, msgspec.DecodeError) as e:
                 raise ApiError(400, f"invalid request: {e}") from None
             token_ids, sampling, stops = self._prepare(req)
-            async with aclosing(self.generation.run(rid, token_ids, sampling, stops, req.stream)) as deltas:
+            async with aclosing(self.generation.run(rid, token_ids, sampling, stops, req.stream, root)) as deltas:
                 index = 0
                 text_parts: list[str] = []
                 tokens: list[int] = []
@@ -78,6 +81,7 @@ class NatsApi:
             log.exception("NATS API request %s failed", rid)
             await self.bus.publish(msg.reply, encode(ApiErrorMsg(code=500, message=f"internal error: {e!r}", request_id=rid)))
         finally:
+            tracing.end(root, error=None if status == "ok" else status)
             metrics.NATS_API_REQUESTS.labels(status).inc()
 
     def _prepare(self, req: ApiGenerateRequest) -> tuple[list[int], object, list[str]]:

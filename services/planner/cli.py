@@ -9,23 +9,139 @@ import typer
 from shared.config import DEFAULT_NATS_URL, DiscoveryTtl, LogLevel, MetricsPort, NatsUrl
 from shared.discovery import DEFAULT_TTL
 
+POLICIES = ("load", "sla", "none")
+CONNECTORS = ("none", "local", "compose", "kubernetes")
+
+
+def _opt(text: str, env: str | None = None, *names: str):
+    return typer.Option(*names, envvar=f"BATON_PLANNER_{env}" if env else None, help=text)
+
 
 def main(
     nats_url: NatsUrl = DEFAULT_NATS_URL,
-    interval: Annotated[
-        float, typer.Option(envvar="BATON_PLANNER_INTERVAL", help="Seconds between observations.")
-    ] = 2.0,
+    interval: Annotated[float, _opt("Seconds between observations (and decisions).", "INTERVAL")] = 2.0,
+    policy: Annotated[str, _opt("load (thresholds), sla (TTFT/ITL targets) or none (observe only).",
+                                "POLICY")] = "load",
+    connector: Annotated[str, _opt("none, local (start/stop worker processes here), compose or kubernetes.",
+                                   "CONNECTOR")] = "none",
+    dry_run: Annotated[bool, _opt("Decide and report, never act.", "DRY_RUN")] = False,
+    min_decode: Annotated[int, _opt("Fewest decode workers.", None, "--min-decode")] = 1,
+    max_decode: Annotated[int, _opt("Most decode workers.", None, "--max-decode")] = 8,
+    min_prefill: Annotated[int, _opt("Fewest prefill workers.", None, "--min-prefill")] = 0,
+    max_prefill: Annotated[int, _opt("Most prefill workers.", None, "--max-prefill")] = 8,
+    initial_decode: Annotated[int | None, _opt("Decode workers to start with (local; default: the minimum).",
+                                               None, "--initial-decode")] = None,
+    initial_prefill: Annotated[int | None, _opt("Prefill workers to start with (local; default: the minimum).",
+                                                None, "--initial-prefill")] = None,
+    # damping
+    up_intervals: Annotated[int, _opt("A larger fleet must be proposed this many intervals in a row.")] = 2,
+    down_intervals: Annotated[int, _opt("A smaller fleet must be proposed this many intervals in a row.")] = 5,
+    up_cooldown: Annotated[float, _opt("Seconds after a scale-up before the next one.")] = 10.0,
+    down_cooldown: Annotated[float, _opt("Seconds after any change before a scale-down.")] = 30.0,
+    startup_grace: Annotated[float, _opt("Seconds to wait for started workers to register before growing "
+                                         "again.")] = 60.0,
+    # load policy
+    decode_queue_up: Annotated[float, _opt("load: waiting requests per decode worker to grow above.")] = 2.0,
+    decode_queue_down: Annotated[float, _opt("load: waiting requests per decode worker to shrink below.")] = 0.2,
+    kv_up: Annotated[float, _opt("load: mean KV use to grow above.")] = 0.85,
+    kv_down: Annotated[float, _opt("load: KV use (on one worker fewer) to shrink below.")] = 0.5,
+    prefill_queue_up: Annotated[float, _opt("load: queued prefill jobs per prefill worker to grow above.")] = 4.0,
+    prefill_queue_down: Annotated[float, _opt("load: queued prefill jobs per worker to shrink below.")] = 0.5,
+    # SLA policy
+    profile: Annotated[str | None, _opt("sla: the worker profile JSON from `baton profile`.", "PROFILE")] = None,
+    ttft_target_ms: Annotated[float, _opt("sla: time to first token to keep (ms).")] = 500.0,
+    itl_target_ms: Annotated[float, _opt("sla: inter-token latency to keep (ms).")] = 50.0,
+    max_utilization: Annotated[float, _opt("sla: never plan a worker busier than this.")] = 0.9,
+    drain_window: Annotated[float, _opt("sla: add workers to clear the backlog within this many seconds.")] = 10.0,
+    # local connector: how to start workers
+    engine: Annotated[str, _opt("local: the workers' engine.", None, "--engine")] = "torch",
+    model: Annotated[str, _opt("local: the workers' model.", None, "--model")] = "",
+    mocker_speedup: Annotated[float, _opt("local: mocker speedup.", None, "--mocker-speedup")] = 1.0,
+    num_blocks: Annotated[int, _opt("local: KV blocks per worker (0: engine default).", None, "--num-blocks")] = 0,
+    max_num_seqs: Annotated[int, _opt("local: batch cap per worker (0: default).", None, "--max-num-seqs")] = 0,
+    max_batched_tokens: Annotated[int, _opt("local: token budget per step (0: default).", None,
+                                            "--max-batched-tokens")] = 0,
+    worker_log_dir: Annotated[str | None, _opt("local: one log file per worker here.", None,
+                                               "--worker-log-dir")] = None,
+    worker_args: Annotated[str, _opt("local: extra worker arguments (one string).", None, "--worker-args")] = "",
+    worker_stop_timeout: Annotated[float, _opt("local: SIGKILL a draining worker after this long.")] = 60.0,
+    # compose / kubernetes
+    compose_file: Annotated[str | None, _opt("compose: -f file.")] = None,
+    compose_project: Annotated[str | None, _opt("compose: -p project.")] = None,
+    k8s_namespace: Annotated[str | None, _opt("kubernetes: namespace (default: the pod's).")] = None,
+    k8s_api_server: Annotated[str | None, _opt("kubernetes: API server URL (default: in-cluster).")] = None,
+    k8s_decode_deployment: Annotated[str, _opt("kubernetes: the decode Deployment.")] = "baton-decode",
+    k8s_prefill_deployment: Annotated[str, _opt("kubernetes: the prefill Deployment.")] = "baton-prefill",
     discovery_ttl: DiscoveryTtl = DEFAULT_TTL,
     metrics_port: MetricsPort = 0,
     log_level: LogLevel = "info",
 ) -> None:
-    """Watch the prefill queue and worker load; publish observations."""
+    """Watch the prefill queue, worker load and traffic; scale prefill and decode workers."""
+    import shlex
+
+    from services.planner.connectors import (
+        ComposeSettings,
+        DockerComposeConnector,
+        KubernetesConnector,
+        KubernetesSettings,
+        LocalProcessConnector,
+        LocalWorkerSettings,
+        NullConnector,
+    )
+    from services.planner.policy import Damping, HoldPolicy, LoadPolicy, LoadThresholds, SlaPolicy, SlaTargets
+    from services.planner.profile import WorkerProfile
     from services.planner.service import Planner, PlannerSettings
     from shared.runtime import run_service
 
-    settings = PlannerSettings(nats_url=nats_url, interval=interval, discovery_ttl=discovery_ttl,
-                               metrics_port=metrics_port)
-    run_service(Planner(settings), "planner", log_level)
+    if policy not in POLICIES:
+        raise typer.BadParameter(f"choose one of {', '.join(POLICIES)}", param_hint="--policy")
+    if connector not in CONNECTORS:
+        raise typer.BadParameter(f"choose one of {', '.join(CONNECTORS)}", param_hint="--connector")
+    if not (0 <= min_decode <= max_decode and 0 <= min_prefill <= max_prefill):
+        raise typer.BadParameter("need 0 <= min <= max for each role")
+
+    if policy == "sla":
+        if not profile:
+            raise typer.BadParameter("the sla policy needs a worker profile (baton profile -o FILE)",
+                                     param_hint="--profile")
+        pol = SlaPolicy(WorkerProfile.load(profile), SlaTargets(
+            ttft_s=ttft_target_ms / 1e3, itl_s=itl_target_ms / 1e3, max_utilization=max_utilization,
+            drain_window_s=drain_window))
+    elif policy == "load":
+        pol = LoadPolicy(LoadThresholds(
+            decode_queue_up=decode_queue_up, decode_queue_down=decode_queue_down, kv_up=kv_up, kv_down=kv_down,
+            prefill_queue_up=prefill_queue_up, prefill_queue_down=prefill_queue_down))
+    else:
+        pol = HoldPolicy()
+
+    if connector == "local":
+        conn = LocalProcessConnector(LocalWorkerSettings(
+            nats_url=nats_url, engine=engine, model=model, mocker_speedup=mocker_speedup, num_blocks=num_blocks,
+            max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens, discovery_ttl=discovery_ttl,
+            log_level=log_level, log_dir=worker_log_dir, extra_args=shlex.split(worker_args),
+            stop_timeout=worker_stop_timeout))
+    elif connector == "compose":
+        conn = DockerComposeConnector(ComposeSettings(file=compose_file, project=compose_project))
+    elif connector == "kubernetes":
+        conn = KubernetesConnector(KubernetesSettings(
+            deployments={"decode": k8s_decode_deployment, "prefill": k8s_prefill_deployment},
+            namespace=k8s_namespace, api_server=k8s_api_server))
+    else:
+        conn = NullConnector()
+
+    initial = None
+    if initial_decode is not None or initial_prefill is not None:
+        initial = {"decode": min_decode if initial_decode is None else initial_decode,
+                   "prefill": min_prefill if initial_prefill is None else initial_prefill}
+    settings = PlannerSettings(
+        nats_url=nats_url, interval=interval, discovery_ttl=discovery_ttl, metrics_port=metrics_port,
+        limits={"decode": (min_decode, max_decode), "prefill": (min_prefill, max_prefill)}, initial=initial,
+        damping=Damping(up_intervals=up_intervals, down_intervals=down_intervals, up_cooldown=up_cooldown,
+                        down_cooldown=down_cooldown, startup_grace=startup_grace),
+        dry_run=dry_run,
+    )
+    # Draining the planner drains its local workers too: give them their stop timeout.
+    run_service(Planner(settings, pol, conn), "planner", log_level, drain_timeout=worker_stop_timeout + 5)
 
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)

@@ -148,13 +148,15 @@ class LocalProcessConnector:
             await self.scale(role, initial.get(role, 0), [])
         return {r: self.targets[r] for r in ROLES}
 
+    def _log_fd(self, worker_id: str) -> int | None:
+        if not self.settings.log_dir:
+            return None
+        Path(self.settings.log_dir).mkdir(parents=True, exist_ok=True)
+        return os.open(Path(self.settings.log_dir) / f"{worker_id}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
     async def _spawn(self, role: Role) -> ManagedWorker:
-        s = self.settings
         worker_id = f"{role}-{uuid.uuid4().hex[:8]}"
-        out: int | None = None
-        if s.log_dir:
-            Path(s.log_dir).mkdir(parents=True, exist_ok=True)
-            out = os.open(Path(s.log_dir) / f"{worker_id}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        out = self._log_fd(worker_id)
         try:
             proc = await asyncio.create_subprocess_exec(
                 *self.argv(role, worker_id), stdout=out, stderr=out, stdin=asyncio.subprocess.DEVNULL,

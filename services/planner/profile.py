@@ -24,6 +24,7 @@ import random
 import time
 from bisect import bisect_left
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Annotated
 
@@ -90,7 +91,7 @@ class WorkerProfile(msgspec.Struct, kw_only=True):
         """The largest batch whose ITL meets the target (>= 1), within the KV pool and batch cap."""
         pts = sorted(self.decode, key=lambda p: p.concurrency)
         best = 1.0
-        for a, b in zip(pts, pts[1:], strict=False):
+        for a, b in pairwise(pts):
             if b.itl_s <= itl_target:
                 best = b.concurrency
             elif a.itl_s <= itl_target:  # crosses inside this segment

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 import anyio
 import nats.errors
 from nats.aio.msg import Msg
+from prometheus_client import Counter, Histogram
 
-from shared import subjects
+from shared import subjects, tracing
 from shared.bus import Bus
 from shared.config import DEFAULT_NATS_URL
 from shared.discovery import DEFAULT_TTL, WorkerRegistration
@@ -36,6 +37,10 @@ from shared.streams import PREFILL_ACK_WAIT_S, ensure_prefill_queue
 from shared.telemetry import serve_metrics
 
 log = logging.getLogger("baton.prefill")
+
+JOBS = Counter("baton_prefill_jobs_total", "Prefill jobs by outcome", ["outcome"])
+JOB_SECONDS = Histogram("baton_prefill_job_seconds", "Time to compute one prefill job",
+                        buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30))
 
 
 @dataclass
@@ -139,11 +144,21 @@ class PrefillWorker:
                 await msg.term()
                 return
             if job.deadline and time.time() > job.deadline:
+                JOBS.labels("expired").inc()
                 await self._announce(job, PrefillFailed(request_id=job.request_id, prefill_worker_id=self.worker_id,
                                                         reason="deadline passed before prefill started"))
                 await msg.ack()
                 return
-            done = await self._compute(job, msg)
+            span = tracing.start("prefill", tracing.SpanKind.CONSUMER, tracing.context_from(msg.headers), **{
+                "baton.request_id": job.request_id, "baton.worker_id": self.worker_id,
+                "gen_ai.usage.input_tokens": len(job.token_ids)})
+            t0 = time.perf_counter()
+            try:
+                done = await self._compute(job, msg)
+            finally:
+                tracing.end(span)
+            JOB_SECONDS.observe(time.perf_counter() - t0)
+            JOBS.labels("done" if isinstance(done, PrefillDone) else "failed").inc()
             await self._announce(job, done)
             await msg.ack()  # only now: a crash before this line means redelivery
             self.jobs_done += 1

@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from itertools import chain, islice, repeat
+from itertools import chain, repeat
 from typing import Final
 
 import msgspec
@@ -35,9 +35,9 @@ from shared.messages import KvEventBatch
 DEVICE_TIER: Final = 1
 _EXHAUST = deque(maxlen=0).extend  # run an iterator to the end in C, keeping nothing
 
-# Measured by bench/router_micro.py (tracemalloc, 1M blocks over 64 workers, 64-bit hashes):
+# Measured by bench/router_micro.py (tracemalloc, 1M blocks over 64 workers, 64-bit hashes: 93):
 # the dict entry, the hash and mask ints, the run lists. Used for the index-size metric.
-BYTES_PER_INDEXED_BLOCK: Final = 150
+BYTES_PER_INDEXED_BLOCK: Final = 95
 
 
 class EventOutcome(Enum):
@@ -107,48 +107,32 @@ def prefix_depths(hashes: Sequence[int], holders: Sequence[dict[int, int]]) -> l
 
     Each pair says: the workers in ``mask`` hold exactly the first ``depth`` blocks (depth >= 1).
     Workers in no pair hold not even the first block. Stops as soon as no worker is left, so a
-    miss costs one lookup; a full hit one lookup per block in the first map (the event index).
-    The other maps (predictions) are consulted only for blocks that some still-matching worker
-    lacks in the first one.
+    miss costs one lookup; a full hit one lookup per block in the first map (the event index),
+    done in C by ``map``. The other maps (predictions) are consulted only at blocks that some
+    still-matching worker lacks in the first one.
     """
-    if not hashes:
+    if not hashes or not holders:
         return []
-    first, *rest = holders
-    extra = [m.get for m in rest if m]
-    if not extra:
-        if not first:
-            return []
-        it = map(first.get, hashes, repeat(0))
-        alive = next(it)
-        if not alive:
-            return []
-        out: list[tuple[int, int]] = []
-        depth = 1
-        for m in it:
-            if m != alive:  # fast path: the same workers hold this block too
-                kept = m & alive
-                if kept != alive:
-                    out.append((depth, alive ^ kept))
-                    alive = kept
-                    if not alive:
-                        return out
-            depth += 1
-        out.append((depth, alive))
-        return out
-    get = first.get
-    alive = get(hashes[0], 0)
+    first = holders[0]
+    extra = [m.get for m in holders[1:] if m]
+    if not first and not extra:
+        return []
+    it = map(first.get, hashes, repeat(0))
+    alive = next(it)
     for g in extra:
         alive |= g(hashes[0], 0)
     if not alive:
         return []
-    out = []
+    out: list[tuple[int, int]] = []
     depth = 1
-    for h in islice(hashes, 1, None):
-        m = get(h, 0)
-        if m & alive != alive:
-            for g in extra:
-                m |= g(h, 0)
+    for m in it:
+        if m != alive:  # fast path: exactly the same workers hold this block too
             kept = m & alive
+            if kept != alive and extra:
+                h = hashes[depth]
+                for g in extra:
+                    m |= g(h, 0)
+                kept = m & alive
             if kept != alive:
                 out.append((depth, alive ^ kept))
                 alive = kept

@@ -312,14 +312,16 @@ class KvRouter:
     def _decide_mixed(
         self, request: RouteRequest, workers: list[WorkerInfo], now: float
     ) -> tuple[WorkerInfo, int, list[int]]:
-        # Workers with different block sizes hash differently: one walk per block size.
+        # Workers with different block sizes hash differently: one walk per block size, and costs
+        # compared in tokens (a cost in blocks times the block size) rather than in blocks.
         by_size: dict[int, tuple[list[int], dict[int, int]]] = {}
         costs: list[float] = []
         for w in workers:
             if w.block_size not in by_size:
                 hashes = self.request_hashes(request, w.block_size)
                 by_size[w.block_size] = (hashes, self.overlaps(hashes, now))
-            costs.extend(self._costs([w], by_size[w.block_size][1], len(request.token_ids)))  # one by one: sizes differ
+            cost = self._costs([w], by_size[w.block_size][1], len(request.token_ids))[0]
+            costs.append(cost * w.block_size)
         w = workers[self._pick(costs, workers)]
         hashes, depths = by_size[w.block_size]
         slot = self.slots.get(w.worker_id)

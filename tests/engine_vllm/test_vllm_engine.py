@@ -1,7 +1,8 @@
-"""The vLLM adapter against plain transformers, on the built-in baton-small model (fp32, CPU).
+"""The vLLM adapter against plain transformers, on the built-in baton-tiny model (fp32, CPU).
 
-baton-small, not baton-tiny: vLLM's CPU attention kernel has no head size 16 (baton-tiny's), see
-``test_rejects_head_size_cpu_attention_lacks``. One engine serves the whole module.
+baton-tiny has head size 32 because vLLM's CPU attention kernel has none smaller; a model with
+head size 16 is refused up front (``test_rejects_head_size_cpu_attention_lacks``). One engine
+serves the whole module.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from shared.models import resolve_model
 
 pytestmark = [pytest.mark.vllm, pytest.mark.anyio]
 
-MODEL = "baton-small"
+MODEL = "baton-tiny"
 BLOCK = 32  # vLLM's CPU attention needs a multiple of 32
 NUM_BLOCKS = 64  # small pool, so the eviction test can fill it
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
@@ -233,6 +234,14 @@ async def test_kv_events_carry_our_hashes(engine: VllmEngine) -> None:
     assert engine._kv_bridge is not None and engine._kv_bridge.dropped == 0
 
 
-def test_rejects_head_size_cpu_attention_lacks() -> None:
+def test_rejects_head_size_cpu_attention_lacks(tmp_path) -> None:
+    import json
+
+    # A Llama config with head size 16, which vLLM's CPU attention lacks: refused up front, clearly.
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 1, "intermediate_size": 128,
+        "vocab_size": 256,
+    }))
     with pytest.raises(ValueError, match="head_dim 16"):  # via make_engine: "vllm" dispatches here
-        make_engine(EngineConfig(engine="vllm", model="baton-tiny"))
+        make_engine(EngineConfig(engine="vllm", model=str(tmp_path)))
