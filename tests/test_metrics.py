@@ -72,7 +72,7 @@ def test_metrics_move_after_traffic(tmp_path) -> None:
         dec = scrape(s.metrics_ports["decode-0"])
         assert value(dec, "baton_worker_kv_blocks_total", role="decode") > 0
 
-        router = scrape(s.metrics_ports["router"])
+        router = scrape(s.metrics_ports["router-0"])
         assert re.search(r"^baton_router_\w+ [1-9]", router, re.M) or re.search(
             r"^baton_router_\w+\{[^}]*\} [1-9]", router, re.M)
 
