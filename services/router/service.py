@@ -143,19 +143,32 @@ class Router:
             ERRORS.labels("no_worker").inc()
             await self.bus.respond(msg, RouteError(code=503, message=f"no decode worker serves {req.model!r}"))
             return
+        hashes: list[int] | None = None
+        now = time.monotonic()
         try:
-            worker, overlap = self.policy.choose_worker(req, workers)
+            if self.kv is not None:
+                # Decide, answer, then book-keep: the frontend need not wait for the bookkeeping.
+                worker, overlap, hashes = self.kv.decide(req, workers, now)
+            else:
+                worker, overlap = self.policy.choose_worker(req, workers)
         except Exception:  # a policy bug must not cost the request: place it anyway
             ERRORS.labels("policy").inc()
             log.exception("policy %s failed; routing %s at random", self.policy.name, req.request_id)
-            worker, overlap = random.choice(workers), 0
+            worker, overlap, hashes = random.choice(workers), 0, None
         DECISION_SECONDS.observe(time.perf_counter() - t0)
         await self.bus.respond(msg, RouteDecision(
             worker_id=worker.worker_id, subject=worker.generate_subject, cancel_subject=worker.cancel_subject,
             overlap_blocks=overlap, policy=self.policy.name,
         ))
         DECISIONS.labels(worker.worker_id, self.policy.name).inc()
-        if self.kv is not None:
+        if self.kv is not None and hashes is not None:
+            # After the reply, yet before the next decision: a subscription's callbacks run one at
+            # a time, so the next route request waits until this one is recorded.
+            try:
+                self.kv.record(worker, hashes, overlap, len(req.token_ids), now)
+            except Exception:
+                ERRORS.labels("policy").inc()
+                log.exception("recording the decision for %s failed", req.request_id)
             OVERLAP_BLOCKS.observe(overlap)
             blocks = len(req.token_ids) // worker.block_size
             OVERLAP_RATIO.observe(overlap / blocks if blocks else 0.0)

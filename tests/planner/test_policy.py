@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -80,7 +81,7 @@ def test_load_policy_sustained_backlog_grows_capped_then_shrinks_one_at_a_time()
     downs = [c for c in sim.changes if c[3] < c[2]]
     assert [(b, a) for _, _, b, a in downs] == [(4, 3), (3, 2), (2, 1)]
     assert downs[0][0] - 6 >= FAST.down_cooldown
-    assert all(b[0] - a[0] >= FAST.down_cooldown for a, b in zip(downs, downs[1:], strict=False))
+    assert all(b[0] - a[0] >= FAST.down_cooldown for a, b in itertools.pairwise(downs))
 
 
 def test_load_policy_kv_pressure_and_kv_guard_on_scale_down() -> None:
@@ -130,10 +131,13 @@ def test_load_policy_never_leaves_limits_nor_changes_faster_than_cooldowns(sampl
     for t, (waiting, kv) in enumerate(samples):
         sim.tick(float(t), sig(waiting=waiting, kv=kv, ready=sim.current["decode"]))
         assert 1 <= sim.current["decode"] <= 6
-    times = [c for c in sim.changes if c[1] == "decode"]
-    for a, b in zip(times, times[1:], strict=False):
-        gap = b[0] - a[0]
-        assert gap >= (damping.down_cooldown if b[3] < b[2] else damping.up_cooldown)
+    changes = [c for c in sim.changes if c[1] == "decode"]
+    for a, b in itertools.pairwise(changes):
+        if b[3] < b[2]:  # a scale-down waits down_cooldown after any change
+            assert b[0] - a[0] >= damping.down_cooldown
+    ups = [c for c in changes if c[3] > c[2]]
+    for a, b in itertools.pairwise(ups):  # a scale-up waits up_cooldown after the last one (not after a down)
+        assert b[0] - a[0] >= damping.up_cooldown
 
 
 # --- SLA -------------------------------------------------------------------------------------

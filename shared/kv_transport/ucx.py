@@ -1,0 +1,145 @@
+"""KV transport over UCX (``ucxx``): shared memory, TCP, RDMA or NVLink, whatever UCX finds.
+
+Per transfer on a cached endpoint: the sender sends a length and a msgpack TransferHeader (its
+view sizes); the receiver answers with its own view sizes; both cut their views at the union of
+both sides' boundaries (``merged_boundaries``) so every UCX message lands in one contiguous
+region at each end, with no staging copies; then one status byte back. On CPU-only hosts set
+``UCX_TLS=tcp,self,sm`` (done here unless already set).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Sequence
+
+import anyio
+import msgspec
+import numpy as np
+
+from shared.kv_transport.base import (
+    KvTransport,
+    TransferError,
+    TransferHeader,
+    as_bytes,
+    cut,
+    encode_header,
+    header_decoder,
+    merged_boundaries,
+)
+
+log = logging.getLogger("baton.kv_transport.ucx")
+
+
+def _ucxx():  # imported lazily: the extra is optional
+    os.environ.setdefault("UCX_TLS", "tcp,self,sm")
+    os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+    import ucxx
+
+    return ucxx
+
+
+async def _send_blob(ep, data: bytes) -> None:
+    await ep.send(np.array([len(data)], dtype=np.uint64))
+    await ep.send(np.frombuffer(data, dtype=np.uint8) if data else np.zeros(1, dtype=np.uint8))
+
+
+async def _recv_blob(ep) -> bytes:
+    n = np.empty(1, dtype=np.uint64)
+    await ep.recv(n)
+    buf = np.empty(max(int(n[0]), 1), dtype=np.uint8)
+    await ep.recv(buf)
+    return buf[: int(n[0])].tobytes()
+
+
+class UcxTransport(KvTransport):
+    name = "ucx"
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        super().__init__()
+        self.host = host
+        self._port = port
+        self._listener = None
+        self._eps: dict[str, tuple[object, asyncio.Lock]] = {}
+
+    @property
+    def endpoint(self) -> str:
+        assert self._listener is not None, "start() first"
+        return f"ucx://{self.host}:{self._listener.port}"
+
+    async def start(self) -> None:
+        ucxx = _ucxx()
+        self._listener = ucxx.create_listener(self._serve_peer, port=self._port)
+
+    async def run(self) -> None:
+        await anyio.sleep_forever()  # ucxx drives the listener's handlers itself
+
+    async def _serve_peer(self, ep) -> None:
+        try:
+            while True:
+                try:
+                    header = header_decoder.decode(await _recv_blob(ep))
+                except Exception:
+                    return  # peer closed between transfers
+                try:
+                    exp = self._claim(header)
+                except TransferError as e:
+                    log.warning("refusing transfer: %s", e)
+                    await _send_blob(ep, msgspec.msgpack.encode(None))
+                    continue
+                await _send_blob(ep, msgspec.msgpack.encode(exp.sizes))
+                for piece in cut(exp.views, merged_boundaries(header.sizes, exp.sizes)):
+                    await ep.recv(np.frombuffer(piece, dtype=np.uint8))
+                exp.done.set()
+                await ep.send(np.ones(1, dtype=np.uint8))
+        finally:
+            try:
+                await ep.close()
+            except Exception:
+                pass
+
+    async def _endpoint(self, endpoint: str):
+        if endpoint in self._eps:
+            return self._eps[endpoint]
+        host, _, port = endpoint.removeprefix("ucx://").rpartition(":")
+        try:
+            ep = await _ucxx().create_endpoint(host, int(port))
+        except Exception as e:
+            raise TransferError(f"cannot reach {endpoint}: {e!r}") from e
+        entry = (ep, asyncio.Lock())
+        self._eps[endpoint] = entry
+        return entry
+
+    async def send(self, endpoint: str, transfer_id: str, views: Sequence[memoryview], timeout: float) -> None:
+        views = as_bytes(views)
+        sizes = [len(v) for v in views]
+        try:
+            with anyio.fail_after(timeout):
+                ep, lock = await self._endpoint(endpoint)
+                async with lock:
+                    await _send_blob(ep, encode_header(TransferHeader(transfer_id=transfer_id, sizes=sizes)))
+                    theirs = msgspec.msgpack.decode(await _recv_blob(ep))
+                    if theirs is None:
+                        raise TransferError(f"{endpoint} refused transfer {transfer_id!r}")
+                    for piece in cut(views, merged_boundaries(sizes, theirs)):
+                        # ucxx wants a writable-typed buffer object; the bytes are only read
+                        await ep.send(np.frombuffer(piece, dtype=np.uint8))
+                    status = np.zeros(1, dtype=np.uint8)
+                    await ep.recv(status)
+        except TransferError:
+            self._drop(endpoint)
+            raise
+        except Exception as e:
+            self._drop(endpoint)
+            raise TransferError(f"transfer {transfer_id!r} to {endpoint} failed: {e!r}") from e
+        if status[0] != 1:
+            raise TransferError(f"{endpoint} did not confirm transfer {transfer_id!r}")
+
+    def _drop(self, endpoint: str) -> None:
+        self._eps.pop(endpoint, None)  # ucxx closes endpoints when collected
+
+    async def close(self) -> None:
+        self._eps.clear()
+        if self._listener is not None:
+            self._listener.close()
