@@ -22,7 +22,7 @@ import anyio
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from shared.kv_transport import make_transport  # noqa: E402
+from shared.kv_transport import make_transport
 
 LAYERS, KV = 8, 2
 BLOCK_BYTES_PER_VIEW = 16 * 4 * 64 * 4  # one block of one layer's K (or V)

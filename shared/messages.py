@@ -145,10 +145,15 @@ class LoadReport(Struct, tag="load", kw_only=True, omit_defaults=True):
 class PrefillJob(Struct, tag="prefill_job", kw_only=True, omit_defaults=True):
     request_id: str
     token_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)  # for the first token
     block_hashes: list[int] = field(default_factory=list)
     decode_worker_id: str = ""
-    kv_endpoint: str = ""  # where to write the KV blocks
-    block_ids: list[int] = field(default_factory=list)  # reserved on the decode worker
+    kv_endpoint: str = ""  # where to write the KV blocks ("" : compute only, nothing to send)
+    kv_layout: str = ""  # the decode engine's kv_layout(); a prefill worker with another refuses
+    # Reserved on the decode worker: the prompt's last len(block_ids) blocks, in logical order
+    # (the blocks before them were prefix-cache hits there and are not sent).
+    block_ids: list[int] = field(default_factory=list)
+    notify_subject: str = ""  # where PrefillDone/PrefillFailed go ("" : baton.v1.prefill.done.<id>)
     deadline: float = 0.0  # unix seconds; past it the job is dropped
 
 
@@ -158,6 +163,7 @@ class PrefillDone(Struct, tag="prefill_done", kw_only=True, omit_defaults=True):
     num_tokens: int = 0
     cached_tokens: int = 0
     blocks_written: int = 0
+    first_token: int = -1  # sampled by the prefill worker; the decode worker continues from it
 
 
 class PrefillFailed(Struct, tag="prefill_failed", kw_only=True):

@@ -40,11 +40,32 @@ def main(
     max_inflight: Annotated[
         int, typer.Option(envvar="BATON_MAX_INFLIGHT", help="Requests held at once; beyond it, 503 at once.")
     ] = 1024,
+    disagg: Annotated[
+        bool, typer.Option("--disagg/--no-disagg", envvar="BATON_DISAGG",
+                           help="Hand long prompts to prefill workers when that pays (see the next options).")
+    ] = True,
+    remote_prefill_min_tokens: Annotated[
+        int, typer.Option(envvar="BATON_REMOTE_PREFILL_MIN_TOKENS",
+                          help="Uncached prompt tokens from which prefill goes remote (run time: KV baton_config/disagg).")
+    ] = 256,
+    max_prefill_queue: Annotated[
+        int, typer.Option(envvar="BATON_MAX_PREFILL_QUEUE", help="Prefill locally while this many jobs wait.")
+    ] = 32,
+    prefill_timeout: Annotated[
+        float, typer.Option(envvar="BATON_PREFILL_TIMEOUT", help="Seconds before a remote prefill falls back to local.")
+    ] = 30.0,
+    kv_transport: Annotated[
+        str, typer.Option(envvar="BATON_KV_TRANSPORT", help="KV transport: tcp, or ucx (needs baton[ucx]).")
+    ] = "tcp",
+    kv_host: Annotated[
+        str, typer.Option(envvar="BATON_KV_HOST", help="Address prefill workers use to reach this worker's KV.")
+    ] = "127.0.0.1",
     discovery_ttl: DiscoveryTtl = DEFAULT_TTL,
     metrics_port: MetricsPort = 0,
     log_level: LogLevel = "info",
 ) -> None:
     """Run a decode worker: generate requests in, token chunks out."""
+    from services.decode.disagg import DisaggSettings
     from services.decode.worker import DecodeSettings, DecodeWorker
     from shared.engines import EngineConfig
     from shared.runtime import run_service
@@ -54,7 +75,9 @@ def main(
         engine=EngineConfig(engine=engine, model=model, block_size=block_size, num_blocks=num_blocks,
                             max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens, speedup=mocker_speedup),
         worker_id=worker_id, served_model_name=served_model_name, discovery_ttl=discovery_ttl,
-        max_inflight=max_inflight, metrics_port=metrics_port,
+        max_inflight=max_inflight, metrics_port=metrics_port, kv_host=kv_host,
+        disagg=DisaggSettings(enabled=disagg, min_tokens=remote_prefill_min_tokens, max_queue=max_prefill_queue,
+                              prefill_timeout=prefill_timeout, transport=kv_transport),
     )
     run_service(DecodeWorker(settings), "decode", log_level)
 

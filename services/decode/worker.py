@@ -19,11 +19,14 @@ import anyio
 from nats.aio.msg import Msg
 from prometheus_client import Counter, Gauge
 
+from services.decode.disagg import DECISIONS as DISAGG_DECISIONS
+from services.decode.disagg import DisaggSettings, RemotePrefill
 from shared import subjects, tracing
 from shared.bus import Bus
 from shared.config import DEFAULT_NATS_URL
-from shared.discovery import DEFAULT_TTL, WorkerRegistration
+from shared.discovery import DEFAULT_TTL, WorkerRegistration, WorkerView
 from shared.engines import Engine, EngineConfig, make_engine
+from shared.kv_transport import KvTransport, make_transport
 from shared.messages import (
     GenerateError,
     GenerateRequest,
@@ -65,6 +68,8 @@ class DecodeSettings:
     kv_event_interval: float = 0.05
     max_inflight: int = 1024  # admission: beyond this a request gets 503 at once
     metrics_port: int = 0
+    disagg: DisaggSettings = field(default_factory=DisaggSettings)
+    kv_host: str = "127.0.0.1"  # address prefill workers use to reach our KV transport
 
 
 class DecodeWorker:
@@ -82,6 +87,8 @@ class DecodeWorker:
         self._idle = anyio.Event()  # set when draining and the last request is done
         self._kv_seq = 0
         self.ready = False
+        self.transport: KvTransport | None = None
+        self.remote: RemotePrefill | None = None
 
     @property
     def model(self) -> str:
@@ -91,6 +98,7 @@ class DecodeWorker:
         return WorkerInfo(
             worker_id=self.worker_id, role=self.role, model=self.model,  # type: ignore[arg-type]
             generate_subject=subjects.generate(self.worker_id), cancel_subject=subjects.cancel(self.worker_id),
+            kv_endpoint=self.transport.endpoint if self.transport is not None else "",
             block_size=self.engine.block_size, engine=self.engine.name, pid=os.getpid(), host=socket.gethostname(),
             started_at=time.time(),
         )
@@ -104,6 +112,16 @@ class DecodeWorker:
                 if self.settings.metrics_port:
                     tg.start_soon(serve_metrics, self.settings.metrics_port, lambda: self.ready)
                 await self.engine.wait_ready()
+                if self.settings.disagg.enabled and self.engine.supports_remote_prefill:
+                    self.transport = make_transport(self.settings.disagg.transport, self.settings.kv_host)
+                    await self.transport.start()
+                    log.info("KV transport %s at %s", self.transport.name, self.transport.endpoint)
+                    tg.start_soon(self.transport.run)
+                    view = WorkerView(self.bus, self.settings.discovery_ttl)
+                    tg.start_soon(view.run)
+                    self.remote = RemotePrefill(self.bus, self.engine, self.transport, view, self.worker_id,
+                                                self.settings.disagg)
+                    tg.start_soon(self.remote.run)
                 await self.bus.subscribe(subjects.generate(self.worker_id), self._on_generate)
                 await self.bus.subscribe(subjects.cancel(self.worker_id), self._on_cancel)
                 await self.bus.subscribe(subjects.status(self.worker_id), self._on_status)
@@ -225,7 +243,18 @@ class DecodeWorker:
         rid = req.request_id
         index = 0
         held: list[int] = []  # non-streaming: coalesce into one final message
-        async for out in self.engine.generate(rid, req.token_ids, req.sampling):
+        outputs = None
+        if self.remote is not None:
+            decision = self.remote.decide(req.token_ids)
+            if decision == "remote":
+                first = await self.remote.prefill(rid, req.token_ids, req.sampling, span)
+                if first is not None:
+                    outputs = self.engine.generate_after_remote_prefill(rid, req.token_ids, req.sampling, first)
+            else:
+                DISAGG_DECISIONS.labels(decision).inc()
+        if outputs is None:
+            outputs = self.engine.generate(rid, req.token_ids, req.sampling)
+        async for out in outputs:
             if out.error:
                 await publish(reply, GenerateError(request_id=rid, code=400, message=out.error))
                 return "bad_request"

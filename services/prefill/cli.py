@@ -40,6 +40,9 @@ def main(
     max_concurrent_jobs: Annotated[
         int, typer.Option(envvar="BATON_MAX_CONCURRENT_JOBS", help="Prefill jobs computed at once.")
     ] = 8,
+    kv_transport: Annotated[
+        str, typer.Option(envvar="BATON_KV_TRANSPORT", help="KV transport: tcp, or ucx (needs baton[ucx]).")
+    ] = "tcp",
     discovery_ttl: DiscoveryTtl = DEFAULT_TTL,
     metrics_port: MetricsPort = 0,
     log_level: LogLevel = "info",
@@ -54,7 +57,7 @@ def main(
         engine=EngineConfig(engine=engine, model=model, block_size=block_size, num_blocks=num_blocks,
                             max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens, speedup=mocker_speedup),
         worker_id=worker_id, served_model_name=served_model_name, discovery_ttl=discovery_ttl,
-        max_concurrent_jobs=max_concurrent_jobs, metrics_port=metrics_port,
+        max_concurrent_jobs=max_concurrent_jobs, metrics_port=metrics_port, transport=kv_transport,
     )
     run_service(PrefillWorker(settings), "prefill", log_level)
 

@@ -23,8 +23,9 @@ from prometheus_client import Counter, Histogram
 from shared import subjects, tracing
 from shared.bus import Bus
 from shared.config import DEFAULT_NATS_URL
-from shared.discovery import DEFAULT_TTL, WorkerRegistration
+from shared.discovery import DEFAULT_TTL, WorkerRegistration, WorkerView
 from shared.engines import Engine, EngineConfig, make_engine
+from shared.kv_transport import KvTransport, TransferError, make_transport
 from shared.messages import (
     PrefillDone,
     PrefillFailed,
@@ -52,6 +53,7 @@ class PrefillSettings:
     discovery_ttl: float = DEFAULT_TTL
     max_concurrent_jobs: int = 8
     metrics_port: int = 0
+    transport: str = "tcp"
 
 
 class PrefillWorker:
@@ -68,6 +70,8 @@ class PrefillWorker:
         self._idle = anyio.Event()  # set when draining and the last job is done
         self.jobs_done = 0
         self.ready = False
+        self.transport: KvTransport | None = None
+        self.view: WorkerView | None = None
 
     @property
     def model(self) -> str:
@@ -89,6 +93,14 @@ class PrefillWorker:
                 if self.settings.metrics_port:
                     tg.start_soon(serve_metrics, self.settings.metrics_port, lambda: self.ready)
                 await self.engine.wait_ready()
+                if self.engine.supports_remote_prefill:
+                    # Sending only: the listener is unused, but start() keeps one code path.
+                    self.transport = make_transport(self.settings.transport)
+                    await self.transport.start()
+                    tg.start_soon(self.transport.run)
+                    log.info("KV transport: %s", self.transport.name)
+                self.view = WorkerView(self.bus, self.settings.discovery_ttl)
+                tg.start_soon(self.view.run)
                 self.registration = WorkerRegistration(self.bus, self.info(), self.settings.discovery_ttl)
                 await self.registration.register()
                 tg.start_soon(self.registration.run)
@@ -168,10 +180,12 @@ class PrefillWorker:
                 self._idle.set()
             limit.release()
 
+    def _failed(self, job: PrefillJob, reason: str) -> PrefillFailed:
+        return PrefillFailed(request_id=job.request_id, prefill_worker_id=self.worker_id, reason=reason)
+
     async def _compute(self, job: PrefillJob, msg: Msg) -> PrefillDone | PrefillFailed:
-        """Run the prompt through the engine (max_tokens=1), telling JetStream we are alive."""
-        rid = f"{job.request_id}:prefill:{uuid.uuid4().hex[:6]}"
-        cached = 0
+        """Compute the prompt (and its first token); send its KV blocks if the job asks for them.
+        JetStream is told we are alive meanwhile, so a long job is not redelivered."""
         async with anyio.create_task_group() as tg:
 
             async def keep_alive() -> None:
@@ -181,17 +195,51 @@ class PrefillWorker:
 
             tg.start_soon(keep_alive)
             try:
-                async for out in self.engine.generate(rid, job.token_ids, SamplingParams(max_tokens=1, temperature=0.0)):
-                    if out.error:
-                        tg.cancel_scope.cancel()
-                        return PrefillFailed(request_id=job.request_id, prefill_worker_id=self.worker_id, reason=out.error)
-                    cached = max(cached, out.num_cached_tokens)
+                if job.kv_endpoint:
+                    return await self._compute_and_send(job)
+                return await self._compute_only(job)
             finally:
                 tg.cancel_scope.cancel()
+
+    async def _compute_only(self, job: PrefillJob) -> PrefillDone | PrefillFailed:
+        rid = f"{job.request_id}:prefill:{uuid.uuid4().hex[:6]}"
+        cached, first = 0, -1
+        sampling = SamplingParams(max_tokens=1, temperature=job.sampling.temperature, top_p=job.sampling.top_p,
+                                  top_k=job.sampling.top_k, seed=job.sampling.seed, ignore_eos=True)
+        async for out in self.engine.generate(rid, job.token_ids, sampling):
+            if out.error:
+                return self._failed(job, out.error)
+            cached = max(cached, out.num_cached_tokens)
+            if out.token_ids:
+                first = out.token_ids[0]
         return PrefillDone(request_id=job.request_id, prefill_worker_id=self.worker_id, num_tokens=len(job.token_ids),
-                           cached_tokens=cached)
+                           cached_tokens=cached, first_token=first)
+
+    async def _compute_and_send(self, job: PrefillJob) -> PrefillDone | PrefillFailed:
+        if not self.engine.supports_remote_prefill or self.transport is None:
+            return self._failed(job, f"the {self.engine.name} engine cannot export KV blocks")
+        if job.kv_layout != self.engine.kv_layout():
+            return self._failed(job, f"KV layout mismatch: decode has {job.kv_layout!r}, "
+                                     f"this worker {self.engine.kv_layout()!r}")
+        if job.decode_worker_id and self.view is not None and self.view.get(job.decode_worker_id) is None:
+            # Its decode worker is gone from discovery: nobody will read the blocks. Fail fast.
+            return self._failed(job, f"decode worker {job.decode_worker_id} is gone")
+        rid = f"{job.request_id}:prefill:{uuid.uuid4().hex[:6]}"
+        block_ids, first, cached = await self.engine.prefill_and_hold(rid, job.token_ids, job.sampling)
+        try:
+            send = block_ids[len(block_ids) - len(job.block_ids):] if job.block_ids else []
+            if send:
+                remaining = job.deadline - time.time() if job.deadline else 30.0
+                await self.transport.send(job.kv_endpoint, job.request_id, self.engine.kv_views(send),
+                                          timeout=max(0.5, remaining))
+        except TransferError as e:
+            return self._failed(job, f"KV transfer failed: {e}")
+        finally:
+            self.engine.release_held(rid)
+        return PrefillDone(request_id=job.request_id, prefill_worker_id=self.worker_id, num_tokens=len(job.token_ids),
+                           cached_tokens=cached, blocks_written=len(send), first_token=first)
 
     async def _announce(self, job: PrefillJob, result: PrefillDone | PrefillFailed) -> None:
         assert self.bus is not None
         with anyio.fail_after(5):
-            await self.bus.publish(subjects.prefill_done(job.request_id), result)
+            await self.bus.publish(job.notify_subject or subjects.prefill_done(job.request_id), result)

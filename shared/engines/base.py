@@ -167,6 +167,57 @@ class Engine(ABC):
         """Return once the engine can take requests (models load in ``run()``)."""
         return
 
-    # --- disaggregation (implemented by engines that support it; see the disaggregation issue)
-    def reserve_blocks(self, request_id: str, token_ids: list[int]) -> list[int]:
+    # --- disaggregation: prefill on one worker, decode on another, KV moved by a KvTransport ----
+    #
+    # Both sides describe KV memory the same way: ``kv_views(block_ids)`` returns writable byte
+    # views of the pool for those blocks in one canonical order (for each layer, K then V; within
+    # each, runs of consecutive block ids in the order given). The same logical blocks therefore
+    # produce the same byte stream on any two workers with the same ``kv_layout()``.
+
+    supports_remote_prefill: bool = False
+
+    def kv_layout(self) -> str:
+        """A string both sides compare before a transfer (model, dtype, block size, shapes)."""
+        raise NotImplementedError(f"{self.name} engine does not support remote prefill")
+
+    def kv_views(self, block_ids: list[int]) -> list[memoryview]:
+        raise NotImplementedError(f"{self.name} engine does not support remote prefill")
+
+    def cached_prefix_tokens(self, token_ids: list[int]) -> int:
+        """Prompt tokens this engine would serve from its prefix cache right now (full blocks)."""
+        return 0
+
+    def reserve_remote_prefill(self, request_id: str, token_ids: list[int]) -> tuple[list[int], int]:
+        """Decode side: hold blocks for a prompt that another worker will prefill.
+
+        Returns (block ids to be written, in logical order; the number of leading prompt blocks
+        already served from the prefix cache, which are not sent). Raises RuntimeError if the
+        pool cannot hold the prompt now. The blocks stay reserved until
+        ``generate_after_remote_prefill`` or ``release_remote_prefill``.
+        """
+        raise NotImplementedError(f"{self.name} engine does not support remote prefill")
+
+    def release_remote_prefill(self, request_id: str) -> None:
+        """Decode side: give back a reservation whose prefill failed or was abandoned."""
+        raise NotImplementedError(f"{self.name} engine does not support remote prefill")
+
+    def generate_after_remote_prefill(
+        self, request_id: str, token_ids: list[int], sampling: SamplingParams, first_token: int
+    ) -> AsyncIterator[EngineOutput]:
+        """Decode side: the reserved blocks now hold the prompt's KV and ``first_token`` was
+        sampled by the prefill worker. Stream the rest of the request, starting with first_token."""
+        raise NotImplementedError(f"{self.name} engine does not support remote prefill")
+
+    async def prefill_and_hold(
+        self, request_id: str, token_ids: list[int], sampling: SamplingParams
+    ) -> tuple[list[int], int, int]:
+        """Prefill side: compute the prompt and sample its first token, keeping the KV blocks.
+
+        Returns (block ids of every prompt block in logical order, the first token, prompt
+        tokens served from this engine's own prefix cache). The blocks stay held until
+        ``release_held`` so they can be sent.
+        """
+        raise NotImplementedError(f"{self.name} engine does not support remote prefill")
+
+    def release_held(self, request_id: str) -> None:
         raise NotImplementedError(f"{self.name} engine does not support remote prefill")

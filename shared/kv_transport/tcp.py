@@ -17,7 +17,14 @@ from collections.abc import Sequence
 
 import anyio
 
-from shared.kv_transport.base import KvTransport, TransferError, TransferHeader, as_bytes, encode_header, header_decoder
+from shared.kv_transport.base import (
+    KvTransport,
+    TransferError,
+    TransferHeader,
+    as_bytes,
+    encode_header,
+    header_decoder,
+)
 
 log = logging.getLogger("baton.kv_transport.tcp")
 
