@@ -49,12 +49,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import msgspec  # noqa: E402
-import nats  # noqa: E402
+import msgspec
+import nats
 
-from baton.nats_server import free_port  # noqa: E402
-from shared import subjects  # noqa: E402
-from shared.messages import PlannerObservation, ScaleDecision, planner_observation_decoder  # noqa: E402
+from baton.nats_server import free_port
+from shared import subjects
+from shared.messages import PlannerObservation, ScaleDecision, planner_observation_decoder
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACE = ROOT.parent / "shared" / "traces" / "conversation_trace.jsonl"

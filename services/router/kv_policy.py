@@ -265,15 +265,23 @@ class KvRouter:
         slot = self.slots.get(w.worker_id)
         return w, depths.get(slot, 0) if slot is not None else 0, hashes
 
-    def _costs(self, workers: list[WorkerInfo], depths: dict[int, int], num_tokens: int) -> list[float]:
-        """Cost of each worker, in blocks; all ``workers`` share one block size."""
+    def _costs(self, workers: list[WorkerInfo], depths: dict[int, int], num_tokens: int,
+               absolute: bool = False) -> list[float]:
+        """Cost of each worker, in blocks; all ``workers`` share one block size.
+
+        Relative unless ``absolute``: the part every worker shares is left out.
+        """
         bs = workers[0].block_size
         k = self.config.overlap_weight / bs
         ids = [w.worker_id for w in workers]
         lds = list(map(self.loads.get, ids, repeat(_IDLE)))
-        blocks = -(-num_tokens // bs)
-        # Everyone as if nothing were cached (list comprehension: the per-worker work stays small),
-        costs = [k * (ld.busy_tokens + num_tokens) + ld.busy_blocks + blocks for ld in lds]
+        # Everyone as if nothing were cached. The request's own share, k * num_tokens + its blocks,
+        # is the same everywhere and left out: it moves neither the argmin nor the softmax (which
+        # normalises by the spread). A list comprehension keeps the per-worker work small,
+        costs = [k * ld.busy_tokens + ld.busy_blocks for ld in lds]
+        if absolute:
+            shared = k * num_tokens + -(-num_tokens // bs)
+            costs = [c + shared for c in costs]
         if depths:
             # then credit the few workers that hold a prefix: fewer tokens to prefill (at least one
             # is always computed), and the shared blocks take no new memory there.
@@ -297,9 +305,9 @@ class KvRouter:
             if spread > 0:
                 weights = [math.exp(-(c - best) / spread / temperature) for c in costs]
                 return self._rng.choices(range(len(costs)), weights)[0]
-        ties = [i for i, c in enumerate(costs) if c <= best]
-        if len(ties) == 1:
-            return ties[0]
+        if costs.count(best) == 1:
+            return costs.index(best)
+        ties = [i for i, c in enumerate(costs) if c == best]
         # Equal cost (e.g. all idle, nothing cached): fewest requests, then at random, so equal
         # workers share the load instead of the first in the list taking it all.
         loads, idle = self.loads, _IDLE
@@ -320,7 +328,7 @@ class KvRouter:
             if w.block_size not in by_size:
                 hashes = self.request_hashes(request, w.block_size)
                 by_size[w.block_size] = (hashes, self.overlaps(hashes, now))
-            cost = self._costs([w], by_size[w.block_size][1], len(request.token_ids))[0]
+            cost = self._costs([w], by_size[w.block_size][1], len(request.token_ids), absolute=True)[0]
             costs.append(cost * w.block_size)
         w = workers[self._pick(costs, workers)]
         hashes, depths = by_size[w.block_size]

@@ -1,0 +1,366 @@
+{{/* Names ---------------------------------------------------------------------------------- */}}
+
+{{- define "baton.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* RELEASE-baton, or RELEASE alone when it already contains the chart's name. */}}
+{{- define "baton.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* A component's resource name: (dict "root" $ "component" "decode") */}}
+{{- define "baton.componentName" -}}
+{{- printf "%s-%s" (include "baton.fullname" .root | trunc 50 | trimSuffix "-") .component }}
+{{- end }}
+
+{{- define "baton.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels: (dict "root" $ "component" "decode") */}}
+{{- define "baton.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "baton.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "baton.labels" -}}
+helm.sh/chart: {{ include "baton.chart" .root }}
+{{ include "baton.selectorLabels" . }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+app.kubernetes.io/part-of: baton
+{{- end }}
+
+{{- define "baton.plannerServiceAccountName" -}}
+{{- default (include "baton.componentName" (dict "root" . "component" "planner")) .Values.planner.serviceAccount.name }}
+{{- end }}
+
+{{/* NATS --------------------------------------------------------------------------------- */}}
+
+{{- define "baton.natsUrl" -}}
+{{- if .Values.nats.enabled }}
+{{- $scheme := ternary "tls" "nats" (not (empty .Values.natsTls.existingSecret)) }}
+{{- printf "%s://%s:4222" $scheme (include "baton.componentName" (dict "root" . "component" "nats")) }}
+{{- else }}
+{{- required "externalNats.url is required when nats.enabled is false" .Values.externalNats.url }}
+{{- end }}
+{{- end }}
+
+{{/* Checks that no single template owns. */}}
+{{- define "baton.validate" -}}
+{{- $a := .Values.natsAuth }}
+{{- if and (or $a.userKey $a.passwordKey $a.tokenKey $a.credsKey) (not $a.existingSecret) }}
+{{- fail "natsAuth: userKey/passwordKey/tokenKey/credsKey name entries of natsAuth.existingSecret; set it" }}
+{{- end }}
+{{- if and $a.userKey (not $a.passwordKey) }}
+{{- fail "natsAuth: userKey needs passwordKey" }}
+{{- end }}
+{{- if and .Values.nats.enabled $a.credsKey }}
+{{- fail "natsAuth.credsKey (decentralised JWT auth) needs an operator-configured NATS: set nats.enabled=false and externalNats.url" }}
+{{- end }}
+{{- if and .Values.nats.enabled .Values.nats.tls.existingSecret (not .Values.natsTls.existingSecret) }}
+{{- fail "nats.tls.existingSecret makes the bundled NATS require TLS: set natsTls.existingSecret (at least its ca.crt) for the services" }}
+{{- end }}
+{{- if and .Values.nats.enabled .Values.natsTls.existingSecret (not .Values.nats.tls.existingSecret) }}
+{{- fail "natsTls.existingSecret: the bundled NATS serves TLS only with nats.tls.existingSecret" }}
+{{- end }}
+{{- if and .Values.nats.tls.verifyClients (not (and .Values.natsTls.certKey .Values.natsTls.keyKey)) }}
+{{- fail "nats.tls.verifyClients: the services need a client certificate (natsTls.certKey and natsTls.keyKey)" }}
+{{- end }}
+{{- if not (has .Values.planner.connector (list "kubernetes" "none")) }}
+{{- fail "planner.connector: kubernetes or none (local and compose do not apply in a cluster)" }}
+{{- end }}
+{{- end }}
+
+{{/* True (non-empty) when the planner owns the worker Deployments' replicas. */}}
+{{- define "baton.plannerScales" -}}
+{{- if and .Values.planner.enabled (eq .Values.planner.connector "kubernetes") (not .Values.planner.dryRun) }}true{{ end }}
+{{- end }}
+
+{{/* Pod spec pieces ------------------------------------------------------------------------ */}}
+
+{{/* image: (dict "root" $ "values" .Values.decode "base" .Values.image) */}}
+{{- define "baton.image" -}}
+{{- $img := merge (deepCopy (default dict .values.image)) .base }}
+{{- printf "%s:%s" $img.repository (default .root.Chart.AppVersion $img.tag | toString) }}
+{{- end }}
+
+{{- define "baton.imagePullPolicy" -}}
+{{- $img := merge (deepCopy (default dict .values.image)) .base }}
+{{- $img.pullPolicy }}
+{{- end }}
+
+{{/* Environment every Baton service gets: NATS, its credentials and TLS, logging, tracing. */}}
+{{- define "baton.commonEnv" -}}
+{{- $root := .root }}
+- name: POD_NAME
+  valueFrom: {fieldRef: {fieldPath: metadata.name}}
+- name: POD_NAMESPACE
+  valueFrom: {fieldRef: {fieldPath: metadata.namespace}}
+- name: BATON_NATS_URL
+  value: {{ include "baton.natsUrl" $root | quote }}
+- name: BATON_LOG_LEVEL
+  value: {{ $root.Values.logLevel | quote }}
+{{- with $root.Values.natsAuth }}
+{{- if .userKey }}
+- name: BATON_NATS_USER
+  valueFrom: {secretKeyRef: {name: {{ .existingSecret | quote }}, key: {{ .userKey | quote }}}}
+- name: BATON_NATS_PASSWORD
+  valueFrom: {secretKeyRef: {name: {{ .existingSecret | quote }}, key: {{ .passwordKey | quote }}}}
+{{- end }}
+{{- if .tokenKey }}
+- name: BATON_NATS_TOKEN
+  valueFrom: {secretKeyRef: {name: {{ .existingSecret | quote }}, key: {{ .tokenKey | quote }}}}
+{{- end }}
+{{- if .credsKey }}
+- name: BATON_NATS_CREDS
+  value: /etc/baton/nats-creds/{{ .credsKey }}
+{{- end }}
+{{- end }}
+{{- with $root.Values.natsTls }}
+{{- if .existingSecret }}
+{{- if .caKey }}
+- name: BATON_NATS_TLS_CA
+  value: /etc/baton/nats-tls/{{ .caKey }}
+{{- end }}
+{{- if .certKey }}
+- name: BATON_NATS_TLS_CERT
+  value: /etc/baton/nats-tls/{{ .certKey }}
+- name: BATON_NATS_TLS_KEY
+  value: /etc/baton/nats-tls/{{ required "natsTls.keyKey goes with natsTls.certKey" .keyKey }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- with $root.Values.tracing }}
+{{- if .otlpEndpoint }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ .otlpEndpoint | quote }}
+- name: OTEL_TRACES_EXPORTER
+  value: otlp
+- name: OTEL_RESOURCE_ATTRIBUTES
+  value: "k8s.pod.name=$(POD_NAME),k8s.namespace.name=$(POD_NAMESPACE),service.instance.id=$(POD_NAME)"
+{{- if .sampler }}
+- name: OTEL_TRACES_SAMPLER
+  value: {{ .sampler | quote }}
+{{- end }}
+{{- if .samplerArg }}
+- name: OTEL_TRACES_SAMPLER_ARG
+  value: {{ .samplerArg | toString | quote }}
+{{- end }}
+{{- range $k, $v := .env }}
+- name: {{ $k }}
+  value: {{ $v | toString | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The model the frontend and the workers agree on. */}}
+{{- define "baton.modelEnv" -}}
+- name: BATON_MODEL
+  value: {{ .Values.model | quote }}
+{{- if .Values.servedModelName }}
+- name: BATON_SERVED_MODEL_NAME
+  value: {{ .Values.servedModelName | quote }}
+{{- end }}
+{{- end }}
+
+{{/* Volumes for the NATS credentials and TLS Secrets (to go with baton.natsVolumeMounts). */}}
+{{- define "baton.natsVolumes" -}}
+{{- if .Values.natsAuth.credsKey }}
+- name: nats-creds
+  secret:
+    secretName: {{ .Values.natsAuth.existingSecret }}
+    items: [{key: {{ .Values.natsAuth.credsKey | quote }}, path: {{ .Values.natsAuth.credsKey | quote }}}]
+{{- end }}
+{{- if .Values.natsTls.existingSecret }}
+- name: nats-tls
+  secret:
+    secretName: {{ .Values.natsTls.existingSecret }}
+{{- end }}
+{{- end }}
+
+{{- define "baton.natsVolumeMounts" -}}
+{{- if .Values.natsAuth.credsKey }}
+- name: nats-creds
+  mountPath: /etc/baton/nats-creds
+  readOnly: true
+{{- end }}
+{{- if .Values.natsTls.existingSecret }}
+- name: nats-tls
+  mountPath: /etc/baton/nats-tls
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* The prometheus.io/* scrape annotations: (dict "root" $ "port" 9090) */}}
+{{- define "baton.scrapeAnnotations" -}}
+{{- if .root.Values.metrics.podAnnotations }}
+prometheus.io/scrape: "true"
+prometheus.io/port: {{ .port | quote }}
+prometheus.io/path: /metrics
+{{- end }}
+{{- end }}
+
+{{/*
+A Baton service's Deployment.
+  (dict "root" $ "component" "decode" "values" .Values.decode "base" .Values.image
+        "args" (list ...) "env" "<yaml list>" "port" 9090 "portName" "metrics"
+        "replicas" true|false "serviceAccount" "name" "volumes" "<yaml>" "volumeMounts" "<yaml>")
+*/}}
+{{- define "baton.deployment" -}}
+{{- $root := .root }}
+{{- $v := .values }}
+{{- $sel := dict "root" $root "component" .component }}
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {{ include "baton.componentName" $sel }}
+  labels:
+    {{- include "baton.labels" $sel | nindent 4 }}
+spec:
+  {{- if .replicas }}
+  replicas: {{ $v.replicas }}
+  {{- end }}
+  revisionHistoryLimit: 5
+  selector:
+    matchLabels:
+      {{- include "baton.selectorLabels" $sel | nindent 6 }}
+  strategy:
+    type: RollingUpdate
+    rollingUpdate: {maxSurge: 1, maxUnavailable: 0}
+  template:
+    metadata:
+      labels:
+        {{- include "baton.selectorLabels" $sel | nindent 8 }}
+        {{- with $v.podLabels }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      {{- $ann := merge (deepCopy (default dict $v.podAnnotations)) (include "baton.scrapeAnnotations" (dict "root" $root "port" .port) | fromYaml) }}
+      {{- with $ann }}
+      annotations:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+    spec:
+      {{- if .serviceAccount }}
+      serviceAccountName: {{ .serviceAccount }}
+      automountServiceAccountToken: true
+      {{- else }}
+      automountServiceAccountToken: false
+      {{- end }}
+      {{- with $root.Values.imagePullSecrets }}
+      imagePullSecrets:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      terminationGracePeriodSeconds: {{ $v.terminationGracePeriodSeconds }}
+      securityContext:
+        {{- toYaml $root.Values.podSecurityContext | nindent 8 }}
+      containers:
+        - name: {{ .component }}
+          image: {{ include "baton.image" (dict "root" $root "values" $v "base" .base) | quote }}
+          imagePullPolicy: {{ include "baton.imagePullPolicy" (dict "root" $root "values" $v "base" .base) }}
+          args:
+            {{- range .args }}
+            - {{ . | toString | quote }}
+            {{- end }}
+            {{- range $v.extraArgs }}
+            - {{ . | toString | quote }}
+            {{- end }}
+          env:
+            {{- include "baton.commonEnv" (dict "root" $root) | nindent 12 }}
+            {{- with .env }}
+            {{- . | nindent 12 }}
+            {{- end }}
+            {{- range $k, $val := $v.env }}
+            - name: {{ $k }}
+              value: {{ $val | toString | quote }}
+            {{- end }}
+          ports:
+            - name: {{ .portName }}
+              containerPort: {{ .port }}
+              protocol: TCP
+          {{- with $v.probes.startup }}
+          startupProbe:
+            {{- toYaml . | nindent 12 }}
+          {{- end }}
+          {{- with $v.probes.readiness }}
+          readinessProbe:
+            {{- toYaml . | nindent 12 }}
+          {{- end }}
+          {{- with $v.probes.liveness }}
+          livenessProbe:
+            {{- toYaml . | nindent 12 }}
+          {{- end }}
+          resources:
+            {{- toYaml $v.resources | nindent 12 }}
+          securityContext:
+            {{- toYaml $root.Values.securityContext | nindent 12 }}
+          volumeMounts:
+            - name: tmp
+              mountPath: /tmp
+            {{- include "baton.natsVolumeMounts" $root | nindent 12 }}
+            {{- with .volumeMounts }}
+            {{- . | nindent 12 }}
+            {{- end }}
+            {{- with $v.extraVolumeMounts }}
+            {{- toYaml . | nindent 12 }}
+            {{- end }}
+      volumes:
+        - name: tmp
+          emptyDir: {}
+        {{- include "baton.natsVolumes" $root | nindent 8 }}
+        {{- with .volumes }}
+        {{- . | nindent 8 }}
+        {{- end }}
+        {{- with $v.extraVolumes }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      {{- with $v.nodeSelector }}
+      nodeSelector:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $v.tolerations }}
+      tolerations:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $v.affinity }}
+      affinity:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+{{- end }}
+
+{{/* A PodDisruptionBudget: (dict "root" $ "component" "decode" "values" .Values.decode) */}}
+{{- define "baton.pdb" -}}
+{{- $sel := dict "root" .root "component" .component }}
+{{- with .values.podDisruptionBudget }}
+{{- if .enabled }}
+---
+apiVersion: policy/v1
+kind: PodDisruptionBudget
+metadata:
+  name: {{ include "baton.componentName" $sel }}
+  labels:
+    {{- include "baton.labels" $sel | nindent 4 }}
+spec:
+  {{- if hasKey . "minAvailable" }}
+  minAvailable: {{ .minAvailable }}
+  {{- else }}
+  maxUnavailable: {{ .maxUnavailable | default 1 }}
+  {{- end }}
+  selector:
+    matchLabels:
+      {{- include "baton.selectorLabels" $sel | nindent 6 }}
+{{- end }}
+{{- end }}
+{{- end }}
