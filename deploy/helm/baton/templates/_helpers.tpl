@@ -88,6 +88,11 @@ app.kubernetes.io/part-of: baton
 {{- if and .Values.planner.enabled (eq .Values.planner.connector "kubernetes") (not .Values.planner.dryRun) }}true{{ end }}
 {{- end }}
 
+{{/* A value as a string, whole numbers without the float formatting (2097152, not 2.097152e+06). */}}
+{{- define "baton.str" -}}
+{{- if and (kindIs "float64" .) (eq (floor .) .) }}{{ int64 . }}{{ else }}{{ toString . }}{{ end }}
+{{- end }}
+
 {{/* Pod spec pieces ------------------------------------------------------------------------ */}}
 
 {{/* image: (dict "root" $ "values" .Values.decode "base" .Values.image) */}}
@@ -103,7 +108,7 @@ app.kubernetes.io/part-of: baton
 
 {{/* Environment every Baton service gets: NATS, its credentials and TLS, logging, tracing. */}}
 {{- define "baton.commonEnv" -}}
-{{- $root := .root }}
+{{- $root := .root -}}
 - name: POD_NAME
   valueFrom: {fieldRef: {fieldPath: metadata.name}}
 - name: POD_NAMESPACE
@@ -156,11 +161,11 @@ app.kubernetes.io/part-of: baton
 {{- end }}
 {{- if .samplerArg }}
 - name: OTEL_TRACES_SAMPLER_ARG
-  value: {{ .samplerArg | toString | quote }}
+  value: {{ include "baton.str" .samplerArg | quote }}
 {{- end }}
 {{- range $k, $v := .env }}
 - name: {{ $k }}
-  value: {{ $v | toString | quote }}
+  value: {{ include "baton.str" $v | quote }}
 {{- end }}
 {{- end }}
 {{- end }}
@@ -217,7 +222,8 @@ prometheus.io/path: /metrics
 A Baton service's Deployment.
   (dict "root" $ "component" "decode" "values" .Values.decode "base" .Values.image
         "args" (list ...) "env" "<yaml list>" "port" 9090 "portName" "metrics"
-        "replicas" true|false "serviceAccount" "name" "volumes" "<yaml>" "volumeMounts" "<yaml>")
+        "replicas" true|false "recreate" true|false "serviceAccount" "name"
+        "volumes" "<yaml>" "volumeMounts" "<yaml>")
 */}}
 {{- define "baton.deployment" -}}
 {{- $root := .root }}
@@ -238,8 +244,12 @@ spec:
     matchLabels:
       {{- include "baton.selectorLabels" $sel | nindent 6 }}
   strategy:
+    {{- if .recreate }}
+    type: Recreate
+    {{- else }}
     type: RollingUpdate
     rollingUpdate: {maxSurge: 1, maxUnavailable: 0}
+    {{- end }}
   template:
     metadata:
       labels:
@@ -272,19 +282,19 @@ spec:
           imagePullPolicy: {{ include "baton.imagePullPolicy" (dict "root" $root "values" $v "base" .base) }}
           args:
             {{- range .args }}
-            - {{ . | toString | quote }}
+            - {{ include "baton.str" . | quote }}
             {{- end }}
             {{- range $v.extraArgs }}
-            - {{ . | toString | quote }}
+            - {{ include "baton.str" . | quote }}
             {{- end }}
           env:
             {{- include "baton.commonEnv" (dict "root" $root) | nindent 12 }}
             {{- with .env }}
-            {{- . | nindent 12 }}
+            {{- . | trim | nindent 12 }}
             {{- end }}
             {{- range $k, $val := $v.env }}
             - name: {{ $k }}
-              value: {{ $val | toString | quote }}
+              value: {{ include "baton.str" $val | quote }}
             {{- end }}
           ports:
             - name: {{ .portName }}
@@ -309,9 +319,11 @@ spec:
           volumeMounts:
             - name: tmp
               mountPath: /tmp
-            {{- include "baton.natsVolumeMounts" $root | nindent 12 }}
+            {{- with include "baton.natsVolumeMounts" $root }}
+            {{- . | trim | nindent 12 }}
+            {{- end }}
             {{- with .volumeMounts }}
-            {{- . | nindent 12 }}
+            {{- . | trim | nindent 12 }}
             {{- end }}
             {{- with $v.extraVolumeMounts }}
             {{- toYaml . | nindent 12 }}
@@ -319,9 +331,11 @@ spec:
       volumes:
         - name: tmp
           emptyDir: {}
-        {{- include "baton.natsVolumes" $root | nindent 8 }}
+        {{- with include "baton.natsVolumes" $root }}
+        {{- . | trim | nindent 8 }}
+        {{- end }}
         {{- with .volumes }}
-        {{- . | nindent 8 }}
+        {{- . | trim | nindent 8 }}
         {{- end }}
         {{- with $v.extraVolumes }}
         {{- toYaml . | nindent 8 }}
