@@ -43,7 +43,7 @@ def up(
     decode_workers: Annotated[int, typer.Option(min=1, help="Decode worker processes.")] = 1,
     prefill_workers: Annotated[int, typer.Option(min=0, help="Prefill worker processes.")] = 1,
     routers: Annotated[int, typer.Option(min=1, help="Router replicas.")] = 1,
-    router_mode: Annotated[str, typer.Option(envvar="BATON_ROUTER_MODE", help="round-robin or random.")] = "round-robin",
+    router_mode: Annotated[str, typer.Option(envvar="BATON_ROUTER_MODE", help="kv, kv-approx, round-robin or random.")] = "round-robin",
     mocker_speedup: Annotated[float, typer.Option(help="Mocker engine: divide simulated costs by this.")] = 1.0,
     num_blocks: Annotated[int, typer.Option(help="KV pool size per worker in blocks (0: engine default).")] = 0,
     discovery_ttl: Annotated[float, typer.Option(help="Seconds after which a silent worker is gone.")] = 6.0,

@@ -11,6 +11,7 @@ import logging
 import os
 import ssl
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -152,38 +153,67 @@ def is_no_responders(msg: Msg) -> bool:
 class ReplyStream:
     """Replies to one request, in order, as raw messages.
 
-    Bounded: a caller that stops taking replies (a slow HTTP client) gets SlowConsumer instead
-    of letting this process's memory grow without bound.
+    A deque and one future rather than an asyncio.Queue with wait_for: this is on the per-token
+    path, and wait_for costs a task per call. Bounded: a caller that stops taking replies (a
+    slow HTTP client) gets SlowConsumer instead of letting this process's memory grow.
     """
 
-    __slots__ = ("_queue", "subject")
+    __slots__ = ("_items", "_max", "_waiter", "subject")
 
     def __init__(self, subject: str, max_pending: int) -> None:
         self.subject = subject
-        self._queue: asyncio.Queue[Any] = asyncio.Queue(max_pending + 1)
+        self._items: deque[Any] = deque()
+        self._max = max_pending
+        self._waiter: asyncio.Future[None] | None = None
 
     def _deliver(self, item: Any) -> None:
-        if self._queue.qsize() >= self._queue.maxsize - 1 and item is not _LOST:
+        if len(self._items) >= self._max and item is not _LOST:
+            if self._items and self._items[-1] is _OVERFLOW:
+                return  # already overflowed; next() reports it
             item = _OVERFLOW
-        try:
-            self._queue.put_nowait(item)
-        except asyncio.QueueFull:
-            pass  # already overflowed; next() reports it
+        self._items.append(item)
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
 
     async def next(self, timeout: float) -> Msg:
         """The next reply. Raises BusTimeout after ``timeout`` s, NoResponders if none listen,
         BusError if the NATS connection was lost, SlowConsumer past the bound."""
-        try:
-            msg = await asyncio.wait_for(self._queue.get(), timeout)
-        except TimeoutError:
-            raise BusTimeout(f"no reply on {self.subject} within {timeout:.1f}s") from None
-        if msg is _LOST:
+        if not self._items:
+            loop = asyncio.get_running_loop()
+            self._waiter = fut = loop.create_future()
+            timer = loop.call_later(timeout, _wake, fut)
+            try:
+                await fut
+            finally:
+                timer.cancel()
+                self._waiter = None
+            if not self._items:
+                raise BusTimeout(f"no reply on {self.subject} within {timeout:.1f}s")
+        return self._check(self._items.popleft())
+
+    def _check(self, item: Any) -> Msg:
+        if item is _LOST:
             raise BusError("connection to NATS lost")
-        if msg is _OVERFLOW:
-            raise SlowConsumer(f"more than {self._queue.maxsize - 1} replies pending on {self.subject}")
-        if is_no_responders(msg):
+        if item is _OVERFLOW:
+            raise SlowConsumer(f"more than {self._max} replies pending on {self.subject}")
+        if is_no_responders(item):
             raise NoResponders(self.subject)
-        return msg
+        return item
+
+    def ready(self) -> list[Msg]:
+        """Replies already here, without waiting: lets a caller coalesce a burst of chunks.
+        Stops before any marker, so errors still surface through next()."""
+        out: list[Msg] = []
+        items = self._items
+        while items and items[0] is not _LOST and items[0] is not _OVERFLOW and not is_no_responders(items[0]):
+            out.append(items.popleft())
+        return out
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 class ReplyInbox:

@@ -33,10 +33,12 @@ def block_hashes(token_ids: Sequence[int] | np.ndarray, block_size: int, parent:
     raw = head.astype(np.int64).tobytes() if isinstance(head, np.ndarray) else array("q", head).tobytes()
     stride = block_size * 8
     out: list[int] = []
+    append = out.append
+    frb, b2 = int.from_bytes, blake2b  # locals: this loop is on the routing hot path
     h = parent
-    for i in range(n_full):
-        h = _digest(h, raw[i * stride : (i + 1) * stride])
-        out.append(h)
+    for i in range(0, n_full * stride, stride):
+        h = frb(b2(h.to_bytes(8, "little") + raw[i : i + stride], digest_size=8).digest(), "little")
+        append(h)
     return out
 
 

@@ -93,6 +93,10 @@ class RouteRequest(Struct, tag="route", kw_only=True, omit_defaults=True):
     token_ids: list[int]
     # Workers the caller has just seen fail; the router avoids them.
     exclude: list[str] = field(default_factory=list)
+    # Chained KV block hashes of token_ids (shared.kv_hash) for block_size, computed by the caller
+    # so the router need not: hashing a 4k-token prompt costs ~300 us, the routing decision ~35 us.
+    block_hashes: list[int] = field(default_factory=list)
+    block_size: int = 0
 
 
 class RouteDecision(Struct, tag="decision", kw_only=True, omit_defaults=True):

@@ -33,6 +33,11 @@ PLANNER_DECISIONS = f"{PREFIX}.planner.decisions"
 # Discovery: one key per worker, refreshed; the bucket's TTL expires dead workers.
 WORKERS_BUCKET = "baton_workers"
 
+# A router that lost a worker's KV events asks it (empty message) to resend its whole cache.
+KV_RESYNC = f"{PREFIX}.kv.resync"
+# Router index snapshots (JetStream object store), so a new replica need not replay everything.
+ROUTER_SNAPSHOT_BUCKET = "baton_router_snapshots"
+
 
 def generate(worker_id: str) -> str:
     """Where a worker takes GenerateRequests; chunks go to the message's reply inbox."""
@@ -56,6 +61,10 @@ def prefill_done(request_id: str) -> str:
 
 def kv_events(worker_id: str) -> str:
     return f"{PREFIX}.kv.events.{worker_id}"
+
+
+def kv_resync(worker_id: str) -> str:
+    return f"{KV_RESYNC}.{worker_id}"
 
 
 def load(worker_id: str) -> str:

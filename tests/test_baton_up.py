@@ -57,14 +57,14 @@ def port_free(port: int) -> bool:
             return False
 
 
-def start_up(tmp_path, extra: list[str]) -> tuple[subprocess.Popen, int, int]:
+def start_up(tmp_path, extra: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen, int, int]:
     http_port, nats_port = free_port(), free_port()
     log = open(tmp_path / "up.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "baton", "up", "--engine", e2e_engine(), "--port", str(http_port), "--host",
          "127.0.0.1", "--nats-port", str(nats_port), "--log-dir", str(tmp_path / "logs"), "--discovery-ttl", "3",
          *extra],
-        stdout=log, stderr=subprocess.STDOUT, env=service_env(), start_new_session=True,
+        stdout=log, stderr=subprocess.STDOUT, env=service_env(env), start_new_session=True,
     )
     return proc, http_port, nats_port
 

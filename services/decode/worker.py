@@ -125,6 +125,7 @@ class DecodeWorker:
                 await self.bus.subscribe(subjects.generate(self.worker_id), self._on_generate)
                 await self.bus.subscribe(subjects.cancel(self.worker_id), self._on_cancel)
                 await self.bus.subscribe(subjects.status(self.worker_id), self._on_status)
+                await self.bus.subscribe(subjects.kv_resync(self.worker_id), self._on_kv_resync)
                 self.registration = WorkerRegistration(self.bus, self.info(), self.settings.discovery_ttl)
                 await self.registration.register()
                 tg.start_soon(self.registration.run)
@@ -161,6 +162,14 @@ class DecodeWorker:
         if scope is not None:
             log.debug("cancelling %s: %s", cancel.request_id, cancel.reason)
             scope.cancel()
+
+    async def _on_kv_resync(self, msg: Msg) -> None:
+        """A router lost some of our KV events: resend our whole cache as one cleared batch."""
+        kv = getattr(getattr(self.engine, "scheduler", None), "kv", None)
+        if kv is None:  # engines without the shared KV manager: routers re-learn from new events
+            return
+        self.engine.kv_events.record_cleared()
+        self.engine.kv_events.record_stored(list(kv.pool.cached), None)
 
     async def _on_status(self, msg: Msg) -> None:
         assert self.bus is not None

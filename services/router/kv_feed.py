@@ -28,6 +28,7 @@ import anyio
 import anyio.lowlevel
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy, ObjectStoreConfig, StorageType
+from nats.js.object_store import ObjectStore
 from prometheus_client import Counter, Gauge
 
 from services.router.kv_index import EventOutcome, encode_snapshot
@@ -35,18 +36,12 @@ from services.router.kv_policy import KvRouter
 from shared.bus import Bus
 from shared.messages import kv_event_decoder
 from shared.streams import kv_events_stream_config
-from shared.subjects import KV_EVENTS_ALL, KV_EVENTS_STREAM, PREFIX
+from shared.subjects import KV_EVENTS_ALL, KV_EVENTS_STREAM, ROUTER_SNAPSHOT_BUCKET, kv_resync
 
 log = logging.getLogger("baton.router.kv")
 
-# Proposed for shared/subjects.py; defined here until then.
-KV_RESYNC_PREFIX = f"{PREFIX}.kv.resync"
-SNAPSHOT_BUCKET = "baton_router_snapshots"
+SNAPSHOT_BUCKET = ROUTER_SNAPSHOT_BUCKET
 SNAPSHOT_OBJECT = "kv-index"
-
-
-def kv_resync_subject(worker_id: str) -> str:
-    return f"{KV_RESYNC_PREFIX}.{worker_id}"
 
 
 EVENT_BATCHES = Counter("baton_router_kv_event_batches_total", "KV event batches ingested, by outcome", ["outcome"])
@@ -150,7 +145,7 @@ class KvEventFeed:
             self._resync_asked[worker_id] = now
             RESYNCS.inc()
             try:
-                await self.bus.publish(kv_resync_subject(worker_id), b"")
+                await self.bus.publish(kv_resync(worker_id), b"")
             except Exception as e:
                 log.debug("resync request to %s failed: %r", worker_id, e)
         for worker_id in list(self._resync_asked):
@@ -159,7 +154,7 @@ class KvEventFeed:
 
     # --- snapshots -------------------------------------------------------------------------
 
-    async def _object_store(self):  # -> nats.js.object_store.ObjectStore
+    async def _object_store(self) -> ObjectStore:
         try:
             return await self.bus.js.object_store(SNAPSHOT_BUCKET)
         except Exception:

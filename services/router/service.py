@@ -19,6 +19,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from services.router.kv_feed import KvEventFeed
 from services.router.kv_policy import KvRouter, KvRouterConfig
 from services.router.policy import RoutingPolicy, make_policy
+from shared import tracing
 from shared.bus import Bus
 from shared.config import DEFAULT_NATS_URL
 from shared.discovery import DEFAULT_TTL, WorkerView
@@ -156,6 +157,12 @@ class Router:
             log.exception("policy %s failed; routing %s at random", self.policy.name, req.request_id)
             worker, overlap, hashes = random.choice(workers), 0, None
         DECISION_SECONDS.observe(time.perf_counter() - t0)
+        if tracing.ENABLED:
+            span = tracing.start("route_decision", tracing.SpanKind.SERVER, tracing.context_from(msg.headers), **{
+                "baton.request_id": req.request_id, "baton.policy": self.policy.name,
+                "baton.worker_id": worker.worker_id, "baton.overlap_blocks": overlap,
+                "baton.candidates": len(workers)})
+            tracing.end(span)
         await self.bus.respond(msg, RouteDecision(
             worker_id=worker.worker_id, subject=worker.generate_subject, cancel_subject=worker.cancel_subject,
             overlap_blocks=overlap, policy=self.policy.name,

@@ -181,6 +181,14 @@ class KvCacheManager:
         extend_hashes(seq.block_hashes, seq.token_ids, self.block_size)
         return self.pool.lookup(seq.block_hashes, (len(seq.token_ids) - 1) // self.block_size)
 
+    def cached_prefix_tokens(self, token_ids: list[int]) -> int:
+        """Prompt tokens a new request would be served from the cache now (full blocks, one token left)."""
+        if not self.enable_prefix_caching or len(token_ids) <= self.block_size:
+            return 0
+        max_blocks = (len(token_ids) - 1) // self.block_size
+        hashes = extend_hashes([], token_ids[: max_blocks * self.block_size], self.block_size)
+        return len(self.pool.lookup(hashes, max_blocks)) * self.block_size
+
     def allocate_slots(
         self, seq: SequenceBlocks, num_new_tokens: int, prefix_blocks: list[int] | None = None
     ) -> bool:

@@ -11,17 +11,24 @@ position, drawn from the model's vocabulary without its special tokens, so a moc
 EOS by chance (stop_token_ids still stop it). It runs on the event loop: a step is plain Python,
 cheap enough for dozens of mockers per machine. Simulated time is paid back with real sleeps only
 once it adds up to more than a timer tick, so a huge speedup costs almost nothing.
+
+Disaggregation runs for real, on a tiny KV pool: ``MOCKER_KV_LAYERS`` layers of K and V with
+``BATON_MOCKER_KV_BLOCK_BYTES`` bytes per block (default 64), so reservations, held blocks and KV
+transfers are exercised cheaply. Each prefill chunk stamps the blocks it computes with a signature
+of their tokens; a decode worker adopting a remote prefill checks the signatures of the blocks it
+received, so a transfer that lands in the wrong blocks or order fails the request loudly.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 
 from shared.engines.base import Engine, EngineConfig, EngineOutput, EngineStats, OutputQueues
 from shared.engines.kv_cache import default_num_blocks
-from shared.engines.scheduler import Scheduler
+from shared.engines.scheduler import Request, ScheduledBatch, Scheduler
 from shared.messages import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -29,6 +36,12 @@ log = logging.getLogger(__name__)
 FALLBACK_VOCAB_SIZE = 2048
 _MASK64 = (1 << 64) - 1
 MIN_SLEEP_S = 0.0005  # below this, owed simulated time accumulates instead of arming a timer
+MOCKER_KV_LAYERS = 2  # enough to exercise the per-layer K/V ordering of kv_views
+
+
+def _kv_block_bytes() -> int:
+    n = int(os.environ.get("BATON_MOCKER_KV_BLOCK_BYTES", "64"))
+    return max(8, n - n % 8)
 
 
 def _mix64(x: int) -> int:
@@ -105,6 +118,11 @@ class MockerEngine(Engine):
         self._prefill_token_s = config.prefill_s_per_token / speedup
         self.num_steps = 0
         self.num_computed_tokens = 0  # tokens "forwarded": prefill chunks plus decodes
+        # The KV "pool": per layer a K and a V region of block_bytes per block.
+        self._block_bytes = _kv_block_bytes()
+        self._kv_mem = memoryview(bytearray(2 * MOCKER_KV_LAYERS * num_blocks * self._block_bytes))
+        region = num_blocks * self._block_bytes
+        self._kv_pools = [self._kv_mem[i * region : (i + 1) * region] for i in range(2 * MOCKER_KV_LAYERS)]
 
     # --- the step loop -----------------------------------------------------------------------
 
@@ -147,6 +165,7 @@ class MockerEngine(Engine):
             while token in avoid:
                 token = (token + 1) % vocab
             sampled.append(token)
+        self._stamp(batch)
         self._queues.put(sched.update(batch, sampled))
         self.num_steps += 1
         self.num_computed_tokens += batch.num_tokens
@@ -156,22 +175,39 @@ class MockerEngine(Engine):
 
     # --- Engine interface --------------------------------------------------------------------
 
-    async def generate(
+    def generate(
         self, request_id: str, token_ids: list[int], sampling: SamplingParams
     ) -> AsyncIterator[EngineOutput]:
+        return self._run(request_id, token_ids, sampling, hold=False)
+
+    async def _run(
+        self, request_id: str, token_ids: list[int], sampling: SamplingParams, hold: bool = False,
+        first_token: int | None = None,
+    ) -> AsyncIterator[EngineOutput]:
+        """Add (or, with ``first_token``, adopt a remotely prefilled) request and stream its outputs."""
         queue = self._queues.open(request_id)
         finished = False
         try:
-            added = self.scheduler.add(request_id, token_ids, sampling)
+            sched = self.scheduler
+            if first_token is None:
+                added = sched.add(request_id, token_ids, sampling, hold)
+            else:
+                added = self._adopt(request_id, sampling, first_token)
+            first: EngineOutput | None = None
             if isinstance(added, EngineOutput):
-                finished = True
-                yield added
-                return
-            # Same seed, same tokens; unseeded requests vary with their prompt.
-            added.state = _mix64(
-                sampling.seed if sampling.seed is not None else hash(tuple(token_ids)) & _MASK64
-            )
-            self._wake.set()
+                first = added  # an error, or an adopted request's first token
+                added = sched.requests.get(request_id) if added.finish_reason is None else None
+            if added is not None:
+                # Same seed, same tokens; unseeded requests vary with their prompt.
+                added.state = _mix64(
+                    sampling.seed if sampling.seed is not None else hash(tuple(token_ids)) & _MASK64
+                )
+                self._wake.set()
+            if first is not None:
+                finished = first.finish_reason is not None
+                yield first
+                if finished:
+                    return
             while True:
                 out = await queue.get()
                 finished = out.finish_reason is not None
@@ -190,3 +226,98 @@ class MockerEngine(Engine):
 
     def stats(self) -> EngineStats:
         return self.scheduler.stats()
+
+    # --- disaggregation ----------------------------------------------------------------------
+
+    supports_remote_prefill = True
+
+    def kv_layout(self) -> str:
+        return (
+            f"mocker/{self.model_name}/block_size={self.block_size}/layers={MOCKER_KV_LAYERS}"
+            f"/block_bytes={self._block_bytes}"
+        )
+
+    def kv_views(self, block_ids: list[int]) -> list[memoryview]:
+        bb = self._block_bytes
+        runs: list[tuple[int, int]] = []
+        for b in block_ids:
+            if runs and runs[-1][1] == b:
+                runs[-1] = (runs[-1][0], b + 1)
+            else:
+                runs.append((b, b + 1))
+        return [pool[a * bb : b * bb] for pool in self._kv_pools for a, b in runs]
+
+    def cached_prefix_tokens(self, token_ids: list[int]) -> int:
+        return self.scheduler.kv.cached_prefix_tokens(token_ids)
+
+    def reserve_remote_prefill(self, request_id: str, token_ids: list[int]) -> tuple[list[int], int]:
+        req = self.scheduler.reserve(request_id, list(token_ids))
+        return req.blocks[req.num_cached_blocks :], req.num_cached_blocks
+
+    def release_remote_prefill(self, request_id: str) -> None:
+        self.scheduler.release_reserved(request_id)
+
+    def generate_after_remote_prefill(
+        self, request_id: str, token_ids: list[int], sampling: SamplingParams, first_token: int
+    ) -> AsyncIterator[EngineOutput]:
+        return self._run(request_id, token_ids, sampling, first_token=first_token)
+
+    def _adopt(self, request_id: str, sampling: SamplingParams, first_token: int) -> EngineOutput:
+        req = self.scheduler.reserved.get(request_id)
+        if req is not None:
+            bad = self._check_stamps(req)
+            if bad is not None:
+                self.scheduler.release_reserved(request_id)
+                return EngineOutput(request_id, [], "error", req.num_prompt_tokens,
+                                    error=f"received KV block {bad} does not hold its tokens' KV")
+        return self.scheduler.adopt(request_id, sampling, first_token)
+
+    async def prefill_and_hold(
+        self, request_id: str, token_ids: list[int], sampling: SamplingParams
+    ) -> tuple[list[int], int, int]:
+        out: EngineOutput | None = None
+        held = False
+        try:
+            async for last in self._run(request_id, token_ids, sampling, hold=True):
+                out = last  # a held request has exactly one output: its first token, finished
+            assert out is not None
+            req = self.scheduler.held.get(request_id)
+            if out.error or not out.token_ids or req is None:
+                raise RuntimeError(out.error or f"prefill ended without a token ({out.finish_reason})")
+            held = True
+            return req.blocks[: self.scheduler.kv.blocks_needed(len(token_ids))], out.token_ids[0], out.num_cached_tokens
+        finally:
+            if not held:
+                self.release_held(request_id)
+
+    def release_held(self, request_id: str) -> None:
+        self.scheduler.abort(request_id)  # held or still prefilling: either way its blocks go back
+
+    # --- block signatures: what a real engine's KV would be, in a few bytes ------------------
+
+    def _signature(self, tokens: list[int], index: int, layer_kv: int) -> bytes:
+        word = _mix64(hash((index, layer_kv, *tokens)) & _MASK64)
+        return word.to_bytes(8, "little") * (self._block_bytes // 8)
+
+    def _stamp(self, batch: ScheduledBatch) -> None:
+        """Write the signatures of every block a prefill chunk of this step computes into."""
+        bs, bb = self.block_size, self._block_bytes
+        for req, n in batch.entries[batch.num_decodes :]:
+            end = req.num_computed_tokens + n
+            for i in range(req.num_computed_tokens // bs, (end - 1) // bs + 1):
+                tokens = req.token_ids[i * bs : min((i + 1) * bs, end)]
+                block = req.blocks[i]
+                for lk, pool in enumerate(self._kv_pools):
+                    pool[block * bb : (block + 1) * bb] = self._signature(tokens, i, lk)
+
+    def _check_stamps(self, req: Request) -> int | None:
+        """The first received block whose bytes are not its prompt tokens' signature, or None."""
+        bs, bb = self.block_size, self._block_bytes
+        n = req.num_prompt_tokens
+        for i in range(req.num_cached_blocks, len(req.blocks)):
+            tokens = req.token_ids[i * bs : min((i + 1) * bs, n)]
+            block = req.blocks[i]
+            for lk, pool in enumerate(self._kv_pools):
+                if pool[block * bb : (block + 1) * bb] != self._signature(tokens, i, lk):
+                    return block
+        return None

@@ -8,6 +8,13 @@ freed, it returns to the front of the waiting queue with the tokens it has gener
 and is recomputed later (mostly from the prefix cache). Nothing here computes anything; the
 engine turns a :class:`ScheduledBatch` into sampled tokens and hands them to :meth:`Scheduler.update`.
 
+Disaggregation adds two side doors. A decode worker *reserves* blocks for a prompt another worker
+prefills (:meth:`Scheduler.reserve`), then *adopts* it into the running batch with its KV already
+in place and the first token sampled elsewhere (:meth:`Scheduler.adopt`). A prefill worker adds a
+request with ``hold=True``: it is prefilled as usual, and once its first token is sampled it leaves
+the batch with its blocks *held* (:attr:`Scheduler.held`) until they have been sent. Reserved and
+held requests are never scheduled, so nothing computes into their blocks meanwhile.
+
 Not thread-safe: the torch engine drives it from its step thread only.
 """
 
@@ -30,6 +37,7 @@ class Request:
     __slots__ = (
         "block_hashes",
         "blocks",
+        "hold",
         "max_tokens",
         "min_tokens",
         "num_cached_blocks",
@@ -60,6 +68,7 @@ class Request:
         self.num_cached_blocks = 0  # leading blocks already in the prefix cache
         self.num_cached_tokens = -1  # prompt tokens served from the cache on first admission
         self.status = WAITING
+        self.hold = False  # prefill worker: keep the blocks once the first token is sampled
         self.state: Any = None  # engine-private per-request state (sampler, token stream)
 
     @property
@@ -120,15 +129,22 @@ class Scheduler:
         self.vocab_size = vocab_size
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admission order: the last is preempted first
-        self.requests: dict[str, Request] = {}
+        self.requests: dict[str, Request] = {}  # waiting or running
+        self.reserved: dict[str, Request] = {}  # decode side: blocks awaiting a remote prefill's KV
+        self.held: dict[str, Request] = {}  # prefill side: prefilled, blocks kept until sent
         self.num_preemptions = 0
         self.prompt_tokens = 0  # cumulative, over admitted requests
 
     # --- requests in and out -----------------------------------------------------------------
 
-    def add(self, request_id: str, token_ids: list[int], sampling: SamplingParams) -> Request | EngineOutput:
-        """Queue a request; an :class:`EngineOutput` instead means it finished at once (error, or nothing to do)."""
-        if request_id in self.requests:
+    def add(
+        self, request_id: str, token_ids: list[int], sampling: SamplingParams, hold: bool = False
+    ) -> Request | EngineOutput:
+        """Queue a request; an :class:`EngineOutput` instead means it finished at once (error, or nothing to do).
+
+        ``hold``: finish after the first token but keep the blocks in :attr:`held` (prefill worker).
+        """
+        if self._known(request_id):
             return EngineOutput(
                 request_id, [], "error", len(token_ids), error=f"duplicate request id {request_id!r}"
             )
@@ -137,13 +153,19 @@ class Scheduler:
             return EngineOutput(request_id, [], "error", len(token_ids), error=problem)
         if sampling.max_tokens <= 0:
             return EngineOutput(request_id, [], "length", len(token_ids))
-        stop_ids = frozenset(sampling.stop_token_ids)
-        if not sampling.ignore_eos:
-            stop_ids |= self.eos_token_ids
+        stop_ids = self._stop_ids(sampling)
         req = Request(request_id, token_ids, sampling, stop_ids)
+        req.hold = hold
         self.requests[request_id] = req
         self.waiting.append(req)
         return req
+
+    def _known(self, request_id: str) -> bool:
+        return request_id in self.requests or request_id in self.reserved or request_id in self.held
+
+    def _stop_ids(self, sampling: SamplingParams) -> frozenset[int]:
+        stop_ids = frozenset(sampling.stop_token_ids)
+        return stop_ids if sampling.ignore_eos else stop_ids | self.eos_token_ids
 
     def _check(self, token_ids: list[int], sampling: SamplingParams) -> str | None:
         n = len(token_ids)
@@ -162,10 +184,15 @@ class Scheduler:
         return None
 
     def abort(self, request_id: str) -> EngineOutput | None:
-        """Drop a request wherever it is and free its blocks; None if it is not here."""
+        """Drop a request wherever it is (held included, reserved not) and free its blocks; None if it is not here.
+
+        A reservation is left alone: a KV transfer may be writing into it, and only its owner
+        knows when that has stopped (:meth:`release_reserved`).
+        """
         req = self.requests.pop(request_id, None)
         if req is None:
-            return None
+            held = self.release_held(request_id)
+            return self._output(held, [], "abort") if held is not None else None
         if req.status == RUNNING:
             self.running.remove(req)
         elif req.status == WAITING:
@@ -182,6 +209,84 @@ class Scheduler:
                 out.finish_reason, out.error = reason, error
                 outs.append(out)
         return outs
+
+    # --- disaggregation --------------------------------------------------------------------
+
+    def reserve(self, request_id: str, token_ids: list[int]) -> Request:
+        """Decode side: take blocks for a prompt another worker prefills; raises RuntimeError if it cannot.
+
+        The longest cached prefix is reused (those blocks are not sent); the rest, the last
+        partial block included, is freshly allocated. ``req.blocks[req.num_cached_blocks:]`` are
+        the blocks to be written.
+        """
+        if self._known(request_id):
+            raise RuntimeError(f"duplicate request id {request_id!r}")
+        problem = self._check(token_ids, SamplingParams())
+        if problem is not None:
+            raise RuntimeError(problem)
+        req = Request(request_id, token_ids, SamplingParams(), frozenset())
+        hit = self.kv.lookup_prefix(req)
+        computed = len(hit) * self.block_size
+        need = self.kv.blocks_needed(len(token_ids)) - len(hit)
+        # Leave each running sequence room to grow by a block, so a reservation does not
+        # immediately force preemptions of work already under way.
+        if need + len(self.running) > self.kv.num_free_blocks - sum(
+            1 for b in hit if self.kv.pool.ref_counts[b] == 0
+        ) or not self.kv.allocate_slots(req, len(token_ids) - computed, hit):
+            raise RuntimeError(f"no room for {need} KV blocks ({self.kv.num_free_blocks} free)")
+        req.num_cached_tokens = computed
+        self.reserved[request_id] = req
+        return req
+
+    def release_reserved(self, request_id: str) -> bool:
+        """Decode side: give a reservation's blocks back (its remote prefill failed or was abandoned)."""
+        req = self.reserved.pop(request_id, None)
+        if req is None:
+            return False
+        self.kv.free(req)
+        return True
+
+    def adopt(self, request_id: str, sampling: SamplingParams, first_token: int) -> EngineOutput:
+        """Decode side: the reservation now holds the prompt's KV; run it from ``first_token`` on.
+
+        Returns the request's first output (the first token, finished if that already ends it).
+        The full prompt blocks enter the prefix cache here, so KV events flow as for a local prefill.
+        """
+        req = self.reserved.pop(request_id, None)
+        if req is None:
+            return EngineOutput(request_id, [], "error", error=f"no reservation for {request_id!r}")
+        problem = self._check(req.token_ids, sampling)
+        if problem is None and self.vocab_size is not None and not 0 <= first_token < self.vocab_size:
+            problem = f"first token {first_token} outside the vocabulary"
+        if problem is None and sampling.max_tokens <= 0:
+            problem = "max_tokens must be at least 1"
+        if problem is not None:
+            self.kv.free(req)
+            return EngineOutput(request_id, [], "error", req.num_prompt_tokens, error=problem)
+        req.sampling = sampling
+        req.max_tokens, req.min_tokens = sampling.max_tokens, sampling.min_tokens
+        req.stop_ids = self._stop_ids(sampling)
+        req.num_computed_tokens = req.num_prompt_tokens
+        self.kv.prefix_hit_tokens += req.num_cached_tokens
+        self.prompt_tokens += req.num_prompt_tokens
+        self.kv.cache_computed(req)
+        req.token_ids.append(first_token)
+        reason = self._finish_reason(req, first_token)
+        if reason is None:
+            req.status = RUNNING
+            self.requests[request_id] = req
+            self.running.append(req)  # past max_num_seqs if need be: its KV is here already
+        else:
+            req.status = FINISHED
+            self.kv.free(req)
+        return EngineOutput(request_id, [first_token], reason, req.num_prompt_tokens, req.num_cached_tokens)
+
+    def release_held(self, request_id: str) -> Request | None:
+        """Prefill side: free a held request's blocks (sent, or no longer wanted)."""
+        req = self.held.pop(request_id, None)
+        if req is not None:
+            self.kv.free(req)
+        return req
 
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
@@ -268,29 +373,37 @@ class Scheduler:
                 kv.cache_computed(req)
         outputs: list[EngineOutput] = []
         finished = False
-        pool_tokens, max_model_len = self.pool_tokens, self.max_model_len
         for req, token in zip(batch.samplers, sampled, strict=True):
             if req.status != RUNNING:  # aborted while the step ran
                 continue
-            tokens = req.token_ids
-            tokens.append(token)
-            num_out = len(tokens) - req.num_prompt_tokens
-            reason = None
-            if token in req.stop_ids and num_out >= req.min_tokens:
-                reason = "stop"
-            elif num_out >= req.max_tokens or len(tokens) >= max_model_len or len(tokens) > pool_tokens:
-                reason = "length"  # out of budget, positions or KV room
+            req.token_ids.append(token)
+            reason = self._finish_reason(req, token)
+            if req.hold and reason is None:
+                reason = "length"  # a prefill worker wants the first token only
             if reason is not None:
                 finished = True
                 req.status = FINISHED
-                kv.free(req)
                 del self.requests[req.request_id]
+                if req.hold:
+                    self.held[req.request_id] = req  # blocks kept until they have been sent
+                else:
+                    kv.free(req)
             outputs.append(
                 EngineOutput(req.request_id, [token], reason, req.num_prompt_tokens, req.num_cached_tokens)
             )
         if finished:
             self.running = [r for r in self.running if r.status == RUNNING]
         return outputs
+
+    def _finish_reason(self, req: Request, token: int) -> str | None:
+        """Why a request ends now that ``token`` is its last token, or None."""
+        tokens = req.token_ids
+        num_out = len(tokens) - req.num_prompt_tokens
+        if token in req.stop_ids and num_out >= req.min_tokens:
+            return "stop"
+        if num_out >= req.max_tokens or len(tokens) >= self.max_model_len or len(tokens) > self.pool_tokens:
+            return "length"  # out of budget, positions or KV room
+        return None
 
     def _output(self, req: Request, token_ids: list[int], reason: str | None) -> EngineOutput:
         return EngineOutput(

@@ -5,6 +5,11 @@ never waits on a forward pass. Requests and aborts reach the thread through an i
 come back once per step through :meth:`OutputQueues.put_threadsafe`. The scheduler is touched
 only by the step thread, except :meth:`stats`, which takes the same lock the thread holds while
 it schedules and records a step (never across a forward pass).
+
+Disaggregation (see :class:`Engine`): reservations and held blocks are taken and given back under
+that lock from the event loop, which is safe because neither is ever part of a step, so no forward
+pass writes into them. Everything that touches requests a step may be computing (adopting a
+remotely prefilled request, aborting) goes through the inbox instead.
 """
 
 from __future__ import annotations
@@ -102,6 +107,11 @@ class TorchEngine(Engine):
         self._load_error: BaseException | None = None
         self._sliding_window: int | None = None
         self._closed = False  # run() ended (or never loaded): new requests fail at once
+        # KV export/import reads and writes the pool from the event loop: CPU memory only.
+        self.supports_remote_prefill = torch.device(config.device).type == "cpu"
+        self._kv_bytes: list[memoryview] = []  # per layer: K pool, then V pool, as flat bytes
+        self._block_bytes = 0
+        self._layout = ""
 
     # --- loading ------------------------------------------------------------------------------
 
@@ -131,6 +141,15 @@ class TorchEngine(Engine):
             raise NotImplementedError("layers with different sliding windows")
         self._sliding_window = windows.pop() if windows else None
         self.model = model
+        if self.supports_remote_prefill:
+            for layer in range(args.num_layers):
+                for pool in (model.k_caches[layer], model.v_caches[layer]):
+                    self._kv_bytes.append(memoryview(pool.reshape(-1).view(torch.uint8).numpy()))
+            self._block_bytes = len(self._kv_bytes[0]) // num_blocks
+        self._layout = (
+            f"torch/{self.model_name}/{cfg.dtype}/block_size={cfg.block_size}/layers={args.num_layers}"
+            f"/kv_heads={args.num_kv_heads}/head_dim={args.head_dim}"
+        )
         log.info(
             "torch engine: %s, %d KV blocks of %d tokens (%.0f MiB), %d threads",
             self.model_name,
@@ -189,6 +208,10 @@ class TorchEngine(Engine):
             cmd = self._inbox.popleft()
             if cmd[0] == "add":
                 outputs.append(EngineOutput(cmd[1], [], reason, len(cmd[2]), error=error))
+            elif cmd[0] == "adopt":
+                if self.scheduler is not None:
+                    self.scheduler.release_reserved(cmd[1])
+                outputs.append(EngineOutput(cmd[1], [], reason, error=error))
         if self.scheduler is not None:
             outputs += self.scheduler.abort_all(reason, error)
         self._queues.put(outputs)
@@ -236,11 +259,22 @@ class TorchEngine(Engine):
         while inbox:
             cmd = inbox.popleft()
             if cmd[0] == "add":
-                added = sched.add(cmd[1], cmd[2], cmd[3])
+                added = sched.add(cmd[1], cmd[2], cmd[3], cmd[4])
                 if isinstance(added, EngineOutput):
                     outputs.append(added)
                 else:
                     added.state = sampler.state_for(added)
+            elif cmd[0] == "adopt":
+                out = sched.adopt(cmd[1], cmd[2], cmd[3])
+                outputs.append(out)
+                req = sched.requests.get(cmd[1])
+                if req is not None and out.finish_reason is None:
+                    req.state = st = sampler.state_for(req)
+                    if not st.greedy and req.sampling.seed is not None:
+                        # The prefill worker drew the first token from this seed's generator:
+                        # draw once too, so later tokens match an aggregated run. (A draw
+                        # consumes the same randomness whatever the probabilities.)
+                        torch.multinomial(torch.ones(sampler.vocab_size), 1, generator=st.generator)
             else:
                 out = sched.abort(cmd[1])
                 if out is not None:
@@ -316,17 +350,25 @@ class TorchEngine(Engine):
         self._inbox.append(cmd)
         self._wake.set()
 
-    async def generate(
+    def generate(
         self, request_id: str, token_ids: list[int], sampling: SamplingParams
     ) -> AsyncIterator[EngineOutput]:
+        return self._run_request(request_id, ("add", request_id, list(token_ids), sampling, False), len(token_ids))
+
+    async def _run_request(
+        self, request_id: str, cmd: tuple[Any, ...], num_prompt_tokens: int
+    ) -> AsyncIterator[EngineOutput]:
+        """Submit ``cmd`` for one request and stream its outputs; closing early aborts it."""
         queue = self._queues.open(request_id)
         finished = False
         try:
             if self._closed:
                 finished = True
-                yield EngineOutput(request_id, [], "error", len(token_ids), error="engine is not running")
+                if cmd[0] == "adopt":
+                    self.release_remote_prefill(request_id)
+                yield EngineOutput(request_id, [], "error", num_prompt_tokens, error="engine is not running")
                 return
-            self._submit(("add", request_id, list(token_ids), sampling))
+            self._submit(cmd)
             while True:
                 out = await queue.get()
                 finished = out.finish_reason is not None
@@ -341,8 +383,90 @@ class TorchEngine(Engine):
     def abort(self, request_id: str) -> None:
         self._submit(("abort", request_id))
 
+    # --- disaggregation -----------------------------------------------------------------------
+
+    def kv_layout(self) -> str:
+        if not self._layout:
+            raise RuntimeError("torch engine not loaded yet")
+        return self._layout
+
+    def kv_views(self, block_ids: list[int]) -> list[memoryview]:
+        """Byte views of the pool for ``block_ids``: per layer K then V, one per run of consecutive ids."""
+        if not self._kv_bytes:
+            raise NotImplementedError("remote prefill needs the KV pool in CPU memory")
+        runs = block_runs(block_ids)
+        bb = self._block_bytes
+        return [pool[a * bb : b * bb] for pool in self._kv_bytes for a, b in runs]
+
+    def cached_prefix_tokens(self, token_ids: list[int]) -> int:
+        if self.scheduler is None:
+            return 0
+        with self._lock:
+            return self.scheduler.kv.cached_prefix_tokens(token_ids)
+
+    def reserve_remote_prefill(self, request_id: str, token_ids: list[int]) -> tuple[list[int], int]:
+        if self.scheduler is None or self._closed:
+            raise RuntimeError("engine is not running")
+        with self._lock:
+            req = self.scheduler.reserve(request_id, list(token_ids))
+            return req.blocks[req.num_cached_blocks :], req.num_cached_blocks
+
+    def release_remote_prefill(self, request_id: str) -> None:
+        if self.scheduler is not None:
+            with self._lock:
+                self.scheduler.release_reserved(request_id)
+
+    def generate_after_remote_prefill(
+        self, request_id: str, token_ids: list[int], sampling: SamplingParams, first_token: int
+    ) -> AsyncIterator[EngineOutput]:
+        return self._run_request(request_id, ("adopt", request_id, sampling, first_token), len(token_ids))
+
+    async def prefill_and_hold(
+        self, request_id: str, token_ids: list[int], sampling: SamplingParams
+    ) -> tuple[list[int], int, int]:
+        out: EngineOutput | None = None
+        held = False
+        try:
+            async for last in self._run_request(
+                request_id, ("add", request_id, list(token_ids), sampling, True), len(token_ids)
+            ):
+                out = last  # a held request has exactly one output: its first token, finished
+            assert out is not None and self.scheduler is not None
+            if out.error or not out.token_ids:
+                raise RuntimeError(out.error or f"prefill ended without a token ({out.finish_reason})")
+            with self._lock:
+                req = self.scheduler.held.get(request_id)
+                if req is None:
+                    raise RuntimeError(f"prefill of {request_id!r} holds no blocks")
+                blocks = req.blocks[: self.scheduler.kv.blocks_needed(len(token_ids))]
+            held = True
+            return blocks, out.token_ids[0], out.num_cached_tokens
+        finally:
+            if not held:
+                self.release_held(request_id)
+
+    def release_held(self, request_id: str) -> None:
+        if self.scheduler is None:
+            return
+        with self._lock:
+            if self.scheduler.release_held(request_id) is not None:
+                return
+        # Not held (yet): it may still be in a step, so drop it between steps.
+        self._submit(("abort", request_id))
+
     def stats(self) -> EngineStats:
         if self.scheduler is None:
             return EngineStats()
         with self._lock:
             return self.scheduler.stats()
+
+
+def block_runs(block_ids: list[int]) -> list[tuple[int, int]]:
+    """Runs of consecutive block ids, in the order given, as half-open [start, end) ranges."""
+    runs: list[tuple[int, int]] = []
+    for b in block_ids:
+        if runs and runs[-1][1] == b:
+            runs[-1] = (runs[-1][0], b + 1)
+        else:
+            runs.append((b, b + 1))
+    return runs

@@ -15,7 +15,6 @@ import anyio
 import pytest
 
 from baton.nats_server import EmbeddedNats
-from services.router.kv_feed import kv_resync_subject
 from services.router.kv_policy import KvRouter
 from services.router.service import Router, RouterSettings
 from shared.bus import Bus
@@ -29,7 +28,7 @@ from shared.messages import (
     WorkerInfo,
     route_reply_decoder,
 )
-from shared.subjects import ROUTE, cancel, generate, kv_events
+from shared.subjects import ROUTE, cancel, generate, kv_events, kv_resync
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -151,7 +150,7 @@ def test_replicas_restarts_and_snapshots_agree(nats_url: str) -> None:
                 async def on_resync(msg) -> None:
                     asked.set()
 
-                await bus.subscribe(kv_resync_subject("decode-w1"), on_resync)
+                await bus.subscribe(kv_resync("decode-w1"), on_resync)
                 await workers[1].publish(stored=[h[1][8:9]], skip=3)
                 expected["decode-w1"] = {h[1][8]}
                 await wait_for(lambda: index_state(first) == expected)

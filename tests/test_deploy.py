@@ -1,0 +1,757 @@
+"""Deployment and observability files, checked offline: no cluster, no Docker engine, no network.
+
+- The Helm chart (deploy/helm/baton) is rendered by Helm's own template engine (the Helm v4 Go
+  SDK, through the `helm-python-sdk` wheel), linted, and every manifest is validated against the
+  Kubernetes JSON schemas that `kubernetes-validate` ships (strict: unknown fields fail). Then the
+  rendered objects are checked for what Baton needs: probes on the ports the services serve,
+  commands and BATON_* variables the CLI knows, the planner's RBAC, auth wiring.
+- compose.yaml's `observability` profile (and compose.observability.yaml) is validated by Compose,
+  prometheus.yml by promtool, and the Prometheus targets, Grafana provisioning and mounts are
+  checked against each other.
+- Every PromQL query of the Grafana dashboard is parsed (`promql-parser`) and may only name
+  metrics, and labels, that the code defines (found by reading the source).
+
+Locally a missing tool skips its tests; in CI (CI=true) it fails them. CI needs:
+  pip install helm-python-sdk kubernetes-validate promql-parser   (the `test` extra)
+  apt-get install -y docker-compose prometheus                     (Compose v1; promtool)
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "deploy" / "helm" / "baton"
+COMPOSE_FILE = ROOT / "compose.yaml"
+COMPOSE_OVERRIDE = ROOT / "compose.observability.yaml"
+PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+GRAFANA = ROOT / "deploy" / "grafana"
+DASHBOARD = GRAFANA / "dashboards" / "baton.json"
+OTEL_COLLECTOR = ROOT / "deploy" / "otel" / "collector.yaml"
+OPERATIONS_DOC = ROOT / "docs" / "operations.md"
+
+BATON_SERVICES = ("frontend", "router", "decode", "prefill", "planner")
+OBSERVABILITY = {"prometheus", "grafana", "jaeger"}
+RELEASE, NAMESPACE = "baton", "llm"
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _missing(what: str, install: str) -> None:
+    msg = f"{what} is not installed ({install})"
+    if _in_ci():
+        pytest.fail(msg + "; CI must install it")
+    pytest.skip(msg)
+
+
+def _import(module: str, install: str) -> Any:
+    try:
+        return __import__(module)
+    except ImportError:
+        _missing(f"Python module {module}", install)
+
+
+# --- the chart ------------------------------------------------------------------------------
+
+# Value sets the chart must render, each to schema-valid manifests.
+SECURED = {
+    "natsAuth": {"existingSecret": "baton-nats-auth", "userKey": "user", "passwordKey": "password"},
+    "nats": {"tls": {"existingSecret": "baton-nats-server-tls", "verifyClients": True}},
+    "natsTls": {"existingSecret": "baton-nats-client-tls", "certKey": "tls.crt", "keyKey": "tls.key"},
+    "frontend": {"apiKeys": {"existingSecret": "baton-api-keys"}, "rateLimit": {"rpm": 600, "burst": 50},
+                 "limits": {"maxPromptTokens": 8192}},
+    "tracing": {"otlpEndpoint": "http://otel-collector.observability:4318", "sampler": "parentbased_traceidratio",
+                "samplerArg": 0.25},
+    "metrics": {"podMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}}},
+    "decode": {"resources": {"limits": {"nvidia.com/gpu": 1}}, "env": {"BATON_NUM_BLOCKS": 4096},
+               "extraVolumes": [{"name": "models", "persistentVolumeClaim": {"claimName": "models"}}],
+               "extraVolumeMounts": [{"name": "models", "mountPath": "/models", "readOnly": True}],
+               "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
+    "model": "/models/some-model",
+}
+EXTERNAL_NATS = {
+    "nats": {"enabled": False},
+    "externalNats": {"url": "nats://nats.nats.svc.cluster.local:4222"},
+    "natsAuth": {"existingSecret": "baton-nats-creds", "credsKey": "baton.creds"},
+    "planner": {"dryRun": True},
+}
+VALUE_SETS = {
+    "defaults": None,
+    "secured": SECURED,
+    "external-nats": EXTERNAL_NATS,
+    "token-auth": {"natsAuth": {"existingSecret": "baton-nats-auth", "tokenKey": "token"}},
+    "no-planner": {"planner": {"enabled": False}, "prefill": {"replicas": 0},
+                   "frontend": {"podDisruptionBudget": {"enabled": False}}},
+    "observe-only-planner": {"planner": {"connector": "none", "policy": "none"}},
+}
+
+
+@functools.cache
+def _render_cached(values_json: str) -> tuple[tuple[str, str], ...]:
+    helm = _import("helm_python", "pip install helm-python-sdk")
+    values = json.loads(values_json)
+    with helm.Chart.load(str(CHART)) as chart:
+        out = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    return tuple(sorted(out.items()))
+
+
+def render(values: dict | None = None) -> list[dict]:
+    """The chart's manifests (every YAML document of every template), rendered by Helm."""
+    docs = []
+    for path, text in _render_cached(json.dumps(values, sort_keys=True)):
+        if path.endswith(".yaml"):
+            docs.extend(d for d in yaml.safe_load_all(text) if d)
+    return docs
+
+
+def find(docs: list[dict], kind: str, name: str | None = None) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+
+
+def one(docs: list[dict], kind: str, name: str) -> dict:
+    found = find(docs, kind, name)
+    assert len(found) == 1, f"expected one {kind} {name}, found {len(found)}"
+    return found[0]
+
+
+def component(name: str) -> str:
+    return f"{RELEASE}-{name}"  # the release name contains the chart's: no "baton-baton-"
+
+
+def container(deploy: dict) -> dict:
+    containers = deploy["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1, deploy["metadata"]["name"]
+    return containers[0]
+
+
+def env_of(c: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in c.get("env", [])}
+
+
+def options(args: list[str]) -> dict[str, str | None]:
+    """--flag value pairs of a command line (None for a flag followed by another flag)."""
+    opts: dict[str, str | None] = {}
+    for i, arg in enumerate(args):
+        if arg.startswith("--"):
+            name, _, value = arg.partition("=")
+            if not value and i + 1 < len(args) and not args[i + 1].startswith("--"):
+                value = args[i + 1]
+            opts[name] = value or None
+    return opts
+
+
+@functools.cache
+def _help(command: str) -> str:
+    env = {**os.environ, "COLUMNS": "250", "NO_COLOR": "1", "TERM": "dumb"}
+    r = subprocess.run([sys.executable, "-m", "baton", command, "--help"], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=60)
+    assert r.returncode == 0, f"`baton {command} --help` exited {r.returncode}:\n{r.stdout}\n{r.stderr}"
+    return r.stdout
+
+
+@functools.cache
+def _source_env_vars() -> frozenset[str]:
+    """BATON_* variables the code reads outside the CLI options (NatsSecurity, API keys, ...)."""
+    found: set[str] = set()
+    for base in ("shared", "services", "baton"):
+        for path in (ROOT / base).rglob("*.py"):
+            found.update(re.findall(r"[\"'](BATON_[A-Z0-9_]+)[\"']", path.read_text()))
+    return frozenset(found)
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_chart_renders_and_validates_against_kubernetes_schemas(name: str):
+    kv = _import("kubernetes_validate", "pip install kubernetes-validate")
+    docs = render(VALUE_SETS[name])
+    assert docs, "the chart rendered nothing"
+    # The chart's minimum (Chart.yaml kubeVersion) and the newest schemas the validator ships.
+    minimum = re.search(r"(\d+\.\d+)", yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"]).group(1)
+    versions = sorted({minimum, kv.latest_version()})
+    seen = set()
+    for doc in docs:
+        key = (doc["kind"], doc["metadata"]["name"])
+        assert key not in seen, f"{key} rendered twice"
+        seen.add(key)
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # a CRD of the Prometheus Operator: not in the Kubernetes schemas
+        for version in versions:
+            try:
+                kv.validate(doc, version, strict=True)
+            except kv.ValidationError as e:
+                pytest.fail(f"{name}: {key[0]} {key[1]} is invalid for Kubernetes {version}: {e.message} "
+                            f"at {'/'.join(map(str, e.path))}")
+        labels = doc["metadata"].get("labels", {})
+        assert labels.get("app.kubernetes.io/instance") == RELEASE, key
+
+
+def test_chart_lints_clean():
+    helm = _import("helm_python", "pip install helm-python-sdk")
+    for values in (None, SECURED):
+        report = helm.lint(str(CHART), values, strict=True, namespace=NAMESPACE)
+        problems = [m for m in report["messages"] if m["severity"] >= 2]  # 2 warning, 3 error
+        assert not problems and not report["errors"], report
+
+
+def test_chart_is_the_whole_deployment():
+    docs = render()
+    for svc in BATON_SERVICES:
+        dep = one(docs, "Deployment", component(svc))
+        assert container(dep)["args"][0] == svc
+    # NATS: one JetStream server with its store on a persistent volume.
+    sts = one(docs, "StatefulSet", component("nats"))
+    nats = container(sts)
+    assert nats["image"].startswith("nats:")
+    assert "--jetstream" in nats["args"]
+    store = options(nats["args"])["--store_dir"]
+    assert any(m["mountPath"] == store for m in nats["volumeMounts"])
+    claims = [t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]]
+    assert [m["name"] for m in nats["volumeMounts"] if m["mountPath"] == store] == claims
+    svc = one(docs, "Service", component("nats"))
+    assert {p["port"] for p in svc["spec"]["ports"]} >= {4222}
+    assert sts["spec"]["serviceName"] in {s["metadata"]["name"] for s in find(docs, "Service")}
+    # Everyone talks to that NATS.
+    for svc_name in BATON_SERVICES:
+        env = env_of(container(one(docs, "Deployment", component(svc_name))))
+        assert env["BATON_NATS_URL"]["value"] == f"nats://{component('nats')}:4222", svc_name
+    # Frontend and workers agree on the model.
+    models = {env_of(container(one(docs, "Deployment", component(s))))["BATON_MODEL"]["value"]
+              for s in ("frontend", "decode", "prefill")}
+    assert models == {"baton-tiny"}
+
+
+def test_selectors_match_pods():
+    docs = render(SECURED)
+    pods = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"]
+            for d in docs if d["kind"] in ("Deployment", "StatefulSet")}
+    for d in docs:
+        if d["kind"] in ("Deployment", "StatefulSet"):
+            sel = d["spec"]["selector"]["matchLabels"]
+            assert sel.items() <= pods[d["metadata"]["name"]].items(), d["metadata"]["name"]
+        elif d["kind"] in ("Service", "PodDisruptionBudget"):
+            sel = d["spec"]["selector"]
+            sel = sel.get("matchLabels", sel)
+            matched = [n for n, labels in pods.items() if sel.items() <= labels.items()]
+            assert len(matched) == 1, f"{d['kind']} {d['metadata']['name']} selects {matched}"
+
+
+def _served_port(dep: dict) -> tuple[int, str]:
+    """The port a Baton container serves /metrics and /health on, from its own command line."""
+    c = container(dep)
+    opts = options(c["args"])
+    port = int(opts["--port"] if c["args"][0] == "frontend" else opts["--metrics-port"])
+    by_number = {p["containerPort"]: p["name"] for p in c["ports"]}
+    assert port in by_number, f"{dep['metadata']['name']}: port {port} is not declared"
+    return port, by_number[port]
+
+
+@pytest.mark.parametrize("svc", BATON_SERVICES)
+def test_probes_hit_the_health_endpoints_on_the_served_port(svc: str):
+    dep = one(render(), "Deployment", component(svc))
+    c = container(dep)
+    port, port_name = _served_port(dep)
+    ready, live = c["readinessProbe"]["httpGet"], c["livenessProbe"]["httpGet"]
+    for probe in (ready, live, c["startupProbe"]["httpGet"]):
+        assert probe["port"] in (port, port_name), f"{svc}: a probe is on {probe['port']}, /health on {port}"
+    assert ready["path"] == "/health", "readiness: /health (frontend: a decode worker is registered)"
+    # The frontend has a liveness endpoint that does not depend on the workers.
+    assert live["path"] == ("/health/live" if svc == "frontend" else "/health")
+
+
+@pytest.mark.parametrize("svc", BATON_SERVICES)
+def test_pods_are_annotated_for_prometheus(svc: str):
+    dep = one(render(), "Deployment", component(svc))
+    port, _ = _served_port(dep)
+    ann = dep["spec"]["template"]["metadata"]["annotations"]
+    assert ann["prometheus.io/scrape"] == "true"
+    assert ann["prometheus.io/port"] == str(port)
+    assert ann["prometheus.io/path"] == "/metrics"
+
+
+def test_pod_monitor_scrapes_every_service_port():
+    docs = render(SECURED)
+    pm = one(docs, "PodMonitor", RELEASE)
+    ports = {e["port"] for e in pm["spec"]["podMetricsEndpoints"]}
+    for svc in BATON_SERVICES:
+        _, port_name = _served_port(one(docs, "Deployment", component(svc)))
+        assert port_name in ports, svc
+
+
+def test_frontend_service_exposes_the_api():
+    docs = render()
+    svc = one(docs, "Service", component("frontend"))
+    port, port_name = _served_port(one(docs, "Deployment", component("frontend")))
+    assert [p["targetPort"] for p in svc["spec"]["ports"]] in ([port], [port_name])
+
+
+@pytest.mark.parametrize("values", ["defaults", "secured", "external-nats"])
+@pytest.mark.parametrize("svc", BATON_SERVICES)
+def test_command_and_env_are_real_cli(svc: str, values: str):
+    c = container(one(render(VALUE_SETS[values]), "Deployment", component(svc)))
+    args = [str(a) for a in c["args"]]
+    assert args[0] == svc
+    help_text = _help(svc)
+    known = set(re.findall(r"--[a-z][a-z0-9-]*", help_text))
+    for opt in options(args):
+        assert opt in known, f"{svc}: `baton {svc}` has no option {opt}"
+    known_env = set(re.findall(r"BATON_[A-Z0-9_]+", help_text)) | _source_env_vars()
+    for name, e in env_of(c).items():
+        if name.startswith("BATON_"):
+            assert name in known_env, f"{svc}: nothing reads {name}"
+        value = e.get("value", "")
+        assert not re.fullmatch(r"-?[\d.]+e[+-]\d+", value), f"{svc}: {name}={value} (float formatting)"
+    for a in args:
+        assert not re.fullmatch(r"-?[\d.]+e[+-]\d+", a), f"{svc}: argument {a} (float formatting)"
+
+
+def test_workers_reach_each_other_and_run_unprivileged():
+    docs = render()
+    decode = container(one(docs, "Deployment", component("decode")))
+    # Prefill workers send KV to the address decode advertises: the pod IP, not 127.0.0.1.
+    assert env_of(decode)["BATON_KV_HOST"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    for svc in BATON_SERVICES:
+        dep = one(docs, "Deployment", component(svc))
+        pod = dep["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert container(dep)["securityContext"]["allowPrivilegeEscalation"] is False
+        assert container(dep)["resources"].get("requests"), f"{svc}: resource requests"
+        # Services drain for up to 30 s on SIGTERM (shared/runtime.py).
+        assert pod["terminationGracePeriodSeconds"] >= 35, svc
+        # Only the planner talks to the Kubernetes API.
+        assert pod["automountServiceAccountToken"] is (svc == "planner"), svc
+
+
+def test_pod_disruption_budgets():
+    docs = render()
+    pdbs = {d["metadata"]["name"]: d for d in find(docs, "PodDisruptionBudget")}
+    for name in ("frontend", "router", "decode", "prefill", "nats"):
+        pdb = pdbs[component(name)]
+        # maxUnavailable, not minAvailable: a budget of one replica must not block node drains.
+        assert pdb["spec"].get("maxUnavailable") == 1, name
+    assert component("planner") not in pdbs  # one pod, replaced (Recreate) rather than surged
+
+
+def test_planner_rbac_lets_it_scale_the_worker_deployments():
+    docs = render()
+    dep = one(docs, "Deployment", component("planner"))
+    pod = dep["spec"]["template"]["spec"]
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
+    args = options([str(a) for a in container(dep)["args"]])
+    assert args["--connector"] == "kubernetes"
+    targets = {args["--k8s-decode-deployment"], args["--k8s-prefill-deployment"]}
+    assert targets == {component("decode"), component("prefill")}
+    assert all(find(docs, "Deployment", t) for t in targets)
+
+    sa = one(docs, "ServiceAccount", pod["serviceAccountName"])
+    binding = one(docs, "RoleBinding", component("planner"))
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
+                                    "namespace": NAMESPACE}]
+    role = one(docs, "Role", binding["roleRef"]["name"])
+
+    def allowed(group: str, resource: str, verb: str, name: str | None = None) -> bool:
+        return any(group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"]
+                   and (name is None or not r.get("resourceNames") or name in r["resourceNames"])
+                   for r in role["rules"])
+
+    for target in targets:
+        for resource in ("deployments", "deployments/scale"):
+            for verb in ("get", "patch", "update"):
+                assert allowed("apps", resource, verb, target), f"planner cannot {verb} {resource} {target}"
+    assert allowed("", "pods", "patch"), "pod-deletion-cost needs patch on pods"
+    assert not allowed("apps", "deployments/scale", "patch", component("frontend")), "only the workers"
+    assert not any("*" in r["verbs"] or "*" in r["resources"] for r in role["rules"])
+
+
+def test_the_planner_owns_worker_replicas_only_when_it_scales_them():
+    def replicas(values: dict | None) -> dict[str, Any]:
+        docs = render(values)
+        return {s: one(docs, "Deployment", component(s))["spec"].get("replicas") for s in ("decode", "prefill")}
+
+    # Scaling: no replicas field, so `helm upgrade` does not undo the planner's decisions.
+    assert replicas(None) == {"decode": None, "prefill": None}
+    assert replicas({"planner": {"dryRun": True}}) == {"decode": 1, "prefill": 1}
+    assert replicas({"planner": {"enabled": False}, "decode": {"replicas": 3}}) == {"decode": 3, "prefill": 1}
+    docs = render({"planner": {"connector": "none"}})
+    assert not find(docs, "Role") and not find(docs, "ServiceAccount")
+
+
+def test_auth_and_tls_are_wired_at_both_ends():
+    docs = render(SECURED)
+    nats = container(one(docs, "StatefulSet", component("nats")))
+    nats_env = env_of(nats)
+    args = nats["args"]
+    # The server takes the user/password from the Secret the services read theirs from.
+    assert options(args)["--user"] == "$(NATS_USER)" and options(args)["--pass"] == "$(NATS_PASSWORD)"
+    assert nats_env["NATS_USER"]["valueFrom"]["secretKeyRef"] == {"name": "baton-nats-auth", "key": "user"}
+    assert "--tlsverify" in args
+    mounted = {m["mountPath"] for m in nats["volumeMounts"]}
+    for flag in ("--tlscert", "--tlskey", "--tlscacert"):
+        assert str(Path(options(args)[flag]).parent) in mounted, flag
+    for svc in BATON_SERVICES:
+        dep = one(docs, "Deployment", component(svc))
+        c = container(dep)
+        env = env_of(c)
+        assert env["BATON_NATS_URL"]["value"].startswith("tls://"), svc
+        assert env["BATON_NATS_USER"]["valueFrom"]["secretKeyRef"] == {"name": "baton-nats-auth", "key": "user"}
+        assert env["BATON_NATS_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "password"
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+        for var in ("BATON_NATS_TLS_CA", "BATON_NATS_TLS_CERT", "BATON_NATS_TLS_KEY"):
+            path = Path(env[var]["value"])
+            vol = volumes[mounts[str(path.parent)]]
+            assert vol["secret"]["secretName"] == "baton-nats-client-tls", (svc, var)
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"] == SECURED["tracing"]["otlpEndpoint"]
+        assert env["OTEL_TRACES_EXPORTER"]["value"] == "otlp"
+        assert "$(POD_NAME)" in env["OTEL_RESOURCE_ATTRIBUTES"]["value"]
+        assert list(env).index("POD_NAME") < list(env).index("OTEL_RESOURCE_ATTRIBUTES")  # $(VAR) order
+    # API keys: a file from the Secret, named by BATON_API_KEYS_FILE.
+    dep = one(docs, "Deployment", component("frontend"))
+    c = container(dep)
+    keys_file = Path(env_of(c)["BATON_API_KEYS_FILE"]["value"])
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == str(keys_file.parent))
+    vol = next(v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+    assert vol["secret"]["secretName"] == "baton-api-keys"
+    assert [i["path"] for i in vol["secret"]["items"]] == [keys_file.name]
+    assert env_of(c)["BATON_RATE_LIMIT_RPM"]["value"] == "600"
+
+
+def test_creds_file_with_external_nats():
+    docs = render(EXTERNAL_NATS)
+    assert not find(docs, "StatefulSet")
+    for svc in BATON_SERVICES:
+        dep = one(docs, "Deployment", component(svc))
+        env = env_of(container(dep))
+        assert env["BATON_NATS_URL"]["value"] == EXTERNAL_NATS["externalNats"]["url"]
+        creds = Path(env["BATON_NATS_CREDS"]["value"])
+        mounts = {m["mountPath"]: m["name"] for m in container(dep)["volumeMounts"]}
+        vol = next(v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == mounts[str(creds.parent)])
+        assert vol["secret"]["secretName"] == "baton-nats-creds"
+        assert creds.name in [i["path"] for i in vol["secret"]["items"]]
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"natsAuth": {"existingSecret": "s", "credsKey": "c"}}, "externalNats"),
+    ({"nats": {"enabled": False}}, "externalNats.url"),
+    ({"natsAuth": {"userKey": "user", "passwordKey": "password"}}, "existingSecret"),
+    ({"nats": {"tls": {"existingSecret": "t"}}}, "natsTls"),
+    ({"planner": {"connector": "local"}}, "planner.connector"),
+])
+def test_chart_refuses_half_configurations(values: dict, message: str):
+    helm = _import("helm_python", "pip install helm-python-sdk")
+    with pytest.raises(helm.HelmError, match=re.escape(message)):
+        render(values)
+
+
+# --- compose: the observability profile --------------------------------------------------------
+
+COMPOSE = yaml.safe_load(COMPOSE_FILE.read_text())
+SERVICES: dict[str, dict] = COMPOSE["services"]
+
+
+def _compose_command() -> list[str] | None:
+    docker = shutil.which("docker")
+    if docker:
+        try:
+            probe = subprocess.run([docker, "compose", "version"], capture_output=True, timeout=20)
+        except subprocess.TimeoutExpired:
+            probe = None
+        if probe is not None and probe.returncode == 0:
+            return [docker, "compose"]
+    legacy = shutil.which("docker-compose")
+    return [legacy] if legacy else None
+
+
+@pytest.mark.parametrize("files", [["compose.yaml"], ["compose.yaml", "compose.observability.yaml"]])
+def test_observability_profile_is_valid_for_compose(files: list[str]):
+    cmd = _compose_command()
+    if cmd is None:
+        _missing("Compose (docker compose or docker-compose)", "apt-get install -y docker-compose")
+    args = [a for f in files for a in ("-f", f)]
+    r = subprocess.run([*cmd, *args, "--profile", "observability", "config", "-q"], capture_output=True,
+                       text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 0, f"{' '.join(cmd)} config rejected {files}:\n{r.stdout}\n{r.stderr}"
+    r = subprocess.run([*cmd, *args, "--profile", "observability", "config", "--services"], capture_output=True,
+                       text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert set(r.stdout.split()) >= OBSERVABILITY | set(BATON_SERVICES) | {"nats"}
+
+
+def test_observability_services_only_in_the_profile():
+    for name, svc in SERVICES.items():
+        if name in OBSERVABILITY:
+            assert svc.get("profiles") == ["observability"], name
+            assert svc.get("restart") and svc.get("healthcheck", {}).get("test"), name
+        else:
+            assert not svc.get("profiles"), f"{name}: the default deployment must not change"
+    # Config files the profile mounts exist in the repository.
+    for name in OBSERVABILITY:
+        for vol in SERVICES[name].get("volumes", []):
+            src = str(vol).split(":")[0]
+            if src.startswith("./"):
+                assert (ROOT / src).exists(), f"{name} mounts {src}, which does not exist"
+
+
+def _metrics_port(name: str) -> int:
+    command = [str(a) for a in SERVICES[name]["command"]]
+    opts = options(command)
+    return int(opts["--port"] if command[0] == "frontend" else opts["--metrics-port"])
+
+
+def test_prometheus_scrapes_every_service_where_it_serves_metrics():
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    targets: set[tuple[str, int]] = set()
+    for job in config["scrape_configs"]:
+        assert job.get("metrics_path", "/metrics") == "/metrics", job["job_name"]
+        for sd in job.get("dns_sd_configs", []):
+            assert sd.get("type") == "A", "Compose's DNS gives A records (one per replica)"
+            targets.update((n, int(sd["port"])) for n in sd["names"])
+        for sc in job.get("static_configs", []):
+            for t in sc["targets"]:
+                host, _, port = t.rpartition(":")
+                targets.add((host, int(port)))
+    for name, svc in SERVICES.items():
+        if name == "nats" or name in OBSERVABILITY:
+            continue
+        assert (name, _metrics_port(name)) in targets, f"prometheus.yml does not scrape {name}"
+    for host, _ in targets:
+        assert host == "localhost" or host in SERVICES, f"prometheus.yml scrapes unknown host {host}"
+
+
+def test_prometheus_config_passes_promtool():
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        _missing("promtool", "apt-get install -y prometheus")
+    r = subprocess.run([promtool, "check", "config", str(PROMETHEUS_CONFIG)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _mounts(name: str) -> dict[str, str]:
+    """container path -> repository path of a service's bind mounts."""
+    out = {}
+    for vol in SERVICES[name].get("volumes", []):
+        parts = str(vol).split(":")
+        if parts[0].startswith("./"):
+            out[parts[1]] = parts[0]
+    return out
+
+
+def _host(path_in_container: str, mounts: dict[str, str]) -> Path | None:
+    for inside, outside in sorted(mounts.items(), key=lambda kv: -len(kv[0])):
+        if path_in_container == inside or path_in_container.startswith(inside.rstrip("/") + "/"):
+            return ROOT / outside / os.path.relpath(path_in_container, inside)
+    return None
+
+
+def test_grafana_is_provisioned_with_the_dashboard():
+    mounts = _mounts("grafana")
+    provisioning = _host("/etc/grafana/provisioning", mounts)
+    assert provisioning and provisioning.is_dir(), "mount deploy/grafana/provisioning there"
+    providers = [p for f in (provisioning / "dashboards").glob("*.yaml")
+                 for p in yaml.safe_load(f.read_text())["providers"]]
+    assert providers, "no dashboard provider"
+    dashboards = {p for prov in providers if (d := _host(prov["options"]["path"], mounts))
+                  for p in d.glob("*.json")}
+    assert DASHBOARD in dashboards, "the provider's path must be where the dashboards are mounted"
+    home = SERVICES["grafana"]["environment"].get("GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH")
+    if home:
+        assert _host(home, mounts) == DASHBOARD
+    # Datasources point at Compose services, on the ports they listen on.
+    sources = [s for f in (provisioning / "datasources").glob("*.yaml")
+               for s in yaml.safe_load(f.read_text())["datasources"]]
+    by_type = {s["type"]: s for s in sources}
+    prom = re.fullmatch(r"http://([\w-]+):(\d+)", by_type["prometheus"]["url"])
+    assert prom and prom.group(1) == "prometheus" and prom.group(1) in SERVICES
+    assert by_type["prometheus"]["uid"] == "prometheus", "the dashboard's default datasource"
+    scrape = yaml.safe_load(PROMETHEUS_CONFIG.read_text())["global"]["scrape_interval"]
+    assert by_type["prometheus"]["jsonData"]["timeInterval"] == scrape, "$__rate_interval needs the interval"
+    jaeger = re.fullmatch(r"http://([\w-]+):(\d+)", by_type["jaeger"]["url"])
+    assert jaeger and jaeger.group(1) in SERVICES
+
+
+def test_tracing_override_points_every_service_at_the_collector():
+    override = yaml.safe_load(COMPOSE_OVERRIDE.read_text())["services"]
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for name, svc in SERVICES.items():
+        if name == "nats" or name in OBSERVABILITY:
+            continue
+        assert name in override, f"{name}: no tracing in compose.observability.yaml"
+        env = override[name]["environment"]
+        endpoint = re.fullmatch(r"http://([\w-]+):(\d+)", env["OTEL_EXPORTER_OTLP_ENDPOINT"])
+        assert endpoint and endpoint.group(1) in OBSERVABILITY, env
+        assert endpoint.group(2) == "4318" and env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf") == \
+            "http/protobuf", "shared/tracing.py uses the OTLP/HTTP exporter"
+        wanted = override[name]["build"]["args"]["EXTRAS"].replace(",", " ").split()
+        assert "otlp" in wanted, f"{name}: the image needs the otlp extra to export"
+        base = (svc.get("build") or {}).get("args", {}).get("EXTRAS", "").replace(",", " ").split()
+        assert set(base) <= set(wanted), f"{name}: the override drops extras {set(base) - set(wanted)}"
+        for extra in wanted:
+            assert extra in extras, f"pyproject.toml has no [{extra}] extra (the Dockerfile installs it)"
+
+
+def test_otel_collector_config_is_consistent():
+    config = yaml.safe_load(OTEL_COLLECTOR.read_text())
+    service = config["service"]
+    for ext in service.get("extensions", []):
+        assert ext in config["extensions"], ext
+    for pipeline, spec in service["pipelines"].items():
+        for kind in ("receivers", "processors", "exporters"):
+            for comp in spec.get(kind, []):
+                assert comp in config[kind], f"{pipeline}: {kind[:-1]} {comp} is not configured"
+    assert "otlp" in service["pipelines"]["traces"]["receivers"]
+    assert config["receivers"]["otlp"]["protocols"]["http"]["endpoint"].endswith(":4318")
+    processors = service["pipelines"]["traces"]["processors"]
+    assert processors[0] == "memory_limiter" and processors[-1] == "batch", "the collector's recommended order"
+
+
+# --- the dashboard ----------------------------------------------------------------------------
+
+# Counter("name", "help" ["help" ...], ["label", ...]) and the like, over several lines or one.
+_METRIC_DEF = re.compile(
+    r"\b(Counter|Gauge|Histogram|Summary)\(\s*[\"'](baton_\w+)[\"']\s*,"
+    r"\s*(?:(?:\"(?:[^\"\\]|\\.)*\"|'(?:[^'\\]|\\.)*')\s*)+"
+    r"(?:,\s*(?:labelnames\s*=\s*)?[\[(]([^\])]*)[\])])?")
+
+
+@functools.cache
+def defined_series() -> dict[str, frozenset[str]]:
+    """Series names the code exposes (with _total/_bucket/_sum/_count) -> their label names."""
+    series: dict[str, frozenset[str]] = {}
+    for base in ("services", "shared", "baton"):
+        for path in (ROOT / base).rglob("*.py"):
+            for kind, name, labels in _METRIC_DEF.findall(path.read_text()):
+                names = frozenset(re.findall(r"[\"'](\w+)[\"']", labels or ""))
+                if kind == "Counter":
+                    stem = name.removesuffix("_total")
+                    series[f"{stem}_total"] = names
+                    series[f"{stem}_created"] = names
+                elif kind == "Gauge":
+                    series[name] = names
+                else:
+                    series[name if kind == "Summary" else f"{name}_bucket"] = names | (
+                        {"quantile"} if kind == "Summary" else {"le"})
+                    for suffix in ("_sum", "_count", "_created"):
+                        series[name + suffix] = names
+    return series
+
+
+def _dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def _panels(dash: dict) -> Iterator[dict]:
+    for p in dash["panels"]:
+        yield p
+        yield from p.get("panels", [])
+
+
+def _queries(dash: dict) -> Iterator[tuple[str, str]]:
+    for p in _panels(dash):
+        for t in p.get("targets", []):
+            if t.get("expr"):
+                yield p["title"], t["expr"]
+
+
+def _promql(expr: str) -> str:
+    """Grafana's variables replaced so that Prometheus' grammar applies."""
+    return re.sub(r"\$__(rate_)?interval|\$__range", "1m", expr)
+
+
+def test_dashboard_is_well_formed():
+    dash = _dashboard()
+    assert dash["uid"] and dash["title"]
+    ids = [p["id"] for p in _panels(dash)]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    var = {v["name"]: v for v in dash["templating"]["list"]}["datasource"]
+    assert var["type"] == "datasource" and var["query"] == "prometheus"
+    cells: dict[tuple[int, int], str] = {}
+    for p in _panels(dash):
+        g = p["gridPos"]
+        assert g["x"] >= 0 and g["w"] > 0 and g["x"] + g["w"] <= 24, p["title"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, f"{p['title']!r} overlaps {cells[(x, y)]!r}"
+                cells[(x, y)] = p["title"]
+        if p["type"] != "row":
+            assert p.get("description"), f"{p['title']}: say what the panel shows"
+            assert p["datasource"]["uid"] == "${datasource}", p["title"]
+            assert p["targets"], p["title"]
+
+
+def test_dashboard_queries_parse_and_use_only_metrics_the_code_defines():
+    pp = _import("promql_parser", "pip install promql-parser")
+    series = defined_series()
+    assert "baton_frontend_requests_total" in series and "baton_worker_kv_blocks_used" in series, (
+        "found no metric definitions: has the code's style changed?")
+    target_labels = {"job", "instance"}
+    for title, expr in _queries(_dashboard()):
+        try:
+            ast = pp.parse(_promql(expr))
+        except Exception as e:  # the parser raises ValueError with the position
+            pytest.fail(f"{title!r}: {expr}\n  does not parse: {e}")
+        problems: list[str] = []
+
+        def selectors(node) -> list:
+            found = []
+            pp.walk(node, lambda n: found.append(n) if isinstance(n, pp.VectorSelector) else None)
+            return found
+
+        def visit(node):
+            if isinstance(node, pp.VectorSelector):
+                if node.name not in series:
+                    problems.append(f"no metric {node.name} in the code")
+                else:
+                    for m in node.matchers.matchers:
+                        if m.name not in series[node.name] | target_labels:
+                            problems.append(f"{node.name} has no label {m.name}")
+            elif isinstance(node, pp.AggregateExpr) and node.modifier is not None:
+                inner = [series.get(s.name, frozenset()) for s in selectors(node.expr)]
+                available = frozenset().union(*inner) | target_labels
+                for label in node.modifier.labels:
+                    if label not in available:
+                        problems.append(f"grouping by {label}, which none of {[s.name for s in selectors(node.expr)]} has")
+
+        pp.walk(ast, visit)
+        assert not problems, f"{title!r}: {expr}\n  " + "\n  ".join(problems)
+
+
+def test_dashboard_charts_what_llm_serving_users_chart():
+    used = {s for _, expr in _queries(_dashboard()) for s in re.findall(r"\bbaton_\w+", expr)}
+    wanted = [
+        "baton_frontend_requests_total",                     # request rate by status
+        "baton_frontend_time_to_first_token_seconds_bucket",  # TTFT quantiles
+        "baton_frontend_inter_token_latency_seconds_bucket",  # ITL quantiles
+        "baton_frontend_request_duration_seconds_bucket",
+        "baton_frontend_input_sequence_tokens_sum", "baton_frontend_output_sequence_tokens_sum",
+        "baton_frontend_migrations_total",
+        "baton_worker_kv_cache_usage_ratio", "baton_worker_kv_blocks_used", "baton_worker_kv_blocks_total",
+        "baton_worker_requests_running", "baton_worker_requests_waiting",
+        "baton_worker_prefix_cache_hit_tokens", "baton_worker_prompt_tokens", "baton_worker_preemptions",
+        "baton_router_decisions_total", "baton_router_predicted_overlap_ratio_sum",
+        "baton_planner_replicas", "baton_planner_decisions_total",
+    ]
+    assert not [m for m in wanted if m not in used], "the dashboard lacks panels for these"
+    for title, expr in _queries(_dashboard()):
+        if "baton_frontend_requests_total" in expr:
+            # /health and /metrics are requests too (probes, scrapes): chart the API only.
+            assert 'endpoint=~"/v1/.*"' in expr, title
+
+
+def test_operations_doc_explains_every_panel():
+    doc = OPERATIONS_DOC.read_text()
+    missing = [p["title"] for p in _panels(_dashboard()) if p["type"] != "row" and p["title"] not in doc]
+    assert not missing, f"docs/operations.md does not describe these panels: {missing}"
