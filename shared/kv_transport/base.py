@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import anyio
@@ -72,6 +72,9 @@ class Expected:
     views: list[memoryview]
     done: asyncio.Event = field(default_factory=asyncio.Event)
     error: str | None = None
+    # Set by a transport while bytes are landing in ``views``: stops that at once, so that after
+    # forget() nothing writes into memory its owner may already have handed to someone else.
+    abort: Callable[[], None] | None = None
 
     @property
     def sizes(self) -> list[int]:
@@ -120,6 +123,8 @@ class KvTransport(ABC):
         if exp is not None and not exp.done.is_set():
             exp.error = "abandoned"
             exp.done.set()
+            if exp.abort is not None:
+                exp.abort()
 
     async def wait(self, transfer_id: str, timeout: float) -> None:
         exp = self._expected.get(transfer_id)
@@ -129,6 +134,7 @@ class KvTransport(ABC):
             with anyio.fail_after(timeout):
                 await exp.done.wait()
         except TimeoutError:
+            self.forget(transfer_id)  # a transfer still landing must stop before the views are reused
             raise TransferError(f"transfer {transfer_id!r} did not arrive within {timeout}s") from None
         finally:
             self._expected.pop(transfer_id, None)
@@ -139,6 +145,8 @@ class KvTransport(ABC):
         exp = self._expected.get(header.transfer_id)
         if exp is None or exp.done.is_set():
             raise TransferError(f"unknown transfer {header.transfer_id!r}")
+        if exp.abort is not None:
+            raise TransferError(f"transfer {header.transfer_id!r} is already being received")
         if sum(header.sizes) != sum(exp.sizes):
             raise TransferError(f"transfer {header.transfer_id!r}: {sum(header.sizes)} bytes offered, "
                                 f"{sum(exp.sizes)} expected")

@@ -98,14 +98,31 @@ class TcpTransport(KvTransport):
                     await self._drain(loop, conn, sum(header.sizes))
                     await loop.sock_sendall(conn, b"\x00")
                     continue
-                for view in exp.views:
-                    await _recv_exactly_into(loop, conn, view)
+                # The bytes land in a task of their own that forget() can cancel at once: a
+                # cancelled sock_recv_into never writes, so the owner may reuse the views.
+                recv = asyncio.ensure_future(self._recv_views(loop, conn, exp.views))
+                exp.abort = recv.cancel
+                try:
+                    await asyncio.wait({recv})
+                finally:
+                    exp.abort = None
+                    recv.cancel()  # no-op once done; stops it if this task is cancelled
+                if recv.cancelled():
+                    log.info("transfer %r abandoned mid-way; dropping the connection", header.transfer_id)
+                    return  # the stream is out of step: the sender sees the connection close
+                recv.result()  # a broken peer: raises
+                ok = exp.error is None
                 exp.done.set()
-                await loop.sock_sendall(conn, b"\x01")
+                await loop.sock_sendall(conn, b"\x01" if ok else b"\x00")
         except (OSError, TransferError) as e:
             log.debug("peer connection ended: %r", e)
         finally:
             conn.close()
+
+    @staticmethod
+    async def _recv_views(loop: asyncio.AbstractEventLoop, conn: socket.socket, views: list[memoryview]) -> None:
+        for view in views:
+            await _recv_exactly_into(loop, conn, view)
 
     async def _drain(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, n: int) -> None:
         scratch = memoryview(bytearray(min(n, _SCRATCH) or 1))

@@ -176,7 +176,7 @@ async def test_mocker_detects_misplaced_kv() -> None:
         blocks, first, _ = await e.prefill.prefill_and_hold("p", prompt, sp)
         copy_kv(e.prefill.kv_views(list(reversed(blocks[cached:]))), e.decode.kv_views(dst))  # wrong order
         e.prefill.release_held("p")
-        tokens, fin = await collect(e.decode.generate_after_remote_prefill("r", prompt, sp, first))
+        _, fin = await collect(e.decode.generate_after_remote_prefill("r", prompt, sp, first))
         assert fin.finish_reason == "error" and "KV block" in (fin.error or "")
         e.assert_pools_whole()
 
