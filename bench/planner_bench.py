@@ -14,7 +14,8 @@ makes them slow, so a few requests a second keep a worker busy on this small mac
 
 * planner: ``--planner-policy sla`` (or ``--policy load``) with the local connector, one decode
   worker to start with and at most ``--fleet``, a ``baton profile`` of the same worker config;
-* fixed: ``--fleet`` decode workers and ``--planner-policy none`` (the same worker options).
+* fixed: as many decode workers as the planner ran at its peak on the pattern (or ``--fixed``),
+  ``--planner-policy none`` (the same worker options).
 
 Both use the KV-aware router. The client streams every request over HTTP (``/v1/completions``)
 and records TTFT (first token), status and completion tokens; a sampler records, every 0.5 s,
@@ -45,6 +46,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -249,18 +251,29 @@ class Run:
     decisions: list[dict]
     duration: float
 
-    def summary(self) -> dict:
+    def worker_seconds(self, start: float = 0.0, end: float | None = None) -> float:
+        end = self.duration if end is None else end
+        ws = 0.0
+        for a, b in pairwise(self.samples):
+            lo, hi = max(a.t, start), min(b.t, end)
+            if hi > lo:
+                ws += a.processes * (hi - lo)
+        return ws
+
+    def summary(self, phases: list[tuple[str, float, float]] | None = None) -> dict:
         ok = [r for r in self.results if r.ok]
         ttft = sorted(r.ttft for r in ok)
 
-        def q(p: float) -> float:
-            return round(ttft[min(len(ttft) - 1, int(p * len(ttft)))] * 1e3, 1) if ttft else math.nan
+        def q(p: float, xs: list[float] = ttft) -> float:
+            return round(xs[min(len(xs) - 1, int(p * len(xs)))] * 1e3, 1) if xs else math.nan
 
-        ws = 0.0
-        for a, b in zip(self.samples, self.samples[1:], strict=False):
-            lo, hi = max(a.t, 0.0), min(b.t, self.duration)
-            if hi > lo:
-                ws += a.processes * (hi - lo)
+        ws = self.worker_seconds()
+        per_phase = []
+        for i, (label, lo, hi) in enumerate(phases or []):
+            last = i == len(phases or []) - 1
+            rs = sorted(r.ttft for r in ok if lo <= r.arrival < hi)
+            per_phase.append({"phase": label, "start": lo, "end": hi, "requests": len(rs), "ttft_p90_ms": q(0.9, rs),
+                              "worker_seconds": round(self.worker_seconds(lo, self.duration if last else hi), 1)})
         return {
             "pattern": self.pattern, "fleet": self.fleet, "requests": len(self.results),
             "failed": len(self.results) - len(ok), "ttft_p50_ms": q(0.5), "ttft_p90_ms": q(0.9),
@@ -269,18 +282,19 @@ class Run:
             "mean_processes": round(ws / self.duration, 2) if self.duration else 0,
             "decisions": len(self.decisions),
             "errors": sorted({r.error or f"status {r.status}" for r in self.results if not r.ok})[:5],
+            "phases": per_phase,
         }
 
 
 def start_stack(port: int, nats_port: int, logdir: Path, args: argparse.Namespace, fleet: str,
-                profile: Path) -> subprocess.Popen:
+                profile: Path, fixed: int) -> subprocess.Popen:
     worker = f"--max-num-seqs {args.max_num_seqs}"
     common = ["--engine", "mocker", "--mocker-speedup", str(args.mocker_speedup), "--host", "127.0.0.1",
               "--port", str(port), "--nats-port", str(nats_port), "--prefill-workers", "0", "--log-dir", str(logdir),
               "--log-level", "info", "--router-mode", args.router_mode, "--planner-interval", str(args.interval),
               "--discovery-ttl", "3"]
     if fleet == "fixed":
-        extra = ["--decode-workers", str(args.fleet), "--planner-policy", "none", "--planner-args", worker]
+        extra = ["--decode-workers", str(fixed), "--planner-policy", "none", "--planner-args", worker]
     else:
         if args.policy == "sla":
             pol = (f"--profile {profile} --ttft-target-ms {args.ttft_target_ms} --itl-target-ms {args.itl_target_ms} "
@@ -360,13 +374,14 @@ async def drive(pattern: Pattern, fleet: str, port: int, nats_port: int, root: i
     return Run(pattern.name, fleet, list(results), samples, decisions, end)
 
 
-def run_one(pattern: Pattern, fleet: str, args: argparse.Namespace, profile: Path, keep: Path) -> Run:
+def run_one(pattern: Pattern, fleet: str, args: argparse.Namespace, profile: Path, keep: Path,
+            fixed: int = 0) -> Run:
     port, nats_port = free_port(), free_port()
     logdir = keep / f"{pattern.name}-{fleet}"
     logdir.mkdir(parents=True, exist_ok=True)
-    proc = start_stack(port, nats_port, logdir, args, fleet, profile)
+    proc = start_stack(port, nats_port, logdir, args, fleet, profile, fixed)
     try:
-        want = args.fleet if fleet == "fixed" else 1
+        want = fixed if fleet == "fixed" else 1
         run = asyncio.run(drive(pattern, fleet, port, nats_port, proc.pid, want))
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -374,7 +389,7 @@ def run_one(pattern: Pattern, fleet: str, args: argparse.Namespace, profile: Pat
             proc.wait(60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-    s = run.summary()
+    s = run.summary(pattern.phases)
     print(f"{pattern.name:6} {fleet:8} requests {s['requests']:4}  failed {s['failed']}  ttft p50 {s['ttft_p50_ms']:8.1f}"
           f"  p90 {s['ttft_p90_ms']:8.1f}  p99 {s['ttft_p99_ms']:8.1f} ms  worker-s {s['worker_seconds']:7.1f}"
           f"  peak {s['peak_processes']}  decisions {s['decisions']}", flush=True)
@@ -456,19 +471,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--patterns", nargs="+", default=["spike", "trace"], choices=["spike", "trace"])
     ap.add_argument("--policy", default="sla", choices=["sla", "load"])
-    ap.add_argument("--fleet", type=int, default=4, help="fixed fleet size = the planner's maximum")
+    ap.add_argument("--fleet", type=int, default=4, help="the planner's maximum decode workers")
+    ap.add_argument("--fixed", type=int, default=0, help="fixed fleet size (0: the planner's peak on the pattern)")
     ap.add_argument("--mocker-speedup", type=float, default=0.05)
     ap.add_argument("--max-num-seqs", type=int, default=16)
     ap.add_argument("--router-mode", default="kv")
     ap.add_argument("--interval", type=float, default=1.0)
-    ap.add_argument("--quiet-rate", type=float, default=1.0)
-    ap.add_argument("--spike-rate", type=float, default=8.0)
-    ap.add_argument("--phases", type=float, nargs=3, default=[40.0, 45.0, 50.0])
+    ap.add_argument("--quiet-rate", type=float, default=0.7)
+    ap.add_argument("--spike-rate", type=float, default=5.5)
+    ap.add_argument("--phases", type=float, nargs=3, default=[50.0, 45.0, 55.0])
     ap.add_argument("--trace", type=Path, default=TRACE)
     ap.add_argument("--trace-start", type=int, default=3000)
     ap.add_argument("--trace-seconds", type=float, default=90.0, help="replay length after compression")
     ap.add_argument("--trace-speed", type=float, default=1.5, help="trace time / replay time")
-    ap.add_argument("--trace-tail", type=float, default=40.0)
+    ap.add_argument("--trace-tail", type=float, default=30.0)
     ap.add_argument("--ttft-target-ms", type=float, default=700.0)
     ap.add_argument("--itl-target-ms", type=float, default=150.0)
     ap.add_argument("--drain-window", type=float, default=8.0)
@@ -503,21 +519,25 @@ def main() -> None:
         if name == "spike":
             pat = spike_pattern(args.quiet_rate, args.spike_rate, tuple(args.phases), args.seed)
             title = (f"quiet {args.quiet_rate:g}/s - spike {args.spike_rate:g}/s - quiet; mocker x{args.mocker_speedup:g},"
-                     f" {args.policy} planner (1..{args.fleet}) vs fixed {args.fleet}")
+                     f" {args.policy} planner (1..{args.fleet}) vs a fixed fleet of its peak size")
         else:
             pat = trace_pattern(args.trace, args.trace_start, args.trace_seconds, args.trace_speed, args.trace_tail)
             title = (f"Mooncake trace rows {args.trace_start}.., {args.trace_speed:g}x compressed, then idle; "
-                     f"{args.policy} planner (1..{args.fleet}) vs fixed {args.fleet}")
+                     f"{args.policy} planner (1..{args.fleet}) vs a fixed fleet of its peak size")
         print(f"{name}: {len(pat.requests)} requests over {pat.duration:.0f}s", flush=True)
-        runs = [run_one(pat, "planner", args, profile, keep), run_one(pat, "fixed", args, profile, keep)]
-        sp, sf = runs[0].summary(), runs[1].summary()
+        planner = run_one(pat, "planner", args, profile, keep)
+        # The fixed fleet: the size the planner needed at its peak (or --fixed).
+        fixed_n = args.fixed or max(1, planner.summary()["peak_processes"])
+        runs = [planner, run_one(pat, "fixed", args, profile, keep, fixed_n)]
+        sp, sf = runs[0].summary(pat.phases), runs[1].summary(pat.phases)
         ratio_ws = sp["worker_seconds"] / sf["worker_seconds"] if sf["worker_seconds"] else math.nan
         ratio_ttft = sp["ttft_p90_ms"] / sf["ttft_p90_ms"] if sf["ttft_p90_ms"] else math.nan
         verdict = {"worker_seconds_ratio": round(ratio_ws, 3), "ttft_p90_ratio": round(ratio_ttft, 3),
                    "goal_met": bool(ratio_ws <= 0.6 and ratio_ttft <= 1.5 and sp["failed"] == 0 and sf["failed"] == 0)}
         print(f"{name}: planner/fixed worker-seconds {ratio_ws:.2f}, p90 TTFT {ratio_ttft:.2f}x -> "
               f"{'goal met' if verdict['goal_met'] else 'goal NOT met'}", flush=True)
-        report["runs"][name] = {"planner": sp, "fixed": sf, **verdict, "decisions": runs[0].decisions,
+        report["runs"][name] = {"planner": sp, "fixed": sf, "fixed_size": fixed_n, **verdict,
+                                "decisions": runs[0].decisions,
                                 "phases": pat.phases}
         write_csv(args.out / f"planner-{name}.csv", runs, args.window)
         plot(args.out / f"planner-{name}.png", pat, runs, args.window, title)

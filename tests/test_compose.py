@@ -30,7 +30,7 @@ SCALABLE = {"decode", "prefill"}
 COMPOSE = yaml.safe_load(COMPOSE_FILE.read_text())
 SERVICES: dict[str, dict] = COMPOSE["services"]
 # Compose services that run Baton (everything but NATS), keyed by name.
-BATON = {name: svc for name, svc in SERVICES.items() if name != "nats"}
+BATON = {name: svc for name, svc in SERVICES.items() if name != "nats" and not svc.get("profiles")}
 
 
 def _in_ci() -> bool:

@@ -448,9 +448,14 @@ def test_creds_file_with_external_nats():
     ({"nats": {"enabled": False}}, "externalNats.url"),
     ({"natsAuth": {"userKey": "user", "passwordKey": "password"}}, "existingSecret"),
     ({"nats": {"tls": {"existingSecret": "t"}}}, "natsTls"),
-    ({"planner": {"connector": "local"}}, "planner.connector"),
+    # values.schema.json: typos and wrong types fail at install, not in a pod.
+    ({"planner": {"connector": "local"}}, "/planner/connector"),
+    ({"frontend": {"replica": 3}}, "'replica' not allowed"),
+    ({"router": {"mode": "kv-aware"}}, "/router/mode"),
+    ({"decode": {"replicas": "3"}}, "/decode/replicas"),
+    ({"tracing": {"otlpEndpont": "http://x:4318"}}, "'otlpEndpont' not allowed"),
 ])
-def test_chart_refuses_half_configurations(values: dict, message: str):
+def test_chart_refuses_half_configurations_and_typos(values: dict, message: str):
     helm = _import("helm_python", "pip install helm-python-sdk")
     with pytest.raises(helm.HelmError, match=re.escape(message)):
         render(values)
@@ -523,7 +528,7 @@ def test_prometheus_scrapes_every_service_where_it_serves_metrics():
             for t in sc["targets"]:
                 host, _, port = t.rpartition(":")
                 targets.add((host, int(port)))
-    for name, svc in SERVICES.items():
+    for name in SERVICES:
         if name == "nats" or name in OBSERVABILITY:
             continue
         assert (name, _metrics_port(name)) in targets, f"prometheus.yml does not scrape {name}"
@@ -692,40 +697,46 @@ def test_dashboard_is_well_formed():
             assert p["targets"], p["title"]
 
 
+def _query_problems(pp: Any, ast: Any, series: dict[str, frozenset[str]]) -> list[str]:
+    """Metrics the query names that the code does not define, and labels those metrics lack."""
+    target_labels = {"job", "instance"}  # added by Prometheus to every series
+    problems: list[str] = []
+
+    def selectors(node: Any) -> list:
+        found: list = []
+        pp.walk(node, lambda n: found.append(n) if isinstance(n, pp.VectorSelector) else None)
+        return found
+
+    def visit(node: Any) -> None:
+        if isinstance(node, pp.VectorSelector):
+            if node.name not in series:
+                problems.append(f"no metric {node.name} in the code")
+                return
+            for m in node.matchers.matchers:
+                if m.name not in series[node.name] | target_labels:
+                    problems.append(f"{node.name} has no label {m.name}")
+        elif isinstance(node, pp.AggregateExpr) and node.modifier is not None:
+            inner = selectors(node.expr)
+            available = frozenset().union(*(series.get(s.name, frozenset()) for s in inner)) | target_labels
+            for label in node.modifier.labels:
+                if label not in available:
+                    problems.append(f"grouping by {label}, which none of {[s.name for s in inner]} has")
+
+    pp.walk(ast, visit)
+    return problems
+
+
 def test_dashboard_queries_parse_and_use_only_metrics_the_code_defines():
     pp = _import("promql_parser", "pip install promql-parser")
     series = defined_series()
     assert "baton_frontend_requests_total" in series and "baton_worker_kv_blocks_used" in series, (
         "found no metric definitions: has the code's style changed?")
-    target_labels = {"job", "instance"}
     for title, expr in _queries(_dashboard()):
         try:
             ast = pp.parse(_promql(expr))
         except Exception as e:  # the parser raises ValueError with the position
             pytest.fail(f"{title!r}: {expr}\n  does not parse: {e}")
-        problems: list[str] = []
-
-        def selectors(node) -> list:
-            found = []
-            pp.walk(node, lambda n: found.append(n) if isinstance(n, pp.VectorSelector) else None)
-            return found
-
-        def visit(node):
-            if isinstance(node, pp.VectorSelector):
-                if node.name not in series:
-                    problems.append(f"no metric {node.name} in the code")
-                else:
-                    for m in node.matchers.matchers:
-                        if m.name not in series[node.name] | target_labels:
-                            problems.append(f"{node.name} has no label {m.name}")
-            elif isinstance(node, pp.AggregateExpr) and node.modifier is not None:
-                inner = [series.get(s.name, frozenset()) for s in selectors(node.expr)]
-                available = frozenset().union(*inner) | target_labels
-                for label in node.modifier.labels:
-                    if label not in available:
-                        problems.append(f"grouping by {label}, which none of {[s.name for s in selectors(node.expr)]} has")
-
-        pp.walk(ast, visit)
+        problems = _query_problems(pp, ast, series)
         assert not problems, f"{title!r}: {expr}\n  " + "\n  ".join(problems)
 
 

@@ -250,8 +250,11 @@ Runner = Callable[[list[str]], Awaitable[tuple[int, str]]]
 
 async def run_command(argv: list[str], timeout: float = 300.0) -> tuple[int, str]:
     """Run a command, return (exit code, stdout+stderr)."""
-    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL)
+    try:
+        proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL)
+    except OSError as e:  # no docker binary here: a failed decision, not a dead planner
+        return -1, f"{argv[0]}: {e}"
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), timeout)
     except TimeoutError:

@@ -1,8 +1,11 @@
 """Short-term forecast of the load: request rate and prompt/output lengths, one interval at a time.
 
 Rate: Holt's linear (double exponential) smoothing, level plus trend, forecast ``h`` intervals
-ahead; never below the latest sample, so a step up in traffic is acted on at once rather than
-after the smoothing catches up (the stabilizer's N-intervals rule filters one-off spikes).
+ahead. A sample too high to be Poisson noise around the forecast (more than ``surprise_z``
+standard deviations above it) is taken as a level shift and used as is, so a step up in traffic is
+acted on at once rather than after the smoothing catches up; ordinary noise (two arrivals in a
+second where 0.7 are expected) is smoothed away. The stabilizer's N-intervals rule filters the
+rare surprise that is only a blip.
 Lengths: EWMA of the per-interval means, updated only when requests arrived.
 
 :class:`TrafficMeter` collects what the planner's subscriptions see between two samples.
@@ -10,6 +13,7 @@ Lengths: EWMA of the per-interval means, updated only when requests arrived.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -61,20 +65,29 @@ class _Mean:
             self.value = x if self.value <= 0 else self.alpha * x + (1 - self.alpha) * self.value
 
 
+def surprising(count: int, expected_rate: float, interval: float, z: float) -> bool:
+    """Is ``count`` arrivals in ``interval`` s more than z sigma above a Poisson mean of ``expected_rate``?"""
+    lam = expected_rate * interval
+    return count > lam + z * math.sqrt(max(lam, 1.0))
+
+
 class Forecaster:
-    def __init__(self, alpha: float = 0.5, beta: float = 0.3, length_alpha: float = 0.3,
-                 prompt_tokens: float = 0.0, output_tokens: float = 0.0) -> None:
+    def __init__(self, alpha: float = 0.3, beta: float = 0.1, length_alpha: float = 0.3,
+                 prompt_tokens: float = 0.0, output_tokens: float = 0.0, surprise_z: float = 1.5) -> None:
         self.rate = Holt(alpha, beta)
         self.job_rate = Holt(alpha, beta)
         self.isl = _Mean(length_alpha, prompt_tokens)
         self.osl = _Mean(length_alpha, output_tokens)
         self.job_isl = _Mean(length_alpha, prompt_tokens)
-        self._last_rate = 0.0
-        self._last_job_rate = 0.0
+        self.surprise_z = surprise_z
+        self._jump = 0.0  # the latest sample, when it was a surprise
+        self._job_jump = 0.0
 
     def update(self, t: Traffic) -> None:
-        self._last_rate = t.request_rate
-        self._last_job_rate = t.prefill_job_rate
+        z = self.surprise_z
+        self._jump = t.request_rate if surprising(t.requests, self.rate.forecast(1), t.interval, z) else 0.0
+        self._job_jump = (t.prefill_job_rate if surprising(t.prefill_jobs, self.job_rate.forecast(1), t.interval, z)
+                          else 0.0)
         self.rate.update(t.request_rate)
         self.job_rate.update(t.prefill_job_rate)
         self.isl.update(t.prompt_tokens, t.requests > 0)
@@ -83,10 +96,10 @@ class Forecaster:
 
     def predict(self, horizon: float = 1.0) -> Prediction:
         return Prediction(
-            request_rate=max(self.rate.forecast(horizon), self._last_rate),
+            request_rate=max(self.rate.forecast(horizon), self._jump),
             prompt_tokens=self.isl.value,
             output_tokens=self.osl.value,
-            prefill_job_rate=max(self.job_rate.forecast(horizon), self._last_job_rate),
+            prefill_job_rate=max(self.job_rate.forecast(horizon), self._job_jump),
             prefill_job_tokens=self.job_isl.value,
         )
 

@@ -1,9 +1,12 @@
 """The prefill worker actor: pulls prefill jobs from the JetStream work queue and computes them.
 
 A job is acked only after its result is announced, so a worker that dies mid-job leaves it
-un-acked and JetStream redelivers it to another worker after the ack wait. Writing the KV blocks
-into the decode worker's reserved blocks (the KV transport) is the disaggregation issue's; here
-the queue, the job lifecycle and the done/failed notices are real.
+un-acked and JetStream redelivers it to another worker after the ack wait. A job that names a KV
+endpoint is prefilled with its blocks held (``Engine.prefill_and_hold``), the blocks the decode
+worker reserved are written straight into its pool over the KV transport, and only then are the
+held blocks given back and PrefillDone (with the first token) announced. Whatever goes wrong in a
+job (engine error, decode worker gone, transfer broken) becomes a PrefillFailed, never a crashed
+worker, and the held blocks are always given back.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import dataclass, field
 import anyio
 import nats.errors
 from nats.aio.msg import Msg
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from shared import subjects, tracing
 from shared.bus import Bus
@@ -42,6 +45,10 @@ log = logging.getLogger("baton.prefill")
 JOBS = Counter("baton_prefill_jobs_total", "Prefill jobs by outcome", ["outcome"])
 JOB_SECONDS = Histogram("baton_prefill_job_seconds", "Time to compute one prefill job",
                         buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30))
+JOBS_RUNNING = Gauge("baton_prefill_jobs_running", "Prefill jobs being computed or sent")
+KV_USED = Gauge("baton_prefill_kv_blocks_used", "KV blocks in use on this prefill worker (held ones included)")
+KV_TOTAL = Gauge("baton_prefill_kv_blocks_total", "KV blocks in this prefill worker's pool")
+SENT_BLOCKS = Counter("baton_prefill_kv_blocks_sent_total", "KV blocks written into decode workers' pools")
 
 
 @dataclass
@@ -101,6 +108,7 @@ class PrefillWorker:
                     log.info("KV transport: %s", self.transport.name)
                 self.view = WorkerView(self.bus, self.settings.discovery_ttl)
                 tg.start_soon(self.view.run)
+                tg.start_soon(self._update_gauges)
                 self.registration = WorkerRegistration(self.bus, self.info(), self.settings.discovery_ttl)
                 await self.registration.register()
                 tg.start_soon(self.registration.run)
@@ -132,7 +140,7 @@ class PrefillWorker:
                 continue
             try:
                 msgs = await psub.fetch(batch=free, timeout=1.0)
-            except nats.errors.TimeoutError:
+            except (nats.errors.TimeoutError, TimeoutError):  # nothing queued this second
                 continue
             except Exception as e:  # NATS away: back off and ask again
                 log.warning("fetch failed: %r", e)
@@ -145,40 +153,59 @@ class PrefillWorker:
         if self._active:
             await self._idle.wait()
 
+    async def _update_gauges(self) -> None:
+        while True:
+            st = self.engine.stats()
+            KV_USED.set(st.kv_blocks_used)
+            KV_TOTAL.set(st.kv_blocks_total)
+            JOBS_RUNNING.set(self._active)
+            await anyio.sleep(0.5)
+
     async def _job(self, msg: Msg, limit: anyio.Semaphore) -> None:
         assert self.bus is not None
         self._active += 1
         try:
-            try:
-                job = prefill_job_decoder.decode(msg.data)
-            except Exception as e:
-                log.warning("dropping undecodable prefill job: %r", e)
-                await msg.term()
-                return
-            if job.deadline and time.time() > job.deadline:
-                JOBS.labels("expired").inc()
-                await self._announce(job, PrefillFailed(request_id=job.request_id, prefill_worker_id=self.worker_id,
-                                                        reason="deadline passed before prefill started"))
-                await msg.ack()
-                return
-            span = tracing.start("prefill", tracing.SpanKind.CONSUMER, tracing.context_from(msg.headers), **{
-                "baton.request_id": job.request_id, "baton.worker_id": self.worker_id,
-                "gen_ai.usage.input_tokens": len(job.token_ids)})
-            t0 = time.perf_counter()
-            try:
-                done = await self._compute(job, msg)
-            finally:
-                tracing.end(span)
-            JOB_SECONDS.observe(time.perf_counter() - t0)
-            JOBS.labels("done" if isinstance(done, PrefillDone) else "failed").inc()
-            await self._announce(job, done)
-            await msg.ack()  # only now: a crash before this line means redelivery
-            self.jobs_done += 1
+            await self._handle(msg)
+        except Exception:  # NATS away mid-announce, say: the job is redelivered, the worker lives on
+            log.exception("prefill job failed unannounced")
         finally:
             self._active -= 1
             if self._draining and not self._active:
                 self._idle.set()
             limit.release()
+
+    async def _handle(self, msg: Msg) -> None:
+        assert self.bus is not None
+        try:
+            job = prefill_job_decoder.decode(msg.data)
+        except Exception as e:
+            log.warning("dropping undecodable prefill job: %r", e)
+            await msg.term()
+            return
+        if job.deadline and time.time() > job.deadline:
+            JOBS.labels("expired").inc()
+            await self._announce(job, PrefillFailed(request_id=job.request_id, prefill_worker_id=self.worker_id,
+                                                    reason="deadline passed before prefill started"))
+            await msg.ack()
+            return
+        span = tracing.start("prefill", tracing.SpanKind.CONSUMER, tracing.context_from(msg.headers), **{
+            "baton.request_id": job.request_id, "baton.worker_id": self.worker_id,
+            "gen_ai.usage.input_tokens": len(job.token_ids)})
+        t0 = time.perf_counter()
+        try:
+            done = await self._compute(job, msg)
+        except Exception as e:  # an engine bug fails this job, not the worker
+            log.exception("prefill of %s failed", job.request_id)
+            done = self._failed(job, f"prefill failed: {e!r}")
+        finally:
+            tracing.end(span)
+        JOB_SECONDS.observe(time.perf_counter() - t0)
+        JOBS.labels("done" if isinstance(done, PrefillDone) else "failed").inc()
+        if isinstance(done, PrefillFailed):
+            log.info("prefill job %s failed: %s", job.request_id, done.reason)
+        await self._announce(job, done)
+        await msg.ack()  # only now: a crash before this line means redelivery
+        self.jobs_done += 1
 
     def _failed(self, job: PrefillJob, reason: str) -> PrefillFailed:
         return PrefillFailed(request_id=job.request_id, prefill_worker_id=self.worker_id, reason=reason)
@@ -191,7 +218,10 @@ class PrefillWorker:
             async def keep_alive() -> None:
                 while True:
                     await anyio.sleep(PREFILL_ACK_WAIT_S / 3)
-                    await msg.in_progress()
+                    try:
+                        await msg.in_progress()
+                    except Exception as e:  # NATS away for a moment: try again next time
+                        log.debug("in-progress ack failed: %r", e)
 
             tg.start_soon(keep_alive)
             try:
@@ -221,23 +251,36 @@ class PrefillWorker:
         if job.kv_layout != self.engine.kv_layout():
             return self._failed(job, f"KV layout mismatch: decode has {job.kv_layout!r}, "
                                      f"this worker {self.engine.kv_layout()!r}")
-        if job.decode_worker_id and self.view is not None and self.view.get(job.decode_worker_id) is None:
+        if self._decode_gone(job):
             # Its decode worker is gone from discovery: nobody will read the blocks. Fail fast.
             return self._failed(job, f"decode worker {job.decode_worker_id} is gone")
         rid = f"{job.request_id}:prefill:{uuid.uuid4().hex[:6]}"
-        block_ids, first, cached = await self.engine.prefill_and_hold(rid, job.token_ids, job.sampling)
         try:
+            block_ids, first, cached = await self.engine.prefill_and_hold(rid, job.token_ids, job.sampling)
+        except RuntimeError as e:  # the engine refused or failed the prompt; nothing is held
+            return self._failed(job, f"prefill failed: {e}")
+        try:
+            if len(job.block_ids) > len(block_ids):
+                return self._failed(job, f"{len(job.block_ids)} blocks reserved for a {len(block_ids)}-block prompt")
             send = block_ids[len(block_ids) - len(job.block_ids):] if job.block_ids else []
             if send:
+                if self._decode_gone(job):  # it left while we computed: do not wait on a dead peer
+                    return self._failed(job, f"decode worker {job.decode_worker_id} is gone")
                 remaining = job.deadline - time.time() if job.deadline else 30.0
+                if remaining <= 0:
+                    return self._failed(job, "deadline passed before the KV blocks could be sent")
                 await self.transport.send(job.kv_endpoint, job.request_id, self.engine.kv_views(send),
-                                          timeout=max(0.5, remaining))
+                                          timeout=remaining)
+                SENT_BLOCKS.inc(len(send))
         except TransferError as e:
             return self._failed(job, f"KV transfer failed: {e}")
         finally:
-            self.engine.release_held(rid)
+            self.engine.release_held(rid)  # sent or not, the blocks go back (to the prefix cache)
         return PrefillDone(request_id=job.request_id, prefill_worker_id=self.worker_id, num_tokens=len(job.token_ids),
                            cached_tokens=cached, blocks_written=len(send), first_token=first)
+
+    def _decode_gone(self, job: PrefillJob) -> bool:
+        return bool(job.decode_worker_id) and self.view is not None and self.view.get(job.decode_worker_id) is None
 
     async def _announce(self, job: PrefillJob, result: PrefillDone | PrefillFailed) -> None:
         assert self.bus is not None

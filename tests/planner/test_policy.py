@@ -215,6 +215,16 @@ def test_holt_follows_a_trend_and_forecaster_reacts_to_a_step() -> None:
     assert 0 < p.request_rate < 20 and p.prompt_tokens == pytest.approx(100)  # lengths kept when idle
 
 
+def test_forecaster_smooths_poisson_noise_at_a_low_rate() -> None:
+    f = Forecaster()
+    for n in [1, 0, 1, 1, 0, 1, 1, 0, 1, 1]:  # about 0.7 requests/s
+        f.update(Traffic(interval=1, requests=n))
+    f.update(Traffic(interval=1, requests=2))  # a common blip: 16% of seconds at this rate
+    assert f.predict().request_rate < 1.5
+    f.update(Traffic(interval=1, requests=6))  # not noise: a level shift
+    assert f.predict().request_rate == pytest.approx(6)
+
+
 def test_traffic_meter_counts_a_migrated_request_once() -> None:
     m = TrafficMeter()
     m.request("a", 100, 10)
