@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from shared.engines.eviction import LruPolicy, S3FifoPolicy  # noqa: E402
+from shared.engines.eviction import LruPolicy, S3FifoPolicy
 
 DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "conversation_trace.jsonl"
 
