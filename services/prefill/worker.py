@@ -48,6 +48,7 @@ JOB_SECONDS = Histogram("baton_prefill_job_seconds", "Time to compute one prefil
 JOBS_RUNNING = Gauge("baton_prefill_jobs_running", "Prefill jobs being computed or sent")
 KV_USED = Gauge("baton_prefill_kv_blocks_used", "KV blocks in use on this prefill worker (held ones included)")
 KV_TOTAL = Gauge("baton_prefill_kv_blocks_total", "KV blocks in this prefill worker's pool")
+SENDS_IN_FLIGHT = Gauge("baton_prefill_kv_sends_in_flight", "KV transfers under way to decode workers")
 SENT_BLOCKS = Counter("baton_prefill_kv_blocks_sent_total", "KV blocks written into decode workers' pools")
 
 
@@ -269,8 +270,9 @@ class PrefillWorker:
                 remaining = job.deadline - time.time() if job.deadline else 30.0
                 if remaining <= 0:
                     return self._failed(job, "deadline passed before the KV blocks could be sent")
-                await self.transport.send(job.kv_endpoint, job.request_id, self.engine.kv_views(send),
-                                          timeout=remaining)
+                with SENDS_IN_FLIGHT.track_inprogress():
+                    await self.transport.send(job.kv_endpoint, job.request_id, self.engine.kv_views(send),
+                                              timeout=remaining)
                 SENT_BLOCKS.inc(len(send))
         except TransferError as e:
             return self._failed(job, f"KV transfer failed: {e}")

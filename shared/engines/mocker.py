@@ -295,9 +295,12 @@ class MockerEngine(Engine):
 
     # --- block signatures: what a real engine's KV would be, in a few bytes ------------------
 
-    def _signature(self, tokens: list[int], index: int, layer_kv: int) -> bytes:
-        word = _mix64(hash((index, layer_kv, *tokens)) & _MASK64)
-        return word.to_bytes(8, "little") * (self._block_bytes // 8)
+    def _signatures(self, tokens: list[int], index: int) -> list[bytes]:
+        """Per layer K/V region, the bytes block ``index`` holding ``tokens`` has there."""
+        word = _mix64(hash((index, *tokens)) & _MASK64)
+        reps = self._block_bytes // 8
+        return [((word ^ (lk * 0x9E3779B97F4A7C15)) & _MASK64).to_bytes(8, "little") * reps
+                for lk in range(len(self._kv_pools))]
 
     def _stamp(self, batch: ScheduledBatch) -> None:
         """Write the signatures of every block a prefill chunk of this step computes into."""
@@ -305,19 +308,19 @@ class MockerEngine(Engine):
         for req, n in batch.entries[batch.num_decodes :]:
             end = req.num_computed_tokens + n
             for i in range(req.num_computed_tokens // bs, (end - 1) // bs + 1):
-                tokens = req.token_ids[i * bs : min((i + 1) * bs, end)]
                 block = req.blocks[i]
-                for lk, pool in enumerate(self._kv_pools):
-                    pool[block * bb : (block + 1) * bb] = self._signature(tokens, i, lk)
+                sigs = self._signatures(req.token_ids[i * bs : min((i + 1) * bs, end)], i)
+                for pool, sig in zip(self._kv_pools, sigs, strict=True):
+                    pool[block * bb : (block + 1) * bb] = sig
 
     def _check_stamps(self, req: Request) -> int | None:
         """The first received block whose bytes are not its prompt tokens' signature, or None."""
         bs, bb = self.block_size, self._block_bytes
         n = req.num_prompt_tokens
         for i in range(req.num_cached_blocks, len(req.blocks)):
-            tokens = req.token_ids[i * bs : min((i + 1) * bs, n)]
             block = req.blocks[i]
-            for lk, pool in enumerate(self._kv_pools):
-                if pool[block * bb : (block + 1) * bb] != self._signature(tokens, i, lk):
+            sigs = self._signatures(req.token_ids[i * bs : min((i + 1) * bs, n)], i)
+            for pool, sig in zip(self._kv_pools, sigs, strict=True):
+                if pool[block * bb : (block + 1) * bb] != sig:
                     return block
         return None
