@@ -151,9 +151,16 @@ class StopStringMatcher:
         if not self.stops:
             return delta, False
         self._buf += delta
-        cut = min((i for i in (self._buf.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            out, self._buf = self._buf[:cut], ""
+        # Generation stops when the first stop string *completes*, so pick the match that ends
+        # first (ties: the one that starts first); the answer is then the same however the text
+        # was chunked.
+        best: tuple[int, int] | None = None
+        for stop in self.stops:
+            i = self._buf.find(stop)
+            if i >= 0 and (best is None or (i + len(stop), i) < best):
+                best = (i + len(stop), i)
+        if best is not None:
+            out, self._buf = self._buf[: best[1]], ""
             return out, True
         keep = min(self._hold, len(self._buf))
         out = self._buf[: len(self._buf) - keep]

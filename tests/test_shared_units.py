@@ -62,10 +62,11 @@ def test_stop_matcher_emits_text_up_to_first_stop(text: str, stops: list[str], c
             break
     if not stopped:
         out.append(matcher.flush())
-    hits = [text.find(s) for s in stops if s in text]
-    expected = text[: min(hits)] if hits else text
+    # The stop that completes first wins (ties: the one starting first).
+    ends = [(text.find(s) + len(s), text.find(s)) for s in stops if s in text]
+    expected = text[: min(ends)[1]] if ends else text
     assert "".join(out) == expected
-    assert stopped == bool(hits)
+    assert stopped == bool(ends)
 
 
 def test_builtin_model_is_deterministic(tmp_path) -> None:
