@@ -8,6 +8,8 @@ Two load patterns, each replayed open-loop (arrivals at their times, whatever th
   compressed by ``--trace-speed``; each 512-token hash block becomes a deterministic run of 16
   tokens (so the trace's prefix sharing is kept), input lengths scaled by 16/512, output lengths
   by 1/16 (capped at 64), then ``--trace-tail`` seconds of idle.
+* ``trace-swing``: the same trace rows, real inter-arrival times, compressed ``--swing-speeds``
+  (0.25x in the quiet phases, 1.5x in the spike; ``--phases`` long): quiet, spike, quiet on real traffic.
 
 Each pattern runs twice from scratch under ``baton up`` with mocker workers (``--mocker-speedup``
 makes them slow, so a few requests a second keep a worker busy on this small machine):
@@ -109,10 +111,20 @@ def _mix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def trace_pattern(path: Path, start: int, seconds: float, speed: float, tail: float, lead: float = 2.0) -> Pattern:
-    """Requests of the trace from row ``start`` spanning ``seconds`` of replay after compression by ``speed``."""
+def trace_pattern(path: Path, start: int, phases: list[tuple[str, float, float]], tail: float = 0.0,
+                  lead: float = 2.0, name: str = "trace") -> Pattern:
+    """Consecutive trace rows from ``start`` with their real arrival times, compressed by each
+    phase's speed ((label, replay seconds, trace seconds per replay second)); then ``tail`` s idle."""
     block, ratio = 16, 512 // 16
     reqs: list[Req] = []
+    marks: list[tuple[str, float, float]] = [("idle", 0.0, lead)] if lead else []
+    bounds = []  # (trace time where the phase starts, its replay start, speed, replay end)
+    trace_t, replay_t = 0.0, lead
+    for label, seconds, speed in phases:
+        bounds.append((trace_t, replay_t, speed, replay_t + seconds))
+        marks.append((label, replay_t, replay_t + seconds))
+        trace_t += seconds * speed
+        replay_t += seconds
     t_first = None
     with open(path) as f:
         for i, line in enumerate(f):
@@ -120,18 +132,20 @@ def trace_pattern(path: Path, start: int, seconds: float, speed: float, tail: fl
                 continue
             r = json.loads(line)
             ts = r["timestamp"] / 1000
-            if t_first is None:
-                t_first = ts
-            at = (ts - t_first) / speed
-            if at >= seconds:
+            t_first = ts if t_first is None else t_first
+            rel = ts - t_first
+            if rel >= trace_t:
                 break
+            b = next(b for b in reversed(bounds) if rel >= b[0])
+            at = b[1] + (rel - b[0]) / b[2]
             tokens: list[int] = []
             for h in r["hash_ids"]:
                 tokens += [VOCAB_LO + _mix64(h * 4096 + j) % (VOCAB_HI - VOCAB_LO) for j in range(block)]
             n = max(1, min(len(tokens), math.ceil(r["input_length"] / ratio), 2048))
-            reqs.append(Req(lead + at, tokens[:n], max(1, min(64, round(r["output_length"] / 16)))))
-    return Pattern("trace", reqs, lead + seconds + tail, [("idle", 0, lead), ("trace", lead, lead + seconds),
-                                                          ("idle", lead + seconds, lead + seconds + tail)])
+            reqs.append(Req(at, tokens[:n], max(1, min(64, round(r["output_length"] / 16)))))
+    if tail:
+        marks.append(("idle", replay_t, replay_t + tail))
+    return Pattern(name, reqs, replay_t + tail, marks)
 
 
 # --- the client --------------------------------------------------------------------------------
@@ -451,7 +465,7 @@ def plot(path: Path, pattern: Pattern, runs: list[Run], width: float, title: str
         ax_ttft.step([x for x, _, _ in ws], [p for _, _, p in ws], where="post", color=c, label=run.fleet)
     for ax in axes:
         for label, lo, hi in pattern.phases:
-            if label == "spike" or label == "trace":
+            if label in ("spike", "trace"):
                 ax.axvspan(lo, hi, color="orange", alpha=0.08)
     ax_queue.set_ylabel("queue depth (requests)")
     ax_queue.legend(fontsize=8, loc="upper right")
@@ -467,9 +481,21 @@ def plot(path: Path, pattern: Pattern, runs: list[Run], width: float, title: str
     plt.close(fig)
 
 
+def _finite(x):
+    """NaN (no request in a window) as null: strict JSON."""
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_finite(v) for v in x]
+    return x
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--patterns", nargs="+", default=["spike", "trace"], choices=["spike", "trace"])
+    ap.add_argument("--patterns", nargs="+", default=["spike", "trace", "trace-swing"],
+                    choices=["spike", "trace", "trace-swing"])
     ap.add_argument("--policy", default="sla", choices=["sla", "load"])
     ap.add_argument("--fleet", type=int, default=4, help="the planner's maximum decode workers")
     ap.add_argument("--fixed", type=int, default=0, help="fixed fleet size (0: the planner's peak on the pattern)")
@@ -485,6 +511,8 @@ def main() -> None:
     ap.add_argument("--trace-seconds", type=float, default=90.0, help="replay length after compression")
     ap.add_argument("--trace-speed", type=float, default=1.5, help="trace time / replay time")
     ap.add_argument("--trace-tail", type=float, default=30.0)
+    ap.add_argument("--swing-speeds", type=float, nargs=2, default=[0.25, 1.5],
+                    help="trace-swing: compression in the quiet phases and in the spike (--phases long)")
     ap.add_argument("--ttft-target-ms", type=float, default=700.0)
     ap.add_argument("--itl-target-ms", type=float, default=150.0)
     ap.add_argument("--drain-window", type=float, default=8.0)
@@ -520,9 +548,16 @@ def main() -> None:
             pat = spike_pattern(args.quiet_rate, args.spike_rate, tuple(args.phases), args.seed)
             title = (f"quiet {args.quiet_rate:g}/s - spike {args.spike_rate:g}/s - quiet; mocker x{args.mocker_speedup:g},"
                      f" {args.policy} planner (1..{args.fleet}) vs a fixed fleet of its peak size")
-        else:
-            pat = trace_pattern(args.trace, args.trace_start, args.trace_seconds, args.trace_speed, args.trace_tail)
+        elif name == "trace":
+            pat = trace_pattern(args.trace, args.trace_start, [("trace", args.trace_seconds, args.trace_speed)],
+                                args.trace_tail)
             title = (f"Mooncake trace rows {args.trace_start}.., {args.trace_speed:g}x compressed, then idle; "
+                     f"{args.policy} planner (1..{args.fleet}) vs a fixed fleet of its peak size")
+        else:
+            q, sp = args.swing_speeds
+            pat = trace_pattern(args.trace, args.trace_start, [("quiet", args.phases[0], q), ("spike", args.phases[1], sp),
+                                                               ("quiet", args.phases[2], q)], name="trace-swing")
+            title = (f"Mooncake trace rows {args.trace_start}.., real arrivals compressed {q:g}x / {sp:g}x / {q:g}x; "
                      f"{args.policy} planner (1..{args.fleet}) vs a fixed fleet of its peak size")
         print(f"{name}: {len(pat.requests)} requests over {pat.duration:.0f}s", flush=True)
         planner = run_one(pat, "planner", args, profile, keep)
@@ -536,12 +571,13 @@ def main() -> None:
                    "goal_met": bool(ratio_ws <= 0.6 and ratio_ttft <= 1.5 and sp["failed"] == 0 and sf["failed"] == 0)}
         print(f"{name}: planner/fixed worker-seconds {ratio_ws:.2f}, p90 TTFT {ratio_ttft:.2f}x -> "
               f"{'goal met' if verdict['goal_met'] else 'goal NOT met'}", flush=True)
-        report["runs"][name] = {"planner": sp, "fixed": sf, "fixed_size": fixed_n, **verdict,
+        report["runs"][name] = {"command": " ".join(["python", *sys.argv]), "planner": sp, "fixed": sf,
+                                "fixed_size": fixed_n, **verdict,
                                 "decisions": runs[0].decisions,
                                 "phases": pat.phases}
         write_csv(args.out / f"planner-{name}.csv", runs, args.window)
         plot(args.out / f"planner-{name}.png", pat, runs, args.window, title)
-        out_json.write_text(json.dumps(report, indent=2) + "\n")
+        out_json.write_text(json.dumps(_finite(report), indent=2) + "\n")
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk not in ("decisions", "phases")}
                       for k, v in report["runs"].items()}, indent=2))
 

@@ -63,3 +63,17 @@ MockerSpeedup = Annotated[
 WorkerId = Annotated[
     str | None, typer.Option("--worker-id", envvar="BATON_WORKER_ID", help="Worker id (default: role + random hex).")
 ]
+HostKvBlocks = Annotated[
+    int, typer.Option("--host-kv-blocks", envvar="BATON_HOST_KV_BLOCKS",
+                      help="KV blocks to keep in host memory when evicted from the engine's pool (0: off).")
+]
+DiskKvDir = Annotated[
+    str, typer.Option("--disk-kv-dir", envvar="BATON_DISK_KV_DIR",
+                      help="Directory for the disk KV tier (reused after a restart); empty: off.")
+]
+DiskKvBlocks = Annotated[
+    int, typer.Option("--disk-kv-blocks", envvar="BATON_DISK_KV_BLOCKS", help="KV blocks the disk tier may hold.")
+]
+KvEviction = Annotated[
+    str, typer.Option("--kv-eviction", envvar="BATON_KV_EVICTION", help="Eviction in the host/disk tiers: lru or s3fifo.")
+]

@@ -11,7 +11,11 @@ from shared.config import (
     DEFAULT_NATS_URL,
     BlockSize,
     DiscoveryTtl,
+    DiskKvBlocks,
+    DiskKvDir,
     Engine,
+    HostKvBlocks,
+    KvEviction,
     LogLevel,
     MaxBatchedTokens,
     MaxNumSeqs,
@@ -36,6 +40,10 @@ def main(
     max_num_seqs: MaxNumSeqs = 64,
     max_batched_tokens: MaxBatchedTokens = 512,
     mocker_speedup: MockerSpeedup = 1.0,
+    host_kv_blocks: HostKvBlocks = 0,
+    disk_kv_dir: DiskKvDir = "",
+    disk_kv_blocks: DiskKvBlocks = 0,
+    kv_eviction: KvEviction = "lru",
     worker_id: WorkerId = None,
     max_inflight: Annotated[
         int, typer.Option(envvar="BATON_MAX_INFLIGHT", help="Requests held at once; beyond it, 503 at once.")
@@ -73,7 +81,9 @@ def main(
     settings = DecodeSettings(
         nats_url=nats_url,
         engine=EngineConfig(engine=engine, model=model, block_size=block_size, num_blocks=num_blocks,
-                            max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens, speedup=mocker_speedup),
+                            max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens, speedup=mocker_speedup,
+                            host_kv_blocks=host_kv_blocks, disk_kv_dir=disk_kv_dir, disk_kv_blocks=disk_kv_blocks,
+                            kv_eviction=kv_eviction),
         worker_id=worker_id, served_model_name=served_model_name, discovery_ttl=discovery_ttl,
         max_inflight=max_inflight, metrics_port=metrics_port, kv_host=kv_host,
         disagg=DisaggSettings(enabled=disagg, min_tokens=remote_prefill_min_tokens, max_queue=max_prefill_queue,

@@ -165,11 +165,11 @@ class DecodeWorker:
 
     async def _on_kv_resync(self, msg: Msg) -> None:
         """A router lost some of our KV events: resend our whole cache as one cleared batch."""
-        kv = getattr(getattr(self.engine, "scheduler", None), "kv", None)
-        if kv is None:  # engines without the shared KV manager: routers re-learn from new events
+        hashes = self.engine.cached_block_hashes()
+        if hashes is None:  # engines without the shared KV manager: routers re-learn from new events
             return
         self.engine.kv_events.record_cleared()
-        self.engine.kv_events.record_stored(list(kv.pool.cached), None)
+        self.engine.kv_events.record_stored(hashes, None)
 
     async def _on_status(self, msg: Msg) -> None:
         assert self.bus is not None
@@ -303,6 +303,8 @@ class DecodeWorker:
             PREEMPTIONS.labels(self.role).set(st.preemptions)
             PROMPT_TOKENS.labels(self.role).set(st.prompt_tokens)
             PREFIX_HIT_TOKENS.labels(self.role).set(st.prefix_hit_tokens)
+            if self.engine.kv_tiers is not None:
+                self.engine.kv_tiers.update_gauges()
             report = LoadReport(
                 worker_id=self.worker_id, role=self.role, timestamp=time.time(),  # type: ignore[arg-type]
                 kv_blocks_used=st.kv_blocks_used, kv_blocks_total=st.kv_blocks_total, running=st.running,
@@ -315,17 +317,19 @@ class DecodeWorker:
             await anyio.sleep(self.settings.load_interval)
 
     async def _publish_kv_events(self) -> None:
+        """Every interval, one batch per tier that changed: device (1), host (2), disk (3)."""
         assert self.bus is not None
         subject = subjects.kv_events(self.worker_id)
         while True:
             await anyio.sleep(self.settings.kv_event_interval)
-            stored, removed, cleared = self.engine.kv_events.drain()
-            if not (stored or removed or cleared):
-                continue
-            self._kv_seq += 1
-            batch = KvEventBatch(worker_id=self.worker_id, seq=self._kv_seq, stored=stored, removed=removed,
-                                 cleared=cleared)
-            try:
-                await self.bus.publish(subject, batch)
-            except Exception as e:
-                log.debug("kv event publish failed: %r", e)
+            for tier, buffer in ((1, self.engine.kv_events), *self.engine.tier_events.items()):
+                stored, removed, cleared = buffer.drain()
+                if not (stored or removed or cleared):
+                    continue
+                self._kv_seq += 1
+                batch = KvEventBatch(worker_id=self.worker_id, seq=self._kv_seq, stored=stored, removed=removed,
+                                     cleared=cleared, tier=tier)
+                try:
+                    await self.bus.publish(subject, batch)
+                except Exception as e:
+                    log.debug("kv event publish failed: %r", e)

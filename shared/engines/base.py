@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
@@ -39,6 +40,12 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     # vLLM: share of device (on CPU: host) memory it may reserve
     gpu_memory_utilization: float = 0.2
     max_model_len: int = 0  # context cap; 0: engine default (the model's own; vLLM: min(model's, 2048))
+    # KV block manager tiers below the engine's pool (0 / "": off). Evicted cached blocks spill
+    # to host memory, then to disk; a prefix found there is copied back instead of recomputed.
+    host_kv_blocks: int = 0
+    disk_kv_dir: str = ""
+    disk_kv_blocks: int = 0
+    kv_eviction: str = "lru"  # lru | s3fifo, per tier
 
 
 @dataclass(slots=True)
@@ -137,6 +144,25 @@ class OutputQueues:
             self._loop.call_soon_threadsafe(self.put, outputs)
 
 
+class ViewBlockIO:
+    """Block reads and writes through an engine's ``kv_views`` (every layer, K then V)."""
+
+    def __init__(self, views_of: Callable[[list[int]], list[memoryview]]) -> None:
+        self._views_of = views_of
+
+    def read(self, block: int) -> bytes:
+        return b"".join(self._views_of([block]))
+
+    def write(self, block: int, data: bytes) -> None:
+        off = 0
+        for v in self._views_of([block]):
+            n = len(v)
+            v[:] = data[off : off + n]
+            off += n
+        if off != len(data):
+            raise ValueError(f"block of {len(data)} bytes written into {off} bytes of pool")
+
+
 class Engine(ABC):
     """What a worker needs from an engine. Implementations: torch, mocker, vLLM."""
 
@@ -147,6 +173,24 @@ class Engine(ABC):
 
     def __init__(self) -> None:
         self.kv_events = KvEventBuffer()
+        # Lower tiers' events (2 host, 3 disk), when the engine has tiers: published like
+        # kv_events, in batches that carry the tier.
+        self.tier_events: dict[int, KvEventBuffer] = {}
+        self.kv_tiers: Any = None  # a TieredKvStore when configured
+
+    def _make_tiers(self, config: EngineConfig, views_of: Callable[[list[int]], list[memoryview]]) -> Any:
+        """Build the host/disk tiers from ``config`` (None when off) over this engine's pool views."""
+        if config.host_kv_blocks <= 0 and not (config.disk_kv_dir and config.disk_kv_blocks > 0):
+            return None
+        from shared.engines.kv_tiers import TIER_DISK, TIER_HOST, TieredKvStore
+
+        self.tier_events = {TIER_HOST: KvEventBuffer(), TIER_DISK: KvEventBuffer()}
+        self.kv_tiers = TieredKvStore(
+            config.host_kv_blocks, config.disk_kv_dir or None, config.disk_kv_blocks, config.kv_eviction,
+            on_stored=lambda tier, hs: self.tier_events[tier].record_stored(hs, None),
+            on_removed=lambda tier, hs: self.tier_events[tier].record_removed(hs),
+        )
+        return self.kv_tiers
 
     @abstractmethod
     async def run(self) -> None:
@@ -162,6 +206,10 @@ class Engine(ABC):
 
     @abstractmethod
     def stats(self) -> EngineStats: ...
+
+    def cached_block_hashes(self) -> list[int] | None:
+        """Every block hash in the device prefix cache now (a router's resync), or None if unknown."""
+        return None
 
     async def wait_ready(self) -> None:
         """Return once the engine can take requests (models load in ``run()``)."""

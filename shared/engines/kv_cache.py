@@ -13,12 +13,14 @@ No torch here: the mocker must run the same accounting without it.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from shared.kv_hash import extend_hashes
 
 if TYPE_CHECKING:
     from shared.engines.base import KvEventBuffer
+    from shared.engines.kv_tiers import TieredKvStore
 
 
 class SequenceBlocks(Protocol):
@@ -31,6 +33,14 @@ class SequenceBlocks(Protocol):
     num_cached_blocks: int
 
 
+class BlockIO(Protocol):
+    """Reads and writes one block's bytes in an engine's pool (every layer, K then V)."""
+
+    def read(self, block: int) -> bytes: ...
+
+    def write(self, block: int, data: bytes) -> None: ...
+
+
 class BlockPool:
     """A fixed pool of block ids: reference counts, the hash -> block cache and eviction."""
 
@@ -39,6 +49,9 @@ class BlockPool:
             raise ValueError("num_blocks must be positive")
         self.num_blocks = num_blocks
         self.events = events
+        # Called with (block id, hash) just before a cached block is evicted and reused, so its
+        # content can be offloaded to a lower tier (host, disk) first.
+        self.on_evict: Callable[[int, int], None] | None = None
         self.ref_counts = [0] * num_blocks
         self.block_hash: list[int | None] = [None] * num_blocks
         self.cached: dict[int, int] = {}  # block hash -> block id
@@ -72,6 +85,8 @@ class BlockPool:
                 block, _ = self._free_cached.popitem(last=False)
                 h = self.block_hash[block]
                 assert h is not None
+                if self.on_evict is not None:
+                    self.on_evict(block, h)
                 del self.cached[h]
                 self.block_hash[block] = None
                 evicted.append(h)
@@ -155,6 +170,44 @@ class KvCacheManager:
         # Without prefix caching nothing is ever cached, so there is nothing to announce.
         self.pool = BlockPool(num_blocks, events if enable_prefix_caching else None)
         self.prefix_hit_tokens = 0  # cumulative, over first admissions
+        self.tiers: TieredKvStore | None = None
+        self.block_io: BlockIO | None = None
+        self.onboarded_blocks = 0
+
+    def attach_tiers(self, tiers: TieredKvStore, block_io: BlockIO) -> None:
+        """Spill evicted cached blocks to ``tiers`` and bring prefix hits there back (onboard)."""
+        if not self.enable_prefix_caching:
+            return
+        self.tiers, self.block_io = tiers, block_io
+        self.pool.on_evict = lambda block, h: tiers.offload(h, block_io.read(block))
+
+    def _onboard(self, hashes: list[int], hit: list[int]) -> int:
+        """Copy blocks found in a lower tier into free blocks and cache them, in prefix order.
+
+        The G1 hits and each onboarded block are referenced while this runs, so making room for
+        the next block can never evict the prefix being assembled.
+        """
+        assert self.tiers is not None and self.block_io is not None
+        pool = self.pool
+        held = list(hit)
+        pool.take(held)
+        n = 0
+        try:
+            for h in hashes:
+                if pool.num_free == 0:
+                    break
+                found = self.tiers.lookup(h)
+                if found is None:
+                    break  # a corrupt disk block also ends here: it is recomputed
+                [block] = pool.allocate(1)
+                held.append(block)
+                self.block_io.write(block, found[1])
+                pool.cache([block], [h], 0, 1)
+                n += 1
+        finally:
+            pool.free(held)
+        self.onboarded_blocks += n
+        return n
 
     @property
     def num_blocks(self) -> int:
@@ -179,7 +232,12 @@ class KvCacheManager:
         if not self.enable_prefix_caching:
             return []
         extend_hashes(seq.block_hashes, seq.token_ids, self.block_size)
-        return self.pool.lookup(seq.block_hashes, (len(seq.token_ids) - 1) // self.block_size)
+        max_blocks = (len(seq.token_ids) - 1) // self.block_size
+        hit = self.pool.lookup(seq.block_hashes, max_blocks)
+        if self.tiers is not None and len(hit) < max_blocks:
+            if self._onboard(seq.block_hashes[len(hit) : max_blocks], hit):
+                hit = self.pool.lookup(seq.block_hashes, max_blocks)
+        return hit
 
     def cached_prefix_tokens(self, token_ids: list[int]) -> int:
         """Prompt tokens a new request would be served from the cache now (full blocks, one token left)."""
@@ -187,7 +245,11 @@ class KvCacheManager:
             return 0
         max_blocks = (len(token_ids) - 1) // self.block_size
         hashes = extend_hashes([], token_ids[: max_blocks * self.block_size], self.block_size)
-        return len(self.pool.lookup(hashes, max_blocks)) * self.block_size
+        n = len(self.pool.lookup(hashes, max_blocks))
+        if self.tiers is not None:  # blocks a lower tier can bring back count as cached too
+            while n < max_blocks and self.tiers.contains(hashes[n]):
+                n += 1
+        return n * self.block_size
 
     def allocate_slots(
         self, seq: SequenceBlocks, num_new_tokens: int, prefix_blocks: list[int] | None = None

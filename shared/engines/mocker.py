@@ -26,7 +26,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 
-from shared.engines.base import Engine, EngineConfig, EngineOutput, EngineStats, OutputQueues
+from shared.engines.base import Engine, EngineConfig, EngineOutput, EngineStats, OutputQueues, ViewBlockIO
 from shared.engines.kv_cache import default_num_blocks
 from shared.engines.scheduler import Request, ScheduledBatch, Scheduler
 from shared.messages import SamplingParams
@@ -123,6 +123,9 @@ class MockerEngine(Engine):
         self._kv_mem = memoryview(bytearray(2 * MOCKER_KV_LAYERS * num_blocks * self._block_bytes))
         region = num_blocks * self._block_bytes
         self._kv_pools = [self._kv_mem[i * region : (i + 1) * region] for i in range(2 * MOCKER_KV_LAYERS)]
+        tiers = self._make_tiers(config, self.kv_views)
+        if tiers is not None:
+            self.scheduler.kv.attach_tiers(tiers, ViewBlockIO(self.kv_views))
 
     # --- the step loop -----------------------------------------------------------------------
 
@@ -236,6 +239,9 @@ class MockerEngine(Engine):
             f"mocker/{self.model_name}/block_size={self.block_size}/layers={MOCKER_KV_LAYERS}"
             f"/block_bytes={self._block_bytes}"
         )
+
+    def cached_block_hashes(self) -> list[int] | None:
+        return list(self.scheduler.kv.pool.cached)  # runs on the event loop, like every mocker step
 
     def kv_views(self, block_ids: list[int]) -> list[memoryview]:
         bb = self._block_bytes

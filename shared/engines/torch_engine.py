@@ -33,7 +33,7 @@ if "torch" not in sys.modules:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
-from shared.engines.base import Engine, EngineConfig, EngineOutput, EngineStats, OutputQueues
+from shared.engines.base import Engine, EngineConfig, EngineOutput, EngineStats, OutputQueues, ViewBlockIO
 from shared.engines.kv_cache import default_num_blocks
 from shared.engines.sampling import Sampler
 from shared.engines.scheduler import ScheduledBatch, Scheduler
@@ -146,6 +146,11 @@ class TorchEngine(Engine):
                 for pool in (model.k_caches[layer], model.v_caches[layer]):
                     self._kv_bytes.append(memoryview(pool.reshape(-1).view(torch.uint8).numpy()))
             self._block_bytes = len(self._kv_bytes[0]) // num_blocks
+            tiers = self._make_tiers(cfg, self.kv_views)
+            if tiers is not None:
+                self.scheduler.kv.attach_tiers(tiers, ViewBlockIO(self.kv_views))
+                log.info("KV tiers: host %d blocks, disk %d blocks at %r (%s)", cfg.host_kv_blocks,
+                         cfg.disk_kv_blocks, cfg.disk_kv_dir, cfg.kv_eviction)
         self._layout = (
             f"torch/{self.model_name}/{cfg.dtype}/block_size={cfg.block_size}/layers={args.num_layers}"
             f"/kv_heads={args.num_kv_heads}/head_dim={args.head_dim}"
@@ -389,6 +394,12 @@ class TorchEngine(Engine):
         if not self._layout:
             raise RuntimeError("torch engine not loaded yet")
         return self._layout
+
+    def cached_block_hashes(self) -> list[int] | None:
+        if self.scheduler is None:
+            return None
+        with self._lock:  # the step thread mutates the cache
+            return list(self.scheduler.kv.pool.cached)
 
     def kv_views(self, block_ids: list[int]) -> list[memoryview]:
         """Byte views of the pool for ``block_ids``: per layer K then V, one per run of consecutive ids."""
