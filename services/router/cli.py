@@ -20,6 +20,9 @@ def main(
     overlap_weight: Annotated[float, typer.Option(
         envvar="BATON_ROUTER_OVERLAP_WEIGHT",
         help="kv: weight of blocks to prefill against blocks in use in a worker's cost.")] = 1.0,
+    lower_tier_weight: Annotated[float, typer.Option(
+        envvar="BATON_ROUTER_LOWER_TIER_WEIGHT",
+        help="kv: cost of a prefix block found in a worker's host/disk tier, as a share of recomputing it.")] = 0.25,
     temperature: Annotated[float, typer.Option(
         envvar="BATON_ROUTER_TEMPERATURE", help="kv: 0 picks the cheapest worker; > 0 samples (softmax).")] = 0.0,
     prediction_ttl: Annotated[float, typer.Option(
@@ -46,6 +49,7 @@ def main(
         raise typer.BadParameter(str(e), param_hint="--mode") from None
     settings = RouterSettings(nats_url=nats_url, mode=mode, discovery_ttl=discovery_ttl, metrics_port=metrics_port,
                               seed=seed, overlap_weight=overlap_weight, temperature=temperature,
+                              lower_tier_weight=lower_tier_weight,
                               prediction_ttl=prediction_ttl, snapshot_interval=snapshot_interval,
                               catchup_timeout=catchup_timeout)
     run_service(Router(settings), "router", log_level)

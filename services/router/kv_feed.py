@@ -116,7 +116,7 @@ class KvEventFeed:
             log.warning("undecodable KV event at stream seq %d: %s", seq, e)
             return
         outcome = self.router.index.apply(batch)
-        self.router.on_kv_events(batch)
+        self.router.on_kv_events(batch, outcome)
         EVENT_BATCHES.labels(outcome.value).inc()
         if outcome is not EventOutcome.DUPLICATE:
             if batch.stored:

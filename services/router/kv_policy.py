@@ -32,7 +32,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import repeat
 
-from services.router.kv_index import KvBlockIndex, WorkerSlots, depths_by_slot, prefix_depths
+from services.router.kv_index import (
+    DEVICE_TIER,
+    EventOutcome,
+    KvBlockIndex,
+    WorkerSlots,
+    depths_by_slot,
+    prefix_depths,
+)
 from shared.kv_hash import block_hashes
 from shared.messages import KvEventBatch, LoadReport, RouteRequest, WorkerInfo
 
@@ -43,6 +50,9 @@ PENDING_MAX_AGE_S = 5.0  # no report for this long: forget pending work anyway (
 @dataclass
 class KvRouterConfig:
     overlap_weight: float = 1.0  # weight of blocks to prefill against blocks in use
+    # A prefix block in a worker's host/disk tier costs this share of recomputing it (it is
+    # copied back, not computed): cheaper than a miss, dearer than a device hit.
+    lower_tier_weight: float = 0.25
     temperature: float = 0.0  # 0: argmin; > 0: softmax sampling over normalised costs
     use_kv_events: bool = True  # False: kv-approx (predictions only)
     prediction_ttl: float = 0.0  # seconds; 0: 10 s with events, 120 s without
@@ -194,6 +204,8 @@ class KvRouter:
         self.name = "kv" if self.config.use_kv_events else "kv-approx"
         self.slots = WorkerSlots()
         self.index = KvBlockIndex(self.slots, self.config.max_blocks_per_worker, self.config.max_indexed_blocks)
+        # Blocks in workers' lower tiers (host, disk), same slots; fed from tier > 1 events.
+        self.lower_index = KvBlockIndex(self.slots, self.config.max_blocks_per_worker, self.config.max_indexed_blocks)
         self.predicted = PredictedBlocks(self.config.effective_ttl(), self.config.max_predicted_blocks)
         self.loads: dict[str, WorkerLoad] = {}
         self._rng = random.Random(self.config.seed)
@@ -211,6 +223,7 @@ class KvRouter:
         """Drop everything about a worker that left discovery."""
         now = time.monotonic() if now is None else now
         self.index.drop_worker(worker_id, release_slot=False)
+        self.lower_index.drop_worker(worker_id, release_slot=False)
         self.loads.pop(worker_id, None)
         if self.slots.get(worker_id) is not None:
             self._retired.append((now, worker_id))
@@ -260,6 +273,8 @@ class KvRouter:
         hashes = self.request_hashes(request, block_size)
         depths = self.overlaps(hashes, now)
         costs = self._costs(workers, depths, len(request.token_ids))
+        if self.lower_index.holders:
+            self._credit_lower_tiers(costs, workers, hashes, depths, len(request.token_ids))
         i = self._pick(costs, workers)
         w = workers[i]
         slot = self.slots.get(w.worker_id)
@@ -296,6 +311,21 @@ class KvRouter:
                     continue
                 costs[i] -= k * min(depth * bs, num_tokens - 1) + depth
         return costs
+
+    def _credit_lower_tiers(self, costs: list[float], workers: list[WorkerInfo], hashes: Sequence[int],
+                            depths: dict[int, int], num_tokens: int) -> None:
+        """Credit workers whose host/disk tiers continue the prompt past their device prefix."""
+        bs = workers[0].block_size
+        k = self.config.overlap_weight / bs * (1.0 - self.config.lower_tier_weight)
+        union = depths_by_slot(prefix_depths(hashes, (self.index.holders, self.lower_index.holders)))
+        for i, w in enumerate(workers):
+            slot = self.slots.get(w.worker_id)
+            if slot is None:
+                continue
+            device = depths.get(slot, 0)
+            extra = union.get(slot, 0) - device
+            if extra > 0:
+                costs[i] -= k * min(extra * bs, max(0, num_tokens - 1 - device * bs))
 
     def _pick(self, costs: list[float], workers: list[WorkerInfo]) -> int:
         temperature = self.config.temperature
@@ -352,8 +382,21 @@ class KvRouter:
         last = hashes[-1] if self.config.use_kv_events and len(hashes) > overlap else None
         load.add_pending(now, num_tokens - cached_tokens, -(-num_tokens // bs) - overlap, last)
 
-    def on_kv_events(self, batch: KvEventBatch) -> None:
-        """Events from a worker: requests whose prompts it has now cached no longer wait for prefill."""
+    def on_kv_events(self, batch: KvEventBatch, outcome: EventOutcome | None = None) -> None:
+        """Events from a worker: requests whose prompts it has now cached no longer wait for prefill;
+        lower-tier (host/disk) events feed the lower-tier index."""
+        if outcome in (EventOutcome.GAP, EventOutcome.RESTARTED, EventOutcome.FIRST_GAP):
+            self.lower_index.clear_worker(batch.worker_id)  # resynced with the device index
+        if batch.tier != DEVICE_TIER:
+            if outcome is EventOutcome.DUPLICATE:
+                return
+            if batch.cleared:
+                self.lower_index.clear_worker(batch.worker_id)
+            for run in batch.stored:
+                self.lower_index.store(batch.worker_id, run.block_hashes)
+            if batch.removed:
+                self.lower_index.remove(batch.worker_id, batch.removed)
+            return
         if batch.stored:
             load = self.loads.get(batch.worker_id)
             if load is not None and load.pending_by_last_hash:

@@ -61,13 +61,15 @@ class RouterSettings:
     metrics_port: int = 0
     seed: int | None = None
     overlap_weight: float = 1.0
+    lower_tier_weight: float = 0.25
     temperature: float = 0.0
     prediction_ttl: float = 0.0  # 0: the policy's default (10 s with events, 120 s without)
     snapshot_interval: float = 30.0  # 0: never write index snapshots
     catchup_timeout: float = 20.0
 
     def kv_config(self) -> KvRouterConfig:
-        return KvRouterConfig(overlap_weight=self.overlap_weight, temperature=self.temperature,
+        return KvRouterConfig(overlap_weight=self.overlap_weight, lower_tier_weight=self.lower_tier_weight,
+                              temperature=self.temperature,
                               prediction_ttl=self.prediction_ttl, seed=self.seed)
 
 

@@ -200,3 +200,27 @@ def test_prefill_done_event_ends_pending_prefill_and_next_turn_sticks() -> None:
     assert ld.pending_prefill_tokens == 0 and ld.pending_blocks == 40  # still decoding, as far as we know
     w2, overlap2 = r.choose_worker(request(turn1 + tokens(9, 3 * BS)), ws)
     assert (w2.worker_id, overlap2) == (w1.worker_id, 40)
+
+
+def tier_event(router: KvRouter, worker_id: str, toks: list[int], seq: int, tier: int) -> None:
+    batch = KvEventBatch(worker_id=worker_id, seq=seq, tier=tier, stored=[KvStored(block_hashes=block_hashes(toks, BS))])
+    router.on_kv_events(batch, router.index.apply(batch))
+
+
+def test_lower_tier_hit_beats_a_miss_but_not_a_device_hit() -> None:
+    prompt = tokens(5, 32 * BS)
+    # w1 holds the prompt in host memory: cheaper than recomputing it on w0 or w2.
+    r = KvRouter(KvRouterConfig(seed=0))
+    r.index.apply(KvEventBatch(worker_id="w0", seq=1))  # give every worker a slot
+    r.index.apply(KvEventBatch(worker_id="w2", seq=1))
+    tier_event(r, "w1", prompt, seq=1, tier=2)
+    w, overlap = r.choose_worker(request(prompt + tokens(6, 8)), workers(3))
+    assert w.worker_id == "w1" and overlap == 0  # no device overlap; the host tier decided
+    # w2 now holds it on the device: a device hit wins over w1's host copy.
+    cache(r, "w2", prompt, seq=2)
+    w, overlap = r.choose_worker(request(prompt + tokens(7, 8)), workers(3))
+    assert w.worker_id == "w2" and overlap == 32
+    # A worker that dropped its host blocks is no longer credited.
+    removal = KvEventBatch(worker_id="w1", seq=2, tier=2, removed=block_hashes(prompt, BS))
+    r.on_kv_events(removal, r.index.apply(removal))
+    assert not r.lower_index.holders
