@@ -24,9 +24,9 @@ from pathlib import Path
 import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from shared.engines.base import EngineConfig  # noqa: E402
-from shared.engines.torch_engine import TorchEngine  # noqa: E402
-from shared.messages import SamplingParams  # noqa: E402
+from shared.engines.base import EngineConfig
+from shared.engines.torch_engine import TorchEngine
+from shared.messages import SamplingParams
 
 
 def pct(xs: list[float], q: float) -> float:
