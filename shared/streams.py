@@ -15,9 +15,11 @@ from nats.js.api import (
 from shared import subjects
 from shared.bus import Bus
 
-# A prefill job is worth nothing after a few minutes: its decode worker has long given up.
+# A prefill job is worth nothing after a few minutes: its decode worker has long given up. The ack
+# wait is well under the decode side's prefill timeout (30 s), so a job a dead prefill worker held is
+# redelivered while its decode worker still waits; live workers send in_progress every third of it.
 PREFILL_MAX_AGE_S = 600.0
-PREFILL_ACK_WAIT_S = 30.0
+PREFILL_ACK_WAIT_S = 10.0
 
 
 def prefill_stream_config() -> StreamConfig:
