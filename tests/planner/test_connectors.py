@@ -186,6 +186,10 @@ def test_local_connector_starts_stops_the_chosen_worker_and_replaces_crashes(tmp
         await victim.proc.wait()
         await conn.reconcile()
         assert len(conn.active("prefill")) == 1 and conn.active("prefill")[0].worker_id != victim.worker_id
+        # The replacement's shell must have started (written its argv) before we stop it.
+        with anyio.fail_after(10):
+            while len(list(tmp_path.glob("*.args"))) < 5:
+                await anyio.sleep(0.05)
         await conn.close(timeout=5)
         assert not conn.workers
 
