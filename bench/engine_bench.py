@@ -80,7 +80,7 @@ class TorchEngineBackend(Backend):
                 engine="torch",
                 model=self.model,
                 max_num_seqs=self.max_batch,
-                max_batched_tokens=512,
+                max_batched_tokens=2048,
                 dtype=self.dtype,
             )
         )

@@ -13,6 +13,7 @@ from shared.config import (
     DiscoveryTtl,
     DiskKvBlocks,
     DiskKvDir,
+    Dtype,
     Engine,
     HostKvBlocks,
     KvEviction,
@@ -35,6 +36,7 @@ def main(
     model: Model = DEFAULT_MODEL,
     served_model_name: ServedModelName = None,
     engine: Engine = "torch",
+    dtype: Dtype = "float32",
     block_size: BlockSize = 16,
     num_blocks: NumBlocks = 0,
     max_num_seqs: MaxNumSeqs = 64,
@@ -80,7 +82,7 @@ def main(
 
     settings = DecodeSettings(
         nats_url=nats_url,
-        engine=EngineConfig(engine=engine, model=model, block_size=block_size, num_blocks=num_blocks,
+        engine=EngineConfig(engine=engine, model=model, dtype=dtype, block_size=block_size, num_blocks=num_blocks,
                             max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens, speedup=mocker_speedup,
                             host_kv_blocks=host_kv_blocks, disk_kv_dir=disk_kv_dir, disk_kv_blocks=disk_kv_blocks,
                             kv_eviction=kv_eviction),
