@@ -113,6 +113,22 @@ async def test_concurrent_batch_matches_transformers(engine: VllmEngine, hf) -> 
         assert tokens(outs) == hf(p, sp.max_tokens), f"request {i}"
 
 
+async def test_same_greedy_tokens_as_our_torch_engine(engine: VllmEngine) -> None:
+    """vLLM and Baton's own torch engine agree token for token on the built-in model (fp32)."""
+    from shared.engines.torch_engine import TorchEngine
+
+    ours = TorchEngine(EngineConfig(engine="torch", model=MODEL, num_blocks=256))
+    prompts = [prompt(400 + i, n) for i, n in enumerate((3, 33, 90))]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ours.run)
+        await ours.wait_ready()
+        for i, ids in enumerate(prompts):
+            theirs = tokens(await collect(engine, f"vs-torch-{i}", ids, GREEDY))
+            mine = [t async for out in ours.generate(f"vs-vllm-{i}", ids, GREEDY) for t in out.token_ids]
+            assert theirs == mine, f"prompt {i}"
+        tg.cancel_scope.cancel()
+
+
 async def test_sampling_params_pass_through(engine: VllmEngine, hf) -> None:
     ids = prompt(7, 40)
     ref = hf(ids, 16)
