@@ -332,11 +332,18 @@ class Bus:
         return bus
 
     async def close(self) -> None:
-        with anyio.move_on_after(5, shield=True):
+        """Flush what we published, then close. Not drain(): the service has already drained its
+        own work, and draining a JetStream pull subscription can wait on messages never fetched."""
+        with anyio.move_on_after(3, shield=True):
             try:
-                await self.nc.drain()
-            except Exception:  # already closed or never connected: nothing to drain
+                if self.nc.is_connected:
+                    await self.nc.flush(timeout=1)
+            except Exception:  # the server is gone: nothing left to flush
+                pass
+            try:
                 await self.nc.close()
+            except Exception:
+                pass
 
     @property
     def connected(self) -> bool:

@@ -20,7 +20,10 @@ def test_wrong_credentials_exit_fast_with_a_clear_message(tmp_path) -> None:
         p = ServiceProcess("router", ["--nats-url", server.url], tmp_path / "router.log",
                            env={"BATON_NATS_USER": "baton", "BATON_NATS_PASSWORD": "wrong"}).start()
         t0 = time.monotonic()
-        assert p.proc.wait(15) == 2
+        try:
+            assert p.proc.wait(15) == 2
+        finally:
+            p.kill()  # never leave it behind, whatever happened
         assert time.monotonic() - t0 < 10
         assert "refused our credentials" in p.log()
         assert "Traceback" not in p.log()
