@@ -23,15 +23,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import engine_bench
-from bench.engine_bench import Backend, RunResult
+from bench.engine_bench import TorchEngineBackend
 from shared.engines.base import EngineConfig
-from shared.messages import SamplingParams
 
 BLOCK_SIZE = 32  # vLLM's CPU attention needs a multiple of 32
 
 
-class VllmBackend(Backend):
-    """Baton's vLLM engine adapter, driven through its public async interface."""
+class VllmBackend(TorchEngineBackend):
+    """Baton's vLLM engine adapter; it shares the Engine interface, so run() and stop() are the
+    torch backend's, and both see the same step budget (2048 tokens)."""
 
     name = "vllm"
 
@@ -44,7 +44,7 @@ class VllmBackend(Backend):
         blocks = max(self.max_batch, 1) * 1024 // BLOCK_SIZE + 1
         self.engine = VllmEngine(
             EngineConfig(engine="vllm", model=self.model, block_size=BLOCK_SIZE, num_blocks=blocks,
-                         max_num_seqs=max(self.max_batch, 1), max_batched_tokens=512),
+                         max_num_seqs=max(self.max_batch, 1), max_batched_tokens=2048),
             max_model_len=1024,
         )
         self.task = self.loop.create_task(self.engine.run())
@@ -52,35 +52,6 @@ class VllmBackend(Backend):
         self.loop.run_until_complete(self.engine.wait_ready())
         print(f"  vllm engine ready in {time.perf_counter() - t0:.1f} s", flush=True)
         self.n = 0
-
-    def stop(self) -> None:
-        self.task.cancel()
-        self.loop.run_until_complete(asyncio.gather(self.task, return_exceptions=True))
-        self.loop.close()
-
-    def run(self, prompts: list[list[int]], output_len: int) -> RunResult:
-        params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-        gaps: list[float] = []
-
-        async def one(prompt: list[int]) -> int:
-            self.n += 1
-            count, last = 0, None
-            async for out in self.engine.generate(f"bench-{self.n}", prompt, params):
-                now = time.perf_counter()
-                if last is not None and out.token_ids:
-                    gaps.append((now - last) / len(out.token_ids))
-                last = now
-                count += len(out.token_ids)
-            return count
-
-        async def all_at_once() -> int:
-            return sum(await asyncio.gather(*(one(p) for p in prompts)))
-
-        t0 = time.perf_counter()
-        produced = self.loop.run_until_complete(all_at_once())
-        seconds = time.perf_counter() - t0
-        assert produced == output_len * len(prompts), (produced, output_len, len(prompts))
-        return RunResult(seconds, produced, gaps)
 
 
 def main() -> None:

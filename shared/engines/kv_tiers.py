@@ -61,7 +61,23 @@ class TierStats:
     corrupt: int = 0
 
 
-class HostTier:
+class _Tier:
+    tier = 0
+    stats: TierStats
+
+    def _hit(self, data: bytes) -> bytes:
+        """Book a hit (under the tier's lock); metrics are updated by the caller outside it."""
+        self.stats.hits += 1
+        self.stats.onboarded += len(data)
+        return data
+
+    def _count_onboard(self, data: bytes) -> bytes:
+        TIER_HITS.labels(str(self.tier)).inc()
+        ONBOARD_BYTES.labels(str(self.tier)).inc(len(data))
+        return data
+
+
+class HostTier(_Tier):
     tier = TIER_HOST
 
     def __init__(self, capacity_blocks: int, policy: str = "lru") -> None:
@@ -99,18 +115,15 @@ class HostTier:
                 self.stats.misses += 1
                 return None
             self.policy.touch(h)
-            self.stats.hits += 1
-            self.stats.onboarded += len(data)
-        TIER_HITS.labels(str(self.tier)).inc()
-        ONBOARD_BYTES.labels(str(self.tier)).inc(len(data))
-        return data
+            self._hit(data)
+        return self._count_onboard(data)
 
     def keys(self) -> list[int]:
         with self._lock:
             return list(self._data)
 
 
-class DiskTier:
+class DiskTier(_Tier):
     tier = TIER_DISK
 
     def __init__(self, directory: str | Path, capacity_blocks: int, policy: str = "lru") -> None:
@@ -193,11 +206,8 @@ class DiskTier:
                 self.stats.blocks = len(self._sizes)
                 return None
             self.policy.touch(h)
-            self.stats.hits += 1
-            self.stats.onboarded += len(data)
-        TIER_HITS.labels(str(self.tier)).inc()
-        ONBOARD_BYTES.labels(str(self.tier)).inc(len(data))
-        return data
+            self._hit(data)
+        return self._count_onboard(data)
 
     def keys(self) -> list[int]:
         with self._lock:
