@@ -45,6 +45,9 @@ class GenerateRequest(Struct, tag="generate", kw_only=True, omit_defaults=True):
     stream: bool = True
     # Absolute wall-clock deadline (unix seconds); 0 means none. Past it the worker aborts.
     deadline: float = 0.0
+    # From the router: a peer whose lower KV tiers hold the first kv_source_blocks blocks.
+    kv_source: str = ""
+    kv_source_blocks: int = 0
 
 
 class TokenChunk(Struct, tag="chunk", kw_only=True, omit_defaults=True):
@@ -105,6 +108,10 @@ class RouteDecision(Struct, tag="decision", kw_only=True, omit_defaults=True):
     cancel_subject: str
     overlap_blocks: int = 0
     policy: str = ""
+    # G4: another worker holds more of this prompt in its host/disk tiers; the chosen worker may
+    # pull those blocks from it instead of recomputing them.
+    kv_source: str = ""
+    kv_source_blocks: int = 0
 
 
 class RouteError(Struct, tag="route_error", kw_only=True):
@@ -177,6 +184,27 @@ class PrefillFailed(Struct, tag="prefill_failed", kw_only=True):
 
 
 PrefillReply = PrefillDone | PrefillFailed
+
+
+# --- G4: pulling KV blocks from a peer's host/disk tiers ----------------------------------
+
+
+class KvFetchRequest(Struct, tag="kv_fetch", kw_only=True, omit_defaults=True):
+    """Ask a peer for blocks from its lower tiers. ``send=False`` only asks how many of the
+    leading ``block_hashes`` it holds; ``send=True`` sends that many to ``endpoint`` (a KV
+    transport) under ``transfer_id``."""
+
+    transfer_id: str
+    block_hashes: list[int]
+    kv_layout: str = ""
+    endpoint: str = ""
+    send: bool = False
+
+
+class KvFetchReply(Struct, tag="kv_fetch_reply", kw_only=True, omit_defaults=True):
+    available: int = 0
+    sent: int = 0
+    error: str = ""
 
 
 # --- KV events (router index) --------------------------------------------------------------
@@ -283,6 +311,8 @@ load_report_decoder = msgspec.msgpack.Decoder(LoadReport)
 prefill_job_decoder = msgspec.msgpack.Decoder(PrefillJob)
 prefill_reply_decoder = msgspec.msgpack.Decoder(PrefillReply)
 kv_event_decoder = msgspec.msgpack.Decoder(KvEventBatch)
+kv_fetch_request_decoder = msgspec.msgpack.Decoder(KvFetchRequest)
+kv_fetch_reply_decoder = msgspec.msgpack.Decoder(KvFetchReply)
 planner_observation_decoder = msgspec.msgpack.Decoder(PlannerObservation)
 api_request_msgpack_decoder = msgspec.msgpack.Decoder(ApiGenerateRequest)
 api_request_json_decoder = msgspec.json.Decoder(ApiGenerateRequest)

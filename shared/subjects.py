@@ -67,6 +67,11 @@ def kv_resync(worker_id: str) -> str:
     return f"{KV_RESYNC}.{worker_id}"
 
 
+def kv_fetch(worker_id: str) -> str:
+    """Request/reply: pull KV blocks from this worker's host/disk tiers (G4)."""
+    return f"{PREFIX}.kv.fetch.{worker_id}"
+
+
 def load(worker_id: str) -> str:
     return f"{PREFIX}.load.{worker_id}"
 

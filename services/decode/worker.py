@@ -26,11 +26,14 @@ from shared.bus import Bus
 from shared.config import DEFAULT_NATS_URL
 from shared.discovery import DEFAULT_TTL, WorkerRegistration, WorkerView
 from shared.engines import Engine, EngineConfig, make_engine
+from shared.kv_hash import block_hashes
 from shared.kv_transport import KvTransport, make_transport
 from shared.messages import (
     GenerateError,
     GenerateRequest,
     KvEventBatch,
+    KvFetchReply,
+    KvFetchRequest,
     LoadReport,
     StatusReply,
     TokenChunk,
@@ -38,6 +41,8 @@ from shared.messages import (
     WorkerInfo,
     cancel_decoder,
     generate_request_decoder,
+    kv_fetch_reply_decoder,
+    kv_fetch_request_decoder,
     status_request_decoder,
 )
 from shared.telemetry import serve_metrics
@@ -53,6 +58,8 @@ WAITING = Gauge("baton_worker_requests_waiting", "Requests queued in the engine"
 ENGINE_RUNNING = Gauge("baton_worker_engine_requests_running", "Requests in the engine's running batch", ["role"])
 PREEMPTIONS = Gauge("baton_worker_preemptions", "Preemptions since start (KV pool ran out)", ["role"])
 PROMPT_TOKENS = Gauge("baton_worker_prompt_tokens", "Prompt tokens admitted since start", ["role"])
+REMOTE_TIER_BLOCKS = Counter("baton_kv_remote_tier_blocks_total",
+                             "G4: KV blocks pulled from peers' lower tiers, and served to peers", ["direction"])
 PREFIX_HIT_TOKENS = Gauge("baton_worker_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache",
                           ["role"])
 
@@ -112,11 +119,16 @@ class DecodeWorker:
                 if self.settings.metrics_port:
                     tg.start_soon(serve_metrics, self.settings.metrics_port, lambda: self.ready)
                 await self.engine.wait_ready()
-                if self.settings.disagg.enabled and self.engine.supports_remote_prefill:
+                remote_prefill = self.settings.disagg.enabled and self.engine.supports_remote_prefill
+                if remote_prefill or self.engine.kv_tiers is not None:
+                    # Remote prefill writes into our pool; G4 peers send tier blocks: both need it.
                     self.transport = make_transport(self.settings.disagg.transport, self.settings.kv_host)
                     await self.transport.start()
                     log.info("KV transport %s at %s", self.transport.name, self.transport.endpoint)
                     tg.start_soon(self.transport.run)
+                if self.engine.kv_tiers is not None:
+                    await self.bus.subscribe(subjects.kv_fetch(self.worker_id), self._on_kv_fetch)
+                if remote_prefill:
                     view = WorkerView(self.bus, self.settings.discovery_ttl)
                     tg.start_soon(view.run)
                     self.remote = RemotePrefill(self.bus, self.engine, self.transport, view, self.worker_id,
@@ -162,6 +174,71 @@ class DecodeWorker:
         if scope is not None:
             log.debug("cancelling %s: %s", cancel.request_id, cancel.reason)
             scope.cancel()
+
+    # --- G4: lower-tier blocks between workers ------------------------------------------
+
+    async def _on_kv_fetch(self, msg: Msg) -> None:
+        """A peer pulls blocks from our host/disk tiers: first how many we hold, then the bytes."""
+        assert self.bus is not None
+        tiers = self.engine.kv_tiers
+        try:
+            req = kv_fetch_request_decoder.decode(msg.data)
+            if req.kv_layout != self.engine.kv_layout():
+                raise ValueError(f"KV layout mismatch: {req.kv_layout!r} vs {self.engine.kv_layout()!r}")
+            if not req.send:
+                await self.bus.respond(msg, KvFetchReply(available=tiers.leading_available(req.block_hashes)))
+                return
+            blocks = []
+            for h in req.block_hashes:
+                found = tiers.lookup(h)
+                if found is None:
+                    raise ValueError(f"block {h:016x} left our tiers meanwhile")
+                blocks.append(memoryview(found[1]))
+            assert self.transport is not None
+            await self.transport.send(req.endpoint, req.transfer_id, blocks, timeout=10)
+            REMOTE_TIER_BLOCKS.labels("served").inc(len(blocks))
+            await self.bus.respond(msg, KvFetchReply(sent=len(blocks)))
+        except Exception as e:  # a bad or stale fetch costs the peer a recompute, nothing more
+            await self.bus.respond(msg, KvFetchReply(error=str(e)))
+
+    async def _pull_from_peer(self, req: GenerateRequest) -> int:
+        """Before admission: copy the prompt's blocks that ``req.kv_source`` holds in its lower tiers
+        (and we hold nowhere) into our host tier, so the prefix lookup onboards them. Best effort:
+        any failure just means those blocks are computed."""
+        assert self.bus is not None and self.transport is not None
+        bs = self.engine.block_size
+        full = (len(req.token_ids) - 1) // bs
+        ours = self.engine.cached_prefix_tokens(req.token_ids) // bs
+        want = block_hashes(req.token_ids[: full * bs], bs)[ours : min(full, req.kv_source_blocks)]
+        if not want:
+            return 0
+        layout = self.engine.kv_layout()
+        subject = subjects.kv_fetch(req.kv_source)
+        try:
+            probe = kv_fetch_reply_decoder.decode((await self.bus.request(
+                subject, KvFetchRequest(transfer_id="", block_hashes=want, kv_layout=layout), timeout=1.0)).data)
+            n = probe.available
+            if probe.error or n == 0:
+                return 0
+            block_bytes = sum(len(v) for v in self.engine.kv_views([0]))
+            bufs = [bytearray(block_bytes) for _ in range(n)]
+            tid = f"g4-{req.request_id}"
+            self.transport.expect(tid, [memoryview(b) for b in bufs])
+            try:
+                reply = kv_fetch_reply_decoder.decode((await self.bus.request(subject, KvFetchRequest(
+                    transfer_id=tid, block_hashes=want[:n], kv_layout=layout, endpoint=self.transport.endpoint,
+                    send=True), timeout=10.0)).data)
+                if reply.error or reply.sent != n:
+                    raise RuntimeError(reply.error or f"peer sent {reply.sent} of {n} blocks")
+                await self.transport.wait(tid, timeout=5)
+            finally:
+                self.transport.forget(tid)
+        except Exception as e:
+            log.info("pulling %d blocks from %s failed (%r); computing them", len(want), req.kv_source, e)
+            return 0
+        self.engine.kv_tiers.import_blocks(list(zip(want[:n], map(bytes, bufs), strict=True)))
+        REMOTE_TIER_BLOCKS.labels("pulled").inc(n)
+        return n
 
     async def _on_kv_resync(self, msg: Msg) -> None:
         """A router lost some of our KV events: resend our whole cache as one cleared batch."""
@@ -253,6 +330,10 @@ class DecodeWorker:
         index = 0
         held: list[int] = []  # non-streaming: coalesce into one final message
         outputs = None
+        if (req.kv_source and req.kv_source != self.worker_id and self.engine.kv_tiers is not None
+                and self.transport is not None):
+            pulled = await self._pull_from_peer(req)
+            tracing.event(span, "kv_pulled_from_peer", **{"baton.kv_source": req.kv_source, "baton.blocks": pulled})
         if self.remote is not None:
             decision = self.remote.decide(req.token_ids)
             if decision == "remote":

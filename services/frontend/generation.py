@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import msgspec
 from prometheus_client import Counter
 
 from services.frontend import metrics
@@ -160,6 +161,9 @@ class Generation:
             req = GenerateRequest(request_id=request_id, token_ids=token_ids + generated, sampling=job_sampling,
                                   model=self.model, stream=worker_streams)
             decision = await self._route(request_id, req.token_ids, exclude, parent)
+            if decision.kv_source:  # G4: the worker may pull blocks a peer holds in its lower tiers
+                req = msgspec.structs.replace(req, kv_source=decision.kv_source,
+                                              kv_source_blocks=decision.kv_source_blocks)
             inbox = self.bus.inbox.open(request_id)
             finished = False
             gen_span = tracing.start("generate", tracing.SpanKind.CLIENT, parent, **{

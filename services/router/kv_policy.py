@@ -206,6 +206,7 @@ class KvRouter:
         self.index = KvBlockIndex(self.slots, self.config.max_blocks_per_worker, self.config.max_indexed_blocks)
         # Blocks in workers' lower tiers (host, disk), same slots; fed from tier > 1 events.
         self.lower_index = KvBlockIndex(self.slots, self.config.max_blocks_per_worker, self.config.max_indexed_blocks)
+        self.last_hint: tuple[str, int] | None = None  # (peer, blocks) for the last decision, G4
         self.predicted = PredictedBlocks(self.config.effective_ttl(), self.config.max_predicted_blocks)
         self.loads: dict[str, WorkerLoad] = {}
         self._rng = random.Random(self.config.seed)
@@ -267,6 +268,7 @@ class KvRouter:
         self, request: RouteRequest, workers: list[WorkerInfo], now: float
     ) -> tuple[WorkerInfo, int, list[int]]:
         """Pick a worker; returns it, its predicted cached blocks and the hashes for its block size."""
+        self.last_hint = None
         block_size = workers[0].block_size
         if any(w.block_size != block_size for w in workers):
             return self._decide_mixed(request, workers, now)
@@ -278,7 +280,19 @@ class KvRouter:
         i = self._pick(costs, workers)
         w = workers[i]
         slot = self.slots.get(w.worker_id)
+        self.last_hint = self._peer_hint(w, slot, hashes) if self.lower_index.holders else None
         return w, depths.get(slot, 0) if slot is not None else 0, hashes
+
+    def _peer_hint(self, chosen: WorkerInfo, slot: int | None, hashes: Sequence[int]) -> tuple[str, int] | None:
+        """G4: a peer that holds more of the prompt (device or lower tiers) than the chosen worker,
+        so the chosen one can pull the difference from the peer's host/disk tiers."""
+        union = depths_by_slot(prefix_depths(hashes, (self.index.holders, self.lower_index.holders)))
+        mine = union.get(slot, 0) if slot is not None else 0
+        best_slot, best = max(union.items(), key=lambda kv: kv[1], default=(None, 0))
+        if best_slot is None or best <= mine:
+            return None
+        peer = self.slots.worker_id(best_slot)
+        return (peer, best) if peer and peer != chosen.worker_id else None
 
     def _costs(self, workers: list[WorkerInfo], depths: dict[int, int], num_tokens: int,
                absolute: bool = False) -> list[float]:

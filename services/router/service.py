@@ -165,9 +165,11 @@ class Router:
                 "baton.worker_id": worker.worker_id, "baton.overlap_blocks": overlap,
                 "baton.candidates": len(workers)})
             tracing.end(span)
+        hint = self.kv.last_hint if self.kv is not None and hashes is not None else None
         await self.bus.respond(msg, RouteDecision(
             worker_id=worker.worker_id, subject=worker.generate_subject, cancel_subject=worker.cancel_subject,
             overlap_blocks=overlap, policy=self.policy.name,
+            kv_source=hint[0] if hint else "", kv_source_blocks=hint[1] if hint else 0,
         ))
         DECISIONS.labels(worker.worker_id, self.policy.name).inc()
         if self.kv is not None and hashes is not None:

@@ -273,6 +273,20 @@ class TieredKvStore:
         if gone:
             self._on_removed(TIER_DISK, gone)
 
+    def import_blocks(self, blocks: list[tuple[int, bytes]]) -> None:
+        """Store blocks pulled from a peer (G4) now, so the next prefix lookup onboards them."""
+        for h, data in blocks:
+            self._store(h, data)
+
+    def leading_available(self, hashes: list[int]) -> int:
+        """How many of ``hashes``, from the first, this store holds (host or disk)."""
+        n = 0
+        for h in hashes:
+            if not self.contains(h):
+                break
+            n += 1
+        return n
+
     def flush(self) -> None:
         """Wait until every queued offload is stored (tests, shutdown)."""
         self._queue.join()

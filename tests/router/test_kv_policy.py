@@ -224,3 +224,21 @@ def test_lower_tier_hit_beats_a_miss_but_not_a_device_hit() -> None:
     removal = KvEventBatch(worker_id="w1", seq=2, tier=2, removed=block_hashes(prompt, BS))
     r.on_kv_events(removal, r.index.apply(removal))
     assert not r.lower_index.holders
+
+
+def test_peer_hint_names_the_worker_holding_more_of_the_prompt() -> None:
+    """G4: when load sends a prompt away from the worker that holds it in its host tier, the
+    decision names that worker as the source to pull the blocks from."""
+    prompt = tokens(8, 24 * BS)
+    r = KvRouter(KvRouterConfig(seed=0))
+    r.index.apply(KvEventBatch(worker_id="w0", seq=1))
+    tier_event(r, "w1", prompt, seq=1, tier=2)
+    now = 1000.0
+    load(r, "w0", now)
+    load(r, "w1", now, used=5000, queued=50_000)  # w1 is swamped: the prompt goes to w0
+    w, _ = r.choose_worker(request(prompt + tokens(9, 8)), workers(2))
+    assert w.worker_id == "w0"
+    assert r.last_hint == ("w1", 24)
+    # Nobody holds more than the chosen worker: no hint.
+    w, _ = r.choose_worker(request(tokens(10, 10 * BS)), workers(2))
+    assert r.last_hint is None
