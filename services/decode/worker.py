@@ -178,6 +178,11 @@ class DecodeWorker:
     # --- G4: lower-tier blocks between workers ------------------------------------------
 
     async def _on_kv_fetch(self, msg: Msg) -> None:
+        # Its own task: a send to one peer must not hold up the next peer's fetch.
+        assert self._tg is not None
+        self._tg.start_soon(self._serve_kv_fetch, msg)
+
+    async def _serve_kv_fetch(self, msg: Msg) -> None:
         """A peer pulls blocks from our host/disk tiers: first how many we hold, then the bytes."""
         assert self.bus is not None
         tiers = self.engine.kv_tiers
@@ -188,12 +193,11 @@ class DecodeWorker:
             if not req.send:
                 await self.bus.respond(msg, KvFetchReply(available=tiers.leading_available(req.block_hashes)))
                 return
-            blocks = []
-            for h in req.block_hashes:
-                found = tiers.lookup(h)
-                if found is None:
-                    raise ValueError(f"block {h:016x} left our tiers meanwhile")
-                blocks.append(memoryview(found[1]))
+            # Disk reads and checksums happen off the event loop.
+            found = await anyio.to_thread.run_sync(lambda: [tiers.lookup(h) for h in req.block_hashes])
+            if any(f is None for f in found):
+                raise ValueError("blocks left our tiers meanwhile")
+            blocks = [memoryview(f[1]) for f in found]
             assert self.transport is not None
             await self.transport.send(req.endpoint, req.transfer_id, blocks, timeout=10)
             REMOTE_TIER_BLOCKS.labels("served").inc(len(blocks))
@@ -236,7 +240,9 @@ class DecodeWorker:
         except Exception as e:
             log.info("pulling %d blocks from %s failed (%r); computing them", len(want), req.kv_source, e)
             return 0
-        self.engine.kv_tiers.import_blocks(list(zip(want[:n], map(bytes, bufs), strict=True)))
+        # Storing may demote blocks to disk: off the event loop.
+        pairs = list(zip(want[:n], map(bytes, bufs), strict=True))
+        await anyio.to_thread.run_sync(self.engine.kv_tiers.import_blocks, pairs)
         REMOTE_TIER_BLOCKS.labels("pulled").inc(n)
         return n
 
