@@ -14,15 +14,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import os
 import random
 import statistics
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
 
-# Before torch loads OpenMP: spinning workers are ruinous on a shared or oversubscribed CPU.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Before torch loads OpenMP: the engine's setting (short spins, then sleep), for every backend.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "30000")
 import torch
 
 from shared.engines.base import EngineConfig
@@ -165,6 +169,76 @@ class TransformersBackend(Backend):
         return RunResult(seconds, produced, step_gaps * len(prompts))
 
 
+class IsolatedBackend(Backend):
+    """Runs another backend in a child process of its own; run() crosses a pipe.
+
+    Why: OpenMP (libgomp) keeps a thread team per thread that ran a parallel op, and with more
+    team threads in a process than CPUs it stops spinning between ops. Two backends in one process
+    (transformers on the main thread, Baton's step thread) slowed each other by ~30%. Each in its
+    own process, every backend runs as it would alone; they still take turns, in one run.
+    """
+
+    def __init__(self, inner: type[Backend], model: str, max_batch: int, dtype: str, threads: int) -> None:
+        super().__init__(model, max_batch, dtype)
+        self.inner, self.threads = inner, threads
+        self.name = inner.name
+
+    def start(self) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(
+            target=_serve_backend,
+            args=(self.inner, self.model, self.max_batch, self.dtype, self.threads, child),
+            daemon=True,
+        )
+        self.proc.start()
+        child.close()
+        self._reply(timeout=900)  # loaded and warmed up
+
+    def _reply(self, timeout: float) -> Any:
+        if not self.conn.poll(timeout):
+            raise TimeoutError(f"{self.name} gave no answer in {timeout:.0f} s")
+        reply = self.conn.recv()
+        if isinstance(reply, BaseException):
+            raise RuntimeError(f"{self.name} failed in its process") from reply
+        return reply
+
+    def run(self, prompts: list[list[int]], output_len: int) -> RunResult:
+        self.conn.send((prompts, output_len))
+        return self._reply(timeout=3600)
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            self.conn.send(None)
+            self.proc.join(timeout=120)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(timeout=10)
+
+
+def _serve_backend(
+    inner: type[Backend], model: str, max_batch: int, dtype: str, threads: int, conn: Connection
+) -> None:
+    """Child side of :class:`IsolatedBackend`: start, warm up, then answer run requests."""
+    torch.set_num_threads(threads)
+    try:
+        backend = inner(model, max_batch, dtype)
+        backend.start()
+        backend.run([[1, 2, 3]], 4)  # warm-up: first-call allocations, thread start
+    except BaseException as e:
+        conn.send(e)
+        return
+    conn.send("ready")
+    try:
+        while (msg := conn.recv()) is not None:
+            try:
+                conn.send(backend.run(*msg))
+            except Exception as e:
+                conn.send(e)
+    finally:
+        backend.stop()
+
+
 BACKENDS: dict[str, type[Backend]] = {
     "baton-torch": TorchEngineBackend,
     "transformers": TransformersBackend,
@@ -196,6 +270,11 @@ def main() -> None:
     ap.add_argument(
         "--threads", type=int, default=torch.get_num_threads(), help="torch threads, every backend"
     )
+    ap.add_argument(
+        "--same-process",
+        action="store_true",
+        help="run every backend in this process (default: each in a child process of its own)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.environ["BATON_TORCH_THREADS"] = str(args.threads)
@@ -212,12 +291,17 @@ def main() -> None:
 
     # Every backend stays loaded and they take turns at each batch size, so a noisy neighbour on a
     # shared CPU hurts them alike; with --repeats, each keeps its best run.
-    backends = [BACKENDS[name](args.model, max(batches), args.dtype) for name in args.backends.split(",")]
+    classes = [BACKENDS[name] for name in args.backends.split(",")]
+    if args.same_process:
+        backends = [cls(args.model, max(batches), args.dtype) for cls in classes]
+    else:
+        backends = [IsolatedBackend(cls, args.model, max(batches), args.dtype, args.threads) for cls in classes]
     rows: list[Row] = []
     try:
         for backend in backends:
             backend.start()
-            backend.run([[1, 2, 3]], 4)  # warm-up: first-call allocations, thread start
+            if args.same_process:
+                backend.run([[1, 2, 3]], 4)  # warm-up: first-call allocations, thread start
         for batch in batches:
             best: dict[str, Row] = {}
             for _ in range(args.repeats):

@@ -16,12 +16,15 @@ from __future__ import annotations
 import json
 import math
 import mmap
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from shared.engines.cpu_kernels import CpuKernels, load_cpu_kernels
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -172,6 +175,11 @@ class LlamaModel:
         else:
             self.lm_head = lm_head.to(device=device, dtype=dtype).contiguous()
         self.inv_freq = rope_inv_freq(args).to(device)
+        # Fused C kernels for norms, rotary + cache writes and paged decode attention (CPU only).
+        self.kernels: CpuKernels | None = (
+            load_cpu_kernels() if device.type == "cpu" and dtype in CpuKernels.dtypes else None
+        )
+        self.prepacked = _prepack_linears(self, device, dtype)
         self.k_caches: list[torch.Tensor] = []
         self.v_caches: list[torch.Tensor] = []
         self.block_size = 0
@@ -219,6 +227,8 @@ class LlamaModel:
 
     def forward(self, inp: StepInputs) -> torch.Tensor:
         """Logits [S, vocab] (fp32) for the rows in ``inp.logits_indices``."""
+        if self.kernels is not None:
+            return self._forward_fused(inp, self.kernels)
         a = self.args
         n_heads, n_kv, hd = a.num_heads, a.num_kv_heads, a.head_dim
         num_tokens = inp.input_ids.shape[0]
@@ -233,19 +243,69 @@ class LlamaModel:
         h = F.embedding(inp.input_ids, self.embed)
         for i, layer in enumerate(self.layers):
             x = self._rms_norm(h, layer["in_norm"])  # type: ignore[arg-type]
-            qkv = F.linear(x, layer["qkv"], layer["qkv_bias"])  # type: ignore[arg-type]
+            qkv = self._linear(x, layer["qkv"], layer["qkv_bias"])  # type: ignore[arg-type]
             qkv = qkv.view(num_tokens, n_heads + 2 * n_kv, hd)
             qk = qkv[:, :k_end]
             rotated = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
             qk = qk * cos + rotated * sin
             q, k, v = qk[:, :q_end], qk[:, q_end:], qkv[:, k_end:]
             attn = self._attention(i, q, k, v, inp)
-            h = h + F.linear(attn.reshape(num_tokens, n_heads * hd), layer["o"], layer["o_bias"])  # type: ignore[arg-type]
+            h = h + self._linear(attn.reshape(num_tokens, n_heads * hd), layer["o"], layer["o_bias"])  # type: ignore[arg-type]
             x = self._rms_norm(h, layer["post_norm"])  # type: ignore[arg-type]
-            gate, up = F.linear(x, layer["gate_up"]).chunk(2, dim=-1)  # type: ignore[arg-type]
-            h = h + F.linear(F.silu(gate) * up, layer["down"])  # type: ignore[arg-type]
+            gate, up = self._linear(x, layer["gate_up"]).chunk(2, dim=-1)  # type: ignore[arg-type]
+            h = h + self._linear(F.silu(gate) * up, layer["down"])  # type: ignore[arg-type]
         h = self._rms_norm(h[inp.logits_indices], self.norm)
-        return F.linear(h, self.lm_head).float()
+        return self._linear(h, self.lm_head).float()
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if weight.is_mkldnn:  # prepacked for oneDNN (see _prepack_linears)
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return F.linear(x, weight, bias)
+
+    def _forward_fused(self, inp: StepInputs, kern: CpuKernels) -> torch.Tensor:
+        """The same forward as :meth:`forward`, with the elementwise chains and decode attention fused.
+
+        Per layer: norm, qkv matmul, rotary + KV write (one kernel), attention, o matmul, residual
+        add + norm (one kernel), gate/up matmul, SiLU * up, down matmul; the next layer's norm
+        takes the down projection's residual add.
+        """
+        a = self.args
+        n_heads, n_kv, hd = a.num_heads, a.num_kv_heads, a.head_dim
+        num_tokens = inp.input_ids.shape[0]
+        freqs = inp.positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        cos, sin = freqs.cos(), freqs.sin()  # [T, hd/2] fp32, as the unfused path before its cast
+        n_dec = inp.num_decodes
+        table = ctx_lens = None
+        if n_dec:
+            assert inp.decode_block_table is not None
+            table = inp.decode_block_table.view(n_dec, -1)
+            ctx_lens = inp.positions[:n_dec] + 1
+        scale = hd**-0.5
+        eps = a.rms_norm_eps
+
+        h = F.embedding(inp.input_ids, self.embed)
+        x = torch.empty_like(h)
+        kern.add_rms_norm(h, None, self.layers[0]["in_norm"], x, eps)  # type: ignore[arg-type]
+        for i, layer in enumerate(self.layers):
+            k_pool, v_pool = self.k_caches[i], self.v_caches[i]
+            qkv = self._linear(x, layer["qkv"], layer["qkv_bias"])  # type: ignore[arg-type]
+            qkv = qkv.view(num_tokens, n_heads + 2 * n_kv, hd)
+            kern.rope_and_cache(qkv, cos, sin, inp.slot_mapping, k_pool, v_pool, n_heads, n_kv)
+            q, k, v = qkv[:, :n_heads], qkv[:, n_heads : n_heads + n_kv], qkv[:, n_heads + n_kv :]
+            attn = torch.empty((num_tokens, n_heads, hd), dtype=self.dtype, device=self.device)
+            if n_dec:
+                kern.paged_decode_attention(
+                    q[:n_dec], k_pool, v_pool, table, ctx_lens, attn[:n_dec], scale, a.sliding_windows[i]  # type: ignore[arg-type]
+                )
+            if inp.prefills:
+                self._prefill_attention(i, q, k, v, inp, attn)
+            o = self._linear(attn.view(num_tokens, n_heads * hd), layer["o"], layer["o_bias"])  # type: ignore[arg-type]
+            kern.add_rms_norm(h, o, layer["post_norm"], x, eps)  # type: ignore[arg-type]
+            act = kern.silu_mul(self._linear(x, layer["gate_up"]))  # type: ignore[arg-type]
+            down = self._linear(act, layer["down"])  # type: ignore[arg-type]
+            next_norm = self.layers[i + 1]["in_norm"] if i + 1 < len(self.layers) else self.norm
+            kern.add_rms_norm(h, down, next_norm, x, eps)  # type: ignore[arg-type]
+        return self._linear(x[inp.logits_indices], self.lm_head).float()
 
     def _attention(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inp: StepInputs
@@ -273,6 +333,15 @@ class LlamaModel:
             mask = inp.decode_window_mask if window is not None else inp.decode_mask
             att = F.scaled_dot_product_attention(qd, keys, values, attn_mask=mask)
             out[:n_dec] = att.reshape(n_dec, a.num_heads, a.head_dim)
+        self._prefill_attention(layer, q, k, v, inp, out)
+        return out
+
+    def _prefill_attention(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inp: StepInputs, out: torch.Tensor
+    ) -> None:
+        """Each prefill chunk attends over its cached context (already in the pool) and itself."""
+        k_cache, v_cache = self.k_caches[layer], self.v_caches[layer]
+        window = self.args.sliding_windows[layer]
         for start, n_new, n_cached, blocks in inp.prefills:
             qp = q[start : start + n_new].transpose(0, 1)  # [H, n_new, hd]
             if n_cached == 0:  # the whole context is this chunk: attend to its own k/v, no gather
@@ -283,13 +352,42 @@ class LlamaModel:
                 ws_k, ws_v = self._workspace(blocks.shape[0])
                 keys = torch.index_select(k_cache, 0, blocks, out=ws_k).flatten(0, 1)[:ctx].transpose(0, 1)
                 values = torch.index_select(v_cache, 0, blocks, out=ws_v).flatten(0, 1)[:ctx].transpose(0, 1)
+            # 4-D (batch of one): torch's CPU flash kernel takes GQA only with a batch dimension;
+            # 3-D inputs fall back to the unfused math path, 3-4x slower on a 512-token chunk.
+            qp, keys, values = qp[None], keys[None], values[None]
             if n_cached == 0 and window is None:
                 att = F.scaled_dot_product_attention(qp, keys, values, is_causal=True, enable_gqa=True)
             else:
                 mask = chunk_mask(n_cached, n_new, window, q.device)
                 att = F.scaled_dot_product_attention(qp, keys, values, attn_mask=mask, enable_gqa=True)
-            out[start : start + n_new] = att.transpose(0, 1)
-        return out
+            out[start : start + n_new] = att[0].transpose(0, 1)
+
+
+def _prepack_linears(model: LlamaModel, device: torch.device, dtype: torch.dtype) -> bool:
+    """Reorder the projection weights once into oneDNN's blocked layout, in place; True if done.
+
+    On CPU at decode batch sizes, oneDNN's prepacked matmul beats the default path (MKL for fp32,
+    oneDNN on the plain layout for bf16) by 1.2-1.7x: see docs/benchmarks.md. The embedding stays
+    plain (a tied lm_head gets its own packed copy). ``BATON_ONEDNN_LINEAR=0`` turns it off.
+    """
+    if (
+        device.type != "cpu"
+        or dtype not in (torch.float32, torch.bfloat16)
+        or not torch.backends.mkldnn.is_available()
+        or os.environ.get("BATON_ONEDNN_LINEAR", "1").lower() in ("0", "false", "no", "off")
+    ):
+        return False
+    pack = torch.ops.mkldnn._reorder_linear_weight
+    try:
+        packed_layers = [
+            {key: pack(w, 16) if key in ("qkv", "o", "gate_up", "down") else w for key, w in layer.items()}
+            for layer in model.layers
+        ]
+        lm_head = pack(model.lm_head, 16)
+    except (RuntimeError, AttributeError):  # a torch built without this op: plain matmuls
+        return False
+    model.layers, model.lm_head = packed_layers, lm_head  # type: ignore[assignment]
+    return True
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -301,6 +399,8 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
         return torch.zeros(shape, dtype=dtype, device=device)
     count = math.prod(shape)
     buf = mmap.mmap(-1, max(count * torch.empty((), dtype=dtype).element_size(), 1))  # zero pages, lazily
+    if hasattr(mmap, "MADV_HUGEPAGE"):  # fewer TLB misses when attention walks blocks all over the pool
+        buf.madvise(mmap.MADV_HUGEPAGE)
     return torch.frombuffer(buf, dtype=dtype, count=count).view(shape)
 
 

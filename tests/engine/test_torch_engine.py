@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from shared.engines.base import EngineConfig, EngineOutput  # noqa: E402
+from shared.engines.cpu_kernels import load_cpu_kernels  # noqa: E402
 from shared.engines.torch_engine import TorchEngine  # noqa: E402
 from shared.messages import SamplingParams  # noqa: E402
 from shared.models import resolve_model  # noqa: E402
@@ -142,9 +143,14 @@ async def run_batch(
 
 
 @pytest.mark.parametrize("prefix_caching", [True, False])
+@pytest.mark.parametrize("kernels", ["fused", "plain"])
 async def test_greedy_matches_transformers(
-    arch_model: tuple[Path, list[list[int]]], prefix_caching: bool
+    arch_model: tuple[Path, list[list[int]]], prefix_caching: bool, kernels: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Both forward paths: fused C kernels with prepacked matmuls, and plain torch ops."""
+    if kernels == "plain":
+        monkeypatch.setenv("BATON_CPU_KERNELS", "0")
+        monkeypatch.setenv("BATON_ONEDNN_LINEAR", "0")
     path, expected = arch_model
     async with Running(model=str(path), num_blocks=128, enable_prefix_caching=prefix_caching) as engine:
         alone = [(await collect(engine.generate(f"a{i}", p, greedy())))[0] for i, p in enumerate(PROMPTS)]
@@ -152,6 +158,9 @@ async def test_greedy_matches_transformers(
         # all at once: chunked prefills next to decodes, and (with caching) prefix hits
         assert await run_batch(engine, PROMPTS, greedy(), "b") == expected
         stats = engine.stats()
+        assert engine.model is not None
+        # "fused" without a C compiler on this machine runs the plain path: both still must match
+        assert engine.model.kernels is None if kernels == "plain" else engine.model.kernels is load_cpu_kernels()
     assert (stats.prefix_hit_tokens > 0) == prefix_caching
     assert stats.kv_blocks_used == 0 and stats.running == stats.waiting == 0
 
