@@ -55,6 +55,15 @@ RUN for m in $BAKE_MODELS; do BATON_CACHE_DIR=/opt/baton/cache baton model build
 # ---- runtime ----------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE}
 
+# Worker images (torch extra) get a C compiler: the torch engine builds its fused CPU kernels
+# (shared/engines/cpu_kernels.c) for the host's CPU on first start, and runs 1.5-3x slower
+# decode steps on its plain torch path without them.
+ARG EXTRAS=torch
+RUN case "$EXTRAS" in *torch*) \
+        apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+        && rm -rf /var/lib/apt/lists/* ;; \
+    esac
+
 # Numeric UID so Kubernetes' runAsNonRoot can verify it.
 RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/baton baton
 
