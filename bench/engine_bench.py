@@ -6,8 +6,10 @@ For each batch size every backend runs two workloads on the same random prompts:
   * prefill: ``batch`` prompts with one output token each -> prefill tokens/s
   * generate: ``batch`` prompts, ``output_len`` tokens each (EOS ignored) -> output tokens/s, and
     the time between consecutive output tokens of a request (p50/p99 TPOT)
-All requests of a batch arrive at once. Another backend (vLLM) is one more :class:`Backend`
-subclass in ``BACKENDS``.
+All requests of a batch arrive at once. Backends: ``baton-torch``, ``baton-torch-plain`` (the
+same engine without its fused C kernels and prepacked matmuls), ``transformers``, and ``vllm``
+(added by ``bench/vllm_bench.py``). Each runs in a child process of its own and they take turns
+at each batch size, in one run.
 """
 
 from __future__ import annotations
@@ -122,6 +124,18 @@ class TorchEngineBackend(Backend):
         return RunResult(seconds, produced, gaps)
 
 
+class TorchPlainBackend(TorchEngineBackend):
+    """The torch engine without its fused C kernels or prepacked matmuls: plain torch ops."""
+
+    name = "baton-torch-plain"
+
+    def start(self) -> None:
+        # Read when the model loads; in its own process (the default), this touches no other backend.
+        os.environ["BATON_CPU_KERNELS"] = "0"
+        os.environ["BATON_ONEDNN_LINEAR"] = "0"
+        super().start()
+
+
 class TransformersBackend(Backend):
     """transformers ``generate`` on one padded batch (prompts have equal length: no padding)."""
 
@@ -189,7 +203,7 @@ class IsolatedBackend(Backend):
         self.proc = ctx.Process(
             target=_serve_backend,
             args=(self.inner, self.model, self.max_batch, self.dtype, self.threads, child),
-            daemon=True,
+            daemon=False,  # vLLM's backend starts processes of its own; stop() ends the child
         )
         self.proc.start()
         child.close()
@@ -208,12 +222,18 @@ class IsolatedBackend(Backend):
         return self._reply(timeout=3600)
 
     def stop(self) -> None:
-        if self.proc.is_alive():
-            self.conn.send(None)
-            self.proc.join(timeout=120)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(timeout=10)
+        proc = getattr(self, "proc", None)
+        if proc is None:  # never started
+            return
+        if proc.is_alive():
+            try:
+                self.conn.send(None)
+            except OSError:  # the child is gone already
+                pass
+            proc.join(timeout=120)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=10)
 
 
 def _serve_backend(
@@ -241,6 +261,7 @@ def _serve_backend(
 
 BACKENDS: dict[str, type[Backend]] = {
     "baton-torch": TorchEngineBackend,
+    "baton-torch-plain": TorchPlainBackend,
     "transformers": TransformersBackend,
     # "vllm": VllmBackend,  (the vLLM adapter's engineer adds it: same Backend interface)
 }
@@ -263,7 +284,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--backends", default=",".join(BACKENDS))
+    ap.add_argument("--backends", default="baton-torch,transformers", help=f"any of {', '.join(BACKENDS)}")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=1, help="runs per backend and batch; the best is kept")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="every backend")

@@ -17,6 +17,13 @@
 
 #define INLINE static inline __attribute__((always_inline))
 
+#if defined(__AVX512BF16__) /* -march=native on a CPU with AVX512-BF16 (Zen 4, Cooper Lake, ...) */
+#include <immintrin.h>
+#define HAVE_DPBF16 1
+#else
+#define HAVE_DPBF16 0
+#endif
+
 typedef float v16f __attribute__((vector_size(64)));
 typedef float v8f __attribute__((vector_size(32)));
 typedef float v4f __attribute__((vector_size(16)));
@@ -190,6 +197,25 @@ INLINE void decode_attention_nv(const void *q, const void *kc, const void *vc, c
         for (int64_t j = 0; j < nh * hd; j++) qf[j] = sload(q, qoff + j, bf16) * scale;
 
         /* scores[j * n + t] = q_j . k_t, for query head j of the task */
+#if HAVE_DPBF16
+        if (bf16 && hd % 32 == 0 && hd <= MAX_HD) {
+            /* bf16 pairs straight into fp32 sums (vdpbf16ps): no widening; products are exact */
+            const uint16_t *qh = (const uint16_t *)q + qoff;
+            for (int64_t t = 0; t < n; t++) {
+                for (int64_t kvh = 0; kvh < hi - lo; kvh++) {
+                    const uint16_t *kp = (const uint16_t *)kc + rows[t] + kvh * hd;
+                    __m512bh k[MAX_HD / 32];
+                    for (int64_t i = 0; i < hd / 32; i++) k[i] = (__m512bh)_mm512_loadu_si512(kp + 32 * i);
+                    for (int64_t j = kvh * G; j < (kvh + 1) * G; j++) {
+                        __m512 a = _mm512_setzero_ps();
+                        for (int64_t i = 0; i < hd / 32; i++)
+                            a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(qh + j * hd + 32 * i), k[i]);
+                        scores[j * n + t] = _mm512_reduce_add_ps(a) * scale;
+                    }
+                }
+            }
+        } else
+#endif
         for (int64_t t = 0; t < n; t++) {
             for (int64_t kvh = 0; kvh < hi - lo; kvh++) {
                 const int64_t kr = rows[t] + kvh * hd;
