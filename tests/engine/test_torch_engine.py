@@ -7,6 +7,7 @@ directory; references come from ``generate(do_sample=False)`` one prompt at a ti
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -282,3 +283,39 @@ async def test_load_failure_fails_requests_and_wait_ready(tmp_path: Path) -> Non
     assert outs and outs[-1].finish_reason == "error"
     late = [o async for o in engine.generate("late", [1, 2], greedy())]
     assert late[-1].finish_reason == "error"
+
+
+async def test_one_thread_loads_and_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenMP keeps a thread team per calling thread; a second team slowed steps ~30%."""
+    threads: dict[str, int] = {}
+    load, step = TorchEngine._load, TorchEngine._step_once
+
+    def spy_load(self: TorchEngine) -> None:
+        threads["load"] = threading.get_ident()
+        load(self)
+
+    def spy_step(self: TorchEngine) -> None:
+        threads.setdefault("step", threading.get_ident())
+        step(self)
+
+    monkeypatch.setattr(TorchEngine, "_load", spy_load)
+    monkeypatch.setattr(TorchEngine, "_step_once", spy_step)
+    async with Running(model="baton-tiny", num_blocks=32) as engine:
+        tokens, _ = await collect(engine.generate("r", [1, 2, 3], greedy(3)))
+    assert len(tokens) == 3
+    assert threads["load"] == threads["step"] != threading.get_ident()
+
+
+async def test_bfloat16_engine_is_deterministic_and_close_to_fp32() -> None:
+    """bf16 runs the fused kernels and prepacked matmuls in bf16; greedy stays reproducible."""
+    prompts = [[0, *range(10, 10 + n)] for n in (2, 15, 33)]
+    async with Running(model="baton-tiny", num_blocks=64, dtype="bfloat16") as engine:
+        assert engine.model is not None and engine.model.dtype == torch.bfloat16
+        first = await run_batch(engine, prompts, greedy(8), "a")
+        again = await run_batch(engine, prompts, greedy(8), "b")
+    async with Running(model="baton-tiny", num_blocks=64) as engine:
+        fp32 = await run_batch(engine, prompts, greedy(8), "c")
+    assert first == again
+    # bf16 rounding may flip a near-tie late in a sequence, not the whole output
+    agree = sum(a == b for x, y in zip(first, fp32, strict=True) for a, b in zip(x, y, strict=True))
+    assert agree >= 0.75 * sum(len(x) for x in fp32)
