@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import msgspec
 import pytest
 from hypothesis import given, settings
@@ -126,3 +128,26 @@ def test_policies() -> None:
     assert picks == {"w0", "w1", "w2"}
     with pytest.raises(ValueError):
         make_policy("psychic")
+
+
+def test_resolve_dtype_reads_the_checkpoint_for_auto(tmp_path: Path) -> None:
+    import json
+
+    from shared.models import resolve_dtype, resolve_model
+
+    def checkpoint(name: str, cfg: dict[str, str]) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(cfg))
+        return d
+
+    assert resolve_dtype("auto", checkpoint("v5", {"dtype": "bfloat16"})) == "bfloat16"  # transformers 5
+    assert resolve_dtype("auto", checkpoint("v4", {"torch_dtype": "float32"})) == "float32"  # 4.x
+    assert resolve_dtype("auto", checkpoint("none", {})) == "float32"
+    half = checkpoint("half", {"torch_dtype": "float16"})
+    assert resolve_dtype("auto", half) == "bfloat16"  # fp16 matmuls are slow on CPU
+    assert resolve_dtype("auto", half, device="cuda") == "float16"
+    assert resolve_dtype("bfloat16", half) == "bfloat16"  # explicit wins
+    assert resolve_dtype("auto", resolve_model("baton-tiny").path) == "float32"
+    with pytest.raises(ValueError, match="dtype"):
+        resolve_dtype("int4", half)

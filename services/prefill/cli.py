@@ -36,7 +36,7 @@ def main(
     model: Model = DEFAULT_MODEL,
     served_model_name: ServedModelName = None,
     engine: Engine = "torch",
-    dtype: Dtype = "float32",
+    dtype: Dtype = "auto",
     block_size: BlockSize = 16,
     num_blocks: NumBlocks = 0,
     max_num_seqs: MaxNumSeqs = 64,

@@ -29,7 +29,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     max_num_seqs: int = 64  # running batch cap
     max_batched_tokens: int = 512  # per-step token budget (chunked prefill)
     enable_prefix_caching: bool = True
-    dtype: str = "float32"
+    dtype: str = "auto"  # auto (the checkpoint's; see shared.models.resolve_dtype), float32, bfloat16, float16
     device: str = "cpu"
     seed: int = 0
     # mocker timing model: seconds, divided by speedup (a huge speedup makes it near free)

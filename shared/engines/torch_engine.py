@@ -41,7 +41,7 @@ from shared.engines.sampling import Sampler
 from shared.engines.scheduler import ScheduledBatch, Scheduler
 from shared.engines.torch_model import LlamaModel, ModelArgs, StepInputs, load_model
 from shared.messages import SamplingParams
-from shared.models import resolve_model
+from shared.models import resolve_dtype, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ class TorchEngine(Engine):
         self.config = config
         self.model_ref = resolve_model(config.model)
         self.model_name = self.model_ref.name
+        self.dtype = resolve_dtype(config.dtype, self.model_ref.path, torch.device(config.device).type)
         self.block_size = config.block_size
         self.eos_token_ids = _eos_ids(self.model_ref.path)
         self.model: LlamaModel | None = None
@@ -122,7 +123,7 @@ class TorchEngine(Engine):
         threads = _torch_threads()
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
-        model = load_model(self.model_ref.path, cfg.dtype, cfg.device)
+        model = load_model(self.model_ref.path, self.dtype, cfg.device)
         args: ModelArgs = model.args
         num_blocks = cfg.num_blocks or self._default_num_blocks(model)
         model.allocate_kv(num_blocks, cfg.block_size)
@@ -154,7 +155,7 @@ class TorchEngine(Engine):
                 log.info("KV tiers: host %d blocks, disk %d blocks at %r (%s)", cfg.host_kv_blocks,
                          cfg.disk_kv_blocks, cfg.disk_kv_dir, cfg.kv_eviction)
         self._layout = (
-            f"torch/{self.model_name}/{cfg.dtype}/block_size={cfg.block_size}/layers={args.num_layers}"
+            f"torch/{self.model_name}/{self.dtype}/block_size={cfg.block_size}/layers={args.num_layers}"
             f"/kv_heads={args.num_kv_heads}/head_dim={args.head_dim}"
         )
         log.info(

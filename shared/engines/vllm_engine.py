@@ -40,7 +40,7 @@ import anyio
 from shared.engines.base import Engine, EngineConfig, EngineOutput, EngineStats, KvEventBuffer
 from shared.kv_hash import ROOT_HASH, block_hashes
 from shared.messages import SamplingParams
-from shared.models import resolve_model
+from shared.models import resolve_dtype, resolve_model
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -297,7 +297,7 @@ class VllmEngine(Engine):
         kwargs: dict[str, Any] = dict(
             model=str(self.model_path),
             served_model_name=self.model_name,
-            dtype=c.dtype,
+            dtype=resolve_dtype(c.dtype, self.model_path, c.device),
             seed=c.seed,
             block_size=self.block_size,
             max_model_len=self.max_model_len,
