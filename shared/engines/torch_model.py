@@ -1,14 +1,17 @@
-"""Llama-family decoder (Llama, Mistral, Qwen2) over a paged KV cache, in plain torch.
+"""Llama-family decoder (Llama, Mistral, Qwen2) over a paged KV cache, in torch.
 
 One forward pass takes a flattened batch of tokens from many sequences (varlen): decodes (one
 token each) and prefill chunks together. New K/V are written into per-layer block pools first
-(``slot_mapping``), then each sequence attends over its own blocks read through its block
-table. Decodes are attended together in one padded, masked batch; prefill chunks one sequence at
-a time (few per step, and each is big enough to amortise the call).
+(``slot_mapping``), then each sequence attends over its own blocks read through its block table.
+Prefill chunks attend one sequence at a time (few per step, each big enough to amortise the call).
 
-Weights are kept as plain tensors and applied with ``F.linear``: on a small model, per-module
-Python overhead is a visible share of a step. q/k/v and gate/up projections are fused into one
-matmul each for the same reason.
+Two paths compute the same thing:
+  * fused (CPU, when ``cpu_kernels`` could be built): C kernels for rotary + KV write, residual
+    add + RMSNorm, SiLU * up, and decode attention that reads the pool in place;
+  * plain torch ops (any device, or no compiler): decodes gathered into one padded, masked batch.
+Weights are plain tensors applied with ``F.linear`` (no nn.Module: per-module Python overhead is a
+visible share of a small model's step), prepacked for oneDNN on CPU; q/k/v and gate/up are fused
+into one matmul each.
 """
 
 from __future__ import annotations
@@ -379,14 +382,15 @@ def _prepack_linears(model: LlamaModel, device: torch.device, dtype: torch.dtype
         return False
     pack = torch.ops.mkldnn._reorder_linear_weight
     try:
-        packed_layers = [
-            {key: pack(w, 16) if key in ("qkv", "o", "gate_up", "down") else w for key, w in layer.items()}
-            for layer in model.layers
-        ]
-        lm_head = pack(model.lm_head, 16)
+        # Layer by layer, so the plain copies go as the packed ones come: peak memory stays near
+        # the weights' size. A failure half way leaves a mix, which _linear handles per weight.
+        for i, layer in enumerate(model.layers):
+            model.layers[i] = {
+                key: pack(w, 16) if key in ("qkv", "o", "gate_up", "down") else w for key, w in layer.items()
+            }  # type: ignore[misc]
+        model.lm_head = pack(model.lm_head, 16)
     except (RuntimeError, AttributeError):  # a torch built without this op: plain matmuls
         return False
-    model.layers, model.lm_head = packed_layers, lm_head  # type: ignore[assignment]
     return True
 
 
