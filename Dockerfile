@@ -56,8 +56,8 @@ RUN for m in $BAKE_MODELS; do BATON_CACHE_DIR=/opt/baton/cache baton model build
 FROM ${PYTHON_IMAGE}
 
 # Worker images (torch extra) get a C compiler: the torch engine builds its fused CPU kernels
-# (shared/engines/cpu_kernels.c) for the host's CPU on first start, and runs 1.5-3x slower
-# decode steps on its plain torch path without them.
+# (shared/engines/cpu_kernels.c) for the host's CPU on first start; without them its decode
+# throughput at batch 16 is 1.7-2x lower (docs/benchmarks.md).
 ARG EXTRAS=torch
 RUN case "$EXTRAS" in *torch*) \
         apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
