@@ -20,6 +20,7 @@ from pathlib import Path
 import anyio
 
 from baton.nats_server import EmbeddedNats, die_with_parent
+from shared import redact
 
 log = logging.getLogger("baton.up")
 
@@ -220,4 +221,5 @@ class Stack:
 
 def run_up(settings: UpSettings) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s baton-up %(levelname)s: %(message)s")
+    redact.install()
     anyio.run(Stack(settings).run, backend_options={"use_uvloop": True})

@@ -11,6 +11,8 @@ from collections.abc import Callable
 import anyio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from shared import redact
+
 
 def setup_logging(service: str, level: str = "info") -> None:
     logging.basicConfig(
@@ -19,6 +21,7 @@ def setup_logging(service: str, level: str = "info") -> None:
         format=f"%(asctime)s {service}[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
         force=True,
     )
+    redact.install()
     # nats-py logs every reconnect attempt at error level; our callbacks say it once.
     logging.getLogger("nats").setLevel(logging.CRITICAL)
 
