@@ -25,6 +25,7 @@ from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
 
+from shared import redact
 from shared.messages import encode
 
 log = logging.getLogger("baton.bus")
@@ -79,6 +80,27 @@ class NatsSecurity:
         return opts
 
 
+DEFAULT_CONNECT_TIMEOUT = 10.0  # seconds a service waits for NATS at start (BATON_NATS_CONNECT_TIMEOUT)
+ATTEMPT_BUDGET = 3.0  # seconds one connection attempt may take within that
+
+
+def connect_timeout_from_env() -> float:
+    try:
+        return float(os.environ.get("BATON_NATS_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT))
+    except ValueError:
+        return DEFAULT_CONNECT_TIMEOUT
+
+
+def _reason(error: BaseException | None) -> str:
+    """An error as an operator reads it: 'Connection refused', not 'None' or a repr."""
+    if error is None:
+        return "no answer"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = str(error) or type(error).__name__
+    return text.removeprefix("nats: ")
+
+
 async def _connect_once(
     url: str, name: str, budget: float, secure: dict[str, Any], **callbacks: Any
 ) -> tuple[NatsClient | None, BaseException | None, list[BaseException]]:
@@ -89,6 +111,8 @@ async def _connect_once(
     error: BaseException | None = None
 
     async def first_error_cb(e: Exception) -> None:
+        nonlocal error
+        error = e  # nats-py retries inside connect(); keep why, or the reason is lost at the deadline
         if _is_auth_failure(e):
             auth_failed.append(e)
             refused.set()
@@ -105,6 +129,8 @@ async def _connect_once(
                 )
             except Exception as e:  # nats-py raises several unrelated types here
                 error = e
+            else:
+                error = None
             tg.cancel_scope.cancel()
 
         async def watch_refusal() -> None:
@@ -270,12 +296,13 @@ class Bus:
         url: str,
         name: str,
         *,
-        connect_timeout: float = 30.0,
+        connect_timeout: float | None = None,
         on_disconnect: Callable[[], Awaitable[None]] | None = None,
         on_reconnect: Callable[[], Awaitable[None]] | None = None,
         security: NatsSecurity | None = None,
     ) -> Bus:
-        """Connect, retrying with backoff until ``connect_timeout``: services may start before NATS.
+        """Connect, retrying with backoff until ``connect_timeout`` (default: BATON_NATS_CONNECT_TIMEOUT,
+        else 10 s): services may start a little before NATS.
 
         Once connected, the client reconnects forever with backoff; requests made while the
         server is away fail fast instead of hanging (see the faults issue).
@@ -301,12 +328,16 @@ class Bus:
             if on_reconnect:
                 await on_reconnect()
 
+        if connect_timeout is None:
+            connect_timeout = connect_timeout_from_env()
         deadline = time.monotonic() + connect_timeout
         delay = 0.1
         secure = (security or NatsSecurity.from_env()).connect_options()
         while True:
+            # Each attempt gets a slice of the budget, so the budget spans several attempts (a
+            # server that comes up late is found) and the last attempt's reason is reported.
             nc, error, auth_failed = await _connect_once(
-                url, name, max(1.0, deadline - time.monotonic()), secure,
+                url, name, max(0.5, min(ATTEMPT_BUDGET, deadline - time.monotonic())), secure,
                 disconnected_cb=disconnected_cb, reconnected_cb=reconnected_cb,
             )
             if nc is not None and nc.is_connected and not auth_failed:
@@ -320,8 +351,10 @@ class Bus:
                     "user/password or BATON_NATS_USER/PASSWORD/TOKEN/CREDS"
                 )
             if time.monotonic() + delay > deadline:
-                raise BusError(f"cannot connect to NATS at {url}: {error!r}")
-            log.info("NATS at %s not reachable yet (%r); retrying", url, error)
+                raise BusError(f"cannot connect to NATS at {redact.redact(url)} within {connect_timeout:g}s "
+                               f"({_reason(error)}); start nats-server there or fix --nats-url / BATON_NATS_URL "
+                               f"(BATON_NATS_CONNECT_TIMEOUT sets the wait)")
+            log.debug("NATS at %s not reachable yet (%s); retrying", url, _reason(error))
             await anyio.sleep(delay)
             delay = min(delay * 2, 2.0)
         inbox = ReplyInbox(nc)

@@ -81,3 +81,14 @@ Dtype = Annotated[
     str, typer.Option("--dtype", envvar="BATON_DTYPE",
                       help="Weights and KV dtype: auto (the checkpoint's: fp32 built-ins stay fp32, a bf16 checkpoint runs bf16), float32, bfloat16 (about 1.4x faster than fp32 on CPUs with AVX512-BF16) or float16 (bf16 on CPU).")
 ]
+
+# --- every service -------------------------------------------------------------------------
+LogFormat = Annotated[
+    str, typer.Option("--log-format", envvar="BATON_LOG_FORMAT",
+                      help="text, or json: one JSON object a line (service, pid, request_id, trace_id).")
+]
+DrainTimeout = Annotated[
+    float, typer.Option("--drain-timeout", envvar="BATON_DRAIN_TIMEOUT",
+                        help="On SIGTERM, seconds to finish in-flight work before stopping (keep it below "
+                             "the orchestrator's grace period: compose 35 s, Helm terminationGracePeriodSeconds).")
+]

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
-import sys
 from typing import Protocol
 
 import anyio
 
 from shared.bus import BusError
+from shared.preflight import fail
 from shared.telemetry import setup_logging
 from shared.tracing import setup_tracing
 
@@ -47,19 +48,25 @@ async def run_until_signalled(actor: Actor, drain_timeout: float = 30.0) -> None
         tg.cancel_scope.cancel()
 
 
-def run_service(actor: Actor, service: str, log_level: str = "info", drain_timeout: float = 30.0) -> None:
-    """Run a service process. A bus it cannot reach or that refuses it ends the process with
-    one clear line and exit code 2, not a traceback."""
-    setup_logging(service, log_level)
+DEFAULT_DRAIN_TIMEOUT = 30.0
+
+
+def run_service(actor: Actor, service: str, log_level: str = "info", drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+                log_format: str = "text") -> None:
+    """Run a service process. A bus it cannot reach or that refuses it, or an address it cannot
+    listen on, ends the process with one clear line and exit code 2, not a traceback."""
+    setup_logging(service, log_level, log_format)
     setup_tracing(service)
     try:
         anyio.run(run_until_signalled, actor, drain_timeout, backend_options={"use_uvloop": True})
-    except (BusError, BaseExceptionGroup) as e:
-        bus_errors = [e] if isinstance(e, BusError) else _leaves(e, BusError)
-        if not bus_errors:
+    except (BusError, OSError, BaseExceptionGroup) as e:
+        fatal = _leaves(e, BusError) or [leaf for leaf in _leaves(e, OSError) if leaf.errno == errno.EADDRINUSE]
+        if not fatal:
             raise
-        log.error("%s: %s", service, bus_errors[0])
-        sys.exit(2)
+        reason = str(fatal[0])
+        if isinstance(fatal[0], OSError):
+            reason += "; stop the process holding that address or choose another port"
+        fail(service, reason)
 
 
 def _leaves(group: BaseException, kind: type[BaseException]) -> list[BaseException]:

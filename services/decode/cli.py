@@ -13,10 +13,12 @@ from shared.config import (
     DiscoveryTtl,
     DiskKvBlocks,
     DiskKvDir,
+    DrainTimeout,
     Dtype,
     Engine,
     HostKvBlocks,
     KvEviction,
+    LogFormat,
     LogLevel,
     MaxBatchedTokens,
     MaxNumSeqs,
@@ -73,12 +75,18 @@ def main(
     discovery_ttl: DiscoveryTtl = DEFAULT_TTL,
     metrics_port: MetricsPort = 0,
     log_level: LogLevel = "info",
+    log_format: LogFormat = "text",
+    drain_timeout: DrainTimeout = 30.0,
 ) -> None:
     """Run a decode worker: generate requests in, token chunks out."""
     from services.decode.disagg import DisaggSettings
     from services.decode.worker import DecodeSettings, DecodeWorker
     from shared.engines import EngineConfig
+    from shared.preflight import check_engine, check_model, check_port, run_checks
     from shared.runtime import run_service
+
+    run_checks("decode", [lambda: check_engine(engine), lambda: check_model(model),
+                          lambda: check_port("0.0.0.0", metrics_port, "metrics", "--metrics-port")])
 
     settings = DecodeSettings(
         nats_url=nats_url,
@@ -91,7 +99,7 @@ def main(
         disagg=DisaggSettings(enabled=disagg, min_tokens=remote_prefill_min_tokens, max_queue=max_prefill_queue,
                               prefill_timeout=prefill_timeout, transport=kv_transport),
     )
-    run_service(DecodeWorker(settings), "decode", log_level)
+    run_service(DecodeWorker(settings), "decode", log_level, drain_timeout, log_format)
 
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)

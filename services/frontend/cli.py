@@ -7,7 +7,16 @@ from typing import Annotated
 import typer
 
 from shared.builtin_model import DEFAULT_MODEL
-from shared.config import DEFAULT_NATS_URL, DiscoveryTtl, LogLevel, Model, NatsUrl, ServedModelName
+from shared.config import (
+    DEFAULT_NATS_URL,
+    DiscoveryTtl,
+    DrainTimeout,
+    LogFormat,
+    LogLevel,
+    Model,
+    NatsUrl,
+    ServedModelName,
+)
 from shared.discovery import DEFAULT_TTL
 
 
@@ -55,11 +64,20 @@ def main(
     ] = 300.0,
     discovery_ttl: DiscoveryTtl = DEFAULT_TTL,
     log_level: LogLevel = "info",
+    log_format: LogFormat = "text",
+    access_log: Annotated[
+        bool, typer.Option("--access-log/--no-access-log", envvar="BATON_ACCESS_LOG",
+                           help="Log one line per HTTP request (method, path, status, duration, request id).")
+    ] = False,
+    drain_timeout: DrainTimeout = 30.0,
 ) -> None:
     """Serve the OpenAI-compatible HTTP API and the NATS request API."""
     from services.frontend.generation import GenerationSettings
     from services.frontend.service import Frontend, FrontendSettings
+    from shared.preflight import check_model, check_port, run_checks
     from shared.runtime import run_service
+
+    run_checks("frontend", [lambda: check_model(model), lambda: check_port(host, port, "HTTP", "--port")])
 
     settings = FrontendSettings(
         nats_url=nats_url, host=host, port=port, model=model, served_model_name=served_model_name,
@@ -69,7 +87,7 @@ def main(
         generation=GenerationSettings(route_timeout=route_timeout, first_token_timeout=first_token_timeout,
                                       max_migrations=max_migrations),
     )
-    run_service(Frontend(settings), "frontend", log_level)
+    run_service(Frontend(settings), "frontend", log_level, drain_timeout, log_format)
 
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)

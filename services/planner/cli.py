@@ -6,7 +6,15 @@ from typing import Annotated
 
 import typer
 
-from shared.config import DEFAULT_NATS_URL, DiscoveryTtl, LogLevel, MetricsPort, NatsUrl
+from shared.config import (
+    DEFAULT_NATS_URL,
+    DiscoveryTtl,
+    DrainTimeout,
+    LogFormat,
+    LogLevel,
+    MetricsPort,
+    NatsUrl,
+)
 from shared.discovery import DEFAULT_TTL
 
 POLICIES = ("load", "sla", "none")
@@ -70,6 +78,8 @@ def main(
     discovery_ttl: DiscoveryTtl = DEFAULT_TTL,
     metrics_port: MetricsPort = 0,
     log_level: LogLevel = "info",
+    log_format: LogFormat = "text",
+    drain_timeout: DrainTimeout = 0.0,
 ) -> None:
     """Watch the prefill queue, worker load and traffic; scale prefill and decode workers."""
     import shlex
@@ -86,7 +96,13 @@ def main(
     from services.planner.policy import Damping, HoldPolicy, LoadPolicy, LoadThresholds, SlaPolicy, SlaTargets
     from services.planner.profile import WorkerProfile
     from services.planner.service import Planner, PlannerSettings
+    from shared.preflight import check_engine, check_port, run_checks
     from shared.runtime import run_service
+
+    checks = [lambda: check_port("0.0.0.0", metrics_port, "metrics", "--metrics-port")]
+    if connector == "local":
+        checks.append(lambda: check_engine(engine))  # it will start workers with this engine
+    run_checks("planner", checks)
 
     if policy not in POLICIES:
         raise typer.BadParameter(f"choose one of {', '.join(POLICIES)}", param_hint="--policy")
@@ -135,8 +151,8 @@ def main(
                         down_cooldown=down_cooldown, startup_grace=startup_grace),
         dry_run=dry_run,
     )
-    # Draining the planner drains its local workers too: give them their stop timeout.
-    run_service(Planner(settings, pol, conn), "planner", log_level, drain_timeout=worker_stop_timeout + 5)
+    # Draining the planner drains its local workers too: by default, give them their stop timeout.
+    run_service(Planner(settings, pol, conn), "planner", log_level, drain_timeout or worker_stop_timeout + 5, log_format)
 
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)

@@ -13,10 +13,12 @@ from shared.config import (
     DiscoveryTtl,
     DiskKvBlocks,
     DiskKvDir,
+    DrainTimeout,
     Dtype,
     Engine,
     HostKvBlocks,
     KvEviction,
+    LogFormat,
     LogLevel,
     MaxBatchedTokens,
     MaxNumSeqs,
@@ -56,11 +58,17 @@ def main(
     discovery_ttl: DiscoveryTtl = DEFAULT_TTL,
     metrics_port: MetricsPort = 0,
     log_level: LogLevel = "info",
+    log_format: LogFormat = "text",
+    drain_timeout: DrainTimeout = 30.0,
 ) -> None:
     """Run a prefill worker: pull prefill jobs from the JetStream work queue."""
     from services.prefill.worker import PrefillSettings, PrefillWorker
     from shared.engines import EngineConfig
+    from shared.preflight import check_engine, check_model, check_port, run_checks
     from shared.runtime import run_service
+
+    run_checks("prefill", [lambda: check_engine(engine), lambda: check_model(model),
+                          lambda: check_port("0.0.0.0", metrics_port, "metrics", "--metrics-port")])
 
     settings = PrefillSettings(
         nats_url=nats_url,
@@ -71,7 +79,7 @@ def main(
         worker_id=worker_id, served_model_name=served_model_name, discovery_ttl=discovery_ttl,
         max_concurrent_jobs=max_concurrent_jobs, metrics_port=metrics_port, transport=kv_transport,
     )
-    run_service(PrefillWorker(settings), "prefill", log_level)
+    run_service(PrefillWorker(settings), "prefill", log_level, drain_timeout, log_format)
 
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)

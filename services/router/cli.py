@@ -6,7 +6,15 @@ from typing import Annotated
 
 import typer
 
-from shared.config import DEFAULT_NATS_URL, DiscoveryTtl, LogLevel, MetricsPort, NatsUrl
+from shared.config import (
+    DEFAULT_NATS_URL,
+    DiscoveryTtl,
+    DrainTimeout,
+    LogFormat,
+    LogLevel,
+    MetricsPort,
+    NatsUrl,
+)
 from shared.discovery import DEFAULT_TTL
 
 
@@ -37,11 +45,16 @@ def main(
     discovery_ttl: DiscoveryTtl = DEFAULT_TTL,
     metrics_port: MetricsPort = 0,
     log_level: LogLevel = "info",
+    log_format: LogFormat = "text",
+    drain_timeout: DrainTimeout = 30.0,
 ) -> None:
     """Answer "which decode worker?" for the frontends."""
     from services.router.policy import make_policy
     from services.router.service import Router, RouterSettings
+    from shared.preflight import check_port, run_checks
     from shared.runtime import run_service
+
+    run_checks("router", [lambda: check_port("0.0.0.0", metrics_port, "metrics", "--metrics-port")])
 
     try:
         make_policy(mode)
@@ -52,7 +65,7 @@ def main(
                               lower_tier_weight=lower_tier_weight,
                               prediction_ttl=prediction_ttl, snapshot_interval=snapshot_interval,
                               catchup_timeout=catchup_timeout)
-    run_service(Router(settings), "router", log_level)
+    run_service(Router(settings), "router", log_level, drain_timeout, log_format)
 
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)

@@ -1,0 +1,142 @@
+"""Preflight: the mistakes of day one caught before anything starts, each as one line.
+
+Every service (and ``baton up`` before it starts any) runs the checks that apply to it: the
+engine's extra is installed, the model directory loads (config, tokenizer, chat template), the
+ports it will listen on are free, the NATS URL answers. A failure prints one line to stderr,
+``<service>: error: <what is wrong>; <what to do>``, and exits with code 2: no traceback, no
+restart loop that hides the reason.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+import json
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from urllib.parse import urlsplit
+
+EXIT_PREFLIGHT = 2  # the exit code of a failed check (and of an unreachable bus: shared/runtime.py)
+
+# The package each engine needs and the extra that installs it.
+ENGINE_PACKAGES = {"torch": ("torch", "torch"), "vllm": ("vllm", "vllm"), "mocker": (None, None)}
+
+
+class PreflightError(Exception):
+    """A check failed; the message is the whole line an operator reads: what, then what to do."""
+
+
+Check = Callable[[], object]
+
+
+def fail(service: str, message: str) -> None:
+    """Print the one line and exit; used for every fatal startup error."""
+    print(f"{service}: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_PREFLIGHT)
+
+
+def run_checks(service: str, checks: Iterable[Check]) -> None:
+    """Run ``checks`` in order; the first failure ends the process with its one line."""
+    for check in checks:
+        try:
+            check()
+        except PreflightError as e:
+            fail(service, str(e))
+
+
+def check_engine(engine: str) -> None:
+    """The engine's package is importable (found on the path; importing torch would cost seconds)."""
+    if engine not in ENGINE_PACKAGES:
+        raise PreflightError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINE_PACKAGES)}")
+    package, extra = ENGINE_PACKAGES[engine]
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise PreflightError(
+            f"the {engine} engine needs the '{package}' package, which is not installed; "
+            f"pip install 'baton[{extra}]' (or run with --engine mocker)"
+        )
+
+
+def check_model(model: str, *, tokenizer: bool = True) -> Path:
+    """The model resolves to a directory whose config.json parses and whose tokenizer and chat
+    template load. A built-in name is built on first use (as the services would)."""
+    from shared.builtin_model import BUILTIN_MODELS
+    from shared.models import resolve_model
+
+    if model not in BUILTIN_MODELS:
+        p = Path(model).expanduser()
+        if not p.is_dir():
+            raise PreflightError(
+                f"model {model!r} is neither a built-in ({', '.join(BUILTIN_MODELS)}) nor a directory; "
+                "pass --model with a Hugging Face model directory (config.json, tokenizer.json)"
+            )
+        if not (p / "config.json").is_file():
+            raise PreflightError(f"model directory {str(p)!r} has no config.json; point --model at the directory "
+                                 "that holds config.json and tokenizer.json")
+    path = resolve_model(model).path
+    try:
+        json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise PreflightError(f"{path / 'config.json'} does not load ({e}); fix or replace the file") from None
+    if tokenizer:
+        if not (path / "tokenizer.json").is_file():
+            raise PreflightError(f"model directory {str(path)!r} has no tokenizer.json; copy the model's "
+                                 "tokenizer files into it")
+        from shared.tokenizer import Tokenizer
+
+        try:
+            Tokenizer(path)
+        except Exception as e:  # tokenizers and jinja raise many unrelated types
+            raise PreflightError(f"the tokenizer or chat template of {str(path)!r} does not load "
+                                 f"({type(e).__name__}: {e}); fix tokenizer.json / tokenizer_config.json") from None
+    return path
+
+
+def check_port(host: str, port: int, what: str, option: str) -> None:
+    """Nothing listens on ``host:port`` yet (a bind succeeds; port 0 is always free)."""
+    if not port:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is not "in use"
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise PreflightError(f"{what} port {port} on {host} is already in use (another Baton?); "
+                                     f"stop that process or pass {option} with a free port") from None
+            raise PreflightError(f"cannot listen on {host}:{port} for {what} ({e.strerror}); "
+                                 f"pass {option} with another address or port") from None
+
+
+def nats_host_port(url: str) -> tuple[str, int]:
+    parts = urlsplit(url if "://" in url else f"nats://{url}")
+    return parts.hostname or "127.0.0.1", parts.port or 4222
+
+
+def check_nats(url: str, timeout: float) -> None:
+    """The NATS URL answers a TCP connect within ``timeout`` (retried: a server may be starting).
+    The last reason is kept for the message."""
+    host, port = nats_host_port(url)
+    deadline = time.monotonic() + timeout
+    reason = "no attempt"
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with socket.create_connection((host, port), timeout=max(0.2, min(2.0, left))):
+                return
+        except OSError as e:
+            reason = e.strerror or type(e).__name__
+        if time.monotonic() + 0.25 > deadline:
+            break
+        time.sleep(0.25)
+    raise PreflightError(f"NATS at {redact_url(url)} does not answer ({reason}) after {timeout:g}s; start "
+                         "nats-server there or fix --nats-url / BATON_NATS_URL")
+
+
+def redact_url(url: str) -> str:
+    from shared import redact
+
+    return redact.redact(url)
