@@ -49,6 +49,14 @@ def up(
     discovery_ttl: Annotated[float, typer.Option(help="Seconds after which a silent worker is gone.")] = 6.0,
     log_dir: Annotated[str | None, typer.Option(help="Write each service's log to a file here.")] = None,
     log_level: Annotated[str, typer.Option(envvar="BATON_LOG_LEVEL", help="Log level of the services.")] = "info",
+    log_format: Annotated[str, typer.Option(envvar="BATON_LOG_FORMAT",
+                                            help="Services' log format: text, or json (one object a line).")] = "text",
+    access_log: Annotated[bool, typer.Option(envvar="BATON_ACCESS_LOG",
+                                             help="The frontend logs one line per HTTP request.")] = False,
+    drain_timeout: Annotated[float, typer.Option(envvar="BATON_DRAIN_TIMEOUT",
+                                                 help="On Ctrl-C, seconds each service may finish in-flight work.")] = 30.0,
+    nats_connect_timeout: Annotated[float, typer.Option(
+        envvar="BATON_NATS_CONNECT_TIMEOUT", help="With --nats-url: seconds it may take to answer.")] = 10.0,
     ready_timeout: Annotated[float, typer.Option(help="Seconds to wait for /health to be ready.")] = 180.0,
     planner_connector: Annotated[str, typer.Option(
         help="local: the planner starts/stops the workers; none: a fixed fleet, the planner only observes.")] = "local",
@@ -67,12 +75,17 @@ def up(
     import shlex
 
     from baton.up import UpSettings, run_up
+    from shared.telemetry import LOG_FORMATS
+
+    if log_format not in LOG_FORMATS:
+        raise typer.BadParameter(f"choose one of {', '.join(LOG_FORMATS)}", param_hint="--log-format")
 
     run_up(UpSettings(
         nats_url=nats_url, nats_port=nats_port, data_dir=data_dir, host=host, port=port, model=model, engine=engine,
         decode_workers=decode_workers, prefill_workers=prefill_workers, routers=routers, router_mode=router_mode,
         mocker_speedup=mocker_speedup, num_blocks=num_blocks, discovery_ttl=discovery_ttl, log_dir=log_dir,
-        log_level=log_level, ready_timeout=ready_timeout, planner_connector=planner_connector,
+        log_level=log_level, log_format=log_format, access_log=access_log, drain_timeout=drain_timeout,
+        nats_connect_timeout=nats_connect_timeout, ready_timeout=ready_timeout, planner_connector=planner_connector,
         planner_policy=planner_policy, planner_interval=planner_interval, planner_dry_run=planner_dry_run,
         min_decode_workers=min_decode_workers, max_decode_workers=max_decode_workers,
         min_prefill_workers=min_prefill_workers, max_prefill_workers=max_prefill_workers,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ctypes
+import json
+import os
 import shutil
 import signal
 import socket
@@ -11,6 +13,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 
@@ -41,6 +44,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class NatsPortInUse(OSError):
+    """The embedded server's port is taken (by another Baton, or anything else)."""
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def server_name_at(host: str, port: int, timeout: float = 0.5) -> str | None:
+    """The ``server_name`` a NATS server on ``host:port`` greets with; None if nothing answers."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as conn:
+            conn.settimeout(timeout)
+            data = b""
+            while b"\r\n" not in data and len(data) < 65536:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+    except OSError:
+        return None
+    line = data.split(b"\r\n", 1)[0]
+    if not line.startswith(b"INFO "):
+        return "<not a NATS server>"
+    try:
+        return str(json.loads(line[5:]).get("server_name") or "<unnamed>")
+    except ValueError:
+        return "<not a NATS server>"
+
+
 def wait_for_port(host: str, port: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -65,6 +104,7 @@ class EmbeddedNats:
         self.log_file = log_file
         self.extra_args = extra_args or []  # e.g. --user/--pass, --tls*: see nats-server --help
         self.proc: subprocess.Popen[bytes] | None = None
+        self.server_name = ""
 
     scheme = "nats"  # "tls" when the server requires TLS
 
@@ -73,7 +113,12 @@ class EmbeddedNats:
         return f"{self.scheme}://{self.host}:{self.port}"
 
     def start(self, timeout: float = 10.0) -> EmbeddedNats:
+        """Start the server and make sure the listener on our port is *this* process: a port taken
+        by another nats-server (a second ``baton up``) must not be mistaken for ours."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if not port_is_free(self.host, self.port):
+            raise NatsPortInUse(f"port {self.port} on {self.host} is already in use")
+        self.server_name = f"baton-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         out = subprocess.DEVNULL
         if self.log_file:
             Path(self.log_file).parent.mkdir(parents=True, exist_ok=True)
@@ -81,18 +126,35 @@ class EmbeddedNats:
         try:
             self.proc = subprocess.Popen(
                 [find_nats_server(), "-js", "-a", self.host, "-p", str(self.port), "-sd", str(self.data_dir),
-                 *self.extra_args],
+                 "-n", self.server_name, *self.extra_args],
                 stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent, start_new_session=True,
             )
         finally:
             if out is not subprocess.DEVNULL:
                 out.close()
         try:
-            wait_for_port(self.host, self.port, timeout)
-        except TimeoutError:
+            self._wait_own_listener(timeout)
+        except (TimeoutError, RuntimeError):
             self.stop()
             raise
         return self
+
+    def _wait_own_listener(self, timeout: float) -> None:
+        """Until the server on our port greets with our server name (its INFO line)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nats-server exited with code {self.proc.returncode} at start"
+                                   + (f"; see {self.log_file}" if self.log_file else ""))
+            name = server_name_at(self.host, self.port)
+            if name == self.server_name:
+                return
+            if name is not None:  # someone else answered: the port was taken between check and start
+                raise RuntimeError(f"another NATS server ({name}) answers on {self.host}:{self.port}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listening on {self.host}:{self.port} after {timeout}s")
+            time.sleep(0.05)
 
     def stop(self, timeout: float = 5.0) -> None:
         if self.proc is not None and self.proc.poll() is None:

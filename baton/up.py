@@ -19,8 +19,10 @@ from pathlib import Path
 
 import anyio
 
-from baton.nats_server import EmbeddedNats, die_with_parent
-from shared import redact
+from baton.nats_server import EmbeddedNats, NatsPortInUse, die_with_parent, free_port, port_is_free
+from shared import preflight, redact
+from shared.builtin_model import BUILTIN_MODELS, builtin_path
+from shared.bus import DEFAULT_CONNECT_TIMEOUT
 
 log = logging.getLogger("baton.up")
 
@@ -43,8 +45,12 @@ class UpSettings:
     discovery_ttl: float = 6.0
     log_level: str = "info"
     ready_timeout: float = 180.0
-    stop_grace: float = 15.0
+    stop_grace: float = 0.0  # SIGKILL a child this long after SIGTERM (0: drain_timeout + 5)
     log_dir: str | None = None  # per-service log files instead of this terminal
+    log_format: str = "text"  # the services' log format (text or json); BATON_LOG_FORMAT in their env
+    access_log: bool = False  # the frontend logs one line per HTTP request
+    drain_timeout: float = 30.0  # each service's drain on SIGTERM (the planner adds its workers' stop time)
+    nats_connect_timeout: float = DEFAULT_CONNECT_TIMEOUT  # --nats-url: how long it may take to answer
     extra_env: dict[str, str] = field(default_factory=dict)
     # The planner. "local": it starts and stops the decode/prefill worker processes itself (within
     # min..max, default exactly --decode-workers/--prefill-workers); "none": this supervisor runs a
@@ -66,6 +72,7 @@ class ProcessSpec:
     argv: list[str]
     restarts: int = 0
     proc: asyncio.subprocess.Process | None = None
+    log_path: Path | None = None
 
 
 def service_specs(s: UpSettings, nats_url: str) -> list[ProcessSpec]:
@@ -103,6 +110,8 @@ def planner_args(s: UpSettings, engine: list[str]) -> list[str]:
             args += ["--worker-log-dir", s.log_dir]
     if s.planner_dry_run:
         args.append("--dry-run")
+    # The planner drains its workers when it stops: give them their drain time, then a little more.
+    args += ["--worker-stop-timeout", str(s.drain_timeout + 5), "--drain-timeout", str(s.drain_timeout + 10)]
     return args + list(s.planner_args)
 
 
@@ -122,6 +131,25 @@ async def http_status(host: str, port: int, path: str, timeout: float = 2.0) -> 
         return 0
 
 
+class StackFailed(Exception):
+    """The stack cannot run; the message is the one line to print."""
+
+
+def _model_size(path: Path) -> str:
+    total = sum(f.stat().st_size for f in path.iterdir()
+                if f.is_file() and f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf"))
+    return f"{total / 1e9:.2f} GB" if total >= 1e9 else f"{total / 1e6:.1f} MB"
+
+
+def _last_line(path: Path | None) -> str:
+    if path is None or not path.exists():
+        return ""
+    with open(path, "rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+        lines = [ln for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else ""
+
+
 class Stack:
     def __init__(self, settings: UpSettings) -> None:
         self.settings = settings
@@ -130,23 +158,79 @@ class Stack:
         self.nats: EmbeddedNats | None = None
         self.specs: list[ProcessSpec] = []
         self._stopping = False
+        self.failure: str | None = None  # why the stack stopped on its own (then exit non-zero)
+        self._t0 = time.monotonic()
+        self._failed = anyio.Event()
+        self.model_path: Path | None = None
+
+    def step(self, text: str) -> None:
+        """One progress line, as it happens, with the seconds since ``baton up`` started."""
+        print(f"[{time.monotonic() - self._t0:6.1f}s] {text}", flush=True)
+
+    def preflight(self) -> None:
+        """Everything that can be known wrong before a process starts (raises StackFailed)."""
+        s = self.settings
+        try:
+            preflight.check_engine(s.engine)
+            probe_host = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
+            preflight.check_port(s.host if s.host != "::" else probe_host, s.port, "HTTP", "--port")
+            if s.nats_url is not None:
+                preflight.check_nats(s.nats_url, s.nats_connect_timeout)
+            if s.model in BUILTIN_MODELS and not (builtin_path(s.model) / "baton_builtin.json").exists():
+                self.step(f"building the built-in model {s.model} (first run only)")
+            self.model_path = preflight.check_model(s.model)
+        except preflight.PreflightError as e:
+            raise StackFailed(str(e)) from None
+        self.step(f"preflight ok: engine {s.engine}, model {s.model} at {self.model_path} "
+                  f"({_model_size(self.model_path)} of weights), port {s.port} free")
+
+    def start_nats(self) -> str:
+        s = self.settings
+        if s.nats_url is not None:
+            self.step(f"NATS: using {redact.redact(s.nats_url)}")
+            return s.nats_url
+        log_file = Path(s.log_dir) / "nats.log" if s.log_dir else None
+        port = s.nats_port
+        if not port_is_free("127.0.0.1", port):
+            # A second `baton up` on this machine: its own server on a free port, never the other's bus.
+            port = free_port()
+            self.step(f"NATS: port {s.nats_port} is in use (another Baton or NATS?); using port {port} instead")
+        self.nats = EmbeddedNats(port=port, data_dir=s.data_dir, log_file=log_file)
+        try:
+            # Started from this (the main) thread: PR_SET_PDEATHSIG follows the thread that forked.
+            self.nats.start()
+        except (NatsPortInUse, RuntimeError, TimeoutError, FileNotFoundError) as e:
+            self.nats = None
+            raise StackFailed(f"the embedded nats-server did not start ({e}); pass --nats-port with a free "
+                              "port or --nats-url to use a running server") from None
+        self.step(f"NATS: embedded nats-server with JetStream at {self.nats.url} (store: {self.nats.data_dir})")
+        return self.nats.url
 
     async def run(self) -> None:
         s = self.settings
-        nats_url = s.nats_url
-        if nats_url is None:
-            log_file = Path(s.log_dir) / "nats.log" if s.log_dir else None
-            self.nats = EmbeddedNats(port=s.nats_port, data_dir=s.data_dir, log_file=log_file)
-            # Started from this (the main) thread: PR_SET_PDEATHSIG follows the thread that forked.
-            self.nats.start()
-            nats_url = self.nats.url
-            print(f"embedded nats-server with JetStream at {nats_url} (store: {self.nats.data_dir})", flush=True)
+        self.preflight()
+        nats_url = self.start_nats()
         self.specs = service_specs(s, nats_url)
+        if s.access_log:
+            next(sp for sp in self.specs if sp.name == "frontend").argv.append("--access-log")
         try:
             async with anyio.create_task_group() as tg:
+                workers = [sp for sp in self.specs if sp.name.startswith(("decode", "prefill"))]
                 for spec in self.specs:
+                    if spec.name != "planner" and spec not in workers:
+                        tg.start_soon(self._supervise, spec)
+                if s.engine == "torch":
+                    await self._compile_kernels()  # once here, not raced by every worker
+                for spec in (*workers, *(sp for sp in self.specs if sp.name == "planner")):
                     tg.start_soon(self._supervise, spec)
+                tg.start_soon(self._watch_workers, nats_url)
                 tg.start_soon(self._announce_ready)
+
+                async def on_failure() -> None:
+                    await self._failed.wait()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(on_failure)
                 with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                     async for signum in signals:
                         print(f"\n{signal.Signals(signum).name}: stopping Baton", flush=True)
@@ -159,11 +243,61 @@ class Stack:
                 if self.nats is not None:
                     await anyio.to_thread.run_sync(self.nats.cleanup)
 
+    async def _compile_kernels(self) -> None:
+        if os.environ.get("BATON_CPU_KERNELS", "1").lower() in ("0", "false", "no", "off"):
+            return
+        self.step("torch engine: loading torch and the fused CPU kernels (compiled on first run)")
+        t = time.monotonic()
+
+        def load() -> str:
+            from shared.engines.cpu_kernels import load_cpu_kernels
+
+            k = load_cpu_kernels()
+            return f"fused CPU kernels ready ({k.path.name})" if k is not None else "no fused CPU kernels (plain torch)"
+
+        try:
+            text = await anyio.to_thread.run_sync(load)
+        except Exception as e:  # the workers fall back to plain torch the same way
+            text = f"fused CPU kernels unavailable ({e})"
+        self.step(f"torch engine: {text} in {time.monotonic() - t:.1f}s")
+
+    async def _watch_workers(self, nats_url: str) -> None:
+        """Print each worker as it registers or leaves (the bus's discovery bucket)."""
+        from shared.bus import Bus, BusError
+        from shared.discovery import WorkerView
+
+        try:
+            bus = await Bus.connect(nats_url, "baton-up")
+        except BusError as e:
+            self.step(f"cannot watch worker registration ({e})")
+            return
+        try:
+            view = WorkerView(bus, self.settings.discovery_ttl)
+            known: dict[str, str] = {}
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(view.run)
+                while True:
+                    now = {w.worker_id: f"{w.role} worker {w.worker_id} (engine {w.engine}, pid {w.pid})"
+                           for w in view.workers()}
+                    for wid, text in now.items():
+                        if wid not in known:
+                            self.step(f"registered: {text}")
+                    for wid, text in known.items():
+                        if wid not in now:
+                            self.step(f"gone: {text}")
+                    known = now
+                    await view.wait_changed()
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                await bus.close()
+
     async def _spawn(self, spec: ProcessSpec) -> asyncio.subprocess.Process:
-        env = {**os.environ, **self.settings.extra_env, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **self.settings.extra_env, "PYTHONUNBUFFERED": "1",
+               "BATON_LOG_FORMAT": self.settings.log_format, "BATON_DRAIN_TIMEOUT": str(self.settings.drain_timeout)}
         out: int | None = None
         if self.settings.log_dir:
-            out = os.open(Path(self.settings.log_dir) / f"{spec.name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+            spec.log_path = Path(self.settings.log_dir) / f"{spec.name}.log"
+            out = os.open(spec.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         try:
             return await asyncio.create_subprocess_exec(
                 *spec.argv, env=env, stdout=out, stderr=out, stdin=asyncio.subprocess.DEVNULL,
@@ -178,17 +312,29 @@ class Stack:
         recent: list[float] = []
         while not self._stopping:
             spec.proc = await self._spawn(spec)
+            self.step(f"started {spec.name} (pid {spec.proc.pid})")
             code = await spec.proc.wait()
             if self._stopping:
                 return
             now = time.monotonic()
             recent = [t for t in recent if now - t < 60] + [now]
             spec.restarts += 1
+            why = _last_line(spec.log_path)
+            if code == preflight.EXIT_PREFLIGHT:
+                # A failed check (bad option, port taken, bus unreachable): restarting cannot help.
+                self._fail(f"{spec.name} cannot start: {why or f'exit code {code}, see its output above'}")
+                return
             if len(recent) > 5:
-                print(f"{spec.name} exited with {code} {len(recent)} times in a minute; not restarting", flush=True)
+                self._fail(f"{spec.name} exited with code {code} {len(recent)} times in a minute; gave up"
+                           + (f" (last line: {why})" if why else ""))
                 return
             print(f"{spec.name} exited with {code}; restarting", flush=True)
             await anyio.sleep(min(0.5 * len(recent), 5))
+
+    def _fail(self, reason: str) -> None:
+        if self.failure is None:
+            self.failure = reason
+        self._failed.set()
 
     async def _announce_ready(self) -> None:
         s = self.settings
@@ -196,8 +342,16 @@ class Stack:
         deadline = time.monotonic() + s.ready_timeout
         while time.monotonic() < deadline:
             if await http_status(probe_host, s.port, "/health") == 200:
+                logs = s.log_dir or "this terminal"
                 print(f"Baton is ready: http://{probe_host}:{s.port}/v1 (model {s.model}, engine {s.engine})",
                       flush=True)
+                print(f"  API      http://{probe_host}:{s.port}/v1   (health /health, metrics /metrics)\n"
+                      f"  model    {s.model} ({self.model_path})\n"
+                      f"  workers  {s.decode_workers} decode, {s.prefill_workers} prefill; "
+                      f"{s.routers} router ({s.router_mode})\n"
+                      f"  NATS     {redact.redact(self.nats.url if self.nats else s.nats_url or '')}\n"
+                      f"  logs     {logs}\n"
+                      f"  stop     Ctrl-C (each service drains up to {s.drain_timeout:g}s)", flush=True)
                 return
             await anyio.sleep(0.2)
         print(f"Baton did not become ready within {s.ready_timeout:.0f}s; see the service logs", flush=True)
@@ -210,7 +364,8 @@ class Stack:
                 p.send_signal(signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        with anyio.move_on_after(self.settings.stop_grace):
+        grace = self.settings.stop_grace or self.settings.drain_timeout + 15  # the planner's workers: +10
+        with anyio.move_on_after(grace):
             for p in live:
                 await p.wait()
         for p in live:
@@ -220,6 +375,16 @@ class Stack:
 
 
 def run_up(settings: UpSettings) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s baton-up %(levelname)s: %(message)s")
+    """Run the stack until a signal; exit 2 with one line if it cannot start or a core service gives up."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s baton-up %(levelname)s: %(message)s")
     redact.install()
-    anyio.run(Stack(settings).run, backend_options={"use_uvloop": True})
+    # Our own bus client only watches registrations: its connection news is not the operator's.
+    for name in ("nats", "baton.bus", "baton.discovery"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    stack = Stack(settings)
+    try:
+        anyio.run(stack.run, backend_options={"use_uvloop": True})
+    except StackFailed as e:
+        preflight.fail("baton up", str(e))
+    if stack.failure is not None:
+        preflight.fail("baton up", f"{stack.failure}; stopped the stack")

@@ -55,7 +55,10 @@ def run_service(actor: Actor, service: str, log_level: str = "info", drain_timeo
                 log_format: str = "text") -> None:
     """Run a service process. A bus it cannot reach or that refuses it, or an address it cannot
     listen on, ends the process with one clear line and exit code 2, not a traceback."""
-    setup_logging(service, log_level, log_format)
+    try:
+        setup_logging(service, log_level, log_format)
+    except ValueError as e:
+        fail(service, f"{e} (--log-format / BATON_LOG_FORMAT)")
     setup_tracing(service)
     try:
         anyio.run(run_until_signalled, actor, drain_timeout, backend_options={"use_uvloop": True})
