@@ -60,8 +60,14 @@ def main(
         float, typer.Option(envvar="BATON_ROUTE_TIMEOUT", help="Seconds to wait for the router (per attempt, 3 attempts).")
     ] = 2.0,
     first_token_timeout: Annotated[
-        float, typer.Option(envvar="BATON_FIRST_TOKEN_TIMEOUT", help="Seconds to wait for a worker's first reply.")
+        float, typer.Option(envvar="BATON_FIRST_TOKEN_TIMEOUT",
+                            help="Streamed requests: seconds to wait for a worker's first token.")
     ] = 300.0,
+    request_timeout: Annotated[
+        float, typer.Option(envvar="BATON_REQUEST_TIMEOUT",
+                            help="Non-streamed requests: total seconds a generation may take (the worker is "
+                                 "probed for liveness every second meanwhile).")
+    ] = 1800.0,
     discovery_ttl: DiscoveryTtl = DEFAULT_TTL,
     log_level: LogLevel = "info",
     log_format: LogFormat = "text",
@@ -83,8 +89,9 @@ def main(
         nats_url=nats_url, host=host, port=port, model=model, served_model_name=served_model_name,
         max_model_len=max_model_len, max_body_bytes=max_body_bytes, max_inflight=max_inflight,
         header_timeout=header_timeout, discovery_ttl=discovery_ttl, api_keys_file=api_keys_file,
-        rate_limit_rpm=rate_limit_rpm, rate_limit_burst=rate_limit_burst, max_prompt_tokens=max_prompt_tokens,
+        rate_limit_rpm=rate_limit_rpm, rate_limit_burst=rate_limit_burst, max_prompt_tokens=max_prompt_tokens, access_log=access_log,
         generation=GenerationSettings(route_timeout=route_timeout, first_token_timeout=first_token_timeout,
+                                      request_timeout=request_timeout,
                                       max_migrations=max_migrations),
     )
     run_service(Frontend(settings), "frontend", log_level, drain_timeout, log_format)

@@ -67,7 +67,10 @@ class Delta:
 class GenerationSettings:
     route_timeout: float = 2.0
     route_attempts: int = 3
-    first_token_timeout: float = 300.0  # prefill of a long prompt on CPU can be slow
+    first_token_timeout: float = 300.0  # streamed: prefill of a long prompt on CPU can be slow
+    # Not streamed (and no stop strings), the worker sends one chunk at the end: no first-token
+    # timeout can apply, only a total deadline; liveness probes catch a dead worker meanwhile.
+    request_timeout: float = 1800.0
     inter_token_timeout: float = 120.0
     probe_interval: float = 1.0  # silence longer than this: ask the worker if it is alive
     probe_timeout: float = 1.0
@@ -178,9 +181,15 @@ class Generation:
                         raise _Migrate("worker gone") from None
                     except BusTimeout:
                         silent += s.probe_interval
-                        limit = s.inter_token_timeout if generated else s.first_token_timeout
                         if not await self._alive(decision, request_id):
                             raise _Migrate("worker not answering") from None
+                        if not worker_streams:
+                            if time.perf_counter() - t0 >= s.request_timeout:
+                                raise ApiError(504, f"the request took longer than its {s.request_timeout:g}s "
+                                               "deadline (BATON_REQUEST_TIMEOUT)", type="server_error",
+                                               code="request_timeout") from None
+                            continue
+                        limit = s.inter_token_timeout if generated else s.first_token_timeout
                         if silent >= limit:
                             raise ApiError(504, f"worker {decision.worker_id} sent nothing for {silent:.0f}s",
                                            type="server_error", code="worker_timeout") from None

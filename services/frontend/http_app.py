@@ -39,6 +39,7 @@ from services.frontend.openai_api import (
 )
 from shared import tracing
 from shared.messages import Usage
+from shared.telemetry import bind_request
 
 log = logging.getLogger("baton.frontend.http")
 
@@ -210,6 +211,7 @@ class OpenAIApp:
                 raise ApiError(400, "prompt must not be empty", param="prompt")
             max_tokens = req.max_tokens if req.max_tokens is not None else 16  # OpenAI's default
             rid = f"cmpl-{uuid.uuid4().hex}"
+        bind_request(rid, tracing.trace_id_of(root))  # this request's log lines (and access line) carry it
         if self.max_prompt_tokens and len(token_ids) > self.max_prompt_tokens:
             raise ApiError(400, f"the prompt has {len(token_ids)} tokens; this endpoint accepts at most "
                            f"{self.max_prompt_tokens}", param="messages" if chat else "prompt",

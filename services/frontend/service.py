@@ -14,6 +14,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from services.frontend.access import AccessControl, RateLimiter, load_api_keys
+from services.frontend.access_log import AccessLog
 from services.frontend.generation import Generation, GenerationSettings
 from services.frontend.http_app import OpenAIApp
 from services.frontend.nats_api import NatsApi
@@ -45,6 +46,7 @@ class FrontendSettings:
     max_prompt_tokens: int = 0
     discovery_ttl: float = DEFAULT_TTL
     generation: GenerationSettings = field(default_factory=GenerationSettings)
+    access_log: bool = False  # one log line per HTTP request (services/frontend/access_log.py)
 
 
 class BatonHttpProtocol(HttpToolsProtocol):
@@ -155,6 +157,8 @@ class Frontend:
             app = OpenAIApp(generation, self.model, self.max_model_len, self.ready, s.max_body_bytes,
                             s.max_inflight, access, s.max_prompt_tokens)
             nats_api = NatsApi(self.bus, generation, self.model, self.max_model_len)
+            if s.access_log:
+                app = AccessLog(app)
             config = uvicorn.Config(
                 app, host=s.host, port=s.port, http=protocol_with(s.header_timeout), loop="none", lifespan="off",
                 access_log=False, log_level="warning", timeout_keep_alive=30, backlog=4096,
