@@ -6,9 +6,11 @@
         for chunk in c.chat_stream([{"role": "user", "content": "Hi"}]):
             print(chunk.text, end="")
 
-Retries with exponential backoff on connection errors and on 429/503 (honouring Retry-After),
-never on other 4xx. A stream is retried only if it failed before its first chunk, so no text is
-ever repeated.
+Retries with exponential backoff only when the request is known not to have reached a worker:
+connect errors (nothing was sent) and 429/503 (refused before any work; Retry-After honoured).
+Never after the request was sent: a read timeout or a dropped connection may mean a generation is
+already running, and retrying would run it twice; those raise at once (status 0). Never on other
+4xx/5xx either.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import msgspec
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 RETRY_STATUS = (429, 503)
+# Transport errors that mean the request never left this process: safe to send again.
+NOT_SENT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 
 class Usage(msgspec.Struct, kw_only=True):
@@ -52,9 +56,17 @@ class BatonError(Exception):
     """An error answer from Baton (OpenAI's error object), or a transport failure (status 0)."""
 
     def __init__(self, status: int, message: str, type: str = "", code: str | None = None,
-                 param: str | None = None) -> None:
+                 param: str | None = None, sent: bool = True) -> None:
         super().__init__(f"{status} {type}: {message}" if status else message)
         self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+        self.sent = sent  # False: a transport failure before the request left (safe to retry)
+
+    @classmethod
+    def from_transport(cls, e: httpx.TransportError) -> BatonError:
+        if isinstance(e, NOT_SENT_ERRORS):
+            return cls(0, f"connection failed: {e!r}", sent=False)
+        return cls(0, f"request sent, then the connection failed ({e!r}); not retried: it may be running",
+                   sent=True)
 
     @classmethod
     def from_response(cls, status: int, body: bytes) -> BatonError:
@@ -66,7 +78,7 @@ class BatonError(Exception):
 
     @property
     def retryable(self) -> bool:
-        return self.status == 0 or self.status in RETRY_STATUS
+        return (self.status == 0 and not self.sent) or self.status in RETRY_STATUS
 
 
 def _usage(u: dict[str, Any] | None) -> Usage | None:
@@ -141,7 +153,7 @@ class BatonClient:
             try:
                 r = self._http.post(path, json=body)
             except httpx.TransportError as e:
-                err, retry_after = BatonError(0, f"connection failed: {e!r}"), None
+                err, retry_after = BatonError.from_transport(e), None
             else:
                 if r.status_code == 200:
                     return r.json()
@@ -176,8 +188,9 @@ class BatonClient:
                             yield chunk
                     return
             except httpx.TransportError as e:
-                if started or attempt == self._policy.max_retries:
-                    raise BatonError(0, f"stream failed: {e!r}") from e
+                err = BatonError.from_transport(e)
+                if started or not err.retryable or attempt == self._policy.max_retries:
+                    raise err from e
                 self.retries += 1
                 time.sleep(self._policy.delay(attempt, None))
 
@@ -222,7 +235,7 @@ class AsyncBatonClient:
             try:
                 r = await self._http.post(path, json=body)
             except httpx.TransportError as e:
-                err, retry_after = BatonError(0, f"connection failed: {e!r}"), None
+                err, retry_after = BatonError.from_transport(e), None
             else:
                 if r.status_code == 200:
                     return r.json()
@@ -257,8 +270,9 @@ class AsyncBatonClient:
                             yield chunk
                     return
             except httpx.TransportError as e:
-                if started or attempt == self._policy.max_retries:
-                    raise BatonError(0, f"stream failed: {e!r}") from e
+                err = BatonError.from_transport(e)
+                if started or not err.retryable or attempt == self._policy.max_retries:
+                    raise err from e
                 self.retries += 1
                 await asyncio.sleep(self._policy.delay(attempt, None))
 

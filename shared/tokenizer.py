@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +37,10 @@ class Tokenizer:
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         if template is None and (d / "chat_template.jinja").exists():
             template = (d / "chat_template.jinja").read_text()
-        self._template = None
-        if template:
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.globals["raise_exception"] = _raise_template_error
-            self._template = env.from_string(template)
+        self._template = compile_chat_template(template) if template else None
+        self._special_tokens = {name: _token_text(cfg.get(name)) or "" for name in
+                                ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token",
+                                 "mask_token")}
         self.eos_token_ids = self._eos_ids(d)
         self.vocab_size = self._tok.get_vocab_size()
 
@@ -74,14 +72,15 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            **kwargs: Any) -> str:
+        """Render as transformers' ``apply_chat_template(tokenize=False)`` does: the same Jinja
+        environment and the same variables (special tokens, ``tools``/``documents`` when given)."""
         if self._template is None:
             raise ValueError("this model has no chat template; use /v1/completions")
         return self._template.render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            **{k: v for k, v in kwargs.items() if v is not None}, **self._special_tokens,
         )
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
@@ -94,6 +93,42 @@ class Tokenizer:
 
 def _raise_template_error(message: str) -> None:
     raise ValueError(f"chat template error: {message}")
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    # transformers' tojson, not Jinja's: no HTML escaping, non-ASCII kept (templates print tool
+    # schemas with it, and the model was trained on that text).
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(format: str) -> str:
+    return datetime.now().strftime(format)
+
+
+def compile_chat_template(source: str) -> Any:
+    """A chat template compiled in the environment transformers uses: sandboxed, trim_blocks and
+    lstrip_blocks, loop controls (``{% break %}``/``{% continue %}``), ``raise_exception``,
+    ``strftime_now`` and its ``tojson``; ``{% generation %}`` blocks render their body."""
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class _Generation(Extension):
+        # transformers' AssistantTracker marks assistant spans for training masks; we only render.
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            from jinja2 import nodes
+
+            return nodes.Scope(body, lineno=lineno)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_template_error
+    env.globals["strftime_now"] = _strftime_now
+    return env.from_string(source)
 
 
 @dataclass
