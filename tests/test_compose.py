@@ -177,3 +177,36 @@ def test_dockerfile_entrypoint_is_baton():
     users = re.findall(r"^USER\s+(\S+)", text, re.M)
     assert users and users[-1].split(":")[0] not in ("root", "0"), "the image runs as a non-root user"
     assert "baton model build" in text, "the built-in model is baked in, so containers need no network"
+
+
+def _rendered() -> dict:
+    """compose.yaml as Compose renders it (`config`), else as YAML resolves it (anchors, merges)."""
+    cmd = _compose_command()
+    if cmd is None:
+        if _in_ci():
+            pytest.fail("no Compose implementation (docker compose / docker-compose) to render compose.yaml")
+        return COMPOSE
+    r = subprocess.run([*cmd, "-f", str(COMPOSE_FILE), "config"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=60, env={k: v for k, v in os.environ.items() if not k.startswith("BATON_")})
+    assert r.returncode == 0, r.stderr
+    return yaml.safe_load(r.stdout)
+
+
+@pytest.mark.parametrize("name", sorted(SCALABLE))
+def test_worker_advertises_a_kv_address_its_peers_resolve(name: str):
+    """Disaggregation under compose: a prefill worker dials the KV address a decode worker
+    advertises. It must be a compose service name (resolvable on the compose network), the
+    worker's own, and the transport must then bind every interface, not loopback."""
+    from shared.kv_address import bind_host_for
+
+    services = _rendered()["services"]
+    env = services[name].get("environment") or {}
+    if isinstance(env, list):  # docker-compose v1 may render KEY=VALUE lists
+        env = dict(item.split("=", 1) for item in env)
+    advertised = env.get("BATON_KV_HOST")
+    assert advertised, f"{name} sets no BATON_KV_HOST: peers would dial 127.0.0.1"
+    assert advertised in services, f"{name} advertises {advertised!r}, not a compose service name"
+    assert advertised == name, f"{name} advertises another service's name ({advertised!r})"
+    assert bind_host_for(advertised, env.get("BATON_KV_BIND_HOST", "")) == "0.0.0.0"
+    # and the option is real: the worker CLI reads BATON_KV_HOST / BATON_KV_BIND_HOST
+    assert "BATON_KV_HOST" in _help(name) and "BATON_KV_BIND_HOST" in _help(name)

@@ -70,8 +70,15 @@ def main(
         str, typer.Option(envvar="BATON_KV_TRANSPORT", help="KV transport: tcp, or ucx (needs baton[ucx]).")
     ] = "tcp",
     kv_host: Annotated[
-        str, typer.Option(envvar="BATON_KV_HOST", help="Address prefill workers use to reach this worker's KV.")
+        str, typer.Option(envvar="BATON_KV_HOST",
+                          help="Address peers dial to reach this worker's KV transport (advertised; compose: the "
+                               "service name, Helm: the pod IP).")
     ] = "127.0.0.1",
+    kv_bind_host: Annotated[
+        str, typer.Option(envvar="BATON_KV_BIND_HOST",
+                          help="Address the KV transport listens on (default: 127.0.0.1 if --kv-host is loopback, "
+                               "else 0.0.0.0).")
+    ] = "",
     discovery_ttl: DiscoveryTtl = DEFAULT_TTL,
     metrics_port: MetricsPort = 0,
     log_level: LogLevel = "info",
@@ -96,6 +103,7 @@ def main(
                             kv_eviction=kv_eviction),
         worker_id=worker_id, served_model_name=served_model_name, discovery_ttl=discovery_ttl,
         max_inflight=max_inflight, metrics_port=metrics_port, kv_host=kv_host,
+        kv_bind_host=kv_bind_host,
         disagg=DisaggSettings(enabled=disagg, min_tokens=remote_prefill_min_tokens, max_queue=max_prefill_queue,
                               prefill_timeout=prefill_timeout, transport=kv_transport),
     )

@@ -26,6 +26,7 @@ from shared.bus import Bus
 from shared.config import DEFAULT_NATS_URL
 from shared.discovery import DEFAULT_TTL, WorkerRegistration, WorkerView
 from shared.engines import Engine, EngineConfig, make_engine
+from shared.kv_address import advertised_host, bind_host_for
 from shared.kv_hash import block_hashes
 from shared.kv_transport import KvTransport, make_transport
 from shared.messages import (
@@ -76,7 +77,8 @@ class DecodeSettings:
     max_inflight: int = 1024  # admission: beyond this a request gets 503 at once
     metrics_port: int = 0
     disagg: DisaggSettings = field(default_factory=DisaggSettings)
-    kv_host: str = "127.0.0.1"  # address prefill workers use to reach our KV transport
+    kv_host: str = "127.0.0.1"  # address prefill workers use to reach our KV transport (advertised)
+    kv_bind_host: str = ""  # address the KV transport listens on ("": see shared/kv_address.py)
 
 
 class DecodeWorker:
@@ -122,7 +124,9 @@ class DecodeWorker:
                 remote_prefill = self.settings.disagg.enabled and self.engine.supports_remote_prefill
                 if remote_prefill or self.engine.kv_tiers is not None:
                     # Remote prefill writes into our pool; G4 peers send tier blocks: both need it.
-                    self.transport = make_transport(self.settings.disagg.transport, self.settings.kv_host)
+                    self.transport = make_transport(self.settings.disagg.transport,
+                                                    advertised_host(self.settings.kv_host),
+                                                    bind_host_for(self.settings.kv_host, self.settings.kv_bind_host))
                     await self.transport.start()
                     log.info("KV transport %s at %s", self.transport.name, self.transport.endpoint)
                     tg.start_soon(self.transport.run)

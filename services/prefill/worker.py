@@ -28,6 +28,7 @@ from shared.bus import Bus
 from shared.config import DEFAULT_NATS_URL
 from shared.discovery import DEFAULT_TTL, WorkerRegistration, WorkerView
 from shared.engines import Engine, EngineConfig, make_engine
+from shared.kv_address import advertised_host, bind_host_for
 from shared.kv_transport import KvTransport, TransferError, make_transport
 from shared.messages import (
     PrefillDone,
@@ -62,6 +63,8 @@ class PrefillSettings:
     max_concurrent_jobs: int = 8
     metrics_port: int = 0
     transport: str = "tcp"
+    kv_host: str = "127.0.0.1"  # advertised KV address (prefill only sends today; kept truthful anyway)
+    kv_bind_host: str = ""
 
 
 class PrefillWorker:
@@ -103,7 +106,8 @@ class PrefillWorker:
                 await self.engine.wait_ready()
                 if self.engine.supports_remote_prefill:
                     # Sending only: the listener is unused, but start() keeps one code path.
-                    self.transport = make_transport(self.settings.transport)
+                    self.transport = make_transport(self.settings.transport, advertised_host(self.settings.kv_host),
+                                                    bind_host_for(self.settings.kv_host, self.settings.kv_bind_host))
                     await self.transport.start()
                     tg.start_soon(self.transport.run)
                     log.info("KV transport: %s", self.transport.name)

@@ -17,11 +17,13 @@ from shared.kv_transport.base import KvTransport, TransferError, merged_boundari
 TRANSPORTS = ("tcp", "ucx")
 
 
-def make_transport(kind: str, host: str = "127.0.0.1") -> KvTransport:
+def make_transport(kind: str, host: str = "127.0.0.1", bind_host: str | None = None) -> KvTransport:
+    """``host`` is the address peers dial (advertised in ``endpoint``); ``bind_host`` the one we listen
+    on (default: ``host``). See shared/kv_address.py."""
     if kind == "tcp":
         from shared.kv_transport.tcp import TcpTransport
 
-        return TcpTransport(host)
+        return TcpTransport(host, bind_host=bind_host)
     if kind == "ucx":
         from shared.kv_transport.ucx import UcxTransport
 

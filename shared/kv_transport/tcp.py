@@ -50,9 +50,10 @@ async def _recv_bytes(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: i
 class TcpTransport(KvTransport):
     name = "tcp"
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, bind_host: str | None = None) -> None:
         super().__init__()
-        self.host = host
+        self.host = host  # advertised in endpoint
+        self.bind_host = bind_host or host
         self._port = port
         self._listener: socket.socket | None = None
         self._pool: dict[str, tuple[socket.socket, asyncio.Lock]] = {}
@@ -66,7 +67,7 @@ class TcpTransport(KvTransport):
     async def start(self) -> None:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((self.host, self._port))
+        s.bind((self.bind_host, self._port))
         s.listen(128)
         s.setblocking(False)
         self._listener = s
