@@ -52,7 +52,13 @@ def check_engine(engine: str) -> None:
     if engine not in ENGINE_PACKAGES:
         raise PreflightError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINE_PACKAGES)}")
     package, extra = ENGINE_PACKAGES[engine]
-    if package is not None and importlib.util.find_spec(package) is None:
+    if package is None:
+        return
+    try:
+        found = importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):  # a broken or hidden install counts as missing
+        found = False
+    if not found:
         raise PreflightError(
             f"the {engine} engine needs the '{package}' package, which is not installed; "
             f"pip install 'baton[{extra}]' (or run with --engine mocker)"
