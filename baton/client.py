@@ -29,6 +29,11 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 RETRY_STATUS = (429, 503)
 # Transport errors that mean the request never left this process: safe to send again.
 NOT_SENT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+# A new connection per request: on a reused keep-alive connection whose server died while it sat
+# idle, a send fails with a reset that looks like a failure after sending, and would not be
+# retried. Fresh connections make "not sent" unambiguous; a localhost handshake costs ~0.1 ms,
+# nothing next to a generation.
+_LIMITS = httpx.Limits(max_keepalive_connections=0)
 
 
 class Usage(msgspec.Struct, kw_only=True):
@@ -135,7 +140,7 @@ class BatonClient:
                  timeout: float = 60.0, max_retries: int = 3, backoff: float = 0.25, max_backoff: float = 8.0) -> None:
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self.model = model
-        self._http = httpx.Client(base_url=base_url, timeout=timeout, headers=headers)
+        self._http = httpx.Client(base_url=base_url, timeout=timeout, headers=headers, limits=_LIMITS)
         self._policy = _Policy(max_retries, backoff, max_backoff)
         self.retries = 0  # how many times a call was retried (observable in tests and logs)
 
@@ -217,7 +222,7 @@ class AsyncBatonClient:
                  timeout: float = 60.0, max_retries: int = 3, backoff: float = 0.25, max_backoff: float = 8.0) -> None:
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self.model = model
-        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, headers=headers)
+        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, headers=headers, limits=_LIMITS)
         self._policy = _Policy(max_retries, backoff, max_backoff)
         self.retries = 0
 
