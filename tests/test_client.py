@@ -10,7 +10,7 @@ import pytest
 
 from baton.client import AsyncBatonClient, BatonClient, BatonError, NatsBatonClient
 from tests.procs import wait_until
-from tests.test_baton_up import children_of, start_up, wait_ready_line
+from tests.test_baton_up import alive, children_of, start_up, wait_ready_line
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -86,6 +86,9 @@ def test_client_retries_through_frontend_restart(up) -> None:
         for i in range(12):
             if i == 4:
                 os.kill(frontend, signal.SIGKILL)  # baton up restarts it; the client must ride it out
+                # A request sent into the dying process's socket is reset *after* sending: the
+                # client must not retry that (it could run twice), so wait until the process is gone.
+                wait_until(lambda: not alive(frontend), 10, 0.01, "frontend gone")
             texts.append(c.complete(f"req {i}", max_tokens=3).text)
         assert len(texts) == 12
         assert c.retries >= 1
