@@ -171,7 +171,7 @@ class Stack:
         """Everything that can be known wrong before a process starts (raises StackFailed)."""
         s = self.settings
         try:
-            preflight.check_engine(s.engine)
+            preflight.check_engine(s.engine, in_subprocess=True)
             probe_host = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
             preflight.check_port(s.host if s.host != "::" else probe_host, s.port, "HTTP", "--port")
             if s.nats_url is not None:

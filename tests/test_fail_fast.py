@@ -60,6 +60,21 @@ def no_torch_env(tmp_path: Path) -> dict[str, str]:
     return {"PYTHONPATH": f"{shadow}{os.pathsep}{os.environ.get('PYTHONPATH', os.getcwd())}"}
 
 
+def broken_torch_env(tmp_path: Path) -> dict[str, str]:
+    """An interpreter on which torch is found but its import fails, as with a wheel whose shared
+    library is missing (a CUDA build on a CPU box, a half-finished upgrade)."""
+    shadow = tmp_path / "broken"
+    (shadow / "torch").mkdir(parents=True)
+    (shadow / "torch" / "__init__.py").write_text(
+        "raise OSError('libtorch_cpu.so: cannot open shared object file: No such file or directory')\n")
+    return {"PYTHONPATH": f"{shadow}{os.pathsep}{os.environ.get('PYTHONPATH', os.getcwd())}"}
+
+
+BROKEN = ("the torch engine's 'torch' package is installed but does not import (OSError: libtorch_cpu.so: cannot "
+          "open shared object file: No such file or directory); reinstall it: pip install --force-reinstall "
+          "'baton[torch]'")
+
+
 # ---- baton up ---------------------------------------------------------------------------------
 
 def test_up_without_the_engine_extra(tmp_path) -> None:
@@ -68,6 +83,12 @@ def test_up_without_the_engine_extra(tmp_path) -> None:
     assert code == 2 and took < FAST
     assert line.startswith("baton up: error: the torch engine needs the 'torch' package")
     assert "pip install 'baton[torch]'" in line
+
+
+def test_up_with_a_broken_engine_install(tmp_path) -> None:
+    code, lines, took = run([*up(), "--engine", "torch"], env=broken_torch_env(tmp_path))
+    assert code == 2 and took < FAST
+    assert one_line(lines) == f"baton up: error: {BROKEN}"
 
 
 def test_up_with_a_model_that_does_not_exist() -> None:
@@ -180,6 +201,12 @@ def test_worker_without_the_engine_extra(tmp_path) -> None:
     code, lines, took = run(["services.prefill", "--engine", "torch"], env=no_torch_env(tmp_path))
     assert code == 2 and took < FAST
     assert one_line(lines).startswith("prefill: error: the torch engine needs the 'torch' package")
+
+
+def test_worker_with_a_broken_engine_install(tmp_path) -> None:
+    code, lines, took = run(["services.decode", "--engine", "torch"], env=broken_torch_env(tmp_path))
+    assert code == 2 and took < FAST
+    assert one_line(lines) == f"decode: error: {BROKEN}"
 
 
 def test_frontend_with_its_port_taken() -> None:
