@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -141,15 +142,22 @@ def test_up_second_stack_gets_its_own_nats(tmp_path) -> None:
         argv[argv.index("--nats-port") + 1] = str(other.port)
         proc = subprocess.Popen([sys.executable, "-m", *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, env=service_env(), start_new_session=True)
+        # Stop it once it has said which NATS it runs (or after 30 s, whatever it printed).
+        watchdog = threading.Timer(30, lambda: os.killpg(proc.pid, 15))
+        watchdog.start()
+        lines: list[str] = []
         try:
-            out, _ = proc.communicate(timeout=1.5)
-        except subprocess.TimeoutExpired:
-            out = ""
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.append(line)
+                if "NATS: embedded nats-server" in line:
+                    break
         finally:
+            watchdog.cancel()
             if proc.poll() is None:
                 os.killpg(proc.pid, 15)
-                more, _ = proc.communicate(timeout=60)
-                out += more
+            more, _ = proc.communicate(timeout=60)
+        out = "".join(lines) + more
     assert f"NATS: port {other.port} is in use (another Baton or NATS?); using port" in out
     assert f"nats://127.0.0.1:{other.port}" not in out.split("in use")[1]
 
