@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import secrets
 import struct
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import anyio
+from prometheus_client import Counter
 
 
 class TransferError(Exception):
     """A transfer did not complete: peer gone, unknown transfer id, size mismatch or timeout."""
 
+
+log = logging.getLogger("baton.kv_transport")
+
+REFUSED = Counter("baton_kv_transfers_refused_total",
+                  "KV transfers refused: unknown id, wrong or used token, wrong length, no authentication in time")
 
 TOKEN_BYTES = 32  # one-time transfer tokens: 256 random bits, never guessed
 MAX_TRANSFER_ID = 255
@@ -111,6 +119,19 @@ class KvTransport(ABC):
 
     def __init__(self) -> None:
         self._expected: dict[str, Expected] = {}
+        self.refused = 0  # transfers refused (unknown id, wrong or used token, wrong length, timeout)
+        self._last_refusal_log = -1e9
+
+    def _count_refusal(self, why: object) -> None:
+        """Count a refused peer; logged at most every 10 s, so a flood of them cannot flood the logs."""
+        self.refused += 1
+        REFUSED.inc()
+        now = time.monotonic()
+        if now - self._last_refusal_log >= 10.0:
+            self._last_refusal_log = now
+            log.warning("refused a KV transfer (%s); %d refused so far", why, self.refused)
+        else:
+            log.debug("refused a KV transfer: %s", why)
 
     @property
     @abstractmethod

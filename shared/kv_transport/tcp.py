@@ -71,7 +71,6 @@ class TcpTransport(KvTransport):
         self._listener: socket.socket | None = None
         self._pool: dict[str, tuple[PlainConn, asyncio.Lock]] = {}
         self._pending = 0
-        self.refused = 0  # transfers refused (unknown id, wrong or used token, wrong length, timeout)
 
     @property
     def endpoint(self) -> str:
@@ -122,15 +121,13 @@ class TcpTransport(KvTransport):
                     with anyio.fail_after(self.handshake_timeout):
                         await _recv_exactly_into(conn, frame[start:])
                 except TimeoutError:
-                    self.refused += 1
-                    log.warning("KV peer did not authenticate within %ss; closing", self.handshake_timeout)
+                    self._count_refusal(f"no authentication within {self.handshake_timeout}s")
                     return
                 try:
                     transfer_id, token, total = unpack_auth(frame)
                     exp = self._authorize(transfer_id, token, total)
                 except TransferError as e:
-                    self.refused += 1
-                    log.warning("refusing KV transfer: %s", e)
+                    self._count_refusal(e)
                     await conn.sendall(_NO)
                     return  # nothing was written; the connection is closed
                 if not authenticated:
@@ -154,10 +151,11 @@ class TcpTransport(KvTransport):
                 exp.done.set()
                 await conn.sendall(_GO if ok else _NO)
         except (OSError, TransferError) as e:  # ssl.SSLError is an OSError
+            if not authenticated:  # garbage, a failed TLS handshake, a frame cut short
+                self._count_refusal(f"unauthenticated peer: {e!r}")
             log.debug("KV peer connection ended: %r", e)
         except TimeoutError:
-            self.refused += 1
-            log.warning("KV peer did not finish the TLS handshake within %ss; closing", self.handshake_timeout)
+            self._count_refusal(f"no TLS handshake within {self.handshake_timeout}s")
         finally:
             if not authenticated:
                 self._pending -= 1

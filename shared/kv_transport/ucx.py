@@ -67,7 +67,6 @@ class UcxTransport(KvTransport):
     def __init__(self, host: str = "127.0.0.1", port: int = 0, handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
         super().__init__()
         self.handshake_timeout = handshake_timeout
-        self.refused = 0
         self.host = host
         self._port = port
         self._listener = None
@@ -94,8 +93,7 @@ class UcxTransport(KvTransport):
                     # A new peer must authenticate at once; a proven one may idle between transfers.
                     await asyncio.wait_for(ep.recv(frame), None if authenticated else self.handshake_timeout)
                 except TimeoutError:
-                    self.refused += 1
-                    log.warning("KV peer did not authenticate within %ss; closing", self.handshake_timeout)
+                    self._count_refusal(f"no authentication within {self.handshake_timeout}s")
                     return
                 except Exception:
                     return  # peer closed between transfers
@@ -103,8 +101,7 @@ class UcxTransport(KvTransport):
                     transfer_id, token, total = unpack_auth(frame.tobytes())
                     exp = self._authorize(transfer_id, token, total)
                 except TransferError as e:
-                    self.refused += 1
-                    log.warning("refusing KV transfer: %s", e)
+                    self._count_refusal(e)
                     await _send_blob(ep, msgspec.msgpack.encode(None))
                     return  # nothing was received into the pool; the endpoint is closed
                 authenticated = True
