@@ -4,8 +4,9 @@ Any NATS client sends an ApiGenerateRequest (msgpack, or JSON if the payload sta
 with a reply inbox and receives ApiChunk messages, in the same encoding, until one carries a
 finish_reason; a failure is one ApiError. Same pipeline as HTTP, and the same access rules: the
 API key rides in an ``Authorization: Bearer <key>`` NATS header, and rate limits and the
-per-address brakes apply as on HTTP. A NATS message carries no client address, so the caller's
-reply-inbox prefix (one per client connection) stands in for it.
+per-address brakes apply as on HTTP. A NATS message carries no client address, and everything
+in it (reply subject included) is the sender's choice, so all NATS callers share one "address":
+failed key checks over NATS brake the whole NATS API, never HTTP callers.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from shared.messages import ApiError as ApiErrorMsg
 
 log = logging.getLogger("baton.frontend.nats_api")
 _json = msgspec.json.Encoder()
+NATS_CALLER = "nats"  # the one address of every NATS caller (see the module docstring)
 _msgpack = msgspec.msgpack.Encoder()
 
 
@@ -59,7 +61,7 @@ class NatsApi:
             if self.access is not None:
                 headers = msg.headers or {}
                 auth = headers.get("Authorization") or headers.get("authorization")
-                self.access.admit(auth, _caller_address(msg.reply))
+                self.access.admit(auth, NATS_CALLER)
             try:
                 req = (api_request_json_decoder if as_json else api_request_msgpack_decoder).decode(msg.data)
             except (msgspec.ValidationError, msgspec.DecodeError) as e:
@@ -123,9 +125,3 @@ class NatsApi:
         if len(req.stop) > 4:
             raise ApiError(400, "at most 4 stop sequences are allowed")
         return token_ids, sampling, [s for s in req.stop if s]
-
-
-def _caller_address(reply: str) -> str:
-    """The stand-in for a NATS caller's address: its reply subject without the last token
-    (``_INBOX.<per-connection id>``), the part shared by every request of one connection."""
-    return "nats:" + reply.rsplit(".", 1)[0][:128]
