@@ -15,6 +15,7 @@ import msgspec
 import nats
 import pytest
 
+from baton.client import BatonError, NatsBatonClient
 from services.frontend.access import (
     AUTH_FAILURE_BURST,
     AccessControl,
@@ -128,6 +129,12 @@ def test_nats_api_needs_a_key(guarded: Stack) -> None:
             assert isinstance(ok, ApiChunk) and ok.finish_reason is not None
         finally:
             await nc.close()
+        async with NatsBatonClient(guarded.nats.url, api_key="sk-nats") as client:  # the Python client
+            assert (await client.generate(prompt="hi", max_tokens=2)).finish_reason is not None
+        async with NatsBatonClient(guarded.nats.url) as client:
+            with pytest.raises(BatonError) as e:
+                await client.generate(prompt="hi", max_tokens=2)
+            assert e.value.status == 401
 
     anyio.run(main)
 
