@@ -164,6 +164,7 @@ class PrefillJob(Struct, tag="prefill_job", kw_only=True, omit_defaults=True):
     # Reserved on the decode worker: the prompt's last len(block_ids) blocks, in logical order
     # (the blocks before them were prefix-cache hits there and are not sent).
     block_ids: list[int] = field(default_factory=list)
+    kv_token: bytes = b""  # one-time token the decode worker issued for this transfer; sent with the KV bytes
     notify_subject: str = ""  # where PrefillDone/PrefillFailed go ("" : baton.v1.prefill.done.<id>)
     deadline: float = 0.0  # unix seconds; past it the job is dropped
 
@@ -198,6 +199,7 @@ class KvFetchRequest(Struct, tag="kv_fetch", kw_only=True, omit_defaults=True):
     block_hashes: list[int]
     kv_layout: str = ""
     endpoint: str = ""
+    token: bytes = b""  # the asking worker's one-time token for this transfer (send=True)
     send: bool = False
 
 
