@@ -20,7 +20,7 @@ from pathlib import Path
 import anyio
 
 from baton.nats_server import EmbeddedNats, die_with_parent
-from shared import redact
+from shared import nats_auth, redact
 
 log = logging.getLogger("baton.up")
 
@@ -42,6 +42,8 @@ class UpSettings:
     num_blocks: int = 0
     discovery_ttl: float = 6.0
     log_level: str = "info"
+    # Development only: the embedded NATS server accepts anyone, with every permission.
+    insecure_no_auth: bool = False
     ready_timeout: float = 180.0
     stop_grace: float = 15.0
     log_dir: str | None = None  # per-service log files instead of this terminal
@@ -129,6 +131,7 @@ class Stack:
             Path(settings.log_dir).mkdir(parents=True, exist_ok=True)
         self.nats: EmbeddedNats | None = None
         self.specs: list[ProcessSpec] = []
+        self.identities: nats_auth.Identities | None = None
         self._stopping = False
 
     async def run(self) -> None:
@@ -137,6 +140,7 @@ class Stack:
         if nats_url is None:
             log_file = Path(s.log_dir) / "nats.log" if s.log_dir else None
             self.nats = EmbeddedNats(port=s.nats_port, data_dir=s.data_dir, log_file=log_file)
+            self._secure_embedded_nats()
             # Started from this (the main) thread: PR_SET_PDEATHSIG follows the thread that forked.
             self.nats.start()
             nats_url = self.nats.url
@@ -159,8 +163,22 @@ class Stack:
                 if self.nats is not None:
                     await anyio.to_thread.run_sync(self.nats.cleanup)
 
+    def _secure_embedded_nats(self) -> None:
+        """One NATS identity per role (shared/nats_auth.py) in the store's ``auth/``, or loudly none."""
+        assert self.nats is not None
+        if self.settings.insecure_no_auth:
+            log.warning("--insecure-no-auth: NATS accepts ANY client with EVERY permission (prompts, KV, workers). "
+                        "Development only.")
+            return
+        self.identities = nats_auth.generate(self.nats.data_dir / "auth")
+        self.nats.extra_args = [*self.nats.extra_args, "-c", str(self.identities.server_config)]
+        print(f"NATS authentication on: one identity per role; API client credentials in "
+              f"{self.identities.creds['client']} (operator: {self.identities.creds['admin']})", flush=True)
+
     async def _spawn(self, spec: ProcessSpec) -> asyncio.subprocess.Process:
         env = {**os.environ, **self.settings.extra_env, "PYTHONUNBUFFERED": "1"}
+        if self.identities is not None:
+            env |= nats_auth.service_env(self.identities, nats_auth.role_of(spec.name))
         out: int | None = None
         if self.settings.log_dir:
             out = os.open(Path(self.settings.log_dir) / f"{spec.name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)

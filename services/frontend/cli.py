@@ -7,12 +7,13 @@ from typing import Annotated
 import typer
 
 from shared.builtin_model import DEFAULT_MODEL
-from shared.config import DEFAULT_NATS_URL, DiscoveryTtl, LogLevel, Model, NatsUrl, ServedModelName
+from shared.config import DEFAULT_NATS_URL, DiscoveryTtl, LogLevel, Model, NatsCreds, NatsUrl, ServedModelName
 from shared.discovery import DEFAULT_TTL
 
 
 def main(
     nats_url: NatsUrl = DEFAULT_NATS_URL,
+    nats_creds: NatsCreds = None,
     host: Annotated[str, typer.Option(envvar="BATON_HOST", help="HTTP bind address.")] = "0.0.0.0",
     port: Annotated[int, typer.Option(envvar="BATON_PORT", help="HTTP port.")] = 8000,
     model: Model = DEFAULT_MODEL,

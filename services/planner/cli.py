@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from shared.config import DEFAULT_NATS_URL, DiscoveryTtl, LogLevel, MetricsPort, NatsUrl
+from shared.config import DEFAULT_NATS_URL, DiscoveryTtl, LogLevel, MetricsPort, NatsCreds, NatsUrl
 from shared.discovery import DEFAULT_TTL
 
 POLICIES = ("load", "sla", "none")
@@ -19,6 +19,7 @@ def _opt(text: str, env: str | None = None, *names: str):
 
 def main(
     nats_url: NatsUrl = DEFAULT_NATS_URL,
+    nats_creds: NatsCreds = None,
     interval: Annotated[float, _opt("Seconds between observations (and decisions).", "INTERVAL")] = 2.0,
     policy: Annotated[str, _opt("load (thresholds), sla (TTFT/ITL targets) or none (observe only).",
                                 "POLICY")] = "load",

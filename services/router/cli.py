@@ -6,12 +6,13 @@ from typing import Annotated
 
 import typer
 
-from shared.config import DEFAULT_NATS_URL, DiscoveryTtl, LogLevel, MetricsPort, NatsUrl
+from shared.config import DEFAULT_NATS_URL, DiscoveryTtl, LogLevel, MetricsPort, NatsCreds, NatsUrl
 from shared.discovery import DEFAULT_TTL
 
 
 def main(
     nats_url: NatsUrl = DEFAULT_NATS_URL,
+    nats_creds: NatsCreds = None,
     mode: Annotated[
         str, typer.Option("--mode", envvar="BATON_ROUTER_MODE",
                           help="Routing policy: kv, kv-approx (no KV events needed), round-robin or random.")
