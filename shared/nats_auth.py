@@ -54,8 +54,9 @@ API = "$JS.API"
 
 
 def _stream_owner(stream: str) -> list[str]:
-    """Create it (idempotently: create, else update) and read its info. Never delete or purge."""
-    return [f"{API}.STREAM.CREATE.{stream}", f"{API}.STREAM.UPDATE.{stream}", f"{API}.STREAM.INFO.{stream}"]
+    """Create it (idempotently: create, else update) and read its info. Never delete or purge.
+    ``$JS.API.INFO`` (the account's limits) is read by nats-py before it creates a KV bucket."""
+    return [f"{API}.INFO", f"{API}.STREAM.CREATE.{stream}", f"{API}.STREAM.UPDATE.{stream}", f"{API}.STREAM.INFO.{stream}"]
 
 
 def _stream_reader(stream: str) -> list[str]:
