@@ -8,9 +8,10 @@ are reached through ``$JS.API.*`` subjects named after the stream, so listing on
 role uses keeps the others out of its reach; nobody but ``admin`` may delete a stream.
 
 Replies: each service role gets its own inbox prefix (``_INBOX_<role>``), so a role can subscribe
-to its own replies without being able to read anyone else's. Roles that answer requests may
-publish to the inbox prefix of the roles they answer. API clients keep NATS's standard ``_INBOX``
-prefix, so any NATS client library works unchanged.
+to its own replies without being able to read anyone else's. Roles that answer requests may publish
+to any inbox: a reply subject ends in a random token, so only who received the request can answer
+it (and the operator's tools, using the standard prefix, can still ask a worker directly). API
+clients keep NATS's standard ``_INBOX`` prefix, so any NATS client library works unchanged.
 
 Passwords are random (32 bytes, URL-safe) and stored bcrypt-hashed in the server's config; each
 role's password lives in its own credentials file (mode 0600)::
@@ -47,6 +48,12 @@ def inbox_prefix(role: str) -> str:
 
 def _inbox(role: str) -> str:
     return f"{inbox_prefix(role)}.>"
+
+
+def _replies() -> list[str]:
+    """Where a role that answers requests may publish: any inbox. Reply subjects end in a random
+    token, so only a role that received a request knows where to answer it; reading stays per role."""
+    return [_inbox(r) for r in (*SERVICE_ROLES, "client")]
 
 
 # --- JetStream building blocks ----------------------------------------------------------------
@@ -121,12 +128,12 @@ def _table() -> dict[str, Permissions]:
     return {
         # HTTP and NATS API in front; asks a router, streams from a decode worker, answers API clients.
         "frontend": _perms(
-            publish=[s.ROUTE, s.generate(any_id), s.cancel(any_id), s.status(any_id), _inbox("client"), *workers],
+            publish=[s.ROUTE, s.generate(any_id), s.cancel(any_id), s.status(any_id), *_replies(), *workers],
             subscribe=[s.API_GENERATE, _inbox("frontend")],
         ),
         # Answers route requests; reads load reports and the KV-events stream; keeps index snapshots.
         "router": _perms(
-            publish=[_inbox("frontend"), s.kv_resync(any_id), *workers,
+            publish=[*_replies(), s.kv_resync(any_id), *workers,
                      *_stream_owner(s.KV_EVENTS_STREAM), *_stream_reader(s.KV_EVENTS_STREAM),
                      *_object_store(s.ROUTER_SNAPSHOT_BUCKET)],
             subscribe=[s.ROUTE, s.LOAD_ALL, _inbox("router")],
@@ -134,7 +141,7 @@ def _table() -> dict[str, Permissions]:
         # Serves generate/cancel/status/kv-fetch; publishes load and KV events; queues prefill jobs;
         # registers itself; reads the disaggregation switch.
         "decode": _perms(
-            publish=[_inbox("frontend"), _inbox("decode"), s.kv_events(any_id), s.load(any_id), s.kv_fetch(any_id),
+            publish=[*_replies(), s.kv_events(any_id), s.load(any_id), s.kv_fetch(any_id),
                      s.PREFILL_JOBS, *prefill_queue, *_consumer_watcher(s.PREFILL_STREAM, s.PREFILL_CONSUMER),
                      *_kv_write(s.WORKERS_BUCKET), *_kv_read(s.CONFIG_BUCKET)],
             subscribe=[s.generate(any_id), s.cancel(any_id), s.status(any_id), s.kv_resync(any_id),
@@ -142,7 +149,7 @@ def _table() -> dict[str, Permissions]:
         ),
         # Pulls prefill jobs and tells the waiting decode worker (its inbox) when the KV is there.
         "prefill": _perms(
-            publish=[_inbox("decode"), s.prefill_done(any_id), *prefill_queue, *_stream_reader(s.PREFILL_STREAM),
+            publish=[*_replies(), s.prefill_done(any_id), *prefill_queue, *_stream_reader(s.PREFILL_STREAM),
                      *_kv_write(s.WORKERS_BUCKET)],
             subscribe=[_inbox("prefill")],
         ),
