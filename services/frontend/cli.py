@@ -14,6 +14,7 @@ from shared.config import (
     LogFormat,
     LogLevel,
     Model,
+    NatsCreds,
     NatsUrl,
     ServedModelName,
 )
@@ -22,6 +23,7 @@ from shared.discovery import DEFAULT_TTL
 
 def main(
     nats_url: NatsUrl = DEFAULT_NATS_URL,
+    nats_creds: NatsCreds = None,
     host: Annotated[str, typer.Option(envvar="BATON_HOST", help="HTTP bind address.")] = "0.0.0.0",
     port: Annotated[int, typer.Option(envvar="BATON_PORT", help="HTTP port.")] = 8000,
     model: Model = DEFAULT_MODEL,
