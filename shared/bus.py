@@ -355,9 +355,7 @@ class Bus:
         deadline = time.monotonic() + connect_timeout
         delay = 0.1
         secure = (security or NatsSecurity.from_env()).connect_options()
-        if not ({"user", "token", "user_credentials"} & secure.keys()) and "@" not in url:
-            log.warning("connecting to NATS at %s without credentials (--nats-creds / BATON_NATS_CREDS): "
-                        "only a server with authentication off will accept this", url)
+        anonymous = not ({"user", "token", "user_credentials"} & secure.keys()) and "@" not in url
         while True:
             # Each attempt gets a slice of the budget, so the budget spans several attempts (a
             # server that comes up late is found) and the last attempt's reason is reported.
@@ -371,10 +369,10 @@ class Bus:
             if nc is not None:
                 await nc.close()
             if auth_failed or (error is not None and _is_auth_failure(error)):
-                raise BusAuthError(
-                    f"NATS at {url} refused our credentials ({(auth_failed or [error])[0]!r}); check the URL's "
-                    "user/password or BATON_NATS_USER/PASSWORD/TOKEN/CREDS"
-                )
+                what = "needs credentials: pass --nats-creds / BATON_NATS_CREDS" if anonymous else (
+                    "refused our credentials; check --nats-creds / BATON_NATS_CREDS or the URL's user/password")
+                raise BusAuthError(f"NATS at {redact.redact(url)} {what} "
+                                   f"({redact.redact(repr((auth_failed or [error])[0]))})")
             if time.monotonic() + delay > deadline:
                 raise BusError(f"cannot connect to NATS at {redact.redact(url)} within {connect_timeout:g}s "
                                f"({_reason(error)}); start nats-server there or fix --nats-url / BATON_NATS_URL "
@@ -382,6 +380,9 @@ class Bus:
             log.debug("NATS at %s not reachable yet (%s); retrying", url, _reason(error))
             await anyio.sleep(delay)
             delay = min(delay * 2, 2.0)
+        if anonymous:
+            log.warning("connected to NATS at %s without credentials: this server has authentication off "
+                        "(development only; see docs/operations.md, Security)", redact.redact(url))
         inbox = ReplyInbox(nc)
         inbox_ref.append(inbox)
         await inbox.start()
