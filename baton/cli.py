@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -23,6 +24,24 @@ app.command("profile")(profile_main)
 
 model_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, help="Built-in models.")
 app.add_typer(model_app, name="model")
+auth_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                       help="NATS identities (one per role) for a NATS server you run yourself (compose).")
+app.add_typer(auth_app, name="auth")
+
+
+@auth_app.command("init")
+def auth_init(
+    directory: Annotated[Path, typer.Argument(help="Where to write nats-auth.conf and <role>.creds (0600).")],
+    grafana: Annotated[bool, typer.Option(help="Also write grafana-admin-password (compose observability).")] = True,
+) -> None:
+    """Write a nats-server authorization config and one credentials file per role; existing files are kept
+    (delete a role's file and re-run to rotate it, then restart NATS and that role)."""
+    from shared import nats_auth
+
+    ids = nats_auth.generate(directory)
+    if grafana:
+        nats_auth.ensure_secret_file(directory / "grafana-admin-password")
+    print(f"wrote {ids.server_config} and {', '.join(p.name for p in ids.creds.values())} under {ids.directory}")
 
 
 @app.command()
@@ -70,6 +89,9 @@ def up(
     max_prefill_workers: Annotated[int | None, typer.Option(help="Planner: most prefill workers.")] = None,
     planner_args: Annotated[str, typer.Option(
         help="More planner options, one string (e.g. '--profile p.json --ttft-target-ms 300').")] = "",
+    insecure_no_auth: Annotated[bool, typer.Option(
+        "--insecure-no-auth", help="Development only: the embedded NATS server without authentication "
+                                   "(anyone who reaches it may read prompts and impersonate workers).")] = False,
 ) -> None:
     """Start the whole stack on this machine: embedded NATS plus the five services."""
     import shlex
@@ -89,7 +111,7 @@ def up(
         planner_policy=planner_policy, planner_interval=planner_interval, planner_dry_run=planner_dry_run,
         min_decode_workers=min_decode_workers, max_decode_workers=max_decode_workers,
         min_prefill_workers=min_prefill_workers, max_prefill_workers=max_prefill_workers,
-        planner_args=shlex.split(planner_args),
+        planner_args=shlex.split(planner_args), insecure_no_auth=insecure_no_auth,
     ))
 
 

@@ -297,8 +297,11 @@ class AsyncBatonClient:
 class NatsBatonClient:
     """Async client over the NATS request API (``baton.v1.api.generate``), msgpack on the wire."""
 
-    def __init__(self, nats_url: str = "nats://127.0.0.1:4222", *, timeout: float = 60.0, **connect: Any) -> None:
+    def __init__(self, nats_url: str = "nats://127.0.0.1:4222", *, timeout: float = 60.0, api_key: str | None = None,
+                 **connect: Any) -> None:
         self.nats_url, self.timeout, self._connect = nats_url, timeout, connect
+        # The frontend checks API keys on NATS as on HTTP: the key rides in a header.
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
         self._nc: Any = None
 
     async def __aenter__(self) -> NatsBatonClient:
@@ -328,7 +331,7 @@ class NatsBatonClient:
         inbox = self._nc.new_inbox()
         sub = await self._nc.subscribe(inbox)
         try:
-            await self._nc.publish(API_GENERATE, encode(req), reply=inbox)
+            await self._nc.publish(API_GENERATE, encode(req), reply=inbox, headers=self._headers)
             while True:
                 msg = await sub.next_msg(timeout=self.timeout)
                 reply = api_reply_msgpack_decoder.decode(msg.data)

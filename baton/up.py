@@ -20,7 +20,7 @@ from pathlib import Path
 import anyio
 
 from baton.nats_server import EmbeddedNats, NatsPortInUse, die_with_parent, free_port, port_is_free
-from shared import preflight, redact
+from shared import nats_auth, preflight, redact
 from shared.builtin_model import BUILTIN_MODELS, builtin_path
 from shared.bus import DEFAULT_CONNECT_TIMEOUT
 
@@ -44,6 +44,8 @@ class UpSettings:
     num_blocks: int = 0
     discovery_ttl: float = 6.0
     log_level: str = "info"
+    # Development only: the embedded NATS server accepts anyone, with every permission.
+    insecure_no_auth: bool = False
     ready_timeout: float = 180.0
     stop_grace: float = 0.0  # SIGKILL a child this long after SIGTERM (0: drain_timeout + 5)
     log_dir: str | None = None  # per-service log files instead of this terminal
@@ -164,6 +166,7 @@ class Stack:
             Path(settings.log_dir).mkdir(parents=True, exist_ok=True)
         self.nats: EmbeddedNats | None = None
         self.specs: list[ProcessSpec] = []
+        self.identities: nats_auth.Identities | None = None
         self._stopping = False
         self.failure: str | None = None  # why the stack stopped on its own (then exit non-zero)
         self._t0 = time.monotonic()
@@ -203,6 +206,7 @@ class Stack:
             port = free_port()
             self.step(f"NATS: port {s.nats_port} is in use (another Baton or NATS?); using port {port} instead")
         self.nats = EmbeddedNats(port=port, data_dir=s.data_dir, log_file=log_file)
+        self._secure_embedded_nats()
         try:
             # Started from this (the main) thread: PR_SET_PDEATHSIG follows the thread that forked.
             self.nats.start()
@@ -270,11 +274,13 @@ class Stack:
 
     async def _watch_workers(self, nats_url: str) -> None:
         """Print each worker as it registers or leaves (the bus's discovery bucket)."""
-        from shared.bus import Bus, BusError
+        from shared.bus import Bus, BusError, NatsSecurity
         from shared.discovery import WorkerView
 
+        # baton up watches with the operator identity of its own embedded server.
+        security = NatsSecurity(creds_file=str(self.identities.creds["admin"])) if self.identities else None
         try:
-            bus = await Bus.connect(nats_url, "baton-up")
+            bus = await Bus.connect(nats_url, "baton-up", security=security)
         except BusError as e:
             self.step(f"cannot watch worker registration ({e})")
             return
@@ -298,9 +304,23 @@ class Stack:
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                 await bus.close()
 
+    def _secure_embedded_nats(self) -> None:
+        """One NATS identity per role (shared/nats_auth.py) in the store's ``auth/``, or loudly none."""
+        assert self.nats is not None
+        if self.settings.insecure_no_auth:
+            log.warning("--insecure-no-auth: NATS accepts ANY client with EVERY permission (prompts, KV, workers). "
+                        "Development only.")
+            return
+        self.identities = nats_auth.generate(self.nats.data_dir / "auth")
+        self.nats.extra_args = [*self.nats.extra_args, "-c", str(self.identities.server_config)]
+        self.step(f"NATS: authentication on, one identity per role; API client credentials in "
+                  f"{self.identities.creds['client']} (operator: {self.identities.creds['admin']})")
+
     async def _spawn(self, spec: ProcessSpec) -> asyncio.subprocess.Process:
         env = {**os.environ, **self.settings.extra_env, "PYTHONUNBUFFERED": "1",
                "BATON_LOG_FORMAT": self.settings.log_format, "BATON_DRAIN_TIMEOUT": str(self.settings.drain_timeout)}
+        if self.identities is not None:
+            env |= nats_auth.service_env(self.identities, nats_auth.role_of(spec.name))
         # Without --log-dir the children's output comes through a pipe and is relayed to this
         # terminal (see _relay), so a child's own error line can be held back and said once.
         out: int = asyncio.subprocess.PIPE

@@ -61,9 +61,9 @@ async def transfer(kind: str, n: int, repeats: int) -> list[float]:
         tg.start_soon(rx.run)
         for i in range(repeats + 1):
             tid = uuid.uuid4().hex
-            rx.expect(tid, views(dst, 10, n))
+            token = rx.expect(tid, views(dst, 10, n)).token
             t0 = time.perf_counter()
-            await tx.send(rx.endpoint, tid, views(src, 0, n), timeout=60)
+            await tx.send(rx.endpoint, tid, views(src, 0, n), timeout=60, token=token)
             await rx.wait(tid, timeout=60)
             if i:  # the first one also pays for connecting
                 out.append(time.perf_counter() - t0)

@@ -25,7 +25,7 @@ from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
 
-from shared import redact
+from shared import nats_auth, redact
 from shared.messages import encode
 
 log = logging.getLogger("baton.bus")
@@ -51,7 +51,7 @@ class NatsSecurity:
     user: str | None = None
     password: str | None = None
     token: str | None = None
-    creds_file: str | None = None  # NATS decentralised auth (.creds: JWT + nkey seed)
+    creds_file: str | None = None  # a Baton credentials file (shared/nats_auth.py) or a NATS .creds (JWT)
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -71,7 +71,7 @@ class NatsSecurity:
         if self.token:
             opts["token"] = self.token
         if self.creds_file:
-            opts["user_credentials"] = self.creds_file
+            opts.update(_creds_file_options(self.creds_file))
         if self.tls_ca or self.tls_cert:
             ctx = ssl.create_default_context(cafile=self.tls_ca)
             if self.tls_cert:
@@ -99,6 +99,24 @@ def _reason(error: BaseException | None) -> str:
         return error.strerror
     text = str(error) or type(error).__name__
     return text.removeprefix("nats: ")
+
+
+def _creds_file_options(path: str) -> dict[str, Any]:
+    """Connect options from a credentials file: a Baton one (user, password, own inbox prefix) or a
+    NATS decentralised-auth ``.creds`` (JWT + nkey seed). The file's content never reaches a log."""
+    try:
+        text = open(path).read()
+    except OSError as e:
+        raise BusAuthError(f"cannot read NATS credentials file {path}: {e.strerror}") from None
+    if nats_auth.too_open(path):
+        log.warning("NATS credentials file %s is readable by group/others; chmod 600 it", path)
+    if nats_auth.is_nats_jwt_creds(text):
+        return {"user_credentials": path}
+    try:
+        creds = nats_auth.parse_credentials(text, path)
+    except nats_auth.CredentialsError as e:
+        raise BusAuthError(str(e)) from None
+    return creds.connect_options()
 
 
 async def _connect_once(
@@ -309,7 +327,11 @@ class Bus:
         """
 
         async def error_cb(e: Exception) -> None:
-            log.debug("nats error: %r", e)
+            if "permissions violation" in str(e).lower():
+                # A subject this role's identity may not use (shared/nats_auth.py): a bug or a misconfig.
+                log.warning("NATS refused: %s", e)
+            else:
+                log.debug("nats error: %r", e)
 
         inbox_ref: list[ReplyInbox] = []
         bus_ref: list[Bus] = []
@@ -333,6 +355,7 @@ class Bus:
         deadline = time.monotonic() + connect_timeout
         delay = 0.1
         secure = (security or NatsSecurity.from_env()).connect_options()
+        anonymous = not ({"user", "token", "user_credentials"} & secure.keys()) and "@" not in url
         while True:
             # Each attempt gets a slice of the budget, so the budget spans several attempts (a
             # server that comes up late is found) and the last attempt's reason is reported.
@@ -346,10 +369,10 @@ class Bus:
             if nc is not None:
                 await nc.close()
             if auth_failed or (error is not None and _is_auth_failure(error)):
-                raise BusAuthError(
-                    f"NATS at {url} refused our credentials ({(auth_failed or [error])[0]!r}); check the URL's "
-                    "user/password or BATON_NATS_USER/PASSWORD/TOKEN/CREDS"
-                )
+                what = "needs credentials: pass --nats-creds / BATON_NATS_CREDS" if anonymous else (
+                    "refused our credentials; check --nats-creds / BATON_NATS_CREDS or the URL's user/password")
+                raise BusAuthError(f"NATS at {redact.redact(url)} {what} "
+                                   f"({redact.redact(repr((auth_failed or [error])[0]))})")
             if time.monotonic() + delay > deadline:
                 raise BusError(f"cannot connect to NATS at {redact.redact(url)} within {connect_timeout:g}s "
                                f"({_reason(error)}); start nats-server there or fix --nats-url / BATON_NATS_URL "
@@ -357,6 +380,9 @@ class Bus:
             log.debug("NATS at %s not reachable yet (%s); retrying", url, _reason(error))
             await anyio.sleep(delay)
             delay = min(delay * 2, 2.0)
+        if anonymous:
+            log.warning("connected to NATS at %s without credentials: this server has authentication off "
+                        "(development only; see docs/operations.md, Security)", redact.redact(url))
         inbox = ReplyInbox(nc)
         inbox_ref.append(inbox)
         await inbox.start()

@@ -6,6 +6,7 @@ Each service's Typer CLI declares its options with these helpers, so ``--nats-ur
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
@@ -14,6 +15,22 @@ DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
 NatsUrl = Annotated[
     str, typer.Option("--nats-url", envvar="BATON_NATS_URL", help="NATS server URL (JetStream enabled).")
+]
+
+
+def _export_creds(path: str | None) -> str | None:
+    # The bus reads credentials from the environment (shared.bus.NatsSecurity.from_env), so the
+    # option and the variable mean the same thing; the path, never the secret, is what travels.
+    if path:
+        os.environ["BATON_NATS_CREDS"] = path
+    return path
+
+
+NatsCreds = Annotated[
+    str | None,
+    typer.Option("--nats-creds", envvar="BATON_NATS_CREDS", callback=_export_creds,
+                 help="NATS credentials file of this service's role (written by `baton up` / "
+                      "`baton auth init`; a NATS .creds JWT file works too)."),
 ]
 LogLevel = Annotated[
     str, typer.Option("--log-level", envvar="BATON_LOG_LEVEL", help="debug, info, warning or error.")

@@ -16,15 +16,39 @@ Role = Literal["decode", "prefill"]
 FinishReason = Literal["stop", "length", "abort", "error"]
 
 
+class StructuredOutput(Struct, kw_only=True, omit_defaults=True):
+    """A constraint on a choice's text, compiled by the engine (xgrammar) into a token bitmask that
+    is applied to the logits each step. The frontend turns ``response_format``, vLLM's
+    ``structured_outputs``/``guided_*`` and a forced ``tool_choice`` into one of these."""
+
+    kind: Literal["json_schema", "json_object", "regex", "choice", "grammar"]
+    # json_schema: the schema as JSON text; regex: the pattern; choice: a JSON list of strings;
+    # grammar: EBNF (xgrammar/GBNF dialect); json_object: unused.
+    spec: str = ""
+
+
 class SamplingParams(Struct, kw_only=True, omit_defaults=True):
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0: no top-k cut
+    min_p: float = 0.0
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     min_tokens: int = 0
+    # OpenAI's additive penalties (-2..2) and vLLM's multiplicative repetition penalty (1: off).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    # Top logprobs per output token: -1 none, 0 the chosen token's only, k the k most likely too.
+    logprobs: int = -1
+    # The same for prompt tokens (completions' echo with logprobs); -1 none.
+    prompt_logprobs: int = -1
+    # Parallel sequences from one prompt (its KV blocks shared); chunks carry their ``choice``.
+    n: int = 1
+    structured: StructuredOutput | None = None
 
 
 class Usage(Struct, kw_only=True, omit_defaults=True):
@@ -50,14 +74,31 @@ class GenerateRequest(Struct, tag="generate", kw_only=True, omit_defaults=True):
     kv_source_blocks: int = 0
 
 
+class TokenLogprob(Struct, array_like=True):
+    token_id: int
+    logprob: float
+
+
+class PositionLogprobs(Struct, array_like=True):
+    """Log-probabilities at one position: the token there and the most likely alternatives."""
+
+    token: TokenLogprob
+    top: list[TokenLogprob] = field(default_factory=list)
+
+
 class TokenChunk(Struct, tag="chunk", kw_only=True, omit_defaults=True):
-    """New tokens of one request. The last chunk carries finish_reason and usage."""
+    """New tokens of one choice of a request. With n == 1 the last chunk carries finish_reason and
+    usage; with n > 1 each choice's last chunk carries its finish_reason and the request's last
+    chunk the usage (prompt counted once)."""
 
     request_id: str
     index: int  # position of token_ids[0] in the completion
     token_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    choice: int = 0  # which of the request's n sequences
+    logprobs: list[PositionLogprobs] = field(default_factory=list)  # one per token_ids entry
+    prompt_logprobs: list[PositionLogprobs] = field(default_factory=list)  # first chunk only
 
 
 class GenerateError(Struct, tag="error", kw_only=True):
@@ -164,6 +205,7 @@ class PrefillJob(Struct, tag="prefill_job", kw_only=True, omit_defaults=True):
     # Reserved on the decode worker: the prompt's last len(block_ids) blocks, in logical order
     # (the blocks before them were prefix-cache hits there and are not sent).
     block_ids: list[int] = field(default_factory=list)
+    kv_token: bytes = b""  # one-time token the decode worker issued for this transfer; sent with the KV bytes
     notify_subject: str = ""  # where PrefillDone/PrefillFailed go ("" : baton.v1.prefill.done.<id>)
     deadline: float = 0.0  # unix seconds; past it the job is dropped
 
@@ -198,6 +240,7 @@ class KvFetchRequest(Struct, tag="kv_fetch", kw_only=True, omit_defaults=True):
     block_hashes: list[int]
     kv_layout: str = ""
     endpoint: str = ""
+    token: bytes = b""  # the asking worker's one-time token for this transfer (send=True)
     send: bool = False
 
 

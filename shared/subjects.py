@@ -32,6 +32,8 @@ PLANNER_DECISIONS = f"{PREFIX}.planner.decisions"
 
 # Discovery: one key per worker, refreshed; the bucket's TTL expires dead workers.
 WORKERS_BUCKET = "baton_workers"
+# Runtime switches (KV bucket): the decode workers watch its "disagg" key.
+CONFIG_BUCKET = "baton_config"
 
 # A router that lost a worker's KV events asks it (empty message) to resend its whole cache.
 KV_RESYNC = f"{PREFIX}.kv.resync"

@@ -42,3 +42,5 @@ def stack(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReque
     s.stop()
     if request.session.testsfailed:
         print(s.logs())
+    # Every service ran with only its role's NATS permissions: none may have been refused anything.
+    assert s.nats.violations() == []

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 
 from baton.nats_server import EmbeddedNats, free_port
+from shared import nats_auth
 
 
 def service_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -84,20 +85,66 @@ def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "c
         time.sleep(interval)
 
 
+class StackNats(EmbeddedNats):
+    """The stack's nats-server with Baton's per-role identities (shared/nats_auth.py) on.
+
+    ``url`` carries the ``admin`` identity, so a test may poke at anything (publish a prefill job,
+    read a stream) as before; services get ``service_url`` and their own role's credentials file.
+    """
+
+    def __init__(self, workdir: Path, auth: bool = True) -> None:
+        super().__init__(data_dir=workdir / "nats", log_file=workdir / "logs" / "nats.log")
+        self.identities: nats_auth.Identities | None = None
+        if auth:
+            self.identities = nats_auth.generate(workdir / "nats-auth")
+            self.extra_args = ["-c", str(self.identities.server_config)]
+
+    @property
+    def service_url(self) -> str:
+        return super().url
+
+    @property
+    def url(self) -> str:
+        if self.identities is None:
+            return super().url
+        admin = self.identities.credentials("admin")
+        return f"{self.scheme}://{admin.user}:{admin.password}@{self.host}:{self.port}"
+
+    def role_env(self, role: str) -> dict[str, str]:
+        return {} if self.identities is None else nats_auth.service_env(self.identities, role)
+
+    def connect_options(self, role: str) -> dict[str, str]:
+        """``nats.connect`` keyword arguments for ``role``'s identity (use with ``service_url``)."""
+        assert self.identities is not None
+        return self.identities.credentials(role).connect_options()
+
+    def violations(self) -> list[str]:
+        """Permission violations the server logged: a role that needs a subject it may not use."""
+        try:
+            text = Path(self.log_file).read_text(errors="replace") if self.log_file else ""
+        except FileNotFoundError:
+            return []
+        return [line for line in text.splitlines() if "Violation" in line]
+
+
 class Stack:
-    """nats-server + router + decode workers (+ prefill, planner) + frontend, all real processes."""
+    """nats-server + router + decode workers (+ prefill, planner) + frontend, all real processes.
+
+    NATS authentication is on (``auth=False`` to run without), so every service runs with only its
+    role's permissions, as under ``baton up``.
+    """
 
     def __init__(self, workdir: Path, engine: str, decode_workers: int = 1, prefill_workers: int = 0,
                  planner: bool = False, discovery_ttl: float = 3.0, model: str = "baton-tiny",
                  extra_decode_args: list[str] | None = None, env: dict[str, str] | None = None,
                  decode_ids: list[str] | None = None, routers: int = 1, frontends: int = 1,
-                 metrics: bool = False) -> None:
+                 metrics: bool = False, auth: bool = True) -> None:
         self.workdir = workdir
         self.engine = engine
         self.model = model
         self.ttl = discovery_ttl
         self.env = env or {}
-        self.nats = EmbeddedNats(data_dir=workdir / "nats", log_file=workdir / "logs" / "nats.log")
+        self.nats = StackNats(workdir, auth)
         self.ports = [free_port() for _ in range(frontends)]
         self.port = self.ports[0]
         self.routers: list[ServiceProcess] = []
@@ -127,13 +174,14 @@ class Stack:
         return f"http://127.0.0.1:{self.port}"
 
     def common(self) -> list[str]:
-        return ["--nats-url", self.nats.url, "--discovery-ttl", str(self.ttl)]
+        return ["--nats-url", self.nats.service_url, "--discovery-ttl", str(self.ttl)]
 
     def _proc(self, name: str, label: str, args: list[str]) -> ServiceProcess:
         if self.metrics and name != "frontend":
             self.metrics_ports[label] = free_port()
             args = [*args, "--metrics-port", str(self.metrics_ports[label])]
-        p = ServiceProcess(name, args, self.workdir / "logs" / f"{label}.log", env=self.env).start()
+        env = {**self.nats.role_env(name), **self.env}
+        p = ServiceProcess(name, args, self.workdir / "logs" / f"{label}.log", env=env).start()
         self.procs.append(p)
         return p
 

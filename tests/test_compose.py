@@ -29,8 +29,11 @@ SCALABLE = {"decode", "prefill"}
 # safe_load resolves the file's YAML anchors and merge keys (<<), as Compose does.
 COMPOSE = yaml.safe_load(COMPOSE_FILE.read_text())
 SERVICES: dict[str, dict] = COMPOSE["services"]
-# Compose services that run Baton (everything but NATS), keyed by name.
-BATON = {name: svc for name, svc in SERVICES.items() if name != "nats" and not svc.get("profiles")}
+# One-shot setup jobs (restart "no"): NATS identities, Grafana's generated password.
+SETUP = {"nats-auth", "grafana-secret"}
+# Compose services that run Baton (everything but NATS and setup jobs), keyed by name.
+BATON = {name: svc for name, svc in SERVICES.items()
+         if name != "nats" and name not in SETUP and not svc.get("profiles")}
 
 
 def _in_ci() -> bool:
@@ -131,7 +134,7 @@ def test_command_and_env_are_real_cli(name: str):
             assert var in known_env, f"{name}: `baton {command[0]}` reads no {var}"
 
 
-@pytest.mark.parametrize("name", sorted(SERVICES))
+@pytest.mark.parametrize("name", sorted(set(SERVICES) - SETUP))
 def test_restart_policy_and_healthcheck(name: str):
     svc = SERVICES[name]
     assert svc.get("restart") in ("unless-stopped", "always", "on-failure"), f"{name}: restart policy"
@@ -165,6 +168,28 @@ def test_workers_scale(name: str):
     assert "container_name" not in svc, name
     assert not svc.get("ports"), f"{name}: no host ports on a scalable service"
     assert "--worker-id" not in _options(svc["command"]) and "BATON_WORKER_ID" not in _environment(svc), name
+
+
+def test_nats_auth_on_and_ports_on_this_host_only():
+    """Issue 15: per-role NATS identities made once by `baton auth init`; NATS loads them; each service
+    presents its own role's file; published ports bind 127.0.0.1; Grafana has no anonymous access."""
+    init = SERVICES["nats-auth"]
+    assert init["restart"] == "no" and "auth init /etc/baton/nats-auth" in " ".join(init["entrypoint"])
+    nats = SERVICES["nats"]
+    assert nats["depends_on"]["nats-auth"]["condition"] == "service_completed_successfully"
+    assert nats["command"][nats["command"].index("-c") + 1] == "/etc/baton/nats-auth/nats-auth.conf"
+    assert not nats.get("ports"), "NATS is not published"
+    for name, svc in BATON.items():
+        role = svc["command"][0]
+        assert _environment(svc)["BATON_NATS_CREDS"] == f"/etc/baton/nats-auth/{role}.creds", name
+        assert "nats-auth:/etc/baton/nats-auth:ro" in svc["volumes"], name
+    for name, svc in SERVICES.items():
+        for port in svc.get("ports", []):
+            assert str(port).startswith(("127.0.0.1:", "${BATON_HTTP_BIND:-127.0.0.1}:")), (name, port)
+    grafana = _environment(SERVICES["grafana"])
+    assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert "GF_SECURITY_ADMIN_PASSWORD" not in grafana and grafana["GF_SECURITY_ADMIN_PASSWORD__FILE"]
+    assert SERVICES["grafana"]["depends_on"]["grafana-secret"]["condition"] == "service_completed_successfully"
 
 
 def test_dockerfile_entrypoint_is_baton():

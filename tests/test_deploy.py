@@ -367,12 +367,16 @@ def test_planner_rbac_lets_it_scale_the_worker_deployments():
                    and (name is None or not r.get("resourceNames") or name in r["resourceNames"])
                    for r in role["rules"])
 
-    for target in targets:
-        for resource in ("deployments", "deployments/scale"):
-            for verb in ("get", "patch", "update"):
-                assert allowed("apps", resource, verb, target), f"planner cannot {verb} {resource} {target}"
+    for target in targets:  # what KubernetesConnector does: GET and merge-PATCH of the scale subresource
+        for verb in ("get", "patch"):
+            assert allowed("apps", "deployments/scale", verb, target), f"planner cannot {verb} scale of {target}"
     assert allowed("", "pods", "patch"), "pod-deletion-cost needs patch on pods"
+    # Narrow (issue 15): nothing but scaling its own two Deployments and annotating pods.
     assert not allowed("apps", "deployments/scale", "patch", component("frontend")), "only the workers"
+    assert not allowed("apps", "deployments", "patch", component("decode")), "no editing the pod template"
+    assert not allowed("apps", "deployments/scale", "update", component("decode"))
+    for verb in ("get", "list", "delete", "create", "update"):
+        assert not allowed("", "pods", verb), f"pods: {verb}"
     assert not any("*" in r["verbs"] or "*" in r["resources"] for r in role["rules"])
 
 
@@ -394,9 +398,14 @@ def test_auth_and_tls_are_wired_at_both_ends():
     nats = container(one(docs, "StatefulSet", component("nats")))
     nats_env = env_of(nats)
     args = nats["args"]
-    # The server takes the user/password from the Secret the services read theirs from.
-    assert options(args)["--user"] == "$(NATS_USER)" and options(args)["--pass"] == "$(NATS_PASSWORD)"
+    # The server takes the user/password from the Secret the services read theirs from, through its
+    # environment ($NATS_USER in its config file): never on its command line.
+    assert "--user" not in args and "--pass" not in args and not any("NATS_PASSWORD" in str(a) for a in args)
+    conf = one(docs, "ConfigMap", component("nats") + "-config")["data"]["nats-auth.conf"]
+    assert "user: $NATS_USER" in conf and "password: $NATS_PASSWORD" in conf
+    assert options(args)["--config"] == "/etc/nats-auth/nats-auth.conf"
     assert nats_env["NATS_USER"]["valueFrom"]["secretKeyRef"] == {"name": "baton-nats-auth", "key": "user"}
+    assert nats_env["NATS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "baton-nats-auth", "key": "password"}
     assert "--tlsverify" in args
     mounted = {m["mountPath"] for m in nats["volumeMounts"]}
     for flag in ("--tlscert", "--tlskey", "--tlscacert"):
@@ -429,6 +438,103 @@ def test_auth_and_tls_are_wired_at_both_ends():
     assert env_of(c)["BATON_RATE_LIMIT_RPM"]["value"] == "600"
 
 
+def test_per_role_nats_identities_by_default():
+    """Default values: the bundled NATS runs with shared/nats_auth.py's users and permissions, and each
+    pod gets only its own role's credentials file, from a Secret, by path."""
+    sys.path.insert(0, str(ROOT))
+    from shared import nats_auth
+
+    docs = render(None)
+    secret = one(docs, "Secret", component("nats-identities"))
+    data = secret["stringData"]
+    assert set(data) == {"nats-auth.conf", *(f"{r}.creds" for r in nats_auth.ROLES)}
+    # The chart's permission table is the Python one (regenerate: python -m shared.nats_auth permissions).
+    chart_table = json.loads((CHART / "files" / "nats-permissions.json").read_text())
+    assert chart_table == {r: p.to_nats() for r, p in nats_auth.PERMISSIONS.items()}
+    users = json.loads(re.search(r"users = (\[.*\])", data["nats-auth.conf"]).group(1))
+    assert [u["user"] for u in users] == sorted(nats_auth.ROLES)
+    for u in users:
+        assert u["permissions"] == chart_table[u["user"]]
+        assert u["password"].startswith("$2")  # bcrypt
+        creds = nats_auth.parse_credentials(data[f"{u['user']}.creds"])
+        assert (creds.user, creds.inbox_prefix) == (u["user"], nats_auth.inbox_prefix(u["user"]))
+        assert len(creds.password) >= 32 and creds.password not in data["nats-auth.conf"]
+    nats = one(docs, "StatefulSet", component("nats"))
+    c = container(nats)
+    assert options(c["args"])["--config"] == "/etc/nats-auth/nats-auth.conf"
+    vol = next(v for v in nats["spec"]["template"]["spec"]["volumes"] if v["name"] == "auth")
+    assert vol["secret"]["secretName"] == secret["metadata"]["name"]
+    assert [i["key"] for i in vol["secret"]["items"]] == ["nats-auth.conf"]
+    for svc in BATON_SERVICES:
+        dep = one(docs, "Deployment", component(svc))
+        c = container(dep)
+        env = env_of(c)
+        creds = Path(env["BATON_NATS_CREDS"]["value"])
+        assert creds.name == f"{svc}.creds"
+        assert not any(k in env for k in ("BATON_NATS_USER", "BATON_NATS_PASSWORD", "BATON_NATS_TOKEN"))
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        vol = next(v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == mounts[str(creds.parent)])
+        assert vol["secret"]["secretName"] == secret["metadata"]["name"]
+        assert [i["key"] for i in vol["secret"]["items"]] == [f"{svc}.creds"], "only its own role's file"
+        assert "--nats-creds" in _help(svc)  # the CLI knows the file option too
+
+
+def test_insecure_no_auth_is_explicit():
+    docs = render({"natsAuth": {"insecureNoAuth": True}})
+    assert not find(docs, "Secret")
+    assert "--config" not in container(one(docs, "StatefulSet", component("nats")))["args"]
+    assert "BATON_NATS_CREDS" not in env_of(container(one(docs, "Deployment", component("decode"))))
+
+
+def test_nats_runs_unprivileged_and_hides_its_monitoring_port():
+    docs = render(None)
+    nats = one(docs, "StatefulSet", component("nats"))
+    pod = nats["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    sc = container(nats)["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    for svc in find(docs, "Service"):
+        if svc["metadata"]["name"].startswith(component("nats")):
+            assert [p["port"] for p in svc["spec"]["ports"]] == [4222], svc["metadata"]["name"]
+    for name in BATON_SERVICES:
+        assert container(one(docs, "Deployment", component(name)))["securityContext"]["readOnlyRootFilesystem"]
+
+
+def _policy_for(docs: list[dict], comp: str) -> dict:
+    pols = [p for p in find(docs, "NetworkPolicy")
+            if p["spec"]["podSelector"]["matchLabels"].get("app.kubernetes.io/component") == comp]
+    assert len(pols) == 1, comp
+    return pols[0]
+
+
+def test_network_policies():
+    docs = render(None)
+    comp = "app.kubernetes.io/component"
+    metrics_port = 9090
+    # Every Baton pod and NATS is selected by exactly one ingress policy.
+    for name in (*BATON_SERVICES, "nats"):
+        assert _policy_for(docs, name)["spec"]["policyTypes"] == ["Ingress"]
+    # NATS: only the client port, only from this release's pods.
+    (rule,) = _policy_for(docs, "nats")["spec"]["ingress"]
+    assert rule["ports"] == [{"port": 4222, "protocol": "TCP"}]
+    (peer,) = rule["from"]
+    assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "baton", "app.kubernetes.io/instance": RELEASE}
+    # HTTP only to the frontend; others only their metrics port, and decode its KV peers.
+    (rule,) = _policy_for(docs, "frontend")["spec"]["ingress"]
+    assert rule["ports"] == [{"port": 8000, "protocol": "TCP"}]
+    for name in ("router", "planner", "prefill"):
+        (rule,) = _policy_for(docs, name)["spec"]["ingress"]
+        assert rule["ports"] == [{"port": metrics_port, "protocol": "TCP"}], name
+    rules = _policy_for(docs, "decode")["spec"]["ingress"]
+    kv = [r for r in rules if "ports" not in r]
+    assert len(kv) == 1 and {p["podSelector"]["matchLabels"][comp] for p in kv[0]["from"]} == {"prefill", "decode"}
+    # Narrowed by values: e.g. the ingress controller's namespace only.
+    ingress = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]
+    docs = render({"networkPolicy": {"frontendFrom": ingress}})
+    assert _policy_for(docs, "frontend")["spec"]["ingress"][0]["from"] == ingress
+    assert not find(render({"networkPolicy": {"enabled": False}}), "NetworkPolicy")
+
+
 def test_creds_file_with_external_nats():
     docs = render(EXTERNAL_NATS)
     assert not find(docs, "StatefulSet")
@@ -446,6 +552,7 @@ def test_creds_file_with_external_nats():
 @pytest.mark.parametrize("values, message", [
     ({"natsAuth": {"existingSecret": "s", "credsKey": "c"}}, "externalNats"),
     ({"nats": {"enabled": False}}, "externalNats.url"),
+    ({"nats": {"enabled": False}, "externalNats": {"url": "nats://n:4222"}}, "insecureNoAuth"),
     ({"natsAuth": {"userKey": "user", "passwordKey": "password"}}, "existingSecret"),
     ({"nats": {"tls": {"existingSecret": "t"}}}, "natsTls"),
     # values.schema.json: typos and wrong types fail at install, not in a pod.
@@ -495,8 +602,14 @@ def test_observability_profile_is_valid_for_compose(files: list[str]):
     assert set(r.stdout.split()) >= OBSERVABILITY | set(BATON_SERVICES) | {"nats"}
 
 
+SETUP = {"nats-auth", "grafana-secret"}  # one-shot jobs (restart "no"), see tests/test_compose.py
+
+
 def test_observability_services_only_in_the_profile():
+    assert SERVICES["grafana-secret"].get("profiles") == ["observability"]
     for name, svc in SERVICES.items():
+        if name in SETUP:
+            continue
         if name in OBSERVABILITY:
             assert svc.get("profiles") == ["observability"], name
             assert svc.get("restart") and svc.get("healthcheck", {}).get("test"), name
@@ -529,7 +642,7 @@ def test_prometheus_scrapes_every_service_where_it_serves_metrics():
                 host, _, port = t.rpartition(":")
                 targets.add((host, int(port)))
     for name in SERVICES:
-        if name == "nats" or name in OBSERVABILITY:
+        if name == "nats" or name in OBSERVABILITY or name in SETUP:
             continue
         assert (name, _metrics_port(name)) in targets, f"prometheus.yml does not scrape {name}"
     for host, _ in targets:

@@ -145,12 +145,13 @@ class RemotePrefill:
         inbox = self.bus.inbox.open(f"prefill-{request_id}")
         committed = False
         try:
-            if block_ids:
-                self.transport.expect(request_id, self.engine.kv_views(block_ids))
+            # The token travels only in the job: the prefill worker presents it with the bytes.
+            token = self.transport.expect(request_id, self.engine.kv_views(block_ids)).token if block_ids else b""
             job = PrefillJob(
                 request_id=request_id, token_ids=token_ids, sampling=sampling, decode_worker_id=self.worker_id,
                 kv_endpoint=self.transport.endpoint if block_ids else "", kv_layout=self.engine.kv_layout(),
-                block_ids=block_ids, notify_subject=inbox.subject, deadline=time.time() + self.settings.prefill_timeout,
+                block_ids=block_ids, kv_token=token, notify_subject=inbox.subject,
+                deadline=time.time() + self.settings.prefill_timeout,
             )
             with anyio.fail_after(5):
                 await self.bus.js.publish(subjects.PREFILL_JOBS, encode(job), headers=tracing.headers_for(span))

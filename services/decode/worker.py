@@ -28,7 +28,7 @@ from shared.discovery import DEFAULT_TTL, WorkerRegistration, WorkerView
 from shared.engines import Engine, EngineConfig, make_engine
 from shared.kv_address import advertised_host, bind_host_for
 from shared.kv_hash import block_hashes
-from shared.kv_transport import KvTransport, make_transport
+from shared.kv_transport import KvTls, KvTransport, make_transport
 from shared.messages import (
     GenerateError,
     GenerateRequest,
@@ -126,7 +126,8 @@ class DecodeWorker:
                     # Remote prefill writes into our pool; G4 peers send tier blocks: both need it.
                     self.transport = make_transport(self.settings.disagg.transport,
                                                     advertised_host(self.settings.kv_host),
-                                                    bind_host_for(self.settings.kv_host, self.settings.kv_bind_host))
+                                                    bind_host_for(self.settings.kv_host, self.settings.kv_bind_host),
+                                                    KvTls.from_env())
                     await self.transport.start()
                     log.info("KV transport %s at %s", self.transport.name, self.transport.endpoint)
                     tg.start_soon(self.transport.run)
@@ -203,7 +204,7 @@ class DecodeWorker:
                 raise ValueError("blocks left our tiers meanwhile")
             blocks = [memoryview(f[1]) for f in found]
             assert self.transport is not None
-            await self.transport.send(req.endpoint, req.transfer_id, blocks, timeout=10)
+            await self.transport.send(req.endpoint, req.transfer_id, blocks, timeout=10, token=req.token)
             REMOTE_TIER_BLOCKS.labels("served").inc(len(blocks))
             await self.bus.respond(msg, KvFetchReply(sent=len(blocks)))
         except Exception as e:  # a bad or stale fetch costs the peer a recompute, nothing more
@@ -231,11 +232,11 @@ class DecodeWorker:
             block_bytes = sum(len(v) for v in self.engine.kv_views([0]))
             bufs = [bytearray(block_bytes) for _ in range(n)]
             tid = f"g4-{req.request_id}"
-            self.transport.expect(tid, [memoryview(b) for b in bufs])
+            token = self.transport.expect(tid, [memoryview(b) for b in bufs]).token
             try:
                 reply = kv_fetch_reply_decoder.decode((await self.bus.request(subject, KvFetchRequest(
                     transfer_id=tid, block_hashes=want[:n], kv_layout=layout, endpoint=self.transport.endpoint,
-                    send=True), timeout=10.0)).data)
+                    token=token, send=True), timeout=10.0)).data)
                 if reply.error or reply.sent != n:
                     raise RuntimeError(reply.error or f"peer sent {reply.sent} of {n} blocks")
                 await self.transport.wait(tid, timeout=5)

@@ -14,6 +14,7 @@ from shared.config import (
     LogFormat,
     LogLevel,
     Model,
+    NatsCreds,
     NatsUrl,
     ServedModelName,
 )
@@ -22,6 +23,7 @@ from shared.discovery import DEFAULT_TTL
 
 def main(
     nats_url: NatsUrl = DEFAULT_NATS_URL,
+    nats_creds: NatsCreds = None,
     host: Annotated[str, typer.Option(envvar="BATON_HOST", help="HTTP bind address.")] = "0.0.0.0",
     port: Annotated[int, typer.Option(envvar="BATON_PORT", help="HTTP port.")] = 8000,
     model: Model = DEFAULT_MODEL,
@@ -50,6 +52,13 @@ def main(
     rate_limit_burst: Annotated[
         int, typer.Option(envvar="BATON_RATE_LIMIT_BURST", help="Burst size of the rate limit (0: rpm/6).")
     ] = 0,
+    address_rate_limit_rpm: Annotated[
+        float, typer.Option(envvar="BATON_ADDRESS_RATE_LIMIT_RPM",
+                            help="Requests a minute per client address, checked before the API key; 0: off.")
+    ] = 0.0,
+    body_timeout: Annotated[
+        float, typer.Option(envvar="BATON_BODY_TIMEOUT", help="Seconds a client has to send a request's body (408).")
+    ] = 30.0,
     max_prompt_tokens: Annotated[
         int, typer.Option(envvar="BATON_MAX_PROMPT_TOKENS", help="Longest prompt accepted, in tokens (0: context).")
     ] = 0,
@@ -78,6 +87,7 @@ def main(
     drain_timeout: DrainTimeout = 30.0,
 ) -> None:
     """Serve the OpenAI-compatible HTTP API and the NATS request API."""
+    from services.frontend.access import ConfigError
     from services.frontend.generation import GenerationSettings
     from services.frontend.service import Frontend, FrontendSettings
     from shared.preflight import check_model, check_port, run_checks
@@ -89,12 +99,18 @@ def main(
         nats_url=nats_url, host=host, port=port, model=model, served_model_name=served_model_name,
         max_model_len=max_model_len, max_body_bytes=max_body_bytes, max_inflight=max_inflight,
         header_timeout=header_timeout, discovery_ttl=discovery_ttl, api_keys_file=api_keys_file,
-        rate_limit_rpm=rate_limit_rpm, rate_limit_burst=rate_limit_burst, max_prompt_tokens=max_prompt_tokens, access_log=access_log,
+        rate_limit_rpm=rate_limit_rpm, rate_limit_burst=rate_limit_burst, max_prompt_tokens=max_prompt_tokens,
+        address_rate_limit_rpm=address_rate_limit_rpm, body_timeout=body_timeout, access_log=access_log,
         generation=GenerationSettings(route_timeout=route_timeout, first_token_timeout=first_token_timeout,
                                       request_timeout=request_timeout,
                                       max_migrations=max_migrations),
     )
-    run_service(Frontend(settings), "frontend", log_level, drain_timeout, log_format)
+    try:
+        frontend = Frontend(settings)
+    except ConfigError as e:
+        typer.echo(f"frontend: error: {e}", err=True)
+        raise typer.Exit(2) from None
+    run_service(frontend, "frontend", log_level, drain_timeout, log_format)
 
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)

@@ -40,6 +40,7 @@ from services.frontend.openai_api import (
 from shared import tracing
 from shared.messages import Usage
 from shared.telemetry import bind_request
+from shared.tokenizer import Tokenizer
 
 log = logging.getLogger("baton.frontend.http")
 
@@ -60,6 +61,24 @@ class ClientGone(Exception):
     pass
 
 
+# Prompts longer than this (characters) are tokenized in a worker thread: a long prompt takes
+# milliseconds to tokenize, which on the event loop would stall every other stream.
+TOKENIZE_IN_THREAD_CHARS = 8192
+
+
+async def encode_text(tokenizer: Tokenizer, text: str) -> list[int]:
+    if len(text) < TOKENIZE_IN_THREAD_CHARS:
+        return tokenizer.encode(text)
+    return await anyio.to_thread.run_sync(tokenizer.encode, text)
+
+
+async def encode_chat(tokenizer: Tokenizer, messages: list[dict[str, Any]]) -> list[int]:
+    size = sum(len(str(m.get("content") or "")) for m in messages)
+    if size < TOKENIZE_IN_THREAD_CHARS:
+        return tokenizer.encode_chat(messages)
+    return await anyio.to_thread.run_sync(tokenizer.encode_chat, messages)
+
+
 class OpenAIApp:
     def __init__(
         self,
@@ -71,6 +90,7 @@ class OpenAIApp:
         max_inflight: int = 2048,
         access: AccessControl | None = None,
         max_prompt_tokens: int = 0,
+        body_timeout: float = 30.0,
     ) -> None:
         self.generation = generation
         self.tokenizer = generation.tokenizer
@@ -81,6 +101,7 @@ class OpenAIApp:
         self.max_inflight = max_inflight
         self.access = access
         self.max_prompt_tokens = max_prompt_tokens  # 0: only the context length bounds a prompt
+        self.body_timeout = body_timeout  # seconds a client has to send the whole body
         self.inflight = 0
         self.created = int(time.time())
 
@@ -91,12 +112,23 @@ class OpenAIApp:
         method: str = scope["method"]
         endpoint = path
         status = 500
+        started = False
+
+        async def send_tracked(message: dict[str, Any]) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
         try:
             if path.startswith("/v1/") and self.access is not None:
-                self.access.admit(scope["headers"], scope.get("client"))
+                self.access.admit_http(scope["headers"], scope.get("client"))
             if path == "/v1/chat/completions" or path == "/v1/completions":
                 if method != "POST":
                     raise ApiError(405, f"use POST for {path}", code="method_not_allowed")
+                # The body first, under a deadline, and only then a slot: clients that send slowly
+                # cannot hold every slot, and a full frontend still refuses at once.
+                body = await self._read_body(scope, receive)
                 if self.inflight >= self.max_inflight:
                     # Admission control: answer at once rather than queue past what we can serve.
                     raise ApiError(503, f"overloaded: {self.inflight} requests in flight; retry shortly",
@@ -105,12 +137,12 @@ class OpenAIApp:
                 metrics.INFLIGHT.inc()
                 t0 = time.perf_counter()
                 try:
-                    body = await self._read_body(scope, receive)
                     root = tracing.start(f"{method} {path}", tracing.SpanKind.SERVER,
                                          tracing.context_from(_header_map(scope["headers"])),
                                          **{"http.request.method": method, "url.path": path})
                     try:
-                        status = await self._generate(path == "/v1/chat/completions", body, receive, send, root)
+                        status = await self._generate(path == "/v1/chat/completions", body, receive, send_tracked,
+                                                      root)
                     except ApiError as e:
                         tracing.end(root, error=e.message, **{"http.response.status_code": e.status})
                         root = None
@@ -138,9 +170,19 @@ class OpenAIApp:
                 endpoint = "other"
                 raise ApiError(404, f"no route for {method} {path}", code="not_found")
         except ApiError as e:
+            if started:  # headers already out (cannot happen for ApiError today, but never send twice)
+                raise
             status = await self._send_json(send, e.status, e.body(), [*_JSON_HEADERS, *e.headers])
         except ClientGone:
             status = 499
+        except Exception:
+            # A bug, not the client's fault: OpenAI's error shape, never uvicorn's plain-text 500.
+            log.exception("%s %s failed", method, path)
+            if started:
+                raise  # mid-stream: all we can do is close the connection
+            err = ApiError(500, "internal error; the request was not completed", type="server_error",
+                           code="internal_error")
+            status = await self._send_json(send, 500, err.body())
         finally:
             metrics.REQUESTS.labels(endpoint, str(status)).inc()
 
@@ -155,17 +197,21 @@ class OpenAIApp:
                     raise ApiError(413, f"request body exceeds {self.max_body_bytes} bytes", code="request_too_large")
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise ClientGone
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise ApiError(413, f"request body exceeds {self.max_body_bytes} bytes", code="request_too_large")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+        with anyio.move_on_after(self.body_timeout):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientGone
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.max_body_bytes:
+                    raise ApiError(413, f"request body exceeds {self.max_body_bytes} bytes", code="request_too_large")
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return b"".join(chunks)
+        err = ApiError(408, f"the request body did not arrive within {self.body_timeout:g}s", code="request_timeout")
+        err.headers.append((b"connection", b"close"))
+        raise err
 
     async def _send_json(self, send: Send, status: int, obj: Any, headers: list | None = None) -> int:
         await send({"type": "http.response.start", "status": status, "headers": headers or _JSON_HEADERS})
@@ -191,7 +237,7 @@ class OpenAIApp:
             self._check_model(req.model)
             messages = chat_messages(req)
             try:
-                token_ids = self.tokenizer.encode_chat(messages)
+                token_ids = await encode_chat(self.tokenizer, messages)
             except ValueError as e:
                 raise ApiError(400, str(e), param="messages") from None
             max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -202,7 +248,7 @@ class OpenAIApp:
             self._check_model(req.model)
             prompt = completion_prompt(req)
             if isinstance(prompt, str):
-                token_ids = self.tokenizer.encode(prompt)
+                token_ids = await encode_text(self.tokenizer, prompt)
             else:
                 if any(t < 0 or t >= self.tokenizer.vocab_size for t in prompt):
                     raise ApiError(400, f"token ids must be in [0, {self.tokenizer.vocab_size})", param="prompt")

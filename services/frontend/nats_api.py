@@ -2,7 +2,11 @@
 
 Any NATS client sends an ApiGenerateRequest (msgpack, or JSON if the payload starts with ``{``)
 with a reply inbox and receives ApiChunk messages, in the same encoding, until one carries a
-finish_reason; a failure is one ApiError. Same pipeline as HTTP.
+finish_reason; a failure is one ApiError. Same pipeline as HTTP, and the same access rules: the
+API key rides in an ``Authorization: Bearer <key>`` NATS header, and rate limits and the
+per-address brakes apply as on HTTP. A NATS message carries no client address, and everything
+in it (reply subject included) is the sender's choice, so all NATS callers share one "address":
+failed key checks over NATS brake the whole NATS API, never HTTP callers.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ import msgspec
 from nats.aio.msg import Msg
 
 from services.frontend import metrics
+from services.frontend.access import AccessControl
 from services.frontend.generation import Generation
+from services.frontend.http_app import encode_chat, encode_text
 from services.frontend.openai_api import ApiError, CompletionRequest, sampling_from
 from shared import tracing
 from shared.bus import Bus
@@ -29,12 +35,15 @@ from shared.messages import ApiError as ApiErrorMsg
 
 log = logging.getLogger("baton.frontend.nats_api")
 _json = msgspec.json.Encoder()
+NATS_CALLER = "nats"  # the one address of every NATS caller (see the module docstring)
 _msgpack = msgspec.msgpack.Encoder()
 
 
 class NatsApi:
-    def __init__(self, bus: Bus, generation: Generation, model: str, max_model_len: int) -> None:
+    def __init__(self, bus: Bus, generation: Generation, model: str, max_model_len: int,
+                 access: AccessControl | None = None) -> None:
         self.bus = bus
+        self.access = access
         self.generation = generation
         self.model = model
         self.max_model_len = max_model_len
@@ -49,11 +58,15 @@ class NatsApi:
         root = tracing.start(f"nats {msg.subject}", tracing.SpanKind.SERVER, tracing.context_from(msg.headers),
                              **{"baton.request_id": rid})
         try:
+            if self.access is not None:
+                headers = msg.headers or {}
+                auth = headers.get("Authorization") or headers.get("authorization")
+                self.access.admit(auth, NATS_CALLER)
             try:
                 req = (api_request_json_decoder if as_json else api_request_msgpack_decoder).decode(msg.data)
             except (msgspec.ValidationError, msgspec.DecodeError) as e:
                 raise ApiError(400, f"invalid request: {e}") from None
-            token_ids, sampling, stops = self._prepare(req)
+            token_ids, sampling, stops = await self._prepare(req)
             async with aclosing(self.generation.run(rid, token_ids, sampling, stops, req.stream, root)) as deltas:
                 index = 0
                 text_parts: list[str] = []
@@ -79,12 +92,13 @@ class NatsApi:
         except Exception as e:
             status = "500"
             log.exception("NATS API request %s failed", rid)
-            await self.bus.publish(msg.reply, encode(ApiErrorMsg(code=500, message=f"internal error: {e!r}", request_id=rid)))
+            await self.bus.publish(msg.reply, encode(ApiErrorMsg(code=500, message=f"internal error: {type(e).__name__}",
+                                                                 request_id=rid)))
         finally:
             tracing.end(root, error=None if status == "ok" else status)
             metrics.NATS_API_REQUESTS.labels(status).inc()
 
-    def _prepare(self, req: ApiGenerateRequest) -> tuple[list[int], object, list[str]]:
+    async def _prepare(self, req: ApiGenerateRequest) -> tuple[list[int], object, list[str]]:
         if req.model and req.model != self.model:
             raise ApiError(404, f"the model {req.model!r} does not exist; this endpoint serves {self.model!r}")
         given = [x is not None for x in (req.prompt, req.messages, req.token_ids)]
@@ -92,11 +106,11 @@ class NatsApi:
             raise ApiError(400, "give exactly one of prompt, messages, token_ids")
         tok = self.generation.tokenizer
         if req.prompt is not None:
-            token_ids = tok.encode(req.prompt)
+            token_ids = await encode_text(tok, req.prompt)
         elif req.messages is not None:
             if not req.messages:
                 raise ApiError(400, "messages must not be empty")
-            token_ids = tok.encode_chat([{"role": m.role, "content": m.content} for m in req.messages])
+            token_ids = await encode_chat(tok, [{"role": m.role, "content": m.content} for m in req.messages])
         else:
             token_ids = list(req.token_ids or [])
             if any(t < 0 or t >= tok.vocab_size for t in token_ids):

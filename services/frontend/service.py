@@ -43,6 +43,8 @@ class FrontendSettings:
     api_keys_file: str | None = None
     rate_limit_rpm: float = 0.0  # per API key (or client address without keys); 0: off
     rate_limit_burst: int = 0
+    address_rate_limit_rpm: float = 0.0  # per client address, before authentication; 0: off
+    body_timeout: float = 30.0  # seconds a client has to send a request's body
     max_prompt_tokens: int = 0
     discovery_ttl: float = DEFAULT_TTL
     generation: GenerationSettings = field(default_factory=GenerationSettings)
@@ -133,6 +135,14 @@ class Frontend:
         self.bus: Bus | None = None
         self.view: WorkerView | None = None
         self.server: _Server | None = None
+        # Checked before anything starts: a keys file without keys is a ConfigError.
+        keys = load_api_keys(settings.api_keys_file)
+        limiter = RateLimiter(settings.rate_limit_rpm, settings.rate_limit_burst or None) \
+            if settings.rate_limit_rpm > 0 else None
+        address_limiter = RateLimiter(settings.address_rate_limit_rpm) if settings.address_rate_limit_rpm > 0 else None
+        self.access = AccessControl(keys, limiter, address_limiter)
+        if keys:
+            log.info("API keys required on HTTP and NATS (%d configured)", len(keys))
 
     def ready(self) -> dict[str, Any] | None:
         if self.bus is None or self.view is None or not self.bus.connected:
@@ -149,14 +159,10 @@ class Frontend:
         try:
             self.view = WorkerView(self.bus, s.discovery_ttl)
             generation = Generation(self.bus, self.tokenizer, self.model, s.generation)
-            keys = load_api_keys(s.api_keys_file)
-            limiter = RateLimiter(s.rate_limit_rpm, s.rate_limit_burst or None) if s.rate_limit_rpm > 0 else None
-            access = AccessControl(keys, limiter) if keys or limiter else None
-            if keys:
-                log.info("API keys required (%d configured)", len(keys))
+            access = self.access if self.access.enabled else None
             app = OpenAIApp(generation, self.model, self.max_model_len, self.ready, s.max_body_bytes,
-                            s.max_inflight, access, s.max_prompt_tokens)
-            nats_api = NatsApi(self.bus, generation, self.model, self.max_model_len)
+                            s.max_inflight, access, s.max_prompt_tokens, s.body_timeout)
+            nats_api = NatsApi(self.bus, generation, self.model, self.max_model_len, access)
             if s.access_log:
                 app = AccessLog(app)
             config = uvicorn.Config(

@@ -13,6 +13,7 @@ from shared.config import (
     LogFormat,
     LogLevel,
     MetricsPort,
+    NatsCreds,
     NatsUrl,
 )
 from shared.discovery import DEFAULT_TTL
@@ -27,6 +28,7 @@ def _opt(text: str, env: str | None = None, *names: str):
 
 def main(
     nats_url: NatsUrl = DEFAULT_NATS_URL,
+    nats_creds: NatsCreds = None,
     interval: Annotated[float, _opt("Seconds between observations (and decisions).", "INTERVAL")] = 2.0,
     policy: Annotated[str, _opt("load (thresholds), sla (TTFT/ITL targets) or none (observe only).",
                                 "POLICY")] = "load",

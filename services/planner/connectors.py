@@ -28,6 +28,7 @@ import httpx
 from prometheus_client import Counter, Gauge
 
 from services.planner.signals import ROLES, Role
+from shared import nats_auth
 from shared.messages import WorkerInfo
 
 log = logging.getLogger("baton.planner")
@@ -160,7 +161,7 @@ class LocalProcessConnector:
         try:
             proc = await asyncio.create_subprocess_exec(
                 *self.argv(role, worker_id), stdout=out, stderr=out, stdin=asyncio.subprocess.DEVNULL,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**nats_auth.child_env(role, os.environ), "PYTHONUNBUFFERED": "1"},  # the worker's own identity
                 preexec_fn=_die_with_parent,
                 start_new_session=True,  # a Ctrl-C in the terminal reaches the planner, which drains them in order
             )

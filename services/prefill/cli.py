@@ -25,6 +25,7 @@ from shared.config import (
     MetricsPort,
     MockerSpeedup,
     Model,
+    NatsCreds,
     NatsUrl,
     NumBlocks,
     ServedModelName,
@@ -35,6 +36,7 @@ from shared.discovery import DEFAULT_TTL
 
 def main(
     nats_url: NatsUrl = DEFAULT_NATS_URL,
+    nats_creds: NatsCreds = None,
     model: Model = DEFAULT_MODEL,
     served_model_name: ServedModelName = None,
     engine: Engine = "torch",

@@ -29,7 +29,7 @@ from shared.config import DEFAULT_NATS_URL
 from shared.discovery import DEFAULT_TTL, WorkerRegistration, WorkerView
 from shared.engines import Engine, EngineConfig, make_engine
 from shared.kv_address import advertised_host, bind_host_for
-from shared.kv_transport import KvTransport, TransferError, make_transport
+from shared.kv_transport import KvTls, KvTransport, TransferError, make_transport
 from shared.messages import (
     PrefillDone,
     PrefillFailed,
@@ -107,7 +107,8 @@ class PrefillWorker:
                 if self.engine.supports_remote_prefill:
                     # Sending only: the listener is unused, but start() keeps one code path.
                     self.transport = make_transport(self.settings.transport, advertised_host(self.settings.kv_host),
-                                                    bind_host_for(self.settings.kv_host, self.settings.kv_bind_host))
+                                                    bind_host_for(self.settings.kv_host, self.settings.kv_bind_host),
+                                                    KvTls.from_env())
                     await self.transport.start()
                     tg.start_soon(self.transport.run)
                     log.info("KV transport: %s", self.transport.name)
@@ -284,7 +285,7 @@ class PrefillWorker:
                     return self._failed(job, "deadline passed before the KV blocks could be sent")
                 with SENDS_IN_FLIGHT.track_inprogress():
                     await self.transport.send(job.kv_endpoint, job.request_id, self.engine.kv_views(send),
-                                              timeout=remaining)
+                                              timeout=remaining, token=job.kv_token)
                 SENT_BLOCKS.inc(len(send))
         except TransferError as e:
             return self._failed(job, f"KV transfer failed: {e}")

@@ -13,6 +13,7 @@ from shared.config import (
     LogFormat,
     LogLevel,
     MetricsPort,
+    NatsCreds,
     NatsUrl,
 )
 from shared.discovery import DEFAULT_TTL
@@ -20,6 +21,7 @@ from shared.discovery import DEFAULT_TTL
 
 def main(
     nats_url: NatsUrl = DEFAULT_NATS_URL,
+    nats_creds: NatsCreds = None,
     mode: Annotated[
         str, typer.Option("--mode", envvar="BATON_ROUTER_MODE",
                           help="Routing policy: kv, kv-approx (no KV events needed), round-robin or random.")

@@ -18,7 +18,7 @@ from typing import Any
 
 import msgspec
 
-from shared.messages import KvStored, SamplingParams
+from shared.messages import KvStored, PositionLogprobs, SamplingParams
 
 
 class EngineConfig(msgspec.Struct, kw_only=True):
@@ -58,6 +58,9 @@ class EngineOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: str | None = None
+    choice: int = 0  # which of the request's n sequences (SamplingParams.n)
+    logprobs: list[PositionLogprobs] | None = None  # one per token_ids entry, when asked for
+    prompt_logprobs: list[PositionLogprobs] | None = None  # once, with a request's first output
 
 
 @dataclass(slots=True)

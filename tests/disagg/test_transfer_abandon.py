@@ -27,11 +27,11 @@ def test_tcp_abandon_mid_transfer_stops_writes(how: str) -> None:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(rx.run)
-                rx.expect("t", [memoryview(dst)])
+                token = rx.expect("t", [memoryview(dst)]).token
 
                 async def send() -> None:
                     try:
-                        await tx.send(rx.endpoint, "t", [memoryview(src)], timeout=30)
+                        await tx.send(rx.endpoint, "t", [memoryview(src)], timeout=30, token=token)
                         sent.append(None)
                     except TransferError as e:
                         sent.append(e)

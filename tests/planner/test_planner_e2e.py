@@ -18,7 +18,7 @@ import nats
 import pytest
 
 from baton.nats_server import free_port
-from shared import subjects
+from shared import nats_auth, subjects
 from shared.messages import PlannerObservation, ScaleDecision, planner_observation_decoder
 from tests.procs import service_env, wait_until
 from tests.test_baton_up import alive, children_of
@@ -51,8 +51,9 @@ class Watcher:
         self.decisions: list[ScaleDecision] = []
         self.observations: list[PlannerObservation] = []
 
-    async def run(self, url: str, stop: anyio.Event) -> None:
-        nc = await nats.connect(url)
+    async def run(self, url: str, stop: anyio.Event, creds: Path) -> None:
+        # baton up's NATS wants credentials: the operator's (admin) identity it wrote to its store.
+        nc = await nats.connect(url, **nats_auth.read_credentials(creds).connect_options())
 
         async def on_decision(msg) -> None:
             self.decisions.append(decision_decoder.decode(msg.data))
@@ -74,7 +75,7 @@ def test_burst_scales_decode_up_then_back_to_minimum(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "baton", "up", "--engine", "mocker", "--mocker-speedup", "0.5", "--host", "127.0.0.1",
          "--port", str(http_port), "--nats-port", str(nats_port), "--log-dir", str(tmp_path / "logs"),
-         "--discovery-ttl", "3", "--prefill-workers", "0", "--decode-workers", "1", "--max-decode-workers", "3",
+         "--data-dir", str(tmp_path / "nats"), "--discovery-ttl", "3", "--prefill-workers", "0", "--decode-workers", "1", "--max-decode-workers", "3",
          "--planner-interval", "0.5", "--planner-args", PLANNER],
         stdout=log, stderr=subprocess.STDOUT, env=service_env(), start_new_session=True,
     )
@@ -88,7 +89,8 @@ def test_burst_scales_decode_up_then_back_to_minimum(tmp_path: Path) -> None:
         async def main() -> tuple[list[int], float, float, float]:
             stop = anyio.Event()
             async with anyio.create_task_group() as tg:
-                tg.start_soon(watcher.run, f"nats://127.0.0.1:{nats_port}", stop)
+                tg.start_soon(watcher.run, f"nats://127.0.0.1:{nats_port}", stop,
+                              tmp_path / "nats" / "auth" / "admin.creds")
                 await anyio.sleep(0.5)
                 t0 = time.monotonic()
                 grown_at = 0.0

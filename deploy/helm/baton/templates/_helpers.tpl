@@ -58,6 +58,41 @@ app.kubernetes.io/part-of: baton
 {{- end }}
 
 {{/* Checks that no single template owns. */}}
+{{- /* "true" when the chart's per-role NATS identities are in force: the bundled NATS, no shared
+user/token/.creds configured, and no explicit natsAuth.insecureNoAuth. */}}
+{{- define "baton.natsRoles" -}}
+{{- $a := .Values.natsAuth }}
+{{- and .Values.nats.enabled (not $a.insecureNoAuth) (not (or $a.userKey $a.tokenKey $a.credsKey)) | toString }}
+{{- end }}
+
+{{- define "baton.natsIdentitiesSecret" -}}
+{{ include "baton.componentName" (dict "root" . "component" "nats-identities") }}
+{{- end }}
+
+{{- /* One role's credentials file from the identities Secret: env, volume, mount. */}}
+{{- define "baton.roleCredsEnv" -}}
+{{- if eq (include "baton.natsRoles" .root) "true" }}
+- name: BATON_NATS_CREDS
+  value: /etc/baton/nats-identity/{{ .component }}.creds
+{{- end }}
+{{- end }}
+{{- define "baton.roleCredsVolume" -}}
+{{- if eq (include "baton.natsRoles" .root) "true" }}
+- name: nats-identity
+  secret:
+    secretName: {{ include "baton.natsIdentitiesSecret" .root }}
+    defaultMode: 0400
+    items: [{key: {{ printf "%s.creds" .component | quote }}, path: {{ printf "%s.creds" .component | quote }}}]
+{{- end }}
+{{- end }}
+{{- define "baton.roleCredsMount" -}}
+{{- if eq (include "baton.natsRoles" .root) "true" }}
+- name: nats-identity
+  mountPath: /etc/baton/nats-identity
+  readOnly: true
+{{- end }}
+{{- end }}
+
 {{- define "baton.validate" -}}
 {{- $a := .Values.natsAuth }}
 {{- if and (or $a.userKey $a.passwordKey $a.tokenKey $a.credsKey) (not $a.existingSecret) }}
@@ -77,6 +112,9 @@ app.kubernetes.io/part-of: baton
 {{- end }}
 {{- if and .Values.nats.tls.verifyClients (not (and .Values.natsTls.certKey .Values.natsTls.keyKey)) }}
 {{- fail "nats.tls.verifyClients: the services need a client certificate (natsTls.certKey and natsTls.keyKey)" }}
+{{- end }}
+{{- if and (not .Values.nats.enabled) (not (or $a.userKey $a.tokenKey $a.credsKey $a.insecureNoAuth)) }}
+{{- fail "externalNats: the services need credentials (natsAuth.credsKey, userKey+passwordKey or tokenKey), or natsAuth.insecureNoAuth=true for a development NATS without authentication" }}
 {{- end }}
 {{- if not (has .Values.planner.connector (list "kubernetes" "none")) }}
 {{- fail "planner.connector: kubernetes or none (local and compose do not apply in a cluster)" }}
@@ -289,6 +327,9 @@ spec:
             {{- end }}
           env:
             {{- include "baton.commonEnv" (dict "root" $root) | nindent 12 }}
+            {{- with include "baton.roleCredsEnv" (dict "root" $root "component" .component) }}
+            {{- . | trim | nindent 12 }}
+            {{- end }}
             {{- if not (hasKey (default dict $v.env) "BATON_DRAIN_TIMEOUT") }}
             # On SIGTERM the service drains this long, then has 5 s of its grace period left to exit.
             - name: BATON_DRAIN_TIMEOUT
@@ -324,6 +365,12 @@ spec:
           volumeMounts:
             - name: tmp
               mountPath: /tmp
+            # The torch engine builds its CPU kernels on first start; the rest of the cache is baked in.
+            - name: kernels
+              mountPath: /opt/baton/cache/kernels
+            {{- with include "baton.roleCredsMount" (dict "root" $root "component" .component) }}
+            {{- . | trim | nindent 12 }}
+            {{- end }}
             {{- with include "baton.natsVolumeMounts" $root }}
             {{- . | trim | nindent 12 }}
             {{- end }}
@@ -336,6 +383,11 @@ spec:
       volumes:
         - name: tmp
           emptyDir: {}
+        - name: kernels
+          emptyDir: {}
+        {{- with include "baton.roleCredsVolume" (dict "root" $root "component" .component) }}
+        {{- . | trim | nindent 8 }}
+        {{- end }}
         {{- with include "baton.natsVolumes" $root }}
         {{- . | trim | nindent 8 }}
         {{- end }}
