@@ -119,15 +119,18 @@ def up(
 def model_build(
     name: Annotated[str, typer.Argument(help="baton-tiny or baton-small.")] = "baton-tiny",
     out: Annotated[str | None, typer.Option(help="Write here instead of the cache directory.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar (there is none off a terminal).")] = False,
 ) -> None:
-    """Build a built-in model offline (seeded weights, locally trained tokenizer)."""
+    """Build a built-in model offline (seeded weights, locally trained tokenizer); prints its directory."""
     from pathlib import Path
 
-    from shared.builtin_model import BUILTIN_MODELS, build, ensure_builtin
+    from shared.builtin_model import BUILTIN_MODELS, build, build_steps, ensure_builtin
+    from shared.progress import progress
 
     if name not in BUILTIN_MODELS:
         raise typer.BadParameter(f"choose one of {', '.join(BUILTIN_MODELS)}", param_hint="NAME")
-    path = build(name, Path(out)) if out else ensure_builtin(name)
+    with progress(f"building {name}", build_steps(name), quiet=quiet) as bar:
+        path = build(name, Path(out), bar.step) if out else ensure_builtin(name, bar.step)
     typer.echo(str(path))
 
 

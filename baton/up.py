@@ -75,6 +75,13 @@ class ProcessSpec:
     restarts: int = 0
     proc: asyncio.subprocess.Process | None = None
     log_path: Path | None = None
+    last_line: str = ""  # without --log-dir: the last line it printed (relayed to this terminal)
+    error_line: str = ""  # its own "<service>: error: ..." line, held back: baton up says it once
+
+    @property
+    def service(self) -> str:
+        """The service's own name, as it prefixes its error line ("router" for "router-0")."""
+        return self.name.rsplit("-", 1)[0] if self.name[-1].isdigit() else self.name
 
 
 def service_specs(s: UpSettings, nats_url: str) -> list[ProcessSpec]:
@@ -174,7 +181,7 @@ class Stack:
         """Everything that can be known wrong before a process starts (raises StackFailed)."""
         s = self.settings
         try:
-            preflight.check_engine(s.engine)
+            preflight.check_engine(s.engine, in_subprocess=True)
             probe_host = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
             preflight.check_port(s.host if s.host != "::" else probe_host, s.port, "HTTP", "--port")
             if s.nats_url is not None:
@@ -314,36 +321,80 @@ class Stack:
                "BATON_LOG_FORMAT": self.settings.log_format, "BATON_DRAIN_TIMEOUT": str(self.settings.drain_timeout)}
         if self.identities is not None:
             env |= nats_auth.service_env(self.identities, nats_auth.role_of(spec.name))
-        out: int | None = None
+        # Without --log-dir the children's output comes through a pipe and is relayed to this
+        # terminal (see _relay), so a child's own error line can be held back and said once.
+        out: int = asyncio.subprocess.PIPE
+        err: int = asyncio.subprocess.STDOUT
         if self.settings.log_dir:
             spec.log_path = Path(self.settings.log_dir) / f"{spec.name}.log"
-            out = os.open(spec.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+            out = err = os.open(spec.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        spec.last_line = spec.error_line = ""
         try:
             return await asyncio.create_subprocess_exec(
-                *spec.argv, env=env, stdout=out, stderr=out, stdin=asyncio.subprocess.DEVNULL,
+                *spec.argv, env=env, stdout=out, stderr=err, stdin=asyncio.subprocess.DEVNULL,
                 preexec_fn=die_with_parent,
                 start_new_session=True,  # Ctrl-C reaches only us; we stop the children in order
             )
         finally:
-            if out is not None:
+            if out >= 0:
                 os.close(out)
+
+    async def _relay(self, spec: ProcessSpec, proc: asyncio.subprocess.Process, done: anyio.Event) -> None:
+        """Copy a child's output to our stderr line by line, except its own one-line error
+        ("<service>: error: ..."), which becomes baton up's reason when the child gives up."""
+        assert proc.stdout is not None
+        prefix = f"{spec.service}: error: "
+        pending = b""
+
+        def emit(raw: bytes) -> None:
+            line = raw.decode(errors="replace").rstrip("\r")
+            if line.startswith(prefix):
+                spec.error_line = line
+                return
+            if line.strip():
+                spec.last_line = line.strip()
+            print(line, file=sys.stderr, flush=True)
+
+        try:
+            while chunk := await proc.stdout.read(65536):  # not readline: a long line has no limit here
+                *lines, pending = (pending + chunk).split(b"\n")
+                for raw in lines:
+                    emit(raw)
+            if pending:
+                emit(pending)
+        finally:
+            done.set()
 
     async def _supervise(self, spec: ProcessSpec) -> None:
         recent: list[float] = []
         while not self._stopping:
-            spec.proc = await self._spawn(spec)
-            self.step(f"started {spec.name} (pid {spec.proc.pid})")
-            code = await spec.proc.wait()
+            spec.proc = proc = await self._spawn(spec)
+            self.step(f"started {spec.name} (pid {proc.pid})")
+            async with anyio.create_task_group() as tg:
+                relayed = anyio.Event()
+                if proc.stdout is not None:
+                    tg.start_soon(self._relay, spec, proc, relayed)
+                else:
+                    relayed.set()
+                code = await proc.wait()
+                with anyio.move_on_after(2):  # its last lines; a grandchild may hold the pipe open
+                    await relayed.wait()
+                tg.cancel_scope.cancel()
             if self._stopping:
+                if spec.error_line:  # held back for a reason that will not be given: say it now
+                    print(spec.error_line, file=sys.stderr, flush=True)
                 return
             now = time.monotonic()
             recent = [t for t in recent if now - t < 60] + [now]
             spec.restarts += 1
-            why = _last_line(spec.log_path)
+            why = spec.error_line or spec.last_line if spec.log_path is None else _last_line(spec.log_path)
+            why = why.removeprefix(f"{spec.service}: error: ")
             if code == preflight.EXIT_PREFLIGHT:
                 # A failed check (bad option, port taken, bus unreachable): restarting cannot help.
                 self._fail(f"{spec.name} cannot start: {why or f'exit code {code}, see its output above'}")
                 return
+            if spec.error_line:  # not its one-line exit after all (another code): show it as it came
+                print(spec.error_line, file=sys.stderr, flush=True)
             if len(recent) > 5:
                 self._fail(f"{spec.name} exited with code {code} {len(recent)} times in a minute; gave up"
                            + (f" (last line: {why})" if why else ""))

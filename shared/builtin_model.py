@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,7 +111,12 @@ def build_tokenizer(vocab_size: int):
     return tok
 
 
-def _weights(spec: BuiltinSpec) -> dict[str, np.ndarray]:
+def build_steps(name: str) -> int:
+    """How many times ``build`` calls its ``on_step``: tokenizer, config, embeddings, each layer, head, file."""
+    return BUILTIN_MODELS[name].num_layers + 5
+
+
+def _weights(spec: BuiltinSpec, on_step: Callable[[str], None] = lambda _: None) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(spec.seed)
     head_dim = spec.hidden_size // spec.num_heads
     h, kv = spec.hidden_size, spec.num_kv_heads * head_dim
@@ -119,7 +125,9 @@ def _weights(spec: BuiltinSpec) -> dict[str, np.ndarray]:
         return (rng.standard_normal((out_f, in_f), dtype=np.float32) * spec.init_std).astype(np.float32)
 
     w: dict[str, np.ndarray] = {"model.embed_tokens.weight": lin(spec.vocab_size, h)}
+    on_step("embeddings")
     for i in range(spec.num_layers):
+        on_step(f"layer {i + 1}/{spec.num_layers}")
         p = f"model.layers.{i}."
         w[p + "self_attn.q_proj.weight"] = lin(h, h)
         w[p + "self_attn.k_proj.weight"] = lin(kv, h)
@@ -132,15 +140,18 @@ def _weights(spec: BuiltinSpec) -> dict[str, np.ndarray]:
         w[p + "post_attention_layernorm.weight"] = np.ones(h, dtype=np.float32)
     w["model.norm.weight"] = np.ones(h, dtype=np.float32)
     w["lm_head.weight"] = lin(spec.vocab_size, h)
+    on_step("lm head")
     return w
 
 
-def build(name: str, out_dir: Path) -> Path:
-    """Write built-in model ``name`` into ``out_dir`` (created)."""
+def build(name: str, out_dir: Path, on_step: Callable[[str], None] = lambda _: None) -> Path:
+    """Write built-in model ``name`` into ``out_dir`` (created). ``on_step(what)`` is called as each
+    of the ``build_steps(name)`` steps starts (a progress bar's hook)."""
     from safetensors.numpy import save_file
 
     spec = BUILTIN_MODELS[name]
     out_dir.mkdir(parents=True, exist_ok=True)
+    on_step("training the tokenizer")
     tok = build_tokenizer(spec.vocab_size)
     tok.save(str(out_dir / "tokenizer.json"))
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
@@ -168,6 +179,7 @@ def build(name: str, out_dir: Path) -> Path:
         "pad_token_id": ids[PAD],
         "torch_dtype": "float32",
     }
+    on_step("config")
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     (out_dir / "generation_config.json").write_text(
         json.dumps({"bos_token_id": ids[BOS], "eos_token_id": eos_ids, "pad_token_id": ids[PAD]}, indent=2)
@@ -186,9 +198,10 @@ def build(name: str, out_dir: Path) -> Path:
             indent=2,
         )
     )
-    weights = _weights(spec)
+    weights = _weights(spec, on_step)
     weights["model.embed_tokens.weight"] = weights["model.embed_tokens.weight"][:vocab]
     weights["lm_head.weight"] = weights["lm_head.weight"][:vocab]
+    on_step("writing model.safetensors")
     save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     (out_dir / "baton_builtin.json").write_text(json.dumps({"name": name, "build_version": BUILD_VERSION}))
     return out_dir
@@ -198,7 +211,7 @@ def builtin_path(name: str) -> Path:
     return cache_dir() / "models" / f"{name}-v{BUILD_VERSION}"
 
 
-def ensure_builtin(name: str) -> Path:
+def ensure_builtin(name: str, on_step: Callable[[str], None] = lambda _: None) -> Path:
     """Return the built-in model's directory, building it first if absent.
 
     Several processes may ask at once (``baton up`` starts them together): each builds into a
@@ -212,7 +225,7 @@ def ensure_builtin(name: str) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
     try:
-        build(name, tmp)
+        build(name, tmp, on_step)
         # mkdtemp makes 0700: open the cache up so other users (e.g. a container's) can read it.
         tmp.chmod(0o755)
         for f in tmp.iterdir():

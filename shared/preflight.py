@@ -12,8 +12,11 @@ from __future__ import annotations
 import errno
 import importlib.util
 import json
+import signal
 import socket
+import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -47,22 +50,67 @@ def run_checks(service: str, checks: Iterable[Check]) -> None:
             fail(service, str(e))
 
 
-def check_engine(engine: str) -> None:
-    """The engine's package is importable (found on the path; importing torch would cost seconds)."""
+ENGINE_IMPORT_TIMEOUT = 120.0  # seconds: a cold torch import on a slow disk takes tens of seconds
+
+
+def check_engine(engine: str, *, in_subprocess: bool = False, timeout: float = ENGINE_IMPORT_TIMEOUT) -> None:
+    """The engine's package imports: a missing install and a broken one (a wrong wheel, a missing
+    shared library) are each one line. A worker imports it in-process (it needs it next anyway);
+    ``baton up`` and the planner, which never run the engine, import it in a child interpreter,
+    which also turns a crash inside the import into a line."""
     if engine not in ENGINE_PACKAGES:
         raise PreflightError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINE_PACKAGES)}")
     package, extra = ENGINE_PACKAGES[engine]
     if package is None:
         return
+    missing = PreflightError(f"the {engine} engine needs the '{package}' package, which is not installed; "
+                             f"pip install 'baton[{extra}]' (or run with --engine mocker)")
     try:
         found = importlib.util.find_spec(package) is not None
-    except (ImportError, ValueError):  # a broken or hidden install counts as missing
+    except (ImportError, ValueError):  # a hidden or half-removed install counts as missing
         found = False
     if not found:
-        raise PreflightError(
-            f"the {engine} engine needs the '{package}' package, which is not installed; "
-            f"pip install 'baton[{extra}]' (or run with --engine mocker)"
-        )
+        raise missing
+    reason = _import_subprocess(package, timeout) if in_subprocess else _import_here(package, timeout)
+    if reason is None:
+        return
+    if reason == f"ModuleNotFoundError: No module named '{package}'":
+        raise missing
+    raise PreflightError(f"the {engine} engine's '{package}' package is installed but does not import ({reason}); "
+                         f"reinstall it: pip install --force-reinstall 'baton[{extra}]'")
+
+
+def _import_here(package: str, timeout: float) -> str | None:
+    """Import ``package`` in this process; the reason it failed, or None. A thread bounds the wait
+    (an import that hangs is reported; the process exits on the error anyway)."""
+    outcome: list[str | None] = []
+
+    def load() -> None:
+        try:
+            importlib.import_module(package)
+            outcome.append(None)
+        except BaseException as e:  # a broken wheel raises anything (OSError, SystemExit)
+            outcome.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": "))
+
+    t = threading.Thread(target=load, name=f"import-{package}", daemon=True)
+    t.start()
+    t.join(timeout)
+    return outcome[0] if outcome else f"the import did not finish within {timeout:g}s"
+
+
+def _import_subprocess(package: str, timeout: float) -> str | None:
+    """Import ``package`` in a child interpreter (same environment); the reason it failed, or None."""
+    try:
+        r = subprocess.run([sys.executable, "-c", f"import {package}"], capture_output=True, text=True,
+                           timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return f"the import did not finish within {timeout:g}s"
+    if r.returncode == 0:
+        return None
+    if r.returncode < 0:
+        return f"the interpreter died with {signal.Signals(-r.returncode).name} while importing it"
+    lines = [ln.strip() for ln in r.stderr.splitlines() if ln.strip()]
+    return lines[-1] if lines else f"exit code {r.returncode}"
 
 
 def check_model(model: str, *, tokenizer: bool = True) -> Path:

@@ -136,5 +136,14 @@ def trace_id_of(span: Any) -> str | None:
     return format(span.get_span_context().trace_id, "032x")
 
 
+def trace_id_from_headers(headers: Mapping[str, str] | None) -> str | None:
+    """The trace id in a message's W3C ``traceparent`` header (``00-<trace id>-<span id>-<flags>``),
+    read without the SDK: a worker's log lines carry it even when its own tracing is off."""
+    parts = (headers or {}).get("traceparent", "").split("-")
+    if len(parts) == 4 and len(parts[1]) == 32 and parts[1] != "0" * 32:
+        return parts[1].lower()
+    return None
+
+
 __all__ = ["ENABLED", "SpanKind", "context_from", "end", "event", "headers_for", "setup_tracing", "start",
-           "trace_id_of"]
+           "trace_id_from_headers", "trace_id_of"]

@@ -46,7 +46,7 @@ from shared.messages import (
     kv_fetch_request_decoder,
     status_request_decoder,
 )
-from shared.telemetry import serve_metrics
+from shared.telemetry import bind_request, serve_metrics
 
 log = logging.getLogger("baton.decode")
 
@@ -297,6 +297,8 @@ class DecodeWorker:
             return
         if not reply:
             return
+        # This task's log lines (here and in the disagg/engine code it calls) carry the request id.
+        bind_request(req.request_id, tracing.trace_id_from_headers(msg.headers))
         if self._draining or len(self._scopes) >= self.settings.max_inflight:
             REQUESTS.labels(self.role, "rejected").inc()
             await self.bus.publish(reply, GenerateError(request_id=req.request_id, code=503,
@@ -311,6 +313,9 @@ class DecodeWorker:
             "baton.request_id": req.request_id, "baton.worker_id": self.worker_id,
             "gen_ai.request.model": self.model, "gen_ai.request.max_tokens": req.sampling.max_tokens,
             "gen_ai.usage.input_tokens": len(req.token_ids)})
+        if span is not None:
+            bind_request(req.request_id, tracing.trace_id_of(span))
+        log.debug("generate: %d prompt tokens, max_tokens %d", len(req.token_ids), req.sampling.max_tokens)
         scope = anyio.CancelScope()
         if req.deadline:
             scope.deadline = anyio.current_time() + max(0.0, req.deadline - time.time())
@@ -326,6 +331,7 @@ class DecodeWorker:
             with anyio.move_on_after(1, shield=True):
                 await self.bus.publish(reply, GenerateError(request_id=req.request_id, code=500, message=f"engine error: {e!r}"))
         finally:
+            log.debug("generate finished: %s", outcome)
             tracing.end(span, error=None if outcome in ("length", "stop") else outcome,
                         **{"gen_ai.response.finish_reasons": [outcome]})
             self._scopes.pop(req.request_id, None)

@@ -103,7 +103,7 @@ def main(
 
     checks = [lambda: check_port("0.0.0.0", metrics_port, "metrics", "--metrics-port")]
     if connector == "local":
-        checks.append(lambda: check_engine(engine))  # it will start workers with this engine
+        checks.append(lambda: check_engine(engine, in_subprocess=True))  # its workers will run this engine
     run_checks("planner", checks)
 
     if policy not in POLICIES:

@@ -19,10 +19,12 @@ fraction ``rho`` of its time stretches a lone request's TTFT to about ``ttft0 / 
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
 from bisect import bisect_left
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -33,6 +35,7 @@ import typer
 
 from shared.builtin_model import DEFAULT_MODEL
 from shared.config import BlockSize, Engine, MaxBatchedTokens, MaxNumSeqs, MockerSpeedup, Model, NumBlocks
+from shared.progress import progress
 
 
 class PrefillPoint(msgspec.Struct, kw_only=True):
@@ -163,8 +166,10 @@ def _interp(x: float, xs: list[float], ys: list[float], extrapolate: bool = True
 
 
 async def measure(config, isls: list[int], concurrencies: list[int], decode_isl: int, osl: int,
-                  prefill_batch: int = 8, prefill_steps: int = 8, seed: int = 0) -> WorkerProfile:
-    """Profile one engine built from ``config`` (an EngineConfig)."""
+                  prefill_batch: int = 8, prefill_steps: int = 8, seed: int = 0,
+                  on_step: Callable[[str], None] = lambda _: None) -> WorkerProfile:
+    """Profile one engine built from ``config`` (an EngineConfig). ``on_step(what)`` is called as
+    each of its ``2 + len(isls) + len(concurrencies)`` steps starts (a progress bar's hook)."""
     import anyio
 
     from shared.engines import make_engine
@@ -206,10 +211,13 @@ async def measure(config, isls: list[int], concurrencies: list[int], decode_isl:
     prof = WorkerProfile(engine=config.engine, model=config.model, block_size=config.block_size,
                          max_num_seqs=config.max_num_seqs, config=msgspec.to_builtins(config), created=time.time())
     async with anyio.create_task_group() as tg:
+        on_step("loading the engine")
         tg.start_soon(engine.run)
         await engine.wait_ready()
+        on_step("warm-up")
         await batch(2, 32, 4)  # warm-up: first-call costs are not capacity
         for isl in isls:
+            on_step(f"prefill, prompts of {isl} tokens")
             lone = [await one(isl, 1) for _ in range(3)]
             ttft = sorted(t[1] - t[0] for t in lone)[1]  # the median of three
             # Enough prompts for several engine steps, so one step more or less (engines differ in
@@ -220,6 +228,7 @@ async def measure(config, isls: list[int], concurrencies: list[int], decode_isl:
             tps = k * isl / (time.perf_counter() - t0)
             prof.prefill.append(PrefillPoint(isl=isl, ttft_s=ttft, tokens_per_s=tps))
         for c in concurrencies:
+            on_step(f"decode, batch of {c}")
             runs = await batch(c, decode_isl, osl)
             itls = [(t[-1] - t[1]) / (len(t) - 2) for t in runs if len(t) > 2]
             first = min(t[1] for t in runs)
@@ -251,6 +260,7 @@ def main(
     = "1,2,4,8,16,32,64",
     decode_isl: Annotated[int, typer.Option(help="Prompt length of the decode runs.")] = 128,
     osl: Annotated[int, typer.Option(help="Output tokens per request in the decode runs.")] = 32,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar (there is none off a terminal).")] = False,
 ) -> None:
     """Measure one worker's prefill and decode capacity on this engine; the SLA planner reads the JSON."""
     import anyio
@@ -260,7 +270,9 @@ def main(
     config = EngineConfig(engine=engine, model=model, block_size=block_size, num_blocks=num_blocks,
                           max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens, speedup=mocker_speedup)
     concs = [c for c in _ints(concurrency) if c <= max_num_seqs] or [1]
-    prof = anyio.run(measure, config, _ints(isl), concs, decode_isl, osl)
+    isls = _ints(isl)
+    with progress(f"profiling the {engine} engine", 2 + len(isls) + len(concs), quiet=quiet) as bar:
+        prof = anyio.run(functools.partial(measure, config, isls, concs, decode_isl, osl, on_step=bar.step))
     prof.save(out)
     for p in prof.prefill:
         typer.echo(f"prefill isl {p.isl:6d}: ttft {p.ttft_s * 1e3:8.2f} ms  {p.tokens_per_s:10.0f} tok/s")

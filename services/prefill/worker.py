@@ -39,7 +39,7 @@ from shared.messages import (
     prefill_job_decoder,
 )
 from shared.streams import PREFILL_ACK_WAIT_S, ensure_prefill_queue
-from shared.telemetry import serve_metrics
+from shared.telemetry import bind_request, serve_metrics
 
 log = logging.getLogger("baton.prefill")
 
@@ -188,6 +188,8 @@ class PrefillWorker:
             log.warning("dropping undecodable prefill job: %r", e)
             await msg.term()
             return
+        # This job's log lines (here and in the engine/transfer code it calls) carry the request id.
+        bind_request(job.request_id, tracing.trace_id_from_headers(msg.headers))
         if job.deadline and time.time() > job.deadline:
             JOBS.labels("expired").inc()
             await self._announce(job, PrefillFailed(request_id=job.request_id, prefill_worker_id=self.worker_id,
@@ -197,6 +199,10 @@ class PrefillWorker:
         span = tracing.start("prefill", tracing.SpanKind.CONSUMER, tracing.context_from(msg.headers), **{
             "baton.request_id": job.request_id, "baton.worker_id": self.worker_id,
             "gen_ai.usage.input_tokens": len(job.token_ids)})
+        if span is not None:
+            bind_request(job.request_id, tracing.trace_id_of(span))
+        log.debug("prefill job: %d prompt tokens%s", len(job.token_ids),
+                  f", KV to {job.kv_endpoint}" if job.kv_endpoint else "")
         t0 = time.perf_counter()
         try:
             done = await self._compute(job, msg)
@@ -209,6 +215,8 @@ class PrefillWorker:
         JOBS.labels("done" if isinstance(done, PrefillDone) else "failed").inc()
         if isinstance(done, PrefillFailed):
             log.info("prefill job %s failed: %s", job.request_id, done.reason)
+        else:
+            log.debug("prefill job done in %.1f ms", (time.perf_counter() - t0) * 1e3)
         await self._announce(job, done)
         await msg.ack()  # only now: a crash before this line means redelivery
         self.jobs_done += 1

@@ -330,6 +330,11 @@ spec:
             {{- with include "baton.roleCredsEnv" (dict "root" $root "component" .component) }}
             {{- . | trim | nindent 12 }}
             {{- end }}
+            {{- if not (hasKey (default dict $v.env) "BATON_DRAIN_TIMEOUT") }}
+            # On SIGTERM the service drains this long, then has 5 s of its grace period left to exit.
+            - name: BATON_DRAIN_TIMEOUT
+              value: {{ max 1 (sub (int $v.terminationGracePeriodSeconds) 5) | quote }}
+            {{- end }}
             {{- with .env }}
             {{- . | trim | nindent 12 }}
             {{- end }}
