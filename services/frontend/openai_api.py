@@ -312,11 +312,27 @@ _PATH = re.compile(r"at `\$\.?([^`]*)`")
 _UNKNOWN = re.compile(r"unknown field `([^`]*)`")
 
 
+def _integral_floats_to_int(node: Any) -> Any:
+    if isinstance(node, float) and node.is_integer():
+        return int(node)
+    if isinstance(node, dict):
+        return {k: _integral_floats_to_int(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_integral_floats_to_int(v) for v in node]
+    return node
+
+
 def decode_request(body: bytes, decoder: msgspec.json.Decoder) -> Any:
     if not body.strip():
         raise ApiError(400, "request body is empty; expected a JSON object", code="invalid_json")
     try:
-        req = decoder.decode(body)
+        try:
+            req = decoder.decode(body)
+        except msgspec.ValidationError as e:
+            if "got `float`" not in str(e):
+                raise
+            # JSON (and OpenAI's spec) counts 2.0 as an integer; msgspec does not. Off the hot path.
+            req = msgspec.convert(_integral_floats_to_int(msgspec.json.decode(body)), decoder.type)
     except msgspec.ValidationError as e:
         unknown = _UNKNOWN.search(str(e))
         m = _PATH.search(str(e))
