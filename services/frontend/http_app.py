@@ -292,7 +292,7 @@ class OpenAIApp:
             assert isinstance(req, CompletionRequest)
             self._check_model(req.model)
             prompt = completion_prompt(req)
-            if prompt is None:  # OpenAI's default prompt: the start of a document
+            if prompt is None:  # OpenAI's default prompt: the start of a document (BOS, else EOS)
                 token_ids = self.tokenizer.encode("") or list(self.tokenizer.eos_token_ids[:1])
             elif isinstance(prompt, str):
                 token_ids = await encode_text(self.tokenizer, prompt)

@@ -510,12 +510,13 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
 
 
 def completion_prompt(req: CompletionRequest) -> str | list[int] | None:
-    """The prompt as text or token ids; None for OpenAI's default (the start of a document)."""
+    """The prompt as text or token ids; None for OpenAI's default (the start of a document), which
+    an empty prompt ("", [] or [[]]) also means."""
     p = req.prompt
     if p is None or isinstance(p, str):
-        return p
+        return p or None
     if not p:
-        raise ApiError(400, "prompt must not be empty", param="prompt")
+        return None
     kinds = {type(x) for x in p}
     if len(kinds) != 1:
         raise ApiError(400, "prompt must be a string, a list of strings, a list of token ids or a list of lists", param="prompt")
@@ -523,10 +524,7 @@ def completion_prompt(req: CompletionRequest) -> str | list[int] | None:
         return p  # type: ignore[return-value]
     if len(p) != 1:
         raise ApiError(400, "batched prompts are not supported; send one prompt per request", param="prompt")
-    first = p[0]
-    if isinstance(first, list) and not first:
-        raise ApiError(400, "prompt must not be empty", param="prompt")
-    return first  # type: ignore[return-value]
+    return p[0] or None  # type: ignore[return-value]
 
 
 # --- response bodies -----------------------------------------------------------------------
@@ -588,3 +586,24 @@ def completion_chunk(rid: str, model: str, created: int, text: str, finish: str 
 
 def usage_chunk(rid: str, model: str, created: int, obj: str, usage: Usage) -> dict[str, Any]:
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage_dict(usage)}
+
+
+# --- the table as documentation -------------------------------------------------------------
+
+
+_STATUS_WORDS = {HONOURED: "honoured", ACCEPTED: "accepted (no effect needed)", REFUSED: "refused (400)",
+                 I13E: "refused (400) for now: not supported yet", I13S: "refused (400) for now: not supported yet"}
+
+
+def fields_markdown() -> str:
+    """FIELDS as the Markdown table in docs/api.md (tests/test_api_surface.py keeps them equal)."""
+    lines = ["| field | endpoints | what Baton does | values accepted as \"off\" | why |", "|---|---|---|---|---|"]
+    for name, r in FIELDS.items():
+        noop = ", ".join(f"`{msgspec.json.encode(v).decode()}`" for v in r.noop) or ""
+        on = {"both": "chat, completions", "chat": "chat", "completions": "completions"}[r.on]
+        lines.append(f"| `{name}` | {on} | {_STATUS_WORDS[r.status]} | {noop} | {r.why} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(fields_markdown(), end="")
