@@ -15,6 +15,7 @@ from contextlib import aclosing
 from typing import Any
 
 import anyio
+import jinja2
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -61,6 +62,9 @@ def _header_map(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
 
 
 _TOKEN_ROUTES = ("/tokenize", "/detokenize")
+# A model's chat template may raise anything on messages it does not expect (a tool call whose
+# arguments are a string, a role it does not know): the client's input, so a 400, never a 500.
+TEMPLATE_ERRORS = (ValueError, TypeError, LookupError, jinja2.TemplateError)
 
 
 class ClientGone(Exception):
@@ -256,8 +260,8 @@ class OpenAIApp:
             gen_prompt = True if req.add_generation_prompt is None else req.add_generation_prompt
             try:
                 text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=gen_prompt)
-            except ValueError as e:
-                raise ApiError(400, str(e), param="messages") from None
+            except TEMPLATE_ERRORS as e:
+                raise ApiError(400, f"the chat template refused these messages: {e}", param="messages") from None
             ids = self.tokenizer.encode(text, add_special_tokens=bool(req.add_special_tokens))
         strs = [self.tokenizer.decode([t], skip_special_tokens=False) for t in ids] if req.return_token_strs else None
         return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids, "token_strs": strs}
@@ -283,8 +287,8 @@ class OpenAIApp:
             messages = chat_messages(req)
             try:
                 token_ids = await encode_chat(self.tokenizer, messages)
-            except ValueError as e:
-                raise ApiError(400, str(e), param="messages") from None
+            except TEMPLATE_ERRORS as e:
+                raise ApiError(400, f"the chat template refused these messages: {e}", param="messages") from None
             max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
             rid = f"chatcmpl-{uuid.uuid4().hex}"
         else:
