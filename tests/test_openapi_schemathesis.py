@@ -15,7 +15,8 @@ cause in the error's ``param``:
     itself refuses them as "unrecognized request argument").
   * content parts the text model cannot read (image_url, input_audio, file): ``messages[i].content[j]``.
   * limits the spec cannot know: the context length (code ``context_length_exceeded``), at most
-    one prompt per request, a chat template that refuses the conversation, max_tokens=0 (valid in
+    one prompt per request, token ids outside the model's vocabulary, a chat template that refuses
+    the conversation, max_tokens=0 (valid in
     the spec only for echo, which is pending).
 The ``model`` of every case is set to the served model (a wrong model is a 404, tested elsewhere).
 """
@@ -118,8 +119,9 @@ def excused(endpoint: str, body: dict[str, Any], err: dict[str, Any]) -> bool:
         return isinstance(param, str) and param.startswith("messages[")
     if code == "context_length_exceeded":
         return True
-    if param == "prompt" and "batched prompts" in err.get("message", ""):
-        return True
+    if param == "prompt" and ("batched prompts" in err.get("message", "") or "token ids must be in" in
+                              err.get("message", "")):
+        return True  # one prompt per request; token ids outside this model's vocabulary
     if param == "messages" and "template" in err.get("message", ""):
         return True
     if param == "max_tokens" and body.get("max_tokens") == 0:
