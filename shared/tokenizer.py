@@ -87,8 +87,8 @@ class Tokenizer:
         # The template writes BOS itself, so the tokenizer must not add another.
         return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
 
-    def detokenizer(self) -> IncrementalDetokenizer:
-        return IncrementalDetokenizer(self)
+    def detokenizer(self, skip_special_tokens: bool = True) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self, skip_special_tokens=skip_special_tokens)
 
 
 def _raise_template_error(message: str) -> None:
@@ -144,6 +144,7 @@ class IncrementalDetokenizer:
     ids: list[int] | None = None
     prefix_offset: int = 0
     read_offset: int = 0
+    skip_special_tokens: bool = True  # vLLM's request option: False keeps e.g. "</s>" in the text
 
     def __post_init__(self) -> None:
         self.ids = []
@@ -151,7 +152,11 @@ class IncrementalDetokenizer:
     def add(self, new_ids: Sequence[int]) -> str:
         assert self.ids is not None
         self.ids.extend(new_ids)
-        decode = self.tokenizer.decode
+        skip = self.skip_special_tokens
+
+        def decode(ids: Sequence[int]) -> str:
+            return self.tokenizer.decode(ids, skip_special_tokens=skip)
+
         prefix_text = decode(self.ids[self.prefix_offset : self.read_offset])
         full_text = decode(self.ids[self.prefix_offset :])
         if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
@@ -164,8 +169,9 @@ class IncrementalDetokenizer:
     def flush(self) -> str:
         """Whatever is left at the end, incomplete characters included."""
         assert self.ids is not None
-        prefix_text = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
-        full_text = self.tokenizer.decode(self.ids[self.prefix_offset :])
+        skip = self.skip_special_tokens
+        prefix_text = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=skip)
+        full_text = self.tokenizer.decode(self.ids[self.prefix_offset :], skip_special_tokens=skip)
         self.prefix_offset = self.read_offset = len(self.ids)
         return full_text[len(prefix_text) :]
 
@@ -174,11 +180,13 @@ class StopStringMatcher:
     """Finds the first stop string in streamed text, holding back text that may start one.
 
     ``push(delta)`` returns ``(text_safe_to_emit, stopped)``; after a stop, the text up to (not
-    including) the stop string has been emitted and the rest is dropped, as OpenAI does.
+    including) the stop string has been emitted and the rest is dropped, as OpenAI does; with
+    ``include_stop`` (vLLM's ``include_stop_str_in_output``) the stop string is emitted too.
     """
 
-    def __init__(self, stops: Sequence[str]) -> None:
+    def __init__(self, stops: Sequence[str], include_stop: bool = False) -> None:
         self.stops = [s for s in stops if s]
+        self.include_stop = include_stop
         self._hold = max((len(s) for s in self.stops), default=1) - 1
         self._buf = ""
 
@@ -195,7 +203,7 @@ class StopStringMatcher:
             if i >= 0 and (best is None or (i + len(stop), i) < best):
                 best = (i + len(stop), i)
         if best is not None:
-            out, self._buf = self._buf[: best[1]], ""
+            out, self._buf = self._buf[: best[0] if self.include_stop else best[1]], ""
             return out, True
         keep = min(self._hold, len(self._buf))
         out = self._buf[: len(self._buf) - keep]

@@ -47,7 +47,11 @@ def still_serves(stack: Stack) -> None:
         (b'{"model": "baton-tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}', 400, "max_tokens"),
         (b'{"model": "baton-tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000000}', 400, "max_tokens"),
         (b'{"model": "baton-tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": 7}', 400, "temperature"),
-        (b'{"model": "baton-tiny", "messages": [{"role": "user", "content": "hi"}], "top_p": 0}', 400, "top_p"),
+        (b'{"model": "baton-tiny", "messages": [{"role": "user", "content": "hi"}], "top_p": -0.1}', 400, "top_p"),
+        (b'{"model": "baton-tiny", "messages": [{"role": "user", "content": "hi"}], "verbosity": "low"}', 400,
+         "verbosity"),
+        (b'{"model": "baton-tiny", "messages": [{"role": "user", "content": "hi"}], "functinos": []}', 400,
+         "functinos"),
         (b'{"model": "baton-tiny", "messages": [{"role": "user", "content": "hi"}], "n": 3}', 400, "n"),
         (b'{"model": "baton-tiny", "messages": [{"role": "user", "content": "hi"}], "logprobs": true}', 400, "logprobs"),
         (b'{"model": "baton-tiny", "messages": [{"role": "user", "content": "hi"}], "stop": ["a","b","c","d","e"]}', 400, "stop"),
@@ -67,7 +71,7 @@ def test_unknown_model_is_404(stack: Stack) -> None:
 def test_completion_rejects(stack: Stack) -> None:
     url = f"{stack.url}/v1/completions"
     assert_error(httpx.post(url, json={"model": "baton-tiny"}, timeout=30), 400)
-    assert_error(httpx.post(url, json={"model": "baton-tiny", "prompt": []}, timeout=30), 400, "prompt")
+    assert_error(httpx.post(url, json={"model": "baton-tiny", "prompt": "x", "suffix": "y"}, timeout=30), 400, "suffix")
     assert_error(httpx.post(url, json={"model": "baton-tiny", "prompt": [1, "a"]}, timeout=30), 400, "prompt")
     assert_error(httpx.post(url, json={"model": "baton-tiny", "prompt": [10**9]}, timeout=30), 400, "prompt")
     assert_error(httpx.post(url, json={"model": "baton-tiny", "prompt": ["a", "b"]}, timeout=30), 400, "prompt")

@@ -139,12 +139,16 @@ class Generation:
         stops: list[str],
         stream: bool,
         parent: Any = None,
+        include_stop_str: bool = False,
+        skip_special_tokens: bool = True,
     ) -> AsyncIterator[Delta]:
-        """Yield text deltas until the request finishes. Cancelling the iterator cancels the request."""
+        """Yield text deltas until the request finishes. Cancelling the iterator cancels the request.
+
+        ``include_stop_str`` and ``skip_special_tokens`` are vLLM's request options of those names."""
         t0 = time.perf_counter()
         s = self.settings
-        detok = self.tokenizer.detokenizer()
-        matcher = StopStringMatcher(stops)
+        detok = self.tokenizer.detokenizer(skip_special_tokens)
+        matcher = StopStringMatcher(stops, include_stop_str)
         generated: list[int] = []  # every token the caller has been given, across workers
         cached_tokens = 0
         exclude: list[str] = []
@@ -156,11 +160,9 @@ class Generation:
             remaining = sampling.max_tokens - len(generated)
             job_sampling = sampling
             if generated:
-                job_sampling = SamplingParams(
-                    max_tokens=remaining, temperature=sampling.temperature, top_p=sampling.top_p,
-                    top_k=sampling.top_k, seed=sampling.seed, stop_token_ids=sampling.stop_token_ids,
-                    ignore_eos=sampling.ignore_eos, min_tokens=max(0, sampling.min_tokens - len(generated)),
-                )
+                # Every other knob (penalties, bias, constraints) carries over unchanged.
+                job_sampling = msgspec.structs.replace(
+                    sampling, max_tokens=remaining, min_tokens=max(0, sampling.min_tokens - len(generated)))
             req = GenerateRequest(request_id=request_id, token_ids=token_ids + generated, sampling=job_sampling,
                                   model=self.model, stream=worker_streams)
             decision = await self._route(request_id, req.token_ids, exclude, parent)

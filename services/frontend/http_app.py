@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API as a bare ASGI app (no framework: this is the hot path).
 
-Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,
-GET /metrics. Every error is OpenAI's error object with the right status.
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, POST /tokenize and
+POST /detokenize (vLLM's shapes), GET /health, GET /metrics. Every error is OpenAI's error object
+with the right status.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from contextlib import aclosing
 from typing import Any
 
 import anyio
+import jinja2
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -33,8 +35,10 @@ from services.frontend.openai_api import (
     completion_prompt,
     completion_response,
     decode_request,
+    detokenize_decoder,
     parse_stops,
     sampling_from,
+    tokenize_decoder,
     usage_chunk,
 )
 from shared import tracing
@@ -55,6 +59,12 @@ _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no
 
 def _header_map(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
     return {k.decode("latin-1"): v.decode("latin-1") for k, v in headers if k in (b"traceparent", b"tracestate")}
+
+
+_TOKEN_ROUTES = ("/tokenize", "/detokenize")
+# A model's chat template may raise anything on messages it does not expect (a tool call whose
+# arguments are a string, a role it does not know): the client's input, so a 400, never a 500.
+TEMPLATE_ERRORS = (ValueError, TypeError, LookupError, jinja2.TemplateError)
 
 
 class ClientGone(Exception):
@@ -121,7 +131,7 @@ class OpenAIApp:
             await send(message)
 
         try:
-            if path.startswith("/v1/") and self.access is not None:
+            if (path.startswith("/v1/") or path in _TOKEN_ROUTES) and self.access is not None:
                 self.access.admit_http(scope["headers"], scope.get("client"))
             if path == "/v1/chat/completions" or path == "/v1/completions":
                 if method != "POST":
@@ -153,6 +163,12 @@ class OpenAIApp:
                     self.inflight -= 1
                     metrics.INFLIGHT.dec()
                     metrics.DURATION.observe(time.perf_counter() - t0)
+            elif path in _TOKEN_ROUTES:
+                if method != "POST":
+                    raise ApiError(405, f"use POST for {path}", code="method_not_allowed")
+                body = await self._read_body(scope, receive)
+                result = await (self._tokenize(body) if path == "/tokenize" else self._detokenize(body))
+                status = await self._send_json(send, 200, result)
             elif path == "/v1/models" and method == "GET":
                 status = await self._send_json(send, 200, self._models())
             elif path == "/health" or path == "/health/ready":
@@ -225,6 +241,39 @@ class OpenAIApp:
                       "max_model_len": self.max_model_len}],
         }
 
+    async def _tokenize(self, body: bytes) -> dict[str, Any]:
+        """vLLM's /tokenize: a prompt, or chat messages rendered by the chat template."""
+        req = decode_request(body, tokenize_decoder)
+        if req.model is not None:
+            self._check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise ApiError(400, "give exactly one of prompt and messages", param="prompt")
+        if req.prompt is not None:
+            add_special = True if req.add_special_tokens is None else req.add_special_tokens
+            if len(req.prompt) < TOKENIZE_IN_THREAD_CHARS:
+                ids = self.tokenizer.encode(req.prompt, add_special_tokens=add_special)
+            else:
+                ids = await anyio.to_thread.run_sync(lambda: self.tokenizer.encode(req.prompt, add_special))
+        else:
+            chat = ChatCompletionRequest(model=self.model, messages=req.messages or [])
+            messages = chat_messages(chat)
+            gen_prompt = True if req.add_generation_prompt is None else req.add_generation_prompt
+            try:
+                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=gen_prompt)
+            except TEMPLATE_ERRORS as e:
+                raise ApiError(400, f"the chat template refused these messages: {e}", param="messages") from None
+            ids = self.tokenizer.encode(text, add_special_tokens=bool(req.add_special_tokens))
+        strs = [self.tokenizer.decode([t], skip_special_tokens=False) for t in ids] if req.return_token_strs else None
+        return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids, "token_strs": strs}
+
+    async def _detokenize(self, body: bytes) -> dict[str, Any]:
+        req = decode_request(body, detokenize_decoder)
+        if req.model is not None:
+            self._check_model(req.model)
+        if any(t < 0 or t >= self.tokenizer.vocab_size for t in req.tokens):
+            raise ApiError(400, f"token ids must be in [0, {self.tokenizer.vocab_size})", param="tokens")
+        return {"prompt": self.tokenizer.decode(req.tokens, skip_special_tokens=False)}
+
     def _check_model(self, model: str) -> None:
         if model != self.model:
             raise ApiError(404, f"the model {model!r} does not exist; this endpoint serves {self.model!r}",
@@ -238,8 +287,8 @@ class OpenAIApp:
             messages = chat_messages(req)
             try:
                 token_ids = await encode_chat(self.tokenizer, messages)
-            except ValueError as e:
-                raise ApiError(400, str(e), param="messages") from None
+            except TEMPLATE_ERRORS as e:
+                raise ApiError(400, f"the chat template refused these messages: {e}", param="messages") from None
             max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
             rid = f"chatcmpl-{uuid.uuid4().hex}"
         else:
@@ -247,7 +296,9 @@ class OpenAIApp:
             assert isinstance(req, CompletionRequest)
             self._check_model(req.model)
             prompt = completion_prompt(req)
-            if isinstance(prompt, str):
+            if prompt is None:  # OpenAI's default prompt: the start of a document (BOS, else EOS)
+                token_ids = self.tokenizer.encode("") or list(self.tokenizer.eos_token_ids[:1])
+            elif isinstance(prompt, str):
                 token_ids = await encode_text(self.tokenizer, prompt)
             else:
                 if any(t < 0 or t >= self.tokenizer.vocab_size for t in prompt):
@@ -263,7 +314,7 @@ class OpenAIApp:
                            f"{self.max_prompt_tokens}", param="messages" if chat else "prompt",
                            code="prompt_too_long")
         stops = parse_stops(req.stop)
-        sampling = sampling_from(req, max_tokens, len(token_ids), self.max_model_len)
+        sampling = sampling_from(req, max_tokens, len(token_ids), self.max_model_len, self.tokenizer.vocab_size)
         metrics.INPUT_TOKENS.observe(len(token_ids))
         tracing.event(root, "tokenized")
         if root is not None:
@@ -272,7 +323,9 @@ class OpenAIApp:
                                  "gen_ai.request.temperature": sampling.temperature,
                                  "gen_ai.usage.input_tokens": len(token_ids), "gen_ai.response.id": rid})
         trace_header = [(b"x-trace-id", tracing.trace_id_of(root).encode())] if root is not None else []
-        deltas = self.generation.run(rid, token_ids, sampling, stops, req.stream, root)
+        deltas = self.generation.run(rid, token_ids, sampling, stops, bool(req.stream), root,
+                                     include_stop_str=bool(req.include_stop_str_in_output),
+                                     skip_special_tokens=req.skip_special_tokens is not False)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return await self._stream(chat, rid, deltas, include_usage, receive, send, trace_header)

@@ -21,7 +21,7 @@ from nats.aio.msg import Msg
 from services.frontend import metrics
 from services.frontend.access import AccessControl
 from services.frontend.generation import Generation
-from services.frontend.http_app import encode_chat, encode_text
+from services.frontend.http_app import TEMPLATE_ERRORS, encode_chat, encode_text
 from services.frontend.openai_api import ApiError, CompletionRequest, sampling_from
 from shared import tracing
 from shared.bus import Bus
@@ -110,7 +110,10 @@ class NatsApi:
         elif req.messages is not None:
             if not req.messages:
                 raise ApiError(400, "messages must not be empty")
-            token_ids = await encode_chat(tok, [{"role": m.role, "content": m.content} for m in req.messages])
+            try:
+                token_ids = await encode_chat(tok, [{"role": m.role, "content": m.content} for m in req.messages])
+            except TEMPLATE_ERRORS as e:
+                raise ApiError(400, f"the chat template refused these messages: {e}") from None
         else:
             token_ids = list(req.token_ids or [])
             if any(t < 0 or t >= tok.vocab_size for t in token_ids):

@@ -38,79 +38,314 @@ class ApiError(Exception):
 
 
 # --- request schemas ------------------------------------------------------------------------
+# Every optional field is nullable: ``null`` means "not set", as in OpenAI's spec. Which fields are
+# honoured and which are refused is decided by FIELDS below, never by a field's mere presence here.
 
 
 class ContentPart(Struct, kw_only=True):
+    """One part of a message's content. Only text (and an assistant's refusal) can reach the model;
+    image_url, input_audio and file parts are refused by their type (their payloads are not decoded)."""
+
     type: str
     text: str | None = None
+    refusal: str | None = None
 
 
 class ChatMessageIn(Struct, kw_only=True):
-    role: Literal["system", "user", "assistant", "developer", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # assistant turns: passed to the chat template
+    tool_call_id: str | None = None  # tool turns
+    function_call: dict[str, Any] | None = None  # deprecated assistant form: becomes one tool call
+    refusal: str | None = None
+    audio: dict[str, Any] | None = None  # a previous audio answer: refused (text-only models)
 
 
 class StreamOptions(Struct, kw_only=True):
-    include_usage: bool = False
+    include_usage: bool | None = None
+    include_obfuscation: bool | None = None  # OpenAI pads chunks against side channels; Baton never does
 
 
-class _Common(Struct, kw_only=True):
+class JsonSchemaFormat(Struct, kw_only=True):
+    name: str
+    description: str | None = None
+    schema: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(Struct, kw_only=True):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsIn(Struct, kw_only=True):
+    """vLLM's ``structured_outputs`` object (one of its keys set)."""
+
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = None
+
+
+class FunctionDef(Struct, kw_only=True):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolIn(Struct, kw_only=True):
+    type: Literal["function", "custom"]
+    function: FunctionDef | None = None
+    custom: dict[str, Any] | None = None
+
+
+class _Common(Struct, kw_only=True, forbid_unknown_fields=True):
     model: str
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    n: int = 1
-    stream: bool = False
+    n: int | None = None
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     user: str | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    logprobs: bool | int | None = None
-    # vLLM-style extensions users of vLLM and Dynamo already send
+    # vLLM's extensions that users of vLLM and Dynamo already send
     top_k: int | None = None
-    min_tokens: int = 0
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
     stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
+    ignore_eos: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+    structured_outputs: StructuredOutputsIn | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    response_format: ResponseFormat | None = None
 
 
-class ChatCompletionRequest(_Common, kw_only=True):
+class ChatCompletionRequest(_Common, kw_only=True, forbid_unknown_fields=True):
     messages: list[ChatMessageIn]
     max_completion_tokens: int | None = None
+    logprobs: bool | None = None
     top_logprobs: int | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    tools: list[ToolIn] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    reasoning_effort: str | None = None
+    function_call: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    verbosity: str | None = None
+    moderation: dict[str, Any] | None = None
 
 
-class CompletionRequest(_Common, kw_only=True):
-    # str, [str], [int] or [[int]]; msgspec takes one array type in a union, so check the rest below
-    prompt: str | list[str | int | list[int]]
-    echo: bool = False
+class CompletionRequest(_Common, kw_only=True, forbid_unknown_fields=True):
+    # str, [str], [int] or [[int]]; msgspec takes one array type in a union, so check the rest below.
+    # null: OpenAI's default, a prompt that is just the start of a document.
+    prompt: str | list[str | int | list[int]] | None
+    logprobs: int | None = None
+    echo: bool | None = None
     suffix: str | None = None
     best_of: int | None = None
 
 
+# --- what Baton does with each field ------------------------------------------------------------
+#
+# ONE table drives validation: a field of either request is honoured, accepted (metadata that
+# needs no honouring), refused for good (with the reason), or pending (another branch of issue 13
+# honours it; until then "not supported yet"). A non-honoured field is refused with a 400 naming
+# it (``param``, code ``unsupported_parameter``) unless it is null or one of its ``noop`` values
+# (what a client sends for "off": n=1, a penalty of 0, logprobs=false...). Fields not in the
+# request structs at all are refused by the decoder (code ``unknown_parameter``), as OpenAI does.
+#
+# TO FLIP A PENDING FIELD, change its status on its own line from I13E / I13S to HONOURED, e.g.
+#     "n": Rule(I13E, noop=(1,)),   ->   "n": Rule(HONOURED, noop=(1,)),
+# and read the value where it is honoured (sampling_from already copies the sampling ones into
+# SamplingParams). tests/test_api_surface.py and tests/test_openapi_schemathesis.py read this
+# table, so their "refused for now" expectations disappear with the flip.
+
+HONOURED = "honoured"
+ACCEPTED = "accepted"  # harmless metadata: nothing to honour
+REFUSED = "refused"
+I13E = "pending: engine sampling/logprobs/n (issue 13, i13e)"
+I13S = "pending: structured outputs/tools/reasoning (issue 13, i13s)"
+
+Endpoint = Literal["chat", "completions", "both"]
+
+
+class Rule(Struct, frozen=True):
+    status: str
+    noop: tuple[Any, ...] = ()  # values meaning "off", accepted whatever the status
+    why: str = ""
+    on: Endpoint = "both"
+
+
+FIELDS: dict[str, Rule] = {
+    # both endpoints
+    "model": Rule(HONOURED),
+    "max_tokens": Rule(HONOURED),
+    "temperature": Rule(HONOURED),
+    "top_p": Rule(HONOURED, why="0 means greedy (the smallest nucleus is the top token)"),
+    "stream": Rule(HONOURED),
+    "stream_options": Rule(HONOURED, why="include_usage honoured; include_obfuscation: Baton never pads chunks"),
+    "stop": Rule(HONOURED),
+    "seed": Rule(HONOURED),
+    "user": Rule(ACCEPTED, why="an end-user id for OpenAI's abuse monitoring; Baton logs nothing by it"),
+    "top_k": Rule(HONOURED),
+    "min_tokens": Rule(HONOURED),
+    "stop_token_ids": Rule(HONOURED),
+    "ignore_eos": Rule(HONOURED),
+    "include_stop_str_in_output": Rule(HONOURED),
+    "skip_special_tokens": Rule(HONOURED),
+    "n": Rule(I13E, noop=(1,)),
+    "presence_penalty": Rule(I13E, noop=(0.0,)),
+    "frequency_penalty": Rule(I13E, noop=(0.0,)),
+    "repetition_penalty": Rule(I13E, noop=(1.0,)),
+    "logit_bias": Rule(I13E, noop=({},)),
+    "min_p": Rule(I13E, noop=(0.0,)),
+    "logprobs": Rule(I13E, noop=(False,)),  # chat: bool; completions: int (0 asks for the chosen token's)
+    "structured_outputs": Rule(I13S),
+    "guided_json": Rule(I13S),
+    "guided_regex": Rule(I13S),
+    "guided_choice": Rule(I13S),
+    "guided_grammar": Rule(I13S),
+    "response_format": Rule(I13S, noop=(ResponseFormat(type="text"),)),
+    # chat only
+    "messages": Rule(HONOURED, on="chat"),
+    "max_completion_tokens": Rule(HONOURED, on="chat"),
+    "top_logprobs": Rule(I13E, noop=(0,), on="chat"),
+    "tools": Rule(I13S, noop=([],), on="chat"),
+    "tool_choice": Rule(I13S, noop=("none", "auto"), on="chat"),
+    "parallel_tool_calls": Rule(I13S, noop=(True,), on="chat"),
+    "reasoning_effort": Rule(I13S, on="chat"),
+    "function_call": Rule(REFUSED, noop=("none",), on="chat", why="deprecated by OpenAI; use tools and tool_choice"),
+    "functions": Rule(REFUSED, noop=([],), on="chat", why="deprecated by OpenAI; use tools"),
+    "metadata": Rule(ACCEPTED, on="chat", why="tags for OpenAI's dashboard; Baton stores nothing"),
+    "store": Rule(REFUSED, noop=(False,), on="chat", why="Baton stores no completions"),
+    "service_tier": Rule(REFUSED, noop=("auto", "default"), on="chat", why="Baton has one service tier"),
+    "safety_identifier": Rule(ACCEPTED, on="chat", why="an end-user id like `user`; Baton logs nothing by it"),
+    "prompt_cache_key": Rule(ACCEPTED, on="chat", why="a routing hint; Baton's router finds cached prefixes itself"),
+    "prompt_cache_retention": Rule(REFUSED, on="chat", why="Baton's prefix cache is evicted by use, not by time"),
+    "prompt_cache_options": Rule(REFUSED, on="chat", why="Baton's prefix cache has no per-request options"),
+    "modalities": Rule(REFUSED, noop=(["text"],), on="chat", why="text is the only output modality"),
+    "audio": Rule(REFUSED, on="chat", why="text-only models: no audio output"),
+    "prediction": Rule(REFUSED, on="chat", why="predicted outputs (speculative decoding) are not implemented"),
+    "web_search_options": Rule(REFUSED, on="chat", why="Baton runs no web search"),
+    "verbosity": Rule(REFUSED, on="chat", why="a control of OpenAI's own models; no open model takes it"),
+    "moderation": Rule(REFUSED, on="chat", why="Baton runs no moderation"),
+    # completions only
+    "prompt": Rule(HONOURED, on="completions"),
+    "echo": Rule(I13E, noop=(False,), on="completions"),
+    "best_of": Rule(I13E, noop=(1,), on="completions"),
+    "suffix": Rule(REFUSED, noop=("",), on="completions", why="fill-in-the-middle is not implemented"),
+}
+
+
+def _is_noop(value: Any, noop: tuple[Any, ...]) -> bool:
+    # type-aware: True == 1 and 0 == False in Python, but n=true is not n=1
+    return value is None or any(type(value) is type(x) and value == x for x in noop)
+
+
+def _rules(endpoint: Literal["chat", "completions"]) -> dict[str, Rule]:
+    return {name: r for name, r in FIELDS.items() if r.on in (endpoint, "both")}
+
+
+def refusal_of(name: str, rule: Rule) -> str:
+    if rule.status == REFUSED:
+        return f"`{name}` is not supported: {rule.why}"
+    return f"`{name}` is not supported yet"
+
+
+def check_fields(req: _Common) -> None:
+    """Refuse every field that is set but not honoured, naming it."""
+    endpoint: Literal["chat", "completions"] = "chat" if isinstance(req, ChatCompletionRequest) else "completions"
+    for name, rule in _rules(endpoint).items():
+        if rule.status in (HONOURED, ACCEPTED):
+            continue
+        if not _is_noop(getattr(req, name), rule.noop):
+            raise ApiError(400, refusal_of(name, rule), param=name, code="unsupported_parameter")
+
+
+class TokenizeRequest(Struct, kw_only=True, forbid_unknown_fields=True):
+    """vLLM's /tokenize body: a ``prompt``, or chat ``messages`` rendered by the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessageIn] | None = None
+    add_special_tokens: bool | None = None  # default: true for a prompt, false for messages (as vLLM)
+    add_generation_prompt: bool | None = None
+    return_token_strs: bool | None = None
+
+
+class DetokenizeRequest(Struct, kw_only=True, forbid_unknown_fields=True):
+    model: str | None = None
+    tokens: list[int]
+
+
 chat_decoder = msgspec.json.Decoder(ChatCompletionRequest)
 completion_decoder = msgspec.json.Decoder(CompletionRequest)
+tokenize_decoder = msgspec.json.Decoder(TokenizeRequest)
+detokenize_decoder = msgspec.json.Decoder(DetokenizeRequest)
 
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
+_UNKNOWN = re.compile(r"unknown field `([^`]*)`")
+
+
+def _integral_floats_to_int(node: Any) -> Any:
+    if isinstance(node, float) and node.is_integer():
+        return int(node)
+    if isinstance(node, dict):
+        return {k: _integral_floats_to_int(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_integral_floats_to_int(v) for v in node]
+    return node
 
 
 def decode_request(body: bytes, decoder: msgspec.json.Decoder) -> Any:
     if not body.strip():
         raise ApiError(400, "request body is empty; expected a JSON object", code="invalid_json")
     try:
-        return decoder.decode(body)
+        try:
+            req = decoder.decode(body)
+        except msgspec.ValidationError as e:
+            if "got `float`" not in str(e):
+                raise
+            # JSON (and OpenAI's spec) counts 2.0 as an integer; msgspec does not. Off the hot path.
+            req = msgspec.convert(_integral_floats_to_int(msgspec.json.decode(body)), decoder.type)
     except msgspec.ValidationError as e:
+        unknown = _UNKNOWN.search(str(e))
         m = _PATH.search(str(e))
+        if unknown and not (m and m.group(1)):  # a top-level field Baton does not know
+            raise ApiError(400, f"unrecognized request argument: `{unknown.group(1)}`", param=unknown.group(1),
+                           code="unknown_parameter") from None
         param = m.group(1) if m else None
         raise ApiError(400, f"invalid request: {e}", param=param or None) from None
     except msgspec.DecodeError as e:
         raise ApiError(400, f"malformed JSON body: {e}", code="invalid_json") from None
+    if isinstance(req, _Common):
+        check_fields(req)
+    return req
 
 
 # --- validation into internal params -------------------------------------------------------
@@ -125,25 +360,60 @@ def parse_stops(stop: str | list[str] | None) -> list[str]:
     return [s for s in stops if s]
 
 
-def sampling_from(req: _Common, max_tokens: int | None, prompt_len: int, max_model_len: int) -> SamplingParams:
+def _logprobs_wanted(req: _Common) -> int:
+    """SamplingParams.logprobs: -1 none, else how many alternatives per token."""
+    if isinstance(req, ChatCompletionRequest):
+        if not req.logprobs:
+            if req.top_logprobs:
+                raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+            return -1
+        k = req.top_logprobs or 0
+        if not 0 <= k <= 20:
+            raise ApiError(400, "top_logprobs must be between 0 and 20", param="top_logprobs")
+        return k
+    if req.logprobs is None:  # type: ignore[attr-defined]
+        return -1
+    if not 0 <= req.logprobs <= 5:  # type: ignore[attr-defined]
+        raise ApiError(400, "logprobs must be between 0 and 5", param="logprobs")
+    return req.logprobs  # type: ignore[attr-defined]
+
+
+def _bias(req: _Common, vocab_size: int) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for key, value in (req.logit_bias or {}).items():
+        try:
+            tid = int(key)
+        except ValueError:
+            raise ApiError(400, f"logit_bias keys must be token ids (got {key!r})", param="logit_bias") from None
+        if vocab_size and not 0 <= tid < vocab_size:
+            raise ApiError(400, f"logit_bias token id {tid} is not in [0, {vocab_size})", param="logit_bias")
+        if not -100 <= value <= 100:
+            raise ApiError(400, "logit_bias values must be between -100 and 100", param="logit_bias")
+        out[tid] = float(value)
+    return out
+
+
+def _in_range(name: str, value: float | None, lo: float, hi: float, default: float) -> float:
+    if value is None:
+        return default
+    if not lo <= value <= hi:
+        raise ApiError(400, f"{name} must be between {lo:g} and {hi:g}", param=name)
+    return value
+
+
+def sampling_from(req: _Common, max_tokens: int | None, prompt_len: int, max_model_len: int,
+                  vocab_size: int = 0) -> SamplingParams:
     """Check the knobs and build SamplingParams; every rejection names its parameter."""
-    if req.n != 1:
-        raise ApiError(400, "only n=1 is supported", param="n")
-    if req.logprobs:
-        raise ApiError(400, "logprobs are not supported", param="logprobs")
-    if req.logit_bias:
-        raise ApiError(400, "logit_bias is not supported", param="logit_bias")
-    if req.presence_penalty or req.frequency_penalty:
-        raise ApiError(400, "presence/frequency penalties are not supported", param="presence_penalty")
-    temperature = 1.0 if req.temperature is None else req.temperature
-    if not 0.0 <= temperature <= 2.0:
-        raise ApiError(400, "temperature must be between 0 and 2", param="temperature")
-    top_p = 1.0 if req.top_p is None else req.top_p
-    if not 0.0 < top_p <= 1.0:
-        raise ApiError(400, "top_p must be in (0, 1]", param="top_p")
+    temperature = _in_range("temperature", req.temperature, 0.0, 2.0, 1.0)
+    top_p = _in_range("top_p", req.top_p, 0.0, 1.0, 1.0)
+    if top_p == 0.0:  # OpenAI allows 0: the smallest nucleus is the most likely token, i.e. greedy
+        temperature, top_p = 0.0, 1.0
     top_k = req.top_k or 0
     if top_k < 0 and top_k != -1:
         raise ApiError(400, "top_k must be -1, 0 or positive", param="top_k")
+    n = 1 if req.n is None else req.n
+    if n < 1:
+        raise ApiError(400, "n must be at least 1", param="n")
     room = max_model_len - prompt_len
     if room <= 0:
         raise ApiError(
@@ -164,58 +434,89 @@ def sampling_from(req: _Common, max_tokens: int | None, prompt_len: int, max_mod
             param="max_tokens",
             code="context_length_exceeded",
         )
-    if req.min_tokens < 0 or req.min_tokens > max_tokens:
+    min_tokens = req.min_tokens or 0
+    if min_tokens < 0 or min_tokens > max_tokens:
         raise ApiError(400, "min_tokens must be between 0 and max_tokens", param="min_tokens")
     if req.seed is not None and not -(2**63) <= req.seed < 2**63:
         raise ApiError(400, "seed must fit in 64 bits", param="seed")
+    echo = isinstance(req, CompletionRequest) and bool(req.echo)
+    logprobs = _logprobs_wanted(req)
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=temperature,
         top_p=top_p,
         top_k=max(top_k, 0),
+        min_p=_in_range("min_p", req.min_p, 0.0, 1.0, 0.0),
         seed=req.seed,
         stop_token_ids=list(req.stop_token_ids or []),
-        ignore_eos=req.ignore_eos,
-        min_tokens=req.min_tokens,
+        ignore_eos=bool(req.ignore_eos),
+        min_tokens=min_tokens,
+        presence_penalty=_in_range("presence_penalty", req.presence_penalty, -2.0, 2.0, 0.0),
+        frequency_penalty=_in_range("frequency_penalty", req.frequency_penalty, -2.0, 2.0, 0.0),
+        repetition_penalty=_in_range("repetition_penalty", req.repetition_penalty, 0.01, 10.0, 1.0),
+        logit_bias=_bias(req, vocab_size),
+        logprobs=logprobs,
+        prompt_logprobs=logprobs if echo and logprobs >= 0 else -1,
+        n=n,
     )
 
 
-def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
+# Chat templates know system/user/assistant/tool; the spec's other roles are mapped onto those.
+_ROLE_FOR_TEMPLATE = {"developer": "system", "function": "tool"}
+_UNUSABLE_PARTS = {"image_url": "images", "input_audio": "audio", "file": "files"}
+
+
+def _message_text(i: int, m: ChatMessageIn) -> str:
+    if m.content is None:
+        return ""
+    if isinstance(m.content, str):
+        return m.content
+    parts = []
+    for j, p in enumerate(m.content):
+        if p.type == "text" and p.text is not None:
+            parts.append(p.text)
+        elif p.type == "refusal" and m.role == "assistant" and p.refusal is not None:
+            parts.append(p.refusal)
+        elif p.type in _UNUSABLE_PARTS:
+            raise ApiError(400, f"content parts of type {p.type!r} are not supported: this model reads text, not "
+                           f"{_UNUSABLE_PARTS[p.type]}", param=f"messages[{i}].content[{j}]",
+                           code="unsupported_content")
+        else:
+            raise ApiError(400, f"content part of type {p.type!r} is not valid in a {m.role} message",
+                           param=f"messages[{i}].content[{j}]", code="unsupported_content")
+    return "".join(parts)
+
+
+def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
     if not req.messages:
         raise ApiError(400, "messages must be a non-empty list", param="messages")
-    if req.tools:
-        raise ApiError(400, "tools are not supported", param="tools")
-    if req.response_format and req.response_format.get("type", "text") != "text":
-        raise ApiError(400, "only response_format type 'text' is supported", param="response_format")
-    out = []
+    out: list[dict[str, Any]] = []
     for i, m in enumerate(req.messages):
-        if m.content is None:
-            text = ""
-        elif isinstance(m.content, str):
-            text = m.content
-        else:
-            parts = []
-            for p in m.content:
-                if p.type != "text" or p.text is None:
-                    raise ApiError(400, f"only text content parts are supported (got {p.type!r})", param=f"messages[{i}].content")
-                parts.append(p.text)
-            text = "".join(parts)
-        out.append({"role": m.role, "content": text})
+        if m.audio is not None:
+            raise ApiError(400, "audio in messages is not supported: this model reads text",
+                           param=f"messages[{i}].audio", code="unsupported_content")
+        msg: dict[str, Any] = {"role": _ROLE_FOR_TEMPLATE.get(m.role, m.role), "content": _message_text(i, m)}
+        if m.name is not None:
+            msg["name"] = m.name
+        tool_calls = list(m.tool_calls or [])
+        if m.function_call is not None:  # the deprecated form of one tool call
+            tool_calls.append({"id": f"call_{i}", "type": "function", "function": m.function_call})
+        if tool_calls:
+            msg["tool_calls"] = tool_calls
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
+        out.append(msg)
     return out
 
 
-def completion_prompt(req: CompletionRequest) -> str | list[int]:
-    if req.echo:
-        raise ApiError(400, "echo is not supported", param="echo")
-    if req.suffix:
-        raise ApiError(400, "suffix is not supported", param="suffix")
-    if req.best_of not in (None, 1):
-        raise ApiError(400, "only best_of=1 is supported", param="best_of")
+def completion_prompt(req: CompletionRequest) -> str | list[int] | None:
+    """The prompt as text or token ids; None for OpenAI's default (the start of a document), which
+    an empty prompt ("", [] or [[]]) also means."""
     p = req.prompt
-    if isinstance(p, str):
-        return p
+    if p is None or isinstance(p, str):
+        return p or None
     if not p:
-        raise ApiError(400, "prompt must not be empty", param="prompt")
+        return None
     kinds = {type(x) for x in p}
     if len(kinds) != 1:
         raise ApiError(400, "prompt must be a string, a list of strings, a list of token ids or a list of lists", param="prompt")
@@ -223,10 +524,7 @@ def completion_prompt(req: CompletionRequest) -> str | list[int]:
         return p  # type: ignore[return-value]
     if len(p) != 1:
         raise ApiError(400, "batched prompts are not supported; send one prompt per request", param="prompt")
-    first = p[0]
-    if isinstance(first, list) and not first:
-        raise ApiError(400, "prompt must not be empty", param="prompt")
-    return first  # type: ignore[return-value]
+    return p[0] or None  # type: ignore[return-value]
 
 
 # --- response bodies -----------------------------------------------------------------------
@@ -248,7 +546,8 @@ def chat_response(rid: str, model: str, text: str, finish: str, usage: Usage) ->
         "created": int(time.time()),
         "model": model,
         "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}
+            {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None}, "logprobs": None,
+             "finish_reason": finish}
         ],
         "usage": usage_dict(usage),
     }
@@ -287,3 +586,24 @@ def completion_chunk(rid: str, model: str, created: int, text: str, finish: str 
 
 def usage_chunk(rid: str, model: str, created: int, obj: str, usage: Usage) -> dict[str, Any]:
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage_dict(usage)}
+
+
+# --- the table as documentation -------------------------------------------------------------
+
+
+_STATUS_WORDS = {HONOURED: "honoured", ACCEPTED: "accepted (no effect needed)", REFUSED: "refused (400)",
+                 I13E: "refused (400) for now: not supported yet", I13S: "refused (400) for now: not supported yet"}
+
+
+def fields_markdown() -> str:
+    """FIELDS as the Markdown table in docs/api.md (tests/test_api_surface.py keeps them equal)."""
+    lines = ["| field | endpoints | what Baton does | values accepted as \"off\" | why |", "|---|---|---|---|---|"]
+    for name, r in FIELDS.items():
+        noop = ", ".join(f"`{msgspec.json.encode(v).decode()}`" for v in r.noop) or ""
+        on = {"both": "chat, completions", "chat": "chat", "completions": "completions"}[r.on]
+        lines.append(f"| `{name}` | {on} | {_STATUS_WORDS[r.status]} | {noop} | {r.why} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(fields_markdown(), end="")
