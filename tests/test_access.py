@@ -42,7 +42,8 @@ def guarded(tmp_path_factory):
     keys.write_text("# team keys\nsk-alpha\nsk-beta  # the other team\nsk-limits\nsk-nats\nsk-fast\n"
                     + "".join(f"sk-slow-{i}\n" for i in range(4)))
     s = Stack(tmp, e2e_engine())
-    s.frontend_extra = ["--api-keys-file", str(keys), "--rate-limit-rpm", "60", "--rate-limit-burst", "3",
+    # 12 rpm: one token back every 5 s, so a loaded machine does not refill a bucket mid-test.
+    s.frontend_extra = ["--api-keys-file", str(keys), "--rate-limit-rpm", "12", "--rate-limit-burst", "3",
                         "--max-prompt-tokens", "64", "--max-body-bytes", "100000", "--max-inflight", "2",
                         "--body-timeout", "2"]
     try:
