@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 UP_EXTRAS ?= torch
 TEST_EXTRAS ?= torch,test,vllm,ucx,otlp
 
-.PHONY: up test install install-test lint bench-overhead clean
+.PHONY: up test install install-test lint policy-check bench-overhead clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,22 @@ test: install-test
 lint: install-test
 	$(BIN)/ruff check .
 
+# checkov in a virtualenv of its own: it pins older packaging/networkx than the project uses.
+POLICY_VENV ?= .venv-policy
+CHECKOV_VERSION ?= 3.3.30
+
+$(POLICY_VENV)/bin/checkov:
+	$(PYTHON) -m venv $(POLICY_VENV)
+	$(POLICY_VENV)/bin/pip install -q 'checkov==$(CHECKOV_VERSION)'
+
+# The rendered Helm chart (every value set the tests render) against checkov's Kubernetes checks;
+# skips and why: deploy/helm/checkov.yaml, docs/operations.md "Policy check".
+policy-check: $(BIN)/python $(POLICY_VENV)/bin/checkov
+	$(BIN)/pip install -q helm-python-sdk pyyaml pytest
+	PYTHONPATH=$(CURDIR) $(BIN)/python deploy/helm/policy_check.py --checkov $(POLICY_VENV)/bin/checkov
+
 bench-overhead: install
 	$(BIN)/python bench/overhead.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(POLICY_VENV) .pytest_cache .ruff_cache

@@ -33,15 +33,19 @@ app.add_typer(auth_app, name="auth")
 def auth_init(
     directory: Annotated[Path, typer.Argument(help="Where to write nats-auth.conf and <role>.creds (0600).")],
     grafana: Annotated[bool, typer.Option(help="Also write grafana-admin-password (compose observability).")] = True,
+    per_role_dirs: Annotated[bool, typer.Option(
+        "--per-role-dirs", help="Write each role's file as <role>/<role>.creds, so each container can mount "
+        "only its own role's directory.")] = False,
 ) -> None:
     """Write a nats-server authorization config and one credentials file per role; existing files are kept
     (delete a role's file and re-run to rotate it, then restart NATS and that role)."""
     from shared import nats_auth
 
-    ids = nats_auth.generate(directory)
+    ids = nats_auth.generate(directory, per_role_dirs=per_role_dirs)
     if grafana:
         nats_auth.ensure_secret_file(directory / "grafana-admin-password")
-    print(f"wrote {ids.server_config} and {', '.join(p.name for p in ids.creds.values())} under {ids.directory}")
+    files = ", ".join(str(p.relative_to(ids.directory)) for p in ids.creds.values())
+    print(f"wrote {ids.server_config} and {files} under {ids.directory}")
 
 
 @app.command()

@@ -266,15 +266,19 @@ class Identities:
         return read_credentials(self.creds[role])
 
 
-def creds_path(directory: Path, role: str) -> Path:
-    return directory / f"{role}.creds"
+def creds_path(directory: Path, role: str, per_role_dirs: bool = False) -> Path:
+    """``<dir>/<role>.creds``, or ``<dir>/<role>/<role>.creds`` when each role gets its own directory."""
+    return (directory / role if per_role_dirs else directory) / f"{role}.creds"
 
 
-def generate(directory: str | Path, roles: Iterable[str] = ROLES, keep_existing: bool = True) -> Identities:
+def generate(directory: str | Path, roles: Iterable[str] = ROLES, keep_existing: bool = True,
+             per_role_dirs: bool = False) -> Identities:
     """Write ``nats-auth.conf`` and ``<role>.creds`` (0600) under ``directory`` (0700).
 
     With ``keep_existing``, a role whose credentials file is already there keeps its password (a
     restarted ``baton up`` leaves clients' files valid); delete the files to rotate.
+    With ``per_role_dirs`` each file goes in its own ``<role>/`` directory (0700), so a deployment
+    can mount one role's directory, and nothing else, into that role's container (compose).
     """
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -283,7 +287,10 @@ def generate(directory: str | Path, roles: Iterable[str] = ROLES, keep_existing:
     creds: dict[str, Path] = {}
     hashes: dict[str, str] = {}
     for role in roles:
-        path = creds_path(d, role)
+        path = creds_path(d, role, per_role_dirs)
+        if per_role_dirs:
+            path.parent.mkdir(exist_ok=True)
+            os.chmod(path.parent, 0o700)
         current: Credentials | None = None
         if keep_existing and path.exists():
             try:

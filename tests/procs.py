@@ -127,6 +127,10 @@ class StackNats(EmbeddedNats):
         return [line for line in text.splitlines() if "Violation" in line]
 
 
+# Every Stack a test started, so a suite's conftest can check them all afterwards (tests/chaos).
+STARTED_STACKS: list[Stack] = []
+
+
 class Stack:
     """nats-server + router + decode workers (+ prefill, planner) + frontend, all real processes.
 
@@ -199,6 +203,7 @@ class Stack:
         return p
 
     def start(self, ready_timeout: float = 90.0) -> Stack:
+        STARTED_STACKS.append(self)
         self.nats.start()
         self.routers = [self._proc("router", f"router-{i}", self.common()) for i in range(self._n_routers)]
         self.router = self.routers[0]

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from shared import nats_auth
+
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "compose.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
@@ -170,6 +172,60 @@ def test_workers_scale(name: str):
     assert "--worker-id" not in _options(svc["command"]) and "BATON_WORKER_ID" not in _environment(svc), name
 
 
+def _mounts(svc: dict) -> dict[str, tuple[str, bool]]:
+    """Named-volume mounts of a service: volume -> (path in the container, read-only)."""
+    out = {}
+    for spec in svc.get("volumes", []):
+        source, target, *mode = str(spec).split(":")
+        if not source.startswith((".", "/")):
+            out[source] = (target, mode == ["ro"])
+    return out
+
+
+def test_each_service_mounts_only_its_own_role_and_nats_is_not_root(tmp_path):
+    """Issue 15: a service's container holds its own role's credentials and no other's, read-only;
+    NATS runs as a non-root uid that owns its config and data. The init job's layout is checked by
+    running the real `baton auth init --per-role-dirs` and mapping each volume onto what it wrote."""
+    init = SERVICES["nats-auth"]
+    script = init["entrypoint"][-1]
+    assert "--per-role-dirs" in script
+    r = subprocess.run([sys.executable, "-m", "baton", "auth", "init", str(tmp_path), "--per-role-dirs",
+                        "--no-grafana"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 0, r.stderr
+    init_mounts = {path: volume for volume, (path, _) in _mounts(init).items()}
+    top = init_mounts.pop("/etc/baton/nats-auth")
+    init_mounts.pop("/data")
+    creds_volumes: dict[str, str] = {}
+    for name, svc in BATON.items():
+        role = svc["command"][0]
+        mounts = _mounts(svc)
+        assert top not in mounts and "nats-data" not in mounts, (name, "server config / data mounted")
+        assert len(mounts) == 1, (name, mounts)
+        (volume, (target, read_only)), = mounts.items()
+        assert read_only, name
+        creds = Path(_environment(svc)["BATON_NATS_CREDS"])
+        assert creds.parent == Path(target), name
+        # The init job fills this volume from the same directory, and that directory holds this role only.
+        assert init_mounts.get(target) == volume, (name, init_mounts)
+        written = tmp_path / creds.relative_to("/etc/baton/nats-auth").parent
+        assert sorted(p.name for p in written.iterdir()) == [f"{role}.creds"], name
+        assert (written / f"{role}.creds").stat().st_mode & 0o077 == 0
+        assert nats_auth.read_credentials(written / f"{role}.creds").user == role, name
+        assert "$$r; done" in script and role in script.split("for r in", 1)[1], (name, "not chowned")
+        creds_volumes[volume] = name
+    assert len(creds_volumes) == len(BATON), "a credentials volume shared by two services"
+    for name, svc in SERVICES.items():
+        if name != "nats-auth":
+            shared = set(_mounts(svc)) & set(creds_volumes)
+            assert not shared or (name in BATON and len(shared) == 1), (name, shared)
+    nats = SERVICES["nats"]
+    uid = str(nats.get("user", "0")).split(":")[0]
+    assert uid not in ("0", "root"), "NATS runs as root"
+    assert f"chown {uid}:" in script and "/data" in script, "NATS's uid must own its config and data"
+    assert _mounts(nats)[top] == ("/etc/baton/nats-auth", True)
+    assert (tmp_path / "nats-auth.conf").is_file()
+
+
 def test_nats_auth_on_and_ports_on_this_host_only():
     """Issue 15: per-role NATS identities made once by `baton auth init`; NATS loads them; each service
     presents its own role's file; published ports bind 127.0.0.1; Grafana has no anonymous access."""
@@ -181,8 +237,7 @@ def test_nats_auth_on_and_ports_on_this_host_only():
     assert not nats.get("ports"), "NATS is not published"
     for name, svc in BATON.items():
         role = svc["command"][0]
-        assert _environment(svc)["BATON_NATS_CREDS"] == f"/etc/baton/nats-auth/{role}.creds", name
-        assert "nats-auth:/etc/baton/nats-auth:ro" in svc["volumes"], name
+        assert _environment(svc)["BATON_NATS_CREDS"] == f"/etc/baton/nats-auth/{role}/{role}.creds", name
     for name, svc in SERVICES.items():
         for port in svc.get("ports", []):
             assert str(port).startswith(("127.0.0.1:", "${BATON_HTTP_BIND:-127.0.0.1}:")), (name, port)

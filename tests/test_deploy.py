@@ -73,6 +73,7 @@ SECURED = {
     "natsAuth": {"existingSecret": "baton-nats-auth", "userKey": "user", "passwordKey": "password"},
     "nats": {"tls": {"existingSecret": "baton-nats-server-tls", "verifyClients": True}},
     "natsTls": {"existingSecret": "baton-nats-client-tls", "certKey": "tls.crt", "keyKey": "tls.key"},
+    "kvTls": {"existingSecret": "baton-kv-tls"},
     "frontend": {"apiKeys": {"existingSecret": "baton-api-keys"}, "rateLimit": {"rpm": 600, "burst": 50},
                  "limits": {"maxPromptTokens": 8192}},
     "tracing": {"otlpEndpoint": "http://otel-collector.observability:4318", "sampler": "parentbased_traceidratio",
@@ -535,6 +536,56 @@ def test_network_policies():
     assert not find(render({"networkPolicy": {"enabled": False}}), "NetworkPolicy")
 
 
+def test_metrics_ports_only_from_the_monitoring_namespace_when_set():
+    """Default (documented): metrics ports open to the cluster, a rule without `from`. With
+    networkPolicy.metricsNamespace and/or metricsFrom: only those peers, on the metrics port only."""
+    for name in ("router", "planner", "prefill", "decode"):
+        (rule,) = [r for r in _policy_for(render(None), name)["spec"]["ingress"] if "ports" in r]
+        assert rule["ports"] == [{"port": 9090, "protocol": "TCP"}] and "from" not in rule, name
+    prometheus = {"namespaceSelector": {"matchLabels": {"team": "obs"}},
+                  "podSelector": {"matchLabels": {"app": "prometheus"}}}
+    monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    cases = [({"metricsNamespace": "monitoring"}, [monitoring]), ({"metricsFrom": [prometheus]}, [prometheus]),
+             ({"metricsNamespace": "monitoring", "metricsFrom": [prometheus]}, [monitoring, prometheus])]
+    for values, peers in cases:
+        docs = render({"networkPolicy": values})
+        for name in ("router", "planner", "prefill", "decode"):
+            metric_rules = [r for r in _policy_for(docs, name)["spec"]["ingress"] if "ports" in r]
+            assert metric_rules == [{"ports": [{"port": 9090, "protocol": "TCP"}], "from": peers}], (name, values)
+        # The frontend's HTTP port (which serves its /metrics too) follows frontendFrom, not this.
+        assert "from" not in _policy_for(docs, "frontend")["spec"]["ingress"][0]
+
+
+def test_kv_tls_from_a_secret_for_workers_only():
+    """Part B's BATON_KV_TLS_CERT/KEY/CA: off by default; from kvTls.existingSecret, decode and prefill
+    (only) get each variable pointing at a file of that Secret, mounted read-only."""
+    kv_vars = {"BATON_KV_TLS_CERT", "BATON_KV_TLS_KEY", "BATON_KV_TLS_CA"}
+    tls_source = (ROOT / "shared" / "kv_transport" / "tls.py").read_text()
+    assert all(v in tls_source for v in kv_vars), "the chart sets variables the transport does not read"
+    for dep in find(render(None), "Deployment"):
+        assert not kv_vars & set(env_of(container(dep))), dep["metadata"]["name"]
+        assert "kv-tls" not in {v["name"] for v in dep["spec"]["template"]["spec"]["volumes"]}
+    for values, expected in [({"existingSecret": "kv"}, kv_vars),
+                             ({"existingSecret": "kv", "caKey": ""}, kv_vars - {"BATON_KV_TLS_CA"})]:
+        docs = render({"kvTls": values})
+        for svc in BATON_SERVICES:
+            dep = one(docs, "Deployment", component(svc))
+            env = env_of(container(dep))
+            if svc not in ("decode", "prefill"):
+                assert not kv_vars & set(env), svc
+                continue
+            assert kv_vars & set(env) == expected, svc
+            mounts = {m["mountPath"]: m for m in container(dep)["volumeMounts"]}
+            volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+            for var in expected:
+                path = Path(env[var]["value"])
+                mount = mounts[str(path.parent)]
+                assert mount.get("readOnly") is True, (svc, var)
+                secret = volumes[mount["name"]]["secret"]
+                assert secret["secretName"] == "kv", (svc, var)
+                assert path.name in {"tls.crt", "tls.key", "ca.crt"}, (svc, var)
+
+
 def test_creds_file_with_external_nats():
     docs = render(EXTERNAL_NATS)
     assert not find(docs, "StatefulSet")
@@ -879,3 +930,17 @@ def test_operations_doc_explains_every_panel():
     doc = OPERATIONS_DOC.read_text()
     missing = [p["title"] for p in _panels(_dashboard()) if p["type"] != "row" and p["title"] not in doc]
     assert not missing, f"docs/operations.md does not describe these panels: {missing}"
+
+
+def test_policy_check_skips_are_the_documented_ones():
+    """`make policy-check` (checkov, its own venv: not a test dependency) may skip only checks that
+    docs/operations.md's table explains, and the table explains no check that is not skipped."""
+    config = yaml.safe_load((ROOT / "deploy" / "helm" / "checkov.yaml").read_text())
+    skipped = set(config["skip-check"])
+    doc = OPERATIONS_DOC.read_text()
+    section = doc[doc.index("**Policy check (checkov).**"):]
+    section = section[:section.index("\n\n", section.index("| Check |"))]
+    documented = set(re.findall(r"^\| (CKV_K8S_\d+) \|", section, re.M))
+    assert skipped and skipped == documented
+    assert config["framework"] == ["kubernetes"]
+    assert "policy-check:" in (ROOT / "Makefile").read_text()

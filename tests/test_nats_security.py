@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import anyio
 import httpx
@@ -11,10 +16,11 @@ import msgspec
 import nats
 import pytest
 
-from baton.nats_server import EmbeddedNats
-from shared import subjects
+from baton.nats_server import EmbeddedNats, free_port
+from shared import nats_auth, subjects
 from tests.conftest import e2e_engine
-from tests.procs import ServiceProcess, Stack
+from tests.procs import ServiceProcess, Stack, service_env, wait_until
+from tests.test_baton_up import children_of
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -217,3 +223,76 @@ def test_client_identity_may_use_the_request_api(secured: Stack) -> None:
             await nc.close()
 
     anyio.run(main)
+
+
+def test_baton_up_keeps_secrets_off_command_lines_and_out_of_logs(tmp_path) -> None:
+    """`baton up` hands every child its credentials as a file *path*: no generated password (nor its
+    hash) is on any child's command line or in its environment, in baton up's output, or in any log."""
+    store, logs = tmp_path / "store", tmp_path / "logs"
+    http_port = free_port()
+    out = tmp_path / "up.log"
+    with open(out, "wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "baton", "up", "--engine", "mocker", "--port", str(http_port), "--host",
+             "127.0.0.1", "--nats-port", str(free_port()), "--data-dir", str(store), "--log-dir", str(logs),
+             "--discovery-ttl", "3"],
+            stdout=sink, stderr=subprocess.STDOUT, env=service_env(), start_new_session=True)
+    try:
+        def ready() -> bool:
+            assert proc.poll() is None, out.read_text()
+            return "Baton is ready" in out.read_text()
+
+        wait_until(ready, 120, 0.1, "baton up ready")
+        base = f"http://127.0.0.1:{http_port}"
+        r = httpx.post(f"{base}/v1/completions", json={"model": "baton-tiny", "prompt": "hi", "max_tokens": 4},
+                       timeout=30)
+        assert r.status_code == 200, r.text
+        # Every service is up and connected (with its identity) before we look.
+        wait_until(lambda: httpx.get(f"{base}/health", timeout=5).json().get("prefill_workers") == 1, 60, 0.1,
+                   "prefill worker registered")
+        creds = sorted((store / "auth").glob("*.creds"))
+        assert {p.stem for p in creds} == set(nats_auth.ROLES)
+        secrets = {p.stem: nats_auth.read_credentials(p).password for p in creds}
+        conf = (store / "auth" / "nats-auth.conf").read_text()
+        hashes = re.findall(r'"password": "([^"]+)"', conf)
+        assert len(hashes) == len(nats_auth.ROLES) and all(h.startswith("$2") for h in hashes)
+        assert all(len(s) >= 32 for s in secrets.values())
+        needles = [s.encode() for s in (*secrets.values(), *hashes)]
+
+        kids = children_of(proc.pid)
+        seen: dict[str, bytes] = {}
+        for pid in kids:
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                environ = Path(f"/proc/{pid}/environ").read_bytes()
+            except OSError:
+                continue  # exited meanwhile (e.g. a short-lived helper)
+            seen[cmdline.replace(b"\0", b" ").decode(errors="replace")] = environ
+            for needle in needles:
+                assert needle not in cmdline, f"a secret on the command line of {cmdline!r}"
+                assert needle not in environ, f"a secret in the environment of {cmdline!r}"
+        names = " ".join(seen)
+        assert "nats-server" in names and "auth/nats-auth.conf" in names, names
+        for service in ("frontend", "router", "decode", "prefill", "planner"):
+            assert f"services.{service}" in names, (service, names)
+        # Each service got its own role's file (a path) and the planner nobody's password either.
+        for cmdline, environ in seen.items():
+            role = next((r for r in nats_auth.SERVICE_ROLES if f"services.{r}" in cmdline), None)
+            if role:
+                assert f"BATON_NATS_CREDS={store / 'auth' / role}.creds".encode() in environ, cmdline
+
+        # Logs: baton up's own output and every file under --log-dir (nats-server's included).
+        files = [out, *(p for p in logs.rglob("*") if p.is_file())]
+        assert any(p.name == "nats.log" for p in files) and len(files) >= 7, files
+        for path in files:
+            text = path.read_bytes()
+            for needle in needles:
+                assert needle not in text, f"a secret in {path}"
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)

@@ -219,6 +219,37 @@ user/token/.creds configured, and no explicit natsAuth.insecureNoAuth. */}}
 {{- end }}
 {{- end }}
 
+{{/* KV transfer TLS (kvTls): env, volume and mount for decode and prefill pods; empty when off. */}}
+{{- define "baton.kvTlsEnv" -}}
+{{- with .Values.kvTls }}
+{{- if .existingSecret }}
+- name: BATON_KV_TLS_CERT
+  value: /etc/baton/kv-tls/{{ required "kvTls.certKey" .certKey }}
+- name: BATON_KV_TLS_KEY
+  value: /etc/baton/kv-tls/{{ required "kvTls.keyKey" .keyKey }}
+{{- if .caKey }}
+- name: BATON_KV_TLS_CA
+  value: /etc/baton/kv-tls/{{ .caKey }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- define "baton.kvTlsVolume" -}}
+{{- if .Values.kvTls.existingSecret }}
+- name: kv-tls
+  secret:
+    secretName: {{ .Values.kvTls.existingSecret }}
+    defaultMode: 0400
+{{- end }}
+{{- end }}
+{{- define "baton.kvTlsMount" -}}
+{{- if .Values.kvTls.existingSecret }}
+- name: kv-tls
+  mountPath: /etc/baton/kv-tls
+  readOnly: true
+{{- end }}
+{{- end }}
+
 {{/* Volumes for the NATS credentials and TLS Secrets (to go with baton.natsVolumeMounts). */}}
 {{- define "baton.natsVolumes" -}}
 {{- if .Values.natsAuth.credsKey }}
@@ -271,6 +302,7 @@ apiVersion: apps/v1
 kind: Deployment
 metadata:
   name: {{ include "baton.componentName" $sel }}
+  namespace: {{ $.root.Release.Namespace }}
   labels:
     {{- include "baton.labels" $sel | nindent 4 }}
 spec:
@@ -421,6 +453,7 @@ apiVersion: policy/v1
 kind: PodDisruptionBudget
 metadata:
   name: {{ include "baton.componentName" $sel }}
+  namespace: {{ $.root.Release.Namespace }}
   labels:
     {{- include "baton.labels" $sel | nindent 4 }}
 spec:
