@@ -72,6 +72,8 @@ class _Common(Struct, kw_only=True):
     logprobs: bool | int | None = None
     # vLLM-style extensions users of vLLM and Dynamo already send
     top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
     min_tokens: int = 0
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
@@ -125,16 +127,15 @@ def parse_stops(stop: str | list[str] | None) -> list[str]:
     return [s for s in stops if s]
 
 
-def sampling_from(req: _Common, max_tokens: int | None, prompt_len: int, max_model_len: int) -> SamplingParams:
-    """Check the knobs and build SamplingParams; every rejection names its parameter."""
-    if req.n != 1:
-        raise ApiError(400, "only n=1 is supported", param="n")
-    if req.logprobs:
-        raise ApiError(400, "logprobs are not supported", param="logprobs")
-    if req.logit_bias:
-        raise ApiError(400, "logit_bias is not supported", param="logit_bias")
-    if req.presence_penalty or req.frequency_penalty:
-        raise ApiError(400, "presence/frequency penalties are not supported", param="presence_penalty")
+def sampling_from(req: _Common, max_tokens: int | None, prompt_len: int, max_model_len: int, *,
+                  max_n: int = 16, vocab_size: int = 0) -> SamplingParams:
+    """Check the knobs and build SamplingParams; every rejection names its parameter.
+
+    n, best_of, logprobs, echo, penalties, logit_bias and min_p are mapped by
+    ``services.frontend.choices.advanced_sampling`` (which also plans the response's shape)."""
+    from services.frontend.choices import advanced_sampling
+
+    extra, _ = advanced_sampling(req, isinstance(req, ChatCompletionRequest), req.stream, max_n, vocab_size)
     temperature = 1.0 if req.temperature is None else req.temperature
     if not 0.0 <= temperature <= 2.0:
         raise ApiError(400, "temperature must be between 0 and 2", param="temperature")
@@ -177,6 +178,7 @@ def sampling_from(req: _Common, max_tokens: int | None, prompt_len: int, max_mod
         stop_token_ids=list(req.stop_token_ids or []),
         ignore_eos=req.ignore_eos,
         min_tokens=req.min_tokens,
+        **extra,
     )
 
 
@@ -205,12 +207,8 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
 
 
 def completion_prompt(req: CompletionRequest) -> str | list[int]:
-    if req.echo:
-        raise ApiError(400, "echo is not supported", param="echo")
     if req.suffix:
         raise ApiError(400, "suffix is not supported", param="suffix")
-    if req.best_of not in (None, 1):
-        raise ApiError(400, "only best_of=1 is supported", param="best_of")
     p = req.prompt
     if isinstance(p, str):
         return p
