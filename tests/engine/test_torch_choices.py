@@ -10,9 +10,9 @@ import pytest
 
 pytest.importorskip("torch")
 
-from shared.engines import EngineConfig, make_engine  # noqa: E402
-from shared.engines.base import EngineOutput  # noqa: E402
-from shared.messages import SamplingParams  # noqa: E402
+from shared.engines import EngineConfig, make_engine
+from shared.engines.base import EngineOutput
+from shared.messages import SamplingParams
 
 pytestmark = pytest.mark.anyio
 
