@@ -136,3 +136,17 @@ def test_bad_choice_params_are_400_with_param(client: openai.OpenAI, stack: Stac
         else:
             client.completions.create(model=stack.model, prompt=PROMPT, max_tokens=2, extra_body=body)
     assert e.value.status_code == 400 and e.value.body["param"] == param  # type: ignore[index]
+
+
+def test_stop_strings_cut_each_choice_on_its_own(client: openai.OpenAI, stack: Stack) -> None:
+    kw = dict(model=stack.model, prompt=PROMPT, max_tokens=16, temperature=1.0, seed=21, n=2)
+    free = {c.index: c.text for c in client.completions.create(**kw).choices}
+    stop = free[0][len(free[0]) // 2 : len(free[0]) // 2 + 2]
+    assert stop.strip()
+    cut = client.completions.create(**kw, stop=[stop])
+    by_index = {c.index: c for c in cut.choices}
+    for i in (0, 1):
+        expected = free[i].split(stop)[0]
+        assert by_index[i].text == expected
+        assert by_index[i].finish_reason == ("stop" if stop in free[i] else "length")
+    assert by_index[0].finish_reason == "stop"
