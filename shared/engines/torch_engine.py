@@ -313,6 +313,8 @@ class TorchEngine(Engine):
         segments: list[tuple[Request, int, int, int]] = []
         sample_rows: list[int] = []
         logits = model.forward(self._prepare(batch, segments, sample_rows))
+        if logits.device.type != "cpu":  # the sampler and its per-request generators live on the CPU
+            logits = logits.cpu()
         if segments:
             self._gather_prompt_logprobs(logits, segments)
             logits = logits[sample_rows]
