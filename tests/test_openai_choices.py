@@ -93,6 +93,16 @@ def test_completions_logprobs_and_echo(client: openai.OpenAI, stack: Stack) -> N
             if ch.logprobs:
                 streamed_tokens += ch.logprobs.tokens
     assert streamed_tokens == plain.choices[0].logprobs.tokens
+    text, tokens, token_lps = "", [], []
+    for chunk in client.completions.create(model=stack.model, prompt=PROMPT, max_tokens=6, temperature=0,
+                                           logprobs=2, echo=True, stream=True):
+        for ch in chunk.choices:
+            text += ch.text
+            if ch.logprobs:
+                tokens += ch.logprobs.tokens
+                token_lps += ch.logprobs.token_logprobs
+    assert text == c.text and tokens == lp.tokens
+    assert token_lps[0] is None and token_lps[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-4)
 
 
 def test_best_of_returns_the_most_likely(client: openai.OpenAI, stack: Stack) -> None:
