@@ -52,8 +52,8 @@ def still_serves(stack: Stack) -> None:
          "verbosity"),
         (b'{"model": "baton-tiny", "messages": [{"role": "user", "content": "hi"}], "functinos": []}', 400,
          "functinos"),
-        (b'{"model": "baton-tiny", "messages": [{"role": "user", "content": "hi"}], "n": 3}', 400, "n"),
-        (b'{"model": "baton-tiny", "messages": [{"role": "user", "content": "hi"}], "logprobs": true}', 400, "logprobs"),
+        (b'{"model": "baton-tiny", "messages": [{"role": "user", "content": "hi"}], "n": 17}', 400, "n"),
+        (b'{"model": "baton-tiny", "messages": [{"role": "user", "content": "hi"}], "logprobs": true, "top_logprobs": 21}', 400, "top_logprobs"),
         (b'{"model": "baton-tiny", "messages": [{"role": "user", "content": "hi"}], "stop": ["a","b","c","d","e"]}', 400, "stop"),
     ],
 )
@@ -75,7 +75,7 @@ def test_completion_rejects(stack: Stack) -> None:
     assert_error(httpx.post(url, json={"model": "baton-tiny", "prompt": [1, "a"]}, timeout=30), 400, "prompt")
     assert_error(httpx.post(url, json={"model": "baton-tiny", "prompt": [10**9]}, timeout=30), 400, "prompt")
     assert_error(httpx.post(url, json={"model": "baton-tiny", "prompt": ["a", "b"]}, timeout=30), 400, "prompt")
-    assert_error(httpx.post(url, json={"model": "baton-tiny", "prompt": "x", "echo": True}, timeout=30), 400, "echo")
+    assert_error(httpx.post(url, json={"model": "baton-tiny", "prompt": "x", "logprobs": 6}, timeout=30), 400, "logprobs")
 
 
 def test_huge_body_is_413(stack: Stack) -> None:

@@ -36,6 +36,7 @@ from shared.messages import (
     KvFetchReply,
     KvFetchRequest,
     LoadReport,
+    PositionLogprobs,
     StatusReply,
     TokenChunk,
     Usage,
@@ -49,6 +50,8 @@ from shared.messages import (
 from shared.telemetry import bind_request, serve_metrics
 
 log = logging.getLogger("baton.decode")
+
+MAX_N_HARD = 128  # a worker's own bound on choices per request (the frontend's --max-n is lower)
 
 REQUESTS = Counter("baton_worker_requests_total", "Requests by outcome", ["role", "outcome"])
 RUNNING = Gauge("baton_worker_requests_running", "Requests in flight", ["role"])
@@ -275,6 +278,8 @@ class DecodeWorker:
             return "the prompt is empty"
         if req.sampling.max_tokens < 1:
             return "max_tokens must be at least 1"
+        if not 1 <= req.sampling.n <= MAX_N_HARD:
+            return f"n must be between 1 and {MAX_N_HARD}"
         vocab = getattr(self.engine, "vocab_size", 0)
         if vocab and (min(req.token_ids) < 0 or max(req.token_ids) >= vocab):
             return f"token ids must be in [0, {vocab})"
@@ -341,50 +346,79 @@ class DecodeWorker:
             REQUESTS.labels(self.role, outcome).inc()
 
     async def _stream(self, req: GenerateRequest, reply: str, span: Any = None) -> str:
+        """Stream the engine's outputs as TokenChunks, per choice (``n > 1``); not streamed, one
+        final chunk per choice. The request's last chunk carries the usage, prompt counted once."""
         assert self.bus is not None
         publish = self.bus.publish
         rid = req.request_id
-        index = 0
-        held: list[int] = []  # non-streaming: coalesce into one final message
+        sp = req.sampling
+        n = max(1, sp.n)
+        index = [0] * n  # tokens sent (or held) so far, per choice
+        held: list[list[int]] = [[] for _ in range(n)]  # non-streaming: coalesced per choice
+        held_lp: list[list[PositionLogprobs]] = [[] for _ in range(n)]
+        prompt_lp: list[PositionLogprobs] = []
+        open_choices = n
+        last_reason = "ended"
         outputs = None
         if (req.kv_source and req.kv_source != self.worker_id and self.engine.kv_tiers is not None
                 and self.transport is not None):
             pulled = await self._pull_from_peer(req)
             tracing.event(span, "kv_pulled_from_peer", **{"baton.kv_source": req.kv_source, "baton.blocks": pulled})
-        if self.remote is not None:
+        # n > 1 and prompt logprobs run locally: a remote prefill returns one first token and no
+        # prompt logprobs.
+        if self.remote is not None and n == 1 and sp.prompt_logprobs < 0:
             decision = self.remote.decide(req.token_ids)
             if decision == "remote":
-                first = await self.remote.prefill(rid, req.token_ids, req.sampling, span)
+                first = await self.remote.prefill(rid, req.token_ids, sp, span)
                 if first is not None:
-                    outputs = self.engine.generate_after_remote_prefill(rid, req.token_ids, req.sampling, first)
+                    outputs = self.engine.generate_after_remote_prefill(rid, req.token_ids, sp, first)
             else:
                 DISAGG_DECISIONS.labels(decision).inc()
         if outputs is None:
-            outputs = self.engine.generate(rid, req.token_ids, req.sampling)
+            outputs = self.engine.generate(rid, req.token_ids, sp)
         async for out in outputs:
             if out.error:
                 await publish(reply, GenerateError(request_id=rid, code=400, message=out.error))
                 return "bad_request"
-            if index == 0 and out.token_ids:
+            c = out.choice if 0 <= out.choice < n else 0
+            if sum(index) == 0 and out.token_ids:
                 tracing.event(span, "first_token", **{"baton.cached_tokens": out.num_cached_tokens})
+            if out.prompt_logprobs:
+                prompt_lp = out.prompt_logprobs
+            lps = out.logprobs or []
             if out.finish_reason is not None:
-                if span is not None:
-                    span.set_attributes({"gen_ai.usage.output_tokens": index + len(out.token_ids),
-                                         "baton.cached_tokens": out.num_cached_tokens})
-                tokens = held + out.token_ids if not req.stream else out.token_ids
-                start = 0 if not req.stream else index
-                usage = Usage(prompt_tokens=out.num_prompt_tokens or len(req.token_ids),
-                              completion_tokens=index + len(out.token_ids), cached_tokens=out.num_cached_tokens)
-                await publish(reply, TokenChunk(request_id=rid, index=start, token_ids=tokens,
-                                                finish_reason=out.finish_reason, usage=usage))  # type: ignore[arg-type]
-                return out.finish_reason
+                whole = out.finish_reason in ("abort", "error")  # ends every choice at once
+                open_choices = 0 if whole else open_choices - 1
+                last_reason = out.finish_reason
+                usage = None
+                if open_choices <= 0:
+                    usage = Usage(prompt_tokens=out.num_prompt_tokens or len(req.token_ids),
+                                  completion_tokens=sum(index) + len(out.token_ids),
+                                  cached_tokens=out.num_cached_tokens)
+                    if span is not None:
+                        span.set_attributes({"gen_ai.usage.output_tokens": usage.completion_tokens,
+                                             "baton.cached_tokens": out.num_cached_tokens})
+                tokens = held[c] + out.token_ids if not req.stream else out.token_ids
+                start = 0 if not req.stream else index[c]
+                index[c] += len(out.token_ids)
+                await publish(reply, TokenChunk(
+                    request_id=rid, index=start, token_ids=tokens, finish_reason=out.finish_reason,  # type: ignore[arg-type]
+                    usage=usage, choice=c, logprobs=held_lp[c] + lps if not req.stream else lps,
+                    prompt_logprobs=prompt_lp))
+                prompt_lp = []
+                if open_choices <= 0:
+                    return out.finish_reason
+                continue
             if req.stream:
                 if out.token_ids:
-                    await publish(reply, TokenChunk(request_id=rid, index=index, token_ids=out.token_ids))
+                    await publish(reply, TokenChunk(request_id=rid, index=index[c], token_ids=out.token_ids, choice=c,
+                                                    logprobs=lps, prompt_logprobs=prompt_lp))
+                    prompt_lp = []
             else:
-                held.extend(out.token_ids)
-            index += len(out.token_ids)
-        return "ended"
+                held[c].extend(out.token_ids)
+                held_lp[c].extend(lps)
+            index[c] += len(out.token_ids)
+        return last_reason if open_choices <= 0 else "ended"
 
     # --- periodic reports ----------------------------------------------------------------
 

@@ -62,6 +62,9 @@ def main(
     max_prompt_tokens: Annotated[
         int, typer.Option(envvar="BATON_MAX_PROMPT_TOKENS", help="Longest prompt accepted, in tokens (0: context).")
     ] = 0,
+    max_n: Annotated[
+        int, typer.Option(envvar="BATON_MAX_N", help="Most choices (n, best_of) one request may ask for.")
+    ] = 16,
     max_migrations: Annotated[
         int, typer.Option(envvar="BATON_MAX_MIGRATIONS", help="Worker failures one request may survive.")
     ] = 3,
@@ -99,7 +102,7 @@ def main(
         nats_url=nats_url, host=host, port=port, model=model, served_model_name=served_model_name,
         max_model_len=max_model_len, max_body_bytes=max_body_bytes, max_inflight=max_inflight,
         header_timeout=header_timeout, discovery_ttl=discovery_ttl, api_keys_file=api_keys_file,
-        rate_limit_rpm=rate_limit_rpm, rate_limit_burst=rate_limit_burst, max_prompt_tokens=max_prompt_tokens,
+        rate_limit_rpm=rate_limit_rpm, rate_limit_burst=rate_limit_burst, max_prompt_tokens=max_prompt_tokens, max_n=max_n,
         address_rate_limit_rpm=address_rate_limit_rpm, body_timeout=body_timeout, access_log=access_log,
         generation=GenerationSettings(route_timeout=route_timeout, first_token_timeout=first_token_timeout,
                                       request_timeout=request_timeout,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -29,6 +29,7 @@ from shared.messages import (
     Cancel,
     GenerateError,
     GenerateRequest,
+    PositionLogprobs,
     RouteDecision,
     RouteError,
     RouteRequest,
@@ -54,13 +55,17 @@ MIGRATIONS = Counter("baton_frontend_migrations_total", "Requests moved to anoth
 
 @dataclass(slots=True)
 class Delta:
-    """New text for the caller; the last one carries finish_reason and usage."""
+    """New text of one choice for the caller. Each choice's last delta carries its finish_reason;
+    the request's very last one also the usage (prompt counted once, completions summed)."""
 
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
     usage: Usage | None = None
     worker_id: str = ""
+    choice: int = 0
+    logprobs: list[PositionLogprobs] = field(default_factory=list)  # one per token_ids entry, when asked
+    prompt_logprobs: list[PositionLogprobs] = field(default_factory=list)  # prompt positions 1.., once
 
 
 @dataclass
@@ -147,9 +152,12 @@ class Generation:
         ``include_stop_str`` and ``skip_special_tokens`` are vLLM's request options of those names."""
         t0 = time.perf_counter()
         s = self.settings
-        detok = self.tokenizer.detokenizer(skip_special_tokens)
-        matcher = StopStringMatcher(stops, include_stop_str)
-        generated: list[int] = []  # every token the caller has been given, across workers
+        n = max(1, sampling.n)
+        detoks = [self.tokenizer.detokenizer(skip_special_tokens) for _ in range(n)]
+        matchers = [StopStringMatcher(stops, include_stop_str) for _ in range(n)]
+        generated: list[list[int]] = [[] for _ in range(n)]  # tokens the caller has been given, per choice
+        done = [False] * n  # choice finished (or stopped by a stop string)
+        prompt_sent = False  # prompt logprobs went out (a resumed request does not ask again)
         cached_tokens = 0
         exclude: list[str] = []
         failures = 0
@@ -157,13 +165,15 @@ class Generation:
         # the caller does not stream needs no tokens from a worker that dies: it restarts whole.
         worker_streams = stream or bool(stops)
         while True:
-            remaining = sampling.max_tokens - len(generated)
             job_sampling = sampling
-            if generated:
-                # Every other knob (penalties, bias, constraints) carries over unchanged.
+            if generated[0]:
+                # n == 1 only (see the migration below): resume with what was generated so far;
+                # every other knob (penalties, bias, constraints) carries over unchanged.
                 job_sampling = msgspec.structs.replace(
-                    sampling, max_tokens=remaining, min_tokens=max(0, sampling.min_tokens - len(generated)))
-            req = GenerateRequest(request_id=request_id, token_ids=token_ids + generated, sampling=job_sampling,
+                    sampling, max_tokens=sampling.max_tokens - len(generated[0]),
+                    min_tokens=max(0, sampling.min_tokens - len(generated[0])),
+                    prompt_logprobs=-1 if prompt_sent else sampling.prompt_logprobs)
+            req = GenerateRequest(request_id=request_id, token_ids=token_ids + generated[0], sampling=job_sampling,
                                   model=self.model, stream=worker_streams)
             decision = await self._route(request_id, req.token_ids, exclude, parent)
             if decision.kv_source:  # G4: the worker may pull blocks a peer holds in its lower tiers
@@ -172,7 +182,7 @@ class Generation:
             inbox = self.bus.inbox.open(request_id)
             finished = False
             gen_span = tracing.start("generate", tracing.SpanKind.CLIENT, parent, **{
-                "baton.worker_id": decision.worker_id, "baton.resumed_tokens": len(generated)})
+                "baton.worker_id": decision.worker_id, "baton.resumed_tokens": len(generated[0])})
             try:
                 await self.bus.publish(decision.subject, req, reply=inbox.subject, headers=tracing.headers_for(gen_span))
                 silent = 0.0
@@ -191,7 +201,7 @@ class Generation:
                                                "deadline (BATON_REQUEST_TIMEOUT)", type="server_error",
                                                code="request_timeout") from None
                             continue
-                        limit = s.inter_token_timeout if generated else s.first_token_timeout
+                        limit = s.inter_token_timeout if any(generated) else s.first_token_timeout
                         if silent >= limit:
                             raise ApiError(504, f"worker {decision.worker_id} sent nothing for {silent:.0f}s",
                                            type="server_error", code="worker_timeout") from None
@@ -203,60 +213,74 @@ class Generation:
                         raise ApiError(503, f"lost the message bus mid-request: {e}", type="service_unavailable",
                                        code="bus_unavailable") from None
                     silent = 0.0
-                    # Coalesce: chunks that piled up while we were busy go out as one delta.
-                    reply = _merge([generate_reply_decoder.decode(m.data) for m in (msg, *inbox.ready())])
-                    if isinstance(reply, GenerateError):
-                        if reply.code == 503:  # worker full or draining: try another
+                    # Coalesce: chunks that piled up while we were busy go out as one delta per choice.
+                    for reply in _merge([generate_reply_decoder.decode(m.data) for m in (msg, *inbox.ready())]):
+                        if isinstance(reply, GenerateError):
+                            if reply.code == 503:  # worker full or draining: try another
+                                finished = True
+                                raise _Migrate("worker busy")
                             finished = True
-                            raise _Migrate("worker busy")
-                        finished = True
-                        raise ApiError(reply.code, reply.message,
-                                       type="invalid_request_error" if reply.code < 500 else "server_error")
-                    assert isinstance(reply, TokenChunk)
-                    if not generated and reply.token_ids:
-                        metrics.TTFT.observe(time.perf_counter() - t0)
-                    if reply.usage is not None:
-                        cached_tokens = max(cached_tokens, reply.usage.cached_tokens)
-                    if reply.finish_reason in ("abort", "error"):
-                        finished = True
-                        raise _Migrate(f"worker {reply.finish_reason}")
-                    generated.extend(reply.token_ids)
-                    text = detok.add(reply.token_ids) if reply.token_ids else ""
-                    if reply.finish_reason is not None:
-                        text += detok.flush()
-                    text, stopped = matcher.push(text)
-                    usage = Usage(prompt_tokens=len(token_ids), completion_tokens=len(generated),
-                                  cached_tokens=cached_tokens)
-                    if stopped:
-                        if reply.finish_reason is None:
-                            await self._cancel(decision, request_id, "stop string")
-                        finished = True
-                        yield Delta(text, reply.token_ids, "stop", usage, decision.worker_id)
-                        return
-                    if reply.finish_reason is not None:
-                        finished = True
-                        text += matcher.flush()
-                        yield Delta(text, reply.token_ids, reply.finish_reason, usage, decision.worker_id)
-                        return
-                    if text or reply.token_ids:
-                        yield Delta(text, reply.token_ids, worker_id=decision.worker_id)
+                            raise ApiError(reply.code, reply.message,
+                                           type="invalid_request_error" if reply.code < 500 else "server_error")
+                        assert isinstance(reply, TokenChunk)
+                        if not any(generated) and reply.token_ids:
+                            metrics.TTFT.observe(time.perf_counter() - t0)
+                        worker_done = reply.usage is not None  # the worker's last chunk of the request
+                        if reply.usage is not None:
+                            cached_tokens = max(cached_tokens, reply.usage.cached_tokens)
+                        if reply.finish_reason in ("abort", "error"):
+                            finished = True
+                            raise _Migrate(f"worker {reply.finish_reason}")
+                        c = reply.choice
+                        if not 0 <= c < n or done[c]:  # a choice cut by a stop string: drop the rest
+                            continue
+                        generated[c].extend(reply.token_ids)
+                        text = detoks[c].add(reply.token_ids) if reply.token_ids else ""
+                        if reply.finish_reason is not None:
+                            text += detoks[c].flush()
+                        text, stopped = matchers[c].push(text)
+                        prompt_lp = reply.prompt_logprobs
+                        prompt_sent = prompt_sent or bool(prompt_lp)
+                        if stopped or reply.finish_reason is not None:
+                            done[c] = True
+                            if not stopped:
+                                text += matchers[c].flush()
+                            last = all(done)
+                            usage = None
+                            if last:
+                                usage = Usage(prompt_tokens=len(token_ids), completion_tokens=sum(map(len, generated)),
+                                              cached_tokens=cached_tokens)
+                                if not worker_done:
+                                    await self._cancel(decision, request_id, "stop string")
+                                finished = True
+                            yield Delta(text, reply.token_ids, "stop" if stopped else reply.finish_reason, usage,
+                                        decision.worker_id, c, reply.logprobs, prompt_lp)
+                            if last:
+                                return
+                        elif text or reply.token_ids:
+                            yield Delta(text, reply.token_ids, worker_id=decision.worker_id, choice=c,
+                                        logprobs=reply.logprobs, prompt_logprobs=prompt_lp)
             except _Migrate as m:
                 tracing.end(gen_span, error=m.reason)
                 gen_span = None
                 exclude.append(decision.worker_id)
                 failures += 1
+                if n > 1 and any(generated):
+                    # Diverged choices cannot resume from one prompt: fail rather than repeat text.
+                    raise ApiError(503, f"the worker failed mid-request ({m.reason}); a request with n > 1 "
+                                   "cannot be resumed elsewhere", type="service_unavailable", code="no_worker") from None
                 budget = s.max_migrations if generated else max(s.max_migrations, s.max_route_attempts)
                 if failures > budget:
                     raise ApiError(503, f"request failed on {failures} workers ({m.reason})",
                                    type="service_unavailable", code="no_worker") from None
                 MIGRATIONS.labels(m.reason).inc()
                 log.warning("request %s: %s on %s after %d tokens; migrating", request_id, m.reason,
-                            decision.worker_id, len(generated))
+                            decision.worker_id, len(generated[0]))
                 if not finished:
                     await self._cancel(decision, request_id, "migrated")
                     finished = True
             finally:
-                tracing.end(gen_span, **{"gen_ai.usage.output_tokens": len(generated)})
+                tracing.end(gen_span, **{"gen_ai.usage.output_tokens": sum(map(len, generated))})
                 self.bus.inbox.close(request_id)
                 if not finished:
                     await self._cancel(decision, request_id, "caller left")
@@ -269,16 +293,19 @@ class Generation:
                 log.debug("cancel of %s failed: %r", request_id, e)
 
 
-def _merge(replies: list[TokenChunk | GenerateError]) -> TokenChunk | GenerateError:
-    if len(replies) == 1:
-        return replies[0]
+def _merge(replies: list[TokenChunk | GenerateError]) -> list[TokenChunk | GenerateError]:
+    """Join runs of consecutive chunks of the same choice (an error ends the list)."""
+    out: list[TokenChunk | GenerateError] = []
     for r in replies:
         if isinstance(r, GenerateError):
-            return r
-    first, last = replies[0], replies[-1]
-    assert isinstance(first, TokenChunk) and isinstance(last, TokenChunk)
-    tokens: list[int] = []
-    for r in replies:
-        tokens.extend(r.token_ids)  # type: ignore[union-attr]
-    return TokenChunk(request_id=first.request_id, index=first.index, token_ids=tokens,
-                      finish_reason=last.finish_reason, usage=last.usage)
+            out.append(r)
+            return out
+        prev = out[-1] if out else None
+        if (isinstance(prev, TokenChunk) and prev.choice == r.choice and prev.finish_reason is None
+                and not r.prompt_logprobs):
+            out[-1] = TokenChunk(request_id=prev.request_id, index=prev.index, token_ids=prev.token_ids + r.token_ids,
+                                 finish_reason=r.finish_reason, usage=r.usage, choice=r.choice,
+                                 logprobs=prev.logprobs + r.logprobs, prompt_logprobs=prev.prompt_logprobs)
+        else:
+            out.append(r)
+    return out

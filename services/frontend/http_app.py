@@ -21,19 +21,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.frontend import metrics
 from services.frontend.access import AccessControl
+from services.frontend.choices import DEFAULT_MAX_N, ChoiceShaper, advanced_sampling
 from services.frontend.generation import Delta, Generation
 from services.frontend.openai_api import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
-    chat_chunk,
     chat_decoder,
     chat_messages,
-    chat_response,
-    completion_chunk,
     completion_decoder,
     completion_prompt,
-    completion_response,
     decode_request,
     detokenize_decoder,
     parse_stops,
@@ -101,6 +98,7 @@ class OpenAIApp:
         access: AccessControl | None = None,
         max_prompt_tokens: int = 0,
         body_timeout: float = 30.0,
+        max_n: int = DEFAULT_MAX_N,
     ) -> None:
         self.generation = generation
         self.tokenizer = generation.tokenizer
@@ -112,6 +110,7 @@ class OpenAIApp:
         self.access = access
         self.max_prompt_tokens = max_prompt_tokens  # 0: only the context length bounds a prompt
         self.body_timeout = body_timeout  # seconds a client has to send the whole body
+        self.max_n = max_n  # cap on n and best_of (400 above it)
         self.inflight = 0
         self.created = int(time.time())
 
@@ -291,6 +290,7 @@ class OpenAIApp:
                 raise ApiError(400, f"the chat template refused these messages: {e}", param="messages") from None
             max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
             rid = f"chatcmpl-{uuid.uuid4().hex}"
+            prompt_text = ""
         else:
             req = decode_request(body, completion_decoder)
             assert isinstance(req, CompletionRequest)
@@ -308,13 +308,19 @@ class OpenAIApp:
                 raise ApiError(400, "prompt must not be empty", param="prompt")
             max_tokens = req.max_tokens if req.max_tokens is not None else 16  # OpenAI's default
             rid = f"cmpl-{uuid.uuid4().hex}"
+            prompt_text = prompt if isinstance(prompt, str) else ""
+            if req.echo and not isinstance(prompt, str):
+                prompt_text = self.tokenizer.decode(token_ids, skip_special_tokens=False)
         bind_request(rid, tracing.trace_id_of(root))  # this request's log lines (and access line) carry it
         if self.max_prompt_tokens and len(token_ids) > self.max_prompt_tokens:
             raise ApiError(400, f"the prompt has {len(token_ids)} tokens; this endpoint accepts at most "
                            f"{self.max_prompt_tokens}", param="messages" if chat else "prompt",
                            code="prompt_too_long")
         stops = parse_stops(req.stop)
-        sampling = sampling_from(req, max_tokens, len(token_ids), self.max_model_len, self.tokenizer.vocab_size)
+        sampling = sampling_from(req, max_tokens, len(token_ids), self.max_model_len, max_n=self.max_n,
+                                 vocab_size=self.tokenizer.vocab_size)
+        _, plan = advanced_sampling(req, chat, bool(req.stream), self.max_n, self.tokenizer.vocab_size)
+        shaper = ChoiceShaper(self.tokenizer, plan, chat, rid, self.model, prompt_text, token_ids)
         metrics.INPUT_TOKENS.observe(len(token_ids))
         tracing.event(root, "tokenized")
         if root is not None:
@@ -328,32 +334,30 @@ class OpenAIApp:
                                      skip_special_tokens=req.skip_special_tokens is not False)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return await self._stream(chat, rid, deltas, include_usage, receive, send, trace_header)
-        return await self._complete(chat, rid, deltas, receive, send, trace_header)
+            return await self._stream(chat, rid, deltas, include_usage, receive, send, trace_header, shaper)
+        return await self._complete(chat, rid, deltas, receive, send, trace_header, shaper)
 
     async def _complete(self, chat: bool, rid: str, deltas: Any, receive: Receive, send: Send,
-                        extra_headers: list[tuple[bytes, bytes]]) -> int:
-        parts: list[str] = []
+                        extra_headers: list[tuple[bytes, bytes]], shaper: ChoiceShaper) -> int:
         final: Delta | None = None
 
         async def collect() -> None:
             nonlocal final
             async with aclosing(deltas) as it:
                 async for d in it:
-                    parts.append(d.text)
+                    shaper.add(d)
                     final = d
 
         await _run_unless_disconnected(collect, receive)
         assert final is not None and final.finish_reason is not None
         usage = final.usage or Usage()
         metrics.OUTPUT_TOKENS.observe(usage.completion_tokens)
-        text = "".join(parts)
-        body = (chat_response if chat else completion_response)(rid, self.model, text, final.finish_reason, usage)
+        body = shaper.body(usage)
         return await self._send_json(send, 200, body, [*_JSON_HEADERS, (b"x-request-id", rid.encode()), *extra_headers])
 
     async def _stream(self, chat: bool, rid: str, deltas: Any, include_usage: bool, receive: Receive, send: Send,
-                      extra_headers: list[tuple[bytes, bytes]]) -> int:
-        created = int(time.time())
+                      extra_headers: list[tuple[bytes, bytes]], shaper: ChoiceShaper) -> int:
+        created = shaper.created
         started = False
         obj = "chat.completion.chunk" if chat else "text_completion"
 
@@ -380,23 +384,16 @@ class OpenAIApp:
                     if first:
                         worker = d.worker_id
                         await start()  # errors before the first token still get a proper status
-                        if chat:
-                            await event(chat_chunk(rid, self.model, created, {"role": "assistant", "content": ""}, None))
+                        for payload in shaper.stream_start():
+                            await event(payload)
                         first = False
                     now = time.perf_counter()
                     metrics.ITL.observe(now - last)
                     last = now
-                    if d.text or d.finish_reason is None:
-                        if chat:
-                            await event(chat_chunk(rid, self.model, created, {"content": d.text}, None))
-                        else:
-                            await event(completion_chunk(rid, self.model, created, d.text, None))
-                    if d.finish_reason is not None:
-                        if chat:
-                            await event(chat_chunk(rid, self.model, created, {}, d.finish_reason))
-                        else:
-                            await event(completion_chunk(rid, self.model, created, "", d.finish_reason))
-                        usage = d.usage or Usage()
+                    for payload in shaper.stream_delta(d):
+                        await event(payload)
+                    if d.usage is not None:  # the request's last delta (every choice finished)
+                        usage = d.usage
                         metrics.OUTPUT_TOKENS.observe(usage.completion_tokens)
                         if include_usage:
                             await event(usage_chunk(rid, self.model, created, obj, usage))

@@ -218,13 +218,13 @@ FIELDS: dict[str, Rule] = {
     "ignore_eos": Rule(HONOURED),
     "include_stop_str_in_output": Rule(HONOURED),
     "skip_special_tokens": Rule(HONOURED),
-    "n": Rule(I13E, noop=(1,)),
-    "presence_penalty": Rule(I13E, noop=(0.0,)),
-    "frequency_penalty": Rule(I13E, noop=(0.0,)),
-    "repetition_penalty": Rule(I13E, noop=(1.0,)),
-    "logit_bias": Rule(I13E, noop=({},)),
-    "min_p": Rule(I13E, noop=(0.0,)),
-    "logprobs": Rule(I13E, noop=(False,)),  # chat: bool; completions: int (0 asks for the chosen token's)
+    "n": Rule(HONOURED, noop=(1,)),
+    "presence_penalty": Rule(HONOURED, noop=(0.0,)),
+    "frequency_penalty": Rule(HONOURED, noop=(0.0,)),
+    "repetition_penalty": Rule(HONOURED, noop=(1.0,)),
+    "logit_bias": Rule(HONOURED, noop=({},)),
+    "min_p": Rule(HONOURED, noop=(0.0,)),
+    "logprobs": Rule(HONOURED, noop=(False,)),  # chat: bool; completions: int (0 asks for the chosen token's)
     "structured_outputs": Rule(I13S),
     "guided_json": Rule(I13S),
     "guided_regex": Rule(I13S),
@@ -234,7 +234,7 @@ FIELDS: dict[str, Rule] = {
     # chat only
     "messages": Rule(HONOURED, on="chat"),
     "max_completion_tokens": Rule(HONOURED, on="chat"),
-    "top_logprobs": Rule(I13E, noop=(0,), on="chat"),
+    "top_logprobs": Rule(HONOURED, noop=(0,), on="chat"),
     "tools": Rule(I13S, noop=([],), on="chat"),
     "tool_choice": Rule(I13S, noop=("none", "auto"), on="chat"),
     "parallel_tool_calls": Rule(I13S, noop=(True,), on="chat"),
@@ -256,8 +256,8 @@ FIELDS: dict[str, Rule] = {
     "moderation": Rule(REFUSED, on="chat", why="Baton runs no moderation"),
     # completions only
     "prompt": Rule(HONOURED, on="completions"),
-    "echo": Rule(I13E, noop=(False,), on="completions"),
-    "best_of": Rule(I13E, noop=(1,), on="completions"),
+    "echo": Rule(HONOURED, noop=(False,), on="completions"),
+    "best_of": Rule(HONOURED, noop=(1,), on="completions"),
     "suffix": Rule(REFUSED, noop=("",), on="completions", why="fill-in-the-middle is not implemented"),
 }
 
@@ -360,39 +360,6 @@ def parse_stops(stop: str | list[str] | None) -> list[str]:
     return [s for s in stops if s]
 
 
-def _logprobs_wanted(req: _Common) -> int:
-    """SamplingParams.logprobs: -1 none, else how many alternatives per token."""
-    if isinstance(req, ChatCompletionRequest):
-        if not req.logprobs:
-            if req.top_logprobs:
-                raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-            return -1
-        k = req.top_logprobs or 0
-        if not 0 <= k <= 20:
-            raise ApiError(400, "top_logprobs must be between 0 and 20", param="top_logprobs")
-        return k
-    if req.logprobs is None:  # type: ignore[attr-defined]
-        return -1
-    if not 0 <= req.logprobs <= 5:  # type: ignore[attr-defined]
-        raise ApiError(400, "logprobs must be between 0 and 5", param="logprobs")
-    return req.logprobs  # type: ignore[attr-defined]
-
-
-def _bias(req: _Common, vocab_size: int) -> dict[int, float]:
-    out: dict[int, float] = {}
-    for key, value in (req.logit_bias or {}).items():
-        try:
-            tid = int(key)
-        except ValueError:
-            raise ApiError(400, f"logit_bias keys must be token ids (got {key!r})", param="logit_bias") from None
-        if vocab_size and not 0 <= tid < vocab_size:
-            raise ApiError(400, f"logit_bias token id {tid} is not in [0, {vocab_size})", param="logit_bias")
-        if not -100 <= value <= 100:
-            raise ApiError(400, "logit_bias values must be between -100 and 100", param="logit_bias")
-        out[tid] = float(value)
-    return out
-
-
 def _in_range(name: str, value: float | None, lo: float, hi: float, default: float) -> float:
     if value is None:
         return default
@@ -401,9 +368,15 @@ def _in_range(name: str, value: float | None, lo: float, hi: float, default: flo
     return value
 
 
-def sampling_from(req: _Common, max_tokens: int | None, prompt_len: int, max_model_len: int,
-                  vocab_size: int = 0) -> SamplingParams:
-    """Check the knobs and build SamplingParams; every rejection names its parameter."""
+def sampling_from(req: _Common, max_tokens: int | None, prompt_len: int, max_model_len: int, *,
+                  max_n: int = 16, vocab_size: int = 0) -> SamplingParams:
+    """Check the knobs and build SamplingParams; every rejection names its parameter.
+
+    n, best_of, logprobs, echo, penalties, logit_bias and min_p are mapped by
+    ``services.frontend.choices.advanced_sampling`` (which also plans the response's shape)."""
+    from services.frontend.choices import advanced_sampling
+
+    extra, _ = advanced_sampling(req, isinstance(req, ChatCompletionRequest), bool(req.stream), max_n, vocab_size)
     temperature = _in_range("temperature", req.temperature, 0.0, 2.0, 1.0)
     top_p = _in_range("top_p", req.top_p, 0.0, 1.0, 1.0)
     if top_p == 0.0:  # OpenAI allows 0: the smallest nucleus is the most likely token, i.e. greedy
@@ -411,9 +384,6 @@ def sampling_from(req: _Common, max_tokens: int | None, prompt_len: int, max_mod
     top_k = req.top_k or 0
     if top_k < 0 and top_k != -1:
         raise ApiError(400, "top_k must be -1, 0 or positive", param="top_k")
-    n = 1 if req.n is None else req.n
-    if n < 1:
-        raise ApiError(400, "n must be at least 1", param="n")
     room = max_model_len - prompt_len
     if room <= 0:
         raise ApiError(
@@ -439,25 +409,16 @@ def sampling_from(req: _Common, max_tokens: int | None, prompt_len: int, max_mod
         raise ApiError(400, "min_tokens must be between 0 and max_tokens", param="min_tokens")
     if req.seed is not None and not -(2**63) <= req.seed < 2**63:
         raise ApiError(400, "seed must fit in 64 bits", param="seed")
-    echo = isinstance(req, CompletionRequest) and bool(req.echo)
-    logprobs = _logprobs_wanted(req)
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=temperature,
         top_p=top_p,
         top_k=max(top_k, 0),
-        min_p=_in_range("min_p", req.min_p, 0.0, 1.0, 0.0),
         seed=req.seed,
         stop_token_ids=list(req.stop_token_ids or []),
         ignore_eos=bool(req.ignore_eos),
         min_tokens=min_tokens,
-        presence_penalty=_in_range("presence_penalty", req.presence_penalty, -2.0, 2.0, 0.0),
-        frequency_penalty=_in_range("frequency_penalty", req.frequency_penalty, -2.0, 2.0, 0.0),
-        repetition_penalty=_in_range("repetition_penalty", req.repetition_penalty, 0.01, 10.0, 1.0),
-        logit_bias=_bias(req, vocab_size),
-        logprobs=logprobs,
-        prompt_logprobs=logprobs if echo and logprobs >= 0 else -1,
-        n=n,
+        **extra,
     )
 
 

@@ -46,6 +46,7 @@ class FrontendSettings:
     address_rate_limit_rpm: float = 0.0  # per client address, before authentication; 0: off
     body_timeout: float = 30.0  # seconds a client has to send a request's body
     max_prompt_tokens: int = 0
+    max_n: int = 16  # cap on n / best_of per request (400 above it)
     discovery_ttl: float = DEFAULT_TTL
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     access_log: bool = False  # one log line per HTTP request (services/frontend/access_log.py)
@@ -161,7 +162,7 @@ class Frontend:
             generation = Generation(self.bus, self.tokenizer, self.model, s.generation)
             access = self.access if self.access.enabled else None
             app = OpenAIApp(generation, self.model, self.max_model_len, self.ready, s.max_body_bytes,
-                            s.max_inflight, access, s.max_prompt_tokens, s.body_timeout)
+                            s.max_inflight, access, s.max_prompt_tokens, s.body_timeout, max_n=s.max_n)
             nats_api = NatsApi(self.bus, generation, self.model, self.max_model_len, access)
             if s.access_log:
                 app = AccessLog(app)

@@ -63,6 +63,25 @@ class EngineOutput:
     prompt_logprobs: list[PositionLogprobs] | None = None  # once, with a request's first output
 
 
+class ChoiceTracker:
+    """Tells when a request's output stream is over: every one of its ``n`` choices has finished,
+    or the request as a whole failed (an error or an abort ends all choices at once)."""
+
+    __slots__ = ("done", "n")
+
+    def __init__(self, n: int) -> None:
+        self.n = max(1, n)
+        self.done: set[int] = set()
+
+    def ends(self, out: EngineOutput) -> bool:
+        if out.finish_reason is None:
+            return False
+        if out.error or out.finish_reason in ("abort", "error") or self.n == 1:
+            return True
+        self.done.add(out.choice)
+        return len(self.done) >= self.n
+
+
 @dataclass(slots=True)
 class EngineStats:
     kv_blocks_used: int = 0

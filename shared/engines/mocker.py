@@ -26,10 +26,18 @@ import logging
 import os
 from collections.abc import AsyncIterator
 
-from shared.engines.base import Engine, EngineConfig, EngineOutput, EngineStats, OutputQueues, ViewBlockIO
+from shared.engines.base import (
+    ChoiceTracker,
+    Engine,
+    EngineConfig,
+    EngineOutput,
+    EngineStats,
+    OutputQueues,
+    ViewBlockIO,
+)
 from shared.engines.kv_cache import default_num_blocks
 from shared.engines.scheduler import Request, ScheduledBatch, Scheduler
-from shared.messages import SamplingParams
+from shared.messages import PositionLogprobs, SamplingParams, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +117,7 @@ class MockerEngine(Engine):
             eos_token_ids=facts.eos_token_ids,
             max_model_len=facts.max_model_len,
             kv_events=self.kv_events,
+            make_state=self._state_for,
         )
         self._queues = OutputQueues()
         self._wake = asyncio.Event()
@@ -169,7 +178,14 @@ class MockerEngine(Engine):
                 token = (token + 1) % vocab
             sampled.append(token)
         self._stamp(batch)
-        self._queues.put(sched.update(batch, sampled))
+        logprobs = [self._fake_logprobs(req.state, t, req.sampling.logprobs) if req.sampling.logprobs >= 0 else None
+                    for req, t in zip(batch.samplers, sampled, strict=True)]
+        for req in batch.samplers:
+            if req.sampling.prompt_logprobs >= 0 and req.choice == 0 and req.num_output_tokens == 0:
+                prompt = req.token_ids[1 : req.num_prompt_tokens]
+                req.prompt_logprobs = [self._fake_logprobs(req.state ^ i, t, req.sampling.prompt_logprobs)
+                                       for i, t in enumerate(prompt)]
+        self._queues.put(sched.update(batch, sampled, logprobs))
         self.num_steps += 1
         self.num_computed_tokens += batch.num_tokens
         return (
@@ -201,19 +217,17 @@ class MockerEngine(Engine):
                 first = added  # an error, or an adopted request's first token
                 added = sched.requests.get(request_id) if added.finish_reason is None else None
             if added is not None:
-                # Same seed, same tokens; unseeded requests vary with their prompt.
-                added.state = _mix64(
-                    sampling.seed if sampling.seed is not None else hash(tuple(token_ids)) & _MASK64
-                )
+                added.state = self._state_for(added)
                 self._wake.set()
+            tracker = ChoiceTracker(sampling.n)
             if first is not None:
-                finished = first.finish_reason is not None
+                finished = tracker.ends(first)
                 yield first
                 if finished:
                     return
             while True:
                 out = await queue.get()
-                finished = out.finish_reason is not None
+                finished = tracker.ends(out)
                 yield out
                 if finished:
                     return
@@ -221,6 +235,25 @@ class MockerEngine(Engine):
             self._queues.close(request_id)
             if not finished:
                 self.abort(request_id)
+
+    @staticmethod
+    def _state_for(req: Request) -> int:
+        """Same seed, same tokens; unseeded requests vary with their prompt; each choice its own."""
+        sp = req.sampling
+        base = sp.seed if sp.seed is not None else hash(tuple(req.token_ids[: req.num_prompt_tokens]))
+        return _mix64((base + req.choice * 0x9E3779B97F4A7C15) & _MASK64)
+
+    def _fake_logprobs(self, state: int, token: int, top: int) -> PositionLogprobs:
+        """Well-formed, made-up logprobs: the token's is in (-1, 0], the top list (the token first,
+        then other ordinary tokens) strictly decreasing, ``top`` entries long."""
+        lp = -(_mix64(state ^ token) % 1000) / 1000.0
+        alts: list[TokenLogprob] = []
+        t = token
+        while len(alts) < top:
+            if t not in self._avoid:
+                alts.append(TokenLogprob(t, lp - 0.5 * len(alts)))
+            t = (t + 1) % self.vocab_size
+        return PositionLogprobs(TokenLogprob(token, lp), alts)
 
     def abort(self, request_id: str) -> None:
         out = self.scheduler.abort(request_id)

@@ -22,7 +22,7 @@ blocks from the event loop only under the lock that thread schedules under.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from shared.engines.base import EngineOutput, EngineStats, KvEventBuffer
@@ -38,6 +38,7 @@ class Request:
     __slots__ = (
         "block_hashes",
         "blocks",
+        "choice",
         "hold",
         "max_tokens",
         "min_tokens",
@@ -45,6 +46,9 @@ class Request:
         "num_cached_tokens",
         "num_computed_tokens",
         "num_prompt_tokens",
+        "output_id",
+        "pending_forks",
+        "prompt_logprobs",
         "request_id",
         "sampling",
         "state",
@@ -71,6 +75,12 @@ class Request:
         self.status = WAITING
         self.hold = False  # prefill worker: keep the blocks once the first token is sampled
         self.state: Any = None  # engine-private per-request state (sampler, token stream)
+        # n > 1: choice 0 is this request; once its prompt is computed, n - 1 forks share its
+        # full prompt blocks. Outputs carry ``output_id`` (the caller's id) and ``choice``.
+        self.output_id = request_id
+        self.choice = 0
+        self.pending_forks = max(0, sampling.n - 1)
+        self.prompt_logprobs: list[Any] | None = None  # set by the engine; sent with the first output
 
     @property
     def num_output_tokens(self) -> int:
@@ -117,6 +127,7 @@ class Scheduler:
         max_model_len: int | None = None,
         vocab_size: int | None = None,
         kv_events: KvEventBuffer | None = None,
+        make_state: Callable[[Request], Any] | None = None,
     ) -> None:
         if max_num_seqs <= 0 or max_batched_tokens <= 0:
             raise ValueError("max_num_seqs and max_batched_tokens must be positive")
@@ -133,6 +144,9 @@ class Scheduler:
         self.requests: dict[str, Request] = {}  # waiting or running
         self.reserved: dict[str, Request] = {}  # decode side: blocks awaiting a remote prefill's KV
         self.held: dict[str, Request] = {}  # prefill side: prefilled, blocks kept until sent
+        self.groups: dict[str, list[Request]] = {}  # n > 1: caller's id -> its forked choices
+        self.make_state = make_state  # the engine's per-request state for a forked choice
+        self.forked_blocks = 0  # prompt blocks shared by forks instead of computed again
         self.num_preemptions = 0
         self.prompt_tokens = 0  # cumulative, over admitted requests
 
@@ -162,7 +176,8 @@ class Scheduler:
         return req
 
     def _known(self, request_id: str) -> bool:
-        return request_id in self.requests or request_id in self.reserved or request_id in self.held
+        return (request_id in self.requests or request_id in self.reserved or request_id in self.held
+                or request_id in self.groups)
 
     def _stop_ids(self, sampling: SamplingParams) -> frozenset[int]:
         stop_ids = frozenset(sampling.stop_token_ids)
@@ -182,6 +197,10 @@ class Scheduler:
             return f"token ids must be in [0, {self.vocab_size})"
         if sampling.temperature < 0 or not 0 < sampling.top_p <= 1 or sampling.top_k < 0:
             return "bad sampling parameters: need temperature >= 0, 0 < top_p <= 1, top_k >= 0"
+        if sampling.n < 1 or not 0 <= sampling.min_p <= 1 or sampling.repetition_penalty <= 0:
+            return "bad sampling parameters: need n >= 1, 0 <= min_p <= 1, repetition_penalty > 0"
+        if self.vocab_size is not None and any(not 0 <= t < self.vocab_size for t in sampling.logit_bias):
+            return f"logit_bias token ids must be in [0, {self.vocab_size})"
         return None
 
     def abort(self, request_id: str) -> EngineOutput | None:
@@ -190,6 +209,17 @@ class Scheduler:
         A reservation is left alone: a KV transfer may be writing into it, and only its owner
         knows when that has stopped (:meth:`release_reserved`).
         """
+        group = self.groups.pop(request_id, None)
+        if group is not None:  # n > 1: every choice still running goes, one output for them all
+            out = None
+            for member in group:
+                if member.request_id in self.requests:
+                    out = self.abort(member.request_id) or out
+            first = self.abort(request_id) if request_id in self.requests else None
+            out = first or out
+            if out is not None:
+                out.choice = 0
+            return out
         req = self.requests.pop(request_id, None)
         if req is None:
             held = self.release_held(request_id)
@@ -338,7 +368,8 @@ class Scheduler:
             waiting = self.waiting
             while waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 req = waiting[0]
-                hit = kv.lookup_prefix(req)
+                # Prompt logprobs need every prompt position computed: no prefix-cache hit.
+                hit = kv.lookup_prefix(req) if req.sampling.prompt_logprobs < 0 else []
                 computed = len(hit) * self.block_size
                 n = min(len(req.token_ids) - computed, budget)
                 if not kv.allocate_slots(req, n, hit):
@@ -362,8 +393,11 @@ class Scheduler:
         self.waiting.appendleft(req)
         self.num_preemptions += 1
 
-    def update(self, batch: ScheduledBatch, sampled: list[int]) -> list[EngineOutput]:
-        """Record a computed step: ``sampled[i]`` is the new token of ``batch.samplers[i]``."""
+    def update(
+        self, batch: ScheduledBatch, sampled: list[int], logprobs: list[Any] | None = None
+    ) -> list[EngineOutput]:
+        """Record a computed step: ``sampled[i]`` is the new token of ``batch.samplers[i]``
+        (``logprobs[i]`` its PositionLogprobs, or None)."""
         kv = self.kv
         block_size = self.block_size
         for req, n in batch.entries:
@@ -374,9 +408,11 @@ class Scheduler:
                 kv.cache_computed(req)
         outputs: list[EngineOutput] = []
         finished = False
-        for req, token in zip(batch.samplers, sampled, strict=True):
+        for i, (req, token) in enumerate(zip(batch.samplers, sampled, strict=True)):
             if req.status != RUNNING:  # aborted while the step ran
                 continue
+            if req.pending_forks and not req.hold:
+                self._fork(req)  # the prompt is computed: its choices share its blocks from here
             req.token_ids.append(token)
             reason = self._finish_reason(req, token)
             if req.hold and reason is None:
@@ -389,12 +425,49 @@ class Scheduler:
                     self.held[req.request_id] = req  # blocks kept until they have been sent
                 else:
                     kv.free(req)
-            outputs.append(
-                EngineOutput(req.request_id, [token], reason, req.num_prompt_tokens, req.num_cached_tokens)
-            )
+                    self._leave_group(req)
+            out = EngineOutput(req.output_id, [token], reason, req.num_prompt_tokens, req.num_cached_tokens,
+                               choice=req.choice)
+            if logprobs is not None and logprobs[i] is not None:
+                out.logprobs = [logprobs[i]]
+            if req.prompt_logprobs is not None:
+                out.prompt_logprobs, req.prompt_logprobs = req.prompt_logprobs, None
+            outputs.append(out)
         if finished:
             self.running = [r for r in self.running if r.status == RUNNING]
         return outputs
+
+    def _fork(self, parent: Request) -> None:
+        """Start choices 1..n-1 of ``parent``: each takes a reference to its full prompt blocks and
+        recomputes only the prompt's last, partly filled block (at most ``block_size`` tokens), so
+        it gets its own logits row and its own first draw. They join the running batch at once."""
+        n_forks, parent.pending_forks = parent.pending_forks, 0
+        bs = self.block_size
+        full = (parent.num_prompt_tokens - 1) // bs
+        shared = parent.blocks[:full]
+        group = self.groups.setdefault(parent.output_id, [parent])
+        for c in range(1, n_forks + 1):
+            child = Request(f"{parent.output_id}\x1f{c}", parent.token_ids[: parent.num_prompt_tokens],
+                            parent.sampling, parent.stop_ids)
+            child.output_id, child.choice, child.pending_forks = parent.output_id, c, 0
+            self.kv.pool.take(shared)
+            child.blocks = list(shared)
+            child.block_hashes = parent.block_hashes[:full]
+            child.num_cached_blocks = min(parent.num_cached_blocks, full)
+            child.num_computed_tokens = full * bs
+            child.num_cached_tokens = parent.num_cached_tokens
+            child.status = RUNNING
+            if self.make_state is not None:
+                child.state = self.make_state(child)
+            self.requests[child.request_id] = child
+            self.running.append(child)  # past max_num_seqs if need be: choices run together
+            group.append(child)
+            self.forked_blocks += full
+
+    def _leave_group(self, req: Request) -> None:
+        group = self.groups.get(req.output_id)
+        if group is not None and all(m.status == FINISHED for m in group):
+            del self.groups[req.output_id]
 
     def _finish_reason(self, req: Request, token: int) -> str | None:
         """Why a request ends now that ``token`` is its last token, or None."""
@@ -408,7 +481,7 @@ class Scheduler:
 
     def _output(self, req: Request, token_ids: list[int], reason: str | None) -> EngineOutput:
         return EngineOutput(
-            req.request_id, token_ids, reason, req.num_prompt_tokens, max(req.num_cached_tokens, 0)
+            req.output_id, token_ids, reason, req.num_prompt_tokens, max(req.num_cached_tokens, 0), choice=req.choice
         )
 
     # --- accounting --------------------------------------------------------------------------

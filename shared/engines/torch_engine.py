@@ -35,10 +35,18 @@ if "torch" not in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "30000")
 import torch
 
-from shared.engines.base import Engine, EngineConfig, EngineOutput, EngineStats, OutputQueues, ViewBlockIO
+from shared.engines.base import (
+    ChoiceTracker,
+    Engine,
+    EngineConfig,
+    EngineOutput,
+    EngineStats,
+    OutputQueues,
+    ViewBlockIO,
+)
 from shared.engines.kv_cache import default_num_blocks
-from shared.engines.sampling import Sampler
-from shared.engines.scheduler import ScheduledBatch, Scheduler
+from shared.engines.sampling import Sampler, SampleResult, prompt_position_logprobs
+from shared.engines.scheduler import Request, ScheduledBatch, Scheduler
 from shared.engines.torch_model import LlamaModel, ModelArgs, StepInputs, load_model
 from shared.messages import SamplingParams
 from shared.models import resolve_dtype, resolve_model
@@ -138,6 +146,7 @@ class TorchEngine(Engine):
             max_model_len=args.max_position_embeddings,
             vocab_size=args.vocab_size,
             kv_events=self.kv_events,
+            make_state=self.sampler.state_for,
         )
         windows = {w for w in args.sliding_windows if w is not None}
         if len(windows) > 1:
@@ -263,7 +272,7 @@ class TorchEngine(Engine):
             self._queues.put_threadsafe(outputs)
             return
         with self._lock:
-            outputs += sched.update(batch, sampled)
+            outputs += sched.update(batch, sampled.tokens, sampled.logprobs)
         self.num_steps += 1
         self.num_computed_tokens += batch.num_tokens
         self._queues.put_threadsafe(outputs)
@@ -298,14 +307,45 @@ class TorchEngine(Engine):
                     outputs.append(out)
         return outputs
 
-    def _execute(self, batch: ScheduledBatch) -> list[int]:
+    def _execute(self, batch: ScheduledBatch) -> SampleResult:
         model, sampler = self.model, self.sampler
         assert model is not None and sampler is not None
-        logits = model.forward(self._prepare(batch))
-        return sampler.sample(logits, batch.samplers)
+        segments: list[tuple[Request, int, int, int]] = []
+        sample_rows: list[int] = []
+        logits = model.forward(self._prepare(batch, segments, sample_rows))
+        if logits.device.type != "cpu":  # the sampler and its per-request generators live on the CPU
+            logits = logits.cpu()
+        if segments:
+            self._gather_prompt_logprobs(logits, segments)
+            logits = logits[sample_rows]
+        return sampler.step(logits, batch.samplers)
 
-    def _prepare(self, batch: ScheduledBatch) -> StepInputs:
-        """Flatten a scheduled batch into the model's step tensors."""
+    @staticmethod
+    def _gather_prompt_logprobs(logits: torch.Tensor, segments: list[tuple[Request, int, int, int]]) -> None:
+        """Logits row ``first + j`` of a segment predicted prompt token ``start + j + 1``."""
+        for req, start, n, first in segments:
+            st = req.state
+            if st.prompt_logprobs is None:
+                continue
+            if start == 0:
+                st.prompt_logprobs = []  # (re)computed from the start, e.g. after a preemption
+            end = min(start + n, req.num_prompt_tokens - 1)
+            if end > start:
+                st.prompt_logprobs += prompt_position_logprobs(
+                    logits[first : first + end - start], req.token_ids[start + 1 : end + 1], req.sampling.prompt_logprobs)
+            if start + n == req.num_prompt_tokens:  # sent with the first output
+                req.prompt_logprobs, st.prompt_logprobs = st.prompt_logprobs, None
+
+    def _prepare(
+        self, batch: ScheduledBatch, segments: list[tuple[Request, int, int, int]] | None = None,
+        sample_rows: list[int] | None = None,
+    ) -> StepInputs:
+        """Flatten a scheduled batch into the model's step tensors.
+
+        Requests that asked for prompt logprobs get a logits row for every prompt token of their
+        chunk: ``segments`` gets (request, chunk start, tokens, first logits row) and
+        ``sample_rows`` the logits row each sampling request draws from.
+        """
         bs = self.block_size
         device = self.config.device
         input_ids: list[int] = []
@@ -347,8 +387,22 @@ class TorchEngine(Engine):
                 (row, n, start, torch.tensor(blocks[: -(-end // bs)], dtype=torch.long, device=device))
             )
             row += n
-            if end == len(req.token_ids):
+            st = req.state
+            if segments is not None and st is not None and getattr(st, "prompt_logprobs", None) is not None:
+                segments.append((req, start, n, len(logits_rows)))
+                logits_rows.extend(range(row - n, row))  # the last one is the sampling row too
+            elif end == len(req.token_ids):
                 logits_rows.append(row - 1)
+        if sample_rows is not None and segments:
+            by_row = {r: i for i, r in enumerate(logits_rows)}
+            nd_rows = list(range(nd))
+            last_rows = []
+            row = nd
+            for req, n in batch.entries[nd:]:
+                row += n
+                if req.num_computed_tokens + n == len(req.token_ids):
+                    last_rows.append(by_row[row - 1])
+            sample_rows.extend(nd_rows + last_rows)
         return StepInputs(
             input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
             positions=torch.tensor(positions, dtype=torch.long, device=device),
@@ -378,6 +432,7 @@ class TorchEngine(Engine):
         """Submit ``cmd`` for one request and stream its outputs; closing early aborts it."""
         queue = self._queues.open(request_id)
         finished = False
+        tracker = ChoiceTracker(cmd[3].n if cmd[0] == "add" else cmd[2].n)
         try:
             if self._closed:
                 finished = True
@@ -388,7 +443,7 @@ class TorchEngine(Engine):
             self._submit(cmd)
             while True:
                 out = await queue.get()
-                finished = out.finish_reason is not None
+                finished = tracker.ends(out)
                 yield out
                 if finished:
                     return

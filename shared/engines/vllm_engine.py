@@ -39,7 +39,7 @@ import anyio
 
 from shared.engines.base import Engine, EngineConfig, EngineOutput, EngineStats, KvEventBuffer
 from shared.kv_hash import ROOT_HASH, block_hashes
-from shared.messages import SamplingParams
+from shared.messages import PositionLogprobs, SamplingParams, TokenLogprob
 from shared.models import resolve_dtype, resolve_model
 
 if TYPE_CHECKING:
@@ -409,6 +409,14 @@ class VllmEngine(Engine):
             stop_token_ids=list(s.stop_token_ids),
             ignore_eos=s.ignore_eos,
             min_tokens=s.min_tokens,
+            min_p=s.min_p,
+            presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty,
+            repetition_penalty=s.repetition_penalty,
+            logit_bias=dict(s.logit_bias) or None,
+            logprobs=s.logprobs if s.logprobs >= 0 else None,
+            prompt_logprobs=s.prompt_logprobs if s.prompt_logprobs >= 0 else None,
+            n=s.n,  # vLLM seeds choice i with seed + i, as the torch engine does
             detokenize=False,  # the frontend detokenizes; token ids are all we ship
             output_kind=RequestOutputKind.DELTA,
         )
@@ -441,15 +449,24 @@ class VllmEngine(Engine):
                 return
             if request_id in self._abort_requested:  # abort() raced the add
                 self._abort_soon(request_id)
+            prompt_sent = False
             while not finished:
                 # get_nowait first: under load the next delta is often already there.
                 out = q.get_nowait() or await q.get()
-                comp = out.outputs[0]
                 finished = out.finished
-                reason = None
-                if finished:
-                    reason = _FINISH_REASONS.get(str(comp.finish_reason), "stop")
-                yield EngineOutput(request_id, list(comp.token_ids), reason, n_prompt, out.num_cached_tokens or 0)
+                for comp in out.outputs:  # n > 1: one per choice that has news
+                    reason = None
+                    if comp.finish_reason is not None or (finished and sampling.n == 1):
+                        reason = _FINISH_REASONS.get(str(comp.finish_reason), "stop")
+                    eo = EngineOutput(request_id, list(comp.token_ids), reason, n_prompt, out.num_cached_tokens or 0,
+                                      choice=comp.index)
+                    if sampling.logprobs >= 0 and comp.logprobs:
+                        eo.logprobs = _positions(comp.logprobs, list(comp.token_ids), sampling.logprobs)
+                    if not prompt_sent and sampling.prompt_logprobs >= 0 and out.prompt_logprobs:
+                        eo.prompt_logprobs = _positions(out.prompt_logprobs[1:], list(token_ids[1:]),
+                                                        sampling.prompt_logprobs)
+                        prompt_sent = True
+                    yield eo
         finally:
             self._active.discard(request_id)
             self._abort_requested.discard(request_id)
@@ -511,3 +528,16 @@ class VllmEngine(Engine):
             prompt_tokens=s.prompt_tokens,
         )
 
+
+def _positions(entries: Any, tokens: list[int], top: int) -> list[PositionLogprobs]:
+    """vLLM's per-position {token id: Logprob(logprob, rank)} (the chosen token plus the top ranks)
+    as PositionLogprobs: the chosen token's, then ``top`` alternatives in rank order."""
+    out: list[PositionLogprobs] = []
+    for token, d in zip(tokens, entries, strict=False):
+        d = d or {}
+        chosen = d.get(token)
+        ranked = sorted(((lp.rank, tid, lp.logprob) for tid, lp in d.items() if lp.rank is not None and lp.rank <= top))
+        out.append(PositionLogprobs(
+            TokenLogprob(token, float(chosen.logprob) if chosen is not None else float("-inf")),
+            [TokenLogprob(tid, float(v)) for _, tid, v in ranked[:top]]))
+    return out

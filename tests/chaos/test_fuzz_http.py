@@ -31,6 +31,15 @@ fields = {
     "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}) | json_value,
     "min_tokens": st.integers(-2, 20) | json_value,
     "stop_token_ids": st.lists(st.integers(-2, 5000), max_size=3) | json_value,
+    "logprobs": st.booleans() | st.integers(-1, 7) | json_value,
+    "top_logprobs": st.integers(-1, 22) | json_value,
+    "echo": st.booleans() | json_value,
+    "best_of": st.integers(-1, 4) | json_value,
+    "logit_bias": st.dictionaries(st.sampled_from(["5", "-1", "99999", "x", "1.5"]), st.floats(-150, 150), max_size=3)
+    | json_value,
+    "presence_penalty": st.floats(-3, 3, allow_nan=False) | json_value,
+    "repetition_penalty": st.floats(-1, 3, allow_nan=False) | json_value,
+    "min_p": st.floats(-1, 2, allow_nan=False) | json_value,
 }
 body = st.fixed_dictionaries({}, optional=fields) | json_value
 

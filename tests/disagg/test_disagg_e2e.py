@@ -10,10 +10,12 @@ from __future__ import annotations
 import random
 
 import anyio
+import msgspec
 import nats
 import pytest
 
-from shared.messages import SamplingParams
+from shared import subjects
+from shared.messages import GenerateRequest, SamplingParams, TokenChunk, generate_reply_decoder
 from tests.conftest import e2e_engine
 from tests.disagg.util import DisaggStack, generate_direct, latest_loads
 from tests.procs import wait_until
@@ -40,6 +42,26 @@ def torch_stack(tmp_path):
         raise
     finally:
         s.stop()
+
+
+async def generate_choices(nc: nats.NATS, worker_id: str, request_id: str, prompt: list[int],
+                           sampling: SamplingParams) -> dict[int, list[int]]:
+    """A generate request straight to a decode worker, read until its last chunk (the one with usage)."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    out: dict[int, list[int]] = {}
+    try:
+        req = GenerateRequest(request_id=request_id, token_ids=prompt, sampling=sampling)
+        await nc.publish(subjects.generate(worker_id), msgspec.msgpack.encode(req), reply=inbox)
+        with anyio.fail_after(60):
+            while True:
+                reply = generate_reply_decoder.decode((await sub.next_msg(timeout=60)).data)
+                assert isinstance(reply, TokenChunk), reply
+                out.setdefault(reply.choice, []).extend(reply.token_ids)
+                if reply.usage is not None:
+                    return out
+    finally:
+        await sub.unsubscribe()
 
 
 def test_torch_greedy_identical_aggregated_and_disaggregated(torch_stack: DisaggStack) -> None:
@@ -95,6 +117,13 @@ def test_torch_greedy_identical_aggregated_and_disaggregated(torch_stack: Disagg
             assert s.metric("prefill-0", "baton_prefill_kv_blocks_sent_total") > 0
             # The second wave reused the cached system prompt on the decode side (gauge refreshed each second).
             s.wait_metric("decode-1", "baton_worker_prefix_cache_hit_tokens", lambda v: v >= 64, 10)
+            # n > 1 is prefilled locally on a disaggregated decode worker (a remote prefill hands
+            # back one first token), every choice streamed with its index.
+            remote_before = s.metric("decode-1", DECISIONS, decision="remote")
+            choices = await generate_choices(nc, "decode-dis", "n-two", prompts[1][::-2], SamplingParams(
+                n=2, max_tokens=8, temperature=1.0, seed=1, ignore_eos=True))
+            assert sorted(choices) == [0, 1] and all(len(t) == 8 for t in choices.values())
+            assert s.metric("decode-1", DECISIONS, decision="remote") == remote_before
             # Idle again: every pool is whole.
             await latest_loads(nc, ["decode-agg", "decode-dis"], lambda r: r.kv_blocks_used == 0, 15)
             s.wait_metric("prefill-0", "baton_prefill_kv_blocks_used", lambda v: v == 0, 10)

@@ -183,3 +183,34 @@ async def test_stopping_the_mocker_ends_open_streams() -> None:
     async for out in stream:
         outs.append(out)
     assert outs[-1].finish_reason == "abort" and eng.stats().kv_blocks_used == 0
+
+
+async def test_n_and_logprobs_are_fake_but_well_formed() -> None:
+    eng = MockerEngine(EngineConfig(**FAST))
+    prompt = list(range(3, 40))
+    sp = SamplingParams(max_tokens=6, n=3, seed=5, logprobs=4, prompt_logprobs=2)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(eng.run)
+        outs = [o async for o in eng.generate("lp", prompt, sp)]
+        again = [o async for o in eng.generate("lp2", prompt, sp)]
+        tg.cancel_scope.cancel()
+    per: dict[int, list[int]] = {}
+    for o in outs:
+        assert o.error is None
+        per.setdefault(o.choice, []).extend(o.token_ids)
+        assert len(o.logprobs or []) == len(o.token_ids)
+        for p, t in zip(o.logprobs or [], o.token_ids, strict=True):
+            assert p.token.token_id == t and p.token.logprob <= 0 and len(p.top) == 4
+            assert all(0 <= a.token_id < eng.vocab_size and a.logprob <= 0 for a in p.top)
+            assert [a.logprob for a in p.top] == sorted((a.logprob for a in p.top), reverse=True)
+    assert sorted(per) == [0, 1, 2] and all(len(t) == 6 for t in per.values())
+    assert len({tuple(t) for t in per.values()}) == 3  # each choice its own stream
+    assert sum(o.finish_reason is not None for o in outs) == 3
+    prompt_lps = [o.prompt_logprobs for o in outs if o.prompt_logprobs]
+    assert len(prompt_lps) == 1 and [p.token.token_id for p in prompt_lps[0]] == prompt[1:]
+    assert all(len(p.top) == 2 for p in prompt_lps[0])
+    same = {}
+    for o in again:
+        same.setdefault(o.choice, []).extend(o.token_ids)
+    assert same == per  # seeded: reproducible
+    assert eng.stats().kv_blocks_used == 0

@@ -261,3 +261,61 @@ def test_rejects_head_size_cpu_attention_lacks(tmp_path) -> None:
     }))
     with pytest.raises(ValueError, match="head_dim 16"):  # via make_engine: "vllm" dispatches here
         make_engine(EngineConfig(engine="vllm", model=str(tmp_path)))
+
+
+# --- sampling controls, logprobs and n against the torch engine --------------------------------
+
+PENALTY_CASES = [
+    SamplingParams(max_tokens=24, temperature=0.0, repetition_penalty=1.8),
+    SamplingParams(max_tokens=24, temperature=0.0, presence_penalty=1.5),
+    SamplingParams(max_tokens=24, temperature=0.0, frequency_penalty=1.2),
+    SamplingParams(max_tokens=24, temperature=0.0, repetition_penalty=1.3, presence_penalty=0.5,
+                   frequency_penalty=0.7, logit_bias={7: 3.0, 11: -50.0}),
+]
+
+
+@pytest.fixture(scope="module")
+async def torch_engine() -> AsyncIterator[object]:
+    eng = make_engine(EngineConfig(engine="torch", model=MODEL, dtype="float32", num_blocks=256))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(eng.run)
+        with anyio.fail_after(120):
+            await eng.wait_ready()
+        yield eng
+        tg.cancel_scope.cancel()
+
+
+async def test_penalties_and_bias_match_vllm_greedy(engine: VllmEngine, torch_engine) -> None:
+    # a prompt that repeats itself, so the penalties have seen tokens to act on
+    ids = prompt(21, 12) * 3
+    changed = 0
+    plain = tokens(await collect(engine, "pen-plain", ids, GREEDY))
+    for i, sp in enumerate(PENALTY_CASES):
+        theirs = tokens(await collect(engine, f"pen-v{i}", ids, sp))
+        ours = tokens(await collect(torch_engine, f"pen-t{i}", ids, sp))  # type: ignore[arg-type]
+        assert ours == theirs, sp
+        changed += theirs != plain[: len(theirs)]
+    assert changed >= 3  # the penalties did change the output
+
+
+async def test_logprobs_prompt_logprobs_and_n_carried_back(engine: VllmEngine, torch_engine) -> None:
+    ids = prompt(22, 20)
+    sp = SamplingParams(max_tokens=6, temperature=0.0, logprobs=3, prompt_logprobs=2)
+    theirs = await collect(engine, "lp-v", ids, sp)
+    ours = await collect(torch_engine, "lp-t", ids, sp)  # type: ignore[arg-type]
+    for outs in (theirs, ours):
+        lps = [p for o in outs for p in (o.logprobs or [])]
+        assert [p.token.token_id for p in lps] == tokens(outs)
+        assert all(len(p.top) == 3 and p.top[0].token_id == p.token.token_id for p in lps)  # greedy: top-1
+        plps = next(o.prompt_logprobs for o in outs if o.prompt_logprobs)
+        assert [p.token.token_id for p in plps] == ids[1:] and all(len(p.top) == 2 for p in plps)
+    # raw logprobs of the same fp32 model agree across engines
+    v = [p.token.logprob for o in theirs for p in o.logprobs or []]
+    t = [p.token.logprob for o in ours for p in o.logprobs or []]
+    assert v == pytest.approx(t, abs=1e-3)
+    n3 = await collect(engine, "n-v", ids, SamplingParams(max_tokens=5, temperature=1.0, seed=4, n=3))
+    by_choice: dict[int, list[int]] = {}
+    for o in n3:
+        by_choice.setdefault(o.choice, []).extend(o.token_ids)
+    assert sorted(by_choice) == [0, 1, 2] and all(len(v) == 5 for v in by_choice.values())
+    assert sum(o.finish_reason is not None for o in n3) == 3
