@@ -7,6 +7,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -245,3 +247,16 @@ class Stack:
         for p in reversed(self.procs):
             p.stop()
         self.nats.cleanup()
+
+
+@contextmanager
+def running(stack: Stack) -> Iterator[Stack]:
+    """Start ``stack`` for a fixture, stop it afterwards; its logs are printed if anything failed."""
+    try:
+        stack.start()
+        yield stack
+    except Exception:
+        print(stack.logs())
+        raise
+    finally:
+        stack.stop()

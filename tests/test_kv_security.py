@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from shared.kv_transport.base import AUTH_FRAME, MAX_TRANSFER_ID, TOKEN_BYTES
 from shared.kv_transport.tcp import TcpTransport
 from tests.conftest import e2e_engine
-from tests.procs import Stack, wait_until
+from tests.procs import Stack, running, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -112,16 +112,9 @@ def _rss_kib(pid: int) -> int:
 
 @pytest.fixture(scope="module")
 def worker_stack(tmp_path_factory):
-    s = Stack(tmp_path_factory.mktemp("kvsec"), e2e_engine(), metrics=True)
-    try:
-        s.start()
+    with running(Stack(tmp_path_factory.mktemp("kvsec"), e2e_engine(), metrics=True)) as s:
         assert s.decoders[0].alive()
         yield s
-    except Exception:
-        print(s.logs())
-        raise
-    finally:
-        s.stop()
 
 
 def _kv_port(s: Stack) -> int:

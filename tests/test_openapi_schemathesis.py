@@ -38,7 +38,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
 from services.frontend.openai_api import ACCEPTED, FIELDS, HONOURED, Rule
-from tests.procs import Stack
+from tests.procs import Stack, running
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -134,15 +134,9 @@ def excused(endpoint: str, body: dict[str, Any], err: dict[str, Any]) -> bool:
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory):
-    s = Stack(tmp_path_factory.mktemp("schemathesis"), "mocker", extra_decode_args=["--mocker-speedup", "1000"])
-    try:
-        s.start()
+    with running(Stack(tmp_path_factory.mktemp("schemathesis"), "mocker",
+                       extra_decode_args=["--mocker-speedup", "1000"])) as s:
         yield s
-    except Exception:
-        print(s.logs())
-        raise
-    finally:
-        s.stop()
 
 
 def _call(stack: Stack, endpoint: str, body: Any) -> tuple[httpx.Response, list[Any]]:

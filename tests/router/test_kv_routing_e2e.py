@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from tests.procs import Stack, wait_until
+from tests.procs import Stack, running, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -25,16 +25,9 @@ PREFIXES = 4
 
 @pytest.fixture(scope="module")
 def kv_stack(tmp_path_factory: pytest.TempPathFactory):
-    s = Stack(tmp_path_factory.mktemp("kvroute"), "mocker", decode_workers=3, discovery_ttl=3.0,
-              env={"BATON_ROUTER_MODE": "kv"}, extra_decode_args=["--mocker-speedup", "20"])
-    try:
-        s.start()
+    with running(Stack(tmp_path_factory.mktemp("kvroute"), "mocker", decode_workers=3, discovery_ttl=3.0,
+                       env={"BATON_ROUTER_MODE": "kv"}, extra_decode_args=["--mocker-speedup", "20"])) as s:
         yield s
-    except Exception:
-        print(s.logs())
-        raise
-    finally:
-        s.stop()
 
 
 def prefix(i: int) -> list[int]:
