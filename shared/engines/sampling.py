@@ -9,12 +9,13 @@ from __future__ import annotations
 import torch
 
 from shared.engines.scheduler import Request
+from shared.engines.structured import Matcher, apply_bitmasks
 
 
 class SamplerState:
     """Per-request sampling state, kept in ``Request.state`` by the torch engine."""
 
-    __slots__ = ("generator", "greedy", "min_tokens_ban")
+    __slots__ = ("generator", "grammar", "greedy", "min_tokens_ban")
 
     def __init__(self, req: Request, vocab_size: int, shared: torch.Generator) -> None:
         sp = req.sampling
@@ -25,6 +26,8 @@ class SamplerState:
             self.generator = shared
         # Before min_tokens, stop ids (EOS included) must not be sampled at all.
         self.min_tokens_ban = [t for t in req.stop_ids if 0 <= t < vocab_size] if sp.min_tokens > 0 else []
+        # Structured outputs: set by the engine when SamplingParams.structured is set.
+        self.grammar: Matcher | None = None
 
 
 class Sampler:
@@ -41,6 +44,18 @@ class Sampler:
         for i, (req, st) in enumerate(zip(reqs, states, strict=True)):
             if st.min_tokens_ban and req.num_output_tokens < req.min_tokens:
                 logits[i, st.min_tokens_ban] = float("-inf")
+        grammars = [st.grammar for st in states]
+        constrained = any(g is not None for g in grammars)
+        if constrained:
+            apply_bitmasks(logits, grammars)
+        tokens = self._draw(logits, reqs, states)
+        if constrained:
+            for g, token in zip(grammars, tokens, strict=True):
+                if g is not None:
+                    g.accept_token(token)  # a rejected token ends the choice (g.is_terminated())
+        return tokens
+
+    def _draw(self, logits: torch.Tensor, reqs: list[Request], states: list[SamplerState]) -> list[int]:
         greedy = logits.argmax(dim=-1)
         rows = [i for i, st in enumerate(states) if not st.greedy]
         if not rows:
