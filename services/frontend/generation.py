@@ -156,11 +156,9 @@ class Generation:
             remaining = sampling.max_tokens - len(generated)
             job_sampling = sampling
             if generated:
-                job_sampling = SamplingParams(
-                    max_tokens=remaining, temperature=sampling.temperature, top_p=sampling.top_p,
-                    top_k=sampling.top_k, seed=sampling.seed, stop_token_ids=sampling.stop_token_ids,
-                    ignore_eos=sampling.ignore_eos, min_tokens=max(0, sampling.min_tokens - len(generated)),
-                )
+                # Every other field (structured output included) carries over unchanged.
+                job_sampling = msgspec.structs.replace(
+                    sampling, max_tokens=remaining, min_tokens=max(0, sampling.min_tokens - len(generated)))
             req = GenerateRequest(request_id=request_id, token_ids=token_ids + generated, sampling=job_sampling,
                                   model=self.model, stream=worker_streams)
             decision = await self._route(request_id, req.token_ids, exclude, parent)

@@ -37,6 +37,14 @@ from services.frontend.openai_api import (
     sampling_from,
     usage_chunk,
 )
+from services.frontend.structured import (
+    ChatOutput,
+    name_structured_error,
+    plan_tools,
+    structured_from,
+    template_messages,
+)
+from services.frontend.tool_parsers import ToolParser
 from shared import tracing
 from shared.messages import Usage
 from shared.telemetry import bind_request
@@ -72,11 +80,12 @@ async def encode_text(tokenizer: Tokenizer, text: str) -> list[int]:
     return await anyio.to_thread.run_sync(tokenizer.encode, text)
 
 
-async def encode_chat(tokenizer: Tokenizer, messages: list[dict[str, Any]]) -> list[int]:
+async def encode_chat(tokenizer: Tokenizer, messages: list[dict[str, Any]],
+                      tools: list[dict[str, Any]] | None = None) -> list[int]:
     size = sum(len(str(m.get("content") or "")) for m in messages)
     if size < TOKENIZE_IN_THREAD_CHARS:
-        return tokenizer.encode_chat(messages)
-    return await anyio.to_thread.run_sync(tokenizer.encode_chat, messages)
+        return tokenizer.encode_chat(messages, tools=tools)
+    return await anyio.to_thread.run_sync(lambda: tokenizer.encode_chat(messages, tools=tools))
 
 
 class OpenAIApp:
@@ -91,6 +100,8 @@ class OpenAIApp:
         access: AccessControl | None = None,
         max_prompt_tokens: int = 0,
         body_timeout: float = 30.0,
+        tool_parser: ToolParser | None = None,
+        reasoning_parser: str | None = None,
     ) -> None:
         self.generation = generation
         self.tokenizer = generation.tokenizer
@@ -104,6 +115,8 @@ class OpenAIApp:
         self.body_timeout = body_timeout  # seconds a client has to send the whole body
         self.inflight = 0
         self.created = int(time.time())
+        self.tool_parser = tool_parser  # reads tool calls out of text (tool_choice auto)
+        self.reasoning_parser = reasoning_parser  # splits <think> into reasoning_content
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -236,8 +249,9 @@ class OpenAIApp:
             assert isinstance(req, ChatCompletionRequest)
             self._check_model(req.model)
             messages = chat_messages(req)
+            tool_plan = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls, self.tool_parser)
             try:
-                token_ids = await encode_chat(self.tokenizer, messages)
+                token_ids = await encode_chat(self.tokenizer, template_messages(messages), tool_plan.tools)
             except ValueError as e:
                 raise ApiError(400, str(e), param="messages") from None
             max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -264,6 +278,17 @@ class OpenAIApp:
                            code="prompt_too_long")
         stops = parse_stops(req.stop)
         sampling = sampling_from(req, max_tokens, len(token_ids), self.max_model_len)
+        structured, structured_param = structured_from(req)
+        shaper = None
+        if chat:
+            if tool_plan.structured is not None:
+                if structured is not None:
+                    raise ApiError(400, f"tool_choice {tool_plan.mode!r} cannot be combined with {structured_param}",
+                                   param="tool_choice")
+                structured, structured_param = tool_plan.structured, "tool_choice"
+            shaper = ChatOutput(tool_plan, self.tool_parser, self.reasoning_parser)
+        if structured is not None:
+            sampling = msgspec.structs.replace(sampling, structured=structured)
         metrics.INPUT_TOKENS.observe(len(token_ids))
         tracing.event(root, "tokenized")
         if root is not None:
@@ -273,13 +298,16 @@ class OpenAIApp:
                                  "gen_ai.usage.input_tokens": len(token_ids), "gen_ai.response.id": rid})
         trace_header = [(b"x-trace-id", tracing.trace_id_of(root).encode())] if root is not None else []
         deltas = self.generation.run(rid, token_ids, sampling, stops, req.stream, root)
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return await self._stream(chat, rid, deltas, include_usage, receive, send, trace_header)
-        return await self._complete(chat, rid, deltas, receive, send, trace_header)
+        try:
+            if req.stream:
+                include_usage = bool(req.stream_options and req.stream_options.include_usage)
+                return await self._stream(chat, rid, deltas, include_usage, receive, send, trace_header, shaper)
+            return await self._complete(chat, rid, deltas, receive, send, trace_header, shaper)
+        except ApiError as e:
+            raise name_structured_error(e, structured_param) from None
 
     async def _complete(self, chat: bool, rid: str, deltas: Any, receive: Receive, send: Send,
-                        extra_headers: list[tuple[bytes, bytes]]) -> int:
+                        extra_headers: list[tuple[bytes, bytes]], shaper: ChatOutput | None = None) -> int:
         parts: list[str] = []
         final: Delta | None = None
 
@@ -296,10 +324,13 @@ class OpenAIApp:
         metrics.OUTPUT_TOKENS.observe(usage.completion_tokens)
         text = "".join(parts)
         body = (chat_response if chat else completion_response)(rid, self.model, text, final.finish_reason, usage)
+        if shaper is not None:  # reasoning, tool calls: the message's final shape
+            message, finish = shaper.message(text, final.finish_reason)
+            body["choices"][0].update(message=message, finish_reason=finish)
         return await self._send_json(send, 200, body, [*_JSON_HEADERS, (b"x-request-id", rid.encode()), *extra_headers])
 
     async def _stream(self, chat: bool, rid: str, deltas: Any, include_usage: bool, receive: Receive, send: Send,
-                      extra_headers: list[tuple[bytes, bytes]]) -> int:
+                      extra_headers: list[tuple[bytes, bytes]], shaper: ChatOutput | None = None) -> int:
         created = int(time.time())
         started = False
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -333,14 +364,24 @@ class OpenAIApp:
                     now = time.perf_counter()
                     metrics.ITL.observe(now - last)
                     last = now
-                    if d.text or d.finish_reason is None:
+                    finish: str | None = None
+                    if shaper is not None:
+                        pieces = shaper.feed(d.text)
+                        if not pieces and not d.text and d.finish_reason is None:
+                            pieces = [{"content": ""}]
+                        if d.finish_reason is not None:
+                            last, finish = shaper.finish(d.finish_reason)
+                            pieces += last
+                        for piece in pieces:
+                            await event(chat_chunk(rid, self.model, created, piece, None))
+                    elif d.text or d.finish_reason is None:
                         if chat:
                             await event(chat_chunk(rid, self.model, created, {"content": d.text}, None))
                         else:
                             await event(completion_chunk(rid, self.model, created, d.text, None))
                     if d.finish_reason is not None:
                         if chat:
-                            await event(chat_chunk(rid, self.model, created, {}, d.finish_reason))
+                            await event(chat_chunk(rid, self.model, created, {}, finish or d.finish_reason))
                         else:
                             await event(completion_chunk(rid, self.model, created, "", d.finish_reason))
                         usage = d.usage or Usage()

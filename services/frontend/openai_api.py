@@ -49,6 +49,8 @@ class ChatMessageIn(Struct, kw_only=True):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[Any] | None = None  # assistant: calls it made (checked in services/frontend/structured.py)
+    tool_call_id: str | None = None  # tool: the call this answers
 
 
 class StreamOptions(Struct, kw_only=True):
@@ -75,6 +77,13 @@ class _Common(Struct, kw_only=True):
     min_tokens: int = 0
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    # Structured outputs (services/frontend/structured.py turns them into one StructuredOutput)
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
 
 
 class ChatCompletionRequest(_Common, kw_only=True):
@@ -83,7 +92,7 @@ class ChatCompletionRequest(_Common, kw_only=True):
     top_logprobs: int | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(_Common, kw_only=True):
@@ -180,14 +189,10 @@ def sampling_from(req: _Common, max_tokens: int | None, prompt_len: int, max_mod
     )
 
 
-def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
+def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
     if not req.messages:
         raise ApiError(400, "messages must be a non-empty list", param="messages")
-    if req.tools:
-        raise ApiError(400, "tools are not supported", param="tools")
-    if req.response_format and req.response_format.get("type", "text") != "text":
-        raise ApiError(400, "only response_format type 'text' is supported", param="response_format")
-    out = []
+    out: list[dict[str, Any]] = []
     for i, m in enumerate(req.messages):
         if m.content is None:
             text = ""
@@ -200,7 +205,14 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
                     raise ApiError(400, f"only text content parts are supported (got {p.type!r})", param=f"messages[{i}].content")
                 parts.append(p.text)
             text = "".join(parts)
-        out.append({"role": m.role, "content": text})
+        msg: dict[str, Any] = {"role": m.role, "content": text}
+        if m.tool_calls:
+            msg["tool_calls"] = m.tool_calls
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
+        if m.name is not None:
+            msg["name"] = m.name
+        out.append(msg)
     return out
 
 

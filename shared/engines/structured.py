@@ -77,7 +77,25 @@ def _json_schema_text(spec: str) -> str:
         raise StructuredOutputError(f"the JSON schema is not valid JSON: {e}") from None
     if not isinstance(schema, dict | bool):
         raise StructuredOutputError("a JSON schema must be an object")
-    return spec
+    return json.dumps(_bounded_strings_without_control_chars(schema))
+
+
+def _bounded_strings_without_control_chars(node: Any) -> Any:
+    """Work around xgrammar 0.2.8: a string with minLength/maxLength (and no pattern) compiles to
+    ``[^"\\\r\n]{m,n}``, which lets raw control characters (invalid JSON) through. Such strings get an
+    equivalent pattern over characters JSON allows unescaped."""
+    if isinstance(node, list):
+        return [_bounded_strings_without_control_chars(x) for x in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _bounded_strings_without_control_chars(v) for k, v in node.items()}
+    if (out.get("type") == "string" and ("minLength" in out or "maxLength" in out)
+            and not {"pattern", "format", "enum", "const"} & out.keys()):
+        lo = int(out.pop("minLength", 0))
+        hi = out.pop("maxLength", None)
+        bound = "" if hi is None else str(int(hi))
+        out["pattern"] = r'^[^"\\\x00-\x1f]{' + f"{lo},{bound}" + "}$"
+    return out
 
 
 def check_spec(so: StructuredOutput) -> None:

@@ -424,7 +424,8 @@ class TorchEngine(Engine):
                     finished = True
                     if cmd[0] == "adopt":
                         self.release_remote_prefill(request_id)
-                    yield EngineOutput(request_id, [], "error", num_prompt_tokens, error=str(e))
+                    yield EngineOutput(request_id, [], "error", num_prompt_tokens,
+                                       error=f"invalid structured output: {e}")
                     return
             self._submit(cmd)
             while True:
