@@ -30,11 +30,17 @@ class ReasoningStream:
         self._seen_any = False  # only a reply's start may open reasoning
         self._done = False  # after </think>, everything is content
         self._buf = ""
+        self._strip_newlines = False  # just after a tag: its newlines are layout, not text
 
     def feed(self, text: str) -> tuple[str, str]:
         self._buf += text
         reasoning = content = ""
         while self._buf:
+            if self._strip_newlines:
+                self._buf = self._buf.lstrip("\n")
+                if not self._buf:
+                    break
+                self._strip_newlines = False
             if self._done:
                 content += self._buf
                 self._buf = ""
@@ -43,8 +49,8 @@ class ReasoningStream:
                 i = self._buf.find(CLOSE)
                 if i >= 0:
                     reasoning += self._buf[:i]
-                    self._buf = self._buf[i + len(CLOSE):].lstrip("\n")
-                    self._in_reasoning, self._done = False, True
+                    self._buf = self._buf[i + len(CLOSE):]
+                    self._in_reasoning, self._done, self._strip_newlines = False, True, True
                     continue
                 keep = _tag_prefix_len(self._buf, CLOSE)
                 reasoning += self._buf[: len(self._buf) - keep]
@@ -53,8 +59,8 @@ class ReasoningStream:
             # not yet in reasoning: only a leading <think> opens it
             head = self._buf.lstrip()
             if head.startswith(OPEN):
-                self._buf = head[len(OPEN):].lstrip("\n")
-                self._in_reasoning = True
+                self._buf = head[len(OPEN):]
+                self._in_reasoning, self._strip_newlines = True, True
                 continue
             if OPEN.startswith(head) and not self._seen_any:
                 break  # could still become <think>: wait

@@ -70,7 +70,7 @@ def parse_choices(spec: str) -> list[str]:
     return choices
 
 
-def _json_schema_text(spec: str) -> str:
+def json_schema_text(spec: str) -> str:
     try:
         schema = json.loads(spec)
     except ValueError as e:
@@ -106,7 +106,7 @@ def check_spec(so: StructuredOutput) -> None:
     xg = _xgrammar()
     try:
         if so.kind == "json_schema":
-            xg.Grammar.from_json_schema(_json_schema_text(so.spec), any_whitespace=False)
+            xg.Grammar.from_json_schema(json_schema_text(so.spec), any_whitespace=False)
         elif so.kind == "regex":
             xg.Grammar.from_regex(so.spec)
         elif so.kind == "choice":
@@ -180,7 +180,7 @@ class GrammarBackend:
         try:
             if so.kind == "json_schema":
                 # Compact JSON (no free whitespace): a weak or random model cannot pad forever.
-                return c.compile_json_schema(_json_schema_text(so.spec), any_whitespace=False)
+                return c.compile_json_schema(json_schema_text(so.spec), any_whitespace=False)
             if so.kind == "json_object":
                 return c.compile_json_schema(JSON_OBJECT_SCHEMA, any_whitespace=False)
             if so.kind == "regex":

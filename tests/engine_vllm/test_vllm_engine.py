@@ -261,3 +261,29 @@ def test_rejects_head_size_cpu_attention_lacks(tmp_path) -> None:
     }))
     with pytest.raises(ValueError, match="head_dim 16"):  # via make_engine: "vllm" dispatches here
         make_engine(EngineConfig(engine="vllm", model=str(tmp_path)))
+
+
+async def test_structured_outputs_pass_to_vllm(engine: VllmEngine) -> None:
+    """Baton's StructuredOutput reaches vLLM's structured outputs: a random-weight model's text
+    follows the schema/choice, and a schema that cannot compile is a request error, not a crash."""
+    import json
+
+    import jsonschema
+
+    from shared.messages import StructuredOutput
+    from shared.tokenizer import Tokenizer
+
+    tok = Tokenizer(resolve_model(MODEL).path)
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    sp = SamplingParams(max_tokens=60, temperature=1.0, seed=7,
+                        structured=StructuredOutput(kind="json_schema", spec=json.dumps(schema)))
+    outs = await collect(engine, "so-json", prompt(50, 9), sp)
+    assert outs[-1].finish_reason == "stop", outs[-1]
+    jsonschema.validate(json.loads(tok.decode(tokens(outs))), schema)
+    sp = SamplingParams(max_tokens=20, structured=StructuredOutput(kind="choice", spec='["red", "blue"]'))
+    outs = await collect(engine, "so-choice", prompt(51, 5), sp)
+    assert tok.decode(tokens(outs)) in ("red", "blue") and outs[-1].finish_reason == "stop"
+    sp = SamplingParams(max_tokens=5, structured=StructuredOutput(kind="json_schema", spec="{not json"))
+    outs = await collect(engine, "so-bad", prompt(52, 5), sp)
+    assert outs[-1].finish_reason == "error" and "invalid structured output" in (outs[-1].error or "")
