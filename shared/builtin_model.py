@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-BUILD_VERSION = 2  # bump when the recipe changes, so caches rebuild
+BUILD_VERSION = 3  # bump when the recipe changes, so caches rebuild
 
 BOS = "<|begin_of_text|>"
 EOS = "<|end_of_text|>"
@@ -30,10 +30,34 @@ IM_END = "<|im_end|>"
 PAD = "<|pad|>"
 SPECIAL_TOKENS = [BOS, EOS, IM_START, IM_END, PAD]
 
+# ChatML with Hermes/Qwen-style tools: the tool signatures in a system turn, calls as
+# <tool_call>{json}</tool_call>, tool results as <tool_response> in a user turn (so the frontend's
+# "hermes" tool-call parser is detected from this template).
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% set start = 1 if (tools and messages and messages[0]['role'] == 'system') else 0 %}"
+    "{% if tools %}"
+    "{{ '<|im_start|>system\n' }}"
+    "{% if start %}{{ messages[0]['content'] + '\n\n' }}{% endif %}"
+    "{{ '# Tools\n\nYou may call one or more functions. Function signatures within <tools></tools>:\n<tools>' }}"
+    "{% for tool in tools %}{{ '\n' + (tool | tojson) }}{% endfor %}"
+    "{{ '\n</tools>\n\nFor each call, return a JSON object with the function name and arguments within "
+    "<tool_call></tool_call> tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}"
+    "\n</tool_call><|im_end|>\n' }}"
+    "{% endif %}"
+    "{% for message in messages[start:] %}"
+    "{% if message['role'] == 'assistant' and message['tool_calls'] %}"
+    "{{ '<|im_start|>assistant\n' + (message['content'] or '') }}"
+    "{% for call in message['tool_calls'] %}"
+    "{{ '<tool_call>\n{\"name\": ' + (call['function']['name'] | tojson) + ', \"arguments\": ' "
+    "+ (call['function']['arguments'] | tojson) + '}\n</tool_call>' }}"
+    "{% endfor %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% elif message['role'] == 'tool' %}"
+    "{{ '<|im_start|>user\n<tool_response>\n' + (message['content'] or '') + '\n</tool_response><|im_end|>\n' }}"
+    "{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + (message['content'] or '') + '<|im_end|>' + '\n' }}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )

@@ -83,9 +83,9 @@ class Tokenizer:
             **{k: v for k, v in kwargs.items() if v is not None}, **self._special_tokens,
         )
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
         # The template writes BOS itself, so the tokenizer must not add another.
-        return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+        return self.encode(self.apply_chat_template(messages, **kwargs), add_special_tokens=False)
 
     def detokenizer(self, skip_special_tokens: bool = True) -> IncrementalDetokenizer:
         return IncrementalDetokenizer(self, skip_special_tokens=skip_special_tokens)

@@ -9,15 +9,15 @@ and every 200 body, streamed chunk by chunk too, valid against the spec's respon
 Positive cases must be answered 200, with these documented exceptions, each checked to name its
 cause in the error's ``param``:
   * a field the field table (openai_api.FIELDS) does not honour, set to something other than
-    "off": refused for good, or "not supported yet" until i13e/i13s flip it. The set of excused
-    fields is read from the table, so a field that flips to honoured loses its excuse at once.
+    "off". The set of excused fields is read from the table, so a field that becomes honoured
+    loses its excuse at once.
   * a top-level field the spec does not define (the generator may add extra properties; OpenAI
     itself refuses them as "unrecognized request argument").
   * content parts the text model cannot read (image_url, input_audio, file): ``messages[i].content[j]``.
   * limits the spec cannot know: the context length (code ``context_length_exceeded``), at most
     one prompt per request, token ids outside the model's vocabulary, a chat template that refuses
     the conversation, max_tokens=0 (valid in
-    the spec only for echo, which is pending).
+    the spec only for echo).
 The ``model`` of every case is set to the served model (a wrong model is a 404, tested elsewhere).
 """
 

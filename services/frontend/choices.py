@@ -17,6 +17,7 @@ vLLM's default; the engines compute them.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,7 @@ from shared.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from services.frontend.generation import Delta
+    from services.frontend.structured import ChatOutput
 
 DEFAULT_MAX_N = 16
 MAX_CHAT_TOP_LOGPROBS = 20
@@ -129,7 +131,8 @@ class ChoiceShaper:
     """Per-request: collects or streams the choices of one chat or completions request."""
 
     def __init__(self, tokenizer: Tokenizer, plan: ChoicePlan, chat: bool, rid: str, model: str,
-                 prompt_text: str = "", prompt_ids: list[int] | None = None) -> None:
+                 prompt_text: str = "", prompt_ids: list[int] | None = None,
+                 chat_output: Callable[[], ChatOutput] | None = None) -> None:
         self.tokenizer = tokenizer
         self.plan = plan
         self.chat = chat
@@ -140,6 +143,8 @@ class ChoiceShaper:
         self.prompt_ids = prompt_ids or []
         self.prompt_logprobs: list[PositionLogprobs] = []
         self.choices = [_Choice() for _ in range(plan.best_of)]
+        # Chat: each choice's text through its own tool-call / reasoning reader (structured.py).
+        self.outputs = [chat_output() for _ in self.choices] if chat and chat_output is not None else None
         self._strings: dict[int, str] = {}
 
     # token text
@@ -207,6 +212,8 @@ class ChoiceShaper:
         text = (self.prompt_text if echo else "") + d.text
         out = []
         lps = d.logprobs if self.plan.logprobs is not None else []
+        if self.outputs is not None:
+            return self._chat_output_delta(d, c, text, lps)
         if text or d.finish_reason is None or lps:
             logprobs = self._logprobs_field(c, lps, echo)
             if self.chat:
@@ -215,6 +222,24 @@ class ChoiceShaper:
                 out.append(self._chunk(d.choice, text, None, logprobs))
         if d.finish_reason is not None:
             out.append(self._chunk(d.choice, {} if self.chat else "", d.finish_reason, None))
+        return out
+
+    def _chat_output_delta(self, d: Delta, c: _Choice, text: str, lps: list[PositionLogprobs]) -> list[dict[str, Any]]:
+        """Chat with tools or a reasoning parser: the choice's reader decides the deltas (text may be
+        held back while a call or tag is read); the tokens' logprobs ride on the first of them."""
+        assert self.outputs is not None
+        reader = self.outputs[d.choice]
+        pieces = reader.feed(text)
+        finish = d.finish_reason
+        if d.finish_reason is not None:
+            last, finish = reader.finish(d.finish_reason)
+            pieces += last
+        if not pieces and (lps or (not text and d.finish_reason is None)):
+            pieces = [{"content": ""}]
+        logprobs = self._logprobs_field(c, lps, False)
+        out = [self._chunk(d.choice, piece, None, logprobs if k == 0 else None) for k, piece in enumerate(pieces)]
+        if d.finish_reason is not None:
+            out.append(self._chunk(d.choice, {}, finish, None))
         return out
 
     def _chunk(self, index: int, delta: Any, finish: str | None, logprobs: Any) -> dict[str, Any]:
@@ -251,8 +276,11 @@ class ChoiceShaper:
             lps = c.logprobs if self.plan.logprobs is not None else []
             logprobs = self._logprobs_field(c, lps, self.plan.echo)
             if self.chat:
-                out.append({"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
-                            "logprobs": logprobs, "finish_reason": c.finish})
+                message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+                finish = c.finish
+                if self.outputs is not None and finish is not None:  # reasoning, tool calls
+                    message, finish = self.outputs[i].message(text, finish)
+                out.append({"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish})
             else:
                 out.append({"index": index, "text": (self.prompt_text if self.plan.echo else "") + text,
                             "logprobs": logprobs, "finish_reason": c.finish})

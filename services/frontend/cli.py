@@ -88,6 +88,16 @@ def main(
                            help="Log one line per HTTP request (method, path, status, duration, request id).")
     ] = False,
     drain_timeout: DrainTimeout = 30.0,
+    tool_call_parser: Annotated[
+        str, typer.Option(envvar="BATON_TOOL_CALL_PARSER",
+                          help="How tool calls are read from model text (tool_choice auto): hermes, llama3_json, "
+                               "mistral, none, or auto (detected from the chat template).")
+    ] = "auto",
+    reasoning_parser: Annotated[
+        str, typer.Option(envvar="BATON_REASONING_PARSER",
+                          help="Split <think>...</think> into reasoning_content: think (qwen3), deepseek_r1; "
+                               "empty: off.")
+    ] = "",
 ) -> None:
     """Serve the OpenAI-compatible HTTP API and the NATS request API."""
     from services.frontend.access import ConfigError
@@ -104,13 +114,14 @@ def main(
         header_timeout=header_timeout, discovery_ttl=discovery_ttl, api_keys_file=api_keys_file,
         rate_limit_rpm=rate_limit_rpm, rate_limit_burst=rate_limit_burst, max_prompt_tokens=max_prompt_tokens, max_n=max_n,
         address_rate_limit_rpm=address_rate_limit_rpm, body_timeout=body_timeout, access_log=access_log,
+        tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser,
         generation=GenerationSettings(route_timeout=route_timeout, first_token_timeout=first_token_timeout,
                                       request_timeout=request_timeout,
                                       max_migrations=max_migrations),
     )
     try:
         frontend = Frontend(settings)
-    except ConfigError as e:
+    except (ConfigError, ValueError) as e:
         typer.echo(f"frontend: error: {e}", err=True)
         raise typer.Exit(2) from None
     run_service(frontend, "frontend", log_level, drain_timeout, log_format)

@@ -38,6 +38,14 @@ from services.frontend.openai_api import (
     tokenize_decoder,
     usage_chunk,
 )
+from services.frontend.structured import (
+    ChatOutput,
+    name_structured_error,
+    plan_tools,
+    structured_from,
+    template_messages,
+)
+from services.frontend.tool_parsers import ToolParser
 from shared import tracing
 from shared.messages import Usage
 from shared.telemetry import bind_request
@@ -79,11 +87,12 @@ async def encode_text(tokenizer: Tokenizer, text: str) -> list[int]:
     return await anyio.to_thread.run_sync(tokenizer.encode, text)
 
 
-async def encode_chat(tokenizer: Tokenizer, messages: list[dict[str, Any]]) -> list[int]:
+async def encode_chat(tokenizer: Tokenizer, messages: list[dict[str, Any]],
+                      tools: list[dict[str, Any]] | None = None) -> list[int]:
     size = sum(len(str(m.get("content") or "")) for m in messages)
     if size < TOKENIZE_IN_THREAD_CHARS:
-        return tokenizer.encode_chat(messages)
-    return await anyio.to_thread.run_sync(tokenizer.encode_chat, messages)
+        return tokenizer.encode_chat(messages, tools=tools)
+    return await anyio.to_thread.run_sync(lambda: tokenizer.encode_chat(messages, tools=tools))
 
 
 class OpenAIApp:
@@ -99,6 +108,8 @@ class OpenAIApp:
         max_prompt_tokens: int = 0,
         body_timeout: float = 30.0,
         max_n: int = DEFAULT_MAX_N,
+        tool_parser: ToolParser | None = None,
+        reasoning_parser: str | None = None,
     ) -> None:
         self.generation = generation
         self.tokenizer = generation.tokenizer
@@ -113,6 +124,8 @@ class OpenAIApp:
         self.max_n = max_n  # cap on n and best_of (400 above it)
         self.inflight = 0
         self.created = int(time.time())
+        self.tool_parser = tool_parser  # reads tool calls out of text (tool_choice auto)
+        self.reasoning_parser = reasoning_parser  # splits <think> into reasoning_content
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -284,8 +297,9 @@ class OpenAIApp:
             assert isinstance(req, ChatCompletionRequest)
             self._check_model(req.model)
             messages = chat_messages(req)
+            tool_plan = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls, self.tool_parser)
             try:
-                token_ids = await encode_chat(self.tokenizer, messages)
+                token_ids = await encode_chat(self.tokenizer, template_messages(messages), tool_plan.tools)
             except TEMPLATE_ERRORS as e:
                 raise ApiError(400, f"the chat template refused these messages: {e}", param="messages") from None
             max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -320,7 +334,20 @@ class OpenAIApp:
         sampling = sampling_from(req, max_tokens, len(token_ids), self.max_model_len, max_n=self.max_n,
                                  vocab_size=self.tokenizer.vocab_size)
         _, plan = advanced_sampling(req, chat, bool(req.stream), self.max_n, self.tokenizer.vocab_size)
-        shaper = ChoiceShaper(self.tokenizer, plan, chat, rid, self.model, prompt_text, token_ids)
+        structured, structured_param = structured_from(req)
+        chat_output = None
+        if chat:
+            if tool_plan.structured is not None:
+                if structured is not None:
+                    raise ApiError(400, f"tool_choice {tool_plan.mode!r} cannot be combined with {structured_param}",
+                                   param="tool_choice")
+                structured, structured_param = tool_plan.structured, "tool_choice"
+
+            def chat_output() -> ChatOutput:  # one per choice: tool calls and reasoning read from its text
+                return ChatOutput(tool_plan, self.tool_parser, self.reasoning_parser)
+        if structured is not None:
+            sampling = msgspec.structs.replace(sampling, structured=structured)
+        shaper = ChoiceShaper(self.tokenizer, plan, chat, rid, self.model, prompt_text, token_ids, chat_output)
         metrics.INPUT_TOKENS.observe(len(token_ids))
         tracing.event(root, "tokenized")
         if root is not None:
@@ -332,10 +359,13 @@ class OpenAIApp:
         deltas = self.generation.run(rid, token_ids, sampling, stops, bool(req.stream), root,
                                      include_stop_str=bool(req.include_stop_str_in_output),
                                      skip_special_tokens=req.skip_special_tokens is not False)
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return await self._stream(chat, rid, deltas, include_usage, receive, send, trace_header, shaper)
-        return await self._complete(chat, rid, deltas, receive, send, trace_header, shaper)
+        try:
+            if req.stream:
+                include_usage = bool(req.stream_options and req.stream_options.include_usage)
+                return await self._stream(chat, rid, deltas, include_usage, receive, send, trace_header, shaper)
+            return await self._complete(chat, rid, deltas, receive, send, trace_header, shaper)
+        except ApiError as e:
+            raise name_structured_error(e, structured_param) from None
 
     async def _complete(self, chat: bool, rid: str, deltas: Any, receive: Receive, send: Send,
                         extra_headers: list[tuple[bytes, bytes]], shaper: ChoiceShaper) -> int:

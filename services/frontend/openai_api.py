@@ -173,23 +173,18 @@ class CompletionRequest(_Common, kw_only=True, forbid_unknown_fields=True):
 # --- what Baton does with each field ------------------------------------------------------------
 #
 # ONE table drives validation: a field of either request is honoured, accepted (metadata that
-# needs no honouring), refused for good (with the reason), or pending (another branch of issue 13
-# honours it; until then "not supported yet"). A non-honoured field is refused with a 400 naming
+# needs no honouring) or refused (with the reason). A non-honoured field is refused with a 400 naming
 # it (``param``, code ``unsupported_parameter``) unless it is null or one of its ``noop`` values
 # (what a client sends for "off": n=1, a penalty of 0, logprobs=false...). Fields not in the
 # request structs at all are refused by the decoder (code ``unknown_parameter``), as OpenAI does.
 #
-# TO FLIP A PENDING FIELD, change its status on its own line from I13E / I13S to HONOURED, e.g.
-#     "n": Rule(I13E, noop=(1,)),   ->   "n": Rule(HONOURED, noop=(1,)),
-# and read the value where it is honoured (sampling_from already copies the sampling ones into
-# SamplingParams). tests/test_api_surface.py and tests/test_openapi_schemathesis.py read this
-# table, so their "refused for now" expectations disappear with the flip.
+# To honour a field: set its status to HONOURED and read the value where it is honoured.
+# tests/test_api_surface.py and tests/test_openapi_schemathesis.py read this table, so their
+# expectations follow it; `python -m services.frontend.openai_api` prints docs/api.md's table.
 
 HONOURED = "honoured"
 ACCEPTED = "accepted"  # harmless metadata: nothing to honour
 REFUSED = "refused"
-I13E = "pending: engine sampling/logprobs/n (issue 13, i13e)"
-I13S = "pending: structured outputs/tools/reasoning (issue 13, i13s)"
 
 Endpoint = Literal["chat", "completions", "both"]
 
@@ -225,20 +220,21 @@ FIELDS: dict[str, Rule] = {
     "logit_bias": Rule(HONOURED, noop=({},)),
     "min_p": Rule(HONOURED, noop=(0.0,)),
     "logprobs": Rule(HONOURED, noop=(False,)),  # chat: bool; completions: int (0 asks for the chosen token's)
-    "structured_outputs": Rule(I13S),
-    "guided_json": Rule(I13S),
-    "guided_regex": Rule(I13S),
-    "guided_choice": Rule(I13S),
-    "guided_grammar": Rule(I13S),
-    "response_format": Rule(I13S, noop=(ResponseFormat(type="text"),)),
+    "structured_outputs": Rule(HONOURED),
+    "guided_json": Rule(HONOURED),
+    "guided_regex": Rule(HONOURED),
+    "guided_choice": Rule(HONOURED),
+    "guided_grammar": Rule(HONOURED),
+    "response_format": Rule(HONOURED, noop=(ResponseFormat(type="text"),)),
     # chat only
     "messages": Rule(HONOURED, on="chat"),
     "max_completion_tokens": Rule(HONOURED, on="chat"),
     "top_logprobs": Rule(HONOURED, noop=(0,), on="chat"),
-    "tools": Rule(I13S, noop=([],), on="chat"),
-    "tool_choice": Rule(I13S, noop=("none", "auto"), on="chat"),
-    "parallel_tool_calls": Rule(I13S, noop=(True,), on="chat"),
-    "reasoning_effort": Rule(I13S, on="chat"),
+    "tools": Rule(HONOURED, noop=([],), on="chat"),
+    "tool_choice": Rule(HONOURED, noop=("none", "auto"), on="chat"),
+    "parallel_tool_calls": Rule(HONOURED, noop=(True,), on="chat"),
+    "reasoning_effort": Rule(REFUSED, on="chat", why="a control of OpenAI's reasoning models; for a model that "
+                             "thinks, start the frontend with --reasoning-parser"),
     "function_call": Rule(REFUSED, noop=("none",), on="chat", why="deprecated by OpenAI; use tools and tool_choice"),
     "functions": Rule(REFUSED, noop=([],), on="chat", why="deprecated by OpenAI; use tools"),
     "metadata": Rule(ACCEPTED, on="chat", why="tags for OpenAI's dashboard; Baton stores nothing"),
@@ -552,8 +548,7 @@ def usage_chunk(rid: str, model: str, created: int, obj: str, usage: Usage) -> d
 # --- the table as documentation -------------------------------------------------------------
 
 
-_STATUS_WORDS = {HONOURED: "honoured", ACCEPTED: "accepted (no effect needed)", REFUSED: "refused (400)",
-                 I13E: "refused (400) for now: not supported yet", I13S: "refused (400) for now: not supported yet"}
+_STATUS_WORDS = {HONOURED: "honoured", ACCEPTED: "accepted (no effect needed)", REFUSED: "refused (400)"}
 
 
 def fields_markdown() -> str:

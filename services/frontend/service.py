@@ -18,6 +18,8 @@ from services.frontend.access_log import AccessLog
 from services.frontend.generation import Generation, GenerationSettings
 from services.frontend.http_app import OpenAIApp
 from services.frontend.nats_api import NatsApi
+from services.frontend.reasoning import ReasoningStream
+from services.frontend.tool_parsers import tool_parser_for
 from shared.builtin_model import DEFAULT_MODEL
 from shared.bus import Bus
 from shared.config import DEFAULT_NATS_URL
@@ -50,6 +52,8 @@ class FrontendSettings:
     discovery_ttl: float = DEFAULT_TTL
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     access_log: bool = False  # one log line per HTTP request (services/frontend/access_log.py)
+    tool_call_parser: str = "auto"  # "auto": from the chat template; "none": no tool calls read from text
+    reasoning_parser: str = ""  # "": off; think | qwen3 | deepseek_r1
 
 
 class BatonHttpProtocol(HttpToolsProtocol):
@@ -131,6 +135,11 @@ class Frontend:
         ref = resolve_model(settings.model, settings.served_model_name)
         self.model = ref.name
         self.tokenizer = Tokenizer(ref.path)
+        # Checked here so a bad name fails at start: ValueError names the choices.
+        self.tool_parser = tool_parser_for(settings.tool_call_parser, ref.path)
+        self.reasoning_parser = settings.reasoning_parser or None
+        if self.reasoning_parser is not None:
+            ReasoningStream(self.reasoning_parser)
         cfg = json.loads((ref.path / "config.json").read_text())
         self.max_model_len = settings.max_model_len or int(cfg.get("max_position_embeddings", 4096))
         self.bus: Bus | None = None
@@ -162,7 +171,8 @@ class Frontend:
             generation = Generation(self.bus, self.tokenizer, self.model, s.generation)
             access = self.access if self.access.enabled else None
             app = OpenAIApp(generation, self.model, self.max_model_len, self.ready, s.max_body_bytes,
-                            s.max_inflight, access, s.max_prompt_tokens, s.body_timeout, max_n=s.max_n)
+                            s.max_inflight, access, s.max_prompt_tokens, s.body_timeout, max_n=s.max_n,
+                            tool_parser=self.tool_parser, reasoning_parser=self.reasoning_parser)
             nats_api = NatsApi(self.bus, generation, self.model, self.max_model_len, access)
             if s.access_log:
                 app = AccessLog(app)

@@ -207,6 +207,14 @@ class MockerEngine(Engine):
         queue = self._queues.open(request_id)
         finished = False
         try:
+            if sampling.structured is not None:
+                # Never ignored: the mocker's fake tokens cannot follow a grammar, so it refuses (a 400).
+                finished = True
+                yield EngineOutput(request_id, [], "error", len(token_ids), error=(
+                    "invalid structured output: the mocker engine cannot honour structured outputs "
+                    "(response_format, structured_outputs, guided_*, a forced tool_choice); use the torch "
+                    "or vllm engine"))
+                return
             sched = self.scheduler
             if first_token is None:
                 added = sched.add(request_id, token_ids, sampling, hold)

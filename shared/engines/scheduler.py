@@ -475,6 +475,9 @@ class Scheduler:
         num_out = len(tokens) - req.num_prompt_tokens
         if token in req.stop_ids and num_out >= req.min_tokens:
             return "stop"
+        grammar = getattr(req.state, "grammar", None)
+        if grammar is not None and grammar.is_terminated():
+            return "stop"  # structured output complete, or it can no longer be satisfied
         if num_out >= req.max_tokens or len(tokens) >= self.max_model_len or len(tokens) > self.pool_tokens:
             return "length"  # out of budget, positions or KV room
         return None

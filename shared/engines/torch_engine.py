@@ -47,6 +47,7 @@ from shared.engines.base import (
 from shared.engines.kv_cache import default_num_blocks
 from shared.engines.sampling import Sampler, SampleResult, prompt_position_logprobs
 from shared.engines.scheduler import Request, ScheduledBatch, Scheduler
+from shared.engines.structured import GrammarBackend, StructuredOutputError
 from shared.engines.torch_model import LlamaModel, ModelArgs, StepInputs, load_model
 from shared.messages import SamplingParams
 from shared.models import resolve_dtype, resolve_model
@@ -123,6 +124,10 @@ class TorchEngine(Engine):
         self._kv_bytes: list[memoryview] = []  # per layer: K pool, then V pool, as flat bytes
         self._block_bytes = 0
         self._layout = ""
+        # Structured outputs: built on first use (a vocabulary pass), grammars compiled at admission.
+        self._grammar_backend: GrammarBackend | None = None
+        self._grammar_lock = threading.Lock()
+        self._compiled: dict[str, Any] = {}  # request id -> compiled grammar, until admitted
 
     # --- loading ------------------------------------------------------------------------------
 
@@ -146,7 +151,7 @@ class TorchEngine(Engine):
             max_model_len=args.max_position_embeddings,
             vocab_size=args.vocab_size,
             kv_events=self.kv_events,
-            make_state=self.sampler.state_for,
+            make_state=self._choice_state,
         )
         windows = {w for w in args.sliding_windows if w is not None}
         if len(windows) > 1:
@@ -287,25 +292,60 @@ class TorchEngine(Engine):
             if cmd[0] == "add":
                 added = sched.add(cmd[1], cmd[2], cmd[3], cmd[4])
                 if isinstance(added, EngineOutput):
+                    self._compiled.pop(cmd[1], None)
                     outputs.append(added)
                 else:
                     added.state = sampler.state_for(added)
+                    self._attach_grammar(added)
             elif cmd[0] == "adopt":
                 out = sched.adopt(cmd[1], cmd[2], cmd[3])
                 outputs.append(out)
                 req = sched.requests.get(cmd[1])
+                if req is None or out.finish_reason is not None:
+                    self._compiled.pop(cmd[1], None)
                 if req is not None and out.finish_reason is None:
                     req.state = st = sampler.state_for(req)
+                    if self._attach_grammar(req):
+                        st.grammar.accept_token(cmd[3])  # the first token, sampled under it remotely
                     if not st.greedy and req.sampling.seed is not None:
                         # The prefill worker drew the first token from this seed's generator:
                         # draw once too, so later tokens match an aggregated run. (A draw
                         # consumes the same randomness whatever the probabilities.)
                         torch.multinomial(torch.ones(sampler.vocab_size), 1, generator=st.generator)
             else:
+                self._compiled.pop(cmd[1], None)
                 out = sched.abort(cmd[1])
                 if out is not None:
                     outputs.append(out)
         return outputs
+
+    def _choice_state(self, child: Request) -> Any:
+        """Sampler state for choice c > 0 of an n > 1 request: its own seed, and its own matcher
+        at the grammar's start when the request is constrained."""
+        assert self.sampler is not None and self.scheduler is not None
+        st = self.sampler.state_for(child)
+        parent = self.scheduler.requests.get(child.output_id)
+        if parent is not None and parent.state is not None and parent.state.grammar is not None:
+            st.grammar = parent.state.grammar.fresh()
+        return st
+
+    def _attach_grammar(self, req: Request) -> bool:
+        compiled = self._compiled.pop(req.request_id, None)
+        if compiled is None:
+            return False
+        assert self._grammar_backend is not None
+        req.state.grammar = self._grammar_backend.matcher(compiled)
+        return True
+
+    def _compile_grammar(self, sampling: SamplingParams) -> Any:
+        """Compile the request's structured output (in a worker thread; cached). Raises StructuredOutputError."""
+        assert sampling.structured is not None
+        with self._grammar_lock:
+            if self._grammar_backend is None:
+                assert self.model is not None
+                self._grammar_backend = GrammarBackend.for_model(
+                    self.model_ref.path, self.model.args.vocab_size, self.eos_token_ids)
+        return self._grammar_backend.compile(sampling.structured)
 
     def _execute(self, batch: ScheduledBatch) -> SampleResult:
         model, sampler = self.model, self.sampler
@@ -440,6 +480,18 @@ class TorchEngine(Engine):
                     self.release_remote_prefill(request_id)
                 yield EngineOutput(request_id, [], "error", num_prompt_tokens, error="engine is not running")
                 return
+            sampling: SamplingParams = cmd[3] if cmd[0] == "add" else cmd[2]
+            if sampling.structured is not None:
+                await self._ready.wait()
+                try:
+                    self._compiled[request_id] = await anyio.to_thread.run_sync(self._compile_grammar, sampling)
+                except StructuredOutputError as e:
+                    finished = True
+                    if cmd[0] == "adopt":
+                        self.release_remote_prefill(request_id)
+                    yield EngineOutput(request_id, [], "error", num_prompt_tokens,
+                                       error=f"invalid structured output: {e}")
+                    return
             self._submit(cmd)
             while True:
                 out = await queue.get()

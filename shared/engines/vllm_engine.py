@@ -39,7 +39,7 @@ import anyio
 
 from shared.engines.base import Engine, EngineConfig, EngineOutput, EngineStats, KvEventBuffer
 from shared.kv_hash import ROOT_HASH, block_hashes
-from shared.messages import PositionLogprobs, SamplingParams, TokenLogprob
+from shared.messages import PositionLogprobs, SamplingParams, StructuredOutput, TokenLogprob
 from shared.models import resolve_dtype, resolve_model
 
 if TYPE_CHECKING:
@@ -419,7 +419,28 @@ class VllmEngine(Engine):
             n=s.n,  # vLLM seeds choice i with seed + i, as the torch engine does
             detokenize=False,  # the frontend detokenizes; token ids are all we ship
             output_kind=RequestOutputKind.DELTA,
+            structured_outputs=self._structured(s.structured),
         )
+
+    @staticmethod
+    def _structured(so: StructuredOutput | None) -> Any:
+        """Baton's StructuredOutput as vLLM's own structured outputs (xgrammar there too)."""
+        if so is None:
+            return None
+        from vllm.sampling_params import StructuredOutputsParams
+
+        from shared.engines.structured import json_schema_text, parse_choices
+
+        # Compact JSON, as the torch engine makes it: a weak model cannot pad with whitespace forever.
+        if so.kind == "json_schema":
+            return StructuredOutputsParams(json=json_schema_text(so.spec), disable_any_whitespace=True)
+        if so.kind == "json_object":
+            return StructuredOutputsParams(json_object=True, disable_any_whitespace=True)
+        if so.kind == "regex":
+            return StructuredOutputsParams(regex=so.spec)
+        if so.kind == "choice":
+            return StructuredOutputsParams(choice=parse_choices(so.spec))
+        return StructuredOutputsParams(grammar=so.spec)
 
     async def generate(self, request_id: str, token_ids: list[int], sampling: SamplingParams) -> AsyncIterator[EngineOutput]:
         from vllm import TokensPrompt
@@ -436,7 +457,7 @@ class VllmEngine(Engine):
         try:
             params = self._sampling(sampling)
         except bad_request as e:
-            yield EngineOutput(request_id, [], "error", n_prompt, error=str(e))
+            yield EngineOutput(request_id, [], "error", n_prompt, error=_request_error(e, sampling))
             return
         self._active.add(request_id)
         finished = False
@@ -445,7 +466,7 @@ class VllmEngine(Engine):
                 q = await llm.add_request(request_id, TokensPrompt(prompt_token_ids=list(token_ids)), params)
             except bad_request as e:  # e.g. prompt longer than max_model_len, token id out of vocab
                 finished = True
-                yield EngineOutput(request_id, [], "error", n_prompt, error=str(e))
+                yield EngineOutput(request_id, [], "error", n_prompt, error=_request_error(e, sampling))
                 return
             if request_id in self._abort_requested:  # abort() raced the add
                 self._abort_soon(request_id)
@@ -541,3 +562,12 @@ def _positions(entries: Any, tokens: list[int], top: int) -> list[PositionLogpro
             TokenLogprob(token, float(chosen.logprob) if chosen is not None else float("-inf")),
             [TokenLogprob(tid, float(v)) for _, tid, v in ranked[:top]]))
     return out
+
+
+def _request_error(e: Exception, sampling: SamplingParams) -> str:
+    """vLLM's refusal; one about the output constraint is marked so the frontend names its field."""
+    text = str(e)
+    words = ("json", "grammar", "regex", "schema", "structured", "choice")
+    if sampling.structured is not None and any(w in text.lower() for w in words):
+        return f"invalid structured output: {text}"
+    return text

@@ -319,3 +319,29 @@ async def test_logprobs_prompt_logprobs_and_n_carried_back(engine: VllmEngine, t
         by_choice.setdefault(o.choice, []).extend(o.token_ids)
     assert sorted(by_choice) == [0, 1, 2] and all(len(v) == 5 for v in by_choice.values())
     assert sum(o.finish_reason is not None for o in n3) == 3
+
+
+async def test_structured_outputs_pass_to_vllm(engine: VllmEngine) -> None:
+    """Baton's StructuredOutput reaches vLLM's structured outputs: a random-weight model's text
+    follows the schema/choice, and a schema that cannot compile is a request error, not a crash."""
+    import json
+
+    import jsonschema
+
+    from shared.messages import StructuredOutput
+    from shared.tokenizer import Tokenizer
+
+    tok = Tokenizer(resolve_model(MODEL).path)
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    sp = SamplingParams(max_tokens=60, temperature=1.0, seed=7,
+                        structured=StructuredOutput(kind="json_schema", spec=json.dumps(schema)))
+    outs = await collect(engine, "so-json", prompt(50, 9), sp)
+    assert outs[-1].finish_reason == "stop", outs[-1]
+    jsonschema.validate(json.loads(tok.decode(tokens(outs))), schema)
+    sp = SamplingParams(max_tokens=20, structured=StructuredOutput(kind="choice", spec='["red", "blue"]'))
+    outs = await collect(engine, "so-choice", prompt(51, 5), sp)
+    assert tok.decode(tokens(outs)) in ("red", "blue") and outs[-1].finish_reason == "stop"
+    sp = SamplingParams(max_tokens=5, structured=StructuredOutput(kind="json_schema", spec="{not json"))
+    outs = await collect(engine, "so-bad", prompt(52, 5), sp)
+    assert outs[-1].finish_reason == "error" and "invalid structured output" in (outs[-1].error or "")
