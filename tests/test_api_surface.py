@@ -154,8 +154,10 @@ def test_every_role_and_text_parts(stack: Stack) -> None:
     tok = httpx.post(f"{stack.url}/tokenize", json={"messages": messages, "return_token_strs": True}, timeout=30)
     assert tok.status_code == 200, tok.text
     text = "".join(tok.json()["token_strs"])
-    # developer is given to the template as system, function as tool; the text parts are joined
-    assert "<|im_start|>system\nbe brief" in text and "one two" in text and "<|im_start|>tool\n42" in text
+    # developer is given to the template as system, function as tool (the built-in template renders
+    # tool results Hermes-style, in a user turn); the text parts are joined
+    assert "<|im_start|>system\nbe brief" in text and "one two" in text
+    assert text.count("<tool_response>\n42\n</tool_response>") == 2  # the tool and the function message
     assert r.json()["usage"]["prompt_tokens"] == tok.json()["count"]
 
 

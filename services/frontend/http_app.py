@@ -271,7 +271,7 @@ class OpenAIApp:
             messages = chat_messages(chat)
             gen_prompt = True if req.add_generation_prompt is None else req.add_generation_prompt
             try:
-                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=gen_prompt)
+                text = self.tokenizer.apply_chat_template(template_messages(messages), add_generation_prompt=gen_prompt)
             except TEMPLATE_ERRORS as e:
                 raise ApiError(400, f"the chat template refused these messages: {e}", param="messages") from None
             ids = self.tokenizer.encode(text, add_special_tokens=bool(req.add_special_tokens))
