@@ -118,3 +118,22 @@ async def test_engine_bad_grammar_is_a_request_error_and_choice_ends(tokenizer: 
         tokens, last = await collect(engine.generate(
             "short", prompt, SamplingParams(max_tokens=3, structured=StructuredOutput(kind="regex", spec="a{20}"))))
         assert last.finish_reason == "length" and tokenizer.decode(tokens) == "a" * len(tokenizer.decode(tokens))
+
+
+async def test_every_choice_of_n_follows_the_grammar(tokenizer: Tokenizer) -> None:
+    """n > 1: each forked choice starts its own matcher at the grammar's start (a shared or
+    uncopied matcher would leave choices 1..n-1 unconstrained or mid-grammar)."""
+    so = StructuredOutput(kind="json_schema", spec=json.dumps(SCHEMA))
+    prompt = tokenizer.encode("Give me a person as JSON:")
+    async with Running(model="baton-tiny", num_blocks=256) as engine:
+        by_choice: dict[int, list[int]] = {}
+        finishes: dict[int, str | None] = {}
+        async for out in engine.generate("n3", prompt, SamplingParams(max_tokens=200, temperature=1.0, seed=5, n=3,
+                                                                     structured=so)):
+            by_choice.setdefault(out.choice, []).extend(out.token_ids)
+            if out.finish_reason is not None:
+                finishes[out.choice] = out.finish_reason
+    assert sorted(by_choice) == [0, 1, 2]
+    for c, tokens in by_choice.items():
+        assert finishes[c] == "stop", (c, tokenizer.decode(tokens))
+        jsonschema.validate(json.loads(tokenizer.decode(tokens)), SCHEMA)
