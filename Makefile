@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 UP_EXTRAS ?= torch
 TEST_EXTRAS ?= torch,test,vllm,ucx,otlp
 
-.PHONY: up test install install-test lint bench-overhead clean
+.PHONY: up test install install-test lint bench-overhead bench-aiperf clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ lint: install-test
 
 bench-overhead: install
 	$(BIN)/python bench/overhead.py
+
+# aiperf goes into a throwaway venv (/tmp/aiperf-venv), never into Baton's
+bench-aiperf: install
+	PYTHON=$(BIN)/python bench/aiperf.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
