@@ -420,7 +420,14 @@ def main() -> None:
                     help="every backend runs in each of these (float32, bfloat16)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, every backend")
     ap.add_argument("--json", default="", help="write every run here")
+    ap.add_argument("--report", default="", help="print the tables of a saved --json file, run nothing")
     args = ap.parse_args()
+    if args.report:
+        with open(args.report) as f:
+            saved = json.load(f)
+        print(report([Sample(**s) for s in saved["samples"]], saved["args"]["dtypes"].split(","),
+                     [int(b) for b in saved["args"]["batches"].split(",")]))
+        return
     torch.set_num_threads(args.threads)
     os.environ["BATON_TORCH_THREADS"] = str(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
@@ -438,6 +445,13 @@ def main() -> None:
                 for dtype in dtypes for name in args.backends.split(",")]
     samples: list[Sample] = []
     setup: list[str] = []
+
+    def save() -> None:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"started": started, "args": vars(args), "cpu": cpu_report(), "setup": setup,
+                           "samples": [asdict(s) for s in samples]}, f, indent=1)
+
     try:
         for backend in backends:
             t0 = time.perf_counter()
@@ -450,6 +464,7 @@ def main() -> None:
                 for backend in backends[k:] + backends[:k]:
                     s = measure(backend, backend.dtype, batch, repeat, rng, args, vocab_size)
                     samples.append(s)
+                    save()  # after every run: an interrupted benchmark keeps what it measured
                     print(f"  {s.backend:20s} {s.dtype:8s} batch {batch:3d} #{repeat}: "
                           + (f"ERROR {s.error}" if s.error else
                              f"{s.output_tok_s:8.1f} out tok/s {s.prefill_tok_s:8.1f} prefill tok/s")
@@ -460,10 +475,7 @@ def main() -> None:
     loads = [s.load1 for s in samples]
     print(f"\nload average (1 min) during the runs: {min(loads):.2f}-{max(loads):.2f}" if loads else "")
     print(report(samples, dtypes, batches))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"started": started, "args": vars(args), "cpu": cpu_report(), "setup": setup,
-                       "samples": [asdict(s) for s in samples]}, f, indent=1)
+    save()
 
 
 if __name__ == "__main__":
