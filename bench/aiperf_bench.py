@@ -109,6 +109,26 @@ def spread(values: list[float], fmt: str) -> str:
     return fmt.format(med) if len(ok) == 1 else f"{fmt.format(med)} ({fmt.format(min(ok))}-{fmt.format(max(ok))})"
 
 
+def table(runs: list[dict], engines: list[str], concurrency: list[int], started: str, version: str,
+          repeats: int) -> str:
+    loads = [r["load1"] for r in runs]
+    out = [f"\n{started}, aiperf {version}, {repeats} repeats, load average {min(loads):.2f}-{max(loads):.2f}; "
+           "median (min-max) over the repeats\n",
+           "| engine | c | " + " | ".join(name for name, _, _ in METRICS) + " | errors / requests |",
+           "|---|---:|" + "---:|" * len(METRICS) + "---:|"]
+    for engine in engines:
+        for c in concurrency:
+            rows = [r for r in runs if r["engine"] == engine and r["concurrency"] == c]
+            if not rows:
+                continue
+            cols = [spread([r[f"{key}.{stat}"] for r in rows],
+                           "{:.0f}" if key == "output_token_throughput" else "{:.1f}")
+                    for _, key, stat in METRICS]
+            out.append(f"| {engine} | {c} | " + " | ".join(cols)
+                       + f" | {sum(r['errors'] for r in rows)} / {sum(r['requests'] for r in rows)} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--aiperf", default=os.environ.get("AIPERF", "/tmp/aiperf-venv/bin/aiperf"))
@@ -121,7 +141,14 @@ def main() -> None:
     ap.add_argument("--osl", type=int, default=64)
     ap.add_argument("--timeout", type=float, default=900, help="seconds per aiperf run")
     ap.add_argument("--json", default="", help="write every run's summary here")
+    ap.add_argument("--report", default="", help="print the table of a saved --json file, run nothing")
     args = ap.parse_args()
+    if args.report:
+        saved = json.loads(Path(args.report).read_text())
+        a = saved["args"]
+        print(table(saved["runs"], a["engines"].split(","), a["concurrency"], saved["started"], saved["aiperf"],
+                    a["repeats"]))
+        return
     if not Path(args.aiperf).exists():
         sys.exit(f"aiperf not found at {args.aiperf}: run bench/aiperf.sh (make bench-aiperf), or pass --aiperf")
     version = subprocess.run([args.aiperf, "--version"], capture_output=True, text=True).stdout.strip()
@@ -159,18 +186,7 @@ def main() -> None:
             os.killpg(proc.pid, signal.SIGTERM)
         for proc, _ in stacks.values():
             proc.wait(60)
-    loads = [r["load1"] for r in runs]
-    print(f"\n{started}, aiperf {version}, {args.repeats} repeats, load average {min(loads):.2f}-{max(loads):.2f}; "
-          "median (min-max) over the repeats\n")
-    print("| engine | c | " + " | ".join(name for name, _, _ in METRICS) + " | errors / requests |")
-    print("|---|---:|" + "---:|" * len(METRICS) + "---:|")
-    for engine in engines:
-        for c in args.concurrency:
-            rows = [r for r in runs if r["engine"] == engine and r["concurrency"] == c]
-            cols = [spread([r[f"{key}.{stat}"] for r in rows], "{:.0f}" if "throughput" in key else "{:.1f}")
-                    for _, key, stat in METRICS]
-            print(f"| {engine} | {c} | " + " | ".join(cols)
-                  + f" | {sum(r['errors'] for r in rows)} / {sum(r['requests'] for r in rows)} |")
+    print(table(runs, engines, args.concurrency, started, version, args.repeats))
     if args.json:
         Path(args.json).write_text(json.dumps({"started": started, "aiperf": version, "args": vars(args),
                                                "runs": runs}, indent=1))
