@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 UP_EXTRAS ?= torch
 TEST_EXTRAS ?= torch,test,vllm,ucx,otlp
 
-.PHONY: up test install install-test lint policy-check bench-overhead clean
+.PHONY: up test install install-test lint policy-check bench-overhead bench-aiperf clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ policy-check: $(BIN)/python $(POLICY_VENV)/bin/checkov
 
 bench-overhead: install
 	$(BIN)/python bench/overhead.py
+
+# aiperf goes into a throwaway venv (/tmp/aiperf-venv), never into Baton's
+bench-aiperf: install
+	PYTHON=$(BIN)/python bench/aiperf.sh
 
 clean:
 	rm -rf $(VENV) $(POLICY_VENV) .pytest_cache .ruff_cache

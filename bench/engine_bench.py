@@ -1,28 +1,36 @@
-"""Engine throughput on one machine: Baton's torch engine vs transformers ``generate``.
+"""Engine throughput on one machine: Baton's torch engine vs transformers ``generate`` (and vLLM,
+added by ``bench/vllm_bench.py``), like with like.
 
-    python bench/engine_bench.py [--model baton-small] [--batches 1,16,64] [--prompt-len 128] [--output-len 128]
+    python bench/engine_bench.py [--model baton-small] [--batches 1,16,64] [--dtypes float32,bfloat16]
+        [--backends baton-torch,transformers,transformers-static] [--repeats 3] [--json out.json]
 
-For each batch size every backend runs two workloads on the same random prompts:
+For each batch size every backend runs two workloads on the same kind of random prompts:
   * prefill: ``batch`` prompts with one output token each -> prefill tokens/s
   * generate: ``batch`` prompts, ``output_len`` tokens each (EOS ignored) -> output tokens/s, and
     the time between consecutive output tokens of a request (p50/p99 TPOT)
-All requests of a batch arrive at once. Backends: ``baton-torch``, ``baton-torch-plain`` (the
-same engine without its fused C kernels and prepacked matmuls), ``transformers``, and ``vllm``
-(added by ``bench/vllm_bench.py``). Each runs in a child process of its own and they take turns
-at each batch size, in one run.
+All requests of a batch arrive at once. Every backend runs in every dtype of ``--dtypes`` (so
+transformers is compared at its best dtype, whichever that is), each (backend, dtype) in a child
+process of its own with the same torch thread count. All stay loaded; at each batch size each
+repeat runs every one of them once, in an order rotated per repeat, so a noisy neighbour on a
+shared CPU hits all sides alike. Tables give the median and the min-max spread over the repeats
+and the failed runs; ``--json`` keeps every run. Backends: ``baton-torch``, ``baton-torch-plain``
+(the same engine without its fused C kernels and prepacked matmuls), ``transformers`` (dynamic KV
+cache), ``transformers-static`` (``cache_implementation="static"``), ``vllm`` (vllm_bench.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import multiprocessing
 import os
 import random
 import statistics
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -44,13 +52,19 @@ class RunResult:
 
 
 @dataclass
-class Row:
+class Sample:
+    """One measured repeat of one (backend, dtype) at one batch size; ``error`` set if it failed."""
+
     backend: str
+    dtype: str
     batch: int
-    output_tok_s: float
-    prefill_tok_s: float
-    tpot_p50_ms: float
-    tpot_p99_ms: float
+    repeat: int
+    output_tok_s: float = float("nan")
+    prefill_tok_s: float = float("nan")
+    tpot_p50_ms: float = float("nan")
+    tpot_p99_ms: float = float("nan")
+    load1: float = float("nan")  # 1-minute load average when the run ended
+    error: str | None = None
 
 
 class Backend(ABC):
@@ -63,6 +77,10 @@ class Backend(ABC):
 
     def start(self) -> None:  # noqa: B027 - optional hook
         """Load the model (not timed)."""
+
+    def describe(self) -> str:
+        """How this backend was configured, as it ended up (for the report)."""
+        return f"{self.name} {self.dtype}, torch threads {torch.get_num_threads()}"
 
     def stop(self) -> None:  # noqa: B027 - optional hook
         """Release what start() took."""
@@ -121,6 +139,7 @@ class TorchEngineBackend(Backend):
         produced = self.loop.run_until_complete(all_at_once())
         seconds = time.perf_counter() - t0
         assert produced == output_len * len(prompts)
+        self.engine.kv_events.drain()  # no worker publishes them here; don't let the buffer grow
         return RunResult(seconds, produced, gaps)
 
 
@@ -160,6 +179,8 @@ class TransformersBackend(Backend):
 
         self.clock_cls = StepClock
 
+    cache_kwargs: dict[str, Any] = {}  # generate()'s KV cache: its default, the dynamic cache
+
     def run(self, prompts: list[list[int]], output_len: int) -> RunResult:
         from transformers import LogitsProcessorList
 
@@ -175,12 +196,21 @@ class TransformersBackend(Backend):
                 do_sample=False,
                 logits_processor=LogitsProcessorList([clock]),
                 pad_token_id=0,
+                **self.cache_kwargs,
             )
         seconds = time.perf_counter() - t0
         produced = (out.shape[1] - ids.shape[1]) * ids.shape[0]
         assert produced == output_len * len(prompts)
         step_gaps = [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)]
         return RunResult(seconds, produced, step_gaps * len(prompts))
+
+
+class TransformersStaticBackend(TransformersBackend):
+    """transformers with a preallocated static KV cache (its recommended setting for torch.compile;
+    on CPU without compile it may help or hurt: both are measured)."""
+
+    name = "transformers-static"
+    cache_kwargs = {"cache_implementation": "static"}
 
 
 class IsolatedBackend(Backend):
@@ -207,7 +237,10 @@ class IsolatedBackend(Backend):
         )
         self.proc.start()
         child.close()
-        self._reply(timeout=900)  # loaded and warmed up
+        self.description = self._reply(timeout=1800)  # loaded and warmed up (vLLM may compile)
+
+    def describe(self) -> str:
+        return self.description
 
     def _reply(self, timeout: float) -> Any:
         if not self.conn.poll(timeout):
@@ -248,7 +281,7 @@ def _serve_backend(
     except BaseException as e:
         conn.send(e)
         return
-    conn.send("ready")
+    conn.send(backend.describe())
     try:
         while (msg := conn.recv()) is not None:
             try:
@@ -263,8 +296,10 @@ BACKENDS: dict[str, type[Backend]] = {
     "baton-torch": TorchEngineBackend,
     "baton-torch-plain": TorchPlainBackend,
     "transformers": TransformersBackend,
-    # "vllm": VllmBackend,  (the vLLM adapter's engineer adds it: same Backend interface)
+    "transformers-static": TransformersStaticBackend,
+    # "vllm": VllmBackend, added by bench/vllm_bench.py (same Backend interface)
 }
+SHORT = {"float32": "fp32", "bfloat16": "bf16"}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -278,94 +313,169 @@ def prompts(rng: random.Random, batch: int, length: int, vocab_size: int) -> lis
     return [[rng.randrange(5, vocab_size) for _ in range(length)] for _ in range(batch)]
 
 
+def cpu_report() -> str:
+    """The CPU features the backends' kernels pick from (torch's own dispatch level too)."""
+    flags: set[str] = set()
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile") if f in flags]
+    return f"CPU {os.cpu_count()} logical CPUs, ISA {' '.join(isa) or '?'}, torch dispatch {torch.backends.cpu.get_cpu_capability()}"
+
+
+def measure(backend: Backend, dtype: str, batch: int, repeat: int, rng: random.Random, args: argparse.Namespace,
+            vocab_size: int) -> Sample:
+    """One repeat: a prefill run and a generate run, on fresh prompts (no prefix-cache hits)."""
+    sample = Sample(backend.name, dtype, batch, repeat)
+    try:
+        pre = backend.run(prompts(rng, batch, args.prompt_len, vocab_size), 1)
+        gen = backend.run(prompts(rng, batch, args.prompt_len, vocab_size), args.output_len)
+    except Exception as e:  # counted in the table, the run goes on
+        sample.error = f"{type(e).__name__}: {e.__cause__ or e}"[:300]
+    else:
+        sample.output_tok_s = gen.tokens / gen.seconds
+        sample.prefill_tok_s = batch * args.prompt_len / pre.seconds
+        sample.tpot_p50_ms = 1e3 * statistics.median(gen.gaps) if gen.gaps else float("nan")
+        sample.tpot_p99_ms = 1e3 * percentile(gen.gaps, 99)
+    sample.load1 = os.getloadavg()[0]
+    return sample
+
+
+def spread(values: list[float], fmt: str = "{:.0f}") -> str:
+    """median (min-max) of the finite values; '-' if none."""
+    ok = [v for v in values if v == v]
+    if not ok:
+        return "-"
+    med = statistics.median(ok)
+    if len(ok) == 1:
+        return fmt.format(med)
+    return f"{fmt.format(med)} ({fmt.format(min(ok))}-{fmt.format(max(ok))})"
+
+
+def report(samples: list[Sample], dtypes: list[str], batches: list[int]) -> str:
+    """Markdown: one table per dtype (every backend in it), then the ratios Baton needs to meet."""
+    out: list[str] = []
+    names = list(dict.fromkeys(s.backend for s in samples))
+    by = {}
+    for s in samples:
+        by.setdefault((s.backend, s.dtype, s.batch), []).append(s)
+    for dtype in dtypes:
+        out += [f"\n**{dtype}** (median (min-max) over the repeats; errors = failed runs / runs)\n",
+                "| backend | batch | output tok/s | prefill tok/s | TPOT p50 ms | TPOT p99 ms | errors |",
+                "|---|---:|---:|---:|---:|---:|---:|"]
+        for name in names:
+            for batch in batches:
+                rows = by.get((name, dtype, batch), [])
+                if not rows:
+                    continue
+                ok = [r for r in rows if r.error is None]
+                out.append(
+                    f"| {name} | {batch} | {spread([r.output_tok_s for r in ok])} | "
+                    f"{spread([r.prefill_tok_s for r in ok])} | {spread([r.tpot_p50_ms for r in ok], '{:.1f}')} | "
+                    f"{spread([r.tpot_p99_ms for r in ok], '{:.1f}')} | {len(rows) - len(ok)}/{len(rows)} |")
+    # Ratios: Baton against vLLM in the same dtype; against transformers' best (dtype, cache) at that batch.
+    tf = [n for n in names if n.startswith("transformers")]
+    out += ["\n**Ratios** (output tok/s; median of the per-repeat ratios, min-max; repeats were interleaved)\n",
+            "| dtype | batch | Baton / vLLM (same dtype) | transformers best (median) | Baton / transformers best |",
+            "|---|---:|---:|---|---:|"]
+
+    def per_repeat(a: list[Sample], b: list[Sample]) -> list[float]:
+        bb = {s.repeat: s.output_tok_s for s in b if s.error is None}
+        return [s.output_tok_s / bb[s.repeat] for s in a if s.error is None and s.repeat in bb]
+
+    for dtype in dtypes:
+        for batch in batches:
+            baton = by.get(("baton-torch", dtype, batch), [])
+            if not baton:
+                continue
+            vs_vllm = spread(per_repeat(baton, by.get(("vllm", dtype, batch), [])), "{:.2f}x")
+            best_key, best_med = None, 0.0
+            for name in tf:
+                for d in dtypes:
+                    ok = [s.output_tok_s for s in by.get((name, d, batch), []) if s.error is None]
+                    if ok and statistics.median(ok) > best_med:
+                        best_key, best_med = (name, d), statistics.median(ok)
+            if best_key is None:
+                tf_cell, vs_tf = "-", "-"
+            else:
+                tf_cell = f"{best_key[0]} {SHORT.get(best_key[1], best_key[1])} ({best_med:.0f})"
+                vs_tf = spread(per_repeat(baton, by[(*best_key, batch)]), "{:.2f}x")
+            out.append(f"| {SHORT.get(dtype, dtype)} | {batch} | {vs_vllm} | {tf_cell} | {vs_tf} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="baton-small")
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--backends", default="baton-torch,transformers", help=f"any of {', '.join(BACKENDS)}")
+    ap.add_argument("--backends", default="baton-torch,transformers,transformers-static",
+                    help=f"any of {', '.join(BACKENDS)}")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--repeats", type=int, default=1, help="runs per backend and batch; the best is kept")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="every backend")
-    ap.add_argument(
-        "--threads", type=int, default=torch.get_num_threads(), help="torch threads, every backend"
-    )
-    ap.add_argument(
-        "--same-process",
-        action="store_true",
-        help="run every backend in this process (default: each in a child process of its own)",
-    )
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved runs per backend and batch")
+    ap.add_argument("--dtypes", "--dtype", default="float32,bfloat16",
+                    help="every backend runs in each of these (float32, bfloat16)")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, every backend")
+    ap.add_argument("--json", default="", help="write every run here")
+    ap.add_argument("--report", default="", help="print the tables of a saved --json file, run nothing")
     args = ap.parse_args()
+    if args.report:
+        with open(args.report) as f:
+            saved = json.load(f)
+        print(report([Sample(**s) for s in saved["samples"]], saved["args"]["dtypes"].split(","),
+                     [int(b) for b in saved["args"]["batches"].split(",")]))
+        return
     torch.set_num_threads(args.threads)
     os.environ["BATON_TORCH_THREADS"] = str(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
+    dtypes = args.dtypes.split(",")
     vocab = resolve_model(args.model)  # build the built-in model first, outside any timing
     from shared.tokenizer import Tokenizer
 
     vocab_size = Tokenizer(vocab.path).vocab_size
     rng = random.Random(args.seed)
-    print(
-        f"model {args.model} ({args.dtype}), prompt {args.prompt_len} tokens, output {args.output_len} tokens, "
-        f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}"
-    )
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    print(f"{started}: model {args.model}, prompt {args.prompt_len} tokens, output {args.output_len} tokens, "
+          f"torch threads {args.threads}, load average {os.getloadavg()[0]:.2f}\n{cpu_report()}", flush=True)
 
-    # Every backend stays loaded and they take turns at each batch size, so a noisy neighbour on a
-    # shared CPU hurts them alike; with --repeats, each keeps its best run.
-    classes = [BACKENDS[name] for name in args.backends.split(",")]
-    if args.same_process:
-        backends = [cls(args.model, max(batches), args.dtype) for cls in classes]
-    else:
-        backends = [IsolatedBackend(cls, args.model, max(batches), args.dtype, args.threads) for cls in classes]
-    rows: list[Row] = []
+    backends = [IsolatedBackend(BACKENDS[name], args.model, max(batches), dtype, args.threads)
+                for dtype in dtypes for name in args.backends.split(",")]
+    samples: list[Sample] = []
+    setup: list[str] = []
+
+    def save() -> None:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"started": started, "args": vars(args), "cpu": cpu_report(), "setup": setup,
+                           "samples": [asdict(s) for s in samples]}, f, indent=1)
+
     try:
         for backend in backends:
+            t0 = time.perf_counter()
             backend.start()
-            if args.same_process:
-                backend.run([[1, 2, 3]], 4)  # warm-up: first-call allocations, thread start
+            setup.append(f"{backend.describe()} (ready in {time.perf_counter() - t0:.0f} s)")
+            print("  " + setup[-1], flush=True)
         for batch in batches:
-            best: dict[str, Row] = {}
-            for _ in range(args.repeats):
-                for backend in backends:
-                    # fresh prompts per run: no backend gets prefix-cache hits from an earlier run
-                    pre = backend.run(prompts(rng, batch, args.prompt_len, vocab_size), 1)
-                    gen = backend.run(prompts(rng, batch, args.prompt_len, vocab_size), args.output_len)
-                    row = Row(
-                        backend.name,
-                        batch,
-                        output_tok_s=gen.tokens / gen.seconds,
-                        prefill_tok_s=batch * args.prompt_len / pre.seconds,
-                        tpot_p50_ms=1e3 * statistics.median(gen.gaps) if gen.gaps else float("nan"),
-                        tpot_p99_ms=1e3 * percentile(gen.gaps, 99),
-                    )
-                    print(
-                        f"  {row.backend:14s} batch {batch:3d}: {row.output_tok_s:8.1f} out tok/s  "
-                        f"{row.prefill_tok_s:8.1f} prefill tok/s",
-                        flush=True,
-                    )
-                    old = best.get(row.backend)
-                    if old is None or row.output_tok_s > old.output_tok_s:
-                        best[row.backend] = row
-            rows += best.values()
+            for repeat in range(args.repeats):
+                k = repeat % len(backends)  # rotate who goes first: no backend always runs after the same one
+                for backend in backends[k:] + backends[:k]:
+                    s = measure(backend, backend.dtype, batch, repeat, rng, args, vocab_size)
+                    samples.append(s)
+                    save()  # after every run: an interrupted benchmark keeps what it measured
+                    print(f"  {s.backend:20s} {s.dtype:8s} batch {batch:3d} #{repeat}: "
+                          + (f"ERROR {s.error}" if s.error else
+                             f"{s.output_tok_s:8.1f} out tok/s {s.prefill_tok_s:8.1f} prefill tok/s")
+                          + f"  load {s.load1:.2f}", flush=True)
     finally:
         for backend in backends:
             backend.stop()
-    rows.sort(key=lambda r: (r.backend != "baton-torch", r.backend, r.batch))
-
-    print()
-    print(
-        f"| {'backend':14s} | batch | output tok/s | prefill tok/s | TPOT p50 ms | TPOT p99 ms | vs transformers |"
-    )
-    print(
-        f"|{'-' * 16}|-------|--------------|---------------|-------------|-------------|-----------------|"
-    )
-    base = {r.batch: r.output_tok_s for r in rows if r.backend == "transformers"}
-    for r in rows:
-        ratio = f"{r.output_tok_s / base[r.batch]:.2f}x" if r.batch in base else "-"
-        print(
-            f"| {r.backend:14s} | {r.batch:5d} | {r.output_tok_s:12.1f} | {r.prefill_tok_s:13.1f} "
-            f"| {r.tpot_p50_ms:11.2f} | {r.tpot_p99_ms:11.2f} | {ratio:>15s} |"
-        )
+    loads = [s.load1 for s in samples]
+    print(f"\nload average (1 min) during the runs: {min(loads):.2f}-{max(loads):.2f}" if loads else "")
+    print(report(samples, dtypes, batches))
+    save()
 
 
 if __name__ == "__main__":

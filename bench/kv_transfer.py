@@ -4,7 +4,11 @@ Pools shaped like baton-small's KV cache (8 layers, K and V, 16 tokens x 4 KV he
 fp32: 256 KiB per block over all layers). Each transfer moves N blocks as one run per layer and
 K/V (2 x 8 views), pool to pool, as the disaggregated prefill path does.
 
-    python bench/kv_transfer.py [--repeats 20]
+    python bench/kv_transfer.py [--repeats 20] [--rounds 3]
+
+Each round measures memcpy, TCP and UCX in turn at every size (``--repeats`` transfers each, the
+median kept); the table gives the median over the rounds and its min-max, so a noisy neighbour
+hits every column alike. A failed transfer is counted, not hidden.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import os
 import statistics
 import sys
 import time
@@ -77,18 +82,41 @@ async def transfer(kind: str, n: int, repeats: int) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=20, help="transfers per size, kind and round")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds over every kind")
     args = ap.parse_args()
-    kinds = ["tcp"] + (["ucx"] if importlib.util.find_spec("ucxx") else [])
-    print(f"{'blocks':>6} {'MiB':>7} " + " ".join(f"{k + ' GB/s':>10} {k + ' p50 ms':>11}" for k in ["memcpy", *kinds]))
-    for n in (1, 16, 256):
+    kinds = ["memcpy", "tcp"] + (["ucx"] if importlib.util.find_spec("ucxx") else [])
+    sizes = (1, 16, 256)
+    p50s: dict[tuple[str, int], list[float]] = {}
+    errors: dict[str, int] = dict.fromkeys(kinds, 0)
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    for rnd in range(args.rounds):
+        for n in sizes:
+            for k in kinds[rnd % len(kinds):] + kinds[:rnd % len(kinds)]:  # rotate who goes first
+                try:
+                    ts = memcpy(n, args.repeats) if k == "memcpy" else asyncio.run(transfer(k, n, args.repeats))
+                except Exception as e:
+                    errors[k] += 1
+                    print(f"round {rnd} {k} {n} blocks: ERROR {e!r}", flush=True)
+                    continue
+                p50s.setdefault((k, n), []).append(statistics.median(ts))
+                print(f"round {rnd} {k:6s} {n:3d} blocks: p50 {p50s[(k, n)][-1] * 1e3:8.3f} ms", flush=True)
+
+    def cell(k: str, n: int, nbytes: int) -> str:
+        xs = p50s.get((k, n), [])
+        if not xs:
+            return "- | -"
+        med = statistics.median(xs)
+        return (f"{nbytes / med / 1e9:.2f} ({nbytes / max(xs) / 1e9:.2f}-{nbytes / min(xs) / 1e9:.2f}) | "
+                f"{med * 1e3:.3g} ({min(xs) * 1e3:.3g}-{max(xs) * 1e3:.3g})")
+
+    print(f"\n{started}, {args.rounds} rounds x {args.repeats} transfers, load average {os.getloadavg()[0]:.2f}; "
+          f"errors {errors}\n")
+    print("| blocks | MiB | " + " | ".join(f"{k} GB/s | {k} ms" for k in kinds) + " |")
+    print("|---:|---:|" + "---:|---:|" * len(kinds))
+    for n in sizes:
         nbytes = n * BLOCK_BYTES_PER_VIEW * LAYERS * KV
-        cols = []
-        for k in ["memcpy", *kinds]:
-            ts = memcpy(n, args.repeats) if k == "memcpy" else asyncio.run(transfer(k, n, args.repeats))
-            p50 = statistics.median(ts)
-            cols.append(f"{nbytes / p50 / 1e9:10.2f} {p50 * 1e3:11.3f}")
-        print(f"{n:6d} {nbytes / 2**20:7.2f} " + " ".join(cols), flush=True)
+        print(f"| {n} | {nbytes / 2**20:g} | " + " | ".join(cell(k, n, nbytes) for k in kinds) + " |")
 
 
 if __name__ == "__main__":

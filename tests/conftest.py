@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.procs import Stack
+from tests.require import in_ci
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -21,11 +22,17 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def e2e_engine() -> str:
-    """End-to-end tests run the real torch engine; the mocker only where the torch engine is absent."""
+    """End-to-end tests run the real torch engine; the mocker only where torch is not installed
+    (a failure under CI=true) or where BATON_TEST_ENGINE asks for it."""
     forced = os.environ.get("BATON_TEST_ENGINE")
     if forced:
         return forced
-    return "torch" if importlib.util.find_spec("shared.engines.torch_engine") else "mocker"
+    if importlib.util.find_spec("torch") is not None:
+        return "torch"
+    if in_ci():
+        pytest.fail("torch is not installed: end-to-end tests would fall back to the mocker "
+                    "(pip install 'baton[torch]'); CI (CI=true) must provide it", pytrace=False)
+    return "mocker"
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import pytest
 
 from baton.client import AsyncBatonClient, BatonClient, BatonError, NatsBatonClient
 from tests.procs import wait_until
+from tests.require import require_module
 from tests.test_baton_up import alive, children_of, start_up, wait_ready_line
 
 pytestmark = pytest.mark.timeout(240)
@@ -28,7 +29,7 @@ def up(tmp_path_factory):
 
 
 def test_openai_sdk_unchanged(up) -> None:
-    openai = pytest.importorskip("openai")
+    openai = require_module("openai", "pip install 'baton[test]'")
     _, url, _, _ = up
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
     assert [m.id for m in client.models.list()] == ["baton-tiny"]

@@ -240,9 +240,11 @@ class VllmEngine(Engine):
     name = "vllm"
 
     def __init__(self, config: EngineConfig, *, max_model_len: int | None = None,
-                 engine_args: dict[str, Any] | None = None) -> None:
+                 engine_args: dict[str, Any] | None = None, kv_events: bool = True) -> None:
         """``max_model_len``: context cap (default min(model's, 2048)); ``engine_args``: extra
-        ``AsyncEngineArgs`` fields, applied last (tests and benchmarks tune vLLM with them)."""
+        ``AsyncEngineArgs`` fields, applied last (tests and benchmarks tune vLLM with them);
+        ``kv_events``: publish KV events for the router (a benchmark of the engine alone turns
+        them off, since the bridge re-hashes every stored block in this process)."""
         super().__init__()
         try:
             import vllm  # noqa: F401  (fail here, with a clear message, not in run())
@@ -281,6 +283,7 @@ class VllmEngine(Engine):
         self._startup_error: BaseException | None = None
         self._stats = _StatsSink()
         self._kv_bridge: _KvEventBridge | None = None
+        self._publish_kv_events = kv_events
         self._kv_dir: str | None = None
         self._num_blocks = 0
         self._active: set[str] = set()
@@ -329,7 +332,7 @@ class VllmEngine(Engine):
         self._loop = asyncio.get_running_loop()
         try:
             kv_endpoint = None
-            if self.config.enable_prefix_caching:
+            if self.config.enable_prefix_caching and self._publish_kv_events:
                 self._kv_dir = tempfile.mkdtemp(prefix="baton-vllm-")
                 kv_endpoint = f"ipc://{self._kv_dir}/kv-events"
                 self._kv_bridge = _KvEventBridge(kv_endpoint, self.kv_events, self.block_size)

@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("torch")
+from tests.require import require_module
 
-from shared.engines.base import ViewBlockIO
-from shared.kv_hash import block_hashes
-from tests.engine.test_torch_engine import Running, collect, greedy
+require_module("torch", "pip install 'baton[torch]'")
+
+from shared.engines.base import ViewBlockIO  # noqa: E402
+from shared.kv_hash import block_hashes  # noqa: E402
+from tests.engine.test_torch_engine import Running, collect, greedy  # noqa: E402
 
 pytestmark = pytest.mark.anyio
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
+from tests.require import require_module
 
-torch = pytest.importorskip("torch")
+torch = require_module("torch", "pip install 'baton[torch]'")
 
 from shared.engines.sampling import Sampler  # noqa: E402
 from shared.engines.scheduler import Request  # noqa: E402

@@ -15,8 +15,10 @@ import anyio
 import msgspec
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from tests.require import require_module
+
+torch = require_module("torch", "pip install 'baton[torch]'")
+transformers = require_module("transformers", "pip install 'baton[test]'")
 
 from shared.engines.base import EngineConfig, EngineOutput  # noqa: E402
 from shared.engines.cpu_kernels import load_cpu_kernels  # noqa: E402

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from tests.require import require_module
+
+torch = require_module("torch", "pip install 'baton[torch]'")
+transformers = require_module("transformers", "pip install 'baton[test]'")
 
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
 

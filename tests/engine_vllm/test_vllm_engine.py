@@ -17,9 +17,11 @@ from collections.abc import AsyncIterator
 import anyio
 import pytest
 
-if importlib.util.find_spec("vllm") is None:  # skip only when absent; a broken install must fail
-    pytest.skip("vLLM is not installed; these tests need the vllm extra: pip install 'baton[vllm]'",
-                allow_module_level=True)
+from tests.require import missing
+
+if importlib.util.find_spec("vllm") is None:  # skip only when absent (fail in CI); a broken install must fail
+    missing("vLLM is not installed; these tests need the vllm extra: pip install 'baton[vllm]'",
+            allow_module_level=True)
 
 from shared.engines import EngineConfig, EngineOutput, make_engine
 from shared.engines.vllm_engine import VllmEngine
