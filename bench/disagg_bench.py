@@ -103,6 +103,21 @@ async def nats_stream(nc: nats.NATS, req: ApiGenerateRequest, timeout: float) ->
         await sub.unsubscribe()
 
 
+def token_gaps(chunks: list[tuple[float, int]], t_from: float, t_to: float) -> list[float]:
+    """Inter-token gaps of one stream from its chunks (arrival time, tokens), inside [t_from, t_to].
+
+    A chunk of k tokens arriving g after the previous chunk stands for k tokens g/k apart; tokens
+    that came with the stream's first token have a gap of 0.
+    """
+    gaps: list[float] = []
+    if chunks and t_from <= chunks[0][0] <= t_to:
+        gaps += [0.0] * (chunks[0][1] - 1)
+    for (a, _), (b, k) in itertools.pairwise(chunks):
+        if t_from <= a and b <= t_to:
+            gaps += [(b - a) / k] * k
+    return gaps
+
+
 async def drive(nats_url: str, args: argparse.Namespace, vocab: int) -> Stats:
     nc = await nats.connect(nats_url)
     try:
@@ -135,11 +150,7 @@ async def _drive(nc: nats.NATS, args: argparse.Namespace, vocab: int) -> Stats:
                 continue
             if chunks and t0 >= t_measure:
                 st.stream_ttft.append(chunks[0][0] - t0)
-            if chunks and t_measure <= chunks[0][0] <= t_end:
-                st.itl.extend([0.0] * (chunks[0][1] - 1))  # arrived with the first token
-            for (a, _), (b, k) in itertools.pairwise(chunks):
-                if t_measure <= a and b <= t_end:
-                    st.itl.extend([(b - a) / k] * k)
+            st.itl.extend(token_gaps(chunks, t_measure, t_end))
             for t, k in chunks:
                 if t_measure <= t <= t_end:
                     st.stream_tokens += k
