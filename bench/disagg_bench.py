@@ -1,22 +1,33 @@
 """Disaggregation's effect on users: inter-token latency of running streams while long prompts
 keep arriving, aggregated against disaggregated on the same hardware budget.
 
-Two engine processes either way, one torch thread each (``BATON_TORCH_THREADS=1``):
+Two engine processes either way, one torch thread each (``BATON_TORCH_THREADS=1``), and the same
+router (``--router-mode``, kv by default: load-aware) in front:
 
-- aggregated: 2 decode workers, no prefill worker (``--no-disagg``); the router spreads streams
-  and long prompts over both, so a long prompt's prefill chunks share steps with running decodes.
+- aggregated-cN: 2 decode workers, no prefill worker (``--no-disagg``), prefill chunked to N tokens
+  a step (``--max-batched-tokens N``), for every N in ``--chunks``: a smaller chunk bounds the step
+  a decode waits for, at the cost of more steps per prompt. The baseline gets its best chunk.
 - disaggregated: 1 prefill worker + 1 decode worker; prompts of at least ``--remote-min-tokens``
   uncached tokens are prefilled on the prefill worker and their KV written into the decode
   worker's pool over the TCP KV transport; short prompts (the streams) prefill locally.
 
-Load, through the frontend's streaming /v1/completions: ``--streams`` closed-loop streams (short
+Load, through the frontend's streaming NATS request API (``baton.v1.api.generate``: the same
+pipeline as HTTP, but each chunk names its tokens): ``--streams`` closed-loop streams (short
 prompts, ``--stream-tokens`` each, restarted when done) and, open loop, a long prompt of
 ``--long-tokens`` random token ids (no prefix reuse) every ``--interval`` seconds, each asking
-for ``--long-max-tokens``. Measured over ``--duration`` seconds after ``--warmup``: the gaps
-between successive SSE events of the streams (ITL), the long prompts' time to first token
-(TTFT), and the decode worker's disaggregation decisions (proof that the remote path was taken).
+for ``--long-max-tokens``. Measured over ``--duration`` seconds after ``--warmup``:
 
-    python bench/disagg_bench.py [--model baton-small] [--duration 40] [--json out.json]
+- ITL per token: a chunk may carry several tokens (the frontend coalesces replies that pile up),
+  so a chunk of k tokens arriving g seconds after the previous one counts as k gaps of g/k; the
+  extra tokens of a stream's first chunk count as gaps of 0. Also reported: tokens per chunk.
+- the long prompts' time to first token (TTFT);
+- errors: a request fails on an error reply, a timeout, or fewer tokens than asked (EOS ignored);
+- the decode worker's disaggregation decisions (proof that the remote path was taken).
+
+``--repeats`` rounds, each running every mode once, the order rotated between rounds; median and
+range over rounds.
+
+    python bench/disagg_bench.py [--model baton-small] [--chunks 64 128 256 512] [--repeats 3] [--json out.json]
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import sys
@@ -37,19 +49,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import itertools
 
 import httpx
+import nats
 
+from shared import subjects
+from shared.messages import ApiChunk, ApiGenerateRequest, api_reply_msgpack_decoder, encode
 from tests.disagg.util import DisaggStack
 from tests.procs import wait_until
 
 
 @dataclass
 class Stats:
-    itl: list[float] = field(default_factory=list)  # seconds between successive stream events
+    itl: list[float] = field(default_factory=list)  # seconds between successive tokens
+    chunks: int = 0  # stream chunks received (in the window)
+    chunk_tokens: int = 0  # tokens they carried
     stream_ttft: list[float] = field(default_factory=list)
     long_ttft: list[float] = field(default_factory=list)
     long_latency: list[float] = field(default_factory=list)
     stream_tokens: int = 0
     errors: int = 0
+    error_kinds: list[str] = field(default_factory=list)
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -59,44 +77,56 @@ def pct(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
-async def sse_request(port: int, payload: dict) -> tuple[int, list[float], int]:
-    """POST a streamed completion; (status, arrival time of every token-bearing event, tokens)."""
-    body = json.dumps({**payload, "stream": True, "stream_options": {"include_usage": True}}).encode()
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    times: list[float] = []
-    tokens = 0
+async def nats_stream(nc: nats.NATS, req: ApiGenerateRequest, timeout: float) -> tuple[str, list[tuple[float, int]]]:
+    """Stream one request over the NATS API: ("" or an error, [(arrival time, tokens) per chunk])."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    chunks: list[tuple[float, int]] = []
     try:
-        writer.write(f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
-        status = int((await reader.readline()).split()[1])
-        while (await reader.readline()) not in (b"\r\n", b""):
-            pass
-        buf = b""
+        await nc.publish(subjects.API_GENERATE, encode(req), reply=inbox)
+        produced = 0
         while True:
-            size_line = await reader.readline()
-            if not size_line:
-                break
-            size = int(size_line.strip() or b"0", 16)
-            if size == 0:
-                break
-            buf += await reader.readexactly(size + 2)
-            buf = buf[:-2] if buf.endswith(b"\r\n") else buf
-            while b"\n\n" in buf:
-                event, buf = buf.split(b"\n\n", 1)
-                data = event.removeprefix(b"data: ")
-                if data == b"[DONE]" or not data.startswith(b"{"):
-                    continue
-                obj = json.loads(data)
-                if obj.get("usage"):
-                    tokens = obj["usage"]["completion_tokens"]
-                elif obj.get("choices"):
-                    times.append(time.perf_counter())
-        return status, times, tokens
+            msg = await sub.next_msg(timeout=timeout)
+            reply = api_reply_msgpack_decoder.decode(msg.data)
+            if not isinstance(reply, ApiChunk):
+                return f"error {reply.code}: {reply.message}", chunks
+            if reply.token_ids:
+                chunks.append((time.perf_counter(), len(reply.token_ids)))
+                produced += len(reply.token_ids)
+            if reply.finish_reason is not None:
+                if produced != req.max_tokens:
+                    return f"{produced} tokens, expected {req.max_tokens}", chunks
+                return "", chunks
+    except (nats.errors.TimeoutError, TimeoutError):
+        return "timeout", chunks
     finally:
-        writer.close()
+        await sub.unsubscribe()
 
 
-async def drive(port: int, args: argparse.Namespace, vocab: int) -> Stats:
+def token_gaps(chunks: list[tuple[float, int]], t_from: float, t_to: float) -> list[float]:
+    """Inter-token gaps of one stream from its chunks (arrival time, tokens), inside [t_from, t_to].
+
+    A chunk of k tokens arriving g after the previous chunk stands for k tokens g/k apart; tokens
+    that came with the stream's first token have a gap of 0.
+    """
+    gaps: list[float] = []
+    if chunks and t_from <= chunks[0][0] <= t_to:
+        gaps += [0.0] * (chunks[0][1] - 1)
+    for (a, _), (b, k) in itertools.pairwise(chunks):
+        if t_from <= a and b <= t_to:
+            gaps += [(b - a) / k] * k
+    return gaps
+
+
+async def drive(nats_url: str, args: argparse.Namespace, vocab: int) -> Stats:
+    nc = await nats.connect(nats_url)
+    try:
+        return await _drive(nc, args, vocab)
+    finally:
+        await nc.close()
+
+
+async def _drive(nc: nats.NATS, args: argparse.Namespace, vocab: int) -> Stats:
     st = Stats()
     rng = random.Random(args.seed)
     t_start = time.perf_counter()
@@ -107,33 +137,38 @@ async def drive(port: int, args: argparse.Namespace, vocab: int) -> Stats:
     async def stream_loop(i: int) -> None:
         n = 0
         while time.perf_counter() < t_end:
-            payload = {"model": args.model, "prompt": f"{stream_prompt} {i} {n}", "max_tokens": args.stream_tokens,
-                       "temperature": 0, "ignore_eos": True}
+            req = ApiGenerateRequest(model=args.model, prompt=f"{stream_prompt} {i} {n}",
+                                     max_tokens=args.stream_tokens, temperature=0, ignore_eos=True, stream=True)
             t0 = time.perf_counter()
-            status, times, _tokens = await sse_request(port, payload)
+            error, chunks = await nats_stream(nc, req, 120)
             n += 1
-            if status != 200:
-                st.errors += 1
+            if error:
+                if t_measure <= t0 <= t_end:
+                    st.errors += 1
+                    st.error_kinds.append(error)
                 await asyncio.sleep(0.1)
                 continue
-            if times and t0 >= t_measure:
-                st.stream_ttft.append(times[0] - t0)
-            for a, b in itertools.pairwise(times):
-                if t_measure <= a and b <= t_end:
-                    st.itl.append(b - a)
-            st.stream_tokens += sum(1 for t in times if t_measure <= t <= t_end)
+            if chunks and t0 >= t_measure:
+                st.stream_ttft.append(chunks[0][0] - t0)
+            st.itl.extend(token_gaps(chunks, t_measure, t_end))
+            for t, k in chunks:
+                if t_measure <= t <= t_end:
+                    st.stream_tokens += k
+                    st.chunks += 1
+                    st.chunk_tokens += k
 
     async def one_long(prompt: list[int]) -> None:
         t0 = time.perf_counter()
-        payload = {"model": args.model, "prompt": prompt, "max_tokens": args.long_max_tokens, "temperature": 0,
-                   "ignore_eos": True}
-        status, times, _ = await sse_request(port, payload)
-        if status != 200 or not times:
+        req = ApiGenerateRequest(model=args.model, token_ids=prompt, max_tokens=args.long_max_tokens, temperature=0,
+                                 ignore_eos=True, stream=True)
+        error, chunks = await nats_stream(nc, req, 180)
+        if error or not chunks:
             st.errors += 1
+            st.error_kinds.append(error or "no tokens")
             return
         if t_measure <= t0 <= t_end:
-            st.long_ttft.append(times[0] - t0)
-            st.long_latency.append(times[-1] - t0)
+            st.long_ttft.append(chunks[0][0] - t0)
+            st.long_latency.append(chunks[-1][0] - t0)
 
     async def long_arrivals() -> None:
         tasks = []
@@ -150,12 +185,14 @@ async def drive(port: int, args: argparse.Namespace, vocab: int) -> Stats:
 
 
 def run_mode(mode: str, args: argparse.Namespace, workdir: Path) -> dict:
-    env = {"BATON_TORCH_THREADS": str(args.threads), "BATON_LOG_LEVEL": "warning"}
-    if mode == "aggregated":
-        s = DisaggStack(workdir / mode, "torch", model=args.model, decode_workers=2, prefill_workers=0,
-                        metrics=True, env=env, decode_args=[["--no-disagg"]] * 2)
+    env = {"BATON_TORCH_THREADS": str(args.threads), "BATON_LOG_LEVEL": "warning",
+           "BATON_ROUTER_MODE": args.router_mode}
+    if mode.startswith("aggregated"):
+        chunk = mode.removeprefix("aggregated-c")
+        s = DisaggStack(workdir, "torch", model=args.model, decode_workers=2, prefill_workers=0,
+                        metrics=True, env=env, decode_args=[["--no-disagg", "--max-batched-tokens", chunk]] * 2)
     else:
-        s = DisaggStack(workdir / mode, "torch", model=args.model, decode_workers=1, prefill_workers=1,
+        s = DisaggStack(workdir, "torch", model=args.model, decode_workers=1, prefill_workers=1,
                         metrics=True, env=env,
                         decode_args=[["--remote-prefill-min-tokens", str(args.remote_min_tokens)]])
     try:
@@ -169,7 +206,7 @@ def run_mode(mode: str, args: argparse.Namespace, workdir: Path) -> dict:
                 "model": args.model, "prompt": list(range(10 + i, 10 + i + args.long_tokens)), "max_tokens": 4,
                 "temperature": 0, "ignore_eos": True}).raise_for_status()
         vocab = 2048
-        st = asyncio.run(drive(s.port, args, vocab))
+        st = asyncio.run(drive(s.nats.url, args, vocab))
         decisions = {d: s.metric("decode-0", "baton_disagg_decisions_total", decision=d)
                      for d in ("remote", "fallback_local", "local_short", "local_disabled", "local_queue_full",
                                "local_no_blocks", "local_no_prefill_worker")}
@@ -179,7 +216,8 @@ def run_mode(mode: str, args: argparse.Namespace, workdir: Path) -> dict:
     ms = 1e3
     return {
         "mode": mode,
-        "stream_events": len(st.itl) + 1,
+        "stream_chunks": st.chunks,
+        "tokens_per_chunk": round(st.chunk_tokens / st.chunks, 3) if st.chunks else None,
         "itl_p50_ms": round(pct(st.itl, 0.5) * ms, 1),
         "itl_p90_ms": round(pct(st.itl, 0.9) * ms, 1),
         "itl_p99_ms": round(pct(st.itl, 0.99) * ms, 1),
@@ -192,8 +230,13 @@ def run_mode(mode: str, args: argparse.Namespace, workdir: Path) -> dict:
         "long_ttft_p99_ms": round(pct(st.long_ttft, 0.99) * ms, 1),
         "long_latency_p50_ms": round(pct(st.long_latency, 0.5) * ms, 1),
         "errors": st.errors,
+        "error_kinds": sorted(set(st.error_kinds))[:5],
         "decode0_decisions": decisions,
     }
+
+
+FIGURES = ["itl_p50_ms", "itl_p90_ms", "itl_p99_ms", "itl_max_ms", "stream_tokens_per_s", "long_ttft_p50_ms",
+           "long_ttft_p99_ms", "tokens_per_chunk", "errors"]
 
 
 def main() -> None:
@@ -208,30 +251,45 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=40.0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per engine process")
     ap.add_argument("--remote-min-tokens", type=int, default=256)
-    ap.add_argument("--modes", nargs="+", default=["aggregated", "disaggregated"])
+    ap.add_argument("--chunks", type=int, nargs="+", default=[64, 128, 256, 512],
+                    help="prefill chunk sizes (tokens per step) of the aggregated baseline")
+    ap.add_argument("--router-mode", default="kv", help="router policy, the same for every mode")
+    ap.add_argument("--modes", nargs="+", default=None,
+                    help="default: aggregated-cN for every --chunks N, then disaggregated")
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="", help="also write the results here")
     args = ap.parse_args()
+    modes = args.modes or [*(f"aggregated-c{c}" for c in args.chunks), "disaggregated"]
 
     from shared.builtin_model import ensure_builtin
 
     ensure_builtin(args.model)
     workdir = Path(tempfile.mkdtemp(prefix="baton-disagg-bench-"))
-    results = [run_mode(m, args, workdir) for m in args.modes]
-    cols = ["mode", "itl_p50_ms", "itl_p90_ms", "itl_p99_ms", "itl_max_ms", "stream_tokens_per_s", "long_prompts",
-            "long_ttft_p50_ms", "long_ttft_p99_ms", "errors"]
-    print(" | ".join(cols))
-    for r in results:
-        print(" | ".join(str(r[c]) for c in cols))
-    for r in results:
-        print(f"{r['mode']}: decode-0 decisions {r['decode0_decisions']}")
-    if len(results) == 2 and results[1]["itl_p99_ms"]:
-        a, d = results
-        print(f"ITL p99 aggregated/disaggregated: {a['itl_p99_ms'] / d['itl_p99_ms']:.2f}x; "
-              f"long-prompt TTFT p50 {a['long_ttft_p50_ms']} -> {d['long_ttft_p50_ms']} ms")
-    print(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "json"}, "results": results}, indent=1))
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
+    loads = []
+    for rep in range(args.repeats):
+        k = rep % len(modes)
+        for m in modes[k:] + modes[:k]:  # rotate: noise from other jobs hits every mode alike
+            loads.append(os.getloadavg()[0])
+            r = run_mode(m, args, workdir / f"r{rep}-{m}")
+            r["loadavg_1m"] = round(loads[-1], 2)
+            runs[m].append(r)
+            print(f"rep {rep} " + " ".join(f"{c}={r[c]}" for c in ["mode", *FIGURES]) +
+                  f" decisions={r['decode0_decisions']} loadavg={loads[-1]:.1f}", flush=True)
+    print(f"\nmedian [min-max] over {args.repeats} repeats; load average {min(loads):.1f}-{max(loads):.1f}")
+    table = []
+    for m in modes:
+        row: dict = {"mode": m}
+        for f in FIGURES:
+            xs = [r[f] for r in runs[m] if r[f] is not None]
+            row[f] = {"median": statistics.median(xs), "min": min(xs), "max": max(xs)} if xs else None
+        table.append(row)
+        print(f"{m:16} " + "  ".join(f"{f} {row[f]['median']} [{row[f]['min']}-{row[f]['max']}]"
+                                     for f in FIGURES if row[f]), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+        Path(args.json).write_text(json.dumps({"args": vars(args), "loadavg": loads, "table": table, "runs": runs},
+                                              indent=1))
 
 
 if __name__ == "__main__":

@@ -576,8 +576,11 @@ def main() -> None:
                                 "decisions": runs[0].decisions,
                                 "phases": pat.phases}
         write_csv(args.out / f"planner-{name}.csv", runs, args.window)
-        plot(args.out / f"planner-{name}.png", pat, runs, args.window, title)
-        out_json.write_text(json.dumps(_finite(report), indent=2) + "\n")
+        out_json.write_text(json.dumps(_finite(report), indent=2) + "\n")  # before the plot: it needs matplotlib
+        try:
+            plot(args.out / f"planner-{name}.png", pat, runs, args.window, title)
+        except ImportError as e:
+            print(f"{name}: no plot ({e}); the figures are in {out_json}", flush=True)
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk not in ("decisions", "phases")}
                       for k, v in report["runs"].items()}, indent=2))
 

@@ -1,4 +1,5 @@
-"""Replay the Mooncake conversation trace through the real router: kv vs round-robin vs random.
+"""Replay the Mooncake conversation trace through the real router: kv against load-aware and
+load-blind baselines, with the offered load swept below saturation.
 
 Workload. ``/work/shared/traces/conversation_trace.jsonl`` (Mooncake FAST'25, a production chat
 service): each request lists ``hash_ids``, one per 512-token block, equal ids at equal positions
@@ -20,13 +21,26 @@ the chosen worker and streams the reply. Reported: prefix cache hit rate (prompt
 workers served from cache / prompt tokens), mean/p50/p90 TTFT (route request sent -> first token),
 mean end-to-end latency, throughput, the router's mean decision time.
 
+Modes. ``kv`` (overlap weight 1: cached prefix against load), ``least-loaded`` (the same router
+with ``--overlap-weight 0``: a load-aware baseline that ignores caches, so the comparison with
+``kv`` isolates the cache term), ``round-robin``, ``random`` and ``kv-approx``.
+
+Load. ``--loads`` are fractions of ``--capacity`` (requests/s). Capacity is measured when not
+given (``--measure-capacity``): round-robin, the weakest policy, is offered ``--overload`` times
+the cold prefill capacity, and the throughput it delivers (completed requests / makespan) is
+taken as the fleet's capacity; every load in the sweep is then one both sides can sustain.
+Repeats rotate the order of the modes so that noise from other jobs on the machine hits every
+mode alike. A failed request (route error, worker error, timeout) is counted in ``errors`` and
+excluded from the latency statistics, never dropped silently.
+
 Oracle. Offline, with the exact cache contents: every worker an LRU cache of ``--num-blocks``
 blocks, each request sent where its estimated TTFT is least (prefill backlog, a fluid queue, plus
 its tokens not cached there), the engine's hit rule applied (whole blocks, at least one token
 computed). The same simulation under round-robin checks it against the measured round-robin hit
 rate. Also the bound of one infinite cache (every block ever seen), which no routing can beat.
 
-    python bench/router_trace.py [--requests 1000] [--workers 8] [--rate 24] [--modes kv round-robin random]
+    python bench/router_trace.py --start 1000 --requests 800 --workers 8 --loads 0.5 0.7 0.9 --repeats 3 \
+        --modes kv least-loaded round-robin random --json out.json
 """
 
 from __future__ import annotations
@@ -268,6 +282,13 @@ async def one_request(bus: Bus, r: TraceRequest, t_start: float) -> Outcome:
     rid = f"trace-{r.index}"
     t0 = time.perf_counter()
     try:
+        return await _one_request(bus, r, rid, t0)
+    except Exception as e:  # every failure is counted, whatever its kind
+        return Outcome(False, error=f"{type(e).__name__}: {e}")
+
+
+async def _one_request(bus: Bus, r: TraceRequest, rid: str, t0: float) -> Outcome:
+    try:
         msg = await bus.request(ROUTE, RouteRequest(request_id=rid, model="trace", token_ids=r.tokens), timeout=10)
     except BusError as e:
         return Outcome(False, error=f"route: {e}")
@@ -284,13 +305,17 @@ async def one_request(bus: Bus, r: TraceRequest, t_start: float) -> Outcome:
             reply = generate_reply_decoder.decode((await inbox.next(120)).data)
             if isinstance(reply, GenerateError):
                 return Outcome(False, error=reply.message)
-            assert isinstance(reply, TokenChunk)
+            if not isinstance(reply, TokenChunk):
+                return Outcome(False, error=f"unexpected reply {type(reply).__name__}")
             if not ttft:
                 ttft = time.perf_counter() - t0
             if reply.finish_reason is not None:
                 usage = reply.usage
+                produced = reply.index + len(reply.token_ids)
+                if produced != r.output_tokens:  # ignore_eos: anything else is a failure
+                    return Outcome(False, error=f"{produced} tokens, expected {r.output_tokens}")
                 return Outcome(True, ttft, time.perf_counter() - t0, usage.cached_tokens if usage else 0,
-                               len(r.tokens), reply.index + len(reply.token_ids), decision.worker_id)
+                               len(r.tokens), produced, decision.worker_id)
     except BusError as e:
         return Outcome(False, error=f"generate: {e}")
     finally:
@@ -349,8 +374,18 @@ def scrape_decision_mean_us(port: int) -> float:
     return total / count * 1e6 if count else float("nan")
 
 
-def run_mode(mode: str, reqs: list[TraceRequest], args: argparse.Namespace, workdir: Path) -> ModeResult:
-    d = workdir / mode
+# Bench mode -> (router --mode, extra router options).
+MODES = {
+    "kv": ("kv", []),
+    "kv-approx": ("kv-approx", []),
+    "least-loaded": ("kv", ["--overlap-weight", "0"]),
+    "round-robin": ("round-robin", []),
+    "random": ("random", []),
+}
+
+
+def run_mode(mode: str, reqs: list[TraceRequest], args: argparse.Namespace, d: Path) -> ModeResult:
+    router_mode, router_extra = MODES[mode]
     d.mkdir(parents=True, exist_ok=True)
     nats = EmbeddedNats(data_dir=d / "js", log_file=d / "nats.log").start()
     procs: list[subprocess.Popen] = []
@@ -362,9 +397,9 @@ def run_mode(mode: str, reqs: list[TraceRequest], args: argparse.Namespace, work
                 [sys.executable, __file__, "--serve-workers", "--nats-url", nats.url, *args.worker_argv],
                 stdout=wlog, stderr=subprocess.STDOUT, env=env, start_new_session=True))
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "services.router", "--nats-url", nats.url, "--mode", mode, "--seed", "0",
+                [sys.executable, "-m", "services.router", "--nats-url", nats.url, "--mode", router_mode, "--seed", "0",
                  "--snapshot-interval", "0", "--metrics-port", str(metrics_port), "--log-level", "warning",
-                 *args.router_args.split()],
+                 *router_extra, *args.router_args.split()],
                 stdout=rlog, stderr=subprocess.STDOUT, env=env, start_new_session=True))
         outcomes, makespan = anyio.run(drive, nats.url, reqs, args.workers, backend_options={"use_uvloop": True})
         result = ModeResult(mode, outcomes, makespan, scrape_decision_mean_us(metrics_port))
@@ -384,22 +419,39 @@ def run_mode(mode: str, reqs: list[TraceRequest], args: argparse.Namespace, work
         nats.cleanup()
 
 
+
+def spread(values: list[float]) -> dict:
+    """Median and range of one figure over repeats (None where a repeat had nothing to measure)."""
+    xs = [v for v in values if v is not None and not math.isnan(v)]
+    if not xs:
+        return {"median": None, "min": None, "max": None, "values": values}
+    return {"median": round(statistics.median(xs), 4), "min": min(xs), "max": max(xs), "values": values}
+
+
+FIGURES = ["hit_rate", "ttft_mean_ms", "ttft_p90_ms", "throughput_rps", "errors"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trace", type=Path, default=TRACE)
-    ap.add_argument("--start", type=int, default=0, help="first trace request of the slice")
-    ap.add_argument("--requests", type=int, default=1000)
-    ap.add_argument("--rate", type=float, default=24.0, help="mean arrival rate after time compression (req/s)")
+    ap.add_argument("--start", type=int, default=1000, help="first trace request of the slice")
+    ap.add_argument("--requests", type=int, default=800)
     ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--capacity", type=float, default=0.0,
+                    help="the fleet's capacity in requests/s; measured with round-robin when not given")
+    ap.add_argument("--overload", type=float, default=2.0,
+                    help="capacity run: offered load, as a multiple of the cold prefill capacity")
+    ap.add_argument("--loads", type=float, nargs="+", default=[0.5, 0.7, 0.9], help="fractions of capacity")
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--engine", default="mocker", help="mocker (default) or torch (baton-tiny; small scale only)")
     ap.add_argument("--block-tokens", type=int, default=16)
     ap.add_argument("--num-blocks", type=int, default=1024, help="KV blocks per worker")
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--max-batched-tokens", type=int, default=128)
     ap.add_argument("--output-cap", type=int, default=32)
-    ap.add_argument("--modes", nargs="+", default=["kv", "round-robin", "random"],
-                    help="any of kv, kv-approx, round-robin, random")
-    ap.add_argument("--router-args", default="", help="extra router options, e.g. '--overlap-weight 2'")
+    ap.add_argument("--modes", nargs="+", default=["kv", "least-loaded", "round-robin", "random"],
+                    choices=sorted(MODES))
+    ap.add_argument("--router-args", default="", help="extra router options for every mode")
     ap.add_argument("--json", type=str, default="")
     ap.add_argument("--serve-workers", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--nats-url", default="", help=argparse.SUPPRESS)
@@ -411,48 +463,77 @@ def main() -> None:
         serve_workers(args)
         return
 
-    reqs = load_trace(args.trace, args.start, args.requests, args.block_tokens, args.rate, args.output_cap)
-    prompt_tokens = sum(len(r.tokens) for r in reqs)
     ratio = TRACE_BLOCK_TOKENS // args.block_tokens
-    span = reqs[-1].arrival
-    demand = prompt_tokens * 2e-5 * ratio / (args.workers * span)
-    print(f"{len(reqs)} requests (trace #{args.start}..), {span:.0f} s at {len(reqs) / span:.1f} req/s, "
-          f"mean prompt {prompt_tokens / len(reqs):.0f} tokens ({prompt_tokens / len(reqs) / args.block_tokens:.1f} "
-          f"blocks), output <= {args.output_cap}; {args.workers} workers x {args.num_blocks} blocks; "
-          f"cold prefill demand = {demand:.2f} of the workers' prefill capacity", flush=True)
-    prefill_rate = 1 / (2e-5 * ratio)
+    prefill_rate = 1 / (2e-5 * ratio)  # scaled prompt tokens a worker prefills per second
+    base = load_trace(args.trace, args.start, args.requests, args.block_tokens, 1.0, args.output_cap)
+    prompt_tokens = sum(len(r.tokens) for r in base)
+    # Cold prefill capacity: the rate at which prompts alone, nothing cached, fill every worker.
+    cold_capacity = args.workers * prefill_rate / (prompt_tokens / len(base))
     oracle = {
-        "oracle_exact_caches": round(simulate_hit_rate(reqs, args.workers, args.num_blocks, args.block_tokens,
+        "oracle_exact_caches": round(simulate_hit_rate(base, args.workers, args.num_blocks, args.block_tokens,
                                                        "oracle", prefill_rate), 4),
-        "simulated_round_robin": round(simulate_hit_rate(reqs, args.workers, args.num_blocks, args.block_tokens,
+        "simulated_round_robin": round(simulate_hit_rate(base, args.workers, args.num_blocks, args.block_tokens,
                                                          "round-robin", prefill_rate), 4),
-        "infinite_cache_bound": round(infinite_cache_hit_rate(reqs, args.block_tokens), 4),
+        "infinite_cache_bound": round(infinite_cache_hit_rate(base, args.block_tokens), 4),
     }
-    print(f"offline: oracle hit rate (exact caches, least estimated TTFT) {oracle['oracle_exact_caches']:.3f}; "
-          f"round-robin in the same simulation {oracle['simulated_round_robin']:.3f}; "
-          f"one infinite cache {oracle['infinite_cache_bound']:.3f}", flush=True)
+    print(f"{len(base)} requests (trace #{args.start}..), mean prompt {prompt_tokens / len(base):.0f} tokens "
+          f"({prompt_tokens / len(base) / args.block_tokens:.1f} blocks), output <= {args.output_cap}; "
+          f"{args.workers} workers x {args.num_blocks} blocks; cold prefill capacity {cold_capacity:.1f} req/s", flush=True)
+    print(f"offline (oracle at 1 req/s): oracle hit rate {oracle['oracle_exact_caches']:.3f}; round-robin in the same "
+          f"simulation {oracle['simulated_round_robin']:.3f}; one infinite cache {oracle['infinite_cache_bound']:.3f}",
+          flush=True)
 
     workdir = Path(tempfile.mkdtemp(prefix="baton-trace-"))
-    summaries = []
-    for mode in args.modes:
-        res = run_mode(mode, reqs, args, workdir)
-        s = res.summary()
-        summaries.append(s)
-        print(f"{mode:12} hit {s['hit_rate']:.3f}  TTFT mean {s['ttft_mean_ms']} ms p50 {s['ttft_p50_ms']} "
-              f"p90 {s['ttft_p90_ms']} ms  latency mean {s['latency_mean_ms']} ms  {s['throughput_rps']} req/s "
-              f"{s['output_tokens_per_s']} tok/s  decision {s['router_decision_mean_us']} us  "
-              f"errors {s['errors']}  per worker {s['requests_per_worker_min_max']}", flush=True)
-    by_mode = {s["mode"]: s for s in summaries}
-    if "kv" in by_mode and "round-robin" in by_mode and by_mode["kv"]["ttft_mean_ms"]:
-        kv, rr = by_mode["kv"], by_mode["round-robin"]
-        print(f"kv vs round-robin: mean TTFT {rr['ttft_mean_ms'] / kv['ttft_mean_ms']:.2f}x lower, p90 "
-              f"{rr['ttft_p90_ms'] / kv['ttft_p90_ms']:.2f}x lower, hit rate {kv['hit_rate'] / max(rr['hit_rate'], 1e-9):.2f}x "
-              f"({kv['hit_rate']:.3f} vs oracle {oracle['oracle_exact_caches']:.3f})", flush=True)
-    out = {"workload": {"requests": len(reqs), "start": args.start, "rate": args.rate, "workers": args.workers,
+    capacity_run = None
+    capacity = args.capacity
+    if not capacity:
+        rate = args.overload * cold_capacity
+        reqs = load_trace(args.trace, args.start, args.requests, args.block_tokens, rate, args.output_cap)
+        res = run_mode("round-robin", reqs, args, workdir / "capacity").summary()
+        capacity = res["throughput_rps"]
+        capacity_run = {"offered_rps": round(rate, 2), **res}
+        print(f"capacity: round-robin offered {rate:.1f} req/s delivered {capacity} req/s "
+              f"(TTFT mean {res['ttft_mean_ms']} ms, errors {res['errors']}) -> capacity {capacity} req/s", flush=True)
+
+    cells: dict[tuple[float, str], list[dict]] = {}
+    for rep in range(args.repeats):
+        for load in args.loads:
+            rate = load * capacity
+            reqs = load_trace(args.trace, args.start, args.requests, args.block_tokens, rate, args.output_cap)
+            k = rep % len(args.modes)
+            for mode in args.modes[k:] + args.modes[:k]:  # rotate: noise hits every mode alike
+                la = os.getloadavg()[0]
+                s = run_mode(mode, reqs, args, workdir / f"r{rep}-{load}-{mode}").summary()
+                s.update(offered_rps=round(rate, 2), load=load, repeat=rep, loadavg_1m=round(la, 2))
+                cells.setdefault((load, mode), []).append(s)
+                print(f"rep {rep} load {load:.2f} ({rate:5.1f} req/s) {mode:12} hit {s['hit_rate']:.3f}  TTFT mean "
+                      f"{s['ttft_mean_ms']} p90 {s['ttft_p90_ms']} ms  {s['throughput_rps']} req/s  errors "
+                      f"{s['errors']}  per worker {s['requests_per_worker_min_max']}  loadavg {la:.1f}", flush=True)
+
+    table = []
+    print(f"\nmedian [min-max] over {args.repeats} repeats; capacity {capacity} req/s")
+    for (load, mode), runs in cells.items():
+        row = {"load": load, "offered_rps": runs[0]["offered_rps"], "mode": mode,
+               **{f: spread([r[f] for r in runs]) for f in FIGURES}, "runs": runs}
+        table.append(row)
+        print(f"load {load:.2f} {mode:12} " + "  ".join(
+            f"{f} {row[f]['median']} [{row[f]['min']}-{row[f]['max']}]" for f in FIGURES), flush=True)
+    for load in args.loads:
+        by = {r["mode"]: r for r in table if r["load"] == load}
+        kv = by.get("kv")
+        for base_mode in ("round-robin", "least-loaded", "random"):
+            if kv and base_mode in by and kv["ttft_mean_ms"]["median"]:
+                b = by[base_mode]
+                ratios = [bb["ttft_mean_ms"] / kk["ttft_mean_ms"] for bb, kk in zip(b["runs"], kv["runs"], strict=True)
+                          if bb["ttft_mean_ms"] and kk["ttft_mean_ms"]]
+                print(f"load {load:.2f}: {base_mode} / kv mean TTFT per repeat "
+                      f"{[round(x, 2) for x in ratios]} (median {statistics.median(ratios):.2f}x)", flush=True)
+    out = {"workload": {"requests": len(base), "start": args.start, "workers": args.workers,
                         "num_blocks": args.num_blocks, "block_tokens": args.block_tokens,
-                        "output_cap": args.output_cap, "engine": args.engine, "prefill_demand": round(demand, 3)},
-           "oracle": oracle, "modes": summaries, "logs": str(workdir)}
-    print(json.dumps(out))
+                        "output_cap": args.output_cap, "engine": args.engine,
+                        "cold_capacity_rps": round(cold_capacity, 2)},
+           "capacity_rps": capacity, "capacity_run": capacity_run, "oracle": oracle, "cells": table,
+           "logs": str(workdir)}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
 
