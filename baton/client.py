@@ -298,7 +298,13 @@ class NatsBatonClient:
     """Async client over the NATS request API (``baton.v1.api.generate``), msgpack on the wire."""
 
     def __init__(self, nats_url: str = "nats://127.0.0.1:4222", *, timeout: float = 60.0, api_key: str | None = None,
-                 **connect: Any) -> None:
+                 creds: str | None = None, **connect: Any) -> None:
+        """``creds``: a Baton credentials file for the bus (the ``client`` identity that ``baton up``
+        or ``baton auth init`` writes); other ``nats.connect`` options pass through."""
+        if creds is not None:
+            from shared.nats_auth import read_credentials
+
+            connect = {**read_credentials(creds).connect_options(), **connect}
         self.nats_url, self.timeout, self._connect = nats_url, timeout, connect
         # The frontend checks API keys on NATS as on HTTP: the key rides in a header.
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 
 import anyio
@@ -11,7 +12,7 @@ import pytest
 from baton.client import AsyncBatonClient, BatonClient, BatonError, NatsBatonClient
 from tests.procs import wait_until
 from tests.require import require_module
-from tests.test_baton_up import alive, children_of, start_up, wait_ready_line
+from tests.test_baton_up import children_of, start_up, wait_ready_line
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -57,7 +58,7 @@ def test_openai_sdk_unchanged(up) -> None:
 
 
 def test_client_sync_async_and_nats(up) -> None:
-    _, url, nats_url, _ = up
+    _, url, nats_url, tmp = up
     with BatonClient(url) as c:
         full = c.complete("Hello", max_tokens=6, temperature=0, ignore_eos=True)
         assert full.usage.completion_tokens == 6 and full.finish_reason == "length"
@@ -71,7 +72,9 @@ def test_client_sync_async_and_nats(up) -> None:
     async def run_async() -> tuple[str, str]:
         async with AsyncBatonClient(url) as ac:
             a = await ac.complete("Hello", max_tokens=6, temperature=0, ignore_eos=True)
-        async with NatsBatonClient(nats_url) as nc:
+        # baton up runs its bus with authentication: the API client identity it generated, as a user would
+        creds = re.search(r"API client credentials in (\S+)", (tmp / "up.log").read_text()).group(1)
+        async with NatsBatonClient(nats_url, creds=creds) as nc:
             n = await nc.generate(prompt="Hello", max_tokens=6, temperature=0, ignore_eos=True)
         return a.text, n.text
 
@@ -88,9 +91,10 @@ def test_client_retries_through_frontend_restart(up) -> None:
             if i == 4:
                 os.kill(frontend, signal.SIGKILL)  # baton up restarts it; the client must ride it out
                 # A request sent into the dying process's socket is reset *after* sending: the
-                # client must not retry that (it could run twice), so wait until the process is gone.
-                wait_until(lambda: not alive(frontend), 10, 0.01, "frontend gone")
+                # client must not retry that (it could run twice), so wait until the process is gone:
+                # reaped by baton up, i.e. every thread exited and its listening socket closed (a
+                # zombie thread-group leader alone does not mean that).
+                wait_until(lambda: "frontend exited" in (tmp / "up.log").read_text(), 10, 0.01, "frontend reaped")
             texts.append(c.complete(f"req {i}", max_tokens=3).text)
         assert len(texts) == 12
         assert c.retries >= 1
-    wait_until(lambda: "frontend exited" in (tmp / "up.log").read_text(), 5, 0.05, "the restart was real")

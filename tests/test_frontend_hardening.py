@@ -26,7 +26,7 @@ class ThreadNotingTokenizer:
             raise RuntimeError("tokenizer bug")
         return [1] * max(1, len(text) // 100)
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], **template_kwargs: Any) -> list[int]:
         return self.encode("".join(m["content"] for m in messages))
 
 
