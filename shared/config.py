@@ -109,3 +109,18 @@ DrainTimeout = Annotated[
                         help="On SIGTERM, seconds to finish in-flight work before stopping (keep it below "
                              "the orchestrator's grace period: compose 35 s, Helm terminationGracePeriodSeconds).")
 ]
+
+# KV transport of the workers (decode receives blocks, prefill sends them).
+KvTransportKind = Annotated[
+    str, typer.Option("--kv-transport", envvar="BATON_KV_TRANSPORT", help="KV transport: tcp, or ucx (needs baton[ucx]).")
+]
+KvHost = Annotated[
+    str, typer.Option("--kv-host", envvar="BATON_KV_HOST",
+                      help="Address peers dial to reach this worker's KV transport (advertised; compose: the "
+                           "service name, Helm: the pod IP).")
+]
+KvBindHost = Annotated[
+    str, typer.Option("--kv-bind-host", envvar="BATON_KV_BIND_HOST",
+                      help="Address the KV transport listens on (default: 127.0.0.1 if --kv-host is loopback, "
+                           "else 0.0.0.0).")
+]

@@ -17,7 +17,10 @@ from shared.config import (
     Dtype,
     Engine,
     HostKvBlocks,
+    KvBindHost,
     KvEviction,
+    KvHost,
+    KvTransportKind,
     LogFormat,
     LogLevel,
     MaxBatchedTokens,
@@ -54,19 +57,9 @@ def main(
     max_concurrent_jobs: Annotated[
         int, typer.Option(envvar="BATON_MAX_CONCURRENT_JOBS", help="Prefill jobs computed at once.")
     ] = 8,
-    kv_transport: Annotated[
-        str, typer.Option(envvar="BATON_KV_TRANSPORT", help="KV transport: tcp, or ucx (needs baton[ucx]).")
-    ] = "tcp",
-    kv_host: Annotated[
-        str, typer.Option(envvar="BATON_KV_HOST",
-                          help="Address peers dial to reach this worker's KV transport (advertised; compose: the "
-                               "service name, Helm: the pod IP).")
-    ] = "127.0.0.1",
-    kv_bind_host: Annotated[
-        str, typer.Option(envvar="BATON_KV_BIND_HOST",
-                          help="Address the KV transport listens on (default: 127.0.0.1 if --kv-host is loopback, "
-                               "else 0.0.0.0).")
-    ] = "",
+    kv_transport: KvTransportKind = "tcp",
+    kv_host: KvHost = "127.0.0.1",
+    kv_bind_host: KvBindHost = "",
     discovery_ttl: DiscoveryTtl = DEFAULT_TTL,
     metrics_port: MetricsPort = 0,
     log_level: LogLevel = "info",
