@@ -112,7 +112,8 @@ DrainTimeout = Annotated[
 
 # KV transport of the workers (decode receives blocks, prefill sends them).
 KvTransportKind = Annotated[
-    str, typer.Option("--kv-transport", envvar="BATON_KV_TRANSPORT", help="KV transport: tcp, or ucx (needs baton[ucx]).")
+    str, typer.Option("--kv-transport", envvar="BATON_KV_TRANSPORT",
+                      help="KV transport: tcp, or ucx (needs the ucx extra).")
 ]
 KvHost = Annotated[
     str, typer.Option("--kv-host", envvar="BATON_KV_HOST",
