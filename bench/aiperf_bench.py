@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from baton.nats_server import free_port
 from shared.models import resolve_model
+from shared.progress import track
 
 # (name in the table, key in aiperf's profile_export_aiperf.json, statistic)
 METRICS = [
@@ -163,7 +164,7 @@ def main() -> None:
     try:
         for engine in engines:
             stacks[engine] = start_stack(engine, args.model, workdir / f"up-{engine}")
-        for repeat in range(args.repeats):
+        for repeat in track(range(args.repeats), "repeats"):
             for c in args.concurrency:
                 order = engines[repeat % len(engines):] + engines[:repeat % len(engines)]
                 for engine in order:

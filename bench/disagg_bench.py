@@ -53,6 +53,7 @@ import nats
 
 from shared import subjects
 from shared.messages import ApiChunk, ApiGenerateRequest, api_reply_msgpack_decoder, encode
+from shared.progress import track
 from tests.disagg.util import DisaggStack
 from tests.procs import wait_until
 
@@ -268,7 +269,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="baton-disagg-bench-"))
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     loads = []
-    for rep in range(args.repeats):
+    for rep in track(range(args.repeats), "repeats"):
         k = rep % len(modes)
         for m in modes[k:] + modes[:k]:  # rotate: noise from other jobs hits every mode alike
             loads.append(os.getloadavg()[0])

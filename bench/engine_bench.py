@@ -42,6 +42,7 @@ import torch
 from shared.engines.base import EngineConfig
 from shared.messages import SamplingParams
 from shared.models import resolve_model
+from shared.progress import track
 
 
 @dataclass
@@ -459,7 +460,7 @@ def main() -> None:
             setup.append(f"{backend.describe()} (ready in {time.perf_counter() - t0:.0f} s)")
             print("  " + setup[-1], flush=True)
         for batch in batches:
-            for repeat in range(args.repeats):
+            for repeat in track(range(args.repeats), "repeats"):
                 k = repeat % len(backends)  # rotate who goes first: no backend always runs after the same one
                 for backend in backends[k:] + backends[:k]:
                     s = measure(backend, backend.dtype, batch, repeat, rng, args, vocab_size)

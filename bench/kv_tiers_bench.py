@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from shared.engines.base import EngineConfig
 from shared.engines.torch_engine import TorchEngine
 from shared.messages import SamplingParams
+from shared.progress import track
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -177,7 +178,7 @@ def main() -> None:
     configs = [f"no tiers, device {equal}", f"device {args.device_blocks} + host {args.host_blocks} + disk"]
     runs: dict[tuple[str, str], list[dict]] = {}
     loads = []
-    for rep in range(args.repeats):
+    for rep in track(range(args.repeats), "repeats"):
         for order in args.orders:
             names = configs if rep % 2 == 0 else configs[::-1]  # alternate which goes first
             for name in names:

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from baton.nats_server import free_port
 from bench.loadgen import run_load
+from shared.progress import track
 
 
 def start_stack(port: int, logdir: Path, extra: list[str]) -> subprocess.Popen:
@@ -70,7 +71,7 @@ def main() -> None:
     try:
         payload = {"model": "baton-tiny", "prompt": "Measure the overhead of every hop in the stack.",
                    "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
-        for repeat in range(args.repeats):
+        for repeat in track(range(args.repeats), "repeats"):
             for stream in (False, True):
                 for c in args.concurrency:
                     r = asyncio.run(run_load("127.0.0.1", port, "/v1/completions", {**payload, "stream": stream}, c,

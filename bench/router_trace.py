@@ -76,6 +76,7 @@ from shared.messages import (
     generate_reply_decoder,
     route_reply_decoder,
 )
+from shared.progress import track
 from shared.subjects import ROUTE
 
 TRACE = Path(__file__).resolve().parent.parent.parent / "shared" / "traces" / "conversation_trace.jsonl"
@@ -496,7 +497,7 @@ def main() -> None:
               f"(TTFT mean {res['ttft_mean_ms']} ms, errors {res['errors']}) -> capacity {capacity} req/s", flush=True)
 
     cells: dict[tuple[float, str], list[dict]] = {}
-    for rep in range(args.repeats):
+    for rep in track(range(args.repeats), "repeats"):
         for load in args.loads:
             rate = load * capacity
             reqs = load_trace(args.trace, args.start, args.requests, args.block_tokens, rate, args.output_cap)
