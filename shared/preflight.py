@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from shared.redact import redact
+
 EXIT_PREFLIGHT = 2  # the exit code of a failed check (and of an unreachable bus: shared/runtime.py)
 
 # The package each engine needs and the extra that installs it.
@@ -186,11 +188,5 @@ def check_nats(url: str, timeout: float) -> None:
         if time.monotonic() + 0.25 > deadline:
             break
         time.sleep(0.25)
-    raise PreflightError(f"NATS at {redact_url(url)} does not answer ({reason}) after {timeout:g}s; start "
+    raise PreflightError(f"NATS at {redact(url)} does not answer ({reason}) after {timeout:g}s; start "
                          "nats-server there or fix --nats-url / BATON_NATS_URL")
-
-
-def redact_url(url: str) -> str:
-    from shared import redact
-
-    return redact.redact(url)

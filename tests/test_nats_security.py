@@ -19,7 +19,7 @@ import pytest
 from baton.nats_server import EmbeddedNats, free_port
 from shared import nats_auth, subjects
 from tests.conftest import e2e_engine
-from tests.procs import ServiceProcess, Stack, service_env, wait_until
+from tests.procs import ServiceProcess, Stack, running, service_env, wait_until
 from tests.test_baton_up import children_of
 
 pytestmark = pytest.mark.timeout(180)
@@ -86,15 +86,8 @@ def test_stack_over_tls(tmp_path) -> None:
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory):
     """A stack with NATS authentication on (the default) and disaggregated prefill."""
-    s = Stack(tmp_path_factory.mktemp("secured"), e2e_engine(), prefill_workers=1)
-    try:
-        s.start()
-    except Exception:
-        print(s.logs())
-        s.stop()
-        raise
-    yield s
-    s.stop()
+    with running(Stack(tmp_path_factory.mktemp("secured"), e2e_engine(), prefill_workers=1)) as s:
+        yield s
 
 
 def test_services_are_refused_nothing(secured: Stack) -> None:

@@ -3,7 +3,7 @@
 Two halves:
 
 * :func:`advanced_sampling` turns a request's n / best_of / logprobs / echo / penalties /
-  logit_bias / min_p fields into SamplingParams fields (called from ``sampling_from``, the one
+  logit_bias / min_p fields into SamplingParams fields (called from ``sampling_and_plan``, the one
   place requests become SamplingParams), each bad value a 400 naming its ``param``.
 * :class:`ChoiceShaper` turns the per-choice :class:`Delta` stream into response bodies and
   stream chunks: chat ``logprobs.content[]`` (token, logprob, bytes, top_logprobs) and

@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.frontend import metrics
 from services.frontend.access import AccessControl
-from services.frontend.choices import DEFAULT_MAX_N, ChoiceShaper, advanced_sampling
+from services.frontend.choices import DEFAULT_MAX_N, ChoiceShaper
 from services.frontend.generation import Delta, Generation
 from services.frontend.openai_api import (
     ApiError,
@@ -34,7 +34,7 @@ from services.frontend.openai_api import (
     decode_request,
     detokenize_decoder,
     parse_stops,
-    sampling_from,
+    sampling_and_plan,
     tokenize_decoder,
     usage_chunk,
 )
@@ -331,9 +331,8 @@ class OpenAIApp:
                            f"{self.max_prompt_tokens}", param="messages" if chat else "prompt",
                            code="prompt_too_long")
         stops = parse_stops(req.stop)
-        sampling = sampling_from(req, max_tokens, len(token_ids), self.max_model_len, max_n=self.max_n,
-                                 vocab_size=self.tokenizer.vocab_size)
-        _, plan = advanced_sampling(req, chat, bool(req.stream), self.max_n, self.tokenizer.vocab_size)
+        sampling, plan = sampling_and_plan(req, max_tokens, len(token_ids), self.max_model_len, max_n=self.max_n,
+                                           vocab_size=self.tokenizer.vocab_size)
         structured, structured_param = structured_from(req)
         chat_output = None
         if chat:

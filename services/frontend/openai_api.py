@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 from msgspec import Struct
 
 from shared.messages import SamplingParams, Usage
+
+if TYPE_CHECKING:
+    from services.frontend.choices import ChoicePlan
 
 
 class ApiError(Exception):
@@ -366,13 +369,19 @@ def _in_range(name: str, value: float | None, lo: float, hi: float, default: flo
 
 def sampling_from(req: _Common, max_tokens: int | None, prompt_len: int, max_model_len: int, *,
                   max_n: int = 16, vocab_size: int = 0) -> SamplingParams:
-    """Check the knobs and build SamplingParams; every rejection names its parameter.
+    """Check the knobs and build SamplingParams; every rejection names its parameter."""
+    return sampling_and_plan(req, max_tokens, prompt_len, max_model_len, max_n=max_n, vocab_size=vocab_size)[0]
+
+
+def sampling_and_plan(req: _Common, max_tokens: int | None, prompt_len: int, max_model_len: int, *,
+                      max_n: int = 16, vocab_size: int = 0) -> tuple[SamplingParams, ChoicePlan]:
+    """SamplingParams and the response's shape (choices, logprobs, echo), from one validation.
 
     n, best_of, logprobs, echo, penalties, logit_bias and min_p are mapped by
-    ``services.frontend.choices.advanced_sampling`` (which also plans the response's shape)."""
+    ``services.frontend.choices.advanced_sampling``."""
     from services.frontend.choices import advanced_sampling
 
-    extra, _ = advanced_sampling(req, isinstance(req, ChatCompletionRequest), bool(req.stream), max_n, vocab_size)
+    extra, plan = advanced_sampling(req, isinstance(req, ChatCompletionRequest), bool(req.stream), max_n, vocab_size)
     temperature = _in_range("temperature", req.temperature, 0.0, 2.0, 1.0)
     top_p = _in_range("top_p", req.top_p, 0.0, 1.0, 1.0)
     if top_p == 0.0:  # OpenAI allows 0: the smallest nucleus is the most likely token, i.e. greedy
@@ -405,7 +414,7 @@ def sampling_from(req: _Common, max_tokens: int | None, prompt_len: int, max_mod
         raise ApiError(400, "min_tokens must be between 0 and max_tokens", param="min_tokens")
     if req.seed is not None and not -(2**63) <= req.seed < 2**63:
         raise ApiError(400, "seed must fit in 64 bits", param="seed")
-    return SamplingParams(
+    sampling = SamplingParams(
         max_tokens=max_tokens,
         temperature=temperature,
         top_p=top_p,
@@ -416,6 +425,7 @@ def sampling_from(req: _Common, max_tokens: int | None, prompt_len: int, max_mod
         min_tokens=min_tokens,
         **extra,
     )
+    return sampling, plan
 
 
 # Chat templates know system/user/assistant/tool; the spec's other roles are mapped onto those.

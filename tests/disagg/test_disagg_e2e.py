@@ -17,8 +17,7 @@ import pytest
 from shared import subjects
 from shared.messages import GenerateRequest, SamplingParams, TokenChunk, generate_reply_decoder
 from tests.conftest import e2e_engine
-from tests.disagg.util import DisaggStack, generate_direct, latest_loads
-from tests.procs import wait_until
+from tests.disagg.util import DisaggStack, aggregated_beside_disaggregated, generate_direct, latest_loads
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -30,18 +29,8 @@ def torch_stack(tmp_path):
     if e2e_engine() != "torch":
         pytest.skip("greedy equality needs the torch engine")
     # Chunked prefill on the prefill worker too (the decode worker's budget is the default 512).
-    s = DisaggStack(tmp_path, "torch", decode_workers=2, prefill_workers=1, metrics=True,
-                    decode_ids=["decode-agg", "decode-dis"], prefill_args=["--max-batched-tokens", "128"],
-                    decode_args=[["--no-disagg"], ["--remote-prefill-min-tokens", "16", "--prefill-timeout", "60"]])
-    try:
-        s.start()
-        wait_until(lambda: s.health().get("prefill_workers") == 1, 60, 0.1, "prefill worker registered")
+    with aggregated_beside_disaggregated(tmp_path) as s:
         yield s
-    except BaseException:
-        print(s.logs())
-        raise
-    finally:
-        s.stop()
 
 
 async def generate_choices(nc: nats.NATS, worker_id: str, request_id: str, prompt: list[int],

@@ -18,7 +18,7 @@ import pytest
 
 from shared.messages import SamplingParams
 from tests.conftest import e2e_engine
-from tests.disagg.util import DisaggStack, generate_direct, latest_loads
+from tests.disagg.util import DisaggStack, aggregated_beside_disaggregated, generate_direct, latest_loads
 from tests.procs import wait_until
 from tests.require import missing
 
@@ -33,19 +33,8 @@ def ucx_stack(tmp_path):
         missing("ucxx is not installed (pip install 'baton[ucx]')")
     if e2e_engine() != "torch":
         pytest.skip("greedy equality needs the torch engine (BATON_TEST_ENGINE asks for another)")
-    s = DisaggStack(tmp_path, "torch", decode_workers=2, prefill_workers=1, metrics=True,
-                    decode_ids=["decode-agg", "decode-ucx"], prefill_args=["--max-batched-tokens", "128"],
-                    decode_args=[["--no-disagg"], ["--remote-prefill-min-tokens", "16", "--prefill-timeout", "60"]],
-                    env={"BATON_KV_TRANSPORT": "ucx"})
-    try:
-        s.start()
-        wait_until(lambda: s.health().get("prefill_workers") == 1, 60, 0.1, "prefill worker registered")
+    with aggregated_beside_disaggregated(tmp_path, env={"BATON_KV_TRANSPORT": "ucx"}) as s:
         yield s
-    except BaseException:
-        print(s.logs())
-        raise
-    finally:
-        s.stop()
 
 
 def test_ucx_greedy_identical_aggregated_and_disaggregated(ucx_stack: DisaggStack) -> None:
@@ -66,7 +55,7 @@ def test_ucx_greedy_identical_aggregated_and_disaggregated(ucx_stack: DisaggStac
             with anyio.fail_after(60):  # the decode worker learns of the prefill worker through discovery
                 n = 0
                 while s.metric("decode-1", DECISIONS, decision="remote") < 1:
-                    r = await generate_direct(nc, "decode-ucx", f"warm-{n}", list(range(5, 60 + n)), greedy)
+                    r = await generate_direct(nc, "decode-dis", f"warm-{n}", list(range(5, 60 + n)), greedy)
                     assert r.finish_reason == "length", r
                     n += 1
             before = s.metric("decode-1", DECISIONS, decision="remote")
@@ -81,15 +70,15 @@ def test_ucx_greedy_identical_aggregated_and_disaggregated(ucx_stack: DisaggStac
             async with anyio.create_task_group() as tg:  # concurrent: batched decodes and transfers
                 for i, p in enumerate(prompts):
                     tg.start_soon(one, "decode-agg", i, p)
-                    tg.start_soon(one, "decode-ucx", i, p)
+                    tg.start_soon(one, "decode-dis", i, p)
             for i in range(len(prompts)):
-                assert results[("decode-ucx", i)] == results[("decode-agg", i)], i
+                assert results[("decode-dis", i)] == results[("decode-agg", i)], i
             # Every prompt went remote over UCX (none fell back), and the aggregated worker stayed local.
             assert s.metric("decode-1", DECISIONS, decision="remote") - before == len(prompts)
             assert s.metric("decode-1", DECISIONS, decision="fallback_local") == 0
             assert s.metric("decode-0", DECISIONS, decision="remote") == 0
             assert s.metric("prefill-0", "baton_prefill_kv_blocks_sent_total") > 0
-            await latest_loads(nc, ["decode-agg", "decode-ucx"], lambda r: r.kv_blocks_used == 0, 15)
+            await latest_loads(nc, ["decode-agg", "decode-dis"], lambda r: r.kv_blocks_used == 0, 15)
             s.wait_metric("prefill-0", "baton_prefill_kv_blocks_used", lambda v: v == 0, 10)
         finally:
             await nc.close()

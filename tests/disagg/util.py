@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from shared.messages import (
     load_report_decoder,
     prefill_job_decoder,
 )
-from tests.procs import ServiceProcess, Stack, wait_until
+from tests.procs import ServiceProcess, Stack, running, wait_until
 
 
 class DisaggStack(Stack):
@@ -142,3 +144,16 @@ async def queued_jobs(nc: nats.NATS) -> list:  # type: ignore[type-arg]
             continue
         jobs.append(prefill_job_decoder.decode(raw.data))
     return jobs
+
+
+@contextmanager
+def aggregated_beside_disaggregated(tmp_path: Path, env: dict[str, str] | None = None) -> Iterator[DisaggStack]:
+    """Torch engine: decode worker ``decode-agg`` (no disaggregation) beside ``decode-dis`` (remote
+    prefill from 16 tokens on), one prefill worker chunking at 128 tokens; started, prefill registered."""
+    s = DisaggStack(tmp_path, "torch", decode_workers=2, prefill_workers=1, metrics=True,
+                    decode_ids=["decode-agg", "decode-dis"], prefill_args=["--max-batched-tokens", "128"],
+                    decode_args=[["--no-disagg"], ["--remote-prefill-min-tokens", "16", "--prefill-timeout", "60"]],
+                    env=env or {})
+    with running(s):
+        wait_until(lambda: s.health().get("prefill_workers") == 1, 60, 0.1, "prefill worker registered")
+        yield s
