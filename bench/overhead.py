@@ -196,14 +196,42 @@ def run_cell(side: Side, payload: dict, c: int, duration: float) -> dict:
             "cpu_stack_ms": round(sum(cpu.values()), 4), "load1": os.getloadavg()[0]}
 
 
-def profile(side: Side, py_spy: str, outdir: Path, payload: dict, c: int, duration: float) -> None:
+def summarize_profile(path: Path, top: int = 25) -> str:
+    """A py-spy raw profile (collapsed stacks) as the functions with the most samples: self (leaf)
+    and inclusive shares of all the process's samples while it was busy (py-spy skips idle threads)."""
+    own: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + n
+    if not total:
+        return f"{path.name}: no samples"
+    lines = [f"{path.name}: {total} samples", "  self%  incl%  function"]
+    for f, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"  {100 * n / total:5.1f}  {100 * incl[f] / total:5.1f}  {f}")
+    lines.append("  -- inclusive --")
+    for f, n in sorted(incl.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"  {100 * own.get(f, 0) / total:5.1f}  {100 * n / total:5.1f}  {f}")
+    return "\n".join(lines)
+
+
+def profile(side: Side, py_spy: str, outdir: Path, payload: dict, c: int, duration: float,
+            rate: int = 199) -> None:
     """py-spy record (raw collapsed stacks) of every Python process of ``side`` under one cell's load."""
     outdir.mkdir(parents=True, exist_ok=True)
     spies = []
     for role in ("frontend", "router", "decode"):
         for pid in side.pids(role):
             out = outdir / f"{side.name}-{role}-{pid}.txt"
-            spies.append(subprocess.Popen([py_spy, "record", "-p", str(pid), "-d", str(int(duration + 2)), "-r", "97",
+            spies.append(subprocess.Popen([py_spy, "record", "-p", str(pid), "-d", str(int(duration + 2)), "-r", str(rate),
                                            "--nonblocking", "-f", "raw", "-o", str(out)],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     time.sleep(1.0)  # py-spy attaches
@@ -211,6 +239,10 @@ def profile(side: Side, py_spy: str, outdir: Path, payload: dict, c: int, durati
     for s in spies:
         s.wait(60)
     (outdir / f"{side.name}-cell.json").write_text(json.dumps(cell, indent=2))
+    for path in sorted(outdir.glob(f"{side.name}-*-*.txt")):
+        if not path.name.endswith("-summary.txt"):
+            summary = summarize_profile(path)
+            path.with_name(path.stem + "-summary.txt").write_text(summary + "\n")
     print(f"profiled {side.name} stream={payload['stream']} c={c}: {cell['rps']:.0f} req/s, "
           f"stack CPU {cell['cpu_stack_ms']:.3f} ms/request (py-spy itself perturbs this)", flush=True)
 
@@ -227,6 +259,7 @@ def main() -> None:
     ap.add_argument("--json", type=str, default="", help="also write every run here")
     ap.add_argument("--profile-dir", type=str, default="", help="after the matrix, py-spy each Baton side here")
     ap.add_argument("--profile-concurrency", type=int, default=64)
+    ap.add_argument("--profile-rate", type=int, default=199, help="py-spy samples a second")
     ap.add_argument("--py-spy", type=str, default="py-spy")
     args = ap.parse_args()
     names = [s for s in args.sides if s != "dynamo" or args.dynamo_venv]
@@ -265,7 +298,7 @@ def main() -> None:
             for side in sides:
                 if side.name != "dynamo":
                     profile(side, args.py_spy, Path(args.profile_dir), {**payload, "stream": True},
-                            args.profile_concurrency, args.duration)
+                            args.profile_concurrency, args.duration, args.profile_rate)
     finally:
         for side in sides:
             side.stop()
