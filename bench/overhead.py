@@ -196,6 +196,51 @@ def run_cell(side: Side, payload: dict, c: int, duration: float) -> dict:
             "cpu_stack_ms": round(sum(cpu.values()), 4), "load1": os.getloadavg()[0]}
 
 
+# Where a sample's time goes: the first of these found walking its stack from the leaf up.
+BUCKETS: list[tuple[str, tuple[str, ...]]] = [
+    ("NATS socket writes (client flusher)", ("StreamWriter.writelines", "TcpTransport.writelines")),
+    ("HTTP response writes (uvicorn send)", ("RequestResponseCycle.send",)),
+    ("tokenizer encode", ("Tokenizer.encode",)),
+    ("detokenize", ("Tokenizer.decode", "detokenizer", "Detokenizer")),
+    ("NATS publish (build the message)", ("Client.publish", "Client._send_publish", "pub_cmd", "Bus.publish",
+                                          "_payload")),
+    ("NATS receive (parse, dispatch, inbox)", ("nats/protocol/parser.py", "Client._process_msg",
+                                               "Client._read_loop", "Subscription", "ReplyInbox", "ReplyStream",
+                                               "Client._process_headers", "Client._build_message")),
+    ("routing (route call, router core)", ("shared/routing/", "Generation._route", "Generation._ask_router",
+                                           "services/router/")),
+    ("engine step (scheduler, KV cache, mocker)", ("shared/engines/",)),
+    ("HTTP parse and ASGI plumbing (uvicorn)", ("uvicorn/",)),
+    ("anyio task groups, cancel scopes, events", ("anyio/",)),
+    ("asyncio queues, locks, tasks", ("asyncio/queues.py", "asyncio/locks.py", "asyncio/tasks.py",
+                                      "asyncio/mixins.py")),
+    ("metrics (prometheus_client)", ("prometheus_client/",)),
+    ("frontend request handling (validation, SSE framing, generation loop)", ("services/frontend/",)),
+    ("decode worker serving (stream, serve)", ("services/decode/",)),
+    ("event loop itself (select, callbacks)", ("Runner.run", "asyncio/base_events.py", "asyncio/events.py",
+                                               "selectors.py")),
+]
+
+
+def bucket_profile(path: Path) -> dict[str, float]:
+    """Shares of a py-spy raw profile's samples by :data:`BUCKETS` (and "other")."""
+    counts: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        total += int(count)
+        bucket = "other"
+        for frame in reversed(stack.split(";")):
+            hit = next((name for name, keys in BUCKETS if any(k in frame for k in keys)), None)
+            if hit is not None:
+                bucket = hit
+                break
+        counts[bucket] = counts.get(bucket, 0) + int(count)
+    return {b: n / total for b, n in sorted(counts.items(), key=lambda kv: -kv[1])} if total else {}
+
+
 def summarize_profile(path: Path, top: int = 25) -> str:
     """A py-spy raw profile (collapsed stacks) as the functions with the most samples: self (leaf)
     and inclusive shares of all the process's samples while it was busy (py-spy skips idle threads)."""
@@ -214,7 +259,9 @@ def summarize_profile(path: Path, top: int = 25) -> str:
             incl[f] = incl.get(f, 0) + n
     if not total:
         return f"{path.name}: no samples"
-    lines = [f"{path.name}: {total} samples", "  self%  incl%  function"]
+    lines = [f"{path.name}: {total} samples", "  share  where (bucketed, leaf first)"]
+    lines += [f"  {100 * share:5.1f}  {bucket}" for bucket, share in bucket_profile(path).items()]
+    lines.append("  self%  incl%  function")
     for f, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
         lines.append(f"  {100 * n / total:5.1f}  {100 * incl[f] / total:5.1f}  {f}")
     lines.append("  -- inclusive --")
