@@ -47,8 +47,9 @@ policy-check: $(BIN)/python $(POLICY_VENV)/bin/checkov
 	$(BIN)/pip install -q helm-python-sdk pyyaml pytest
 	PYTHONPATH=$(CURDIR) $(BIN)/python deploy/helm/policy_check.py --checkov $(POLICY_VENV)/bin/checkov
 
-bench-overhead: install
-	$(BIN)/python bench/overhead.py
+bench-overhead: install  # DYNAMO_VENV=/tmp/dynvenv adds NVIDIA Dynamo (docs/benchmarks.md)
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python bench/overhead.py $(if $(DYNAMO_VENV),--dynamo-venv $(DYNAMO_VENV))
 
 # aiperf goes into a throwaway venv (/tmp/aiperf-venv), never into Baton's
 bench-aiperf: install

@@ -67,6 +67,10 @@ def up(
     prefill_workers: Annotated[int, typer.Option(min=0, help="Prefill worker processes.")] = 1,
     routers: Annotated[int, typer.Option(min=1, help="Router replicas.")] = 1,
     router_mode: Annotated[str, typer.Option(envvar="BATON_ROUTER_MODE", help="kv, kv-approx, round-robin or random.")] = "round-robin",
+    router: Annotated[str, typer.Option(
+        envvar="BATON_FRONTEND_ROUTER",
+        help="service: a router service (--routers replicas); embedded: the router runs inside the frontend "
+             "(no route hop, no router service).")] = "service",
     mocker_speedup: Annotated[float, typer.Option(help="Mocker engine: divide simulated costs by this.")] = 1.0,
     num_blocks: Annotated[int, typer.Option(help="KV pool size per worker in blocks (0: engine default).")] = 0,
     discovery_ttl: Annotated[float, typer.Option(help="Seconds after which a silent worker is gone.")] = 6.0,
@@ -103,12 +107,14 @@ def up(
     from baton.up import UpSettings, run_up
     from shared.telemetry import LOG_FORMATS
 
+    if router not in ("service", "embedded"):
+        raise typer.BadParameter("choose one of service, embedded", param_hint="--router")
     if log_format not in LOG_FORMATS:
         raise typer.BadParameter(f"choose one of {', '.join(LOG_FORMATS)}", param_hint="--log-format")
 
     run_up(UpSettings(
         nats_url=nats_url, nats_port=nats_port, data_dir=data_dir, host=host, port=port, model=model, engine=engine,
-        decode_workers=decode_workers, prefill_workers=prefill_workers, routers=routers, router_mode=router_mode,
+        decode_workers=decode_workers, prefill_workers=prefill_workers, routers=routers, router_mode=router_mode, router=router,
         mocker_speedup=mocker_speedup, num_blocks=num_blocks, discovery_ttl=discovery_ttl, log_dir=log_dir,
         log_level=log_level, log_format=log_format, access_log=access_log, drain_timeout=drain_timeout,
         nats_connect_timeout=nats_connect_timeout, ready_timeout=ready_timeout, planner_connector=planner_connector,

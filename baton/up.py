@@ -40,6 +40,7 @@ class UpSettings:
     prefill_workers: int = 1
     routers: int = 1
     router_mode: str = "round-robin"
+    router: str = "service"  # "embedded": the frontend runs the router core; no router service
     mocker_speedup: float = 1.0
     num_blocks: int = 0
     discovery_ttl: float = 6.0
@@ -90,9 +91,10 @@ def service_specs(s: UpSettings, nats_url: str) -> list[ProcessSpec]:
     engine = ["--model", s.model, "--engine", s.engine, "--mocker-speedup", str(s.mocker_speedup),
               "--num-blocks", str(s.num_blocks)]
     specs = [ProcessSpec("frontend", [*py, "services.frontend", *common, "--model", s.model, "--host", s.host,
-                                      "--port", str(s.port)])]
-    specs += [ProcessSpec(f"router-{i}", [*py, "services.router", *common, "--mode", s.router_mode])
-              for i in range(s.routers)]
+                                      "--port", str(s.port), "--router", s.router, "--router-mode", s.router_mode])]
+    if s.router != "embedded":
+        specs += [ProcessSpec(f"router-{i}", [*py, "services.router", *common, "--mode", s.router_mode])
+                  for i in range(s.routers)]
     if s.planner_connector != "local":  # else the planner owns the workers (and the supervisor the planner)
         specs += [ProcessSpec(f"decode-{i}", [*py, "services.decode", *common, *engine])
                   for i in range(s.decode_workers)]
@@ -419,7 +421,8 @@ class Stack:
                 print(f"  API      http://{probe_host}:{s.port}/v1   (health /health, metrics /metrics)\n"
                       f"  model    {s.model} ({self.model_path})\n"
                       f"  workers  {s.decode_workers} decode, {s.prefill_workers} prefill; "
-                      f"{s.routers} router ({s.router_mode})\n"
+                      + (f"router embedded in the frontend ({s.router_mode})\n" if s.router == "embedded"
+                         else f"{s.routers} router ({s.router_mode})\n") +
                       f"  NATS     {redact.redact(self.nats.url if self.nats else s.nats_url or '')}\n"
                       f"  logs     {logs}\n"
                       f"  stop     Ctrl-C (each service drains up to {s.drain_timeout:g}s)", flush=True)

@@ -26,6 +26,7 @@ class RunResult:
     stream: bool
     duration: float
     samples: list[Sample] = field(default_factory=list)
+    completed: int = 0  # every response, warm-up included: the denominator of CPU per request
 
     @property
     def ok(self) -> list[Sample]:
@@ -111,6 +112,7 @@ async def run_load(host: str, port: int, path: str, payload: dict, concurrency: 
                 if now >= t_end:
                     return
                 s = await _one(reader, writer, raw)
+                result.completed += 1
                 if now >= t_start:
                     result.samples.append(s)
         finally:

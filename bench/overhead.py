@@ -1,12 +1,31 @@
-"""Baton's own overhead: the whole stack with a near-free mocker engine.
+"""The stack's own overhead: Baton (router service, embedded router) and NVIDIA Dynamo, near-free engines.
 
-Starts ``baton up --engine mocker --mocker-speedup 1e9`` (embedded NATS, frontend, router, one
-decode worker) and drives /v1/completions with 16-token completions at concurrency 1, 16 and 64,
-non-streamed and streamed, from a lean client on the same machine. Each repeat runs every
-(mode, concurrency) cell once, so noise from other jobs lands on all cells alike; the table gives
-the median and min-max over the repeats, and the failed requests (non-200) of all of them.
+Sides, all up at once and driven in turn (interleaved cell by cell, the order rotating each repeat,
+so noise from other jobs lands on every side alike):
 
-    python bench/overhead.py [--duration 5] [--concurrency 1 16 64] [--repeats 3] [--json out.json]
+- ``service``: ``baton up --engine mocker --mocker-speedup 1e9 --prefill-workers 0`` (embedded
+  nats-server, frontend, router service, one decode worker, planner);
+- ``embedded``: the same with ``--router embedded`` (the router runs in the frontend; no router process);
+- ``dynamo`` (with ``--dynamo-venv``): Dynamo's frontend and mocker (``--speedup-ratio 1e9``; in 1.6.1
+  ``0`` still simulates ~7 ms a token) from a
+  throwaway venv, with file discovery, the TCP request plane and the ZMQ event plane (no etcd, no
+  NATS), round-robin routing like Baton's default. Same tokenizer files (the baton-tiny model dir).
+
+Each cell: /v1/completions, 16-token completions (``ignore_eos``), non-streamed and streamed, at
+concurrency 1, 16 and 64, from one lean keep-alive client (bench/loadgen.py) on this machine. Per
+cell: req/s, latency p50 (non-streamed), time to the first body chunk p50 (streamed), errors, and
+CPU per request of every process of the side (psutil user+system time over the cell divided by the
+responses in it), by role and summed. Median and min-max over the repeats.
+
+    python bench/overhead.py                                # Baton only, both router placements
+    python bench/overhead.py --dynamo-venv /tmp/dynvenv     # and Dynamo (see docs/benchmarks.md)
+    python bench/overhead.py --profile-dir /tmp/prof --py-spy /tmp/dynvenv/bin/py-spy  # + py-spy profiles
+
+Installing the Dynamo baseline (never a dependency of Baton)::
+
+    python -m venv /tmp/dynvenv && /tmp/dynvenv/bin/pip install ai-dynamo-runtime==1.6.1 \\
+        && /tmp/dynvenv/bin/pip install ai-dynamo==1.6.1 --no-deps \\
+        && /tmp/dynvenv/bin/pip install pyyaml msgspec tqdm zstandard uvloop packaging
 """
 
 from __future__ import annotations
@@ -21,16 +40,99 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from baton.nats_server import free_port
 from bench.loadgen import run_load
-from shared.progress import track
+from shared.models import resolve_model
+
+ROLES = {  # a cmdline fragment -> the role it is reported under
+    "services.frontend": "frontend", "services.router": "router", "services.decode": "decode",
+    "services.planner": "planner", "nats-server": "nats", "dynamo.frontend": "frontend",
+    "dynamo.mocker": "decode", "baton up": "supervisor",
+}
+ROLE_ORDER = ("frontend", "router", "decode", "nats", "planner", "supervisor", "other")
 
 
-def start_stack(port: int, logdir: Path, extra: list[str]) -> subprocess.Popen:
+def role_of(proc: psutil.Process) -> str:
+    try:
+        cmd = " ".join(proc.cmdline())
+    except psutil.Error:
+        return "other"
+    cmd = cmd.replace("-m baton up", "baton up")
+    return next((role for frag, role in ROLES.items() if frag in cmd), "other")
+
+
+@dataclass
+class Side:
+    name: str
+    port: int
+    roots: list[subprocess.Popen]
+    logdir: Path
+    _procs: dict[int, tuple[psutil.Process, str]] = field(default_factory=dict)
+
+    def processes(self) -> dict[int, tuple[psutil.Process, str]]:
+        """Every process of this side (the launched ones and their descendants), with its role."""
+        for root in self.roots:
+            try:
+                top = psutil.Process(root.pid)
+                for p in [top, *top.children(recursive=True)]:
+                    if p.pid not in self._procs:
+                        self._procs[p.pid] = (p, role_of(p))
+            except psutil.Error:
+                pass
+        return self._procs
+
+    def cpu(self) -> dict[int, float]:
+        out = {}
+        for pid, (p, _) in self.processes().items():
+            try:
+                t = p.cpu_times()
+                out[pid] = t.user + t.system
+            except psutil.Error:
+                pass
+        return out
+
+    def cpu_by_role(self, before: dict[int, float], after: dict[int, float]) -> dict[str, float]:
+        roles: dict[str, float] = {}
+        for pid, t in after.items():
+            role = self._procs[pid][1]
+            roles[role] = roles.get(role, 0.0) + t - before.get(pid, 0.0)
+        return roles
+
+    def pids(self, role: str) -> list[int]:
+        return [pid for pid, (p, r) in self.processes().items() if r == role and p.is_running()]
+
+    def stop(self) -> None:
+        for root in self.roots:
+            try:
+                os.killpg(root.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for root in self.roots:
+            try:
+                root.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(root.pid, signal.SIGKILL)
+
+
+def http_ok(port: int, path: str, want: str = "") -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
+            return r.status == 200 and want in r.read().decode()
+    except OSError:
+        return False
+
+
+def start_baton(name: str, extra: list[str]) -> Side:
+    logdir = Path(tempfile.mkdtemp(prefix=f"overhead-{name}-"))
+    port = free_port()
     log = open(logdir / "up.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "baton", "up", "--engine", "mocker", "--mocker-speedup", "1e9", "--host", "127.0.0.1",
@@ -38,12 +140,39 @@ def start_stack(port: int, logdir: Path, extra: list[str]) -> subprocess.Popen:
          "--log-level", "warning", *extra],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
-    deadline = time.monotonic() + 120
+    side = Side(name, port, [proc], logdir)
+    deadline = time.monotonic() + 180
     while "Baton is ready" not in (logdir / "up.log").read_text():
         if proc.poll() is not None or time.monotonic() > deadline:
+            side.stop()
             raise RuntimeError((logdir / "up.log").read_text())
-        time.sleep(0.1)
-    return proc
+        time.sleep(0.2)
+    return side
+
+
+def start_dynamo(venv: Path, model_dir: Path) -> Side:
+    """Dynamo's frontend + mocker, discovery through files, no etcd or NATS."""
+    logdir = Path(tempfile.mkdtemp(prefix="overhead-dynamo-"))
+    port = free_port()
+    env = {**os.environ, "DYN_FILE_KV": str(logdir / "kv"), "DYN_LOG": "warn", "PYTHONPATH": ""}
+    plane = ["--discovery-backend", "file", "--request-plane", "tcp", "--event-plane", "zmq"]
+    py = str(venv / "bin" / "python")
+    mocker = subprocess.Popen(
+        [py, "-m", "dynamo.mocker", "--model-path", str(model_dir), "--model-name", "baton-tiny",
+         "--speedup-ratio", "1e9", *plane],
+        stdout=open(logdir / "mocker.log", "wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    frontend = subprocess.Popen(
+        [py, "-m", "dynamo.frontend", "--http-host", "127.0.0.1", "--http-port", str(port), "--router-mode",
+         "round-robin", *plane],
+        stdout=open(logdir / "frontend.log", "wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    side = Side("dynamo", port, [frontend, mocker], logdir)
+    deadline = time.monotonic() + 180
+    while not http_ok(port, "/v1/models", "baton-tiny"):
+        if any(p.poll() is not None for p in side.roots) or time.monotonic() > deadline:
+            side.stop()
+            raise RuntimeError((logdir / "frontend.log").read_text()[-3000:] + (logdir / "mocker.log").read_text()[-3000:])
+        time.sleep(0.2)
+    return side
 
 
 def spread(values: list[float], fmt: str = "{:.1f}") -> str:
@@ -53,49 +182,205 @@ def spread(values: list[float], fmt: str = "{:.1f}") -> str:
     return f"{fmt.format(statistics.median(ok))} ({fmt.format(min(ok))}-{fmt.format(max(ok))})"
 
 
+def median_of(runs: list[dict], side: str, key: str) -> float:
+    return statistics.median(r[key] for r in runs if r["side"] == side)
+
+
+def run_cell(side: Side, payload: dict, c: int, duration: float) -> dict:
+    before = side.cpu()
+    r = asyncio.run(run_load("127.0.0.1", side.port, "/v1/completions", payload, c, duration))
+    after = side.cpu()
+    n = max(r.completed, 1)
+    cpu = {role: round(t / n * 1e3, 4) for role, t in side.cpu_by_role(before, after).items()}
+    return {**r.summary(), "side": side.name, "completed": r.completed, "cpu_ms": cpu,
+            "cpu_stack_ms": round(sum(cpu.values()), 4), "load1": os.getloadavg()[0]}
+
+
+# Where a sample's time goes: the first of these found walking its stack from the leaf up.
+BUCKETS: list[tuple[str, tuple[str, ...]]] = [
+    ("NATS socket writes (client flusher)", ("StreamWriter.writelines", "TcpTransport.writelines")),
+    ("HTTP response writes (uvicorn send)", ("RequestResponseCycle.send",)),
+    ("tokenizer encode", ("Tokenizer.encode",)),
+    ("detokenize", ("Tokenizer.decode", "detokenizer", "Detokenizer")),
+    ("NATS publish (build the message)", ("Client.publish", "Client._send_publish", "pub_cmd", "Bus.publish",
+                                          "_payload")),
+    ("NATS receive (parse, dispatch, inbox)", ("nats/protocol/parser.py", "Client._process_msg",
+                                               "Client._read_loop", "Subscription", "ReplyInbox", "ReplyStream",
+                                               "Client._process_headers", "Client._build_message")),
+    ("routing (route call, router core)", ("shared/routing/", "Generation._route", "Generation._ask_router",
+                                           "services/router/")),
+    ("engine step (scheduler, KV cache, mocker)", ("shared/engines/",)),
+    ("HTTP parse and ASGI plumbing (uvicorn)", ("uvicorn/",)),
+    ("anyio task groups, cancel scopes, events", ("anyio/",)),
+    ("asyncio queues, locks, tasks", ("asyncio/queues.py", "asyncio/locks.py", "asyncio/tasks.py",
+                                      "asyncio/mixins.py")),
+    ("metrics (prometheus_client)", ("prometheus_client/",)),
+    ("frontend request handling (validation, SSE framing, generation loop)", ("services/frontend/",)),
+    ("decode worker serving (stream, serve)", ("services/decode/",)),
+    ("event loop itself (select, callbacks)", ("Runner.run", "asyncio/base_events.py", "asyncio/events.py",
+                                               "selectors.py")),
+]
+
+
+def bucket_profile(path: Path) -> dict[str, float]:
+    """Shares of a py-spy raw profile's samples by :data:`BUCKETS` (and "other")."""
+    counts: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        total += int(count)
+        bucket = "other"
+        for frame in reversed(stack.split(";")):
+            hit = next((name for name, keys in BUCKETS if any(k in frame for k in keys)), None)
+            if hit is not None:
+                bucket = hit
+                break
+        counts[bucket] = counts.get(bucket, 0) + int(count)
+    return {b: n / total for b, n in sorted(counts.items(), key=lambda kv: -kv[1])} if total else {}
+
+
+def summarize_profile(path: Path, top: int = 25) -> str:
+    """A py-spy raw profile (collapsed stacks) as the functions with the most samples: self (leaf)
+    and inclusive shares of all the process's samples while it was busy (py-spy skips idle threads)."""
+    own: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + n
+    if not total:
+        return f"{path.name}: no samples"
+    lines = [f"{path.name}: {total} samples", "  share  where (bucketed, leaf first)"]
+    lines += [f"  {100 * share:5.1f}  {bucket}" for bucket, share in bucket_profile(path).items()]
+    lines.append("  self%  incl%  function")
+    for f, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"  {100 * n / total:5.1f}  {100 * incl[f] / total:5.1f}  {f}")
+    lines.append("  -- inclusive --")
+    for f, n in sorted(incl.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"  {100 * own.get(f, 0) / total:5.1f}  {100 * n / total:5.1f}  {f}")
+    return "\n".join(lines)
+
+
+def profile(side: Side, py_spy: str, outdir: Path, payload: dict, c: int, duration: float,
+            rate: int = 199) -> None:
+    """py-spy record (raw collapsed stacks) of every Python process of ``side`` under one cell's load."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    spies = []
+    for role in ("frontend", "router", "decode"):
+        for pid in side.pids(role):
+            out = outdir / f"{side.name}-{role}-{pid}.txt"
+            spies.append(subprocess.Popen([py_spy, "record", "-p", str(pid), "-d", str(int(duration + 2)), "-r", str(rate),
+                                           "--nonblocking", "-f", "raw", "-o", str(out)],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    time.sleep(1.0)  # py-spy attaches
+    cell = run_cell(side, payload, c, duration)
+    for s in spies:
+        s.wait(60)
+    (outdir / f"{side.name}-cell.json").write_text(json.dumps(cell, indent=2))
+    for path in sorted(outdir.glob(f"{side.name}-*-*.txt")):
+        if not path.name.endswith("-summary.txt"):
+            summary = summarize_profile(path)
+            path.with_name(path.stem + "-summary.txt").write_text(summary + "\n")
+    print(f"profiled {side.name} stream={payload['stream']} c={c}: {cell['rps']:.0f} req/s, "
+          f"stack CPU {cell['cpu_stack_ms']:.3f} ms/request (py-spy itself perturbs this)", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--duration", type=float, default=5.0)
+    ap.add_argument("--duration", type=float, default=5.0, help="seconds per cell")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sides", nargs="+", default=["service", "embedded", "dynamo"],
+                    help="service, embedded, dynamo (dynamo needs --dynamo-venv)")
+    ap.add_argument("--dynamo-venv", type=str, default="", help="a venv with ai-dynamo 1.6.1 (see above)")
     ap.add_argument("--json", type=str, default="", help="also write every run here")
-    ap.add_argument("--up-args", type=str, default="", help="extra arguments for baton up")
+    ap.add_argument("--profile-dir", type=str, default="", help="after the matrix, py-spy each Baton side here")
+    ap.add_argument("--profile-concurrency", type=int, default=64)
+    ap.add_argument("--profile-rate", type=int, default=199, help="py-spy samples a second")
+    ap.add_argument("--py-spy", type=str, default="py-spy")
     args = ap.parse_args()
+    names = [s for s in args.sides if s != "dynamo" or args.dynamo_venv]
+    if "dynamo" in args.sides and not args.dynamo_venv:
+        print("no --dynamo-venv: Dynamo left out", file=sys.stderr)
 
-    port = free_port()
-    logdir = Path(tempfile.mkdtemp(prefix="baton-bench-"))
-    proc = start_stack(port, logdir, args.up_args.split())
-    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    sides: list[Side] = []
     runs: list[dict] = []
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    payload = {"model": "baton-tiny", "prompt": "Measure the overhead of every hop in the stack.",
+               "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
     try:
-        payload = {"model": "baton-tiny", "prompt": "Measure the overhead of every hop in the stack.",
-                   "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
-        for repeat in track(range(args.repeats), "repeats"):
+        for name in names:
+            if name == "service":
+                sides.append(start_baton(name, []))
+            elif name == "embedded":
+                sides.append(start_baton(name, ["--router", "embedded"]))
+            elif name == "dynamo":
+                sides.append(start_dynamo(Path(args.dynamo_venv), resolve_model("baton-tiny", None).path))
+            else:
+                raise SystemExit(f"unknown side {name!r}")
+        for side in sides:  # warm every path once (connections, caches, first-request setup)
+            asyncio.run(run_load("127.0.0.1", side.port, "/v1/completions", {**payload, "stream": True}, 4, 1.0, 0.2))
+        for repeat in range(args.repeats):
+            order = sides[repeat % len(sides):] + sides[:repeat % len(sides)]
             for stream in (False, True):
                 for c in args.concurrency:
-                    r = asyncio.run(run_load("127.0.0.1", port, "/v1/completions", {**payload, "stream": stream}, c,
-                                             args.duration))
-                    s = {**r.summary(), "repeat": repeat, "load1": os.getloadavg()[0]}
-                    runs.append(s)
-                    print(f"#{repeat} stream={stream!s:5} c={c:3}  {s['rps']:8.1f} req/s  p50 {s['p50_ms']:7.2f} ms  "
-                          f"p99 {s['p99_ms']:7.2f} ms  ttft p50 {s['ttft_p50_ms']:7.2f} ms  errors {s['errors']}  "
-                          f"load {s['load1']:.2f}", flush=True)
+                    for side in order:
+                        s = {**run_cell(side, {**payload, "stream": stream}, c, args.duration), "repeat": repeat}
+                        runs.append(s)
+                        print(f"#{repeat} {side.name:8} stream={stream!s:5} c={c:3} {s['rps']:8.1f} req/s "
+                              f"p50 {s['p50_ms']:7.2f} ms ttft p50 {s['ttft_p50_ms']:7.2f} ms "
+                              f"cpu {s['cpu_stack_ms']:.3f} ms/req {s['cpu_ms']} errors {s['errors']} "
+                              f"load {s['load1']:.2f}", flush=True)
+        if args.profile_dir:
+            for side in sides:
+                if side.name != "dynamo":
+                    profile(side, args.py_spy, Path(args.profile_dir), {**payload, "stream": True},
+                            args.profile_concurrency, args.duration, args.profile_rate)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
+        for side in sides:
+            side.stop()
+    if not runs:
+        return
     loads = [r["load1"] for r in runs]
-    print(f"\n{started}, {args.repeats} repeats of {args.duration:g} s per cell, "
-          f"load average {min(loads):.2f}-{max(loads):.2f}; median (min-max) over the repeats\n")
-    print("| mode | c | req/s | p50 ms | p99 ms | TTFT p50 ms | errors / requests |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(f"\n{started}, {args.repeats} repeats of {args.duration:g} s per cell, load average "
+          f"{min(loads):.2f}-{max(loads):.2f}, {os.cpu_count()} CPUs; median (min-max) over the repeats\n")
+    print("| mode | c | side | req/s | p50 ms | TTFT p50 ms | stack CPU ms/req | by process (median ms/req) "
+          "| errors / requests |")
+    print("|---|---:|---|---:|---:|---:|---:|---|---:|")
     for stream in (False, True):
         for c in args.concurrency:
-            cell = [r for r in runs if r["stream"] == stream and r["concurrency"] == c]
-            print(f"| {'streamed' if stream else 'non-streamed'} | {c} | {spread([r['rps'] for r in cell], '{:.0f}')} | "
-                  f"{spread([r['p50_ms'] for r in cell], '{:.2f}')} | {spread([r['p99_ms'] for r in cell], '{:.1f}')} | "
-                  f"{spread([r['ttft_p50_ms'] for r in cell], '{:.2f}')} | "
-                  f"{sum(r['errors'] for r in cell)} / {sum(r['requests'] for r in cell)} |")
+            for name in names:
+                cell = [r for r in runs if r["stream"] == stream and r["concurrency"] == c and r["side"] == name]
+                roles = sorted({k for r in cell for k in r["cpu_ms"]}, key=ROLE_ORDER.index)
+                by_role = ", ".join(f"{k} {statistics.median(r['cpu_ms'].get(k, 0.0) for r in cell):.3f}"
+                                    for k in roles)
+                print(f"| {'streamed' if stream else 'non-streamed'} | {c} | {name} | "
+                      f"{spread([r['rps'] for r in cell], '{:.0f}')} | {spread([r['p50_ms'] for r in cell], '{:.2f}')} | "
+                      f"{spread([r['ttft_p50_ms'] for r in cell], '{:.2f}')} | "
+                      f"{spread([r['cpu_stack_ms'] for r in cell], '{:.3f}')} | {by_role} | "
+                      f"{sum(r['errors'] for r in cell)} / {sum(r['requests'] for r in cell)} |")
+    if "dynamo" in names:
+        print("\nRatios to Dynamo (medians): req/s >1 is better, TTFT/CPU <1 is better\n")
+        print("| mode | c | side | req/s | TTFT p50 | stack CPU |")
+        print("|---|---:|---|---:|---:|---:|")
+        for stream in (False, True):
+            for c in args.concurrency:
+                cell = [r for r in runs if r["stream"] == stream and r["concurrency"] == c]
+                for name in (n for n in names if n != "dynamo"):
+                    print(f"| {'streamed' if stream else 'non-streamed'} | {c} | {name} | "
+                          f"{median_of(cell, name, 'rps') / median_of(cell, 'dynamo', 'rps'):.2f} | "
+                          f"{median_of(cell, name, 'ttft_p50_ms') / median_of(cell, 'dynamo', 'ttft_p50_ms'):.2f} | "
+                          f"{median_of(cell, name, 'cpu_stack_ms') / median_of(cell, 'dynamo', 'cpu_stack_ms'):.2f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"started": started, "args": vars(args), "runs": runs}, indent=2))
 

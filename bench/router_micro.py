@@ -32,10 +32,10 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from services.router.kv_index import depths_by_slot, prefix_depths
-from services.router.kv_policy import KvRouter, KvRouterConfig
 from shared.kv_hash import block_hashes
 from shared.messages import KvEventBatch, KvStored, LoadReport, WorkerInfo, encode, kv_event_decoder
+from shared.routing.kv_index import depths_by_slot, prefix_depths
+from shared.routing.kv_policy import KvRouter, KvRouterConfig
 
 BLOCK = 16
 SEQ_BLOCKS = 256  # a 4k-token sequence

@@ -125,3 +125,27 @@ KvBindHost = Annotated[
                       help="Address the KV transport listens on (default: 127.0.0.1 if --kv-host is loopback, "
                            "else 0.0.0.0).")
 ]
+
+# The router's policy, for the router service and for a frontend that embeds it (--router embedded):
+# the same environment variables configure both.
+RouterMode = Annotated[
+    str, typer.Option(envvar="BATON_ROUTER_MODE",
+                      help="Routing policy: kv, kv-approx (no KV events needed), round-robin or random.")
+]
+RouterSeed = Annotated[int | None, typer.Option(envvar="BATON_ROUTER_SEED", help="Seed for random choices.")]
+RouterOverlapWeight = Annotated[float, typer.Option(
+    envvar="BATON_ROUTER_OVERLAP_WEIGHT", help="kv: weight of blocks to prefill against blocks in use in a worker's cost.")]
+RouterLowerTierWeight = Annotated[float, typer.Option(
+    envvar="BATON_ROUTER_LOWER_TIER_WEIGHT",
+    help="kv: cost of a prefix block found in a worker's host/disk tier, as a share of recomputing it.")]
+RouterTemperature = Annotated[float, typer.Option(
+    envvar="BATON_ROUTER_TEMPERATURE", help="kv: 0 picks the cheapest worker; > 0 samples (softmax).")]
+RouterPredictionTtl = Annotated[float, typer.Option(
+    envvar="BATON_ROUTER_PREDICTION_TTL",
+    help="kv: seconds a routed prompt counts as cached on its worker before events say so "
+         "(0: 10 s for kv, 120 s for kv-approx).")]
+RouterSnapshotInterval = Annotated[float, typer.Option(
+    envvar="BATON_ROUTER_SNAPSHOT_INTERVAL", help="kv: seconds between index snapshots (0: none).")]
+RouterCatchupTimeout = Annotated[float, typer.Option(
+    envvar="BATON_ROUTER_CATCHUP_TIMEOUT",
+    help="kv: at start, wait this long at most for the KV events replay before routing.")]

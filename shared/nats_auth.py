@@ -125,17 +125,20 @@ def _table() -> dict[str, Permissions]:
         f"{API}.CONSUMER.CREATE.{s.PREFILL_STREAM}.{s.PREFILL_CONSUMER}",
         f"{API}.CONSUMER.CREATE.{s.PREFILL_STREAM}.{s.PREFILL_CONSUMER}.>",
     ]  # ensure_prefill_queue: the stream and its one durable consumer
+    # What keeps a router's index current: the KV-events stream, its snapshots, load reports, resyncs.
+    routing_publish = [s.kv_resync(any_id), *_stream_owner(s.KV_EVENTS_STREAM), *_stream_reader(s.KV_EVENTS_STREAM),
+                       *_object_store(s.ROUTER_SNAPSHOT_BUCKET)]
     return {
         # HTTP and NATS API in front; asks a router, streams from a decode worker, answers API clients.
+        # It may also embed the router (--router embedded), so it may read what a router reads.
         "frontend": _perms(
-            publish=[s.ROUTE, s.generate(any_id), s.cancel(any_id), s.status(any_id), *_replies(), *workers],
-            subscribe=[s.API_GENERATE, _inbox("frontend")],
+            publish=[s.ROUTE, s.generate(any_id), s.cancel(any_id), s.status(any_id), *_replies(), *workers,
+                     *routing_publish],
+            subscribe=[s.API_GENERATE, s.LOAD_ALL, _inbox("frontend")],
         ),
         # Answers route requests; reads load reports and the KV-events stream; keeps index snapshots.
         "router": _perms(
-            publish=[*_replies(), s.kv_resync(any_id), *workers,
-                     *_stream_owner(s.KV_EVENTS_STREAM), *_stream_reader(s.KV_EVENTS_STREAM),
-                     *_object_store(s.ROUTER_SNAPSHOT_BUCKET)],
+            publish=[*_replies(), *workers, *routing_publish],
             subscribe=[s.ROUTE, s.LOAD_ALL, _inbox("router")],
         ),
         # Serves generate/cancel/status/kv-fetch; publishes load and KV events; queues prefill jobs;

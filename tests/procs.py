@@ -208,7 +208,7 @@ class Stack:
         STARTED_STACKS.append(self)
         self.nats.start()
         self.routers = [self._proc("router", f"router-{i}", self.common()) for i in range(self._n_routers)]
-        self.router = self.routers[0]
+        self.router = self.routers[0] if self.routers else None  # none: the frontend embeds it
         for i in range(self._n_decode):
             self.add_decode(["--worker-id", self._decode_ids[i]] if i < len(self._decode_ids) else None)
         for _ in range(self._n_prefill):

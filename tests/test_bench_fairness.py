@@ -69,3 +69,21 @@ def test_spread_reports_median_and_range_and_keeps_missing_repeats() -> None:
     assert (s["median"], s["min"], s["max"]) == (2.0, 1.0, 3.0)
     assert s["values"] == [3.0, None, 1.0, 2.0]
     assert spread([None])["median"] is None
+
+
+def test_overhead_profile_buckets_go_by_the_leafmost_known_frame(tmp_path: Path) -> None:
+    from bench.overhead import bucket_profile, summarize_profile
+
+    raw = tmp_path / "frontend.txt"
+    raw.write_text(
+        "Runner.run (asyncio/runners.py:118);OpenAIApp._stream (services/frontend/http_app.py:387);"
+        "RequestResponseCycle.send (uvicorn/protocols/http/httptools_impl.py:544) 6\n"
+        "Runner.run (asyncio/runners.py:118);Client._flusher (nats/aio/client.py:2363);"
+        "StreamWriter.writelines (asyncio/streams.py:346) 3\n"
+        "Runner.run (asyncio/runners.py:118);mystery (x.py:1) 1\n")
+    shares = bucket_profile(raw)
+    assert shares["HTTP response writes (uvicorn send)"] == pytest.approx(0.6)  # not "frontend handling"
+    assert shares["NATS socket writes (client flusher)"] == pytest.approx(0.3)
+    assert shares["event loop itself (select, callbacks)"] == pytest.approx(0.1)  # its nearest known frame
+    assert sum(shares.values()) == pytest.approx(1.0)
+    assert "10 samples" in summarize_profile(raw)

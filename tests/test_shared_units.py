@@ -18,11 +18,11 @@ from services.frontend.openai_api import (
     decode_request,
     sampling_from,
 )
-from services.router.policy import RandomChoice, RoundRobin, make_policy
 from shared import messages as m
 from shared.builtin_model import build, directory_digest
 from shared.kv_hash import ROOT_HASH, block_hashes, extend_hashes
 from shared.models import resolve_model
+from shared.routing.policy import RandomChoice, RoundRobin, make_policy
 from shared.tokenizer import StopStringMatcher, Tokenizer
 
 

@@ -16,6 +16,14 @@ from shared.config import (
     Model,
     NatsCreds,
     NatsUrl,
+    RouterCatchupTimeout,
+    RouterLowerTierWeight,
+    RouterMode,
+    RouterOverlapWeight,
+    RouterPredictionTtl,
+    RouterSeed,
+    RouterSnapshotInterval,
+    RouterTemperature,
     ServedModelName,
 )
 from shared.discovery import DEFAULT_TTL
@@ -98,15 +106,36 @@ def main(
                           help="Split <think>...</think> into reasoning_content: think (qwen3), deepseek_r1; "
                                "empty: off.")
     ] = "",
+    router: Annotated[
+        str, typer.Option(envvar="BATON_FRONTEND_ROUTER",
+                          help="service: ask the router service (baton.v1.route); embedded: run the same router "
+                               "in this process (no route hop; the --router-* options set its policy).")
+    ] = "service",
+    router_mode: RouterMode = "round-robin",
+    router_seed: RouterSeed = None,
+    router_overlap_weight: RouterOverlapWeight = 1.0,
+    router_lower_tier_weight: RouterLowerTierWeight = 0.25,
+    router_temperature: RouterTemperature = 0.0,
+    router_prediction_ttl: RouterPredictionTtl = 0.0,
+    router_snapshot_interval: RouterSnapshotInterval = 30.0,
+    router_catchup_timeout: RouterCatchupTimeout = 20.0,
 ) -> None:
     """Serve the OpenAI-compatible HTTP API and the NATS request API."""
     from services.frontend.access import ConfigError
     from services.frontend.generation import GenerationSettings
-    from services.frontend.service import Frontend, FrontendSettings
+    from services.frontend.service import ROUTER_PLACES, Frontend, FrontendSettings
     from shared.preflight import check_model, check_port, run_checks
+    from shared.routing.core import RoutingSettings
+    from shared.routing.policy import make_policy
     from shared.runtime import run_service
 
     run_checks("frontend", [lambda: check_model(model), lambda: check_port(host, port, "HTTP", "--port")])
+    if router not in ROUTER_PLACES:
+        raise typer.BadParameter(f"{router!r}: choose one of {', '.join(ROUTER_PLACES)}", param_hint="--router")
+    try:
+        make_policy(router_mode)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--router-mode") from None
 
     settings = FrontendSettings(
         nats_url=nats_url, host=host, port=port, model=model, served_model_name=served_model_name,
@@ -114,7 +143,11 @@ def main(
         header_timeout=header_timeout, discovery_ttl=discovery_ttl, api_keys_file=api_keys_file,
         rate_limit_rpm=rate_limit_rpm, rate_limit_burst=rate_limit_burst, max_prompt_tokens=max_prompt_tokens, max_n=max_n,
         address_rate_limit_rpm=address_rate_limit_rpm, body_timeout=body_timeout, access_log=access_log,
-        tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser,
+        tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser, router=router,
+        routing=RoutingSettings(mode=router_mode, discovery_ttl=discovery_ttl, seed=router_seed,
+                                overlap_weight=router_overlap_weight, lower_tier_weight=router_lower_tier_weight,
+                                temperature=router_temperature, prediction_ttl=router_prediction_ttl,
+                                snapshot_interval=router_snapshot_interval, catchup_timeout=router_catchup_timeout),
         generation=GenerationSettings(route_timeout=route_timeout, first_token_timeout=first_token_timeout,
                                       request_timeout=request_timeout,
                                       max_migrations=max_migrations),

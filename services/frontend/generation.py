@@ -41,6 +41,7 @@ from shared.messages import (
     route_reply_decoder,
     status_reply_decoder,
 )
+from shared.routing.core import RouterCore
 from shared.tokenizer import StopStringMatcher, Tokenizer
 
 log = logging.getLogger("baton.frontend")
@@ -92,11 +93,13 @@ class _Migrate(Exception):
 class Generation:
     """Runs requests through router and workers for one served model."""
 
-    def __init__(self, bus: Bus, tokenizer: Tokenizer, model: str, settings: GenerationSettings) -> None:
+    def __init__(self, bus: Bus, tokenizer: Tokenizer, model: str, settings: GenerationSettings,
+                 router: RouterCore | None = None) -> None:
         self.bus = bus
         self.tokenizer = tokenizer
         self.model = model
         self.settings = settings
+        self.router = router  # --router embedded: decide in process, no route hop
 
     async def _route(self, request_id: str, token_ids: list[int], exclude: list[str], parent: Any = None) -> RouteDecision:
         if not self.bus.connected:
@@ -106,7 +109,20 @@ class Generation:
                            block_hashes=block_hashes(token_ids, ROUTE_HASH_BLOCK_SIZE),
                            block_size=ROUTE_HASH_BLOCK_SIZE)
         span = tracing.start("route", tracing.SpanKind.CLIENT, parent, **{"baton.request_id": request_id})
-        # Routing is idempotent: a request lost with a dying router replica is simply asked again.
+        if self.router is not None:
+            reply = await self.router.route(req, self.settings.route_timeout)
+        else:
+            reply = await self._ask_router(req, span)
+        tracing.end(span, **({"baton.worker_id": reply.worker_id, "baton.overlap_blocks": reply.overlap_blocks}
+                             if isinstance(reply, RouteDecision) else {"baton.route_error": reply.message}))
+        if isinstance(reply, RouteError):
+            kind = "service_unavailable" if reply.code >= 500 else "invalid_request_error"
+            raise ApiError(reply.code, reply.message, type=kind, code="no_worker" if reply.code == 503 else None)
+        return reply
+
+    async def _ask_router(self, req: RouteRequest, span: Any) -> RouteDecision | RouteError:
+        """The router service's answer. Routing is idempotent: a request lost with a dying router
+        replica is simply asked again."""
         for attempt in range(self.settings.route_attempts):
             try:
                 msg = await self.bus.request(subjects.ROUTE, req, timeout=self.settings.route_timeout,
@@ -119,13 +135,7 @@ class Generation:
                                    code="router_unavailable") from None
                 if isinstance(e, NoResponders):
                     await anyio.sleep(0.2 * (attempt + 1))  # no router right now: give one a moment
-        reply = route_reply_decoder.decode(msg.data)
-        tracing.end(span, **({"baton.worker_id": reply.worker_id, "baton.overlap_blocks": reply.overlap_blocks}
-                             if isinstance(reply, RouteDecision) else {"baton.route_error": reply.message}))
-        if isinstance(reply, RouteError):
-            kind = "service_unavailable" if reply.code >= 500 else "invalid_request_error"
-            raise ApiError(reply.code, reply.message, type=kind, code="no_worker" if reply.code == 503 else None)
-        return reply
+        return route_reply_decoder.decode(msg.data)
 
     async def _alive(self, decision: RouteDecision, request_id: str) -> bool:
         """Does the worker still hold the request? No responders or silence means no."""

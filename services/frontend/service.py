@@ -1,4 +1,8 @@
-"""The frontend actor: OpenAI HTTP API and the NATS request API in front of router and workers."""
+"""The frontend actor: OpenAI HTTP API and the NATS request API in front of router and workers.
+
+With ``router="embedded"`` it runs the router core (:mod:`shared.routing`) in process instead of
+asking the router service.
+"""
 
 from __future__ import annotations
 
@@ -25,10 +29,13 @@ from shared.bus import Bus
 from shared.config import DEFAULT_NATS_URL
 from shared.discovery import DEFAULT_TTL, WorkerView
 from shared.models import resolve_model
+from shared.routing.core import RouterCore, RoutingSettings
 from shared.subjects import API_GENERATE, API_QUEUE
 from shared.tokenizer import Tokenizer
 
 log = logging.getLogger("baton.frontend")
+
+ROUTER_PLACES = ("service", "embedded")
 
 
 @dataclass
@@ -54,6 +61,8 @@ class FrontendSettings:
     access_log: bool = False  # one log line per HTTP request (services/frontend/access_log.py)
     tool_call_parser: str = "auto"  # "auto": from the chat template; "none": no tool calls read from text
     reasoning_parser: str = ""  # "": off; think | qwen3 | deepseek_r1
+    router: str = "service"  # "service": ask the router service; "embedded": run the router core here
+    routing: RoutingSettings = field(default_factory=RoutingSettings)  # the embedded router's policy
 
 
 class BatonHttpProtocol(HttpToolsProtocol):
@@ -145,6 +154,9 @@ class Frontend:
         self.bus: Bus | None = None
         self.view: WorkerView | None = None
         self.server: _Server | None = None
+        self.router: RouterCore | None = None
+        if settings.router not in ROUTER_PLACES:
+            raise ValueError(f"unknown router {settings.router!r}; choose one of {', '.join(ROUTER_PLACES)}")
         # Checked before anything starts: a keys file without keys is a ConfigError.
         keys = load_api_keys(settings.api_keys_file)
         limiter = RateLimiter(settings.rate_limit_rpm, settings.rate_limit_burst or None) \
@@ -158,7 +170,7 @@ class Frontend:
         if self.bus is None or self.view is None or not self.bus.connected:
             return None
         workers = self.view.workers("decode", self.model)
-        if not workers:
+        if not workers or (self.router is not None and not self.router.started.is_set()):
             return None
         return {"status": "ready", "model": self.model, "decode_workers": len(workers),
                 "prefill_workers": len(self.view.workers("prefill", self.model))}
@@ -168,7 +180,10 @@ class Frontend:
         self.bus = await Bus.connect(s.nats_url, "baton-frontend")
         try:
             self.view = WorkerView(self.bus, s.discovery_ttl)
-            generation = Generation(self.bus, self.tokenizer, self.model, s.generation)
+            if s.router == "embedded":
+                # Same core as the router service, fed by the same KV events and discovery.
+                self.router = RouterCore(s.routing, self.bus, self.view)
+            generation = Generation(self.bus, self.tokenizer, self.model, s.generation, self.router)
             access = self.access if self.access.enabled else None
             app = OpenAIApp(generation, self.model, self.max_model_len, self.ready, s.max_body_bytes,
                             s.max_inflight, access, s.max_prompt_tokens, s.body_timeout, max_n=s.max_n,
@@ -184,12 +199,16 @@ class Frontend:
             self.server = _Server(config)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.view.run)
+                if self.router is not None:
+                    tg.start_soon(self.router.run)
 
                 async def on_api(msg: Any) -> None:
                     tg.start_soon(nats_api.handle, msg)
 
                 await self.bus.subscribe(API_GENERATE, on_api, queue=API_QUEUE)
                 await self.server.serve()
+                if self.router is not None:
+                    await self.router.close()
                 tg.cancel_scope.cancel()  # the HTTP server stopped (drain): stop the rest
         finally:
             await self.bus.close()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import typer
 
 from shared.config import (
@@ -15,6 +13,14 @@ from shared.config import (
     MetricsPort,
     NatsCreds,
     NatsUrl,
+    RouterCatchupTimeout,
+    RouterLowerTierWeight,
+    RouterMode,
+    RouterOverlapWeight,
+    RouterPredictionTtl,
+    RouterSeed,
+    RouterSnapshotInterval,
+    RouterTemperature,
 )
 from shared.discovery import DEFAULT_TTL
 
@@ -22,28 +28,14 @@ from shared.discovery import DEFAULT_TTL
 def main(
     nats_url: NatsUrl = DEFAULT_NATS_URL,
     nats_creds: NatsCreds = None,
-    mode: Annotated[
-        str, typer.Option("--mode", envvar="BATON_ROUTER_MODE",
-                          help="Routing policy: kv, kv-approx (no KV events needed), round-robin or random.")
-    ] = "round-robin",
-    seed: Annotated[int | None, typer.Option(envvar="BATON_ROUTER_SEED", help="Seed for random choices.")] = None,
-    overlap_weight: Annotated[float, typer.Option(
-        envvar="BATON_ROUTER_OVERLAP_WEIGHT",
-        help="kv: weight of blocks to prefill against blocks in use in a worker's cost.")] = 1.0,
-    lower_tier_weight: Annotated[float, typer.Option(
-        envvar="BATON_ROUTER_LOWER_TIER_WEIGHT",
-        help="kv: cost of a prefix block found in a worker's host/disk tier, as a share of recomputing it.")] = 0.25,
-    temperature: Annotated[float, typer.Option(
-        envvar="BATON_ROUTER_TEMPERATURE", help="kv: 0 picks the cheapest worker; > 0 samples (softmax).")] = 0.0,
-    prediction_ttl: Annotated[float, typer.Option(
-        envvar="BATON_ROUTER_PREDICTION_TTL",
-        help="kv: seconds a routed prompt counts as cached on its worker before events say so "
-             "(0: 10 s for kv, 120 s for kv-approx).")] = 0.0,
-    snapshot_interval: Annotated[float, typer.Option(
-        envvar="BATON_ROUTER_SNAPSHOT_INTERVAL", help="kv: seconds between index snapshots (0: none).")] = 30.0,
-    catchup_timeout: Annotated[float, typer.Option(
-        envvar="BATON_ROUTER_CATCHUP_TIMEOUT",
-        help="kv: at start, wait this long at most for the KV events replay before routing.")] = 20.0,
+    mode: RouterMode = "round-robin",
+    seed: RouterSeed = None,
+    overlap_weight: RouterOverlapWeight = 1.0,
+    lower_tier_weight: RouterLowerTierWeight = 0.25,
+    temperature: RouterTemperature = 0.0,
+    prediction_ttl: RouterPredictionTtl = 0.0,
+    snapshot_interval: RouterSnapshotInterval = 30.0,
+    catchup_timeout: RouterCatchupTimeout = 20.0,
     discovery_ttl: DiscoveryTtl = DEFAULT_TTL,
     metrics_port: MetricsPort = 0,
     log_level: LogLevel = "info",
@@ -51,9 +43,9 @@ def main(
     drain_timeout: DrainTimeout = 30.0,
 ) -> None:
     """Answer "which decode worker?" for the frontends."""
-    from services.router.policy import make_policy
     from services.router.service import Router, RouterSettings
     from shared.preflight import check_port, run_checks
+    from shared.routing.policy import make_policy
     from shared.runtime import run_service
 
     run_checks("router", [lambda: check_port("0.0.0.0", metrics_port, "metrics", "--metrics-port")])

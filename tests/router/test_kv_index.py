@@ -5,14 +5,14 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.router.kv_index import (
+from shared.messages import KvEventBatch, KvStored
+from shared.routing.kv_index import (
     EventOutcome,
     KvBlockIndex,
     WorkerSlots,
     depths_by_slot,
     prefix_depths,
 )
-from shared.messages import KvEventBatch, KvStored
 
 # A small universe of hashes makes workers share blocks; a few 64-bit ones keep the real shape.
 HASHES = st.one_of(st.integers(0, 40), st.integers(2**63, 2**63 + 3), st.integers(2**64 - 3, 2**64 - 1))
@@ -222,7 +222,7 @@ def test_snapshot_taken_while_events_arrive_restores_exactly(batches, cut: int, 
         pos = min(len(stream), pos + interleave % 3)
     for b in stream[pos:]:
         live.apply(b)
-    from services.router.kv_index import encode_snapshot
+    from shared.routing.kv_index import encode_snapshot
 
     restored = KvBlockIndex()
     restored.restore(encode_snapshot(stream_seq, 0.0, parts))

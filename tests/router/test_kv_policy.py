@@ -7,10 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from services.router.kv_policy import PENDING_MARGIN_S, KvRouter, KvRouterConfig
-from services.router.policy import ROUTER_MODES, RandomChoice, RoundRobin, make_policy
 from shared.kv_hash import block_hashes
 from shared.messages import KvEventBatch, KvStored, LoadReport, RouteRequest, WorkerInfo
+from shared.routing.kv_policy import PENDING_MARGIN_S, KvRouter, KvRouterConfig
+from shared.routing.policy import ROUTER_MODES, RandomChoice, RoundRobin, make_policy
 
 BS = 16
 

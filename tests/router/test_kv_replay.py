@@ -15,7 +15,6 @@ import anyio
 import pytest
 
 from baton.nats_server import EmbeddedNats
-from services.router.kv_policy import KvRouter
 from services.router.service import Router, RouterSettings
 from shared.bus import Bus
 from shared.discovery import WorkerRegistration
@@ -28,6 +27,7 @@ from shared.messages import (
     WorkerInfo,
     route_reply_decoder,
 )
+from shared.routing.kv_policy import KvRouter
 from shared.subjects import ROUTE, cancel, generate, kv_events, kv_resync
 
 pytestmark = pytest.mark.timeout(120)

@@ -6,7 +6,7 @@ For each candidate worker the cost is, in KV blocks,
     prefill_blocks = (prompt tokens not cached there + prefill tokens queued there) / block_size
     decode_blocks  = KV blocks in use there + the blocks this request adds (those beyond its cached prefix)
 
-from the index (:mod:`services.router.kv_index`) and the workers' LoadReports. The cheapest worker
+from the index (:mod:`shared.routing.kv_index`) and the workers' LoadReports. The cheapest worker
 wins (``temperature`` 0; ties go to the one with fewest requests, then at random), or one is
 sampled with probability ``softmax(-normalised cost / temperature)``.
 
@@ -32,7 +32,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import repeat
 
-from services.router.kv_index import (
+from shared.kv_hash import block_hashes
+from shared.messages import KvEventBatch, LoadReport, RouteRequest, WorkerInfo
+from shared.routing.kv_index import (
     DEVICE_TIER,
     EventOutcome,
     KvBlockIndex,
@@ -40,8 +42,6 @@ from services.router.kv_index import (
     depths_by_slot,
     prefix_depths,
 )
-from shared.kv_hash import block_hashes
-from shared.messages import KvEventBatch, LoadReport, RouteRequest, WorkerInfo
 
 PENDING_MARGIN_S = 0.15  # a report received this long after a decision reflects it
 PENDING_MAX_AGE_S = 5.0  # no report for this long: forget pending work anyway (worker silent or gone)
@@ -197,7 +197,7 @@ class WorkerLoad:
 
 
 class KvRouter:
-    """The ``kv`` / ``kv-approx`` routing policy (implements :class:`~services.router.policy.RoutingPolicy`)."""
+    """The ``kv`` / ``kv-approx`` routing policy (implements :class:`~shared.routing.policy.RoutingPolicy`)."""
 
     def __init__(self, config: KvRouterConfig | None = None) -> None:
         self.config = config or KvRouterConfig()

@@ -31,10 +31,10 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, ObjectStoreConfig, Storag
 from nats.js.object_store import ObjectStore
 from prometheus_client import Counter, Gauge
 
-from services.router.kv_index import EventOutcome, encode_snapshot
-from services.router.kv_policy import KvRouter
 from shared.bus import Bus
 from shared.messages import kv_event_decoder
+from shared.routing.kv_index import EventOutcome, encode_snapshot
+from shared.routing.kv_policy import KvRouter
 from shared.streams import kv_events_stream_config
 from shared.subjects import KV_EVENTS_ALL, KV_EVENTS_STREAM, ROUTER_SNAPSHOT_BUCKET, kv_resync
 

@@ -1,7 +1,7 @@
 """Routing policies: given a request and the live workers, ``choose_worker``.
 
 Round-robin and random live here; the KV-aware policies (``kv``, ``kv-approx``) are in
-:mod:`services.router.kv_policy` and plug into the same interface.
+:mod:`shared.routing.kv_policy` and plug into the same interface.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Protocol
 from shared.messages import RouteRequest, WorkerInfo
 
 if TYPE_CHECKING:
-    from services.router.kv_policy import KvRouterConfig
+    from shared.routing.kv_policy import KvRouterConfig
 
 ROUTER_MODES = ("kv", "kv-approx", "round-robin", "random")
 
@@ -57,7 +57,7 @@ def make_policy(mode: str, seed: int | None = None, kv_config: KvRouterConfig | 
     if mode in ("kv", "kv-approx"):
         from dataclasses import replace
 
-        from services.router.kv_policy import KvRouter, KvRouterConfig
+        from shared.routing.kv_policy import KvRouter, KvRouterConfig
 
         config = replace(kv_config or KvRouterConfig(), use_kv_events=mode == "kv")
         if seed is not None:
