@@ -28,7 +28,7 @@ from tests.procs import Stack
 
 pytestmark = pytest.mark.timeout(180)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHAT = "/v1/chat/completions"
 HI = [{"role": "user", "content": "hi"}]
 

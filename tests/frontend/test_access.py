@@ -23,9 +23,9 @@ from services.frontend.access import (
     RateLimiter,
     load_api_keys,
 )
-from services.frontend.openai_api import ApiError
+from services.frontend.openai_api import RequestError
 from shared.messages import ApiChunk
-from shared.messages import ApiError as ApiErrorMsg
+from shared.messages import RequestError as ApiErrorMsg
 from shared.subjects import API_GENERATE
 from tests.conftest import e2e_engine
 from tests.procs import Stack, service_env, wait_until
@@ -92,7 +92,7 @@ def test_rate_limiter_refills() -> None:
     rl = RateLimiter(rpm=60, burst=2)
     rl.check("a", now=0.0)
     rl.check("a", now=0.0)
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(RequestError) as e:
         rl.check("a", now=0.1)
     assert e.value.status == 429
     rl.check("a", now=1.2)  # one token a second
@@ -235,13 +235,13 @@ def test_empty_keys_file_is_an_error(tmp_path) -> None:
 def test_access_control_units() -> None:
     ac = AccessControl(frozenset({"sk-one", "sk-two"}), None, RateLimiter(rpm=60, burst=2))
     assert ac.admit("Bearer sk-two", "10.0.0.1") == "key:sk-two"
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(RequestError) as e:
         ac.admit("Basic sk-two", "10.0.0.2")
     assert e.value.status == 401
     # The address limit applies before the key is checked: a third request from 10.0.0.1 is
     # refused even with a right key, while 10.0.0.3 is not affected.
     ac.admit("Bearer sk-one", "10.0.0.1")
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(RequestError) as e:
         ac.admit("Bearer sk-one", "10.0.0.1")
     assert e.value.status == 429
     assert ac.admit("Bearer sk-one", "10.0.0.3") == "key:sk-one"
