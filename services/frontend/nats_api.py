@@ -35,13 +35,12 @@ _msgpack = msgspec.msgpack.Encoder()
 
 class NatsApi:
     def __init__(self, bus: Bus, generation: Generation, model: str, max_model_len: int,
-                 access: AccessControl | None = None) -> None:
+                 access: AccessControl | None = None, max_prompt_tokens: int = 0) -> None:
         self.bus = bus
         self.access = access
         self.generation = generation
-        # --max-prompt-tokens and --max-n are HTTP settings today: NATS callers get neither
-        # (n is not in the NATS request at all).
-        self.limits = RequestLimits(model, max_model_len)
+        # The same limits as HTTP (n is not in the NATS request at all, so --max-n needs no place).
+        self.limits = RequestLimits(model, max_model_len, max_prompt_tokens)
 
     async def handle(self, msg: Msg) -> None:
         if not msg.reply:
