@@ -25,7 +25,7 @@ from services.frontend.openai_api import RequestError
 from services.frontend.request import ValidatedRequest
 from services.frontend.text_stream import Delta, ReplyText, coalesce
 from shared import subjects, tracing
-from shared.bus import Bus, BusError, BusTimeout, NoResponders, SlowConsumer
+from shared.bus import Bus, BusError, BusTimeout, NoResponders, ReplyStream, SlowConsumer
 from shared.kv_hash import block_hashes
 from shared.messages import (
     Cancel,
@@ -35,6 +35,7 @@ from shared.messages import (
     RouteError,
     RouteRequest,
     StatusRequest,
+    TokenChunk,
     Usage,
     generate_reply_decoder,
     route_reply_decoder,
@@ -127,8 +128,7 @@ class Generation:
         resumes), then streams from that worker until the request ends or the worker fails."""
         t0 = time.perf_counter()
         s = self.settings
-        sampling = req.sampling
-        reply = ReplyText(self.tokenizer, req.text, max(1, sampling.n))
+        reply = ReplyText(self.tokenizer, req.text, max(1, req.sampling.n))
         cached_tokens = 0
         exclude: list[str] = []
         failures = 0
@@ -147,35 +147,8 @@ class Generation:
                 "baton.worker_id": decision.worker_id, "baton.resumed_tokens": len(reply.generated[0])})
             try:
                 await self.bus.publish(decision.subject, job, reply=inbox.subject, headers=tracing.headers_for(gen_span))
-                silent = 0.0
                 while True:
-                    try:
-                        msg = await inbox.next(s.probe_interval)
-                    except NoResponders:
-                        raise _Migrate("worker gone") from None
-                    except BusTimeout:
-                        silent += s.probe_interval
-                        if not await self._alive(decision, req.request_id):
-                            raise _Migrate("worker not answering") from None
-                        if not worker_streams:
-                            if time.perf_counter() - t0 >= s.request_timeout:
-                                raise RequestError(504, f"the request took longer than its {s.request_timeout:g}s "
-                                                   "deadline (BATON_REQUEST_TIMEOUT)", type="server_error",
-                                                   code="request_timeout") from None
-                            continue
-                        limit = s.inter_token_timeout if reply.any_tokens else s.first_token_timeout
-                        if silent >= limit:
-                            raise RequestError(504, f"worker {decision.worker_id} sent nothing for {silent:.0f}s",
-                                               type="server_error", code="worker_timeout") from None
-                        continue
-                    except SlowConsumer:
-                        raise RequestError(503, "the client read too slowly; request cancelled", type="server_error",
-                                           code="slow_consumer") from None
-                    except BusError as e:
-                        raise RequestError(503, f"lost the message bus mid-request: {e}", type="service_unavailable",
-                                           code="bus_unavailable") from None
-                    silent = 0.0
-                    for chunk in coalesce([generate_reply_decoder.decode(m.data) for m in (msg, *inbox.ready())]):
+                    for chunk in await self._next_replies(inbox, decision, req.request_id, worker_streams, reply, t0):
                         if isinstance(chunk, GenerateError):
                             finished = True
                             if chunk.code == 503:  # worker full or draining: try another
@@ -227,6 +200,40 @@ class Generation:
                 self.bus.inbox.close(req.request_id)
                 if not finished:
                     await self._cancel(decision, req.request_id, "caller left")
+
+    async def _next_replies(self, inbox: ReplyStream, decision: RouteDecision, request_id: str, worker_streams: bool,
+                            reply: ReplyText, t0: float) -> list[TokenChunk | GenerateError]:
+        """The worker's next replies (a burst coalesced). While it is silent, probe that it still
+        holds the request (else migrate) and keep the deadlines."""
+        s = self.settings
+        silent = 0.0
+        while True:
+            try:
+                msg = await inbox.next(s.probe_interval)
+            except NoResponders:
+                raise _Migrate("worker gone") from None
+            except BusTimeout:
+                silent += s.probe_interval
+                if not await self._alive(decision, request_id):
+                    raise _Migrate("worker not answering") from None
+                if not worker_streams:
+                    if time.perf_counter() - t0 >= s.request_timeout:
+                        raise RequestError(504, f"the request took longer than its {s.request_timeout:g}s "
+                                           "deadline (BATON_REQUEST_TIMEOUT)", type="server_error",
+                                           code="request_timeout") from None
+                    continue
+                limit = s.inter_token_timeout if reply.any_tokens else s.first_token_timeout
+                if silent >= limit:
+                    raise RequestError(504, f"worker {decision.worker_id} sent nothing for {silent:.0f}s",
+                                       type="server_error", code="worker_timeout") from None
+                continue
+            except SlowConsumer:
+                raise RequestError(503, "the client read too slowly; request cancelled", type="server_error",
+                                   code="slow_consumer") from None
+            except BusError as e:
+                raise RequestError(503, f"lost the message bus mid-request: {e}", type="service_unavailable",
+                                   code="bus_unavailable") from None
+            return coalesce([generate_reply_decoder.decode(m.data) for m in (msg, *inbox.ready())])
 
     def _job(self, req: ValidatedRequest, reply: ReplyText, worker_streams: bool) -> GenerateRequest:
         """The worker's job: the prompt, and on a resumed request (n == 1 only, see the migration
