@@ -7,7 +7,7 @@ so the frontend container stays small.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -20,6 +20,33 @@ def _token_text(value: Any) -> str | None:
     if isinstance(value, dict):  # AddedToken serialised as a dict
         return value.get("content")
     return value
+
+
+def eos_token_ids(model_dir: str | Path, token_to_id: Callable[[str], int | None] | None = None) -> tuple[int, ...]:
+    """The model's end-of-sequence token ids: ``eos_token_id`` of generation_config.json, else of
+    config.json, else tokenizer_config.json's ``eos_token`` looked up in the vocabulary. The one
+    place they are read (the tokenizer, the torch engine and the vLLM adapter all ask here)."""
+    d = Path(model_dir)
+    for name in ("generation_config.json", "config.json"):
+        p = d / name
+        if p.exists():
+            eos = json.loads(p.read_text()).get("eos_token_id")
+            ids = [eos] if isinstance(eos, int) else [int(e) for e in eos] if isinstance(eos, list) else []
+            if ids:
+                return tuple(dict.fromkeys(ids))
+    cfg = d / "tokenizer_config.json"
+    token = _token_text(json.loads(cfg.read_text()).get("eos_token")) if cfg.exists() else None
+    if token is None:
+        return ()
+    if token_to_id is None:
+        if not (d / "tokenizer.json").exists():
+            return ()
+        try:
+            token_to_id = HfTokenizer.from_file(str(d / "tokenizer.json")).token_to_id
+        except Exception:  # a tokenizer.json this library cannot read: the configs were all we had
+            return ()
+    tid = token_to_id(token)
+    return () if tid is None else (tid,)
 
 
 class Tokenizer:
@@ -41,26 +68,8 @@ class Tokenizer:
         self._special_tokens = {name: _token_text(cfg.get(name)) or "" for name in
                                 ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token",
                                  "mask_token")}
-        self.eos_token_ids = self._eos_ids(d)
+        self.eos_token_ids = eos_token_ids(d, self._tok.token_to_id)
         self.vocab_size = self._tok.get_vocab_size()
-
-    def _eos_ids(self, d: Path) -> tuple[int, ...]:
-        ids: list[int] = []
-        for name in ("generation_config.json", "config.json"):
-            p = d / name
-            if p.exists():
-                eos = json.loads(p.read_text()).get("eos_token_id")
-                if isinstance(eos, int):
-                    ids.append(eos)
-                elif isinstance(eos, list):
-                    ids.extend(int(e) for e in eos)
-                if ids:
-                    break
-        if not ids and self.eos_token is not None:
-            tid = self._tok.token_to_id(self.eos_token)
-            if tid is not None:
-                ids.append(tid)
-        return tuple(dict.fromkeys(ids))
 
     @property
     def has_chat_template(self) -> bool:

@@ -1,4 +1,4 @@
-"""Unit tests of the contracts in shared/ and the frontend's pure parts."""
+"""Unit tests of the contracts in shared/ (the frontend's are in tests/frontend/)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.frontend.openai_api import (
-    ApiError,
-    CompletionRequest,
-    chat_decoder,
-    completion_decoder,
-    completion_prompt,
-    decode_request,
-    sampling_from,
-)
 from shared import messages as m
 from shared.builtin_model import build, directory_digest
 from shared.kv_hash import ROOT_HASH, block_hashes, extend_hashes
@@ -99,23 +90,6 @@ def test_messages_roundtrip_tagged_unions() -> None:
     assert m.route_reply_decoder.decode(m.encode(dec)) == dec
     with pytest.raises(msgspec.ValidationError):
         m.generate_request_decoder.decode(m.encode(chunk))  # a chunk is not a request
-
-
-def test_openai_validation() -> None:
-    req = decode_request(b'{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"a"}]}]}',
-                         chat_decoder)
-    assert req.messages[0].content[0].text == "a"
-    with pytest.raises(ApiError) as e:
-        decode_request(b'{"model":"m","messages":[{"role":"user","content":"a"}],"temperature":"hot"}', chat_decoder)
-    assert e.value.param == "temperature"
-    c = CompletionRequest(model="m", prompt="x", max_tokens=5)
-    assert sampling_from(c, 5, 10, 100).max_tokens == 5
-    assert sampling_from(c, None, 10, 100).max_tokens == 90  # default: the rest of the context
-    with pytest.raises(ApiError):
-        sampling_from(c, 95, 10, 100)
-    with pytest.raises(ApiError):
-        sampling_from(c, 1, 100, 100)
-    assert completion_prompt(decode_request(b'{"model":"m","prompt":[[1,2]]}', completion_decoder)) == [1, 2]
 
 
 def test_policies() -> None:

@@ -10,7 +10,7 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-from services.frontend.openai_api import ApiError
+from services.frontend.openai_api import RequestError
 
 # Failed key checks an address may make: a burst, then one every two seconds. Checked before the
 # key is, so guessing keys is slow even from many connections.
@@ -66,9 +66,9 @@ class RateLimiter:
         if len(self._buckets) > self.max_callers:
             self._buckets.popitem(last=False)
 
-    def _refuse(self, tokens: float, message: str) -> ApiError:
+    def _refuse(self, tokens: float, message: str) -> RequestError:
         wait = math.ceil((1.0 - tokens) / self.rate) if self.rate > 0 else 60
-        err = ApiError(429, f"{message}; retry in {wait}s", type="rate_limit_error", code="rate_limit_exceeded")
+        err = RequestError(429, f"{message}; retry in {wait}s", type="rate_limit_error", code="rate_limit_exceeded")
         err.headers = [(b"retry-after", str(wait).encode())]
         return err
 
@@ -127,13 +127,13 @@ class AccessControl:
             self.auth_failures.ensure_left(address, "too many failed API key checks from this address")
             if not authorization:
                 self.auth_failures.take(address)
-                raise ApiError(401, "You didn't provide an API key. Send 'Authorization: Bearer <key>'.",
+                raise RequestError(401, "You didn't provide an API key. Send 'Authorization: Bearer <key>'.",
                                code="invalid_api_key")
             scheme, _, key = authorization.partition(" ")
             key_bytes = key.strip().encode(errors="replace")
             if scheme.lower() != "bearer" or not self._key_matches(key_bytes):
                 self.auth_failures.take(address)
-                raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+                raise RequestError(401, "Incorrect API key provided.", code="invalid_api_key")
             caller = "key:" + key.strip()
         if self.limiter is not None:
             self.limiter.check(caller)

@@ -1,14 +1,11 @@
-"""Choices, logprobs and the sampling controls in OpenAI's shapes.
+"""Choices and logprobs in OpenAI's shapes.
 
-Two halves:
-
-* :func:`advanced_sampling` turns a request's n / best_of / logprobs / echo / penalties /
-  logit_bias / min_p fields into SamplingParams fields (called from ``sampling_and_plan``, the one
-  place requests become SamplingParams), each bad value a 400 naming its ``param``.
-* :class:`ChoiceShaper` turns the per-choice :class:`Delta` stream into response bodies and
-  stream chunks: chat ``logprobs.content[]`` (token, logprob, bytes, top_logprobs) and
-  completions ``logprobs`` (tokens, token_logprobs, top_logprobs, text_offset), ``echo`` with the
-  prompt's logprobs (the first one null), ``index`` per choice, ``best_of`` selection.
+:class:`ChoiceShaper` turns the per-choice :class:`Delta` stream into response bodies and
+stream chunks (the request's n / best_of / logprobs / echo were checked, and their
+:class:`ChoicePlan` made, in ``services.frontend.request``): chat ``logprobs.content[]`` (token,
+logprob, bytes, top_logprobs) and completions ``logprobs`` (tokens, token_logprobs, top_logprobs,
+text_offset), ``echo`` with the prompt's logprobs (the first one null), ``index`` per choice,
+``best_of`` selection.
 
 Logprobs are the model's raw log-probabilities (before penalties, bias and temperature), as
 vLLM's default; the engines compute them.
@@ -21,97 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from services.frontend.openai_api import ApiError, usage_dict
+from services.frontend.openai_api import usage_dict
+from services.frontend.request import ChoicePlan
 from shared.messages import PositionLogprobs, Usage
 from shared.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
-    from services.frontend.generation import Delta
     from services.frontend.structured import ChatOutput
-
-DEFAULT_MAX_N = 16
-MAX_CHAT_TOP_LOGPROBS = 20
-MAX_COMPLETION_LOGPROBS = 5
-
-
-# --- request fields -> SamplingParams fields ------------------------------------------------
-
-
-@dataclass(slots=True)
-class ChoicePlan:
-    """What the response should look like, beyond the SamplingParams."""
-
-    n: int = 1  # choices returned
-    best_of: int = 1  # choices generated (completions' best_of; >= n)
-    logprobs: int | None = None  # top alternatives per token in the response; None: no logprobs
-    echo: bool = False
-
-
-def advanced_sampling(req: Any, chat: bool, stream: bool, max_n: int, vocab_size: int) -> tuple[dict[str, Any], ChoicePlan]:
-    """SamplingParams keyword arguments for n, logprobs, penalties, bias, min_p (and the plan)."""
-    n = 1 if req.n is None else req.n
-    if not 1 <= n <= max_n:
-        raise ApiError(400, f"n must be between 1 and {max_n}", param="n")
-    plan = ChoicePlan(n=n, best_of=n)
-    if chat:
-        top = getattr(req, "top_logprobs", None)
-        if top is not None and not 0 <= top <= MAX_CHAT_TOP_LOGPROBS:
-            raise ApiError(400, f"top_logprobs must be between 0 and {MAX_CHAT_TOP_LOGPROBS}", param="top_logprobs")
-        if req.logprobs not in (None, True, False):
-            raise ApiError(400, "logprobs must be a boolean on chat completions", param="logprobs")
-        if top and not req.logprobs:
-            raise ApiError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
-        if req.logprobs:
-            plan.logprobs = top or 0
-    else:
-        lp = req.logprobs
-        if lp is not None and (isinstance(lp, bool) or not 0 <= lp <= MAX_COMPLETION_LOGPROBS):
-            raise ApiError(400, f"logprobs must be an integer between 0 and {MAX_COMPLETION_LOGPROBS}",
-                           param="logprobs")
-        plan.logprobs = lp
-        plan.echo = bool(getattr(req, "echo", False))
-        best_of = getattr(req, "best_of", None)
-        if best_of is not None:
-            if not n <= best_of <= max_n:
-                raise ApiError(400, f"best_of must be between n and {max_n}", param="best_of")
-            if stream and best_of > n:
-                raise ApiError(400, "best_of greater than n cannot be streamed", param="best_of")
-            plan.best_of = best_of
-    for name, lo, hi in (("presence_penalty", -2.0, 2.0), ("frequency_penalty", -2.0, 2.0)):
-        v = getattr(req, name, None)
-        if v is not None and not lo <= v <= hi:
-            raise ApiError(400, f"{name} must be between {lo:g} and {hi:g}", param=name)
-    rep = getattr(req, "repetition_penalty", None)
-    if rep is not None and not 0 < rep <= 2:  # vLLM accepts (0, 2]
-        raise ApiError(400, "repetition_penalty must be in (0, 2]", param="repetition_penalty")
-    min_p = getattr(req, "min_p", None)
-    if min_p is not None and not 0 <= min_p <= 1:
-        raise ApiError(400, "min_p must be between 0 and 1", param="min_p")
-    bias: dict[int, float] = {}
-    for key, value in (req.logit_bias or {}).items():
-        try:
-            token = int(key)
-        except ValueError:
-            raise ApiError(400, f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
-        if not 0 <= token < vocab_size:
-            raise ApiError(400, f"logit_bias token id {token} is not in the vocabulary [0, {vocab_size})",
-                           param="logit_bias")
-        if not -100 <= value <= 100:
-            raise ApiError(400, f"logit_bias values must be between -100 and 100 (token {token})", param="logit_bias")
-        bias[token] = float(value)
-    # best_of ranks choices by cumulative logprob: the engine must send them even if not shown.
-    engine_logprobs = plan.logprobs if plan.logprobs is not None else (0 if plan.best_of > plan.n else -1)
-    kwargs = {
-        "n": plan.best_of,
-        "logprobs": engine_logprobs,
-        "prompt_logprobs": plan.logprobs if plan.echo and plan.logprobs is not None else -1,
-        "presence_penalty": float(getattr(req, "presence_penalty", None) or 0.0),
-        "frequency_penalty": float(getattr(req, "frequency_penalty", None) or 0.0),
-        "repetition_penalty": float(rep) if rep is not None else 1.0,
-        "min_p": float(min_p or 0.0),
-        "logit_bias": bias,
-    }
-    return kwargs, plan
+    from services.frontend.text_stream import Delta
 
 
 # --- deltas -> OpenAI shapes -------------------------------------------------------------------

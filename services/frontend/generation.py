@@ -1,8 +1,8 @@
-"""The frontend's side of a generation: ask the router, stream from the chosen worker, detokenize.
+"""The frontend's side of a generation: ask the router, stream from the chosen worker, migrate.
 
 Shared by the HTTP API and the NATS request API, so both behave the same: same routing, same
-stop strings, same cancellation when the caller leaves, and the same survival when a worker dies
-under a request. If a worker vanishes (no responders) or stops answering (its liveness probe
+text (``text_stream.py`` detokenizes and applies stop strings), same cancellation when the caller
+leaves, and the same survival when a worker dies under a request. If a worker vanishes (no responders) or stops answering (its liveness probe
 fails), the request migrates: it is resubmitted to another worker with the tokens generated so
 far appended to the prompt, so it continues rather than restarts, and the caller sees one
 uninterrupted stream.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -21,19 +21,19 @@ import msgspec
 from prometheus_client import Counter
 
 from services.frontend import metrics
-from services.frontend.openai_api import ApiError
+from services.frontend.openai_api import RequestError
+from services.frontend.request import ValidatedRequest
+from services.frontend.text_stream import Delta, ReplyText, coalesce
 from shared import subjects, tracing
-from shared.bus import Bus, BusError, BusTimeout, NoResponders, SlowConsumer
+from shared.bus import Bus, BusError, BusTimeout, NoResponders, ReplyStream, SlowConsumer
 from shared.kv_hash import block_hashes
 from shared.messages import (
     Cancel,
     GenerateError,
     GenerateRequest,
-    PositionLogprobs,
     RouteDecision,
     RouteError,
     RouteRequest,
-    SamplingParams,
     StatusRequest,
     TokenChunk,
     Usage,
@@ -42,7 +42,7 @@ from shared.messages import (
     status_reply_decoder,
 )
 from shared.routing.core import RouterCore
-from shared.tokenizer import StopStringMatcher, Tokenizer
+from shared.tokenizer import Tokenizer
 
 log = logging.getLogger("baton.frontend")
 
@@ -52,21 +52,6 @@ log = logging.getLogger("baton.frontend")
 ROUTE_HASH_BLOCK_SIZE = 16
 
 MIGRATIONS = Counter("baton_frontend_migrations_total", "Requests moved to another worker mid-flight", ["reason"])
-
-
-@dataclass(slots=True)
-class Delta:
-    """New text of one choice for the caller. Each choice's last delta carries its finish_reason;
-    the request's very last one also the usage (prompt counted once, completions summed)."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None = None
-    usage: Usage | None = None
-    worker_id: str = ""
-    choice: int = 0
-    logprobs: list[PositionLogprobs] = field(default_factory=list)  # one per token_ids entry, when asked
-    prompt_logprobs: list[PositionLogprobs] = field(default_factory=list)  # prompt positions 1.., once
 
 
 @dataclass
@@ -103,7 +88,7 @@ class Generation:
 
     async def _route(self, request_id: str, token_ids: list[int], exclude: list[str], parent: Any = None) -> RouteDecision:
         if not self.bus.connected:
-            raise ApiError(503, "the message bus is unavailable; retry shortly", type="service_unavailable",
+            raise RequestError(503, "the message bus is unavailable; retry shortly", type="service_unavailable",
                            code="bus_unavailable")
         req = RouteRequest(request_id=request_id, model=self.model, token_ids=token_ids, exclude=exclude,
                            block_hashes=block_hashes(token_ids, ROUTE_HASH_BLOCK_SIZE),
@@ -117,7 +102,7 @@ class Generation:
                              if isinstance(reply, RouteDecision) else {"baton.route_error": reply.message}))
         if isinstance(reply, RouteError):
             kind = "service_unavailable" if reply.code >= 500 else "invalid_request_error"
-            raise ApiError(reply.code, reply.message, type=kind, code="no_worker" if reply.code == 503 else None)
+            raise RequestError(reply.code, reply.message, type=kind, code="no_worker" if reply.code == 503 else None)
         return reply
 
     async def _ask_router(self, req: RouteRequest, span: Any) -> RouteDecision | RouteError:
@@ -131,7 +116,7 @@ class Generation:
             except BusError as e:
                 if attempt + 1 == self.settings.route_attempts or not self.bus.connected:
                     tracing.end(span, error=str(e))
-                    raise ApiError(503, f"router unavailable: {e}", type="service_unavailable",
+                    raise RequestError(503, f"router unavailable: {e}", type="service_unavailable",
                                    code="router_unavailable") from None
                 if isinstance(e, NoResponders):
                     await anyio.sleep(0.2 * (attempt + 1))  # no router right now: give one a moment
@@ -146,154 +131,133 @@ class Generation:
             return False
         return request_id in status_reply_decoder.decode(msg.data).known
 
-    async def run(
-        self,
-        request_id: str,
-        token_ids: list[int],
-        sampling: SamplingParams,
-        stops: list[str],
-        stream: bool,
-        parent: Any = None,
-        include_stop_str: bool = False,
-        skip_special_tokens: bool = True,
-    ) -> AsyncIterator[Delta]:
+    async def run(self, req: ValidatedRequest, parent: Any = None) -> AsyncIterator[Delta]:
         """Yield text deltas until the request finishes. Cancelling the iterator cancels the request.
 
-        ``include_stop_str`` and ``skip_special_tokens`` are vLLM's request options of those names."""
+        The route/migrate loop: each pass routes the request (with the tokens so far, when it
+        resumes), then streams from that worker until the request ends or the worker fails."""
         t0 = time.perf_counter()
         s = self.settings
-        n = max(1, sampling.n)
-        detoks = [self.tokenizer.detokenizer(skip_special_tokens) for _ in range(n)]
-        matchers = [StopStringMatcher(stops, include_stop_str) for _ in range(n)]
-        generated: list[list[int]] = [[] for _ in range(n)]  # tokens the caller has been given, per choice
-        done = [False] * n  # choice finished (or stopped by a stop string)
-        prompt_sent = False  # prompt logprobs went out (a resumed request does not ask again)
+        reply = ReplyText(self.tokenizer, req.text, max(1, req.sampling.n))
         cached_tokens = 0
         exclude: list[str] = []
         failures = 0
         # With stop strings the worker must stream, so the frontend can stop it early. A request
         # the caller does not stream needs no tokens from a worker that dies: it restarts whole.
-        worker_streams = stream or bool(stops)
+        worker_streams = req.stream or bool(req.text.stops)
         while True:
-            job_sampling = sampling
-            if generated[0]:
-                # n == 1 only (see the migration below): resume with what was generated so far;
-                # every other knob (penalties, bias, constraints) carries over unchanged.
-                job_sampling = msgspec.structs.replace(
-                    sampling, max_tokens=sampling.max_tokens - len(generated[0]),
-                    min_tokens=max(0, sampling.min_tokens - len(generated[0])),
-                    prompt_logprobs=-1 if prompt_sent else sampling.prompt_logprobs)
-            req = GenerateRequest(request_id=request_id, token_ids=token_ids + generated[0], sampling=job_sampling,
-                                  model=self.model, stream=worker_streams)
-            decision = await self._route(request_id, req.token_ids, exclude, parent)
+            job = self._job(req, reply, worker_streams)
+            decision = await self._route(req.request_id, job.token_ids, exclude, parent)
             if decision.kv_source:  # G4: the worker may pull blocks a peer holds in its lower tiers
-                req = msgspec.structs.replace(req, kv_source=decision.kv_source,
+                job = msgspec.structs.replace(job, kv_source=decision.kv_source,
                                               kv_source_blocks=decision.kv_source_blocks)
-            inbox = self.bus.inbox.open(request_id)
+            inbox = self.bus.inbox.open(req.request_id)
             finished = False
             gen_span = tracing.start("generate", tracing.SpanKind.CLIENT, parent, **{
-                "baton.worker_id": decision.worker_id, "baton.resumed_tokens": len(generated[0])})
+                "baton.worker_id": decision.worker_id, "baton.resumed_tokens": len(reply.generated[0])})
             try:
-                await self.bus.publish(decision.subject, req, reply=inbox.subject, headers=tracing.headers_for(gen_span))
-                silent = 0.0
+                await self.bus.publish(decision.subject, job, reply=inbox.subject, headers=tracing.headers_for(gen_span))
                 while True:
-                    try:
-                        msg = await inbox.next(s.probe_interval)
-                    except NoResponders:
-                        raise _Migrate("worker gone") from None
-                    except BusTimeout:
-                        silent += s.probe_interval
-                        if not await self._alive(decision, request_id):
-                            raise _Migrate("worker not answering") from None
-                        if not worker_streams:
-                            if time.perf_counter() - t0 >= s.request_timeout:
-                                raise ApiError(504, f"the request took longer than its {s.request_timeout:g}s "
-                                               "deadline (BATON_REQUEST_TIMEOUT)", type="server_error",
-                                               code="request_timeout") from None
-                            continue
-                        limit = s.inter_token_timeout if any(generated) else s.first_token_timeout
-                        if silent >= limit:
-                            raise ApiError(504, f"worker {decision.worker_id} sent nothing for {silent:.0f}s",
-                                           type="server_error", code="worker_timeout") from None
-                        continue
-                    except SlowConsumer:
-                        raise ApiError(503, "the client read too slowly; request cancelled", type="server_error",
-                                       code="slow_consumer") from None
-                    except BusError as e:
-                        raise ApiError(503, f"lost the message bus mid-request: {e}", type="service_unavailable",
-                                       code="bus_unavailable") from None
-                    silent = 0.0
-                    # Coalesce: chunks that piled up while we were busy go out as one delta per choice.
-                    for reply in _merge([generate_reply_decoder.decode(m.data) for m in (msg, *inbox.ready())]):
-                        if isinstance(reply, GenerateError):
-                            if reply.code == 503:  # worker full or draining: try another
-                                finished = True
+                    for chunk in await self._next_replies(inbox, decision, req.request_id, worker_streams, reply, t0):
+                        if isinstance(chunk, GenerateError):
+                            finished = True
+                            if chunk.code == 503:  # worker full or draining: try another
                                 raise _Migrate("worker busy")
-                            finished = True
-                            raise ApiError(reply.code, reply.message,
-                                           type="invalid_request_error" if reply.code < 500 else "server_error")
-                        assert isinstance(reply, TokenChunk)
-                        if not any(generated) and reply.token_ids:
+                            raise RequestError(chunk.code, chunk.message,
+                                               type="invalid_request_error" if chunk.code < 500 else "server_error")
+                        if not reply.any_tokens and chunk.token_ids:
                             metrics.TTFT.observe(time.perf_counter() - t0)
-                        worker_done = reply.usage is not None  # the worker's last chunk of the request
-                        if reply.usage is not None:
-                            cached_tokens = max(cached_tokens, reply.usage.cached_tokens)
-                        if reply.finish_reason in ("abort", "error"):
+                        worker_done = chunk.usage is not None  # the worker's last chunk of the request
+                        if chunk.usage is not None:
+                            cached_tokens = max(cached_tokens, chunk.usage.cached_tokens)
+                        if chunk.finish_reason in ("abort", "error"):
                             finished = True
-                            raise _Migrate(f"worker {reply.finish_reason}")
-                        c = reply.choice
-                        if not 0 <= c < n or done[c]:  # a choice cut by a stop string: drop the rest
+                            raise _Migrate(f"worker {chunk.finish_reason}")
+                        delta = reply.feed(chunk, decision.worker_id)
+                        if delta is None:
                             continue
-                        generated[c].extend(reply.token_ids)
-                        text = detoks[c].add(reply.token_ids) if reply.token_ids else ""
-                        if reply.finish_reason is not None:
-                            text += detoks[c].flush()
-                        text, stopped = matchers[c].push(text)
-                        prompt_lp = reply.prompt_logprobs
-                        prompt_sent = prompt_sent or bool(prompt_lp)
-                        if stopped or reply.finish_reason is not None:
-                            done[c] = True
-                            if not stopped:
-                                text += matchers[c].flush()
-                            last = all(done)
-                            usage = None
-                            if last:
-                                usage = Usage(prompt_tokens=len(token_ids), completion_tokens=sum(map(len, generated)),
-                                              cached_tokens=cached_tokens)
-                                if not worker_done:
-                                    await self._cancel(decision, request_id, "stop string")
-                                finished = True
-                            yield Delta(text, reply.token_ids, "stop" if stopped else reply.finish_reason, usage,
-                                        decision.worker_id, c, reply.logprobs, prompt_lp)
-                            if last:
-                                return
-                        elif text or reply.token_ids:
-                            yield Delta(text, reply.token_ids, worker_id=decision.worker_id, choice=c,
-                                        logprobs=reply.logprobs, prompt_logprobs=prompt_lp)
+                        if delta.finish_reason is not None and reply.all_done:
+                            delta.usage = Usage(prompt_tokens=len(req.token_ids),
+                                                completion_tokens=reply.completion_tokens, cached_tokens=cached_tokens)
+                            if not worker_done:  # a stop string ended it: free the worker
+                                await self._cancel(decision, req.request_id, "stop string")
+                            finished = True
+                            yield delta
+                            return
+                        yield delta
             except _Migrate as m:
                 tracing.end(gen_span, error=m.reason)
                 gen_span = None
                 exclude.append(decision.worker_id)
                 failures += 1
-                if n > 1 and any(generated):
+                if reply.n > 1 and reply.any_tokens:
                     # Diverged choices cannot resume from one prompt: fail rather than repeat text.
-                    raise ApiError(503, f"the worker failed mid-request ({m.reason}); a request with n > 1 "
-                                   "cannot be resumed elsewhere", type="service_unavailable", code="no_worker") from None
-                budget = s.max_migrations if generated else max(s.max_migrations, s.max_route_attempts)
+                    raise RequestError(503, f"the worker failed mid-request ({m.reason}); a request with n > 1 "
+                                       "cannot be resumed elsewhere", type="service_unavailable",
+                                       code="no_worker") from None
+                budget = s.max_migrations if reply.any_tokens else max(s.max_migrations, s.max_route_attempts)
                 if failures > budget:
-                    raise ApiError(503, f"request failed on {failures} workers ({m.reason})",
-                                   type="service_unavailable", code="no_worker") from None
+                    raise RequestError(503, f"request failed on {failures} workers ({m.reason})",
+                                       type="service_unavailable", code="no_worker") from None
                 MIGRATIONS.labels(m.reason).inc()
-                log.warning("request %s: %s on %s after %d tokens; migrating", request_id, m.reason,
-                            decision.worker_id, len(generated[0]))
+                log.warning("request %s: %s on %s after %d tokens; migrating", req.request_id, m.reason,
+                            decision.worker_id, len(reply.generated[0]))
                 if not finished:
-                    await self._cancel(decision, request_id, "migrated")
+                    await self._cancel(decision, req.request_id, "migrated")
                     finished = True
             finally:
-                tracing.end(gen_span, **{"gen_ai.usage.output_tokens": sum(map(len, generated))})
-                self.bus.inbox.close(request_id)
+                tracing.end(gen_span, **{"gen_ai.usage.output_tokens": reply.completion_tokens})
+                self.bus.inbox.close(req.request_id)
                 if not finished:
-                    await self._cancel(decision, request_id, "caller left")
+                    await self._cancel(decision, req.request_id, "caller left")
+
+    async def _next_replies(self, inbox: ReplyStream, decision: RouteDecision, request_id: str, worker_streams: bool,
+                            reply: ReplyText, t0: float) -> list[TokenChunk | GenerateError]:
+        """The worker's next replies (a burst coalesced). While it is silent, probe that it still
+        holds the request (else migrate) and keep the deadlines."""
+        s = self.settings
+        silent = 0.0
+        while True:
+            try:
+                msg = await inbox.next(s.probe_interval)
+            except NoResponders:
+                raise _Migrate("worker gone") from None
+            except BusTimeout:
+                silent += s.probe_interval
+                if not await self._alive(decision, request_id):
+                    raise _Migrate("worker not answering") from None
+                if not worker_streams:
+                    if time.perf_counter() - t0 >= s.request_timeout:
+                        raise RequestError(504, f"the request took longer than its {s.request_timeout:g}s "
+                                           "deadline (BATON_REQUEST_TIMEOUT)", type="server_error",
+                                           code="request_timeout") from None
+                    continue
+                limit = s.inter_token_timeout if reply.any_tokens else s.first_token_timeout
+                if silent >= limit:
+                    raise RequestError(504, f"worker {decision.worker_id} sent nothing for {silent:.0f}s",
+                                       type="server_error", code="worker_timeout") from None
+                continue
+            except SlowConsumer:
+                raise RequestError(503, "the client read too slowly; request cancelled", type="server_error",
+                                   code="slow_consumer") from None
+            except BusError as e:
+                raise RequestError(503, f"lost the message bus mid-request: {e}", type="service_unavailable",
+                                   code="bus_unavailable") from None
+            return coalesce([generate_reply_decoder.decode(m.data) for m in (msg, *inbox.ready())])
+
+    def _job(self, req: ValidatedRequest, reply: ReplyText, worker_streams: bool) -> GenerateRequest:
+        """The worker's job: the prompt, and on a resumed request (n == 1 only, see the migration
+        above) the tokens generated so far, with the budgets shrunk by as many; every other knob
+        (penalties, bias, constraints) carries over unchanged."""
+        sampling = req.sampling
+        so_far = reply.generated[0]
+        if so_far:
+            sampling = msgspec.structs.replace(
+                sampling, max_tokens=sampling.max_tokens - len(so_far),
+                min_tokens=max(0, sampling.min_tokens - len(so_far)),
+                prompt_logprobs=-1 if reply.prompt_logprobs_sent else sampling.prompt_logprobs)
+        return GenerateRequest(request_id=req.request_id, token_ids=req.token_ids + so_far, sampling=sampling,
+                               model=self.model, stream=worker_streams)
 
     async def _cancel(self, decision: RouteDecision, request_id: str, reason: str) -> None:
         with anyio.move_on_after(1, shield=True):
@@ -302,20 +266,3 @@ class Generation:
             except Exception as e:  # best effort: the worker's deadline also frees the request
                 log.debug("cancel of %s failed: %r", request_id, e)
 
-
-def _merge(replies: list[TokenChunk | GenerateError]) -> list[TokenChunk | GenerateError]:
-    """Join runs of consecutive chunks of the same choice (an error ends the list)."""
-    out: list[TokenChunk | GenerateError] = []
-    for r in replies:
-        if isinstance(r, GenerateError):
-            out.append(r)
-            return out
-        prev = out[-1] if out else None
-        if (isinstance(prev, TokenChunk) and prev.choice == r.choice and prev.finish_reason is None
-                and not r.prompt_logprobs):
-            out[-1] = TokenChunk(request_id=prev.request_id, index=prev.index, token_ids=prev.token_ids + r.token_ids,
-                                 finish_reason=r.finish_reason, usage=r.usage, choice=r.choice,
-                                 logprobs=prev.logprobs + r.logprobs, prompt_logprobs=prev.prompt_logprobs)
-        else:
-            out.append(r)
-    return out

@@ -15,41 +15,40 @@ from contextlib import aclosing
 from typing import Any
 
 import anyio
-import jinja2
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.frontend import metrics
 from services.frontend.access import AccessControl
-from services.frontend.choices import DEFAULT_MAX_N, ChoiceShaper
-from services.frontend.generation import Delta, Generation
+from services.frontend.choices import ChoiceShaper
+from services.frontend.generation import Generation
 from services.frontend.openai_api import (
-    ApiError,
     ChatCompletionRequest,
-    CompletionRequest,
+    RequestError,
     chat_decoder,
     chat_messages,
     completion_decoder,
-    completion_prompt,
     decode_request,
     detokenize_decoder,
-    parse_stops,
-    sampling_and_plan,
     tokenize_decoder,
     usage_chunk,
 )
-from services.frontend.structured import (
-    ChatOutput,
-    name_structured_error,
-    plan_tools,
-    structured_from,
-    template_messages,
+from services.frontend.request import (
+    DEFAULT_MAX_N,
+    TEMPLATE_ERRORS,
+    TOKENIZE_IN_THREAD_CHARS,
+    RequestLimits,
+    check_model,
+    check_token_ids,
+    from_chat,
+    from_completion,
 )
+from services.frontend.structured import ChatOutput, name_structured_error, template_messages
+from services.frontend.text_stream import Delta
 from services.frontend.tool_parsers import ToolParser
 from shared import tracing
 from shared.messages import Usage
 from shared.telemetry import bind_request
-from shared.tokenizer import Tokenizer
 
 log = logging.getLogger("baton.frontend.http")
 
@@ -67,32 +66,10 @@ def _header_map(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
 
 
 _TOKEN_ROUTES = ("/tokenize", "/detokenize")
-# A model's chat template may raise anything on messages it does not expect (a tool call whose
-# arguments are a string, a role it does not know): the client's input, so a 400, never a 500.
-TEMPLATE_ERRORS = (ValueError, TypeError, LookupError, jinja2.TemplateError)
 
 
 class ClientGone(Exception):
     pass
-
-
-# Prompts longer than this (characters) are tokenized in a worker thread: a long prompt takes
-# milliseconds to tokenize, which on the event loop would stall every other stream.
-TOKENIZE_IN_THREAD_CHARS = 8192
-
-
-async def encode_text(tokenizer: Tokenizer, text: str) -> list[int]:
-    if len(text) < TOKENIZE_IN_THREAD_CHARS:
-        return tokenizer.encode(text)
-    return await anyio.to_thread.run_sync(tokenizer.encode, text)
-
-
-async def encode_chat(tokenizer: Tokenizer, messages: list[dict[str, Any]],
-                      tools: list[dict[str, Any]] | None = None) -> list[int]:
-    size = sum(len(str(m.get("content") or "")) for m in messages)
-    if size < TOKENIZE_IN_THREAD_CHARS:
-        return tokenizer.encode_chat(messages, tools=tools)
-    return await anyio.to_thread.run_sync(lambda: tokenizer.encode_chat(messages, tools=tools))
 
 
 class OpenAIApp:
@@ -119,13 +96,13 @@ class OpenAIApp:
         self.max_body_bytes = max_body_bytes
         self.max_inflight = max_inflight
         self.access = access
-        self.max_prompt_tokens = max_prompt_tokens  # 0: only the context length bounds a prompt
         self.body_timeout = body_timeout  # seconds a client has to send the whole body
-        self.max_n = max_n  # cap on n and best_of (400 above it)
         self.inflight = 0
         self.created = int(time.time())
         self.tool_parser = tool_parser  # reads tool calls out of text (tool_choice auto)
         self.reasoning_parser = reasoning_parser  # splits <think> into reasoning_content
+        # what requests are checked against (max_prompt_tokens 0: only the context bounds a prompt)
+        self.limits = RequestLimits(model, max_model_len, max_prompt_tokens, max_n, tool_parser)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -147,13 +124,13 @@ class OpenAIApp:
                 self.access.admit_http(scope["headers"], scope.get("client"))
             if path == "/v1/chat/completions" or path == "/v1/completions":
                 if method != "POST":
-                    raise ApiError(405, f"use POST for {path}", code="method_not_allowed")
+                    raise RequestError(405, f"use POST for {path}", code="method_not_allowed")
                 # The body first, under a deadline, and only then a slot: clients that send slowly
                 # cannot hold every slot, and a full frontend still refuses at once.
                 body = await self._read_body(scope, receive)
                 if self.inflight >= self.max_inflight:
                     # Admission control: answer at once rather than queue past what we can serve.
-                    raise ApiError(503, f"overloaded: {self.inflight} requests in flight; retry shortly",
+                    raise RequestError(503, f"overloaded: {self.inflight} requests in flight; retry shortly",
                                    type="service_unavailable", code="overloaded")
                 self.inflight += 1
                 metrics.INFLIGHT.inc()
@@ -165,7 +142,7 @@ class OpenAIApp:
                     try:
                         status = await self._generate(path == "/v1/chat/completions", body, receive, send_tracked,
                                                       root)
-                    except ApiError as e:
+                    except RequestError as e:
                         tracing.end(root, error=e.message, **{"http.response.status_code": e.status})
                         root = None
                         raise
@@ -177,7 +154,7 @@ class OpenAIApp:
                     metrics.DURATION.observe(time.perf_counter() - t0)
             elif path in _TOKEN_ROUTES:
                 if method != "POST":
-                    raise ApiError(405, f"use POST for {path}", code="method_not_allowed")
+                    raise RequestError(405, f"use POST for {path}", code="method_not_allowed")
                 body = await self._read_body(scope, receive)
                 result = await (self._tokenize(body) if path == "/tokenize" else self._detokenize(body))
                 status = await self._send_json(send, 200, result)
@@ -196,9 +173,9 @@ class OpenAIApp:
                 status = 200
             else:
                 endpoint = "other"
-                raise ApiError(404, f"no route for {method} {path}", code="not_found")
-        except ApiError as e:
-            if started:  # headers already out (cannot happen for ApiError today, but never send twice)
+                raise RequestError(404, f"no route for {method} {path}", code="not_found")
+        except RequestError as e:
+            if started:  # headers already out (cannot happen for RequestError today, but never send twice)
                 raise
             status = await self._send_json(send, e.status, e.body(), [*_JSON_HEADERS, *e.headers])
         except ClientGone:
@@ -208,7 +185,7 @@ class OpenAIApp:
             log.exception("%s %s failed", method, path)
             if started:
                 raise  # mid-stream: all we can do is close the connection
-            err = ApiError(500, "internal error; the request was not completed", type="server_error",
+            err = RequestError(500, "internal error; the request was not completed", type="server_error",
                            code="internal_error")
             status = await self._send_json(send, 500, err.body())
         finally:
@@ -220,9 +197,9 @@ class OpenAIApp:
                 try:
                     declared = int(value)
                 except ValueError:
-                    raise ApiError(400, "invalid Content-Length") from None
+                    raise RequestError(400, "invalid Content-Length") from None
                 if declared > self.max_body_bytes:
-                    raise ApiError(413, f"request body exceeds {self.max_body_bytes} bytes", code="request_too_large")
+                    raise RequestError(413, f"request body exceeds {self.max_body_bytes} bytes", code="request_too_large")
         chunks: list[bytes] = []
         size = 0
         with anyio.move_on_after(self.body_timeout):
@@ -233,11 +210,11 @@ class OpenAIApp:
                 chunk = message.get("body", b"")
                 size += len(chunk)
                 if size > self.max_body_bytes:
-                    raise ApiError(413, f"request body exceeds {self.max_body_bytes} bytes", code="request_too_large")
+                    raise RequestError(413, f"request body exceeds {self.max_body_bytes} bytes", code="request_too_large")
                 chunks.append(chunk)
                 if not message.get("more_body", False):
                     return b"".join(chunks)
-        err = ApiError(408, f"the request body did not arrive within {self.body_timeout:g}s", code="request_timeout")
+        err = RequestError(408, f"the request body did not arrive within {self.body_timeout:g}s", code="request_timeout")
         err.headers.append((b"connection", b"close"))
         raise err
 
@@ -257,9 +234,9 @@ class OpenAIApp:
         """vLLM's /tokenize: a prompt, or chat messages rendered by the chat template."""
         req = decode_request(body, tokenize_decoder)
         if req.model is not None:
-            self._check_model(req.model)
+            check_model(req.model, self.limits)
         if (req.prompt is None) == (req.messages is None):
-            raise ApiError(400, "give exactly one of prompt and messages", param="prompt")
+            raise RequestError(400, "give exactly one of prompt and messages", param="prompt")
         if req.prompt is not None:
             add_special = True if req.add_special_tokens is None else req.add_special_tokens
             if len(req.prompt) < TOKENIZE_IN_THREAD_CHARS:
@@ -273,7 +250,7 @@ class OpenAIApp:
             try:
                 text = self.tokenizer.apply_chat_template(template_messages(messages), add_generation_prompt=gen_prompt)
             except TEMPLATE_ERRORS as e:
-                raise ApiError(400, f"the chat template refused these messages: {e}", param="messages") from None
+                raise RequestError(400, f"the chat template refused these messages: {e}", param="messages") from None
             ids = self.tokenizer.encode(text, add_special_tokens=bool(req.add_special_tokens))
         strs = [self.tokenizer.decode([t], skip_special_tokens=False) for t in ids] if req.return_token_strs else None
         return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids, "token_strs": strs}
@@ -281,90 +258,40 @@ class OpenAIApp:
     async def _detokenize(self, body: bytes) -> dict[str, Any]:
         req = decode_request(body, detokenize_decoder)
         if req.model is not None:
-            self._check_model(req.model)
-        if any(t < 0 or t >= self.tokenizer.vocab_size for t in req.tokens):
-            raise ApiError(400, f"token ids must be in [0, {self.tokenizer.vocab_size})", param="tokens")
+            check_model(req.model, self.limits)
+        check_token_ids(req.tokens, self.tokenizer, "tokens")
         return {"prompt": self.tokenizer.decode(req.tokens, skip_special_tokens=False)}
 
-    def _check_model(self, model: str) -> None:
-        if model != self.model:
-            raise ApiError(404, f"the model {model!r} does not exist; this endpoint serves {self.model!r}",
-                           param="model", code="model_not_found")
-
     async def _generate(self, chat: bool, body: bytes, receive: Receive, send: Send, root: Any = None) -> int:
-        if chat:
-            req: ChatCompletionRequest | CompletionRequest = decode_request(body, chat_decoder)
-            assert isinstance(req, ChatCompletionRequest)
-            self._check_model(req.model)
-            messages = chat_messages(req)
-            tool_plan = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls, self.tool_parser)
-            try:
-                token_ids = await encode_chat(self.tokenizer, template_messages(messages), tool_plan.tools)
-            except TEMPLATE_ERRORS as e:
-                raise ApiError(400, f"the chat template refused these messages: {e}", param="messages") from None
-            max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-            rid = f"chatcmpl-{uuid.uuid4().hex}"
-            prompt_text = ""
-        else:
-            req = decode_request(body, completion_decoder)
-            assert isinstance(req, CompletionRequest)
-            self._check_model(req.model)
-            prompt = completion_prompt(req)
-            if prompt is None:  # OpenAI's default prompt: the start of a document (BOS, else EOS)
-                token_ids = self.tokenizer.encode("") or list(self.tokenizer.eos_token_ids[:1])
-            elif isinstance(prompt, str):
-                token_ids = await encode_text(self.tokenizer, prompt)
-            else:
-                if any(t < 0 or t >= self.tokenizer.vocab_size for t in prompt):
-                    raise ApiError(400, f"token ids must be in [0, {self.tokenizer.vocab_size})", param="prompt")
-                token_ids = list(prompt)
-            if not token_ids:
-                raise ApiError(400, "prompt must not be empty", param="prompt")
-            max_tokens = req.max_tokens if req.max_tokens is not None else 16  # OpenAI's default
-            rid = f"cmpl-{uuid.uuid4().hex}"
-            prompt_text = prompt if isinstance(prompt, str) else ""
-            if req.echo and not isinstance(prompt, str):
-                prompt_text = self.tokenizer.decode(token_ids, skip_special_tokens=False)
+        rid = f"chatcmpl-{uuid.uuid4().hex}" if chat else f"cmpl-{uuid.uuid4().hex}"
         bind_request(rid, tracing.trace_id_of(root))  # this request's log lines (and access line) carry it
-        if self.max_prompt_tokens and len(token_ids) > self.max_prompt_tokens:
-            raise ApiError(400, f"the prompt has {len(token_ids)} tokens; this endpoint accepts at most "
-                           f"{self.max_prompt_tokens}", param="messages" if chat else "prompt",
-                           code="prompt_too_long")
-        stops = parse_stops(req.stop)
-        sampling, plan = sampling_and_plan(req, max_tokens, len(token_ids), self.max_model_len, max_n=self.max_n,
-                                           vocab_size=self.tokenizer.vocab_size)
-        structured, structured_param = structured_from(req)
-        chat_output = None
         if chat:
-            if tool_plan.structured is not None:
-                if structured is not None:
-                    raise ApiError(400, f"tool_choice {tool_plan.mode!r} cannot be combined with {structured_param}",
-                                   param="tool_choice")
-                structured, structured_param = tool_plan.structured, "tool_choice"
+            req = await from_chat(decode_request(body, chat_decoder), self.tokenizer, self.limits, rid)
+        else:
+            req = await from_completion(decode_request(body, completion_decoder), self.tokenizer, self.limits, rid)
+        chat_output = None
+        if req.tool_plan is not None:
+            tool_plan = req.tool_plan
 
             def chat_output() -> ChatOutput:  # one per choice: tool calls and reasoning read from its text
                 return ChatOutput(tool_plan, self.tool_parser, self.reasoning_parser)
-        if structured is not None:
-            sampling = msgspec.structs.replace(sampling, structured=structured)
-        shaper = ChoiceShaper(self.tokenizer, plan, chat, rid, self.model, prompt_text, token_ids, chat_output)
-        metrics.INPUT_TOKENS.observe(len(token_ids))
+        shaper = ChoiceShaper(self.tokenizer, req.plan, chat, rid, self.model, req.prompt_text, req.token_ids,
+                              chat_output)
+        metrics.INPUT_TOKENS.observe(len(req.token_ids))
         tracing.event(root, "tokenized")
         if root is not None:
             root.set_attributes({"gen_ai.operation.name": "chat" if chat else "text_completion",
-                                 "gen_ai.request.model": self.model, "gen_ai.request.max_tokens": sampling.max_tokens,
-                                 "gen_ai.request.temperature": sampling.temperature,
-                                 "gen_ai.usage.input_tokens": len(token_ids), "gen_ai.response.id": rid})
+                                 "gen_ai.request.model": self.model, "gen_ai.request.max_tokens": req.sampling.max_tokens,
+                                 "gen_ai.request.temperature": req.sampling.temperature,
+                                 "gen_ai.usage.input_tokens": len(req.token_ids), "gen_ai.response.id": rid})
         trace_header = [(b"x-trace-id", tracing.trace_id_of(root).encode())] if root is not None else []
-        deltas = self.generation.run(rid, token_ids, sampling, stops, bool(req.stream), root,
-                                     include_stop_str=bool(req.include_stop_str_in_output),
-                                     skip_special_tokens=req.skip_special_tokens is not False)
+        deltas = self.generation.run(req, root)
         try:
             if req.stream:
-                include_usage = bool(req.stream_options and req.stream_options.include_usage)
-                return await self._stream(chat, rid, deltas, include_usage, receive, send, trace_header, shaper)
+                return await self._stream(chat, rid, deltas, req.include_usage, receive, send, trace_header, shaper)
             return await self._complete(chat, rid, deltas, receive, send, trace_header, shaper)
-        except ApiError as e:
-            raise name_structured_error(e, structured_param) from None
+        except RequestError as e:
+            raise name_structured_error(e, req.structured_param) from None
 
     async def _complete(self, chat: bool, rid: str, deltas: Any, receive: Receive, send: Send,
                         extra_headers: list[tuple[bytes, bytes]], shaper: ChoiceShaper) -> int:
@@ -430,7 +357,7 @@ class OpenAIApp:
 
         try:
             await _run_unless_disconnected(pump, receive)
-        except ApiError as e:
+        except RequestError as e:
             if not started:
                 raise
             # Headers are gone: report in-band, as OpenAI's servers do, then end the stream.

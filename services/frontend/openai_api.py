@@ -1,26 +1,27 @@
-"""OpenAI API schema: request Structs, validation into internal sampling params, response bodies.
+"""OpenAI API schema: request Structs, the field table, response bodies, and RequestError.
 
 Requests are decoded with msgspec straight from the body bytes, so a wrong type is caught with
-the JSON path of the offending field, which becomes the error's ``param``.
+the JSON path of the offending field, which becomes the error's ``param``. Their values are
+checked, once, in ``services.frontend.request``.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import msgspec
 from msgspec import Struct
 
-from shared.messages import SamplingParams, Usage
-
-if TYPE_CHECKING:
-    from services.frontend.choices import ChoicePlan
+from shared.messages import Usage
 
 
-class ApiError(Exception):
-    """An error the client caused (or overload); rendered as OpenAI's error object."""
+class RequestError(Exception):
+    """A request that cannot be served: the client's mistake (4xx) or no capacity (503/504).
+
+    Rendered as OpenAI's error object on HTTP and as ``shared.messages.ApiError`` (the wire
+    struct) on the NATS request API."""
 
     def __init__(
         self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
@@ -182,7 +183,7 @@ class CompletionRequest(_Common, kw_only=True, forbid_unknown_fields=True):
 # request structs at all are refused by the decoder (code ``unknown_parameter``), as OpenAI does.
 #
 # To honour a field: set its status to HONOURED and read the value where it is honoured.
-# tests/test_api_surface.py and tests/test_openapi_schemathesis.py read this table, so their
+# tests/frontend/test_api_surface.py and tests/frontend/test_openapi_schemathesis.py read this table, so their
 # expectations follow it; `python -m services.frontend.openai_api` prints docs/api.md's table.
 
 HONOURED = "honoured"
@@ -283,7 +284,7 @@ def check_fields(req: _Common) -> None:
         if rule.status in (HONOURED, ACCEPTED):
             continue
         if not _is_noop(getattr(req, name), rule.noop):
-            raise ApiError(400, refusal_of(name, rule), param=name, code="unsupported_parameter")
+            raise RequestError(400, refusal_of(name, rule), param=name, code="unsupported_parameter")
 
 
 class TokenizeRequest(Struct, kw_only=True, forbid_unknown_fields=True):
@@ -323,7 +324,7 @@ def _integral_floats_to_int(node: Any) -> Any:
 
 def decode_request(body: bytes, decoder: msgspec.json.Decoder) -> Any:
     if not body.strip():
-        raise ApiError(400, "request body is empty; expected a JSON object", code="invalid_json")
+        raise RequestError(400, "request body is empty; expected a JSON object", code="invalid_json")
     try:
         try:
             req = decoder.decode(body)
@@ -336,96 +337,18 @@ def decode_request(body: bytes, decoder: msgspec.json.Decoder) -> Any:
         unknown = _UNKNOWN.search(str(e))
         m = _PATH.search(str(e))
         if unknown and not (m and m.group(1)):  # a top-level field Baton does not know
-            raise ApiError(400, f"unrecognized request argument: `{unknown.group(1)}`", param=unknown.group(1),
+            raise RequestError(400, f"unrecognized request argument: `{unknown.group(1)}`", param=unknown.group(1),
                            code="unknown_parameter") from None
         param = m.group(1) if m else None
-        raise ApiError(400, f"invalid request: {e}", param=param or None) from None
+        raise RequestError(400, f"invalid request: {e}", param=param or None) from None
     except msgspec.DecodeError as e:
-        raise ApiError(400, f"malformed JSON body: {e}", code="invalid_json") from None
+        raise RequestError(400, f"malformed JSON body: {e}", code="invalid_json") from None
     if isinstance(req, _Common):
         check_fields(req)
     return req
 
 
-# --- validation into internal params -------------------------------------------------------
-
-
-def parse_stops(stop: str | list[str] | None) -> list[str]:
-    if stop is None:
-        return []
-    stops = [stop] if isinstance(stop, str) else stop
-    if len(stops) > 4:
-        raise ApiError(400, "at most 4 stop sequences are allowed", param="stop")
-    return [s for s in stops if s]
-
-
-def _in_range(name: str, value: float | None, lo: float, hi: float, default: float) -> float:
-    if value is None:
-        return default
-    if not lo <= value <= hi:
-        raise ApiError(400, f"{name} must be between {lo:g} and {hi:g}", param=name)
-    return value
-
-
-def sampling_from(req: _Common, max_tokens: int | None, prompt_len: int, max_model_len: int, *,
-                  max_n: int = 16, vocab_size: int = 0) -> SamplingParams:
-    """Check the knobs and build SamplingParams; every rejection names its parameter."""
-    return sampling_and_plan(req, max_tokens, prompt_len, max_model_len, max_n=max_n, vocab_size=vocab_size)[0]
-
-
-def sampling_and_plan(req: _Common, max_tokens: int | None, prompt_len: int, max_model_len: int, *,
-                      max_n: int = 16, vocab_size: int = 0) -> tuple[SamplingParams, ChoicePlan]:
-    """SamplingParams and the response's shape (choices, logprobs, echo), from one validation.
-
-    n, best_of, logprobs, echo, penalties, logit_bias and min_p are mapped by
-    ``services.frontend.choices.advanced_sampling``."""
-    from services.frontend.choices import advanced_sampling
-
-    extra, plan = advanced_sampling(req, isinstance(req, ChatCompletionRequest), bool(req.stream), max_n, vocab_size)
-    temperature = _in_range("temperature", req.temperature, 0.0, 2.0, 1.0)
-    top_p = _in_range("top_p", req.top_p, 0.0, 1.0, 1.0)
-    if top_p == 0.0:  # OpenAI allows 0: the smallest nucleus is the most likely token, i.e. greedy
-        temperature, top_p = 0.0, 1.0
-    top_k = req.top_k or 0
-    if top_k < 0 and top_k != -1:
-        raise ApiError(400, "top_k must be -1, 0 or positive", param="top_k")
-    room = max_model_len - prompt_len
-    if room <= 0:
-        raise ApiError(
-            400,
-            f"this model's maximum context length is {max_model_len} tokens; the prompt has {prompt_len}",
-            param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
-            code="context_length_exceeded",
-        )
-    if max_tokens is None:
-        max_tokens = room
-    if max_tokens < 1:
-        raise ApiError(400, "max_tokens must be at least 1", param="max_tokens")
-    if max_tokens > room:
-        raise ApiError(
-            400,
-            f"this model's maximum context length is {max_model_len} tokens; the prompt has {prompt_len} "
-            f"and max_tokens asks for {max_tokens}",
-            param="max_tokens",
-            code="context_length_exceeded",
-        )
-    min_tokens = req.min_tokens or 0
-    if min_tokens < 0 or min_tokens > max_tokens:
-        raise ApiError(400, "min_tokens must be between 0 and max_tokens", param="min_tokens")
-    if req.seed is not None and not -(2**63) <= req.seed < 2**63:
-        raise ApiError(400, "seed must fit in 64 bits", param="seed")
-    sampling = SamplingParams(
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=max(top_k, 0),
-        seed=req.seed,
-        stop_token_ids=list(req.stop_token_ids or []),
-        ignore_eos=bool(req.ignore_eos),
-        min_tokens=min_tokens,
-        **extra,
-    )
-    return sampling, plan
+# --- chat messages and prompts as the model reads them ------------------------------------
 
 
 # Chat templates know system/user/assistant/tool; the spec's other roles are mapped onto those.
@@ -445,22 +368,22 @@ def _message_text(i: int, m: ChatMessageIn) -> str:
         elif p.type == "refusal" and m.role == "assistant" and p.refusal is not None:
             parts.append(p.refusal)
         elif p.type in _UNUSABLE_PARTS:
-            raise ApiError(400, f"content parts of type {p.type!r} are not supported: this model reads text, not "
+            raise RequestError(400, f"content parts of type {p.type!r} are not supported: this model reads text, not "
                            f"{_UNUSABLE_PARTS[p.type]}", param=f"messages[{i}].content[{j}]",
                            code="unsupported_content")
         else:
-            raise ApiError(400, f"content part of type {p.type!r} is not valid in a {m.role} message",
+            raise RequestError(400, f"content part of type {p.type!r} is not valid in a {m.role} message",
                            param=f"messages[{i}].content[{j}]", code="unsupported_content")
     return "".join(parts)
 
 
 def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
     if not req.messages:
-        raise ApiError(400, "messages must be a non-empty list", param="messages")
+        raise RequestError(400, "messages must be a non-empty list", param="messages")
     out: list[dict[str, Any]] = []
     for i, m in enumerate(req.messages):
         if m.audio is not None:
-            raise ApiError(400, "audio in messages is not supported: this model reads text",
+            raise RequestError(400, "audio in messages is not supported: this model reads text",
                            param=f"messages[{i}].audio", code="unsupported_content")
         msg: dict[str, Any] = {"role": _ROLE_FOR_TEMPLATE.get(m.role, m.role), "content": _message_text(i, m)}
         if m.name is not None:
@@ -486,11 +409,11 @@ def completion_prompt(req: CompletionRequest) -> str | list[int] | None:
         return None
     kinds = {type(x) for x in p}
     if len(kinds) != 1:
-        raise ApiError(400, "prompt must be a string, a list of strings, a list of token ids or a list of lists", param="prompt")
+        raise RequestError(400, "prompt must be a string, a list of strings, a list of token ids or a list of lists", param="prompt")
     if kinds == {int}:
         return p  # type: ignore[return-value]
     if len(p) != 1:
-        raise ApiError(400, "batched prompts are not supported; send one prompt per request", param="prompt")
+        raise RequestError(400, "batched prompts are not supported; send one prompt per request", param="prompt")
     return p[0] or None  # type: ignore[return-value]
 
 
@@ -562,7 +485,7 @@ _STATUS_WORDS = {HONOURED: "honoured", ACCEPTED: "accepted (no effect needed)", 
 
 
 def fields_markdown() -> str:
-    """FIELDS as the Markdown table in docs/api.md (tests/test_api_surface.py keeps them equal)."""
+    """FIELDS as the Markdown table in docs/api.md (tests/frontend/test_api_surface.py keeps them equal)."""
     lines = ["| field | endpoints | what Baton does | values accepted as \"off\" | why |", "|---|---|---|---|---|"]
     for name, r in FIELDS.items():
         noop = ", ".join(f"`{msgspec.json.encode(v).decode()}`" for v in r.noop) or ""

@@ -188,7 +188,7 @@ class Frontend:
             app = OpenAIApp(generation, self.model, self.max_model_len, self.ready, s.max_body_bytes,
                             s.max_inflight, access, s.max_prompt_tokens, s.body_timeout, max_n=s.max_n,
                             tool_parser=self.tool_parser, reasoning_parser=self.reasoning_parser)
-            nats_api = NatsApi(self.bus, generation, self.model, self.max_model_len, access)
+            nats_api = NatsApi(self.bus, generation, self.model, self.max_model_len, access, s.max_prompt_tokens)
             if s.access_log:
                 app = AccessLog(app)
             config = uvicorn.Config(

@@ -21,7 +21,7 @@ from typing import Any
 
 import msgspec
 
-from services.frontend.openai_api import ApiError
+from services.frontend.openai_api import RequestError
 from services.frontend.reasoning import ReasoningStream
 from services.frontend.tool_parsers import ToolCall, ToolCallStream, ToolParser, call_deltas
 from shared.messages import StructuredOutput
@@ -36,21 +36,21 @@ def _json_text(value: Any, param: str) -> str:
         try:
             value = json.loads(value)
         except ValueError as e:
-            raise ApiError(400, f"{param} is not valid JSON: {e}", param=param) from None
+            raise RequestError(400, f"{param} is not valid JSON: {e}", param=param) from None
     if not isinstance(value, dict | bool):
-        raise ApiError(400, f"{param} must be a JSON schema object", param=param)
+        raise RequestError(400, f"{param} must be a JSON schema object", param=param)
     return json.dumps(value, separators=(",", ":"))
 
 
 def _choice(value: Any, param: str) -> StructuredOutput:
     if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):
-        raise ApiError(400, f"{param} must be a non-empty list of strings", param=param)
+        raise RequestError(400, f"{param} must be a non-empty list of strings", param=param)
     return StructuredOutput(kind="choice", spec=json.dumps(value))
 
 
 def _text(value: Any, param: str) -> str:
     if not isinstance(value, str) or not value:
-        raise ApiError(400, f"{param} must be a non-empty string", param=param)
+        raise RequestError(400, f"{param} must be a non-empty string", param=param)
     return value
 
 
@@ -63,12 +63,12 @@ def _from_response_format(rf: dict[str, Any]) -> StructuredOutput | None:
     if kind == "json_schema":
         js = rf.get("json_schema")
         if not isinstance(js, dict):
-            raise ApiError(400, "response_format.json_schema must be an object with a schema",
+            raise RequestError(400, "response_format.json_schema must be an object with a schema",
                            param="response_format.json_schema")
         if js.get("schema") is None:  # OpenAI allows a schema-less json_schema: any object
             return StructuredOutput(kind="json_object")
         return StructuredOutput(kind="json_schema", spec=_json_text(js["schema"], "response_format.json_schema.schema"))
-    raise ApiError(400, f"response_format type {kind!r} is not supported (text, json_object, json_schema)",
+    raise RequestError(400, f"response_format type {kind!r} is not supported (text, json_object, json_schema)",
                    param="response_format.type")
 
 
@@ -76,10 +76,10 @@ def _from_structured_outputs(so: dict[str, Any]) -> StructuredOutput | None:
     given = {k: v for k, v in so.items() if v is not None and v is not False}
     unknown = set(given) - {"json", "regex", "choice", "grammar", "json_object"}
     if unknown:
-        raise ApiError(400, f"structured_outputs.{sorted(unknown)[0]} is not supported (json, regex, choice, grammar, "
+        raise RequestError(400, f"structured_outputs.{sorted(unknown)[0]} is not supported (json, regex, choice, grammar, "
                        "json_object)", param=f"structured_outputs.{sorted(unknown)[0]}")
     if len(given) > 1:
-        raise ApiError(400, "structured_outputs takes exactly one of json, regex, choice, grammar, json_object",
+        raise RequestError(400, "structured_outputs takes exactly one of json, regex, choice, grammar, json_object",
                        param="structured_outputs")
     if not given:
         return None
@@ -126,12 +126,12 @@ def structured_from(req: Any) -> tuple[StructuredOutput | None, str | None]:
         found.append((StructuredOutput(kind="grammar", spec=_text(req.guided_grammar, "guided_grammar")),
                       "guided_grammar"))
     if len(found) > 1:
-        raise ApiError(400, f"{found[0][1]} and {found[1][1]} both constrain the output; send one",
+        raise RequestError(400, f"{found[0][1]} and {found[1][1]} both constrain the output; send one",
                        param=found[1][1])
     return found[0] if found else (None, None)
 
 
-def name_structured_error(e: ApiError, param: str | None) -> ApiError:
+def name_structured_error(e: RequestError, param: str | None) -> RequestError:
     """An engine's "invalid structured output" 400 names the request field it came from."""
     if e.status == 400 and e.param is None and param and ENGINE_ERROR_MARK in e.message:
         e.param = param
@@ -165,12 +165,12 @@ def plan_tools(tools: list[Any] | None, tool_choice: Any, parallel_tool_calls: b
     functions: dict[str, dict[str, Any]] = {}
     for i, tool in enumerate(tools or []):
         if not isinstance(tool, dict) or tool.get("type") != "function":
-            raise ApiError(400, "only tools of type 'function' are supported", param=f"tools[{i}].type")
+            raise RequestError(400, "only tools of type 'function' are supported", param=f"tools[{i}].type")
         fn = tool.get("function")
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise ApiError(400, "a function tool needs function.name", param=f"tools[{i}].function.name")
+            raise RequestError(400, "a function tool needs function.name", param=f"tools[{i}].function.name")
         if "parameters" in fn and not isinstance(fn["parameters"], dict):
-            raise ApiError(400, "function.parameters must be a JSON schema object",
+            raise RequestError(400, "function.parameters must be a JSON schema object",
                            param=f"tools[{i}].function.parameters")
         functions[fn["name"]] = fn
     choice = tool_choice
@@ -178,21 +178,21 @@ def plan_tools(tools: list[Any] | None, tool_choice: Any, parallel_tool_calls: b
         choice = "auto" if functions else "none"
     if isinstance(choice, str):
         if choice not in ("none", "auto", "required"):
-            raise ApiError(400, f"tool_choice {choice!r} is not one of none, auto, required or a function",
+            raise RequestError(400, f"tool_choice {choice!r} is not one of none, auto, required or a function",
                            param="tool_choice")
         mode, name = choice, ""
     elif (isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict)
           and isinstance(choice["function"].get("name"), str)):
         mode, name = "named", choice["function"]["name"]
     else:
-        raise ApiError(400, "tool_choice must be none, auto, required or {\"type\": \"function\", \"function\": "
+        raise RequestError(400, "tool_choice must be none, auto, required or {\"type\": \"function\", \"function\": "
                        "{\"name\": ...}}", param="tool_choice")
     if mode != "none" and not functions:
-        raise ApiError(400, f"tool_choice {mode!r} needs tools", param="tool_choice")
+        raise RequestError(400, f"tool_choice {mode!r} needs tools", param="tool_choice")
     plan = ToolPlan(tools=list(tools) if tools else None, mode=mode, function=name, parallel=parallel)
     if mode == "named":
         if name not in functions:
-            raise ApiError(400, f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
+            raise RequestError(400, f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
         plan.structured = StructuredOutput(kind="json_schema", spec=json.dumps(_parameters(functions[name])))
     elif mode == "required":
         one = {"anyOf": [{"type": "object", "properties": {"name": {"const": n}, "arguments": _parameters(fn)},
@@ -201,7 +201,7 @@ def plan_tools(tools: list[Any] | None, tool_choice: Any, parallel_tool_calls: b
         schema = {"type": "array", "items": one, "minItems": 1} if parallel else one
         plan.structured = StructuredOutput(kind="json_schema", spec=json.dumps(schema))
     elif mode == "auto" and parser is None:
-        raise ApiError(400, "tool_choice 'auto' needs a tool-call parser for this model (start the frontend with "
+        raise RequestError(400, "tool_choice 'auto' needs a tool-call parser for this model (start the frontend with "
                        "--tool-call-parser hermes|llama3_json|mistral)", param="tool_choice")
     return plan
 

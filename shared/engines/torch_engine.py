@@ -15,14 +15,12 @@ remotely prefilled request, aborting) goes through the inbox instead.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import sys
 import threading
 from collections import deque
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -51,6 +49,7 @@ from shared.engines.structured import GrammarBackend, StructuredOutputError
 from shared.engines.torch_model import LlamaModel, ModelArgs, StepInputs, load_model
 from shared.messages import SamplingParams
 from shared.models import resolve_dtype, resolve_model
+from shared.tokenizer import eos_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -66,21 +65,6 @@ def _available_memory() -> int | None:
     except OSError:
         pass
     return None
-
-
-def _eos_ids(model_dir: Path) -> tuple[int, ...]:
-    try:
-        from shared.tokenizer import Tokenizer
-
-        return Tokenizer(model_dir).eos_token_ids
-    except Exception:  # no tokenizer.json (a bare checkpoint): read the configs directly
-        for name in ("generation_config.json", "config.json"):
-            p = model_dir / name
-            if p.exists():
-                eos = json.loads(p.read_text()).get("eos_token_id")
-                if eos is not None:
-                    return tuple(eos) if isinstance(eos, list) else (int(eos),)
-        return ()
 
 
 def _torch_threads() -> int:
@@ -104,7 +88,7 @@ class TorchEngine(Engine):
         self.model_name = self.model_ref.name
         self.dtype = resolve_dtype(config.dtype, self.model_ref.path, torch.device(config.device).type)
         self.block_size = config.block_size
-        self.eos_token_ids = _eos_ids(self.model_ref.path)
+        self.eos_token_ids = eos_token_ids(self.model_ref.path)
         self.model: LlamaModel | None = None
         self.scheduler: Scheduler | None = None
         self.sampler: Sampler | None = None

@@ -41,6 +41,7 @@ from shared.engines.base import Engine, EngineConfig, EngineOutput, EngineStats,
 from shared.kv_hash import ROOT_HASH, block_hashes
 from shared.messages import PositionLogprobs, SamplingParams, StructuredOutput, TokenLogprob
 from shared.models import resolve_dtype, resolve_model
+from shared.tokenizer import eos_token_ids
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -62,17 +63,6 @@ def _model_config(path: Path) -> dict[str, Any]:
 
 def _head_dim(cfg: dict[str, Any]) -> int:
     return int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
-
-
-def _eos_ids(path: Path, cfg: dict[str, Any]) -> tuple[int, ...]:
-    ids: list[int] = []
-    gen = path / "generation_config.json"
-    for source in ([json.loads(gen.read_text())] if gen.exists() else []) + [cfg]:
-        eos = source.get("eos_token_id")
-        ids.extend([eos] if isinstance(eos, int) else list(eos or []))
-        if ids:
-            break
-    return tuple(dict.fromkeys(int(i) for i in ids))
 
 
 def _cpu_head_sizes() -> tuple[int, ...]:
@@ -256,7 +246,7 @@ class VllmEngine(Engine):
         self.model_path = ref.path
         cfg = _model_config(ref.path)
         self.vocab_size = int(cfg["vocab_size"])
-        self.eos_token_ids = _eos_ids(ref.path, cfg)
+        self.eos_token_ids = eos_token_ids(ref.path)
         # EngineConfig has no max_model_len (yet): honour one if it grows the field.
         cap = max_model_len or getattr(config, "max_model_len", 0) or DEFAULT_MAX_MODEL_LEN
         self.max_model_len = min(int(cfg.get("max_position_embeddings", cap)), cap)

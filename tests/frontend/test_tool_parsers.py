@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from services.frontend.openai_api import ApiError
+from services.frontend.openai_api import RequestError
 from services.frontend.reasoning import ReasoningStream, split_reasoning
 from services.frontend.structured import ChatOutput, plan_tools, structured_from
 from services.frontend.tool_parsers import (
@@ -127,7 +127,7 @@ def test_plan_tools_modes_and_refusals() -> None:
         (TOOLS, "auto", "tool_choice"),  # no parser for this model
         ([{"type": "function", "function": {}}], "none", "tools[0].function.name"),
     ]:
-        with pytest.raises(ApiError) as e:
+        with pytest.raises(RequestError) as e:
             plan_tools(tools, choice, None, None)
         assert e.value.status == 400 and e.value.param == param
 
@@ -153,7 +153,7 @@ def test_structured_fields_map_to_one_constraint() -> None:
         (_Req(guided_choice=[]), "guided_choice"),
         (_Req(response_format={"type": "yaml"}), "response_format.type"),
     ]:
-        with pytest.raises(ApiError) as e:
+        with pytest.raises(RequestError) as e:
             structured_from(req)
         assert e.value.param == param
 

@@ -10,7 +10,8 @@ from typing import Any
 import anyio
 import pytest
 
-from services.frontend.http_app import TOKENIZE_IN_THREAD_CHARS, OpenAIApp, encode_chat, encode_text
+from services.frontend.http_app import OpenAIApp
+from services.frontend.request import TOKENIZE_IN_THREAD_CHARS, encode_chat, encode_text
 
 
 class ThreadNotingTokenizer:

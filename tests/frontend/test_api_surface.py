@@ -14,9 +14,9 @@ from services.frontend.openai_api import (
     ACCEPTED,
     FIELDS,
     HONOURED,
-    ApiError,
     ChatCompletionRequest,
     CompletionRequest,
+    RequestError,
     chat_decoder,
     completion_decoder,
     decode_request,
@@ -28,7 +28,7 @@ from tests.procs import Stack
 
 pytestmark = pytest.mark.timeout(180)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHAT = "/v1/chat/completions"
 HI = [{"role": "user", "content": "hi"}]
 
@@ -66,10 +66,10 @@ def test_docs_table_is_the_server_table() -> None:
         "docs/api.md is stale: paste `python -m services.frontend.openai_api` into it"
 
 
-def _refusal(body: dict, decoder: msgspec.json.Decoder = chat_decoder) -> ApiError | None:
+def _refusal(body: dict, decoder: msgspec.json.Decoder = chat_decoder) -> RequestError | None:
     try:
         decode_request(json.dumps(body).encode(), decoder)
-    except ApiError as e:
+    except RequestError as e:
         return e
     return None
 

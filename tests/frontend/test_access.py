@@ -23,9 +23,8 @@ from services.frontend.access import (
     RateLimiter,
     load_api_keys,
 )
-from services.frontend.openai_api import ApiError
-from shared.messages import ApiChunk
-from shared.messages import ApiError as ApiErrorMsg
+from services.frontend.openai_api import RequestError
+from shared.messages import ApiChunk, ApiError
 from shared.subjects import API_GENERATE
 from tests.conftest import e2e_engine
 from tests.procs import Stack, service_env, wait_until
@@ -92,7 +91,7 @@ def test_rate_limiter_refills() -> None:
     rl = RateLimiter(rpm=60, burst=2)
     rl.check("a", now=0.0)
     rl.check("a", now=0.0)
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(RequestError) as e:
         rl.check("a", now=0.1)
     assert e.value.status == 429
     rl.check("a", now=1.2)  # one token a second
@@ -105,7 +104,7 @@ def test_rate_limiter_refills() -> None:
 # --- the NATS request API: same keys, same limits ------------------------------------------------
 
 
-async def nats_request(nc: nats.NATS, key: str | None, prompt: str = "hi") -> ApiChunk | ApiErrorMsg:
+async def nats_request(nc: nats.NATS, key: str | None, prompt: str = "hi") -> ApiChunk | ApiError:
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox)
     try:
@@ -113,7 +112,7 @@ async def nats_request(nc: nats.NATS, key: str | None, prompt: str = "hi") -> Ap
         body = json.dumps({"prompt": prompt, "max_tokens": 2, "stream": False}).encode()
         await nc.publish(API_GENERATE, body, reply=inbox, headers=headers)
         msg = await sub.next_msg(timeout=30)
-        return msgspec.json.decode(msg.data, type=ApiChunk | ApiErrorMsg)
+        return msgspec.json.decode(msg.data, type=ApiChunk | ApiError)
     finally:
         await sub.unsubscribe()
 
@@ -123,9 +122,9 @@ def test_nats_api_needs_a_key(guarded: Stack) -> None:
         nc = await nats.connect(guarded.nats.url)
         try:
             missing = await nats_request(nc, None)
-            assert isinstance(missing, ApiErrorMsg) and missing.code == 401 and "API key" in missing.message
+            assert isinstance(missing, ApiError) and missing.code == 401 and "API key" in missing.message
             wrong = await nats_request(nc, "sk-gamma")
-            assert isinstance(wrong, ApiErrorMsg) and wrong.code == 401 and "Incorrect API key" in wrong.message
+            assert isinstance(wrong, ApiError) and wrong.code == 401 and "Incorrect API key" in wrong.message
             ok = await nats_request(nc, "sk-nats")
             assert isinstance(ok, ApiChunk) and ok.finish_reason is not None
         finally:
@@ -145,7 +144,7 @@ def test_nats_api_rate_limit(guarded: Stack) -> None:
         nc = await nats.connect(guarded.nats.url)
         try:
             replies = [await nats_request(nc, "sk-nats") for _ in range(5)]
-            limited = [r for r in replies if isinstance(r, ApiErrorMsg)]
+            limited = [r for r in replies if isinstance(r, ApiError)]
             assert limited and all(r.code == 429 and "rate limit" in r.message for r in limited)
             # The bucket is the key's, whichever API spends it: HTTP is limited too now.
             assert post(guarded, "sk-nats").status_code == 429
@@ -164,13 +163,13 @@ def test_failed_keys_are_braked_before_the_key_check(guarded: Stack) -> None:
             codes = []
             for i in range(3 * AUTH_FAILURE_BURST):
                 r = await nats_request(nc, f"sk-guess-{i}")
-                assert isinstance(r, ApiErrorMsg)
+                assert isinstance(r, ApiError)
                 codes.append(r.code)
                 if r.code == 429:
                     break
             assert codes[-1] == 429 and codes.count(401) <= AUTH_FAILURE_BURST + 1, codes
             braked = await nats_request(nc, "sk-beta")
-            assert isinstance(braked, ApiErrorMsg) and braked.code == 429 and "failed API key" in braked.message
+            assert isinstance(braked, ApiError) and braked.code == 429 and "failed API key" in braked.message
             assert post(guarded, "sk-beta").status_code == 200
         finally:
             await nc.close()
@@ -235,13 +234,13 @@ def test_empty_keys_file_is_an_error(tmp_path) -> None:
 def test_access_control_units() -> None:
     ac = AccessControl(frozenset({"sk-one", "sk-two"}), None, RateLimiter(rpm=60, burst=2))
     assert ac.admit("Bearer sk-two", "10.0.0.1") == "key:sk-two"
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(RequestError) as e:
         ac.admit("Basic sk-two", "10.0.0.2")
     assert e.value.status == 401
     # The address limit applies before the key is checked: a third request from 10.0.0.1 is
     # refused even with a right key, while 10.0.0.3 is not affected.
     ac.admit("Bearer sk-one", "10.0.0.1")
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(RequestError) as e:
         ac.admit("Bearer sk-one", "10.0.0.1")
     assert e.value.status == 429
     assert ac.admit("Bearer sk-one", "10.0.0.3") == "key:sk-one"

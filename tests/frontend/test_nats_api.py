@@ -85,3 +85,16 @@ def test_nats_api_errors(stack: Stack, payload: bytes) -> None:
             await nc.close()
 
     anyio.run(main)
+
+
+def test_nats_api_refuses_what_it_does_not_honour_by_name(stack: Stack) -> None:
+    async def main() -> None:
+        nc = await nats.connect(stack.nats.url)
+        try:
+            out = await collect(nc, b'{"prompt": "x", "n": 2}', lambda b: msgspec.json.decode(b, type=ApiChunk | ApiError))
+            assert len(out) == 1 and isinstance(out[0], ApiError)
+            assert out[0].code == 400 and "`n`" in out[0].message
+        finally:
+            await nc.close()
+
+    anyio.run(main)
