@@ -79,6 +79,11 @@ def main(
     log_level: LogLevel = "info",
     log_format: LogFormat = "text",
     drain_timeout: DrainTimeout = 30.0,
+    replicas: Annotated[
+        int, typer.Option("--replicas", envvar="BATON_DECODE_REPLICAS", min=1,
+                          help="Simulated workers in this process, each a full worker on the bus (--engine mocker "
+                               "only; ids --worker-id or decode-<hex> plus -000, -001, ...). For fleet-scale tests.")
+    ] = 1,
 ) -> None:
     """Run a decode worker: generate requests in, token chunks out."""
     from services.decode.disagg import DisaggSettings
@@ -102,6 +107,16 @@ def main(
         disagg=DisaggSettings(enabled=disagg, min_tokens=remote_prefill_min_tokens, max_queue=max_prefill_queue,
                               prefill_timeout=prefill_timeout, transport=kv_transport),
     )
+    if replicas > 1:
+        from services.decode.fleet import DecodeFleet
+        from shared.preflight import fail
+
+        try:
+            fleet = DecodeFleet(settings, replicas)
+        except ValueError as e:
+            fail("decode", str(e))
+        run_service(fleet, "decode", log_level, drain_timeout, log_format)
+        return
     run_service(DecodeWorker(settings), "decode", log_level, drain_timeout, log_format)
 
 
