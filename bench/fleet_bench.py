@@ -335,8 +335,8 @@ def spread(values: list[float], fmt: str = "{:.2f}") -> str:
 def summarize(points: list[Point]) -> str:
     rows = ["| workers | rate (req/s) | done/s | errors | frontend ms/req | router ms/req | worker host ms/req "
             "| nats-server ms/req | NATS msgs/req | router p99 µs | idle NATS msgs/s | discovery msgs/s "
-            "| KV events msgs/s (KB/s) | load reports msgs/s | busiest (cores) | load avg |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| KV events msgs/s (KB/s) | load reports msgs/s | busiest (cores) | startup s | host RSS MB | load avg |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     keys = sorted({(p.workers, p.rate) for p in points})
     for w, r in keys:
         ps = [p for p in points if (p.workers, p.rate) == (w, r)]
@@ -355,7 +355,8 @@ def summarize(points: list[Point]) -> str:
             f"| {col(lambda p: p.subject_msgs_per_s['kv_events'], '{:.0f}')} "
             f"({col(lambda p: p.subject_bytes_per_s['kv_events'] / 1024, '{:.0f}')}) "
             f"| {col(lambda p: p.subject_msgs_per_s['load_reports'], '{:.0f}')} "
-            f"| {busiest} {col(lambda p: p.cpu_util_load[busiest])} "
+            f"| {busiest} {col(lambda p, b=busiest: p.cpu_util_load[b])} "
+            f"| {col(lambda p: p.startup_s, '{:.1f}')} | {col(lambda p: p.worker_host_rss_mb, '{:.0f}')} "
             f"| {spread([p.load_avg[0] for p in ps])} |")
     return "\n".join(rows)
 
