@@ -45,6 +45,7 @@ OPERATIONS_DOC = ROOT / "docs" / "operations.md"
 
 BATON_SERVICES = ("frontend", "router", "decode", "prefill", "planner")
 OBSERVABILITY = {"prometheus", "grafana", "jaeger"}
+CLUSTER_NATS = {"nats-2", "nats-3"}  # compose.yaml's cluster profile: with `nats`, a 3-server NATS
 RELEASE, NAMESPACE = "baton", "llm"
 
 
@@ -677,6 +678,8 @@ def test_observability_services_only_in_the_profile():
         if name in OBSERVABILITY:
             assert svc.get("profiles") == ["observability"], name
             assert svc.get("restart") and svc.get("healthcheck", {}).get("test"), name
+        elif name in CLUSTER_NATS:
+            assert svc.get("profiles") == ["cluster"], name  # tests/test_compose.py checks that profile
         else:
             assert not svc.get("profiles"), f"{name}: the default deployment must not change"
     # Config files the profile mounts exist in the repository.
@@ -706,7 +709,7 @@ def test_prometheus_scrapes_every_service_where_it_serves_metrics():
                 host, _, port = t.rpartition(":")
                 targets.add((host, int(port)))
     for name in SERVICES:
-        if name == "nats" or name in OBSERVABILITY or name in SETUP:
+        if name == "nats" or name in CLUSTER_NATS or name in OBSERVABILITY or name in SETUP:
             continue
         assert (name, _metrics_port(name)) in targets, f"prometheus.yml does not scrape {name}"
     for host, _ in targets:
