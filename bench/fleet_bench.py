@@ -70,9 +70,11 @@ class Point:
     workers: int
     rate: float
     repeat: int
+    routers: int = 2
     requests: int = 0
     ok: int = 0
     errors: int = 0
+    error_kinds: dict[str, int] = field(default_factory=dict)  # "HTTP 503", "ReadTimeout", ...
     duration_s: float = 0.0
     throughput: float = 0.0
     latency_p50_ms: float = 0.0
@@ -192,7 +194,7 @@ class SubjectCounter:
 
 
 async def measure(args: argparse.Namespace, workers: int, rate: float, repeat: int, workdir: Path) -> Point:
-    point = Point(workers, rate, repeat)
+    point = Point(workers, rate, repeat, args.routers)
     monitor = free_port()
     server = EmbeddedNats(data_dir=workdir / "nats", log_file=workdir / "nats.log", extra_args=["-m", str(monitor)])
     server.start()
@@ -204,7 +206,7 @@ async def measure(args: argparse.Namespace, workers: int, rate: float, repeat: i
                     [*common, "--engine", "mocker", "--replicas", str(workers), "--worker-id", "sim", "--no-disagg",
                      "--mocker-speedup", str(args.speedup), "--block-size", "16"], workdir / "decode.log")
         procs.append(host)
-        router_ports = [free_port() for _ in range(2)]
+        router_ports = [free_port() for _ in range(args.routers)]
         for i, p in enumerate(router_ports):
             procs.append(Proc("router", "services.router", [*common, "--mode", "kv", "--metrics-port", str(p)],
                               workdir / f"router-{i}.log"))
@@ -261,6 +263,7 @@ async def measure(args: argparse.Namespace, workers: int, rate: float, repeat: i
             c0, v0, s0 = cpu_by_component(), varz(monitor), counter.snapshot()
             latencies: list[float] = []
             errors = 0
+            error_kinds: dict[str, int] = {}
             t0 = time.monotonic()
             limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
             async with httpx.AsyncClient(timeout=60, limits=limits) as client:
@@ -276,10 +279,12 @@ async def measure(args: argparse.Namespace, workers: int, rate: float, repeat: i
                                   "ignore_eos": True})
                         if resp.status_code == 200:
                             latencies.append(time.monotonic() - sent)
-                        else:
-                            errors += 1
-                    except httpx.HTTPError:
-                        errors += 1
+                            return
+                        kind = f"HTTP {resp.status_code}"
+                    except httpx.HTTPError as e:
+                        kind = type(e).__name__
+                    errors += 1
+                    error_kinds[kind] = error_kinds.get(kind, 0) + 1
 
                 async with anyio.create_task_group() as tg:
                     for i in range(len(reqs)):
@@ -292,6 +297,7 @@ async def measure(args: argparse.Namespace, workers: int, rate: float, repeat: i
         dur = t1 - t0
         n = len(reqs)
         point.requests, point.ok, point.errors, point.duration_s = n, len(latencies), errors, dur
+        point.error_kinds = error_kinds
         point.throughput = len(latencies) / dur
         point.latency_p50_ms = percentile(latencies, 0.5) * 1e3
         point.latency_p99_ms = percentile(latencies, 0.99) * 1e3
@@ -337,16 +343,16 @@ def summarize(points: list[Point]) -> str:
             "| nats-server ms/req | NATS msgs/req | router p99 µs | idle NATS msgs/s | discovery msgs/s "
             "| KV events msgs/s (KB/s) | load reports msgs/s | busiest (cores) | startup s | host RSS MB | load avg |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    keys = sorted({(p.workers, p.rate) for p in points})
-    for w, r in keys:
-        ps = [p for p in points if (p.workers, p.rate) == (w, r)]
+    keys = sorted({(p.workers, p.rate, p.routers) for p in points})
+    for w, r, k in keys:
+        ps = [p for p in points if (p.workers, p.rate, p.routers) == (w, r, k)]
 
         def col(f, fmt: str = "{:.2f}", ps=ps) -> str:
             return spread([f(p) for p in ps], fmt)
 
         busiest = max(COMPONENTS[:4], key=lambda k: statistics.median(p.cpu_util_load[k] for p in ps))
         rows.append(
-            f"| {w} | {r:g} | {col(lambda p: p.throughput, '{:.1f}')} | {sum(p.errors for p in ps)} "
+            f"| {w}{'' if k == 2 else f' ({k} routers)'} | {r:g} | {col(lambda p: p.throughput, '{:.1f}')} | {sum(p.errors for p in ps)} "
             f"| {col(lambda p: p.cpu_ms_per_req['frontend'])} | {col(lambda p: p.cpu_ms_per_req['router'])} "
             f"| {col(lambda p: p.cpu_ms_per_req['worker_host'])} | {col(lambda p: p.cpu_ms_per_req['nats_server'])} "
             f"| {col(lambda p: p.nats_msgs_per_req, '{:.1f}')} | {col(lambda p: p.router_decision_p99_us, '{:.0f}')} "
@@ -361,6 +367,104 @@ def summarize(points: list[Point]) -> str:
     return "\n".join(rows)
 
 
+# --- the scaling law ---------------------------------------------------------------------------
+
+PLOTTED = ("frontend", "router", "nats_server", "worker_host")
+LABELS = {"frontend": "frontends (2)", "router": "routers (2)", "nats_server": "nats-server",
+          "worker_host": "worker host (simulated)"}
+
+
+FIT_MAX_RATE = 100.0  # above it this box's CPUs, shared with other jobs, were the limit (see the table)
+
+
+def fitted(points: list[Point]) -> list[Point]:
+    return [p for p in points if p.routers == 2 and p.ok and not p.errors and p.rate <= FIT_MAX_RATE]
+
+
+def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least squares y = a + b x."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx else 0.0
+    return my - b * mx, b
+
+
+def scaling_law(points: list[Point], fleet: int = 1000, rate: float = 10_000) -> str:
+    """Per component: CPU per request = a + b*N (net of background), background cores = c*N; fitted on
+    the two-router points below the box's saturation, then extrapolated to ``fleet`` workers at ``rate``."""
+    pts = fitted(points)
+    lines = [f"fit on {len(pts)} runs (2 routers, offered <= {FIT_MAX_RATE:g} req/s, no errors)",
+             f"| component | CPU ms/request = a + b·N | background cores = c·N | at N={fleet}, {rate:g} req/s: cores |",
+             "|---|---|---|---|"]
+    for comp in PLOTTED[:3]:
+        a, b = linear_fit([p.workers for p in pts], [p.cpu_ms_per_req_net[comp] for p in pts])
+        _, c = linear_fit([p.workers for p in pts], [p.cpu_util_idle[comp] for p in pts])
+        cores = (a + b * fleet) * rate / 1e3 + c * fleet
+        lines.append(f"| {comp} | {a:.2f} + {b * 1e3:.2f}e-3·N | {c * 1e3:.3f}e-3·N | {cores:.0f} |")
+    a, b = linear_fit([p.workers for p in pts], [p.nats_msgs_per_req for p in pts])
+    _, c = linear_fit([p.workers for p in pts], [p.nats_idle_msgs_per_s for p in pts])
+    lines.append(f"\nNATS messages/request = {a:.1f} + {b * 1e3:.2f}e-3·N; background messages/s = {c:.2f}·N; "
+                 f"at N={fleet}, {rate:g} req/s: {(a + b * fleet) * rate + c * fleet:,.0f} messages/s")
+    p99 = [p for p in pts if p.router_decision_p99_us == p.router_decision_p99_us]
+    a, b = linear_fit([p.workers for p in p99], [p.router_decision_p99_us for p in p99])
+    lines.append(f"router decision p99 = {a:.0f} + {b:.2f}·N µs; at N={fleet}: {a + b * fleet:.0f} µs")
+    return "\n".join(lines)
+
+
+def plot_svg(points: list[Point], width: int = 640, height: int = 400) -> str:
+    """Workers (log axis) against CPU ms per request per component: median and min..max over the
+    fitted runs (2 routers, every offered rate up to FIT_MAX_RATE). Written by hand: no plotting library in the project."""
+    pts = fitted(points)
+    ns = sorted({p.workers for p in pts})
+    colours = {"frontend": "#1f77b4", "router": "#d62728", "nats_server": "#2ca02c", "worker_host": "#7f7f7f"}
+    left, right, top, bottom = 60, 190, 30, 50
+    series = {c: [(n, [p.cpu_ms_per_req[c] for p in pts if p.workers == n]) for n in ns] for c in PLOTTED}
+    ymax = max(max(v) for s in series.values() for _, v in s if v) * 1.15
+    import math
+
+    def x(n: float) -> float:
+        lo, hi = math.log(ns[0]), math.log(ns[-1])
+        return left + (math.log(n) - lo) / ((hi - lo) or 1) * (width - left - right)
+
+    def y(v: float) -> float:
+        return height - bottom - v / ymax * (height - top - bottom)
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           'font-size="12">', f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<text x="{left}" y="18" font-size="13">CPU per request by component vs simulated workers '
+           '(median, min..max)</text>',
+           f'<line x1="{left}" y1="{y(0)}" x2="{width - right}" y2="{y(0)}" stroke="black"/>',
+           f'<line x1="{left}" y1="{y(0)}" x2="{left}" y2="{top}" stroke="black"/>',
+           f'<text x="{(left + width - right) / 2}" y="{height - 12}" text-anchor="middle">workers (log scale)</text>',
+           f'<text x="16" y="{(top + height - bottom) / 2}" transform="rotate(-90 16 {(top + height - bottom) / 2})" '
+           'text-anchor="middle">CPU ms per request</text>']
+    for n in ns:
+        out.append(f'<text x="{x(n):.1f}" y="{y(0) + 16}" text-anchor="middle">{n}</text>')
+    step = 0.5 if ymax < 4 else 1.0
+    v = 0.0
+    while v <= ymax:
+        out.append(f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v:g}</text>')
+        out.append(f'<line x1="{left}" y1="{y(v):.1f}" x2="{width - right}" y2="{y(v):.1f}" stroke="#eee"/>')
+        v += step
+    for i, comp in enumerate(PLOTTED):
+        colour = colours[comp]
+        meds = [(n, statistics.median(vals)) for n, vals in series[comp] if vals]
+        path = " ".join(f"{x(n):.1f},{y(m):.1f}" for n, m in meds)
+        out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{path}"/>')
+        for n, vals in series[comp]:
+            if vals:
+                out.append(f'<line x1="{x(n):.1f}" y1="{y(min(vals)):.1f}" x2="{x(n):.1f}" y2="{y(max(vals)):.1f}" '
+                           f'stroke="{colour}"/>')
+                out.append(f'<circle cx="{x(n):.1f}" cy="{y(statistics.median(vals)):.1f}" r="3" fill="{colour}"/>')
+        ly = top + 20 + 20 * i
+        out.append(f'<line x1="{width - right + 12}" y1="{ly}" x2="{width - right + 32}" y2="{ly}" stroke="{colour}" '
+                   'stroke-width="2"/>')
+        out.append(f'<text x="{width - right + 38}" y="{ly + 4}">{LABELS[comp]}</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, nargs="+", default=[16, 64, 256])
@@ -373,8 +477,21 @@ def main() -> None:
     ap.add_argument("--idle", type=float, default=4.0, help="seconds of the idle window")
     ap.add_argument("--discovery-ttl", type=float, default=10.0)
     ap.add_argument("--ready-timeout", type=float, default=120.0)
+    ap.add_argument("--routers", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--report", type=Path, nargs="+", default=None,
+                    help="no runs: summarize these --json files (table, fits, extrapolation)")
+    ap.add_argument("--svg", type=Path, default=None, help="with --report: write the plot here")
     args = ap.parse_args()
+    if args.report:
+        points = [Point(**{**p, "load_avg": tuple(p["load_avg"])}) for f in args.report
+                  for p in json.loads(f.read_text())["points"]]
+        print(summarize(points))
+        print()
+        print(scaling_law(points))
+        if args.svg:
+            args.svg.write_text(plot_svg(points))
+        return
     os.environ.setdefault("BATON_CACHE_DIR", str(Path(tempfile.gettempdir()) / "baton-fleet-bench-cache"))
     from shared.builtin_model import ensure_builtin
 
