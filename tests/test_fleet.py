@@ -7,6 +7,8 @@ those that served publish their own KV events.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import anyio
@@ -18,7 +20,7 @@ from services.decode.fleet import DecodeFleet
 from services.decode.worker import DecodeSettings
 from shared import subjects
 from shared.engines import EngineConfig
-from tests.procs import Stack, running
+from tests.procs import Stack, running, service_env, wait_until
 
 REPLICAS = 64
 
@@ -92,3 +94,22 @@ def test_fleet_registers_and_serves(fleet_stack: Stack) -> None:
     assert kv_writers <= expected
     assert len(kv_writers) >= REPLICAS // 4, sorted(kv_writers)
     assert time.monotonic() - started < 30
+
+
+def test_fleet_drains_on_sigterm(fleet_stack: Stack) -> None:
+    """SIGTERM: every replica withdraws its registration (the frontend sees none left) and the
+    process exits 0 within its drain."""
+    host = fleet_stack.decoders[0]
+    started = time.monotonic()
+    assert host.stop(timeout=20) == 0, host.log()[-3000:]
+    assert time.monotonic() - started < 15
+    wait_until(lambda: not fleet_stack.health().get("decode_workers"), 10, what="replicas deregistered")
+
+
+def test_replicas_refuse_a_real_engine(tmp_path) -> None:
+    r = subprocess.run([sys.executable, "-m", "services.decode", "--engine", "torch", "--replicas", "2",
+                        "--nats-url", "nats://127.0.0.1:1"], capture_output=True, text=True, timeout=120,
+                       env=service_env())
+    assert r.returncode == 2, r.stderr
+    assert "decode: error: --replicas > 1 needs --engine mocker" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -89,9 +89,11 @@ def main(
     from services.decode.disagg import DisaggSettings
     from services.decode.worker import DecodeSettings, DecodeWorker
     from shared.engines import EngineConfig
-    from shared.preflight import check_engine, check_model, check_port, run_checks
+    from shared.preflight import check_engine, check_model, check_port, fail, run_checks
     from shared.runtime import run_service
 
+    if replicas > 1 and engine != "mocker":  # before the preflight: no need to import a real engine to refuse it
+        fail("decode", f"--replicas > 1 needs --engine mocker (got {engine!r})")
     run_checks("decode", [lambda: check_engine(engine), lambda: check_model(model),
                           lambda: check_port("0.0.0.0", metrics_port, "metrics", "--metrics-port")])
 
@@ -109,13 +111,8 @@ def main(
     )
     if replicas > 1:
         from services.decode.fleet import DecodeFleet
-        from shared.preflight import fail
 
-        try:
-            fleet = DecodeFleet(settings, replicas)
-        except ValueError as e:
-            fail("decode", str(e))
-        run_service(fleet, "decode", log_level, drain_timeout, log_format)
+        run_service(DecodeFleet(settings, replicas), "decode", log_level, drain_timeout, log_format)
         return
     run_service(DecodeWorker(settings), "decode", log_level, drain_timeout, log_format)
 
