@@ -148,3 +148,91 @@ def test_cluster_values_are_checked(values: dict, message: str) -> None:
     helm = _import("helm_python", "pip install helm-python-sdk")
     with pytest.raises(helm.HelmError, match=re.escape(message)):
         render(values)
+
+
+def test_the_charts_nats_servers_form_a_jetstream_cluster_that_survives_one_loss(tmp_path) -> None:
+    """The StatefulSet's own nats-server arguments and the chart's generated auth config, run as three
+    real servers on loopback (pod DNS names mapped to local ports): they elect a JetStream meta
+    leader, a 3-replica bucket written through one server is read through another, and still after
+    the first server is SIGKILLed."""
+    import asyncio
+    import json
+    import subprocess
+    import time
+    import urllib.request
+
+    import nats
+    from nats.js.api import KeyValueConfig
+
+    from baton.nats_server import find_nats_server, free_port
+    from tests.procs import wait_until
+
+    docs = render()
+    args = [str(a) for a in container(one(docs, "StatefulSet", NATS))["args"]]
+    secret = one(docs, "Secret", component("nats-identities"))["stringData"]
+    conf = tmp_path / "nats-auth.conf"
+    conf.write_text(secret["nats-auth.conf"])
+    admin = dict(line.split(": ", 1) for line in secret["admin.creds"].splitlines() if ": " in line)
+    client_ports, monitor_ports, route_ports = ([free_port() for _ in range(3)] for _ in range(3))
+    local = {f"nats://{pod_dns(i)}:6222": f"nats://127.0.0.1:{route_ports[i]}" for i in range(3)}
+
+    def server_args(i: int) -> list[str]:
+        out, replaced = [], set()
+        plain = {"--store_dir": str(tmp_path / f"store-{i}"), "--http_port": str(monitor_ports[i]),
+                 "--cluster": f"nats://127.0.0.1:{route_ports[i]}", "--config": str(conf)}
+        for prev, arg in zip(["", *args[:-1]], args, strict=True):
+            new = plain.get(prev)
+            if prev == "--routes":
+                new = ",".join(local[r] for r in arg.split(","))
+            elif arg == "$(POD_NAME)":
+                new = f"{NATS}-{i}"
+            if new is not None:
+                replaced.add(prev or arg)
+            out.append(arg if new is None else new)
+        assert replaced == {"--store_dir", "--http_port", "--cluster", "--config", "--routes", "--server_name"}
+        return [find_nats_server(), *out, "-a", "127.0.0.1", "-p", str(client_ports[i])]
+
+    procs = [subprocess.Popen(server_args(i), stdout=open(tmp_path / f"nats-{i}.log", "wb"),
+                              stderr=subprocess.STDOUT) for i in range(3)]
+    try:
+        def healthy(i: int) -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{monitor_ports[i]}/healthz", timeout=1) as r:
+                    return json.loads(r.read()).get("status") == "ok"
+            except OSError:
+                return False
+
+        wait_until(lambda: all(healthy(i) for i in range(3)), 30, 0.2, "three healthy JetStream servers")
+
+        async def scenario() -> tuple[bytes, bytes]:
+            opts = {"user": admin["user"], "password": admin["password"], "connect_timeout": 5,
+                    "allow_reconnect": False}
+            first = await nats.connect(f"nats://127.0.0.1:{client_ports[0]}", **opts)
+            other = await nats.connect(f"nats://127.0.0.1:{client_ports[2]}", **opts)
+            try:
+                kv = await first.jetstream().create_key_value(KeyValueConfig(bucket="probe", replicas=3))
+                await kv.put("k", b"before")
+                read = (await (await other.jetstream().key_value("probe")).get("k")).value
+                procs[0].kill()  # SIGKILL the server the bucket was made through
+                procs[0].wait(5)
+                survivor = await other.jetstream(timeout=10).key_value("probe")
+                deadline = time.monotonic() + 15
+                while True:  # a new stream leader is elected within seconds
+                    try:
+                        await survivor.put("k", b"after")
+                        break
+                    except Exception:
+                        if time.monotonic() > deadline:
+                            raise
+                        await asyncio.sleep(0.2)
+                return read, (await survivor.get("k")).value
+            finally:
+                await first.close()
+                await other.close()
+
+        assert asyncio.run(scenario()) == (b"before", b"after")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                p.wait(10)
