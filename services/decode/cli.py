@@ -79,14 +79,21 @@ def main(
     log_level: LogLevel = "info",
     log_format: LogFormat = "text",
     drain_timeout: DrainTimeout = 30.0,
+    replicas: Annotated[
+        int, typer.Option("--replicas", envvar="BATON_DECODE_REPLICAS", min=1,
+                          help="Simulated workers in this process, each a full worker on the bus (--engine mocker "
+                               "only; ids --worker-id or decode-<hex> plus -000, -001, ...). For fleet-scale tests.")
+    ] = 1,
 ) -> None:
     """Run a decode worker: generate requests in, token chunks out."""
     from services.decode.disagg import DisaggSettings
     from services.decode.worker import DecodeSettings, DecodeWorker
     from shared.engines import EngineConfig
-    from shared.preflight import check_engine, check_model, check_port, run_checks
+    from shared.preflight import check_engine, check_model, check_port, fail, run_checks
     from shared.runtime import run_service
 
+    if replicas > 1 and engine != "mocker":  # before the preflight: no need to import a real engine to refuse it
+        fail("decode", f"--replicas > 1 needs --engine mocker (got {engine!r})")
     run_checks("decode", [lambda: check_engine(engine), lambda: check_model(model),
                           lambda: check_port("0.0.0.0", metrics_port, "metrics", "--metrics-port")])
 
@@ -102,6 +109,11 @@ def main(
         disagg=DisaggSettings(enabled=disagg, min_tokens=remote_prefill_min_tokens, max_queue=max_prefill_queue,
                               prefill_timeout=prefill_timeout, transport=kv_transport),
     )
+    if replicas > 1:
+        from services.decode.fleet import DecodeFleet
+
+        run_service(DecodeFleet(settings, replicas), "decode", log_level, drain_timeout, log_format)
+        return
     run_service(DecodeWorker(settings), "decode", log_level, drain_timeout, log_format)
 
 

@@ -116,7 +116,10 @@ class DecodeWorker:
         )
 
     async def run(self) -> None:
-        self.bus = await Bus.connect(self.settings.nats_url, f"baton-{self.worker_id}")
+        # A bus set before run() belongs to a host of many workers (services/decode/fleet.py): use it, leave it open.
+        owns_bus = self.bus is None
+        if self.bus is None:
+            self.bus = await Bus.connect(self.settings.nats_url, f"baton-{self.worker_id}")
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
@@ -155,7 +158,8 @@ class DecodeWorker:
                 log.info("%s serving %s with the %s engine", self.worker_id, self.model, self.engine.name)
         finally:
             self.ready = False
-            await self.bus.close()
+            if owns_bus:
+                await self.bus.close()
 
     async def drain(self) -> None:
         """Deregister so no new work arrives, let in-flight requests finish, then return."""
