@@ -60,7 +60,7 @@ def up(
     host: Annotated[str, typer.Option(envvar="BATON_HOST", help="HTTP bind address.")] = "0.0.0.0",
     port: Annotated[int, typer.Option(envvar="BATON_PORT", help="HTTP port.")] = 8000,
     model: Annotated[
-        str, typer.Option(envvar="BATON_MODEL", help="Built-in model (baton-tiny, baton-small) or a HF model directory.")
+        str, typer.Option(envvar="BATON_MODEL", help="Built-in model (baton-tiny, baton-small, baton-tiny-b) or a HF model directory.")
     ] = "baton-tiny",
     engine: Annotated[str, typer.Option(envvar="BATON_ENGINE", help="torch, mocker or vllm.")] = "torch",
     decode_workers: Annotated[int, typer.Option(min=1, help="Decode worker processes.")] = 1,
