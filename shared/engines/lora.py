@@ -25,6 +25,7 @@ adapter is being unloaded: retry later, a 503).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -195,6 +196,7 @@ class LoraAdapter:
     config: LoraConfig
     layers: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]
     nbytes: int
+    digest: str  # of the config and weights files: with the name, salts the adapter's KV block hashes
 
 
 def load_adapter(
@@ -268,7 +270,15 @@ def load_adapter(
             nbytes += a_t.nbytes + b_t.nbytes
             packed[group] = (a_t, b_t)
         layers.append(packed)
-    return LoraAdapter(name or d.name, d, config, layers, nbytes)
+    return LoraAdapter(name or d.name, d, config, layers, nbytes, _files_digest(d))
+
+
+def _files_digest(adapter_dir: Path) -> str:
+    h = hashlib.sha256()
+    for f in (CONFIG_FILE, WEIGHTS_FILE):
+        with open(adapter_dir / f, "rb") as fh:
+            h.update(hashlib.file_digest(fh, "sha256").digest())
+    return h.hexdigest()[:16]
 
 
 Segment = tuple[list[dict[str, tuple[torch.Tensor, torch.Tensor]]], "slice | torch.Tensor"]

@@ -402,3 +402,21 @@ def test_plan_segments(four: dict[str, Path], base_model: LlamaModel) -> None:
     reg.release("x")
     with pytest.raises(ValueError, match="no acquired adapter"):
         reg.plan(row_slots([(sx, 1)]))
+
+
+def test_adapter_root_separates_prefix_hashes(adapters: dict[str, Path], base_model: LlamaModel) -> None:
+    from shared.kv_hash import ROOT_HASH, adapter_root, block_hashes
+
+    a, b = load(base_model, adapters["a"]), load(base_model, adapters["b"])
+    assert len(a.digest) == 16 and a.digest != b.digest
+    assert load(base_model, adapters["a"]).digest == a.digest  # the same files, the same digest
+    tokens = list(range(40))
+    chains = {
+        "bare": block_hashes(tokens, 16, adapter_root(None)),
+        "a": block_hashes(tokens, 16, adapter_root("a", a.digest)),
+        "a-reloaded-other-weights": block_hashes(tokens, 16, adapter_root("a", b.digest)),
+        "b": block_hashes(tokens, 16, adapter_root("b", b.digest)),
+    }
+    assert chains["bare"] == block_hashes(tokens, 16, ROOT_HASH)
+    firsts = {c[0] for c in chains.values()}
+    assert len(firsts) == len(chains)  # no block is shared between any two of them
