@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from shared.config import (
+from shared.cli_options import (
     DEFAULT_NATS_URL,
     DiscoveryTtl,
     DrainTimeout,

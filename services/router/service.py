@@ -21,7 +21,7 @@ from services.router.kv_policy import KvRouter, KvRouterConfig
 from services.router.policy import RoutingPolicy, make_policy
 from shared import tracing
 from shared.bus import Bus
-from shared.config import DEFAULT_NATS_URL
+from shared.cli_options import DEFAULT_NATS_URL
 from shared.discovery import DEFAULT_TTL, WorkerView
 from shared.messages import RouteDecision, RouteError, load_report_decoder, route_request_decoder
 from shared.subjects import LOAD_ALL, ROUTE, ROUTER_QUEUE
