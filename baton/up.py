@@ -23,6 +23,8 @@ from baton.nats_server import EmbeddedNats, NatsPortInUse, free_port, port_is_fr
 from shared import nats_auth, preflight, redact
 from shared.builtin_model import BUILTIN_MODELS, builtin_path
 from shared.bus import DEFAULT_CONNECT_TIMEOUT
+from shared.cli_options import engine_argv
+from shared.engines import EngineConfig
 from shared.supervisor import CrashWindow, spawn, stop_processes
 
 log = logging.getLogger("baton.up")
@@ -89,8 +91,9 @@ class ProcessSpec:
 def service_specs(s: UpSettings, nats_url: str) -> list[ProcessSpec]:
     py = [sys.executable, "-m"]
     common = ["--nats-url", nats_url, "--log-level", s.log_level, "--discovery-ttl", str(s.discovery_ttl)]
-    engine = ["--model", s.model, "--engine", s.engine, "--mocker-speedup", str(s.mocker_speedup),
-              "--num-blocks", str(s.num_blocks)]
+    # The workers' engine config, whole, spelled as flags in one place (shared.cli_options).
+    engine = engine_argv(EngineConfig(engine=s.engine, model=s.model, speedup=s.mocker_speedup,
+                                      num_blocks=s.num_blocks), ("engine", "model", "speedup", "num_blocks"))
     specs = [ProcessSpec("frontend", [*py, "services.frontend", *common, "--model", s.model, "--host", s.host,
                                       "--port", str(s.port)])]
     specs += [ProcessSpec(f"router-{i}", [*py, "services.router", *common, "--mode", s.router_mode])

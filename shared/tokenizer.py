@@ -62,10 +62,6 @@ class Tokenizer:
                 ids.append(tid)
         return tuple(dict.fromkeys(ids))
 
-    @property
-    def has_chat_template(self) -> bool:
-        return self._template is not None
-
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 

@@ -67,10 +67,6 @@ class BatonHttpProtocol(HttpToolsProtocol):
     """
 
     header_timeout: float = 30.0
-    api_keys_file: str | None = None
-    rate_limit_rpm: float = 0.0  # per API key (or client address without keys); 0: off
-    rate_limit_burst: int = 0
-    max_prompt_tokens: int = 0
     _header_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]

@@ -28,6 +28,8 @@ from prometheus_client import Counter, Gauge
 
 from services.planner.signals import ROLES, Role
 from shared import nats_auth
+from shared.cli_options import engine_argv
+from shared.engines import EngineConfig
 from shared.messages import WorkerInfo
 from shared.supervisor import CrashWindow, spawn, stop_processes
 
@@ -78,15 +80,13 @@ class NullConnector:
 
 @dataclass
 class LocalWorkerSettings:
-    """How the planner starts a worker: the deployment's engine, model and NATS options."""
+    """How the planner starts a worker: the deployment's engine config (whole), model and NATS options."""
 
     nats_url: str
-    engine: str = "torch"
-    model: str = ""
-    mocker_speedup: float = 1.0
-    num_blocks: int = 0
-    max_num_seqs: int = 0  # 0: the worker's default
-    max_batched_tokens: int = 0
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    # The engine options the planner was given, passed on as flags; the others stay the worker's
+    # own (its defaults and BATON_* variables).
+    engine_fields: tuple[str, ...] = ("engine", "speedup", "num_blocks")
     discovery_ttl: float = 6.0
     log_level: str = "info"
     log_dir: str | None = None  # one log file per worker here; else the planner's own stdout/stderr
@@ -119,16 +119,9 @@ class LocalProcessConnector:
 
     def argv(self, role: Role, worker_id: str) -> list[str]:
         s = self.settings
-        args = [s.python, "-m", f"services.{role}", "--nats-url", s.nats_url, "--worker-id", worker_id,
-                "--engine", s.engine, "--mocker-speedup", str(s.mocker_speedup), "--num-blocks", str(s.num_blocks),
-                "--discovery-ttl", str(s.discovery_ttl), "--log-level", s.log_level]
-        if s.model:
-            args += ["--model", s.model]
-        if s.max_num_seqs:
-            args += ["--max-num-seqs", str(s.max_num_seqs)]
-        if s.max_batched_tokens:
-            args += ["--max-batched-tokens", str(s.max_batched_tokens)]
-        return args + list(s.extra_args)
+        return [s.python, "-m", f"services.{role}", "--nats-url", s.nats_url, "--worker-id", worker_id,
+                *engine_argv(s.engine, s.engine_fields), "--discovery-ttl", str(s.discovery_ttl),
+                "--log-level", s.log_level, *s.extra_args]
 
     def active(self, role: Role) -> list[ManagedWorker]:
         return [w for w in self.workers.values() if w.role == role and w.stopping_since is None]
