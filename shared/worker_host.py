@@ -29,6 +29,7 @@ from shared.engines import Engine, EngineConfig, make_engine
 from shared.kv_address import advertised_host, bind_host_for
 from shared.kv_transport import KvTls, KvTransport, make_transport
 from shared.messages import KvEventBatch, LoadReport, WorkerInfo
+from shared.telemetry import serve_metrics
 
 log = logging.getLogger("baton.worker")
 
@@ -123,8 +124,6 @@ class WorkerHost:
                 self._tg = tg
                 tg.start_soon(self.engine.run)
                 if self.settings.metrics_port:
-                    from shared.telemetry import serve_metrics
-
                     tg.start_soon(serve_metrics, self.settings.metrics_port, lambda: self.ready)
                 await self.engine.wait_ready()
                 if self.wants_transport():

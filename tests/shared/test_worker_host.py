@@ -96,8 +96,7 @@ def test_worker_host_registers_reports_load_and_drains_after_its_work(tmp_path: 
                 with anyio.fail_after(10):
                     while view.get("decode-host1") is not None:  # withdrawn at once
                         await view.wait_changed()
-                await anyio.sleep(0)
-                assert not run_done.is_set()  # still holding its work
+                assert worker.in_flight == 1 and not run_done.is_set()  # withdrawn, still holding its work
                 worker.release.set()
                 with anyio.fail_after(10):
                     await run_done.wait()
