@@ -91,6 +91,9 @@ class WorkerHost:
         """This role's own WorkerInfo fields (the subjects and KV endpoint it is reached on)."""
         return {}
 
+    async def prepare(self) -> None:
+        """Bus-side set-up before anything starts (e.g. make sure a stream exists)."""
+
     async def serve(self, tg: anyio.abc.TaskGroup) -> None:
         """Subscribe and start this role's tasks in ``tg`` (before registration)."""
 
@@ -142,9 +145,6 @@ class WorkerHost:
         finally:
             self.ready = False
             await self.bus.close()
-
-    async def prepare(self) -> None:
-        """Bus-side set-up before anything starts (e.g. make sure a stream exists)."""
 
     async def _start_transport(self, tg: anyio.abc.TaskGroup) -> None:
         s = self.settings
