@@ -15,8 +15,8 @@ request with ``hold=True``: it is prefilled as usual, and once its first token i
 the batch with its blocks *held* (:attr:`Scheduler.held`) until they have been sent. Reserved and
 held requests are never scheduled, so nothing computes into their blocks meanwhile.
 
-Not thread-safe: the torch engine drives it from its step thread, and takes reservations and held
-blocks from the event loop only under the lock that thread schedules under.
+Not thread-safe: the engine core drives it from its step loop, and takes reservations and held
+blocks from the event loop only under the lock that loop schedules under.
 """
 
 from __future__ import annotations
