@@ -54,6 +54,11 @@ def _available_memory() -> int | None:
     return None
 
 
+def device_type(device: str) -> str:
+    """"cpu", "cuda", ... of a device string such as "cuda:1"."""
+    return torch.device(device).type
+
+
 def eos_ids(model_dir: Path) -> tuple[int, ...]:
     try:
         from shared.tokenizer import Tokenizer

@@ -8,14 +8,18 @@ forward, logits, sampling); this module only wires them together for a model ref
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from shared.engines.base import EngineConfig
 from shared.engines.core import EngineCore
-from shared.engines.model_runner import TorchModelRunner, eos_ids
-from shared.engines.sampling import Sampler
-from shared.engines.torch_model import LlamaModel
+
+# Not torch itself first: model_runner sets the OpenMP spin policy before torch loads.
+from shared.engines.model_runner import TorchModelRunner, device_type, eos_ids
 from shared.models import resolve_dtype, resolve_model
+
+if TYPE_CHECKING:
+    from shared.engines.sampling import Sampler
+    from shared.engines.torch_model import LlamaModel
 
 
 class TorchEngine(EngineCore):
@@ -25,11 +29,11 @@ class TorchEngine(EngineCore):
     def __init__(self, config: EngineConfig) -> None:
         self.model_ref = resolve_model(config.model)
         self.model_name = self.model_ref.name
-        self.dtype = resolve_dtype(config.dtype, self.model_ref.path, torch.device(config.device).type)
+        self.dtype = resolve_dtype(config.dtype, self.model_ref.path, device_type(config.device))
         self.eos_token_ids = eos_ids(self.model_ref.path)
         super().__init__(config, TorchModelRunner(config, self.model_ref, self.dtype, self.eos_token_ids))
         # KV export/import reads and writes the pool from the event loop: CPU memory only.
-        self.supports_remote_prefill = torch.device(config.device).type == "cpu"
+        self.supports_remote_prefill = device_type(config.device) == "cpu"
 
     @property
     def model(self) -> LlamaModel | None:
