@@ -91,6 +91,31 @@ def connect_timeout_from_env() -> float:
         return DEFAULT_CONNECT_TIMEOUT
 
 
+def parse_urls(urls: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Several NATS servers, comma-separated (``nats://a:4222,nats://b:4222``) or a list of such
+    strings: the servers of one cluster, tried in turn and on every reconnect."""
+    items = [urls] if isinstance(urls, str) else list(urls)
+    out = [u.strip() for item in items for u in item.split(",") if u.strip()]
+    if not out:
+        raise ValueError("no NATS URL given (--nats-url / BATON_NATS_URL)")
+    return out
+
+
+DEFAULT_JS_REPLICAS = 1
+
+
+def js_replicas_from_env() -> int:
+    """``BATON_JS_REPLICAS``: replicas of every stream and bucket this process creates (1..5)."""
+    raw = os.environ.get("BATON_JS_REPLICAS", "")
+    try:
+        n = int(raw) if raw.strip() else DEFAULT_JS_REPLICAS
+    except ValueError:
+        raise ValueError(f"BATON_JS_REPLICAS must be a whole number 1..5, not {raw!r}") from None
+    if not 1 <= n <= 5:
+        raise ValueError(f"BATON_JS_REPLICAS must be 1..5 (JetStream's range), not {n}")
+    return n
+
+
 def _reason(error: BaseException | None) -> str:
     """An error as an operator reads it: 'Connection refused', not 'None' or a repr."""
     if error is None:
@@ -120,7 +145,7 @@ def _creds_file_options(path: str) -> dict[str, Any]:
 
 
 async def _connect_once(
-    url: str, name: str, budget: float, secure: dict[str, Any], **callbacks: Any
+    urls: list[str], name: str, budget: float, secure: dict[str, Any], **callbacks: Any
 ) -> tuple[NatsClient | None, BaseException | None, list[BaseException]]:
     """One bounded connection attempt: (client or None, the error, auth failures seen)."""
     auth_failed: list[BaseException] = []
@@ -140,9 +165,12 @@ async def _connect_once(
         async def attempt() -> None:
             nonlocal nc, error
             try:
+                # Reconnects forever, to any server of the list (and those the cluster gossips), each
+                # attempt bounded by connect_timeout. Pings every 2 s, 2 missed: a server that died
+                # without closing its sockets (a lost host) is given up within ~4-6 s.
                 nc = await nats.connect(
-                    servers=[url], name=name, connect_timeout=2, allow_reconnect=True, max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5, ping_interval=5, max_outstanding_pings=3,
+                    servers=urls, name=name, connect_timeout=2, allow_reconnect=True, max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.2, ping_interval=2, max_outstanding_pings=2,
                     pending_size=64 * 1024 * 1024, error_cb=first_error_cb, **callbacks, **secure,
                 )
             except Exception as e:  # nats-py raises several unrelated types here
@@ -302,29 +330,36 @@ class ReplyInbox:
 class Bus:
     """A connected NATS client plus JetStream context and a shared reply inbox."""
 
-    def __init__(self, nc: NatsClient, js: JetStreamContext, inbox: ReplyInbox) -> None:
+    def __init__(self, nc: NatsClient, js: JetStreamContext, inbox: ReplyInbox, js_replicas: int = 1) -> None:
         self.nc = nc
         self.js = js
         self.inbox = inbox
         self.reconnects = 0  # bumped on every reconnect
+        self.js_replicas = js_replicas  # replicas of the streams and buckets this process creates
 
     @classmethod
     async def connect(
         cls,
-        url: str,
+        url: str | list[str],
         name: str,
         *,
         connect_timeout: float | None = None,
         on_disconnect: Callable[[], Awaitable[None]] | None = None,
         on_reconnect: Callable[[], Awaitable[None]] | None = None,
         security: NatsSecurity | None = None,
+        js_replicas: int | None = None,
     ) -> Bus:
-        """Connect, retrying with backoff until ``connect_timeout`` (default: BATON_NATS_CONNECT_TIMEOUT,
+        """Connect to one of the servers in ``url`` (comma-separated, or a list), retrying with backoff until ``connect_timeout`` (default: BATON_NATS_CONNECT_TIMEOUT,
         else 10 s): services may start a little before NATS.
 
-        Once connected, the client reconnects forever with backoff; requests made while the
-        server is away fail fast instead of hanging (see the faults issue).
+        Once connected, the client reconnects forever (to another server of the list when its own
+        dies); the reply inbox and every subscription are re-made on the new connection by nats-py;
+        requests made while no server is reachable fail fast instead of hanging.
+        ``js_replicas`` (default ``BATON_JS_REPLICAS``, else 1): see :mod:`shared.streams`.
         """
+        urls = parse_urls(url)
+        shown = redact.redact(",".join(urls))
+        replicas = js_replicas_from_env() if js_replicas is None else js_replicas
 
         async def error_cb(e: Exception) -> None:
             if "permissions violation" in str(e).lower():
@@ -344,7 +379,8 @@ class Bus:
                 await on_disconnect()
 
         async def reconnected_cb() -> None:
-            log.info("reconnected to NATS")
+            where = bus_ref[0].server_address if bus_ref else ""
+            log.info("reconnected to NATS %s", where)
             for bus in bus_ref:
                 bus.reconnects += 1  # JetStream consumers (KV watches) must be re-created
             if on_reconnect:
@@ -355,12 +391,12 @@ class Bus:
         deadline = time.monotonic() + connect_timeout
         delay = 0.1
         secure = (security or NatsSecurity.from_env()).connect_options()
-        anonymous = not ({"user", "token", "user_credentials"} & secure.keys()) and "@" not in url
+        anonymous = not ({"user", "token", "user_credentials"} & secure.keys()) and not any("@" in u for u in urls)
         while True:
             # Each attempt gets a slice of the budget, so the budget spans several attempts (a
             # server that comes up late is found) and the last attempt's reason is reported.
             nc, error, auth_failed = await _connect_once(
-                url, name, max(0.5, min(ATTEMPT_BUDGET, deadline - time.monotonic())), secure,
+                urls, name, max(0.5, min(ATTEMPT_BUDGET, deadline - time.monotonic())), secure,
                 disconnected_cb=disconnected_cb, reconnected_cb=reconnected_cb,
             )
             if nc is not None and nc.is_connected and not auth_failed:
@@ -371,22 +407,22 @@ class Bus:
             if auth_failed or (error is not None and _is_auth_failure(error)):
                 what = "needs credentials: pass --nats-creds / BATON_NATS_CREDS" if anonymous else (
                     "refused our credentials; check --nats-creds / BATON_NATS_CREDS or the URL's user/password")
-                raise BusAuthError(f"NATS at {redact.redact(url)} {what} "
+                raise BusAuthError(f"NATS at {shown} {what} "
                                    f"({redact.redact(repr((auth_failed or [error])[0]))})")
             if time.monotonic() + delay > deadline:
-                raise BusError(f"cannot connect to NATS at {redact.redact(url)} within {connect_timeout:g}s "
+                raise BusError(f"cannot connect to NATS at {shown} within {connect_timeout:g}s "
                                f"({_reason(error)}); start nats-server there or fix --nats-url / BATON_NATS_URL "
                                f"(BATON_NATS_CONNECT_TIMEOUT sets the wait)")
-            log.debug("NATS at %s not reachable yet (%s); retrying", url, _reason(error))
+            log.debug("NATS at %s not reachable yet (%s); retrying", shown, _reason(error))
             await anyio.sleep(delay)
             delay = min(delay * 2, 2.0)
         if anonymous:
             log.warning("connected to NATS at %s without credentials: this server has authentication off "
-                        "(development only; see docs/operations.md, Security)", redact.redact(url))
+                        "(development only; see docs/operations.md, Security)", shown)
         inbox = ReplyInbox(nc)
         inbox_ref.append(inbox)
         await inbox.start()
-        bus = cls(nc, nc.jetstream(timeout=5.0), inbox)
+        bus = cls(nc, nc.jetstream(timeout=5.0), inbox, replicas)
         bus_ref.append(bus)
         return bus
 
@@ -403,6 +439,12 @@ class Bus:
                 await self.nc.close()
             except Exception:
                 pass
+
+    @property
+    def server_address(self) -> str:
+        """host:port of the server this client is connected to now (no credentials)."""
+        url = self.nc.connected_url
+        return f"{url.hostname}:{url.port}" if url is not None else ""
 
     @property
     def connected(self) -> bool:

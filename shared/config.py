@@ -14,7 +14,26 @@ import typer
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
 NatsUrl = Annotated[
-    str, typer.Option("--nats-url", envvar="BATON_NATS_URL", help="NATS server URL (JetStream enabled).")
+    str, typer.Option("--nats-url", envvar="BATON_NATS_URL",
+                      help="NATS server URL (JetStream enabled); several servers of a cluster comma-separated "
+                           "(nats://a:4222,nats://b:4222): the services fail over between them.")
+]
+
+
+def _export_js_replicas(n: int | None) -> int | None:
+    # Read by the bus (shared.bus.js_replicas_from_env) wherever a stream or bucket is created.
+    if n is not None:
+        if not 1 <= n <= 5:
+            raise typer.BadParameter("must be 1..5 (JetStream's range)")
+        os.environ["BATON_JS_REPLICAS"] = str(n)
+    return n
+
+
+JsReplicas = Annotated[
+    int | None,
+    typer.Option("--js-replicas", envvar="BATON_JS_REPLICAS", callback=_export_js_replicas,
+                 help="Replicas of every JetStream stream and bucket Baton creates (1; 3 on a 3-server "
+                      "cluster). One that exists with fewer is reported, not silently reused."),
 ]
 
 

@@ -15,11 +15,11 @@ import time
 import anyio
 import nats.errors
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BadRequestError
 from nats.js.kv import KeyValue
 
 from shared.bus import Bus
 from shared.messages import WorkerInfo, encode, worker_info_decoder
+from shared.streams import key_value_bucket
 from shared.subjects import WORKERS_BUCKET, worker_key
 
 log = logging.getLogger("baton.discovery")
@@ -29,21 +29,13 @@ DEFAULT_TTL = 6.0
 
 async def workers_bucket(bus: Bus, ttl: float = DEFAULT_TTL) -> KeyValue:
     """Open the discovery bucket, creating it if absent (idempotent across services)."""
-    try:
-        return await bus.js.key_value(WORKERS_BUCKET)
-    except nats.js.errors.BucketNotFoundError:
-        pass
-    config = KeyValueConfig(
+    return await key_value_bucket(bus, KeyValueConfig(
         bucket=WORKERS_BUCKET,
         history=1,
         ttl=ttl,
         storage=StorageType.MEMORY,
         limit_marker_ttl=max(1.0, ttl),
-    )
-    try:
-        return await bus.js.create_key_value(config)
-    except BadRequestError:  # created concurrently by another service
-        return await bus.js.key_value(WORKERS_BUCKET)
+    ))
 
 
 class WorkerRegistration:

@@ -17,6 +17,7 @@ from shared.config import (
     Dtype,
     Engine,
     HostKvBlocks,
+    JsReplicas,
     KvBindHost,
     KvEviction,
     KvHost,
@@ -40,6 +41,7 @@ from shared.discovery import DEFAULT_TTL
 def main(
     nats_url: NatsUrl = DEFAULT_NATS_URL,
     nats_creds: NatsCreds = None,
+    js_replicas: JsReplicas = None,
     model: Model = DEFAULT_MODEL,
     served_model_name: ServedModelName = None,
     engine: Engine = "torch",

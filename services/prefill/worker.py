@@ -19,7 +19,6 @@ import uuid
 from dataclasses import dataclass, field
 
 import anyio
-import nats.errors
 from nats.aio.msg import Msg
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -38,7 +37,7 @@ from shared.messages import (
     WorkerInfo,
     prefill_job_decoder,
 )
-from shared.streams import PREFILL_ACK_WAIT_S, ensure_prefill_queue
+from shared.streams import PREFILL_ACK_WAIT_S, PrefillJobs, ensure_prefill_queue
 from shared.telemetry import bind_request, serve_metrics
 
 log = logging.getLogger("baton.prefill")
@@ -134,9 +133,7 @@ class PrefillWorker:
 
     async def _pull_jobs(self, tg: anyio.abc.TaskGroup) -> None:
         assert self.bus is not None
-        psub = await self.bus.js.pull_subscribe(
-            subjects.PREFILL_JOBS, durable=subjects.PREFILL_CONSUMER, stream=subjects.PREFILL_STREAM
-        )
+        jobs = await PrefillJobs.subscribe(self.bus)
         limit = anyio.Semaphore(self.settings.max_concurrent_jobs)
         while not self._draining:
             free = limit.value
@@ -145,9 +142,7 @@ class PrefillWorker:
                 limit.release()
                 continue
             try:
-                msgs = await psub.fetch(batch=free, timeout=1.0)
-            except (nats.errors.TimeoutError, TimeoutError):  # nothing queued this second
-                continue
+                msgs = await jobs.fetch(batch=free, timeout=1.0)  # [] if nothing queued this second
             except Exception as e:  # NATS away: back off and ask again
                 log.warning("fetch failed: %r", e)
                 await anyio.sleep(0.5)

@@ -10,6 +10,7 @@ from shared.config import (
     DEFAULT_NATS_URL,
     DiscoveryTtl,
     DrainTimeout,
+    JsReplicas,
     LogFormat,
     LogLevel,
     MetricsPort,
@@ -22,6 +23,7 @@ from shared.discovery import DEFAULT_TTL
 def main(
     nats_url: NatsUrl = DEFAULT_NATS_URL,
     nats_creds: NatsCreds = None,
+    js_replicas: JsReplicas = None,
     mode: Annotated[
         str, typer.Option("--mode", envvar="BATON_ROUTER_MODE",
                           help="Routing policy: kv, kv-approx (no KV events needed), round-robin or random.")

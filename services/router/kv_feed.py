@@ -27,16 +27,14 @@ import time
 import anyio
 import anyio.lowlevel
 from nats.aio.msg import Msg
-from nats.js.api import ConsumerConfig, DeliverPolicy, ObjectStoreConfig, StorageType
-from nats.js.object_store import ObjectStore
 from prometheus_client import Counter, Gauge
 
 from services.router.kv_index import EventOutcome, encode_snapshot
 from services.router.kv_policy import KvRouter
 from shared.bus import Bus
 from shared.messages import kv_event_decoder
-from shared.streams import kv_events_stream_config
-from shared.subjects import KV_EVENTS_ALL, KV_EVENTS_STREAM, ROUTER_SNAPSHOT_BUCKET, kv_resync
+from shared.streams import kv_events_last_seq, object_store, subscribe_kv_events
+from shared.subjects import ROUTER_SNAPSHOT_BUCKET, kv_resync
 
 log = logging.getLogger("baton.router.kv")
 
@@ -72,18 +70,12 @@ class KvEventFeed:
 
     async def start(self) -> None:
         """Ensure the stream, load a snapshot, subscribe, and wait (bounded) until caught up."""
-        await self.bus.ensure_stream(kv_events_stream_config())
-        info = await self.bus.js.stream_info(KV_EVENTS_STREAM)
-        last_seq = info.state.last_seq
+        last_seq = await kv_events_last_seq(self.bus)
         start_seq = await self._load_snapshot(last_seq) + 1
         self._caught_up_target = last_seq
         if self.applied_stream_seq >= last_seq:
             self._caught_up.set()
-        config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
-        if start_seq > 1:
-            config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_seq)
-        self._sub = await self.bus.js.subscribe(KV_EVENTS_ALL, stream=KV_EVENTS_STREAM, cb=self._on_msg,
-                                                ordered_consumer=True, config=config)
+        self._sub = await subscribe_kv_events(self.bus, start_seq, self._on_msg)
         t0 = time.monotonic()
         with anyio.move_on_after(self.catchup_timeout):
             await self._caught_up.wait()
@@ -154,15 +146,8 @@ class KvEventFeed:
 
     # --- snapshots -------------------------------------------------------------------------
 
-    async def _object_store(self) -> ObjectStore:
-        try:
-            return await self.bus.js.object_store(SNAPSHOT_BUCKET)
-        except Exception:
-            try:
-                return await self.bus.js.create_object_store(
-                    SNAPSHOT_BUCKET, ObjectStoreConfig(storage=StorageType.FILE, description="Baton router index snapshots"))
-            except Exception:  # created concurrently by another replica
-                return await self.bus.js.object_store(SNAPSHOT_BUCKET)
+    async def _object_store(self):
+        return await object_store(self.bus, SNAPSHOT_BUCKET, "Baton router index snapshots")
 
     async def _load_snapshot(self, stream_last_seq: int) -> int:
         """Restore the latest snapshot; return the stream seq it reflects (0: none usable)."""
