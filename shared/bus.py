@@ -166,7 +166,7 @@ async def _connect_once(
             nonlocal nc, error
             try:
                 # Reconnects forever, to any server of the list (and those the cluster gossips), each
-                # attempt bounded by connect_timeout. Pings every 2 s, 2 missed: a server that died
+                # attempt bounded (connect_timeout). Pings every 2 s, 2 missed: a server that died
                 # without closing its sockets (a lost host) is given up within ~4-6 s.
                 nc = await nats.connect(
                     servers=urls, name=name, connect_timeout=2, allow_reconnect=True, max_reconnect_attempts=-1,
