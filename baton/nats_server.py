@@ -188,6 +188,8 @@ class EmbeddedNats:
             i = args.index("-c")
             text = Path(args[i + 1]).read_text()
             del args[i:i + 2]
+        if not port_is_free("127.0.0.1", self.monitor_port):  # free when chosen, but not reserved: pick anew
+            self.monitor_port = free_port()
         c = self.cluster
         routes = ", ".join(json.dumps(f"nats://route:{c.secret}@127.0.0.1:{p}") for p in c.peer_ports)
         text += (f"\ncluster {{\n  name: {json.dumps(c.name)}\n  listen: \"127.0.0.1:{c.port}\"\n"

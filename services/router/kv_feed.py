@@ -101,6 +101,7 @@ class KvEventFeed:
         except Exception:  # not a JetStream message: cannot place it in the stream's order
             return
         self.applied_stream_seq = seq
+        STREAM_SEQ.set(seq)
         try:
             batch = kv_event_decoder.decode(msg.data)
         except Exception as e:

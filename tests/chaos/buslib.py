@@ -81,6 +81,9 @@ class Outcome:
         return self.status == 200 or (self.status in (429, 503) and bool(self.error_type))
 
 
+PROMPT = " ".join(f"word{k}" for k in range(80))
+
+
 @dataclass
 class Load:
     """``clients`` threads posting small completions back to back until stopped."""
@@ -98,8 +101,11 @@ class Load:
                 n += 1
                 t0 = time.monotonic()
                 try:
+                    # A shared prefix of several KV blocks, so a KV-aware router's index has entries, and
+                    # a tail of its own, so every request stores new blocks (KV events keep flowing).
+                    tail = " ".join(f"c{i}r{n}w{k}" for k in range(24))
                     r = http.post(f"{self.url}/v1/completions",
-                                  json={"model": "baton-tiny", "prompt": f"load {i} {n}", "max_tokens": 4})
+                                  json={"model": "baton-tiny", "prompt": f"{PROMPT} {tail}", "max_tokens": 4})
                     kind = ""
                     if r.status_code != 200:
                         try:
