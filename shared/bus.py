@@ -80,6 +80,11 @@ class NatsSecurity:
         return opts
 
 
+# How long a request made while the client is reconnecting waits for the new connection before
+# failing: a failover to another server of a cluster, or a restarted embedded server, takes well
+# under a second; a bus that stays away still fails the request fast.
+RECONNECT_GRACE_S = 1.5
+
 DEFAULT_CONNECT_TIMEOUT = 10.0  # seconds a service waits for NATS at start (BATON_NATS_CONNECT_TIMEOUT)
 ATTEMPT_BUDGET = 3.0  # seconds one connection attempt may take within that
 
@@ -336,6 +341,27 @@ class Bus:
         self.inbox = inbox
         self.reconnects = 0  # bumped on every reconnect
         self.js_replicas = js_replicas  # replicas of the streams and buckets this process creates
+        self._up = anyio.Event()  # set while connected; replaced by an unset one on a disconnect
+        self._up.set()
+
+    def _went_down(self) -> None:
+        if self._up.is_set():
+            self._up = anyio.Event()
+
+    def _came_back(self) -> None:
+        self.reconnects += 1  # JetStream consumers (KV watches) must be re-created
+        self._up.set()
+
+    async def wait_connected(self, timeout: float = RECONNECT_GRACE_S) -> bool:
+        """True once connected (at once if we are), False if not within ``timeout``: lets a caller
+        ride out a failover instead of failing the request it holds."""
+        if self.nc.is_connected:
+            return True
+        if self.nc.is_closed:
+            return False
+        with anyio.move_on_after(timeout):
+            await self._up.wait()
+        return self.nc.is_connected
 
     @classmethod
     async def connect(
@@ -373,6 +399,8 @@ class Bus:
 
         async def disconnected_cb() -> None:
             log.warning("disconnected from NATS")
+            for bus in bus_ref:
+                bus._went_down()
             for inbox in inbox_ref:
                 inbox.fail_all()  # fail fast rather than wait out every timeout
             if on_disconnect:
@@ -382,7 +410,7 @@ class Bus:
             where = bus_ref[0].server_address if bus_ref else ""
             log.info("reconnected to NATS %s", where)
             for bus in bus_ref:
-                bus.reconnects += 1  # JetStream consumers (KV watches) must be re-created
+                bus._came_back()
             if on_reconnect:
                 await on_reconnect()
 
@@ -458,8 +486,9 @@ class Bus:
     async def request(
         self, subject: str, msg: msgspec.Struct | bytes, timeout: float, headers: dict[str, str] | None = None
     ) -> Msg:
-        """One request, one reply. Raises BusTimeout or NoResponders."""
-        if not self.nc.is_connected:
+        """One request, one reply. Raises BusTimeout or NoResponders; BusError if the client is
+        not connected and does not reconnect within RECONNECT_GRACE_S."""
+        if not self.nc.is_connected and not await self.wait_connected():
             raise BusError("not connected to NATS")
         try:
             return await self.nc.request(subject, _payload(msg), timeout=timeout, headers=headers)
