@@ -35,9 +35,10 @@ class ClusterNats(EmbeddedCluster):
     def service_url(self) -> str:
         return self.url
 
-    def admin_urls(self) -> list[str]:
-        admin = self.identities.credentials("admin")
-        return [u.replace("nats://", f"nats://{admin.user}:{admin.password}@") for u in self.urls]
+    def admin_options(self) -> dict[str, str]:
+        """``nats.connect`` options of the operator identity (not in the URLs: a server the cluster
+        gossips has a URL without them)."""
+        return self.identities.credentials("admin").connect_options()
 
     def role_env(self, role: str) -> dict[str, str]:
         return nats_auth.service_env(self.identities, role)
@@ -74,6 +75,7 @@ class Outcome:
     end: float
     status: int  # 0: no HTTP answer at all
     error_type: str = ""
+    message: str = ""
 
     @property
     def clean(self) -> bool:
@@ -106,13 +108,13 @@ class Load:
                     tail = " ".join(f"c{i}r{n}w{k}" for k in range(24))
                     r = http.post(f"{self.url}/v1/completions",
                                   json={"model": "baton-tiny", "prompt": f"{PROMPT} {tail}", "max_tokens": 4})
-                    kind = ""
+                    kind = message = ""
                     if r.status_code != 200:
                         try:
-                            kind = r.json()["error"]["type"]
+                            kind, message = r.json()["error"]["type"], r.json()["error"]["message"]
                         except (ValueError, KeyError, TypeError):
-                            kind = ""
-                    self.outcomes.append(Outcome(t0, time.monotonic(), r.status_code, kind))
+                            message = r.text[:200]
+                    self.outcomes.append(Outcome(t0, time.monotonic(), r.status_code, kind, message))
                 except httpx.HTTPError as e:
                     self.outcomes.append(Outcome(t0, time.monotonic(), 0, type(e).__name__))
 
@@ -153,15 +155,16 @@ class JobPublisher:
     """Publishes prefill jobs through whatever happens to the servers; remembers each one JetStream
     acknowledged, by stream sequence, so a test can check that every one is still there."""
 
-    def __init__(self, urls: list[str]) -> None:
+    def __init__(self, urls: list[str], **connect_options: str) -> None:
         self.urls = urls
+        self.options = connect_options  # credentials as options: they then apply to every server
         self.acked: dict[int, str] = {}  # stream seq -> request id
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: anyio.run(self._main), daemon=True)
 
     async def _main(self) -> None:
         nc = await nats.connect(servers=self.urls, max_reconnect_attempts=-1, reconnect_time_wait=0.1,
-                                connect_timeout=2)
+                                connect_timeout=2, **self.options)
         js = nc.jetstream()
         try:
             while not self._stop.is_set():
@@ -187,7 +190,7 @@ class JobPublisher:
         """Acknowledged jobs no longer in the prefill stream (nothing consumes it in these tests)."""
 
         async def main() -> list[int]:
-            nc = await nats.connect(servers=self.urls, connect_timeout=2)
+            nc = await nats.connect(servers=self.urls, connect_timeout=2, **self.options)
             js = nc.jetstream()
             lost = []
             try:
