@@ -245,12 +245,93 @@ async def kv_events_last_seq(bus: Bus) -> int:
     return info.state.last_seq
 
 
-async def subscribe_kv_events(bus: Bus, start_seq: int, cb: Callable[[Msg], Awaitable[None]]) -> Any:
-    """An ordered consumer over the KV events stream from ``start_seq`` (1: from the start). nats-py
-    re-creates it from the last sequence seen when it misses heartbeats (a server went away)."""
-    config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
-    if start_seq > 1:
-        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_seq)
-    with anyio.fail_after(JS_TIMEOUT_S * 2):
-        return await bus.js.subscribe(subjects.KV_EVENTS_ALL, stream=subjects.KV_EVENTS_STREAM, cb=cb,
-                                      ordered_consumer=True, config=config)
+class StreamFollower:
+    """Reads a stream in order, from a start sequence, with an ordered (ephemeral) consumer, and
+    keeps doing so across failovers.
+
+    An ordered consumer lives on one server (the stream leader's): when that server dies, or the
+    client reconnects elsewhere, the consumer is gone, and nats-py's own recovery waits for missed
+    heartbeats and gives up for good if its one retry fails mid-election. :meth:`run` checks every
+    ``check_interval`` s that the consumer still answers and re-creates it from the next sequence
+    not yet seen; messages seen twice (an overlap of old and new consumer) are dropped.
+    """
+
+    def __init__(self, bus: Bus, subject: str, stream: str, cb: Callable[[Msg], Awaitable[None]],
+                 check_interval: float = 1.0) -> None:
+        self.bus = bus
+        self.subject = subject
+        self.stream = stream
+        self._cb = cb
+        self.check_interval = check_interval
+        self.last_seq = 0  # stream sequence of the last message handed to cb
+        self.resubscribes = 0
+        self._sub: Any = None
+
+    async def _on_msg(self, msg: Msg) -> None:
+        try:
+            seq = msg.metadata.sequence.stream
+        except Exception:  # not a JetStream message
+            return
+        if seq <= self.last_seq:
+            return  # already handed over (a re-created consumer overlapping the old one)
+        self.last_seq = seq
+        await self._cb(msg)
+
+    async def start(self, start_seq: int) -> None:
+        """Subscribe from ``start_seq`` (1: from the start)."""
+        self.last_seq = max(0, start_seq - 1)
+        await self._subscribe()
+
+    async def _subscribe(self) -> None:
+        start = self.last_seq + 1
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+        if start > 1:
+            config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
+        with anyio.fail_after(JS_TIMEOUT_S * 2):
+            self._sub = await self.bus.js.subscribe(self.subject, stream=self.stream, cb=self._on_msg,
+                                                    ordered_consumer=True, config=config)
+
+    async def _drop(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with anyio.move_on_after(2, shield=True):
+                try:
+                    await sub.unsubscribe()
+                except Exception as e:  # the connection it was on is gone
+                    log.debug("unsubscribe of the %s consumer failed: %r", self.stream, e)
+
+    async def _consumer_alive(self) -> bool:
+        try:
+            with anyio.fail_after(min(2.0, self.check_interval * 2)):
+                await self._sub.consumer_info()
+            return True
+        except Exception:
+            return False
+
+    async def run(self) -> None:
+        """Keep the consumer alive until cancelled."""
+        seen_reconnects = self.bus.reconnects
+        while True:
+            await anyio.sleep(self.check_interval)
+            if not self.bus.connected:
+                continue  # nothing to check against until the client is back
+            if self._sub is not None and self.bus.reconnects == seen_reconnects and await self._consumer_alive():
+                continue
+            seen_reconnects = self.bus.reconnects
+            await self._drop()
+            try:
+                await self._subscribe()
+                self.resubscribes += 1
+                log.info("following %s again from sequence %d", self.stream, self.last_seq + 1)
+            except Exception as e:  # mid-election: try again next round
+                log.info("cannot follow %s yet (%r); retrying", self.stream, e)
+
+    async def stop(self) -> None:
+        await self._drop()
+
+
+async def follow_kv_events(bus: Bus, start_seq: int, cb: Callable[[Msg], Awaitable[None]]) -> StreamFollower:
+    """Follow the KV events stream from ``start_seq``; run the returned follower's ``run()``."""
+    follower = StreamFollower(bus, subjects.KV_EVENTS_ALL, subjects.KV_EVENTS_STREAM, cb)
+    await follower.start(start_seq)
+    return follower

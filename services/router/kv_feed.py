@@ -33,7 +33,7 @@ from services.router.kv_index import EventOutcome, encode_snapshot
 from services.router.kv_policy import KvRouter
 from shared.bus import Bus
 from shared.messages import kv_event_decoder
-from shared.streams import kv_events_last_seq, object_store, subscribe_kv_events
+from shared.streams import StreamFollower, follow_kv_events, kv_events_last_seq, object_store
 from shared.subjects import ROUTER_SNAPSHOT_BUCKET, kv_resync
 
 log = logging.getLogger("baton.router.kv")
@@ -61,7 +61,7 @@ class KvEventFeed:
         self.applied_stream_seq = 0
         self.resumed_from_snapshot = 0  # stream seq of the snapshot loaded at start (0: none)
         self._snapshot_seq = 0
-        self._sub = None
+        self._sub: StreamFollower | None = None
         self._caught_up_target = 0
         self._caught_up = anyio.Event()
         self._resync_asked: dict[str, float] = {}
@@ -75,7 +75,7 @@ class KvEventFeed:
         self._caught_up_target = last_seq
         if self.applied_stream_seq >= last_seq:
             self._caught_up.set()
-        self._sub = await subscribe_kv_events(self.bus, start_seq, self._on_msg)
+        self._sub = await follow_kv_events(self.bus, start_seq, self._on_msg)
         t0 = time.monotonic()
         with anyio.move_on_after(self.catchup_timeout):
             await self._caught_up.wait()
@@ -87,13 +87,16 @@ class KvEventFeed:
             log.warning("KV index replay not done after %.0fs (at %d of %d); routing with a partial index",
                         self.catchup_timeout, self.applied_stream_seq, last_seq)
 
+    async def run(self) -> None:
+        """Keep following the stream across NATS failovers, and write snapshots."""
+        async with anyio.create_task_group() as tg:
+            if self._sub is not None:
+                tg.start_soon(self._sub.run)
+            tg.start_soon(self.run_snapshots)
+
     async def stop(self) -> None:
         if self._sub is not None:
-            with anyio.move_on_after(2, shield=True):
-                try:
-                    await self._sub.unsubscribe()
-                except Exception as e:  # connection already closing
-                    log.debug("unsubscribe failed: %r", e)
+            await self._sub.stop()
 
     async def _on_msg(self, msg: Msg) -> None:
         try:
