@@ -19,7 +19,7 @@ from nats.js.kv import KeyValue
 
 from shared.bus import Bus
 from shared.messages import WorkerInfo, encode, worker_info_decoder
-from shared.streams import key_value_bucket
+from shared.streams import key_value_bucket, watch_alive
 from shared.subjects import WORKERS_BUCKET, worker_key
 
 log = logging.getLogger("baton.discovery")
@@ -101,6 +101,10 @@ class WorkerView:
         self._workers: dict[str, tuple[WorkerInfo, float]] = {}
         self.synced = anyio.Event()
         self._changed = anyio.Event()
+        # Whether the watch is known to work. While it does not (its consumer was lost with a NATS
+        # server, a re-watch waits on an election), entries are not aged out on our own clock: no
+        # news is not news of death, and dropping every worker would refuse every request.
+        self._watch_ok = False
 
     async def run(self) -> None:
         while True:
@@ -116,7 +120,9 @@ class WorkerView:
     async def _watch(self) -> None:
         kv = await workers_bucket(self.bus, self.ttl)
         seen_reconnects = self.bus.reconnects
-        watcher = await kv.watchall()
+        with anyio.fail_after(10):
+            watcher = await kv.watchall()
+        checked = time.monotonic()
         try:
             while True:
                 try:
@@ -124,9 +130,15 @@ class WorkerView:
                 except nats.errors.TimeoutError:
                     self._expire()
                     if self.bus.reconnects != seen_reconnects:
-                        return  # the server restarted: its consumer may be gone, so watch anew
+                        return  # the client moved or the server restarted: its consumer may be gone
+                    if time.monotonic() - checked >= 1.0:
+                        checked = time.monotonic()
+                        if not await watch_alive(watcher):
+                            self._watch_ok = False
+                            return  # lost with a server of the cluster: watch anew
                     continue
                 if entry is None:  # initial values delivered
+                    self._watch_ok = True
                     self.synced.set()
                     continue
                 if entry.operation in ("DEL", "PURGE") or not entry.value:
@@ -141,6 +153,7 @@ class WorkerView:
                 self._expire()
                 self._notify()
         finally:
+            self._watch_ok = False
             with anyio.move_on_after(2, shield=True):
                 try:
                     await watcher.stop()
@@ -149,6 +162,8 @@ class WorkerView:
 
     def _expire(self) -> None:
         # Belt and braces: a key not refreshed for 1.5 TTL is gone even if no marker came.
+        if not self._watch_ok:
+            return
         cutoff = time.monotonic() - 1.5 * self.ttl
         stale = [k for k, (_, seen) in self._workers.items() if seen < cutoff]
         for k in stale:

@@ -154,6 +154,20 @@ async def object_store(bus: Bus, bucket: str, description: str = "") -> ObjectSt
     return store
 
 
+async def watch_alive(watcher: object) -> bool:
+    """Does a KV watch's (ordered, ephemeral) consumer still exist? It lives on one server: with
+    that server gone, nats-py's watcher just goes quiet."""
+    sub = getattr(watcher, "_sub", None)  # nats-py's KeyWatcher keeps its JetStream subscription here
+    if sub is None:
+        return True
+    try:
+        with anyio.fail_after(2):
+            await sub.consumer_info()
+        return True
+    except Exception:
+        return False
+
+
 async def watch_key(bus: Bus, bucket: KeyValueConfig, key: str, on_value: Callable[[bytes], None]) -> None:
     """Call ``on_value`` with each value of ``key`` (the current one first), forever; re-watch
     after a lost consumer or a reconnect (the watch's consumer may not survive a server change)."""
@@ -161,12 +175,15 @@ async def watch_key(bus: Bus, bucket: KeyValueConfig, key: str, on_value: Callab
         try:
             kv = await key_value_bucket(bus, bucket)
             seen_reconnects = bus.reconnects
-            watcher = await kv.watch(key)
+            with anyio.fail_after(JS_TIMEOUT_S * 2):
+                watcher = await kv.watch(key)
             try:
                 while bus.reconnects == seen_reconnects:
                     try:
                         entry = await watcher.updates(timeout=2)
                     except nats.errors.TimeoutError:
+                        if not await watch_alive(watcher):
+                            break  # lost with a server of the cluster: watch anew
                         continue
                     if entry is not None and entry.value:
                         on_value(entry.value)
