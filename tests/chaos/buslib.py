@@ -144,6 +144,14 @@ class Load:
         edges = [t_kill, *ends]
         return max((b - a for a, b in itertools.pairwise(edges)), default=window)
 
+    def refusals(self) -> dict[str, int]:
+        """Why requests were refused: status and the message's first words, counted."""
+        out: dict[str, int] = {}
+        for o in self.failed():
+            key = f"{o.status} {' '.join(o.message.split()[:4])}"
+            out[key] = out.get(key, 0) + 1
+        return out
+
     def unclean(self) -> list[Outcome]:
         return [o for o in list(self.outcomes) if not o.clean]
 

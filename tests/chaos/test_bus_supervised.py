@@ -71,7 +71,7 @@ def test_embedded_nats_sigkilled_under_load_is_restarted(tmp_path) -> None:
                 recoveries.append(max(load.recovery_after(t_kill), load.longest_gap_after(t_kill)))
         print(f"recovery after SIGKILL of the embedded nats-server: {[round(r, 2) for r in recoveries]} s, "
               f"median {statistics.median(recoveries):.2f} s; {len(load.outcomes)} requests, "
-              f"{len(load.failed())} refused (503), {len(jobs.acked)} jobs acknowledged")
+              f"{len(load.failed())} refused (503), {len(jobs.acked)} jobs acknowledged; refusals {load.refusals()}")
         assert load.unclean() == [], load.unclean()[:5]
         assert max(recoveries) < 2.0, recoveries
         assert jobs.missing() == []

@@ -100,7 +100,7 @@ def test_sigkill_the_server_of_frontend_router_and_worker(cluster_stack: Cluster
             c.restart(target)  # bring it back; the next round kills another
     print(f"cluster failover (SIGKILL of the frontend's server): recoveries {[round(r, 2) for r in recoveries]} s, "
           f"median {statistics.median(recoveries):.2f} s; {len(load.outcomes)} requests, "
-          f"{len(load.failed())} refused cleanly, {len(jobs.acked)} jobs acknowledged")
+          f"{len(load.failed())} refused cleanly, {len(jobs.acked)} jobs acknowledged; refusals {load.refusals()}")
     assert load.unclean() == [], load.unclean()[:5]
     assert max(recoveries) < 2.0, recoveries
     assert jobs.missing() == []
