@@ -171,10 +171,11 @@ async def _connect_once(
             nonlocal nc, error
             try:
                 # Reconnects forever, to any server of the list (and those the cluster gossips), each
-                # attempt bounded (connect_timeout). Pings every 2 s, 2 missed: a server that died
+                # attempt bounded at 1 s (an attempt that hangs, e.g. on a server still starting,
+                # must not hold a failover past RECONNECT_GRACE_S). Pings every 2 s, 2 missed: a server that died
                 # without closing its sockets (a lost host) is given up within ~4-6 s.
                 nc = await nats.connect(
-                    servers=urls, name=name, connect_timeout=2, allow_reconnect=True, max_reconnect_attempts=-1,
+                    servers=urls, name=name, connect_timeout=1, allow_reconnect=True, max_reconnect_attempts=-1,
                     reconnect_time_wait=0.2, ping_interval=2, max_outstanding_pings=2,
                     pending_size=64 * 1024 * 1024, error_cb=first_error_cb, **callbacks, **secure,
                 )

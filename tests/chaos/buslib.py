@@ -132,6 +132,14 @@ class Load:
     def served_since(self, t: float) -> int:
         return sum(1 for o in list(self.outcomes) if o.start >= t and o.status == 200)
 
+    def resumed_after(self, t_kill: float) -> float:
+        """Seconds from the kill until serving resumed: the later of the last refusal's end and the
+        end of the first request that both started after the kill and was served."""
+        first = min((o.end for o in list(self.outcomes) if o.start >= t_kill and o.status == 200), default=None)
+        if first is None:
+            return float("inf")
+        return max(first - t_kill, self.recovery_after(t_kill))
+
     def recovery_after(self, t_kill: float) -> float:
         """Seconds from the kill to the end of the last request that was not served (0: none failed)."""
         failed = [o.end for o in list(self.outcomes) if o.end >= t_kill and o.status != 200]
