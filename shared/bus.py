@@ -360,6 +360,10 @@ class Bus:
             return True
         if self.nc.is_closed:
             return False
+        if self._up.is_set():
+            # Down, but nats-py has not called disconnected_cb yet (it first waits for the old
+            # socket to close): wait for the reconnected_cb from here.
+            self._up = anyio.Event()
         with anyio.move_on_after(timeout):
             await self._up.wait()
         return self.nc.is_connected

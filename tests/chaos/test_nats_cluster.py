@@ -31,11 +31,15 @@ SEEDED = {"frontend-0", "router-0", "decode-0"}
 
 class ClusterStack(Stack):
     """A tests.procs.Stack on a ClusterNats, the mocker engine (the bus is under test, and the load
-    must not starve a 2-core box), a KV-aware router and --js-replicas 3."""
+    must not starve a 2-core box), a KV-aware router and --js-replicas 3. A route request the
+    failover swallowed (sent toward the dead server's router interest) costs the frontend's
+    --route-timeout before it is asked again: 1 s here instead of the default 2 s (see
+    docs/operations.md, "What a client sees during a failover")."""
 
     def __init__(self, workdir) -> None:
         super().__init__(workdir, "mocker", decode_workers=2, discovery_ttl=3.0, metrics=True,
-                         env={"BATON_ROUTER_MODE": "kv", "BATON_MOCKER_SPEEDUP": "20", "BATON_JS_REPLICAS": "3"})
+                         env={"BATON_ROUTER_MODE": "kv", "BATON_MOCKER_SPEEDUP": "20", "BATON_JS_REPLICAS": "3",
+                              "BATON_ROUTE_TIMEOUT": "1"})
         self.nats = ClusterNats(workdir)  # type: ignore[assignment]
 
     def _proc(self, name: str, label: str, args: list[str]) -> ServiceProcess:
