@@ -57,7 +57,9 @@ class WorkerRegistration:
         if self._kv is None:
             self._kv = await workers_bucket(self.bus, self.ttl)
         try:
-            with anyio.fail_after(5):
+            # Short: a put stuck in a cluster election is better retried soon than waited on
+            # past the key's TTL (then every view would drop this worker).
+            with anyio.fail_after(min(2.0, self.ttl / 2)):
                 await self._kv.put(self.key, encode(self.info))
         except Exception:
             # The bucket may be gone (a NATS restart loses memory storage): reopen it next time.
@@ -68,14 +70,17 @@ class WorkerRegistration:
         if self._kv is None:
             await self.register()
         try:
+            delay = self.ttl / 3
             while not self._withdrawn:
-                await anyio.sleep(self.ttl / 3)
+                await anyio.sleep(delay)
                 if self._withdrawn:
                     break
                 try:
                     await self._put()
-                except Exception as e:  # NATS away: keep trying, the TTL is the truth
+                    delay = self.ttl / 3
+                except Exception as e:  # NATS away or electing: retry soon, the TTL is the truth
                     log.warning("discovery refresh failed: %r", e)
+                    delay = min(0.5, self.ttl / 3)
         finally:
             await self.withdraw()
 
