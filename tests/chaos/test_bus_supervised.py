@@ -46,7 +46,9 @@ def test_embedded_nats_sigkilled_under_load_is_restarted(tmp_path) -> None:
          str(http_port), "--host", "127.0.0.1", "--nats-port", str(nats_port), "--data-dir", str(store),
          "--log-dir", str(tmp_path / "logs"), "--discovery-ttl", "3", "--prefill-workers", "0",
          "--decode-workers", "2", "--drain-timeout", "2"],
-        stdout=log, stderr=subprocess.STDOUT, env=service_env(), start_new_session=True,
+        # --route-timeout 1 s (default 2): a route request the restart swallowed is asked again sooner
+        # (docs/operations.md, "What a client sees during a failover").
+        stdout=log, stderr=subprocess.STDOUT, env=service_env({"BATON_ROUTE_TIMEOUT": "1"}), start_new_session=True,
     )
     url = f"http://127.0.0.1:{http_port}"
     try:
