@@ -349,7 +349,7 @@ class Stack:
         # baton up watches with the operator identity of its own embedded server.
         security = NatsSecurity(creds_file=str(self.identities.creds["admin"])) if self.identities else None
         try:
-            bus = await Bus.connect(nats_url, "baton-up", security=security)
+            bus = await Bus.connect(nats_url, "baton-up", security=security, js_replicas=js_replicas(self.settings))
         except BusError as e:
             self.step(f"cannot watch worker registration ({e})")
             return
