@@ -28,7 +28,7 @@ from shared.discovery import DEFAULT_TTL, WorkerRegistration
 from shared.engines import Engine, EngineConfig, make_engine
 from shared.kv_address import advertised_host, bind_host_for
 from shared.kv_transport import KvTls, KvTransport, make_transport
-from shared.messages import KvEventBatch, LoadReport, WorkerInfo
+from shared.messages import KvEventBatch, LoadReport, LoraInfo, WorkerInfo
 from shared.telemetry import serve_metrics
 
 log = logging.getLogger("baton.worker")
@@ -80,6 +80,7 @@ class WorkerHost:
         self._in_flight = 0
         self._idle = anyio.Event()  # set when draining and the last piece of work is done
         self._kv_seq = 0
+        self._started_at = time.time()
 
     # --- what a role fills in ------------------------------------------------------------
 
@@ -116,8 +117,14 @@ class WorkerHost:
         return WorkerInfo(
             worker_id=self.worker_id, role=self.role, model=self.model,  # type: ignore[arg-type]
             block_size=self.engine.block_size, engine=self.engine.name, pid=os.getpid(), host=socket.gethostname(),
-            started_at=time.time(), **self.info_fields(),
+            started_at=self._started_at, loras=[LoraInfo(name=n, digest=d) for n, d in self.engine.loras()],
+            **self.info_fields(),
         )
+
+    async def advertise(self) -> None:
+        """Publish this worker's WorkerInfo again now (its adapters changed), not at the next refresh."""
+        if self.registration is not None:
+            await self.registration.update(self.info())
 
     async def run(self) -> None:
         # A bus set before run() belongs to a host of many workers (services/decode/fleet.py): use it, leave it open.
@@ -204,6 +211,7 @@ class WorkerHost:
                 worker_id=self.worker_id, role=role, timestamp=time.time(),  # type: ignore[arg-type]
                 kv_blocks_used=st.kv_blocks_used, kv_blocks_total=st.kv_blocks_total, running=st.running,
                 waiting=st.waiting, prefill_tokens_queued=st.prefill_tokens_queued,
+                loras_resident=self.engine.loras_resident(),
             )
             try:
                 await self.bus.publish(subject, report)
