@@ -292,6 +292,10 @@ RouterOverlapWeight = Annotated[float, typer.Option(
 RouterLowerTierWeight = Annotated[float, typer.Option(
     envvar="BATON_ROUTER_LOWER_TIER_WEIGHT",
     help="kv: cost of a prefix block found in a worker's host/disk tier, as a share of recomputing it.")]
+RouterLoraLoadWeight = Annotated[float, typer.Option(
+    envvar="BATON_ROUTER_LORA_LOAD_WEIGHT",
+    help="kv: cost, in KV blocks, of sending a request to a worker that does not hold its LoRA adapter "
+         "resident (it must load it first); 0: adapter-blind.")]
 RouterTemperature = Annotated[float, typer.Option(
     envvar="BATON_ROUTER_TEMPERATURE", help="kv: 0 picks the cheapest worker; > 0 samples (softmax).")]
 RouterPredictionTtl = Annotated[float, typer.Option(

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API as a bare ASGI app (no framework: this is the hot path).
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, POST /tokenize and
-POST /detokenize (vLLM's shapes), GET /health, GET /metrics. Every error is OpenAI's error object
+POST /detokenize (vLLM's shapes), POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's),
+GET /health, GET /metrics. Every error is OpenAI's error object
 with the right status.
 """
 
@@ -22,6 +23,7 @@ from services.frontend import metrics
 from services.frontend.access import AccessControl
 from services.frontend.choices import ChoiceShaper
 from services.frontend.generation import Generation
+from services.frontend.lora_admin import LoraAdmin
 from services.frontend.openai_api import (
     ChatCompletionRequest,
     RequestError,
@@ -30,7 +32,9 @@ from services.frontend.openai_api import (
     completion_decoder,
     decode_request,
     detokenize_decoder,
+    load_lora_decoder,
     tokenize_decoder,
+    unload_lora_decoder,
     usage_chunk,
 )
 from services.frontend.request import (
@@ -66,6 +70,7 @@ def _header_map(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
 
 
 _TOKEN_ROUTES = ("/tokenize", "/detokenize")
+_LORA_ROUTES = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 
 
 class ClientGone(Exception):
@@ -87,6 +92,7 @@ class OpenAIApp:
         max_n: int = DEFAULT_MAX_N,
         tool_parser: ToolParser | None = None,
         reasoning_parser: str | None = None,
+        lora_admin: LoraAdmin | None = None,
     ) -> None:
         self.generation = generation
         self.tokenizer = generation.tokenizer
@@ -102,7 +108,9 @@ class OpenAIApp:
         self.tool_parser = tool_parser  # reads tool calls out of text (tool_choice auto)
         self.reasoning_parser = reasoning_parser  # splits <think> into reasoning_content
         # what requests are checked against (max_prompt_tokens 0: only the context bounds a prompt)
-        self.limits = RequestLimits(model, max_model_len, max_prompt_tokens, max_n, tool_parser)
+        self.lora_admin = lora_admin  # LoRA adapters: the catalog (model names) and run-time loading
+        self.limits = RequestLimits(model, max_model_len, max_prompt_tokens, max_n, tool_parser,
+                                    lora_admin.adapters if lora_admin is not None else None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -157,6 +165,18 @@ class OpenAIApp:
                     raise RequestError(405, f"use POST for {path}", code="method_not_allowed")
                 body = await self._read_body(scope, receive)
                 result = await (self._tokenize(body) if path == "/tokenize" else self._detokenize(body))
+                status = await self._send_json(send, 200, result)
+            elif path in _LORA_ROUTES:
+                if method != "POST":
+                    raise RequestError(405, f"use POST for {path}", code="method_not_allowed")
+                if self.lora_admin is None:
+                    raise RequestError(404, "this frontend serves no LoRA adapters", code="not_found")
+                raw = await self._read_body(scope, receive)
+                if path == "/v1/load_lora_adapter":
+                    load = decode_request(raw, load_lora_decoder)
+                    result = await self.lora_admin.load(load.lora_name, load.lora_path)
+                else:
+                    result = await self.lora_admin.unload(decode_request(raw, unload_lora_decoder).lora_name)
                 status = await self._send_json(send, 200, result)
             elif path == "/v1/models" and method == "GET":
                 status = await self._send_json(send, 200, self._models())
@@ -224,11 +244,13 @@ class OpenAIApp:
         return status
 
     def _models(self) -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [{"id": self.model, "object": "model", "created": self.created, "owned_by": "baton",
-                      "max_model_len": self.max_model_len}],
-        }
+        data = [{"id": self.model, "object": "model", "created": self.created, "owned_by": "baton",
+                 "max_model_len": self.max_model_len}]
+        if self.lora_admin is not None:  # LoRA adapters, with their base model as parent (as vLLM lists them)
+            data += [{"id": name, "object": "model", "created": self.created, "owned_by": "baton",
+                      "root": self.model, "parent": self.model, "max_model_len": self.max_model_len}
+                     for name in sorted(self.lora_admin.adapters())]
+        return {"object": "list", "data": data}
 
     async def _tokenize(self, body: bytes) -> dict[str, Any]:
         """vLLM's /tokenize: a prompt, or chat messages rendered by the chat template."""

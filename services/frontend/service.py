@@ -11,6 +11,7 @@ import json
 import logging
 import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -21,6 +22,7 @@ from services.frontend.access import AccessControl, RateLimiter, load_api_keys
 from services.frontend.access_log import AccessLog
 from services.frontend.generation import Generation, GenerationSettings
 from services.frontend.http_app import OpenAIApp
+from services.frontend.lora_admin import LoraAdmin
 from services.frontend.nats_api import NatsApi
 from services.frontend.reasoning import ReasoningStream
 from services.frontend.tool_parsers import tool_parser_for
@@ -30,7 +32,7 @@ from shared.cli_options import DEFAULT_NATS_URL
 from shared.discovery import DEFAULT_TTL, WorkerView
 from shared.models import resolve_model
 from shared.routing.core import RouterCore, RoutingSettings
-from shared.subjects import API_GENERATE, API_QUEUE
+from shared.subjects import API_GENERATE, API_LORA, API_QUEUE
 from shared.tokenizer import Tokenizer
 
 log = logging.getLogger("baton.frontend")
@@ -63,6 +65,8 @@ class FrontendSettings:
     reasoning_parser: str = ""  # "": off; think | qwen3 | deepseek_r1
     router: str = "service"  # "service": ask the router service; "embedded": run the router core here
     routing: RoutingSettings = field(default_factory=RoutingSettings)  # the embedded router's policy
+    lora_root: str | None = None  # LoRA adapters may be loaded at run time from under this directory; None: off
+    lora_timeout: float = 30.0  # seconds each worker has to load or unload an adapter
 
 
 class BatonHttpProtocol(HttpToolsProtocol):
@@ -151,6 +155,8 @@ class Frontend:
         self.view: WorkerView | None = None
         self.server: _Server | None = None
         self.router: RouterCore | None = None
+        if settings.lora_root is not None and not Path(settings.lora_root).is_dir():
+            raise ValueError(f"--lora-root {settings.lora_root!r} is not a directory")
         if settings.router not in ROUTER_PLACES:
             raise ValueError(f"unknown router {settings.router!r}; choose one of {', '.join(ROUTER_PLACES)}")
         # Checked before anything starts: a keys file without keys is a ConfigError.
@@ -181,10 +187,13 @@ class Frontend:
                 self.router = RouterCore(s.routing, self.bus, self.view)
             generation = Generation(self.bus, self.tokenizer, self.model, s.generation, self.router)
             access = self.access if self.access.enabled else None
+            lora_admin = LoraAdmin(self.bus, self.view, self.model, s.lora_root, s.lora_timeout)
             app = OpenAIApp(generation, self.model, self.max_model_len, self.ready, s.max_body_bytes,
                             s.max_inflight, access, s.max_prompt_tokens, s.body_timeout, max_n=s.max_n,
-                            tool_parser=self.tool_parser, reasoning_parser=self.reasoning_parser)
-            nats_api = NatsApi(self.bus, generation, self.model, self.max_model_len, access, s.max_prompt_tokens)
+                            tool_parser=self.tool_parser, reasoning_parser=self.reasoning_parser,
+                            lora_admin=lora_admin)
+            nats_api = NatsApi(self.bus, generation, self.model, self.max_model_len, access, s.max_prompt_tokens,
+                               lora_admin)
             if s.access_log:
                 app = AccessLog(app)
             config = uvicorn.Config(
@@ -201,7 +210,11 @@ class Frontend:
                 async def on_api(msg: Any) -> None:
                     tg.start_soon(nats_api.handle, msg)
 
+                async def on_lora(msg: Any) -> None:
+                    tg.start_soon(nats_api.handle_lora, msg)
+
                 await self.bus.subscribe(API_GENERATE, on_api, queue=API_QUEUE)
+                await self.bus.subscribe(API_LORA, on_lora, queue=API_QUEUE)
                 await self.server.serve()
                 if self.router is not None:
                     await self.router.close()
