@@ -40,6 +40,9 @@ WAITING = Gauge("baton_worker_requests_waiting", "Requests queued in the engine"
 ENGINE_RUNNING = Gauge("baton_worker_engine_requests_running", "Requests in the engine's running batch", ["role"])
 PREEMPTIONS = Gauge("baton_worker_preemptions", "Preemptions since start (KV pool ran out)", ["role"])
 PROMPT_TOKENS = Gauge("baton_worker_prompt_tokens", "Prompt tokens admitted since start", ["role"])
+LORA_LOADS = Gauge("baton_worker_lora_loads", "LoRA adapters made resident since start (reloads included)",
+                   ["role"])
+LORA_EVICTIONS = Gauge("baton_worker_lora_evictions", "Resident LoRA adapters evicted to make room", ["role"])
 PREFIX_HIT_TOKENS = Gauge("baton_worker_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache",
                           ["role"])
 
@@ -205,6 +208,8 @@ class WorkerHost:
             PREEMPTIONS.labels(role).set(st.preemptions)
             PROMPT_TOKENS.labels(role).set(st.prompt_tokens)
             PREFIX_HIT_TOKENS.labels(role).set(st.prefix_hit_tokens)
+            LORA_LOADS.labels(role).set(st.lora_loads)
+            LORA_EVICTIONS.labels(role).set(st.lora_evictions)
             if self.engine.kv_tiers is not None:
                 self.engine.kv_tiers.update_gauges()
             report = LoadReport(

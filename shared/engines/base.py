@@ -100,6 +100,8 @@ class EngineStats:
     preemptions: int = 0
     prefix_hit_tokens: int = 0
     prompt_tokens: int = 0
+    lora_loads: int = 0  # LoRA adapters made resident since start (loads after an eviction included)
+    lora_evictions: int = 0
 
 
 @dataclass

@@ -118,6 +118,9 @@ class StepResult:
     tokens: list[int]
     logprobs: list[PositionLogprobs | None] | None
     seconds: float = 0.0  # simulated duration the loop pays back in sleeps (mocker); 0: real time
+    # Simulated time that passes before this step's outputs exist (the mocker loading a LoRA
+    # adapter first): the loop sleeps it, then delivers. On the loop only.
+    stall_s: float = 0.0
 
 
 class GrammarRefused(Exception):
@@ -214,6 +217,7 @@ class EngineCore(Engine):
         self._load_error: BaseException | None = None
         self._closed = False  # run() ended (or never loaded): new requests fail at once
         self._compiled: dict[str, Any] = {}  # request id -> compiled grammar, until admitted
+        self._stalled: tuple[float, list[EngineOutput]] | None = None  # on the loop: outputs held by a stall
         if not runner.threaded:  # nothing heavy to load: ready before run()
             self._load()
             self._ready.set()
@@ -314,7 +318,14 @@ class EngineCore(Engine):
                     await self._loop_wake.wait()
                     clock = loop.time()
                     continue
-                clock += self._step_once()
+                step_s = self._step_once()
+                if self._stalled is not None:  # this step's outputs exist only once the stall has passed
+                    stall, held = self._stalled
+                    self._stalled = None
+                    await asyncio.sleep(stall)
+                    self._queues.put(held)
+                    clock = max(clock, loop.time())
+                clock += step_s
                 owed = clock - loop.time()
                 if owed > MIN_SLEEP_S:
                     await asyncio.sleep(owed)
@@ -356,6 +367,9 @@ class EngineCore(Engine):
             outputs += sched.update(batch, result.tokens, result.logprobs)
         self.num_steps += 1
         self.num_computed_tokens += batch.num_tokens
+        if result.stall_s > 0 and not threaded:
+            self._stalled = (result.stall_s, outputs)
+            return result.seconds
         deliver(outputs)
         return result.seconds
 
@@ -561,7 +575,11 @@ class EngineCore(Engine):
         if self.scheduler is None:
             return EngineStats()
         with self._lock:
-            return self.scheduler.stats()
+            st = self.scheduler.stats()
+            adapters = self.runner.adapters
+            if adapters is not None:
+                st.lora_loads, st.lora_evictions = adapters.loads, adapters.evictions
+            return st
 
     # --- disaggregation: reserve / adopt on the decode side, hold on the prefill side ------------
 

@@ -6,6 +6,9 @@ a real worker's would; only the forward pass is replaced by a timing model:
 
     step cost = (decode_step_s + decode_s_per_seq * decodes + prefill_s_per_token * prefill tokens) / speedup
 
+and a step that makes LoRA adapters resident first stalls ``lora_load_s / speedup`` per adapter
+before its tokens come out (a real worker stalls its batch while it loads an adapter).
+
 Tokens are deterministic pseudo-random ids from (seed, or the prompt's hash) and the output
 position, drawn from the model's vocabulary without its special tokens, so a mocker never stops on
 EOS by chance (stop_token_ids still stop it). Its :class:`MockRunner` steps on the event loop: a
@@ -156,10 +159,10 @@ class MockRunner(ModelRunner):
                 req.prompt_logprobs = [self._fake_logprobs(req.state ^ i, t, req.sampling.prompt_logprobs)
                                        for i, t in enumerate(prompt)]
         seconds = self._step_s + self._seq_s * batch.num_decodes + self._prefill_token_s * batch.num_prefill_tokens
-        if self.adapters is not None and self.adapters.owed_s:  # adapters made resident for this step
-            seconds += self.adapters.owed_s
-            self.adapters.owed_s = 0.0
-        return StepResult(sampled, logprobs, seconds)
+        stall = 0.0
+        if self.adapters is not None and self.adapters.owed_s:  # adapters made resident for this step: load first
+            stall, self.adapters.owed_s = self.adapters.owed_s, 0.0
+        return StepResult(sampled, logprobs, seconds, stall)
 
     # --- LoRA: simulated adapters -------------------------------------------------------------
 
