@@ -11,8 +11,9 @@ random prompt (no prefix sharing, so only the adapter term differs), and reports
 * TTFT p50/p90 (client side: request sent -> first streamed token) and errors.
 
 Both sides are the same policy (``kv``) on the same stack and workload; only the router's
-``--router-lora-load-weight`` differs: the default (32 blocks) vs 0 (adapter-blind). Sides
-alternate within each repeat; rates are swept below saturation.
+``--router-lora-load-weight`` differs: the default (32 blocks; ``--aware-weights`` adds sides with
+other weights) vs 0 (adapter-blind). Sides alternate within each repeat; rates are swept below
+saturation.
 
     PYTHONPATH=$PWD python bench/lora_routing.py --rates 10,20 --repeats 3 --duration 20
 """
@@ -38,7 +39,7 @@ import httpx
 from baton.nats_server import EmbeddedNats, free_port
 
 ADAPTERS = [f"lora-{i}" for i in range(8)]
-SIDES = {"lora-aware": 32.0, "adapter-blind": 0.0}
+SIDES = {"lora-aware": 32.0, "adapter-blind": 0.0}  # side -> --router-lora-load-weight
 
 
 @dataclass
@@ -170,18 +171,23 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--report-wait", type=float, default=2.0)
+    ap.add_argument("--aware-weights", default="32", help="router lora_load_weight of each LoRA-aware side")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    SIDES.clear()
+    for w in args.aware_weights.split(","):
+        SIDES[f"lora-aware w={float(w):g}"] = float(w)
+    SIDES["adapter-blind"] = 0.0
     rates = [float(r) for r in args.rates.split(",")]
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="baton-lora-bench-") as d:
         for rate in rates:
             for rep in range(args.repeats):
-                order = list(SIDES) if rep % 2 == 0 else list(reversed(SIDES))  # alternate who goes first
+                order = list(SIDES)[rep % len(SIDES):] + list(SIDES)[:rep % len(SIDES)]  # rotate who goes first
                 for side in order:
                     r = run_once(side, rate, 1000 * rep + int(rate), args, Path(d))
                     runs.append(r)
-                    print(f"rate {rate:g} rep {rep} {side:>13}: {r.requests} req, {r.errors} errors, "
+                    print(f"rate {rate:g} rep {rep} {side:>18}: {r.requests} req, {r.errors} errors, "
                           f"{r.loads} loads, TTFT p50 {r.pct(0.5) * 1e3:.1f} ms p90 {r.pct(0.9) * 1e3:.1f} ms",
                           flush=True)
     print("\n| rate (req/s) | routing | adapter loads | TTFT p50 ms | TTFT p90 ms | errors / requests |")
