@@ -178,6 +178,12 @@ class WorkerInfo(Struct, kw_only=True, omit_defaults=True):
     pid: int = 0
     host: str = ""
     started_at: float = 0.0
+    # What a frontend needs to serve the model (old workers leave these empty; see shared/model_files.py).
+    context_length: int = 0
+    tokenizer_digest: str = ""
+    template_digest: str = ""
+    model_path: str = ""  # the directory the worker read the model from (on its host)
+    files_published: bool = False  # the tokenizer files are in the model-files object store
 
 
 class LoadReport(Struct, tag="load", kw_only=True, omit_defaults=True):

@@ -133,7 +133,7 @@ def _table() -> dict[str, Permissions]:
         # It may also embed the router (--router embedded), so it may read what a router reads.
         "frontend": _perms(
             publish=[s.ROUTE, s.generate(any_id), s.cancel(any_id), s.status(any_id), *_replies(), *workers,
-                     *routing_publish],
+                     *routing_publish, *_stream_reader(f"OBJ_{s.MODEL_FILES_BUCKET}")],
             subscribe=[s.API_GENERATE, s.LOAD_ALL, _inbox("frontend")],
         ),
         # Answers route requests; reads load reports and the KV-events stream; keeps index snapshots.
@@ -146,7 +146,7 @@ def _table() -> dict[str, Permissions]:
         "decode": _perms(
             publish=[*_replies(), s.kv_events(any_id), s.load(any_id), s.kv_fetch(any_id),
                      s.PREFILL_JOBS, *prefill_queue, *_consumer_watcher(s.PREFILL_STREAM, s.PREFILL_CONSUMER),
-                     *_kv_write(s.WORKERS_BUCKET), *_kv_read(s.CONFIG_BUCKET)],
+                     *_kv_write(s.WORKERS_BUCKET), *_kv_read(s.CONFIG_BUCKET), *_object_store(s.MODEL_FILES_BUCKET)],
             subscribe=[s.generate(any_id), s.cancel(any_id), s.status(any_id), s.kv_resync(any_id),
                        s.kv_fetch(any_id), _inbox("decode")],
         ),

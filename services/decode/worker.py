@@ -47,6 +47,7 @@ from shared.messages import (
     kv_fetch_request_decoder,
     status_request_decoder,
 )
+from shared.model_files import advertise_model
 from shared.telemetry import bind_request, serve_metrics
 
 log = logging.getLogger("baton.decode")
@@ -99,6 +100,7 @@ class DecodeWorker:
         self._idle = anyio.Event()  # set when draining and the last request is done
         self._kv_seq = 0
         self.ready = False
+        self.model_fields: dict[str, object] = {}  # context length, digests, path (shared/model_files.py)
         self.transport: KvTransport | None = None
         self.remote: RemotePrefill | None = None
 
@@ -112,7 +114,7 @@ class DecodeWorker:
             generate_subject=subjects.generate(self.worker_id), cancel_subject=subjects.cancel(self.worker_id),
             kv_endpoint=self.transport.endpoint if self.transport is not None else "",
             block_size=self.engine.block_size, engine=self.engine.name, pid=os.getpid(), host=socket.gethostname(),
-            started_at=time.time(),
+            started_at=time.time(), **self.model_fields,  # type: ignore[arg-type]
         )
 
     async def run(self) -> None:
@@ -146,6 +148,9 @@ class DecodeWorker:
                 await self.bus.subscribe(subjects.cancel(self.worker_id), self._on_cancel)
                 await self.bus.subscribe(subjects.status(self.worker_id), self._on_status)
                 await self.bus.subscribe(subjects.kv_resync(self.worker_id), self._on_kv_resync)
+                self.model_fields = await advertise_model(
+                    self.bus, self.settings.engine.model,
+                    getattr(self.engine, "max_model_len", None) or self.settings.engine.max_model_len, publish=True)
                 self.registration = WorkerRegistration(self.bus, self.info(), self.settings.discovery_ttl)
                 await self.registration.register()
                 tg.start_soon(self.registration.run)

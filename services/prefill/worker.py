@@ -38,6 +38,7 @@ from shared.messages import (
     WorkerInfo,
     prefill_job_decoder,
 )
+from shared.model_files import advertise_model
 from shared.streams import PREFILL_ACK_WAIT_S, ensure_prefill_queue
 from shared.telemetry import bind_request, serve_metrics
 
@@ -81,6 +82,7 @@ class PrefillWorker:
         self._idle = anyio.Event()  # set when draining and the last job is done
         self.jobs_done = 0
         self.ready = False
+        self.model_fields: dict[str, object] = {}  # context length, digests, path (shared/model_files.py)
         self.transport: KvTransport | None = None
         self.view: WorkerView | None = None
 
@@ -92,7 +94,7 @@ class PrefillWorker:
         return WorkerInfo(
             worker_id=self.worker_id, role=self.role, model=self.model,  # type: ignore[arg-type]
             block_size=self.engine.block_size, engine=self.engine.name, pid=os.getpid(), host=socket.gethostname(),
-            started_at=time.time(),
+            started_at=time.time(), **self.model_fields,  # type: ignore[arg-type]
         )
 
     async def run(self) -> None:
@@ -115,6 +117,9 @@ class PrefillWorker:
                 self.view = WorkerView(self.bus, self.settings.discovery_ttl)
                 tg.start_soon(self.view.run)
                 tg.start_soon(self._update_gauges)
+                self.model_fields = await advertise_model(
+                    self.bus, self.settings.engine.model,
+                    getattr(self.engine, "max_model_len", None) or self.settings.engine.max_model_len, publish=False)
                 self.registration = WorkerRegistration(self.bus, self.info(), self.settings.discovery_ttl)
                 await self.registration.register()
                 tg.start_soon(self.registration.run)
