@@ -280,6 +280,7 @@ class KvEventBatch(Struct, tag="kv_events", kw_only=True, omit_defaults=True):
 
 class PlannerObservation(Struct, tag="planner_observation", kw_only=True, omit_defaults=True):
     timestamp: float
+    model: str = ""  # the model these workers serve ("": every worker)
     prefill_pending: int = 0
     prefill_ack_pending: int = 0
     prefill_workers: int = 0
@@ -296,6 +297,7 @@ class ScaleDecision(Struct, tag="scale_decision", kw_only=True, omit_defaults=Tr
     after: int
     reason: str
     dry_run: bool = False
+    model: str = ""  # the model whose workers change ("": every worker)
 
 
 # --- public NATS request API ---------------------------------------------------------------
