@@ -13,7 +13,8 @@ What is listed and served: a fleet model while at least one decode worker of it 
 (so a model whose last worker left disappears with its discovery key, within the TTL), and the
 ``--model`` model always (as before: requests for it get 503 while it has no worker). A request
 for anything else is OpenAI's 404 ``model_not_found``; one for a model whose workers are there but
-whose tokenizer is still loading gets 503 ``model_loading``.
+whose tokenizer is still loading gets 503 ``model_loading`` (``model_unavailable`` when loading
+failed; it is retried every ``RETRY_AFTER_S``).
 
 Names: ``--model-alias public=served`` maps a public name onto a served model; :meth:`add_child`
 lists an entry with a parent model (LoRA adapters) that resolves to its parent.
@@ -144,9 +145,12 @@ class ModelRegistry:
         served = self._served.get(target)
         if served is not None and self.available(target):
             return served, child
-        if served is None and target in self._loading and self._workers(target):
-            raise RequestError(503, f"the model {name!r} is loading; retry shortly", type="service_unavailable",
-                               code="model_loading")
+        if served is None and self._workers(target):  # its workers are here; its tokenizer is not (yet)
+            if target in self._loading:
+                raise RequestError(503, f"the model {name!r} is loading; retry shortly", type="service_unavailable",
+                                   code="model_loading")
+            raise RequestError(503, f"the model {name!r} is served by workers whose tokenizer this frontend cannot "
+                               "load (see its log)", type="service_unavailable", code="model_unavailable")
         listed = ", ".join(repr(m.name) for m in self.served()) or "none"
         raise RequestError(404, f"the model {name!r} does not exist; served models: {listed}", param="model",
                            code="model_not_found")
