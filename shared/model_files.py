@@ -19,10 +19,8 @@ from pathlib import Path
 
 import anyio
 import msgspec
-from nats.js.api import ObjectStoreConfig, StorageType
-from nats.js.object_store import ObjectStore
-
 from shared.bus import Bus
+from shared.streams import object_store
 from shared.subjects import MODEL_FILES_BUCKET
 
 log = logging.getLogger("baton.model_files")
@@ -105,24 +103,12 @@ def _object_name(tok_digest: str, tmpl_digest: str) -> str:
     return f"{tok_digest[:32]}-{(tmpl_digest or 'none')[:32]}"
 
 
-async def _store(bus: Bus) -> ObjectStore:
-    try:
-        return await bus.js.object_store(MODEL_FILES_BUCKET)
-    except Exception:
-        try:
-            return await bus.js.create_object_store(
-                MODEL_FILES_BUCKET, ObjectStoreConfig(storage=StorageType.FILE,
-                                                      description="Baton tokenizer and chat-template files"))
-        except Exception:  # created concurrently by another worker
-            return await bus.js.object_store(MODEL_FILES_BUCKET)
-
-
 async def publish_model_files(bus: Bus, model_dir: Path, desc: ModelDescription) -> bool:
     """Put the model's frontend files in the object store unless they are there already.
     Returns True if this call wrote them."""
     name = _object_name(desc.tokenizer_digest, desc.template_digest)
     with anyio.fail_after(STORE_TIMEOUT_S):
-        store = await _store(bus)
+        store = await object_store(bus, MODEL_FILES_BUCKET, "Baton tokenizer and chat-template files")
         try:
             await store.get_info(name)
             return False

@@ -6,10 +6,11 @@ from typing import Annotated
 
 import typer
 
-from shared.config import (
+from shared.cli_options import (
     DEFAULT_NATS_URL,
     DiscoveryTtl,
     DrainTimeout,
+    JsReplicas,
     LogFormat,
     LogLevel,
     MetricsPort,
@@ -29,6 +30,7 @@ def _opt(text: str, env: str | None = None, *names: str):
 def main(
     nats_url: NatsUrl = DEFAULT_NATS_URL,
     nats_creds: NatsCreds = None,
+    js_replicas: JsReplicas = None,
     interval: Annotated[float, _opt("Seconds between observations (and decisions).", "INTERVAL")] = 2.0,
     policy: Annotated[str, _opt("load (thresholds), sla (TTFT/ITL targets) or none (observe only).",
                                 "POLICY")] = "load",
@@ -126,7 +128,7 @@ def main(
     if not (0 <= min_decode <= max_decode and 0 <= min_prefill <= max_prefill):
         raise typer.BadParameter("need 0 <= min <= max for each role")
 
-    models = list(dict.fromkeys(m for item in (model or []) for m in item.split(",") if m.strip()))
+    models = list(dict.fromkeys(m.strip() for item in (model or []) for m in item.split(",") if m.strip()))
     try:
         per_model = parse_model_limits(model_limits or [])
     except ValueError as e:
@@ -157,9 +159,15 @@ def main(
 
     def make_connector(for_model: str):
         if connector == "local":
+            from shared.engines import EngineConfig
+
+            # One engine config for every worker of this model; "" / 0 options stay the workers' own defaults.
+            given = {"engine": engine, "speedup": mocker_speedup, "num_blocks": num_blocks, "model": for_model,
+                     "max_num_seqs": max_num_seqs, "max_batched_tokens": max_batched_tokens}
+            fields = ("engine", "speedup", "num_blocks", *(f for f in ("model", "max_num_seqs", "max_batched_tokens")
+                                                           if given[f]))
             return LocalProcessConnector(LocalWorkerSettings(
-                nats_url=nats_url, engine=engine, model=for_model, mocker_speedup=mocker_speedup,
-                num_blocks=num_blocks, max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens,
+                nats_url=nats_url, engine=EngineConfig(**{f: given[f] for f in fields}), engine_fields=fields,
                 discovery_ttl=discovery_ttl, log_level=log_level, log_dir=worker_log_dir,
                 extra_args=shlex.split(worker_args), stop_timeout=worker_stop_timeout))
         if connector == "compose":
