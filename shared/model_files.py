@@ -19,6 +19,7 @@ from pathlib import Path
 
 import anyio
 import msgspec
+
 from shared.bus import Bus
 from shared.streams import object_store
 from shared.subjects import MODEL_FILES_BUCKET
