@@ -34,7 +34,7 @@ from tests.procs import Stack, wait_until
 pytestmark = pytest.mark.timeout(240)
 
 TTL = 2.0
-MODEL_A, MODEL_B = "baton-tiny", "baton-small"  # different weights and sizes, the same tokenizer
+MODEL_A, MODEL_B = "baton-tiny", "baton-tiny-b"  # two built-in base models: other weights and shapes, one tokenizer
 PROMPT = [5, 17, 301, 44, 9, 1200, 73, 8]
 MAX_NEW = 8
 
@@ -44,7 +44,7 @@ def two_models(tmp_path_factory: pytest.TempPathFactory):
     ensure_builtin(MODEL_B)
     s = Stack(tmp_path_factory.mktemp("multi"), e2e_engine(), decode_workers=2, discovery_ttl=TTL,
               decode_models=[MODEL_A, MODEL_B], decode_ids=["decode-a", "decode-b"], frontend_model=None)
-    s.frontend_extra = ["--model-alias", f"small={MODEL_B}"]
+    s.frontend_extra = ["--model-alias", f"b-alias={MODEL_B}"]
     try:
         s.start()
         # Both models loaded by the frontend (ready needs only one).
@@ -99,9 +99,9 @@ def completion(stack: Stack, model: str) -> httpx.Response:
 def test_two_models_listed_routed_and_unknown_is_404(two_models: Stack) -> None:
     stack = two_models
     listed = model_ids(stack)
-    assert set(listed) == {MODEL_A, MODEL_B, "small"}
+    assert set(listed) == {MODEL_A, MODEL_B, "b-alias"}
     assert listed[MODEL_A]["max_model_len"] == 4096 and listed[MODEL_B]["max_model_len"] == 4096
-    assert listed["small"]["root"] == MODEL_B
+    assert listed["b-alias"]["root"] == MODEL_B
 
     async def main() -> dict[str, tuple[list[int], ApiChunk | ApiError]]:
         nc = await nats.connect(stack.nats.url)
@@ -125,13 +125,13 @@ def test_two_models_listed_routed_and_unknown_is_404(two_models: Stack) -> None:
 
     # HTTP: each model's text is what its worker's tokens decode to; the alias serves model B.
     texts = {}
-    for model in (MODEL_A, MODEL_B, "small"):
+    for model in (MODEL_A, MODEL_B, "b-alias"):
         r = completion(stack, model)
         assert r.status_code == 200, r.text
         body = r.json()
-        assert body["model"] == (MODEL_B if model == "small" else model)
+        assert body["model"] == (MODEL_B if model == "b-alias" else model)
         texts[model] = body["choices"][0]["text"]
-    assert texts["small"] == texts[MODEL_B]
+    assert texts["b-alias"] == texts[MODEL_B]
     assert texts[MODEL_A] == results[MODEL_A][1].text and texts[MODEL_B] == results[MODEL_B][1].text
 
     r = completion(stack, "no-such-model")
@@ -149,7 +149,7 @@ def test_model_whose_last_worker_died_leaves_within_the_ttl(two_models: Stack) -
     gone_after = time.monotonic() - t0
     assert gone_after <= 2 * TTL + 2
     assert set(model_ids(stack)) == {MODEL_A}  # the alias goes with its model
-    for model in (MODEL_B, "small"):
+    for model in (MODEL_B, "b-alias"):
         r = completion(stack, model)
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
     # Model A is untouched.
