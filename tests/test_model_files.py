@@ -60,3 +60,52 @@ def test_publish_once_fetch_and_check(tmp_path: Path) -> None:
     finally:
         nats.stop()
         nats.cleanup()
+
+
+def test_a_frontend_that_cannot_read_the_path_serves_the_model_from_the_store(tmp_path: Path) -> None:
+    """The registry's fallback: the advertised directory does not exist here, the published files do."""
+    from services.frontend.models import ModelRegistry, ServedModel
+    from services.frontend.request import RequestLimits
+    from shared.messages import WorkerInfo
+
+    tiny = ensure_builtin("baton-tiny-b")
+    desc = describe_model(tiny, 0)
+    info = WorkerInfo(worker_id="w1", role="decode", model="remote-b", context_length=desc.context_length,
+                      tokenizer_digest=desc.tokenizer_digest, template_digest=desc.template_digest,
+                      model_path="/nonexistent/on/this/host", files_published=True)
+
+    class OneWorker:
+        def workers(self, role: str | None = None, model: str | None = None) -> list[WorkerInfo]:
+            return [info] if (role in (None, "decode") and model in (None, "", "remote-b")) else []
+
+    def factory(name: str, model_dir: Path, context_length: int) -> ServedModel:
+        return ServedModel(name=name, tokenizer=Tokenizer(model_dir), max_model_len=context_length,
+                           limits=RequestLimits(name, context_length), generation=None,  # type: ignore[arg-type]
+                           root=str(model_dir))
+
+    nats = StackNats(tmp_path, auth=True).start()
+
+    async def main() -> None:
+        assert nats.identities is not None
+        decode = await Bus.connect(nats.service_url, "test-decode",
+                                   security=NatsSecurity(creds_file=str(nats.identities.creds["decode"])))
+        frontend = await Bus.connect(nats.service_url, "test-frontend",
+                                     security=NatsSecurity(creds_file=str(nats.identities.creds["frontend"])))
+        try:
+            await publish_model_files(decode, tiny, desc)
+            reg = ModelRegistry(factory, OneWorker(), frontend, files_dir=tmp_path / "fetched")  # type: ignore[arg-type]
+            await reg._load("remote-b", info)
+            served = reg.resolve("remote-b")
+            assert Path(served.root).is_relative_to(tmp_path / "fetched")
+            assert served.max_model_len == desc.context_length
+            assert served.tokenizer.encode("hello") == Tokenizer(tiny).encode("hello")
+        finally:
+            await decode.close()
+            await frontend.close()
+
+    try:
+        anyio.run(main)
+        assert not nats.violations()
+    finally:
+        nats.stop()
+        nats.cleanup()

@@ -147,6 +147,7 @@ def test_model_whose_last_worker_died_leaves_within_the_ttl(two_models: Stack) -
     # WorkerView drops an entry at its expiry marker (TTL) or, failing that, after 1.5 TTL unrefreshed.
     wait_until(lambda: MODEL_B not in model_ids(stack), 2 * TTL + 2, what=f"{MODEL_B} leaves /v1/models")
     gone_after = time.monotonic() - t0
+    print(f"{MODEL_B} left /v1/models {gone_after:.2f}s after its only worker was SIGKILLed (TTL {TTL:g}s)")
     assert gone_after <= 2 * TTL + 2
     assert set(model_ids(stack)) == {MODEL_A}  # the alias goes with its model
     for model in (MODEL_B, "b-alias"):
