@@ -62,10 +62,6 @@ class ServedModel:
     created: int = 0
     preloaded: bool = False  # --model: served (listed) even while no worker has it
 
-    @property
-    def model(self) -> str:
-        return self.name
-
 
 # Builds a ServedModel from a model directory (name, directory, context length from the worker or
 # 0 for the model's own). Runs in a worker thread: it reads and compiles the tokenizer.
