@@ -1,8 +1,8 @@
 """The OpenAI-compatible HTTP API as a bare ASGI app (no framework: this is the hot path).
 
-Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, POST /tokenize and
-POST /detokenize (vLLM's shapes), GET /health, GET /metrics. Every error is OpenAI's error object
-with the right status.
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models and /v1/models/{model},
+POST /tokenize and POST /detokenize (vLLM's shapes), GET /health, GET /metrics. Every error is
+OpenAI's error object with the right status.
 """
 
 from __future__ import annotations
@@ -163,6 +163,9 @@ class OpenAIApp:
                 status = await self._send_json(send, 200, result)
             elif path == "/v1/models" and method == "GET":
                 status = await self._send_json(send, 200, self._models())
+            elif path.startswith("/v1/models/") and method == "GET":
+                endpoint = "/v1/models/{model}"  # one metrics label, whatever the name
+                status = await self._send_json(send, 200, self._model_entry(path.removeprefix("/v1/models/")))
             elif path == "/health" or path == "/health/ready":
                 st = self.ready()
                 status = await self._send_json(send, 200 if st else 503, st or {"status": "not ready"})
@@ -228,6 +231,14 @@ class OpenAIApp:
 
     def _models(self) -> dict[str, Any]:
         return {"object": "list", "data": self.models.listing()}
+
+    def _model_entry(self, name: str) -> dict[str, Any]:
+        """OpenAI's retrieve-model: one listed entry, or 404 ``model_not_found``."""
+        for entry in self.models.listing():
+            if entry["id"] == name:
+                return entry
+        self.models.resolve(name)  # raises the 404 (or 503 while it loads), with the served names
+        raise RequestError(404, f"the model {name!r} does not exist", param="model", code="model_not_found")
 
     def _model_for(self, name: str | None) -> tuple[ServedModel, RequestLimits]:
         """The served model a request names (404 if none serves it); no name: the default one."""

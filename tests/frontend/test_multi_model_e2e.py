@@ -102,6 +102,11 @@ def test_two_models_listed_routed_and_unknown_is_404(two_models: Stack) -> None:
     assert set(listed) == {MODEL_A, MODEL_B, "b-alias"}
     assert listed[MODEL_A]["max_model_len"] == 4096 and listed[MODEL_B]["max_model_len"] == 4096
     assert listed["b-alias"]["root"] == MODEL_B
+    # OpenAI's retrieve-model: the same entry, or the 404.
+    r = httpx.get(f"{stack.url}/v1/models/{MODEL_B}", timeout=5)
+    assert r.status_code == 200 and r.json() == listed[MODEL_B]
+    r = httpx.get(f"{stack.url}/v1/models/no-such-model", timeout=5)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
     async def main() -> dict[str, tuple[list[int], ApiChunk | ApiError]]:
         nc = await nats.connect(stack.nats.url)
