@@ -87,6 +87,15 @@ def test_models_follow_the_fleet_with_aliases_and_404s(tmp_path: Path) -> None:
             assert listing["m-a"]["max_model_len"] == 1024 and listing["m-a"]["object"] == "model"
             assert listing["public"]["root"] == "m-a"
             assert reg.default().name == "m-a"  # the only one
+            with anyio.fail_after(20):  # a second model: a request naming none must say which
+                view.set([worker("w1", "m-a", tiny, context=1024), worker("w2", "m-b", tiny)])
+                while len(reg.served()) < 2:
+                    await reg.changed.wait()
+            with pytest.raises(RequestError) as e:
+                reg.default()
+            assert e.value.status == 400 and "m-a" in e.value.message and "m-b" in e.value.message
+            view.set([worker("w1", "m-a", tiny, context=1024)])
+            assert [m.name for m in reg.served()] == ["m-a"]
 
             # Children (LoRA adapters): listed with their parent, resolving to it.
             reg.add_child("adapter-1", "m-a")
