@@ -4,6 +4,7 @@ aliases and children, and a name nobody serves is OpenAI's 404."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -160,3 +161,35 @@ def test_a_preloaded_model_is_served_without_workers_and_is_the_default() -> Non
     with pytest.raises(RequestError) as e:
         reg.resolve("nope")
     assert e.value.status == 404 and "baton-tiny" in e.value.message
+
+
+def test_a_new_tokenizer_under_the_same_name_replaces_the_old_once_no_worker_serves_it(tmp_path: Path) -> None:
+    tiny = ensure_builtin("baton-tiny")
+    v2 = tmp_path / "v2"
+    shutil.copytree(tiny, v2)
+    cfg = json.loads((v2 / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "v2:{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (v2 / "tokenizer_config.json").write_text(json.dumps(cfg))
+    view = FakeView()
+    reg = ModelRegistry(factory, view)  # type: ignore[arg-type]
+    old, new = worker("w1", "m", tiny), worker("w2", "m", v2)
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reg.run)
+            with anyio.fail_after(20):
+                view.set([old])
+                while not reg.served():
+                    await reg.changed.wait()
+            assert reg.resolve("m").root == str(tiny.resolve())
+            view.set([old, new])  # a rolling upgrade: the old version stays while a worker serves it
+            assert reg._to_load() == []  # what the registry's loop decides on this change: nothing to load
+            assert reg.resolve("m").root == str(tiny.resolve())
+            with anyio.fail_after(20):
+                view.set([new])
+                while reg.resolve("m").root != str(v2.resolve()):
+                    await reg.changed.wait()
+            assert reg.resolve("m").tokenizer.apply_chat_template([{"role": "user", "content": "x"}]).startswith("v2:")
+            tg.cancel_scope.cancel()
+
+    anyio.run(main)
