@@ -178,6 +178,12 @@ class WorkerInfo(Struct, kw_only=True, omit_defaults=True):
     pid: int = 0
     host: str = ""
     started_at: float = 0.0
+    # What a frontend needs to serve the model (old workers leave these empty; see shared/model_files.py).
+    context_length: int = 0
+    tokenizer_digest: str = ""
+    template_digest: str = ""
+    model_path: str = ""  # the directory the worker read the model from (on its host)
+    files_published: bool = False  # the tokenizer files are in the model-files object store
 
 
 class LoadReport(Struct, tag="load", kw_only=True, omit_defaults=True):
@@ -274,6 +280,7 @@ class KvEventBatch(Struct, tag="kv_events", kw_only=True, omit_defaults=True):
 
 class PlannerObservation(Struct, tag="planner_observation", kw_only=True, omit_defaults=True):
     timestamp: float
+    model: str = ""  # the model these workers serve ("": every worker)
     prefill_pending: int = 0
     prefill_ack_pending: int = 0
     prefill_workers: int = 0
@@ -290,6 +297,7 @@ class ScaleDecision(Struct, tag="scale_decision", kw_only=True, omit_defaults=Tr
     after: int
     reason: str
     dry_run: bool = False
+    model: str = ""  # the model whose workers change ("": every worker)
 
 
 # --- public NATS request API ---------------------------------------------------------------

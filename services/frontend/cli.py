@@ -6,7 +6,6 @@ from typing import Annotated
 
 import typer
 
-from shared.builtin_model import DEFAULT_MODEL
 from shared.cli_options import (
     DEFAULT_NATS_URL,
     DiscoveryTtl,
@@ -14,7 +13,6 @@ from shared.cli_options import (
     JsReplicas,
     LogFormat,
     LogLevel,
-    Model,
     NatsCreds,
     NatsUrl,
     RouterCatchupTimeout,
@@ -36,8 +34,19 @@ def main(
     js_replicas: JsReplicas = None,
     host: Annotated[str, typer.Option(envvar="BATON_HOST", help="HTTP bind address.")] = "0.0.0.0",
     port: Annotated[int, typer.Option(envvar="BATON_PORT", help="HTTP port.")] = 8000,
-    model: Model = DEFAULT_MODEL,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", envvar="BATON_MODEL",
+                     help="A model to load at start and always serve (built-in name or model directory). "
+                          "Optional: the frontend also serves every model its workers register."),
+    ] = None,
     served_model_name: ServedModelName = None,
+    model_alias: Annotated[
+        list[str] | None,
+        typer.Option("--model-alias", envvar="BATON_MODEL_ALIASES",
+                     help="public=served: requests for 'public' go to the served model 'served' (repeatable; "
+                          "the env var takes a comma-separated list)."),
+    ] = None,
     max_model_len: Annotated[
         int, typer.Option(envvar="BATON_MAX_MODEL_LEN", help="Context length limit (0: the model's own).")
     ] = 0,
@@ -125,13 +134,21 @@ def main(
     """Serve the OpenAI-compatible HTTP API and the NATS request API."""
     from services.frontend.access import ConfigError
     from services.frontend.generation import GenerationSettings
+    from services.frontend.models import parse_aliases
     from services.frontend.service import ROUTER_PLACES, Frontend, FrontendSettings
     from shared.preflight import check_model, check_port, run_checks
     from shared.routing.core import RoutingSettings
     from shared.routing.policy import make_policy
     from shared.runtime import run_service
 
-    run_checks("frontend", [lambda: check_model(model), lambda: check_port(host, port, "HTTP", "--port")])
+    checks = [lambda: check_port(host, port, "HTTP", "--port")]
+    if model:
+        checks.insert(0, lambda: check_model(model))
+    run_checks("frontend", checks)
+    try:
+        aliases = parse_aliases(model_alias or [])
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--model-alias") from None
     if router not in ROUTER_PLACES:
         raise typer.BadParameter(f"{router!r}: choose one of {', '.join(ROUTER_PLACES)}", param_hint="--router")
     try:
@@ -141,6 +158,7 @@ def main(
 
     settings = FrontendSettings(
         nats_url=nats_url, host=host, port=port, model=model, served_model_name=served_model_name,
+        model_aliases=aliases,
         max_model_len=max_model_len, max_body_bytes=max_body_bytes, max_inflight=max_inflight,
         header_timeout=header_timeout, discovery_ttl=discovery_ttl, api_keys_file=api_keys_file,
         rate_limit_rpm=rate_limit_rpm, rate_limit_burst=rate_limit_burst, max_prompt_tokens=max_prompt_tokens, max_n=max_n,

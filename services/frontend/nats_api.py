@@ -20,9 +20,9 @@ from nats.aio.msg import Msg
 
 from services.frontend import metrics
 from services.frontend.access import AccessControl
-from services.frontend.generation import Generation
+from services.frontend.models import ModelRegistry
 from services.frontend.openai_api import RequestError
-from services.frontend.request import RequestLimits, from_nats
+from services.frontend.request import from_nats
 from shared import tracing
 from shared.bus import Bus
 from shared.messages import ApiChunk, ApiError, api_request_json_decoder, api_request_msgpack_decoder
@@ -34,13 +34,11 @@ _msgpack = msgspec.msgpack.Encoder()
 
 
 class NatsApi:
-    def __init__(self, bus: Bus, generation: Generation, model: str, max_model_len: int,
-                 access: AccessControl | None = None, max_prompt_tokens: int = 0) -> None:
+    def __init__(self, bus: Bus, models: ModelRegistry, access: AccessControl | None = None) -> None:
         self.bus = bus
         self.access = access
-        self.generation = generation
-        # The same limits as HTTP (n is not in the NATS request at all, so --max-n needs no place).
-        self.limits = RequestLimits(model, max_model_len, max_prompt_tokens)
+        # The same models and limits as HTTP (n is not in the NATS request at all, so --max-n never bites).
+        self.models = models
 
     async def handle(self, msg: Msg) -> None:
         if not msg.reply:
@@ -60,8 +58,13 @@ class NatsApi:
                 req = (api_request_json_decoder if as_json else api_request_msgpack_decoder).decode(msg.data)
             except (msgspec.ValidationError, msgspec.DecodeError) as e:
                 raise RequestError(400, f"invalid request: {e}") from None
-            request = await from_nats(req, self.generation.tokenizer, self.limits, rid)
-            async with aclosing(self.generation.run(request, root)) as deltas:
+            if req.model:
+                served, limits = self.models.limits_for(req.model)
+            else:  # the NATS API lets a caller leave the model out: the default one
+                served = self.models.default()
+                limits = served.limits
+            request = await from_nats(req, served.tokenizer, limits, rid)
+            async with aclosing(served.generation.run(request, root)) as deltas:
                 index = 0
                 text_parts: list[str] = []
                 tokens: list[int] = []

@@ -139,7 +139,7 @@ class RouterCore:
         """Choose a worker for ``req``. Any :class:`Placement` returned must go to :meth:`record` next,
         before the next decision: the caller answers first, so it need not wait for the bookkeeping."""
         t0 = time.perf_counter()
-        workers = self.view.workers("decode", req.model)
+        model_workers = workers = self.view.workers("decode", req.model)  # only this model's: see KvRouter.decide
         if req.exclude:
             workers = [w for w in workers if w.worker_id not in req.exclude] or workers
         if not workers:
@@ -149,7 +149,7 @@ class RouterCore:
         now = time.monotonic()
         try:
             if self.kv is not None:
-                worker, overlap, hashes = self.kv.decide(req, workers, now)
+                worker, overlap, hashes = self.kv.decide(req, workers, now, model_workers)
             else:
                 worker, overlap = self.policy.choose_worker(req, workers)
         except Exception:  # a policy bug must not cost the request: place it anyway
