@@ -19,10 +19,13 @@ from pathlib import Path
 
 import anyio
 
-from baton.nats_server import EmbeddedNats, NatsPortInUse, die_with_parent, free_port, port_is_free
+from baton.nats_server import EmbeddedNats, NatsPortInUse, free_port, port_is_free
 from shared import nats_auth, preflight, redact
 from shared.builtin_model import BUILTIN_MODELS, builtin_path
 from shared.bus import DEFAULT_CONNECT_TIMEOUT
+from shared.cli_options import engine_argv
+from shared.engines import EngineConfig
+from shared.supervisor import CrashWindow, spawn, stop_processes
 
 log = logging.getLogger("baton.up")
 
@@ -74,6 +77,7 @@ class ProcessSpec:
     name: str
     argv: list[str]
     restarts: int = 0
+    crashes: CrashWindow = field(default_factory=CrashWindow)  # more than 5 exits in a minute: give up
     proc: asyncio.subprocess.Process | None = None
     log_path: Path | None = None
     last_line: str = ""  # without --log-dir: the last line it printed (relayed to this terminal)
@@ -88,8 +92,9 @@ class ProcessSpec:
 def service_specs(s: UpSettings, nats_url: str) -> list[ProcessSpec]:
     py = [sys.executable, "-m"]
     common = ["--nats-url", nats_url, "--log-level", s.log_level, "--discovery-ttl", str(s.discovery_ttl)]
-    engine = ["--model", s.model, "--engine", s.engine, "--mocker-speedup", str(s.mocker_speedup),
-              "--num-blocks", str(s.num_blocks)]
+    # The workers' engine config, whole, spelled as flags in one place (shared.cli_options).
+    engine = engine_argv(EngineConfig(engine=s.engine, model=s.model, speedup=s.mocker_speedup,
+                                      num_blocks=s.num_blocks), ("engine", "model", "speedup", "num_blocks"))
     specs = [ProcessSpec("frontend", [*py, "services.frontend", *common, "--model", s.model, "--host", s.host,
                                       "--port", str(s.port), "--router", s.router, "--router-mode", s.router_mode])]
     if s.router != "embedded":
@@ -325,21 +330,9 @@ class Stack:
             env |= nats_auth.service_env(self.identities, nats_auth.role_of(spec.name))
         # Without --log-dir the children's output comes through a pipe and is relayed to this
         # terminal (see _relay), so a child's own error line can be held back and said once.
-        out: int = asyncio.subprocess.PIPE
-        err: int = asyncio.subprocess.STDOUT
-        if self.settings.log_dir:
-            spec.log_path = Path(self.settings.log_dir) / f"{spec.name}.log"
-            out = err = os.open(spec.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        spec.log_path = Path(self.settings.log_dir) / f"{spec.name}.log" if self.settings.log_dir else None
         spec.last_line = spec.error_line = ""
-        try:
-            return await asyncio.create_subprocess_exec(
-                *spec.argv, env=env, stdout=out, stderr=err, stdin=asyncio.subprocess.DEVNULL,
-                preexec_fn=die_with_parent,
-                start_new_session=True,  # Ctrl-C reaches only us; we stop the children in order
-            )
-        finally:
-            if out >= 0:
-                os.close(out)
+        return await spawn(spec.argv, env, log_path=spec.log_path, pipe=spec.log_path is None)
 
     async def _relay(self, spec: ProcessSpec, proc: asyncio.subprocess.Process, done: anyio.Event) -> None:
         """Copy a child's output to our stderr line by line, except its own one-line error
@@ -368,7 +361,6 @@ class Stack:
             done.set()
 
     async def _supervise(self, spec: ProcessSpec) -> None:
-        recent: list[float] = []
         while not self._stopping:
             spec.proc = proc = await self._spawn(spec)
             self.step(f"started {spec.name} (pid {proc.pid})")
@@ -386,8 +378,7 @@ class Stack:
                 if spec.error_line:  # held back for a reason that will not be given: say it now
                     print(spec.error_line, file=sys.stderr, flush=True)
                 return
-            now = time.monotonic()
-            recent = [t for t in recent if now - t < 60] + [now]
+            exits = spec.crashes.record()
             spec.restarts += 1
             why = spec.error_line or spec.last_line if spec.log_path is None else _last_line(spec.log_path)
             why = why.removeprefix(f"{spec.service}: error: ")
@@ -397,12 +388,12 @@ class Stack:
                 return
             if spec.error_line:  # not its one-line exit after all (another code): show it as it came
                 print(spec.error_line, file=sys.stderr, flush=True)
-            if len(recent) > 5:
-                self._fail(f"{spec.name} exited with code {code} {len(recent)} times in a minute; gave up"
+            if spec.crashes.looping:
+                self._fail(f"{spec.name} exited with code {code} {exits} times in a minute; gave up"
                            + (f" (last line: {why})" if why else ""))
                 return
             print(f"{spec.name} exited with {code}; restarting", flush=True)
-            await anyio.sleep(min(0.5 * len(recent), 5))
+            await anyio.sleep(spec.crashes.backoff())
 
     def _fail(self, reason: str) -> None:
         if self.failure is None:
@@ -432,20 +423,8 @@ class Stack:
 
     async def _stop_all(self) -> None:
         self._stopping = True
-        live = [sp.proc for sp in self.specs if sp.proc is not None and sp.proc.returncode is None]
-        for p in live:
-            try:
-                p.send_signal(signal.SIGTERM)
-            except ProcessLookupError:
-                pass
         grace = self.settings.stop_grace or self.settings.drain_timeout + 15  # the planner's workers: +10
-        with anyio.move_on_after(grace):
-            for p in live:
-                await p.wait()
-        for p in live:
-            if p.returncode is None:
-                p.kill()
-                await p.wait()
+        await stop_processes([sp.proc for sp in self.specs if sp.proc is not None], grace)
 
 
 def run_up(settings: UpSettings) -> None:

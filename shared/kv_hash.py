@@ -51,3 +51,16 @@ def extend_hashes(hashes: list[int], token_ids: Sequence[int], block_size: int) 
     parent = hashes[-1] if hashes else ROOT_HASH
     hashes.extend(block_hashes(token_ids[done * block_size : n_full * block_size], block_size, parent))
     return hashes
+
+
+def adapter_root(adapter: str | None, digest: str = "") -> int:
+    """The chain's root for a request served under LoRA adapter ``adapter`` (None: the bare model).
+
+    Pass it as ``parent`` to :func:`block_hashes`: a prefix computed under one adapter then never
+    matches blocks computed under another or under none. ``digest`` (``LoraAdapter.digest``) ties
+    the root to the adapter's weights, so a name reloaded with other weights does not reuse stale
+    blocks; whoever hashes for routing must use the same pair as the engine.
+    """
+    if adapter is None:
+        return ROOT_HASH
+    return _digest(ROOT_HASH, b"lora\x00" + adapter.encode() + b"\x00" + digest.encode())

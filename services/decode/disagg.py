@@ -46,7 +46,6 @@ class DisaggSettings:
     min_tokens: int = 256  # uncached prompt tokens below this prefill locally
     max_queue: int = 32  # prefill jobs waiting beyond this: prefill locally
     prefill_timeout: float = 30.0  # a remote prefill not done by then falls back to local
-    transport: str = "tcp"
 
 
 class RemotePrefill:

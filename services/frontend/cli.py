@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from shared.builtin_model import DEFAULT_MODEL
-from shared.config import (
+from shared.cli_options import (
     DEFAULT_NATS_URL,
     DiscoveryTtl,
     DrainTimeout,

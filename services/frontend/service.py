@@ -28,7 +28,7 @@ from services.frontend.request import DEFAULT_PRIORITY_RANGE
 from services.frontend.tool_parsers import tool_parser_for
 from shared.builtin_model import DEFAULT_MODEL
 from shared.bus import Bus
-from shared.config import DEFAULT_NATS_URL
+from shared.cli_options import DEFAULT_NATS_URL
 from shared.discovery import DEFAULT_TTL, WorkerView
 from shared.messages import load_report_decoder
 from shared.models import resolve_model
@@ -81,10 +81,6 @@ class BatonHttpProtocol(HttpToolsProtocol):
     """
 
     header_timeout: float = 30.0
-    api_keys_file: str | None = None
-    rate_limit_rpm: float = 0.0  # per API key (or client address without keys); 0: off
-    rate_limit_burst: int = 0
-    max_prompt_tokens: int = 0
     _header_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]

@@ -25,7 +25,7 @@ from services.planner.policy import Damping, HoldPolicy, Policy, Stabilizer
 from services.planner.signals import ROLES, Proposal, Role, RoleSignals, Signals
 from shared import subjects
 from shared.bus import Bus
-from shared.config import DEFAULT_NATS_URL
+from shared.cli_options import DEFAULT_NATS_URL
 from shared.discovery import DEFAULT_TTL, WorkerView
 from shared.messages import (
     LoadReport,

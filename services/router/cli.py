@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from shared.config import (
+from shared.cli_options import (
     DEFAULT_NATS_URL,
     DiscoveryTtl,
     DrainTimeout,

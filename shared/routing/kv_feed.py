@@ -29,7 +29,7 @@ import anyio.lowlevel
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy, ObjectStoreConfig, StorageType
 from nats.js.object_store import ObjectStore
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter
 
 from shared.bus import Bus
 from shared.messages import kv_event_decoder
@@ -47,7 +47,6 @@ SNAPSHOT_OBJECT = "kv-index"
 EVENT_BATCHES = Counter("baton_router_kv_event_batches_total", "KV event batches ingested, by outcome", ["outcome"])
 BLOCK_EVENTS = Counter("baton_router_kv_block_events_total", "KV block events ingested", ["kind"])
 RESYNCS = Counter("baton_router_kv_resync_requests_total", "Resyncs asked of workers after lost KV events")
-STREAM_SEQ = Gauge("baton_router_kv_stream_seq", "Last KV-events stream sequence applied to the index")
 SNAPSHOTS = Counter("baton_router_kv_snapshots_total", "Index snapshots", ["op"])
 
 RESYNC_DEBOUNCE_S = 5.0

@@ -1,15 +1,26 @@
-"""Configuration shared by every service: CLI options that also read ``BATON_*`` variables.
+"""The CLI options every service shares; each also reads a ``BATON_*`` variable.
 
-Each service's Typer CLI declares its options with these helpers, so ``--nats-url`` and
-``BATON_NATS_URL`` mean the same thing everywhere.
+Each service's Typer CLI declares its options with these types, so ``--nats-url`` and
+``BATON_NATS_URL`` mean the same thing everywhere. The engine workers (decode, prefill) take one
+set of worker and engine options through :func:`worker_command`, which hands the command one
+:class:`WorkerOptions` holding the whole :class:`~shared.engines.EngineConfig`; a launcher (``baton
+up``, the planner's local connector) spells an engine config back as flags with :func:`engine_argv`.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
-from typing import Annotated
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from shared.engines import EngineConfig
+    from shared.runtime import Actor
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
@@ -61,7 +72,8 @@ DiscoveryTtl = Annotated[
 ]
 
 # --- engine options, shared by the decode and prefill worker CLIs -------------------------
-Engine = Annotated[str, typer.Option("--engine", envvar="BATON_ENGINE", help="torch, mocker or vllm.")]
+# (named EngineName: shared.engines.Engine is the engine base class)
+EngineName = Annotated[str, typer.Option("--engine", envvar="BATON_ENGINE", help="torch, mocker or vllm.")]
 BlockSize = Annotated[int, typer.Option("--block-size", envvar="BATON_BLOCK_SIZE", help="Tokens per KV block.")]
 NumBlocks = Annotated[
     int, typer.Option("--num-blocks", envvar="BATON_NUM_BLOCKS", help="KV pool size in blocks (0: engine default).")
@@ -125,6 +137,105 @@ KvBindHost = Annotated[
                       help="Address the KV transport listens on (default: 127.0.0.1 if --kv-host is loopback, "
                            "else 0.0.0.0).")
 ]
+
+
+# --- the engine workers' command ---------------------------------------------------------------
+
+# Engine option -> EngineConfig field, in --help order. The one place an engine flag is named.
+ENGINE_OPTIONS: dict[str, tuple[str, Any]] = {
+    "engine": ("--engine", EngineName),
+    "model": ("--model", Model),
+    "dtype": ("--dtype", Dtype),
+    "block_size": ("--block-size", BlockSize),
+    "num_blocks": ("--num-blocks", NumBlocks),
+    "max_num_seqs": ("--max-num-seqs", MaxNumSeqs),
+    "max_batched_tokens": ("--max-batched-tokens", MaxBatchedTokens),
+    "speedup": ("--mocker-speedup", MockerSpeedup),
+    "host_kv_blocks": ("--host-kv-blocks", HostKvBlocks),
+    "disk_kv_dir": ("--disk-kv-dir", DiskKvDir),
+    "disk_kv_blocks": ("--disk-kv-blocks", DiskKvBlocks),
+    "kv_eviction": ("--kv-eviction", KvEviction),
+}
+
+
+def engine_argv(config: EngineConfig, fields: Collection[str] | None = None) -> list[str]:
+    """A launcher's engine config as worker flags: ``fields`` of it (default: every engine option)."""
+    names = ENGINE_OPTIONS if fields is None else [f for f in ENGINE_OPTIONS if f in fields]
+    return [arg for f in names for arg in (ENGINE_OPTIONS[f][0], str(getattr(config, f)))]
+
+
+@dataclass
+class WorkerOptions:
+    """What a worker CLI was told, besides its role's own options: the engine config whole."""
+
+    engine: EngineConfig
+    nats_url: str
+    served_model_name: str | None
+    worker_id: str | None
+    kv_transport: str
+    kv_host: str
+    kv_bind_host: str
+    discovery_ttl: float
+    metrics_port: int
+    log_level: str
+    log_format: str
+    drain_timeout: float
+
+    def settings(self) -> dict[str, Any]:
+        """The fields of ``shared.worker_host.WorkerSettings``."""
+        return {"nats_url": self.nats_url, "engine": self.engine, "worker_id": self.worker_id,
+                "served_model_name": self.served_model_name, "discovery_ttl": self.discovery_ttl,
+                "metrics_port": self.metrics_port, "kv_transport": self.kv_transport, "kv_host": self.kv_host,
+                "kv_bind_host": self.kv_bind_host}
+
+    def run(self, role: str, actor: Callable[[], Actor]) -> None:
+        """Check what can be checked before start (exit 2 with one line), then run the worker."""
+        from shared.preflight import check_engine, check_model, check_port, run_checks
+        from shared.runtime import run_service
+
+        run_checks(role, [lambda: check_engine(self.engine.engine), lambda: check_model(self.engine.model),
+                          lambda: check_port("0.0.0.0", self.metrics_port, "metrics", "--metrics-port")])
+        run_service(actor(), role, self.log_level, self.drain_timeout, self.log_format)
+
+
+def _option(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+def worker_command(command: Callable[..., None]) -> Callable[..., None]:
+    """Give a worker CLI the options every engine worker takes, around its own; the command gets
+    them as ``worker: WorkerOptions`` (one EngineConfig built once, here)."""
+    from shared.builtin_model import DEFAULT_MODEL
+    from shared.discovery import DEFAULT_TTL
+
+    defaults = {"engine": "torch", "model": DEFAULT_MODEL, "dtype": "auto", "block_size": 16, "num_blocks": 0,
+                "max_num_seqs": 64, "max_batched_tokens": 512, "speedup": 1.0, "host_kv_blocks": 0,
+                "disk_kv_dir": "", "disk_kv_blocks": 0, "kv_eviction": "lru"}
+    engine_params = {f: "mocker_speedup" if f == "speedup" else f for f in ENGINE_OPTIONS}
+    head = [_option("nats_url", NatsUrl, DEFAULT_NATS_URL), _option("nats_creds", NatsCreds, None),
+            _option("model", Model, DEFAULT_MODEL), _option("served_model_name", ServedModelName, None),
+            *(_option(p, ENGINE_OPTIONS[f][1], defaults[f]) for f, p in engine_params.items() if f != "model"),
+            _option("worker_id", WorkerId, None)]
+    tail = [_option("kv_transport", KvTransportKind, "tcp"), _option("kv_host", KvHost, "127.0.0.1"),
+            _option("kv_bind_host", KvBindHost, ""), _option("discovery_ttl", DiscoveryTtl, DEFAULT_TTL),
+            _option("metrics_port", MetricsPort, 0), _option("log_level", LogLevel, "info"),
+            _option("log_format", LogFormat, "text"), _option("drain_timeout", DrainTimeout, 30.0)]
+    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+           for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "worker"]
+    params = [*head, *own, *tail]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> None:
+        from shared.engines import EngineConfig
+
+        engine = EngineConfig(**{f: kwargs.pop(p) for f, p in engine_params.items()})
+        kwargs.pop("nats_creds")  # its callback exported it for the bus
+        common = {p.name: kwargs.pop(p.name) for p in (*head, *tail) if p.name in kwargs}
+        command(worker=WorkerOptions(engine=engine, **common), **kwargs)
+
+    wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    return wrapper
 
 # The router's policy, for the router service and for a frontend that embeds it (--router embedded):
 # the same environment variables configure both.
