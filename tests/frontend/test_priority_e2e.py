@@ -20,10 +20,11 @@ from pathlib import Path
 
 import anyio
 import httpx
+import msgspec
 import nats
 import pytest
 
-from shared.messages import ApiError, api_reply_json_decoder
+from shared.messages import ApiChunk, ApiError
 from shared.subjects import API_GENERATE
 from tests.procs import Stack, running
 
@@ -98,7 +99,7 @@ def test_priority_out_of_range_is_a_400_naming_priority(fleet: Stack) -> None:
             for payload, headers in ((dict(body, priority=50), None), (body, {"x-baton-priority": "-50"})):
                 msg = await nc.request(API_GENERATE, json.dumps(payload).encode(), timeout=30,
                                        headers={"Authorization": "Bearer sk-a", **(headers or {})})
-                out.append(api_reply_json_decoder.decode(msg.data))
+                out.append(msgspec.json.decode(msg.data, type=ApiChunk | ApiError))
             return out[0], out[1]
         finally:
             await nc.close()
