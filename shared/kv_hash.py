@@ -18,10 +18,6 @@ import numpy as np
 ROOT_HASH = 0x6261746F6E2D6B76  # "baton-kv"
 
 
-def _digest(parent: int, block: bytes) -> int:
-    return int.from_bytes(blake2b(parent.to_bytes(8, "little") + block, digest_size=8).digest(), "little")
-
-
 def block_hashes(token_ids: Sequence[int] | np.ndarray, block_size: int, parent: int = ROOT_HASH) -> list[int]:
     """Hashes of every full block of ``token_ids``, each chained on the one before."""
     if block_size <= 0:
@@ -63,4 +59,5 @@ def adapter_root(adapter: str | None, digest: str = "") -> int:
     """
     if adapter is None:
         return ROOT_HASH
-    return _digest(ROOT_HASH, b"lora\x00" + adapter.encode() + b"\x00" + digest.encode())
+    seed = ROOT_HASH.to_bytes(8, "little") + b"lora\x00" + adapter.encode() + b"\x00" + digest.encode()
+    return int.from_bytes(blake2b(seed, digest_size=8).digest(), "little")
