@@ -24,7 +24,16 @@ import msgspec
 import nats
 import pytest
 
-from shared.messages import ApiChunk, ApiError
+from shared import subjects
+from shared.messages import (
+    ApiChunk,
+    ApiError,
+    GenerateRequest,
+    SamplingParams,
+    TokenChunk,
+    encode,
+    generate_reply_decoder,
+)
 from shared.subjects import API_GENERATE
 from tests.procs import Stack, running
 
@@ -247,7 +256,9 @@ def test_equal_weights_get_equal_throughput_when_one_sends_10x(fleet: Stack) -> 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory):
-    s = Stack(tmp_path_factory.mktemp("affinity"), "mocker", decode_workers=2, decode_ids=["wa", "wb"])
+    # one sequence at a time per engine, so its waiting queue shows its order
+    s = Stack(tmp_path_factory.mktemp("affinity"), "mocker", decode_workers=2, decode_ids=["wa", "wb"],
+              extra_decode_args=[*MOCKER, "--max-num-seqs", "1"])
     with running(s):
         yield s
 
@@ -259,6 +270,44 @@ def served_by(s: Stack, session: str | None) -> str:
         assert r.status_code == 200, r.read()
         r.read()
         return r.headers["x-baton-worker"]
+
+
+def test_engine_serves_its_waiting_queue_by_priority(pair: Stack) -> None:
+    """Straight to a worker (its NATS contract): while one request runs, a low- and then a
+    high-priority one wait in the engine; the high one starts first."""
+
+    async def main() -> list[str]:
+        nc = await nats.connect(pair.nats.url)
+        started: list[str] = []
+        try:
+            subs = {}
+            for rid, priority, max_tokens in (("busy", 0, 1000), ("low", 9, 2), ("high", -9, 2)):
+                inbox = nc.new_inbox()
+                subs[rid] = await nc.subscribe(inbox)
+                job = GenerateRequest(request_id=rid, token_ids=[5, 6, 7], model=MODEL,
+                                      sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=True, priority=priority))
+                await nc.publish(subjects.generate("wa"), encode(job), reply=inbox)
+                if rid == "busy":  # running before the others arrive
+                    first = generate_reply_decoder.decode((await subs[rid].next_msg(timeout=30)).data)
+                    assert isinstance(first, TokenChunk), first
+            await nc.flush()
+            pending = {"low", "high"}
+            with anyio.fail_after(60):
+                while pending:
+                    for rid in list(pending):
+                        try:
+                            msg = await subs[rid].next_msg(timeout=0.01)
+                        except nats.errors.TimeoutError:
+                            continue
+                        reply = generate_reply_decoder.decode(msg.data)
+                        assert isinstance(reply, TokenChunk), reply
+                        started.append(rid)
+                        pending.discard(rid)
+        finally:
+            await nc.close()
+        return started
+
+    assert anyio.run(main) == ["high", "low"]
 
 
 def test_session_stays_on_its_worker_and_moves_when_it_dies(pair: Stack) -> None:
