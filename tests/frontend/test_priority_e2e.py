@@ -173,8 +173,8 @@ async def gauge(client: httpx.AsyncClient, base: str, name: str = "baton_fronten
 
 
 HIGH, LOW = -5, 5
-SAMPLES = 20  # per round and side
-ROUNDS = 3
+SAMPLES = 25  # per round and side
+ROUNDS = 4
 
 
 def test_high_priority_ttft_under_saturation_stays_within_2x_of_idle(fleet: Stack) -> None:
