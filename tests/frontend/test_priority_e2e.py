@@ -13,9 +13,6 @@ engine step, so saturation is cheap) and a frontend, all real processes.
 from __future__ import annotations
 
 import json
-import statistics
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
@@ -24,6 +21,15 @@ import msgspec
 import nats
 import pytest
 
+from bench.priority_bench import (
+    ADMISSION,
+    KEYS,
+    MODEL,
+    auth,
+    completion,
+    measure_tenants,
+    measure_ttft,
+)
 from shared import subjects
 from shared.messages import (
     ApiChunk,
@@ -39,18 +45,13 @@ from tests.procs import Stack, running
 
 pytestmark = pytest.mark.timeout(240)
 
-MODEL = "baton-tiny"
-# Of 4 slots at the workers, 1 is kept for priorities below 0: low-priority traffic fills 3.
-ADMISSION = ["--admission-max-running", "4", "--admission-reserved", "1", "--admission-queue-timeout", "60",
-             "--priority-min", "-10", "--priority-max", "10"]
 # The mocker's simulated cost per engine step: 5 ms + 0.1 ms per running sequence, divided by this.
+# The frontend (bench.priority_bench.ADMISSION): of 4 slots at the workers, 1 is kept for
+# priorities below 0, so low-priority traffic fills 3.
 MOCKER = ["--mocker-speedup", "5"]
-KEYS = "sk-a\nsk-b\nsk-tpm tpm=300 name=metered\nsk-hi\nsk-lo\n"
-
-
-def quantile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
+SAMPLES = 25  # TTFT samples per round and side (idle, saturated)
+ROUNDS = 4
+WINDOW = 6.0  # seconds of tenant throughput measured
 
 
 @pytest.fixture(scope="module")
@@ -62,17 +63,6 @@ def fleet(tmp_path_factory: pytest.TempPathFactory):
     s.frontend_extra = ["--api-keys-file", str(keys), *ADMISSION]
     with running(s):
         yield s
-
-
-def auth(key: str, **headers: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {key}", **headers}
-
-
-def completion(priority: int | None = None, max_tokens: int = 4, stream: bool = False) -> dict:
-    body = {"model": MODEL, "prompt": "hello there", "max_tokens": max_tokens, "stream": stream}
-    if priority is not None:
-        body["priority"] = priority
-    return body
 
 
 # --- bad input -------------------------------------------------------------------------------------
@@ -133,90 +123,11 @@ def test_tokens_per_minute_limit_is_a_429_naming_it(fleet: Stack) -> None:
     assert httpx.post(url, json=completion(), headers=auth("sk-a"), timeout=30).status_code == 200
 
 
-# --- saturation --------------------------------------------------------------------------------------
-
-
-@dataclass
-class Load:
-    """Closed-loop clients: each sends its next request as soon as the last one ends."""
-
-    done: list[tuple[str, float]] = field(default_factory=list)  # (tenant key, finished at)
-    errors: list[str] = field(default_factory=list)
-
-
-async def closed_loop(client: httpx.AsyncClient, url: str, key: str, body: dict, load: Load) -> None:
-    while True:
-        r = await client.post(url, json=body, headers=auth(key))
-        if r.status_code == 200:
-            load.done.append((key, time.monotonic()))
-        else:
-            load.errors.append(f"{r.status_code} {r.text[:200]}")
-            await anyio.sleep(0.05)
-
-
-async def ttft(client: httpx.AsyncClient, url: str, key: str, priority: int) -> float:
-    t0 = time.perf_counter()
-    async with client.stream("POST", url, json=completion(priority=priority, max_tokens=4, stream=True),
-                             headers=auth(key)) as r:
-        assert r.status_code == 200, await r.aread()
-        first = None
-        async for line in r.aiter_lines():
-            if first is None and line.startswith("data: {"):
-                first = time.perf_counter() - t0
-        assert first is not None
-        return first
-
-
-async def gauge(client: httpx.AsyncClient, base: str, name: str = "baton_frontend_admission_queued") -> float:
-    text = (await client.get(f"{base}/metrics")).text
-    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
-
-
-HIGH, LOW = -5, 5
-SAMPLES = 25  # per round and side
-ROUNDS = 4
+# --- saturation (the measurements: bench/priority_bench.py) ----------------------------------------
 
 
 def test_high_priority_ttft_under_saturation_stays_within_2x_of_idle(fleet: Stack) -> None:
-    url = f"{fleet.url}/v1/completions"
-    figures: dict[str, float] = {}
-
-    async def main() -> None:
-        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-        idle: list[float] = []
-        saturated: list[float] = []
-        depth: list[float] = []
-        same: list[float] = []
-        load = Load()
-        async with httpx.AsyncClient(timeout=120, limits=limits) as client:
-            for _ in range(3):  # warm the path (tokenizer, connections)
-                await ttft(client, url, "sk-hi", HIGH)
-            # Idle and saturated in alternating rounds, so the machine's own drifting load weighs on both.
-            for _ in range(ROUNDS):
-                idle += [await ttft(client, url, "sk-hi", HIGH) for _ in range(SAMPLES)]
-                async with anyio.create_task_group() as tg:
-                    # 12 low-priority clients, answers not streamed: 3 run, 9 wait in the admission queue
-                    for _ in range(12):
-                        tg.start_soon(closed_loop, client, url, "sk-lo", completion(priority=LOW, max_tokens=256),
-                                      load)
-                    with anyio.fail_after(30):
-                        while await gauge(client, fleet.url) < 6:
-                            await anyio.sleep(0.05)
-                    for _ in range(SAMPLES):
-                        saturated.append(await ttft(client, url, "sk-hi", HIGH))
-                        depth.append(await gauge(client, fleet.url))
-                    # the flood's tenant at the flood's priority waits its turn in the queue
-                    same.append(await ttft(client, url, "sk-lo", LOW))
-                    tg.cancel_scope.cancel()
-                with anyio.fail_after(30):  # idle again: the flood's requests cancelled
-                    while await gauge(client, fleet.url, "baton_frontend_admission_running") > 0:
-                        await anyio.sleep(0.05)
-        figures.update(idle_p50=statistics.median(idle), idle_p90=quantile(idle, 0.9),
-                       sat_p50=statistics.median(saturated), sat_p90=quantile(saturated, 0.9),
-                       same_priority_p50=statistics.median(same), queue_min=min(depth),
-                       low_done=len(load.done), low_errors=len(load.errors))
-
-    anyio.run(main)
+    figures = anyio.run(measure_ttft, fleet.url, ROUNDS, SAMPLES)
     print("priority TTFT:", json.dumps({k: round(v, 4) for k, v in figures.items()}))
     assert figures["low_errors"] == 0
     assert figures["queue_min"] >= 1, "the fleet was not saturated throughout the measurement"
@@ -227,34 +138,12 @@ def test_high_priority_ttft_under_saturation_stays_within_2x_of_idle(fleet: Stac
 
 
 def test_equal_weights_get_equal_throughput_when_one_sends_10x(fleet: Stack) -> None:
-    url = f"{fleet.url}/v1/completions"
-    # long enough (~0.1 s at the workers) that the clients' own turnaround is small beside it
-    body = completion(max_tokens=96)
-    warmup, window = 1.5, 6.0
-
-    async def main() -> Load:
-        load = Load()
-        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-        async with httpx.AsyncClient(timeout=120, limits=limits) as client:
-            async with anyio.create_task_group() as tg:
-                for _ in range(40):
-                    tg.start_soon(closed_loop, client, url, "sk-a", body, load)
-                for _ in range(4):
-                    tg.start_soon(closed_loop, client, url, "sk-b", body, load)
-                await anyio.sleep(warmup + window)  # the measurement window: load runs for its length
-                tg.cancel_scope.cancel()
-        return load
-
-    t0 = time.monotonic()
-    load = anyio.run(main)
-    lo, hi = t0 + warmup, t0 + warmup + window
-    a = sum(1 for k, t in load.done if k == "sk-a" and lo <= t < hi)
-    b = sum(1 for k, t in load.done if k == "sk-b" and lo <= t < hi)
-    print(f"fairness: tenant a (40 outstanding) {a / window:.1f} req/s, tenant b (4 outstanding) {b / window:.1f} "
-          f"req/s, ratio {min(a, b) / max(a, b):.3f}, errors {len(load.errors)}")
-    assert load.errors == []
-    assert a >= 20 and b >= 20, (a, b)
-    assert min(a, b) / max(a, b) >= 0.9, (a, b)
+    got = anyio.run(measure_tenants, fleet.url, ("sk-a", "sk-b"), 1.5, WINDOW)
+    print(f"fairness: tenant a (40 outstanding) {got['heavy_rps']:.1f} req/s, tenant b (4 outstanding) "
+          f"{got['light_rps']:.1f} req/s, ratio {got['ratio']:.3f}, errors {got['errors']}")
+    assert got["errors"] == 0
+    assert got["heavy_rps"] * WINDOW >= 20 and got["light_rps"] * WINDOW >= 20, got
+    assert got["ratio"] >= 0.9, got
 
 
 # --- session affinity ------------------------------------------------------------------------------
