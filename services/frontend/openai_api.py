@@ -232,7 +232,7 @@ FIELDS: dict[str, Rule] = {
     "guided_grammar": Rule(HONOURED),
     "response_format": Rule(HONOURED, noop=(ResponseFormat(type="text"),)),
     "priority": Rule(HONOURED, why="vLLM's: lower is served first; an integer within the frontend's "
-                     "--priority-range; the x-baton-priority header sets it when the body does not"),
+                     "--priority-min..--priority-max; the x-baton-priority header sets it when the body does not"),
     # chat only
     "messages": Rule(HONOURED, on="chat"),
     "max_completion_tokens": Rule(HONOURED, on="chat"),
