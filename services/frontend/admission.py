@@ -186,7 +186,7 @@ class Admission:
     async def slot(self, tenant: Tenant, priority: int) -> AsyncIterator[None]:
         """Hold one of the fleet's slots for the body of the ``with``; wait for it in the queue."""
         s = self.settings
-        if len(self.queue) >= s.max_queued:
+        if len(self.queue) >= s.max_queued and not self._may_start(priority):
             REFUSED.labels("queue_full").inc()
             raise _overloaded(f"{len(self.queue)} requests are already waiting for admission", s.queue_timeout)
         ticket = Ticket(priority, tenant.name, tenant.weight)

@@ -183,6 +183,17 @@ async def test_bounded_wait_is_a_503_with_retry_after_and_frees_its_place() -> N
     assert adm.running == 0 and len(adm.queue) == 0
 
 
+async def test_no_queue_at_all_still_admits_while_there_is_room() -> None:
+    adm = Admission(AdmissionSettings(max_running=1, max_queued=0))
+    async with adm.slot(T, 0):
+        with pytest.raises(RequestError) as full:
+            async with adm.slot(T, 0):
+                pass
+        assert full.value.status == 503
+    async with adm.slot(T, 0):
+        assert adm.running == 1
+
+
 async def test_a_caller_leaving_the_queue_leaves_no_trace() -> None:
     adm = Admission(AdmissionSettings(max_running=1))
     gate = anyio.Event()
