@@ -51,9 +51,15 @@ def auth_init(
 @app.command()
 def up(
     nats_url: Annotated[
-        str | None, typer.Option(envvar="BATON_NATS_URL", help="Use this NATS server instead of an embedded one.")
+        str | None, typer.Option(envvar="BATON_NATS_URL", help="Use this NATS server (several of a cluster "
+                                 "comma-separated) instead of an embedded one.")
     ] = None,
-    nats_port: Annotated[int, typer.Option(help="Port of the embedded nats-server.")] = 4222,
+    nats_port: Annotated[int, typer.Option(help="Port of the embedded nats-server (the first, with --nats-cluster).")] = 4222,
+    nats_cluster: Annotated[int, typer.Option(
+        min=1, max=7, help="Embedded NATS servers, clustered on loopback (3: survives losing one).")] = 1,
+    js_replicas: Annotated[int | None, typer.Option(
+        min=1, max=5, envvar="BATON_JS_REPLICAS",
+        help="Replicas of every JetStream stream and bucket (default 1; min(3, --nats-cluster) with a cluster).")] = None,
     data_dir: Annotated[
         str | None, typer.Option(help="JetStream store of the embedded server (default: a temporary directory).")
     ] = None,
@@ -113,8 +119,9 @@ def up(
         raise typer.BadParameter(f"choose one of {', '.join(LOG_FORMATS)}", param_hint="--log-format")
 
     run_up(UpSettings(
-        nats_url=nats_url, nats_port=nats_port, data_dir=data_dir, host=host, port=port, model=model, engine=engine,
-        decode_workers=decode_workers, prefill_workers=prefill_workers, routers=routers, router_mode=router_mode, router=router,
+        nats_url=nats_url, nats_port=nats_port, nats_cluster=nats_cluster, js_replicas=js_replicas, data_dir=data_dir,
+        host=host, port=port, model=model, engine=engine, decode_workers=decode_workers,
+        prefill_workers=prefill_workers, routers=routers, router_mode=router_mode, router=router,
         mocker_speedup=mocker_speedup, num_blocks=num_blocks, discovery_ttl=discovery_ttl, log_dir=log_dir,
         log_level=log_level, log_format=log_format, access_log=access_log, drain_timeout=drain_timeout,
         nats_connect_timeout=nats_connect_timeout, ready_timeout=ready_timeout, planner_connector=planner_connector,

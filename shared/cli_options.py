@@ -25,7 +25,26 @@ if TYPE_CHECKING:
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
 NatsUrl = Annotated[
-    str, typer.Option("--nats-url", envvar="BATON_NATS_URL", help="NATS server URL (JetStream enabled).")
+    str, typer.Option("--nats-url", envvar="BATON_NATS_URL",
+                      help="NATS server URL (JetStream enabled); several servers of a cluster comma-separated "
+                           "(nats://a:4222,nats://b:4222): the services fail over between them.")
+]
+
+
+def _export_js_replicas(n: int | None) -> int | None:
+    # Read by the bus (shared.bus.js_replicas_from_env) wherever a stream or bucket is created.
+    if n is not None:
+        if not 1 <= n <= 5:
+            raise typer.BadParameter("must be 1..5 (JetStream's range)")
+        os.environ["BATON_JS_REPLICAS"] = str(n)
+    return n
+
+
+JsReplicas = Annotated[
+    int | None,
+    typer.Option("--js-replicas", envvar="BATON_JS_REPLICAS", callback=_export_js_replicas,
+                 help="Replicas of every JetStream stream and bucket Baton creates (1; 3 on a 3-server "
+                      "cluster). One that exists with fewer is reported, not silently reused."),
 ]
 
 
@@ -213,6 +232,7 @@ def worker_command(command: Callable[..., None]) -> Callable[..., None]:
                 "disk_kv_dir": "", "disk_kv_blocks": 0, "kv_eviction": "lru"}
     engine_params = {f: "mocker_speedup" if f == "speedup" else f for f in ENGINE_OPTIONS}
     head = [_option("nats_url", NatsUrl, DEFAULT_NATS_URL), _option("nats_creds", NatsCreds, None),
+            _option("js_replicas", JsReplicas, None),
             _option("model", Model, DEFAULT_MODEL), _option("served_model_name", ServedModelName, None),
             *(_option(p, ENGINE_OPTIONS[f][1], defaults[f]) for f, p in engine_params.items() if f != "model"),
             _option("worker_id", WorkerId, None)]
@@ -230,6 +250,7 @@ def worker_command(command: Callable[..., None]) -> Callable[..., None]:
 
         engine = EngineConfig(**{f: kwargs.pop(p) for f, p in engine_params.items()})
         kwargs.pop("nats_creds")  # its callback exported it for the bus
+        kwargs.pop("js_replicas")  # likewise
         common = {p.name: kwargs.pop(p.name) for p in (*head, *tail) if p.name in kwargs}
         command(worker=WorkerOptions(engine=engine, **common), **kwargs)
 

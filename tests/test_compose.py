@@ -21,7 +21,6 @@ import pytest
 import yaml
 
 from shared import nats_auth
-from tests.test_deploy import READ_ON_ANOTHER_BRANCH
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "compose.yaml"
@@ -135,7 +134,7 @@ def test_command_and_env_are_real_cli(name: str):
     known_options = set(re.findall(r"--[a-z][a-z0-9-]*", help_text))
     for opt in _options(command):
         assert opt in known_options, f"{name}: `baton {command[0]}` has no option {opt}"
-    known_env = set(re.findall(r"BATON_[A-Z0-9_]+", help_text)) | READ_ON_ANOTHER_BRANCH
+    known_env = set(re.findall(r"BATON_[A-Z0-9_]+", help_text))
     for var in _environment(svc):
         if var.startswith("BATON_"):
             assert var in known_env, f"{name}: `baton {command[0]}` reads no {var}"

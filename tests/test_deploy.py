@@ -166,10 +166,6 @@ def _help(command: str) -> str:
     return r.stdout
 
 
-# Variables the chart sets that a parallel branch makes the code read (issue 17: b17's --js-replicas,
-# BATON_JS_REPLICAS). Empty this once that branch is merged: the check below then covers them.
-READ_ON_ANOTHER_BRANCH = frozenset({"BATON_JS_REPLICAS"})
-
 
 @functools.cache
 def _source_env_vars() -> frozenset[str]:
@@ -318,7 +314,7 @@ def test_command_and_env_are_real_cli(svc: str, values: str):
     known = set(re.findall(r"--[a-z][a-z0-9-]*", help_text))
     for opt in options(args):
         assert opt in known, f"{svc}: `baton {svc}` has no option {opt}"
-    known_env = set(re.findall(r"BATON_[A-Z0-9_]+", help_text)) | _source_env_vars() | READ_ON_ANOTHER_BRANCH
+    known_env = set(re.findall(r"BATON_[A-Z0-9_]+", help_text)) | _source_env_vars()
     for name, e in env_of(c).items():
         if name.startswith("BATON_"):
             assert name in known_env, f"{svc}: nothing reads {name}"

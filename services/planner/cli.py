@@ -10,6 +10,7 @@ from shared.cli_options import (
     DEFAULT_NATS_URL,
     DiscoveryTtl,
     DrainTimeout,
+    JsReplicas,
     LogFormat,
     LogLevel,
     MetricsPort,
@@ -29,6 +30,7 @@ def _opt(text: str, env: str | None = None, *names: str):
 def main(
     nats_url: NatsUrl = DEFAULT_NATS_URL,
     nats_creds: NatsCreds = None,
+    js_replicas: JsReplicas = None,
     interval: Annotated[float, _opt("Seconds between observations (and decisions).", "INTERVAL")] = 2.0,
     policy: Annotated[str, _opt("load (thresholds), sla (TTFT/ITL targets) or none (observe only).",
                                 "POLICY")] = "load",

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import anyio
 import anyio.abc
-import nats.errors
 from nats.aio.msg import Msg
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -27,7 +26,7 @@ from shared.discovery import WorkerView
 from shared.engines import Engine
 from shared.kv_transport import TransferError
 from shared.messages import PrefillDone, PrefillFailed, PrefillJob, SamplingParams, prefill_job_decoder
-from shared.streams import PREFILL_ACK_WAIT_S, ensure_prefill_queue
+from shared.streams import PREFILL_ACK_WAIT_S, PrefillJobs, ensure_prefill_queue
 from shared.telemetry import bind_request
 from shared.worker_host import WorkerHost, WorkerSettings
 
@@ -87,9 +86,7 @@ class PrefillWorker(WorkerHost):
 
     async def _pull_jobs(self, tg: anyio.abc.TaskGroup) -> None:
         assert self.bus is not None
-        psub = await self.bus.js.pull_subscribe(
-            subjects.PREFILL_JOBS, durable=subjects.PREFILL_CONSUMER, stream=subjects.PREFILL_STREAM
-        )
+        jobs = await PrefillJobs.subscribe(self.bus)
         limit = anyio.Semaphore(self.settings.max_concurrent_jobs)
         while not self._draining:
             free = limit.value
@@ -98,9 +95,7 @@ class PrefillWorker(WorkerHost):
                 limit.release()
                 continue
             try:
-                msgs = await psub.fetch(batch=free, timeout=1.0)
-            except (nats.errors.TimeoutError, TimeoutError):  # nothing queued this second
-                continue
+                msgs = await jobs.fetch(batch=free, timeout=1.0)  # [] if nothing queued this second
             except Exception as e:  # NATS away: back off and ask again
                 log.warning("fetch failed: %r", e)
                 await anyio.sleep(0.5)

@@ -8,6 +8,7 @@ from shared.cli_options import (
     DEFAULT_NATS_URL,
     DiscoveryTtl,
     DrainTimeout,
+    JsReplicas,
     LogFormat,
     LogLevel,
     MetricsPort,
@@ -29,6 +30,7 @@ from shared.discovery import DEFAULT_TTL
 def main(
     nats_url: NatsUrl = DEFAULT_NATS_URL,
     nats_creds: NatsCreds = None,
+    js_replicas: JsReplicas = None,
     mode: RouterMode = "round-robin",
     seed: RouterSeed = None,
     overlap_weight: RouterOverlapWeight = 1.0,

@@ -111,7 +111,7 @@ class RouterCore:
                         self.feed = KvEventFeed(self.bus, self.kv, self.settings.snapshot_interval,
                                                 self.settings.catchup_timeout)
                         await self.feed.start()
-                        tg.start_soon(self.feed.run_snapshots)
+                        tg.start_soon(self.feed.run)  # follows the stream across failovers; snapshots
                     self._maintain_kv()
                     tg.start_soon(self._maintain_loop)
                 if self.kv is not None or self.affinity is not None:
