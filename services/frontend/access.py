@@ -4,7 +4,7 @@ limits (requests and tokens a minute), and per-address brakes applied before any
 The keys file holds one key a line, optionally followed by ``name=value`` settings for that key
 (the tenant): ``weight=`` its share under fair queuing (services/frontend/admission.py), ``rpm=``
 and ``tpm=`` its own requests/tokens a minute (instead of --rate-limit-rpm / --tenant-tpm), and
-``name=`` how it appears in logs and metrics (never the key itself)::
+``name=`` the tenant's name (keys sharing one are one tenant; the key itself is never a name)::
 
     sk-paid-1  weight=4 tpm=200000 name=paid
     sk-free-1  weight=1 tpm=20000 rpm=30
@@ -39,7 +39,7 @@ ANONYMOUS = "anonymous"  # the one tenant of every caller without an API key
 class Tenant:
     """Who a request is charged to: an API key, or everyone without one (``anonymous``)."""
 
-    name: str  # for logs and metrics: the key's ``name=`` or ``key#<line>``, never the key
+    name: str  # the key's ``name=`` or ``key#<line>``, never the key: fair share and TPM budget go by it
     weight: float = 1.0  # share of the fleet under fair queuing, relative to other tenants'
     tpm: int = 0  # tokens a minute (prompt + completion); 0: the frontend's default (--tenant-tpm)
     rpm: float = 0.0  # requests a minute; 0: the frontend's default (--rate-limit-rpm)
