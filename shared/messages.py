@@ -49,6 +49,9 @@ class SamplingParams(Struct, kw_only=True, omit_defaults=True):
     # Parallel sequences from one prompt (its KV blocks shared); chunks carry their ``choice``.
     n: int = 1
     structured: StructuredOutput | None = None
+    # vLLM's request priority: lower is served first (the engine's waiting queue, and the last to
+    # be preempted under KV pressure); the frontend checks it against its allowed range.
+    priority: int = 0
 
 
 class Usage(Struct, kw_only=True, omit_defaults=True):
@@ -141,6 +144,9 @@ class RouteRequest(Struct, tag="route", kw_only=True, omit_defaults=True):
     # so the router need not: hashing a 4k-token prompt costs ~300 us, the routing decision ~35 us.
     block_hashes: list[int] = field(default_factory=list)
     block_size: int = 0
+    # A conversation's id (the caller's x-session-id): the router keeps it on one worker while
+    # that worker is live and not full (shared/routing/affinity.py). "": no affinity.
+    session_id: str = ""
 
 
 class RouteDecision(Struct, tag="decision", kw_only=True, omit_defaults=True):
@@ -324,6 +330,8 @@ class ApiGenerateRequest(Struct, kw_only=True, omit_defaults=True, forbid_unknow
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     stream: bool = True
+    # lower is served first; None: the x-baton-priority header's, else 0 (checked by the frontend)
+    priority: int | None = None
 
 
 class ApiChunk(Struct, tag="chunk", kw_only=True, omit_defaults=True):

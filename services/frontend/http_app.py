@@ -19,7 +19,8 @@ import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.frontend import metrics
-from services.frontend.access import AccessControl
+from services.frontend.access import ANONYMOUS, AccessControl, Tenant
+from services.frontend.admission import Admission, AdmissionSettings
 from services.frontend.choices import ChoiceShaper
 from services.frontend.generation import Generation
 from services.frontend.models import ModelRegistry, ServedModel
@@ -36,8 +37,12 @@ from services.frontend.openai_api import (
 )
 from services.frontend.request import (
     DEFAULT_MAX_N,
+    DEFAULT_PRIORITY_RANGE,
+    PRIORITY_HEADER,
+    SESSION_HEADER,
     TEMPLATE_ERRORS,
     TOKENIZE_IN_THREAD_CHARS,
+    RequestHints,
     RequestLimits,
     check_token_ids,
     from_chat,
@@ -66,6 +71,14 @@ def _header_map(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
 
 
 _TOKEN_ROUTES = ("/tokenize", "/detokenize")
+_ANONYMOUS = Tenant(ANONYMOUS)
+_HINT_HEADERS = (PRIORITY_HEADER.encode(), SESSION_HEADER.encode())
+
+
+def _hints(headers: list[tuple[bytes, bytes]]) -> RequestHints:
+    """x-baton-priority and x-session-id, if sent (ASGI header names are lowercase)."""
+    found = {k: v.decode("latin-1") for k, v in headers if k in _HINT_HEADERS}
+    return RequestHints.from_headers(lambda name: found.get(name.encode()))
 
 
 class ClientGone(Exception):
@@ -88,6 +101,8 @@ class OpenAIApp:
         tool_parser: ToolParser | None = None,
         reasoning_parser: str | None = None,
         models: ModelRegistry | None = None,
+        admission: Admission | None = None,
+        priority_range: tuple[int, int] = DEFAULT_PRIORITY_RANGE,
     ) -> None:
         self.ready = ready  # returns a status dict when ready, None when not
         self.max_body_bytes = max_body_bytes
@@ -101,11 +116,12 @@ class OpenAIApp:
             assert generation is not None
             models = ModelRegistry()
             # what requests are checked against (max_prompt_tokens 0: only the context bounds a prompt)
-            limits = RequestLimits(model or "", max_model_len, max_prompt_tokens, max_n, tool_parser)
+            limits = RequestLimits(model or "", max_model_len, max_prompt_tokens, max_n, tool_parser, priority_range)
             models.preload(ServedModel(name=model or "", tokenizer=generation.tokenizer, max_model_len=max_model_len,
                                        limits=limits, generation=generation, tool_parser=tool_parser,
                                        created=self.created))
         self.models = models  # every model served, by name (services/frontend/models.py)
+        self.admission = admission or Admission(AdmissionSettings())  # shared with the NATS API
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -122,9 +138,10 @@ class OpenAIApp:
                 started = True
             await send(message)
 
+        tenant = _ANONYMOUS
         try:
             if (path.startswith("/v1/") or path in _TOKEN_ROUTES) and self.access is not None:
-                self.access.admit_http(scope["headers"], scope.get("client"))
+                tenant = self.access.tenant_of(self.access.admit_http(scope["headers"], scope.get("client")))
             if path == "/v1/chat/completions" or path == "/v1/completions":
                 if method != "POST":
                     raise RequestError(405, f"use POST for {path}", code="method_not_allowed")
@@ -144,7 +161,7 @@ class OpenAIApp:
                                          **{"http.request.method": method, "url.path": path})
                     try:
                         status = await self._generate(path == "/v1/chat/completions", body, receive, send_tracked,
-                                                      root)
+                                                      root, tenant, scope["headers"])
                     except RequestError as e:
                         tracing.end(root, error=e.message, **{"http.response.status_code": e.status})
                         root = None
@@ -278,16 +295,18 @@ class OpenAIApp:
         check_token_ids(req.tokens, served.tokenizer, "tokens")
         return {"prompt": served.tokenizer.decode(req.tokens, skip_special_tokens=False)}
 
-    async def _generate(self, chat: bool, body: bytes, receive: Receive, send: Send, root: Any = None) -> int:
+    async def _generate(self, chat: bool, body: bytes, receive: Receive, send: Send, root: Any = None,
+                        tenant: Tenant | None = None, headers: list[tuple[bytes, bytes]] | None = None) -> int:
         rid = f"chatcmpl-{uuid.uuid4().hex}" if chat else f"cmpl-{uuid.uuid4().hex}"
         bind_request(rid, tracing.trace_id_of(root))  # this request's log lines (and access line) carry it
         body_req = decode_request(body, chat_decoder if chat else completion_decoder)
         served, limits = self._model_for(body_req.model)
         model = served.name
+        hints = _hints(headers or [])
         if chat:
-            req = await from_chat(body_req, served.tokenizer, limits, rid)
+            req = await from_chat(body_req, served.tokenizer, limits, rid, hints)
         else:
-            req = await from_completion(body_req, served.tokenizer, limits, rid)
+            req = await from_completion(body_req, served.tokenizer, limits, rid, hints)
         chat_output = None
         if req.tool_plan is not None:
             tool_plan = req.tool_plan
@@ -305,7 +324,7 @@ class OpenAIApp:
                                  "gen_ai.request.temperature": req.sampling.temperature,
                                  "gen_ai.usage.input_tokens": len(req.token_ids), "gen_ai.response.id": rid})
         trace_header = [(b"x-trace-id", tracing.trace_id_of(root).encode())] if root is not None else []
-        deltas = served.generation.run(req, root)
+        deltas = self.admission.run(req, tenant or _ANONYMOUS, lambda: served.generation.run(req, root))
         try:
             if req.stream:
                 return await self._stream(chat, rid, deltas, req.include_usage, receive, send, trace_header, shaper,

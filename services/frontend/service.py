@@ -21,22 +21,24 @@ import anyio
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from services.frontend.access import AccessControl, RateLimiter, load_api_keys
+from services.frontend.access import AccessControl, RateLimiter, load_tenants
 from services.frontend.access_log import AccessLog
+from services.frontend.admission import Admission, AdmissionSettings
 from services.frontend.generation import Generation, GenerationSettings
 from services.frontend.http_app import OpenAIApp
 from services.frontend.models import ModelRegistry, ServedModel
 from services.frontend.nats_api import NatsApi
 from services.frontend.reasoning import ReasoningStream
-from services.frontend.request import RequestLimits
+from services.frontend.request import DEFAULT_PRIORITY_RANGE, RequestLimits
 from services.frontend.tool_parsers import tool_parser_for
 from shared.builtin_model import DEFAULT_MODEL
 from shared.bus import Bus
 from shared.cli_options import DEFAULT_NATS_URL
 from shared.discovery import DEFAULT_TTL, WorkerView
+from shared.messages import load_report_decoder
 from shared.models import resolve_model
 from shared.routing.core import RouterCore, RoutingSettings
-from shared.subjects import API_GENERATE, API_QUEUE
+from shared.subjects import API_GENERATE, API_QUEUE, LOAD_ALL
 from shared.tokenizer import Tokenizer
 
 log = logging.getLogger("baton.frontend")
@@ -70,6 +72,8 @@ class FrontendSettings:
     reasoning_parser: str = ""  # "": off; think | qwen3 | deepseek_r1
     router: str = "service"  # "service": ask the router service; "embedded": run the router core here
     routing: RoutingSettings = field(default_factory=RoutingSettings)  # the embedded router's policy
+    admission: AdmissionSettings = field(default_factory=AdmissionSettings)  # queue, fair shares, tokens a minute
+    priority_range: tuple[int, int] = DEFAULT_PRIORITY_RANGE  # request priorities accepted (400 outside)
 
 
 class BatonHttpProtocol(HttpToolsProtocol):
@@ -166,13 +170,20 @@ class Frontend:
         if settings.router not in ROUTER_PLACES:
             raise ValueError(f"unknown router {settings.router!r}; choose one of {', '.join(ROUTER_PLACES)}")
         # Checked before anything starts: a keys file without keys is a ConfigError.
-        keys = load_api_keys(settings.api_keys_file)
+        keys = load_tenants(settings.api_keys_file)
         limiter = RateLimiter(settings.rate_limit_rpm, settings.rate_limit_burst or None) \
             if settings.rate_limit_rpm > 0 else None
         address_limiter = RateLimiter(settings.address_rate_limit_rpm) if settings.address_rate_limit_rpm > 0 else None
         self.access = AccessControl(keys, limiter, address_limiter)
         if keys:
             log.info("API keys required on HTTP and NATS (%d configured)", len(keys))
+        lo, hi = settings.priority_range
+        if lo > hi:
+            raise ValueError(f"the priority range {lo}..{hi} is empty")
+        self.admission = Admission(settings.admission, self._decode_worker_ids)
+
+    def _decode_worker_ids(self) -> list[str]:
+        return [w.worker_id for w in self.view.workers("decode", self.model)] if self.view is not None else []
 
     def _served_model(self, name: str, model_dir: Path, context_length: int) -> ServedModel:
         """A model's tokenizer, template, context length and request path (in a thread for fleet models)."""
@@ -185,7 +196,7 @@ class Frontend:
         max_model_len = min(s.max_model_len, context_length) if s.max_model_len else context_length
         # The bus is connected before any fleet model loads; the preloaded model's Generation gets it in run().
         generation = Generation(self.bus, tokenizer, name, s.generation, self.router)  # type: ignore[arg-type]
-        limits = RequestLimits(name, max_model_len, s.max_prompt_tokens, s.max_n, tool_parser)
+        limits = RequestLimits(name, max_model_len, s.max_prompt_tokens, s.max_n, tool_parser, s.priority_range)
         return ServedModel(name=name, tokenizer=tokenizer, max_model_len=max_model_len, limits=limits,
                            generation=generation, tool_parser=tool_parser, root=str(model_dir))
 
@@ -219,8 +230,9 @@ class Frontend:
             access = self.access if self.access.enabled else None
             app = OpenAIApp(None, None, 0, self.ready, s.max_body_bytes,
                             s.max_inflight, access, s.max_prompt_tokens, s.body_timeout, max_n=s.max_n,
-                            reasoning_parser=self.reasoning_parser, models=self.registry)
-            nats_api = NatsApi(self.bus, self.registry, access)
+                            reasoning_parser=self.reasoning_parser, models=self.registry,
+                            admission=self.admission, priority_range=s.priority_range)
+            nats_api = NatsApi(self.bus, self.registry, access, self.admission)
             if s.access_log:
                 app = AccessLog(app)
             config = uvicorn.Config(
@@ -239,6 +251,15 @@ class Frontend:
                     tg.start_soon(nats_api.handle, msg)
 
                 await self.bus.subscribe(API_GENERATE, on_api, queue=API_QUEUE)
+                if s.admission.worker_waiting:  # the workers' load reports say when the fleet is full
+
+                    async def on_load(msg: Any) -> None:
+                        try:
+                            self.admission.on_load(load_report_decoder.decode(msg.data))
+                        except Exception as e:  # a malformed report is no reason to stop admitting
+                            log.debug("bad load report: %r", e)
+
+                    await self.bus.subscribe(LOAD_ALL, on_load)
                 await self.server.serve()
                 if self.router is not None:
                     await self.router.close()
