@@ -413,3 +413,53 @@ def _check_cluster_config(routes: list[str]) -> None:
         r = subprocess.run([sys.executable, "-m", "baton", "auth", "init", tmp, "--no-grafana",
                             "--cluster-routes", ",".join(routes)], capture_output=True, text=True, cwd=ROOT, timeout=60)
         assert r.returncode == 0 and (Path(tmp) / "route-password").read_text().strip() == password
+
+
+def test_cluster_conf_routes_refuse_a_server_without_the_route_password(tmp_path):
+    """cluster.conf as `baton auth init --cluster-routes` writes it, run as three real nats-servers on
+    loopback (each its own copy, listening on its own route port): they route to each other; a fourth
+    server with its own cluster.conf (another route password) is refused by all three, never joins."""
+    import shutil as sh
+    import urllib.request
+
+    from baton.nats_server import find_nats_server, free_port
+    from tests.procs import wait_until
+
+    route_ports, client_ports, monitor_ports = ([free_port() for _ in range(4)] for _ in range(3))
+    routes = [f"nats://127.0.0.1:{p}" for p in route_ports[:3]]
+    nats_auth.generate(tmp_path / "auth")
+    nats_auth.cluster_config(tmp_path / "auth", routes)  # the route password, made once
+    procs = []
+    try:
+        for i in range(4):
+            d = tmp_path / f"server-{i}"
+            d.mkdir(mode=0o700)
+            sh.copy(tmp_path / "auth" / "nats-auth.conf", d)
+            if i < 3:  # a member: the cluster's password (as every server reads the one nats-auth volume)
+                sh.copy(tmp_path / "auth" / "route-password", d)
+            conf = nats_auth.cluster_config(d, routes, listen=f"127.0.0.1:{route_ports[i]}")
+            procs.append(subprocess.Popen(
+                [find_nats_server(), "-c", str(conf), "-a", "127.0.0.1", "-p", str(client_ports[i]),
+                 "-m", str(monitor_ports[i]), "--server_name", f"nats-{i}"],
+                stdout=open(d / "log", "wb"), stderr=subprocess.STDOUT))
+
+        def peers(i: int) -> set[str] | None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{monitor_ports[i]}/routez", timeout=1) as r:
+                    return {route.get("remote_name") for route in json.loads(r.read())["routes"]}
+            except OSError:
+                return None
+
+        def members_routed() -> bool:
+            return all(peers(i) == {f"nats-{j}" for j in range(3) if j != i} for i in range(3))
+
+        wait_until(members_routed, 20, 0.2, "the three servers routed to each other")
+        wait_until(lambda: (tmp_path / "server-3" / "log").read_text(errors="replace").count(
+            "Authorization Violation") >= 3, 15, 0.2, "all three refusing the fourth server's routes")
+        assert members_routed() and peers(3) == set()
+        password = (tmp_path / "auth" / "route-password").read_text().strip()
+        assert not [i for i in range(4) if password in (tmp_path / f"server-{i}" / "log").read_text(errors="replace")]
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(10)
