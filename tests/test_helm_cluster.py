@@ -311,10 +311,14 @@ def test_the_charts_nats_servers_form_a_jetstream_cluster_that_survives_one_loss
                 read = (await (await other.jetstream().key_value("probe")).get("k")).value
                 procs[0].kill()  # SIGKILL the server the bucket was made through
                 procs[0].wait(5)
-                survivor = await other.jetstream(timeout=10).key_value("probe")
-                deadline = time.monotonic() + 15
-                while True:  # a new stream leader is elected within seconds
+                # The bucket's stream may be leaderless until the survivors elect (and, when the dead
+                # server led the meta group too, until a new meta leader answers): a request then goes
+                # unanswered, so poll with short timeouts (lookup and write), bounded.
+                js = other.jetstream(timeout=2)
+                deadline = time.monotonic() + 25
+                while True:
                     try:
+                        survivor = await js.key_value("probe")
                         await survivor.put("k", b"after")
                         break
                     except Exception:
