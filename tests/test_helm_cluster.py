@@ -106,6 +106,14 @@ def test_route_password_is_generated_once_or_the_operators() -> None:
     nats = container(one(single, "StatefulSet", NATS))
     assert options(nats["args"])["--config"] == "/etc/nats-auth/nats-auth.conf"
     assert not any(e["name"].startswith("NATS_ROUTE") for e in nats["env"])
+    # The chart's TLS on: the routes use it too (mutual, with the Secret's CA); off: no route TLS.
+    assert "tls {" not in one(docs, "ConfigMap", f"{NATS}-cluster")["data"]["nats.conf"]
+    tls = render({"nats": {"tls": {"existingSecret": "srv"}}, "natsTls": {"existingSecret": "cli"}})
+    conf = one(tls, "ConfigMap", f"{NATS}-cluster")["data"]["nats.conf"]
+    assert re.search(r'tls \{\s*cert_file: "/etc/nats-tls/tls.crt"\s*key_file: "/etc/nats-tls/tls.key"\s*'
+                     r'ca_file: "/etc/nats-tls/ca.crt"', conf)
+    mounts = {m["name"]: m["mountPath"] for m in container(one(tls, "StatefulSet", NATS))["volumeMounts"]}
+    assert mounts["tls"] == "/etc/nats-tls"
     # With one shared credential the cluster config includes that auth config (its ConfigMap).
     shared = render({"natsAuth": {"existingSecret": "creds", "userKey": "user", "passwordKey": "password"}})
     assert 'include "../nats-auth/nats-auth.conf"' in one(shared, "ConfigMap", f"{NATS}-cluster")["data"]["nats.conf"]
@@ -193,14 +201,17 @@ def test_cluster_values_are_checked(values: dict, message: str) -> None:
         render(values)
 
 
-def test_the_charts_nats_servers_form_a_jetstream_cluster_that_survives_one_loss(tmp_path) -> None:
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_the_charts_nats_servers_form_a_jetstream_cluster_that_survives_one_loss(tmp_path, tls: bool) -> None:
     """The StatefulSet's own nats-server arguments, environment and config files (the cluster ConfigMap
     including the chart's generated auth config, the generated route password), run as three real
     servers on loopback (pod DNS names mapped to local ports): they route to each other with the route
     password, and a server with a wrong or no route password is refused (never joins); they elect a
     JetStream meta leader, a 3-replica bucket written through one server is read through another, and
-    still after the first server is SIGKILLed. The route password is in no server's log."""
+    still after the first server is SIGKILLed. The route password is in no server's log. With the
+    chart's TLS on (a throwaway CA and certificate for 127.0.0.1), clients and routes use TLS."""
     import asyncio
+    import ssl
     import subprocess
     import time
     import urllib.request
@@ -211,13 +222,24 @@ def test_the_charts_nats_servers_form_a_jetstream_cluster_that_survives_one_loss
     from baton.nats_server import find_nats_server, free_port
     from tests.procs import wait_until
 
-    docs = render()
+    docs = render({"nats": {"tls": {"existingSecret": "srv"}}, "natsTls": {"existingSecret": "cli"}} if tls else None)
     nats_container = container(one(docs, "StatefulSet", NATS))
-    args = [str(a) for a in nats_container["args"]]
+    tls_dir = tmp_path / "nats-tls"
+    if tls:
+        from tests.test_nats_security import make_certs
+
+        tls_dir.mkdir()
+        for made, name in zip(make_certs(tls_dir), ("ca.crt", "tls.crt", "tls.key"), strict=True):
+            os.replace(made, tls_dir / name)
+    # The Secret's mount point, here: the pod's paths in args and config moved into tmp_path.
+    args = [str(a).replace("/etc/nats-tls/", f"{tls_dir}/") for a in nats_container["args"]]
+    assert ("--tls" in args) == tls
     env = env_of(nats_container)
     secret = one(docs, "Secret", component("nats-identities"))["stringData"]
     route_password = base64.b64decode(one(docs, "Secret", component("nats-routes"))["data"]["password"]).decode()
     cluster_conf = one(docs, "ConfigMap", f"{NATS}-cluster")["data"]["nats.conf"]
+    assert ('ca_file: "/etc/nats-tls/ca.crt"' in cluster_conf) == tls  # routes over TLS with the chart's TLS
+    cluster_conf = cluster_conf.replace("/etc/nats-tls/", f"{tls_dir}/")
     # The pods' layout, so the cluster config's relative include finds the auth config.
     (tmp_path / "nats-auth").mkdir()
     (tmp_path / "nats-auth" / "nats-auth.conf").write_text(secret["nats-auth.conf"])
@@ -297,12 +319,16 @@ def test_the_charts_nats_servers_form_a_jetstream_cluster_that_survives_one_loss
         for i in range(3):
             assert peers(i) == {f"{NATS}-{j}" for j in range(3) if j != i}, i
         assert peers(3) == peers(4) == set()
+        cluster = (monitor(0, "/varz") or {}).get("cluster", {})
+        assert (cluster.get("tls_required"), cluster.get("tls_verify")) == ((True, True) if tls else (None, None))
         jsz = monitor(0, "/jsz") or {}
         assert jsz.get("meta_cluster", {}).get("cluster_size") == 3
 
         async def scenario() -> tuple[bytes, bytes]:
             opts = {"user": admin["user"], "password": admin["password"], "connect_timeout": 5,
                     "allow_reconnect": False}
+            if tls:
+                opts["tls"] = ssl.create_default_context(cafile=str(tls_dir / "ca.crt"))
             first = await nats.connect(f"nats://127.0.0.1:{client_ports[0]}", **opts)
             other = await nats.connect(f"nats://127.0.0.1:{client_ports[2]}", **opts)
             try:
