@@ -36,6 +36,10 @@ def auth_init(
     per_role_dirs: Annotated[bool, typer.Option(
         "--per-role-dirs", help="Write each role's file as <role>/<role>.creds, so each container can mount "
         "only its own role's directory.")] = False,
+    cluster_routes: Annotated[str, typer.Option(
+        help="Also write cluster.conf for a NATS cluster: nats-auth.conf plus a cluster block whose routes "
+        "authenticate with a route password made once (route-password). Every member's route URL, "
+        "comma-separated (nats://host:6222,...).")] = "",
 ) -> None:
     """Write a nats-server authorization config and one credentials file per role; existing files are kept
     (delete a role's file and re-run to rotate it, then restart NATS and that role)."""
@@ -45,6 +49,12 @@ def auth_init(
     if grafana:
         nats_auth.ensure_secret_file(directory / "grafana-admin-password")
     files = ", ".join(str(p.relative_to(ids.directory)) for p in ids.creds.values())
+    if cluster_routes:
+        try:
+            nats_auth.cluster_config(directory, cluster_routes.split(","))
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--cluster-routes") from None
+        files += ", cluster.conf, route-password"
     print(f"wrote {ids.server_config} and {files} under {ids.directory}")
 
 
