@@ -356,10 +356,14 @@ class ReplyBatcher:
             batch.append(reply)
 
     async def run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            await self.flush()
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                await self.flush()
+        finally:  # stopping (drain): what the last requests handed over still goes out
+            with anyio.move_on_after(1, shield=True):
+                await self.flush()
 
     async def flush(self) -> None:
         pending, self._pending = self._pending, {}

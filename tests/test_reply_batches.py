@@ -33,6 +33,7 @@ def test_one_message_per_turn_per_frontend_each_request_in_order(tmp_path: Path)
             wire.append(msg.data)
 
         await frontend.nc.subscribe(frontend.inbox.batch_subject, cb=tap)
+        await frontend.nc.flush()  # the server has every subscription before the worker publishes
         a, b = frontend.inbox.open("a"), frontend.inbox.open("b")
         batcher = ReplyBatcher(worker)
         try:

@@ -12,6 +12,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +23,7 @@ from prometheus_client import Counter, Gauge
 from services.decode.disagg import DECISIONS as DISAGG_DECISIONS
 from services.decode.disagg import DisaggSettings, RemotePrefill
 from shared import subjects, tracing
-from shared.bus import Bus
+from shared.bus import Bus, ReplyBatcher
 from shared.config import DEFAULT_NATS_URL
 from shared.discovery import DEFAULT_TTL, WorkerRegistration, WorkerView
 from shared.engines import Engine, EngineConfig, make_engine
@@ -95,6 +96,7 @@ class DecodeWorker:
         self.registration: WorkerRegistration | None = None
         self._scopes: dict[str, anyio.CancelScope] = {}
         self._tg: anyio.abc.TaskGroup | None = None
+        self.replies: ReplyBatcher | None = None  # batched replies to frontends that take them
         self._draining = False
         self._idle = anyio.Event()  # set when draining and the last request is done
         self._kv_seq = 0
@@ -142,6 +144,8 @@ class DecodeWorker:
                     self.remote = RemotePrefill(self.bus, self.engine, self.transport, view, self.worker_id,
                                                 self.settings.disagg)
                     tg.start_soon(self.remote.run)
+                self.replies = ReplyBatcher(self.bus)
+                tg.start_soon(self.replies.run)
                 await self.bus.subscribe(subjects.generate(self.worker_id), self._on_generate)
                 await self.bus.subscribe(subjects.cancel(self.worker_id), self._on_cancel)
                 await self.bus.subscribe(subjects.status(self.worker_id), self._on_status)
@@ -304,15 +308,15 @@ class DecodeWorker:
             return
         # This task's log lines (here and in the disagg/engine code it calls) carry the request id.
         bind_request(req.request_id, tracing.trace_id_from_headers(msg.headers))
+        send = self._sender(req, reply)
         if self._draining or len(self._scopes) >= self.settings.max_inflight:
             REQUESTS.labels(self.role, "rejected").inc()
-            await self.bus.publish(reply, GenerateError(request_id=req.request_id, code=503,
-                                                       message=f"{self.worker_id} is draining or full"))
+            await send(GenerateError(request_id=req.request_id, code=503, message=f"{self.worker_id} is draining or full"))
             return
         problem = self._validate(req)
         if problem:
             REQUESTS.labels(self.role, "bad_request").inc()
-            await self.bus.publish(reply, GenerateError(request_id=req.request_id, code=400, message=problem))
+            await send(GenerateError(request_id=req.request_id, code=400, message=problem))
             return
         span = tracing.start("decode", tracing.SpanKind.SERVER, tracing.context_from(msg.headers), **{
             "baton.request_id": req.request_id, "baton.worker_id": self.worker_id,
@@ -329,12 +333,12 @@ class DecodeWorker:
         outcome = "cancelled"
         try:
             with scope:
-                outcome = await self._stream(req, reply, span)
+                outcome = await self._stream(req, send, span)
         except Exception as e:
             outcome = "error"
             log.exception("request %s failed", req.request_id)
             with anyio.move_on_after(1, shield=True):
-                await self.bus.publish(reply, GenerateError(request_id=req.request_id, code=500, message=f"engine error: {e!r}"))
+                await send(GenerateError(request_id=req.request_id, code=500, message=f"engine error: {e!r}"))
         finally:
             log.debug("generate finished: %s", outcome)
             tracing.end(span, error=None if outcome in ("length", "stop") else outcome,
@@ -345,11 +349,27 @@ class DecodeWorker:
             RUNNING.labels(self.role).dec()
             REQUESTS.labels(self.role, outcome).inc()
 
-    async def _stream(self, req: GenerateRequest, reply: str, span: Any = None) -> str:
+    def _sender(self, req: GenerateRequest, reply: str) -> Callable[[TokenChunk | GenerateError], Awaitable[None]]:
+        """How this request's replies leave: batched with the step's other replies to the same
+        frontend when it takes batches (``batch_reply``), else one message each to ``reply``."""
+        batcher = self.replies
+        if req.batch_reply and batcher is not None:
+            subject = req.batch_reply
+
+            async def batched(r: TokenChunk | GenerateError) -> None:
+                batcher.send(subject, r)
+            return batched
+        bus = self.bus
+        assert bus is not None
+
+        async def single(r: TokenChunk | GenerateError) -> None:
+            await bus.publish(reply, r)
+        return single
+
+    async def _stream(self, req: GenerateRequest, publish: Callable[[TokenChunk | GenerateError], Awaitable[None]],
+                      span: Any = None) -> str:
         """Stream the engine's outputs as TokenChunks, per choice (``n > 1``); not streamed, one
         final chunk per choice. The request's last chunk carries the usage, prompt counted once."""
-        assert self.bus is not None
-        publish = self.bus.publish
         rid = req.request_id
         sp = req.sampling
         n = max(1, sp.n)
@@ -378,7 +398,7 @@ class DecodeWorker:
             outputs = self.engine.generate(rid, req.token_ids, sp)
         async for out in outputs:
             if out.error:
-                await publish(reply, GenerateError(request_id=rid, code=400, message=out.error))
+                await publish(GenerateError(request_id=rid, code=400, message=out.error))
                 return "bad_request"
             c = out.choice if 0 <= out.choice < n else 0
             if sum(index) == 0 and out.token_ids:
@@ -401,7 +421,7 @@ class DecodeWorker:
                 tokens = held[c] + out.token_ids if not req.stream else out.token_ids
                 start = 0 if not req.stream else index[c]
                 index[c] += len(out.token_ids)
-                await publish(reply, TokenChunk(
+                await publish(TokenChunk(
                     request_id=rid, index=start, token_ids=tokens, finish_reason=out.finish_reason,  # type: ignore[arg-type]
                     usage=usage, choice=c, logprobs=held_lp[c] + lps if not req.stream else lps,
                     prompt_logprobs=prompt_lp))
@@ -411,7 +431,7 @@ class DecodeWorker:
                 continue
             if req.stream:
                 if out.token_ids:
-                    await publish(reply, TokenChunk(request_id=rid, index=index[c], token_ids=out.token_ids, choice=c,
+                    await publish(TokenChunk(request_id=rid, index=index[c], token_ids=out.token_ids, choice=c,
                                                     logprobs=lps, prompt_logprobs=prompt_lp))
                     prompt_lp = []
             else:
