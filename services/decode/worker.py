@@ -48,6 +48,7 @@ from shared.messages import (
     kv_fetch_request_decoder,
     status_request_decoder,
 )
+from shared.runtime import settle_heap
 from shared.telemetry import bind_request, serve_metrics
 
 log = logging.getLogger("baton.decode")
@@ -156,6 +157,7 @@ class DecodeWorker:
                 tg.start_soon(self._report_load)
                 tg.start_soon(self._publish_kv_events)
                 self.ready = True
+                settle_heap()  # the engine, its pools and connections stay out of the collector's way
                 log.info("%s serving %s with the %s engine", self.worker_id, self.model, self.engine.name)
         finally:
             self.ready = False

@@ -28,6 +28,7 @@ from shared.config import DEFAULT_NATS_URL
 from shared.discovery import DEFAULT_TTL, WorkerView
 from shared.models import resolve_model
 from shared.routing.core import RouterCore, RoutingSettings
+from shared.runtime import settle_heap
 from shared.subjects import API_GENERATE, API_QUEUE
 from shared.tokenizer import Tokenizer
 
@@ -139,6 +140,7 @@ class Frontend:
                     tg.start_soon(nats_api.handle, msg)
 
                 await self.bus.subscribe(API_GENERATE, on_api, queue=API_QUEUE)
+                settle_heap()  # what the frontend holds for life stays out of the collector's way
                 await self.server.serve()
                 if self.router is not None:
                     await self.router.close()
