@@ -51,16 +51,22 @@ def auth_init(
 @app.command()
 def up(
     nats_url: Annotated[
-        str | None, typer.Option(envvar="BATON_NATS_URL", help="Use this NATS server instead of an embedded one.")
+        str | None, typer.Option(envvar="BATON_NATS_URL", help="Use this NATS server (several of a cluster "
+                                 "comma-separated) instead of an embedded one.")
     ] = None,
-    nats_port: Annotated[int, typer.Option(help="Port of the embedded nats-server.")] = 4222,
+    nats_port: Annotated[int, typer.Option(help="Port of the embedded nats-server (the first, with --nats-cluster).")] = 4222,
+    nats_cluster: Annotated[int, typer.Option(
+        min=1, max=7, help="Embedded NATS servers, clustered on loopback (3: survives losing one).")] = 1,
+    js_replicas: Annotated[int | None, typer.Option(
+        min=1, max=5, envvar="BATON_JS_REPLICAS",
+        help="Replicas of every JetStream stream and bucket (default 1; min(3, --nats-cluster) with a cluster).")] = None,
     data_dir: Annotated[
         str | None, typer.Option(help="JetStream store of the embedded server (default: a temporary directory).")
     ] = None,
     host: Annotated[str, typer.Option(envvar="BATON_HOST", help="HTTP bind address.")] = "0.0.0.0",
     port: Annotated[int, typer.Option(envvar="BATON_PORT", help="HTTP port.")] = 8000,
     model: Annotated[
-        str, typer.Option(envvar="BATON_MODEL", help="Built-in model (baton-tiny, baton-small) or a HF model directory.")
+        str, typer.Option(envvar="BATON_MODEL", help="Built-in model (baton-tiny, baton-small, baton-tiny-b) or a HF model directory.")
     ] = "baton-tiny",
     engine: Annotated[str, typer.Option(envvar="BATON_ENGINE", help="torch, mocker or vllm.")] = "torch",
     decode_workers: Annotated[int, typer.Option(min=1, help="Decode worker processes.")] = 1,
@@ -113,8 +119,9 @@ def up(
         raise typer.BadParameter(f"choose one of {', '.join(LOG_FORMATS)}", param_hint="--log-format")
 
     run_up(UpSettings(
-        nats_url=nats_url, nats_port=nats_port, data_dir=data_dir, host=host, port=port, model=model, engine=engine,
-        decode_workers=decode_workers, prefill_workers=prefill_workers, routers=routers, router_mode=router_mode, router=router,
+        nats_url=nats_url, nats_port=nats_port, nats_cluster=nats_cluster, js_replicas=js_replicas, data_dir=data_dir,
+        host=host, port=port, model=model, engine=engine, decode_workers=decode_workers,
+        prefill_workers=prefill_workers, routers=routers, router_mode=router_mode, router=router,
         mocker_speedup=mocker_speedup, num_blocks=num_blocks, discovery_ttl=discovery_ttl, log_dir=log_dir,
         log_level=log_level, log_format=log_format, access_log=access_log, drain_timeout=drain_timeout,
         nats_connect_timeout=nats_connect_timeout, ready_timeout=ready_timeout, planner_connector=planner_connector,
@@ -127,7 +134,7 @@ def up(
 
 @model_app.command("build")
 def model_build(
-    name: Annotated[str, typer.Argument(help="baton-tiny or baton-small.")] = "baton-tiny",
+    name: Annotated[str, typer.Argument(help="baton-tiny, baton-small or baton-tiny-b.")] = "baton-tiny",
     out: Annotated[str | None, typer.Option(help="Write here instead of the cache directory.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar (there is none off a terminal).")] = False,
 ) -> None:
@@ -141,6 +148,36 @@ def model_build(
         raise typer.BadParameter(f"choose one of {', '.join(BUILTIN_MODELS)}", param_hint="NAME")
     with progress(f"building {name}", build_steps(name), quiet=quiet) as bar:
         path = build(name, Path(out), bar.step) if out else ensure_builtin(name, bar.step)
+    typer.echo(str(path))
+
+
+@model_app.command("build-lora")
+def model_build_lora(
+    name: Annotated[str, typer.Option(help="Adapter name (also its directory's name).")],
+    base: Annotated[str, typer.Option(help="The built-in base model it adapts.")] = "baton-tiny",
+    rank: Annotated[int, typer.Option(min=1, help="LoRA rank r.")] = 8,
+    alpha: Annotated[float | None, typer.Option(help="lora_alpha (default 2 * rank).")] = None,
+    targets: Annotated[str, typer.Option(help="Comma-separated target modules (q_proj,k_proj,v_proj,o_proj,"
+                                               "gate_proj,up_proj,down_proj).")] = "q_proj,v_proj",
+    seed: Annotated[int | None, typer.Option(help="Weights' seed (default: derived from base and name).")] = None,
+    rslora: Annotated[bool, typer.Option("--rslora", help="Scale by alpha/sqrt(r) (use_rslora).")] = False,
+    out: Annotated[str | None, typer.Option(help="Write here instead of <cache>/loras/<name>.")] = None,
+) -> None:
+    """Build a seeded LoRA adapter for a built-in model offline, in PEFT's format; prints its directory."""
+    from pathlib import Path
+
+    from shared.builtin_model import BUILTIN_MODELS, build_lora, lora_path
+
+    if base not in BUILTIN_MODELS:
+        raise typer.BadParameter(f"choose one of {', '.join(BUILTIN_MODELS)}", param_hint="--base")
+    if not name or "/" in name or name.startswith("."):
+        raise typer.BadParameter("a plain name: no '/', not starting with '.'", param_hint="--name")
+    target_list = [t.strip() for t in targets.split(",") if t.strip()]
+    path = Path(out) if out else lora_path(name)
+    try:
+        build_lora(base, path, rank=rank, alpha=alpha, targets=target_list, seed=seed, use_rslora=rslora)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--targets") from e
     typer.echo(str(path))
 
 

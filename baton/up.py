@@ -1,7 +1,9 @@
-"""``baton up``: an embedded nats-server and the five services as separate OS processes.
+"""``baton up``: an embedded nats-server (or a loopback cluster of them) and the five services as
+separate OS processes.
 
 A small supervisor: it starts each service with ``python -m services.<name>``, restarts one that
-dies (so a SIGKILLed router or frontend comes back), waits until ``/health`` is ready, and on
+dies (so a SIGKILLed router or frontend comes back), restarts a nats-server that dies on the same
+port and JetStream store (the services reconnect by themselves), waits until ``/health`` is ready, and on
 Ctrl-C or SIGTERM stops every child (SIGTERM, then SIGKILL after a grace period) and the NATS
 server last. Children get PR_SET_PDEATHSIG, so even a SIGKILLed ``baton up`` leaves no orphans.
 """
@@ -19,10 +21,19 @@ from pathlib import Path
 
 import anyio
 
-from baton.nats_server import EmbeddedNats, NatsPortInUse, die_with_parent, free_port, port_is_free
+from baton.nats_server import (
+    EmbeddedCluster,
+    EmbeddedNats,
+    NatsPortInUse,
+    free_port,
+    port_is_free,
+)
 from shared import nats_auth, preflight, redact
 from shared.builtin_model import BUILTIN_MODELS, builtin_path
 from shared.bus import DEFAULT_CONNECT_TIMEOUT
+from shared.cli_options import engine_argv
+from shared.engines import EngineConfig
+from shared.supervisor import CrashWindow, spawn, stop_processes
 
 log = logging.getLogger("baton.up")
 
@@ -31,6 +42,8 @@ log = logging.getLogger("baton.up")
 class UpSettings:
     nats_url: str | None = None
     nats_port: int = 4222
+    nats_cluster: int = 1  # embedded servers, clustered on loopback when > 1
+    js_replicas: int | None = None  # None: 1, or min(3, nats_cluster) with an embedded cluster
     data_dir: str | None = None
     host: str = "0.0.0.0"
     port: int = 8000
@@ -74,6 +87,7 @@ class ProcessSpec:
     name: str
     argv: list[str]
     restarts: int = 0
+    crashes: CrashWindow = field(default_factory=CrashWindow)  # more than 5 exits in a minute: give up
     proc: asyncio.subprocess.Process | None = None
     log_path: Path | None = None
     last_line: str = ""  # without --log-dir: the last line it printed (relayed to this terminal)
@@ -85,11 +99,19 @@ class ProcessSpec:
         return self.name.rsplit("-", 1)[0] if self.name[-1].isdigit() else self.name
 
 
+def js_replicas(s: UpSettings) -> int:
+    if s.js_replicas is not None:
+        return s.js_replicas
+    return min(3, s.nats_cluster) if s.nats_url is None else 1
+
+
 def service_specs(s: UpSettings, nats_url: str) -> list[ProcessSpec]:
     py = [sys.executable, "-m"]
-    common = ["--nats-url", nats_url, "--log-level", s.log_level, "--discovery-ttl", str(s.discovery_ttl)]
-    engine = ["--model", s.model, "--engine", s.engine, "--mocker-speedup", str(s.mocker_speedup),
-              "--num-blocks", str(s.num_blocks)]
+    common = ["--nats-url", nats_url, "--log-level", s.log_level, "--discovery-ttl", str(s.discovery_ttl),
+              "--js-replicas", str(js_replicas(s))]
+    # The workers' engine config, whole, spelled as flags in one place (shared.cli_options).
+    engine = engine_argv(EngineConfig(engine=s.engine, model=s.model, speedup=s.mocker_speedup,
+                                      num_blocks=s.num_blocks), ("engine", "model", "speedup", "num_blocks"))
     specs = [ProcessSpec("frontend", [*py, "services.frontend", *common, "--model", s.model, "--host", s.host,
                                       "--port", str(s.port), "--router", s.router, "--router-mode", s.router_mode])]
     if s.router != "embedded":
@@ -166,7 +188,9 @@ class Stack:
         self.settings = settings
         if settings.log_dir:
             Path(settings.log_dir).mkdir(parents=True, exist_ok=True)
-        self.nats: EmbeddedNats | None = None
+        self.nats: EmbeddedNats | None = None  # the embedded server (the first one of a cluster)
+        self.cluster: EmbeddedCluster | None = None
+        self.nats_servers: list[EmbeddedNats] = []  # every embedded server, each supervised
         self.specs: list[ProcessSpec] = []
         self.identities: nats_auth.Identities | None = None
         self._stopping = False
@@ -207,17 +231,61 @@ class Stack:
             # A second `baton up` on this machine: its own server on a free port, never the other's bus.
             port = free_port()
             self.step(f"NATS: port {s.nats_port} is in use (another Baton or NATS?); using port {port} instead")
-        self.nats = EmbeddedNats(port=port, data_dir=s.data_dir, log_file=log_file)
+        if s.nats_cluster > 1:
+            self.cluster = EmbeddedCluster(s.nats_cluster, data_dir=s.data_dir, ports=[port], log_dir=s.log_dir)
+            self.nats_servers = list(self.cluster.servers)
+        else:
+            self.nats_servers = [EmbeddedNats(port=port, data_dir=s.data_dir, log_file=log_file)]
+        self.nats = self.nats_servers[0]
         self._secure_embedded_nats()
         try:
             # Started from this (the main) thread: PR_SET_PDEATHSIG follows the thread that forked.
-            self.nats.start()
+            if self.cluster is not None:
+                self.cluster.start()
+            else:
+                self.nats.start()
         except (NatsPortInUse, RuntimeError, TimeoutError, FileNotFoundError) as e:
-            self.nats = None
+            self.nats = self.cluster = None
+            self.nats_servers = []
             raise StackFailed(f"the embedded nats-server did not start ({e}); pass --nats-port with a free "
                               "port or --nats-url to use a running server") from None
+        if self.cluster is not None:
+            self.step(f"NATS: {len(self.nats_servers)} embedded nats-servers clustered on loopback at "
+                      f"{self.cluster.url} (stores under {self.cluster.data_dir}), JetStream replicas "
+                      f"{js_replicas(s)}")
+            return self.cluster.url
         self.step(f"NATS: embedded nats-server with JetStream at {self.nats.url} (store: {self.nats.data_dir})")
         return self.nats.url
+
+    async def _supervise_nats(self, server: EmbeddedNats) -> None:
+        """Restart an embedded nats-server that died, on the same port and store: streams, buckets and
+        acknowledged messages survive, and the services' clients reconnect by themselves."""
+        recent: list[float] = []
+        while not self._stopping:
+            await anyio.sleep(0.05)  # a poll: the Popen handle has no awaitable wait
+            if self._stopping or server.alive():
+                continue
+            code = server.proc.returncode if server.proc is not None else None
+            now = time.monotonic()
+            recent = [t for t in recent if now - t < 60] + [now]
+            if len(recent) > 5:
+                self._fail(f"nats-server {server.server_name} exited {len(recent)} times in a minute; gave up"
+                           + (f" (see {server.log_file})" if server.log_file else ""))
+                return
+            self.step(f"NATS: nats-server on port {server.port} exited with code {code}; restarting it on the "
+                      f"same port and store")
+            try:
+                server.spawn()  # from the event loop's (main) thread, for PR_SET_PDEATHSIG
+                server.restarts += 1
+                with anyio.fail_after(10):
+                    while not server.listening():  # noqa: ASYNC110 (a socket to poll, no event)
+                        await anyio.sleep(0.02)
+            except (NatsPortInUse, RuntimeError, TimeoutError, OSError) as e:
+                self.step(f"NATS: restart of the nats-server on port {server.port} failed ({e}); retrying")
+                server.stop()
+                await anyio.sleep(0.5)
+                continue
+            self.step(f"NATS: nats-server on port {server.port} back after {time.monotonic() - now:.2f}s")
 
     async def run(self) -> None:
         s = self.settings
@@ -236,6 +304,8 @@ class Stack:
                     await self._compile_kernels()  # once here, not raced by every worker
                 for spec in (*workers, *(sp for sp in self.specs if sp.name == "planner")):
                     tg.start_soon(self._supervise, spec)
+                for server in self.nats_servers:
+                    tg.start_soon(self._supervise_nats, server)
                 tg.start_soon(self._watch_workers, nats_url)
                 tg.start_soon(self._announce_ready)
 
@@ -253,7 +323,10 @@ class Stack:
         finally:
             with anyio.CancelScope(shield=True):
                 await self._stop_all()
-                if self.nats is not None:
+                self._stopping = True
+                if self.cluster is not None:
+                    await anyio.to_thread.run_sync(self.cluster.cleanup)
+                elif self.nats is not None:
                     await anyio.to_thread.run_sync(self.nats.cleanup)
 
     async def _compile_kernels(self) -> None:
@@ -282,7 +355,7 @@ class Stack:
         # baton up watches with the operator identity of its own embedded server.
         security = NatsSecurity(creds_file=str(self.identities.creds["admin"])) if self.identities else None
         try:
-            bus = await Bus.connect(nats_url, "baton-up", security=security)
+            bus = await Bus.connect(nats_url, "baton-up", security=security, js_replicas=js_replicas(self.settings))
         except BusError as e:
             self.step(f"cannot watch worker registration ({e})")
             return
@@ -309,12 +382,14 @@ class Stack:
     def _secure_embedded_nats(self) -> None:
         """One NATS identity per role (shared/nats_auth.py) in the store's ``auth/``, or loudly none."""
         assert self.nats is not None
+        store = self.cluster.data_dir if self.cluster is not None else self.nats.data_dir
         if self.settings.insecure_no_auth:
             log.warning("--insecure-no-auth: NATS accepts ANY client with EVERY permission (prompts, KV, workers). "
                         "Development only.")
             return
-        self.identities = nats_auth.generate(self.nats.data_dir / "auth")
-        self.nats.extra_args = [*self.nats.extra_args, "-c", str(self.identities.server_config)]
+        self.identities = nats_auth.generate(store / "auth")
+        for server in self.nats_servers:
+            server.extra_args = [*server.extra_args, "-c", str(self.identities.server_config)]
         self.step(f"NATS: authentication on, one identity per role; API client credentials in "
                   f"{self.identities.creds['client']} (operator: {self.identities.creds['admin']})")
 
@@ -325,21 +400,9 @@ class Stack:
             env |= nats_auth.service_env(self.identities, nats_auth.role_of(spec.name))
         # Without --log-dir the children's output comes through a pipe and is relayed to this
         # terminal (see _relay), so a child's own error line can be held back and said once.
-        out: int = asyncio.subprocess.PIPE
-        err: int = asyncio.subprocess.STDOUT
-        if self.settings.log_dir:
-            spec.log_path = Path(self.settings.log_dir) / f"{spec.name}.log"
-            out = err = os.open(spec.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        spec.log_path = Path(self.settings.log_dir) / f"{spec.name}.log" if self.settings.log_dir else None
         spec.last_line = spec.error_line = ""
-        try:
-            return await asyncio.create_subprocess_exec(
-                *spec.argv, env=env, stdout=out, stderr=err, stdin=asyncio.subprocess.DEVNULL,
-                preexec_fn=die_with_parent,
-                start_new_session=True,  # Ctrl-C reaches only us; we stop the children in order
-            )
-        finally:
-            if out >= 0:
-                os.close(out)
+        return await spawn(spec.argv, env, log_path=spec.log_path, pipe=spec.log_path is None)
 
     async def _relay(self, spec: ProcessSpec, proc: asyncio.subprocess.Process, done: anyio.Event) -> None:
         """Copy a child's output to our stderr line by line, except its own one-line error
@@ -368,7 +431,6 @@ class Stack:
             done.set()
 
     async def _supervise(self, spec: ProcessSpec) -> None:
-        recent: list[float] = []
         while not self._stopping:
             spec.proc = proc = await self._spawn(spec)
             self.step(f"started {spec.name} (pid {proc.pid})")
@@ -386,8 +448,7 @@ class Stack:
                 if spec.error_line:  # held back for a reason that will not be given: say it now
                     print(spec.error_line, file=sys.stderr, flush=True)
                 return
-            now = time.monotonic()
-            recent = [t for t in recent if now - t < 60] + [now]
+            exits = spec.crashes.record()
             spec.restarts += 1
             why = spec.error_line or spec.last_line if spec.log_path is None else _last_line(spec.log_path)
             why = why.removeprefix(f"{spec.service}: error: ")
@@ -397,12 +458,12 @@ class Stack:
                 return
             if spec.error_line:  # not its one-line exit after all (another code): show it as it came
                 print(spec.error_line, file=sys.stderr, flush=True)
-            if len(recent) > 5:
-                self._fail(f"{spec.name} exited with code {code} {len(recent)} times in a minute; gave up"
+            if spec.crashes.looping:
+                self._fail(f"{spec.name} exited with code {code} {exits} times in a minute; gave up"
                            + (f" (last line: {why})" if why else ""))
                 return
             print(f"{spec.name} exited with {code}; restarting", flush=True)
-            await anyio.sleep(min(0.5 * len(recent), 5))
+            await anyio.sleep(spec.crashes.backoff())
 
     def _fail(self, reason: str) -> None:
         if self.failure is None:
@@ -423,7 +484,7 @@ class Stack:
                       f"  workers  {s.decode_workers} decode, {s.prefill_workers} prefill; "
                       + (f"router embedded in the frontend ({s.router_mode})\n" if s.router == "embedded"
                          else f"{s.routers} router ({s.router_mode})\n") +
-                      f"  NATS     {redact.redact(self.nats.url if self.nats else s.nats_url or '')}\n"
+                      f"  NATS     {redact.redact(self.cluster.url if self.cluster else self.nats.url if self.nats else s.nats_url or '')}\n"
                       f"  logs     {logs}\n"
                       f"  stop     Ctrl-C (each service drains up to {s.drain_timeout:g}s)", flush=True)
                 return
@@ -432,20 +493,8 @@ class Stack:
 
     async def _stop_all(self) -> None:
         self._stopping = True
-        live = [sp.proc for sp in self.specs if sp.proc is not None and sp.proc.returncode is None]
-        for p in live:
-            try:
-                p.send_signal(signal.SIGTERM)
-            except ProcessLookupError:
-                pass
         grace = self.settings.stop_grace or self.settings.drain_timeout + 15  # the planner's workers: +10
-        with anyio.move_on_after(grace):
-            for p in live:
-                await p.wait()
-        for p in live:
-            if p.returncode is None:
-                p.kill()
-                await p.wait()
+        await stop_processes([sp.proc for sp in self.specs if sp.proc is not None], grace)
 
 
 def run_up(settings: UpSettings) -> None:

@@ -100,8 +100,8 @@ def mask_cost(engine: TorchEngine, batch: int, sides: dict[str, StructuredOutput
 
     from shared.engines.structured import apply_bitmasks
 
-    assert engine._grammar_backend is not None and engine.model is not None
-    backend = engine._grammar_backend
+    assert engine.runner._grammar_backend is not None and engine.model is not None
+    backend = engine.runner._grammar_backend
     vocab = engine.model.args.vocab_size
     out: dict[str, float] = {}
     for name, so in sides.items():

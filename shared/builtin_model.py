@@ -1,10 +1,13 @@
 """The built-in models: small Llama-architecture models made offline and deterministically.
 
-``baton model build`` (and any service asked for ``baton-tiny`` or ``baton-small`` that finds no
-copy) writes a Hugging Face model directory: config.json, generation_config.json,
+``baton model build`` (and any service asked for a built-in name that finds no copy) writes a Hugging Face model directory: config.json, generation_config.json,
 model.safetensors with seeded random weights, and a byte-level BPE tokenizer trained here on a
 seeded synthetic corpus, with a ChatML chat template. No network, a few seconds. The weights are
 random, so the text is gibberish; the shapes, files and code paths are those of a real Llama.
+
+``baton model build-lora`` writes a LoRA adapter for a built-in base in PEFT's on-disk format
+(adapter_config.json + adapter_model.safetensors), seeded too, so adapters can be served and
+checked against ``peft`` without downloading anything.
 """
 
 from __future__ import annotations
@@ -83,6 +86,8 @@ BUILTIN_MODELS: dict[str, BuiltinSpec] = {
     "baton-tiny": BuiltinSpec("baton-tiny", 2048, 64, 176, 2, 2, 1, 4096, seed=1234, init_std=0.08),
     # For benchmarks: ~27M parameters, so compute rather than overhead dominates a step.
     "baton-small": BuiltinSpec("baton-small", 2048, 512, 1536, 8, 8, 4, 4096, seed=5678, init_std=0.04),
+    # A second tiny base, other shapes and seed, so tests can serve two different models side by side.
+    "baton-tiny-b": BuiltinSpec("baton-tiny-b", 2048, 96, 256, 3, 3, 1, 4096, seed=4321, init_std=0.08),
 }
 DEFAULT_MODEL = "baton-tiny"
 
@@ -273,3 +278,98 @@ def directory_digest(path: Path) -> str:
             h.update(f.name.encode())
             h.update(f.read_bytes())
     return h.hexdigest()
+
+
+# --- LoRA adapters for the built-in bases ------------------------------------------------------
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def linear_shapes(spec: BuiltinSpec) -> dict[str, tuple[str, int, int]]:
+    """Each Llama linear's (parent module, out_features, in_features) in a built-in base."""
+    h, i = spec.hidden_size, spec.intermediate_size
+    kv = spec.num_kv_heads * (spec.hidden_size // spec.num_heads)
+    return {
+        "q_proj": ("self_attn", h, h),
+        "k_proj": ("self_attn", kv, h),
+        "v_proj": ("self_attn", kv, h),
+        "o_proj": ("self_attn", h, h),
+        "gate_proj": ("mlp", i, h),
+        "up_proj": ("mlp", i, h),
+        "down_proj": ("mlp", h, i),
+    }
+
+
+def lora_seed(base: str, name: str) -> int:
+    """The default seed of adapter ``name``: fixed per (base, name), different between names."""
+    return int.from_bytes(hashlib.sha256(f"{base}/{name}".encode()).digest()[:4], "little")
+
+
+def build_lora(
+    base: str,
+    out_dir: Path,
+    *,
+    rank: int = 8,
+    alpha: float | None = None,
+    targets: tuple[str, ...] | list[str] = ("q_proj", "v_proj"),
+    seed: int | None = None,
+    use_rslora: bool = False,
+    b_std: float = 0.05,
+) -> Path:
+    """Write a seeded LoRA adapter for built-in ``base`` into ``out_dir`` in PEFT's format.
+
+    Tensor names are those ``peft``'s ``save_pretrained`` writes for a ``LlamaForCausalLM``
+    (``base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight``: A is [r, in], B is
+    [out, r]). B is random, not zero as in a fresh PEFT adapter, so the adapter visibly changes
+    greedy outputs; A is scaled by 1/sqrt(in) so the update stays a fraction of the base's.
+    """
+    from safetensors.numpy import save_file
+
+    if base not in BUILTIN_MODELS:
+        raise KeyError(f"unknown built-in model {base!r}; built-ins: {', '.join(BUILTIN_MODELS)}")
+    spec = BUILTIN_MODELS[base]
+    shapes = linear_shapes(spec)
+    unknown = [t for t in targets if t not in shapes]
+    if unknown or not targets:
+        raise ValueError(f"target modules must be among {', '.join(LORA_TARGETS)}; got {list(targets)}")
+    if rank <= 0:
+        raise ValueError(f"rank must be positive; got {rank}")
+    alpha = float(2 * rank if alpha is None else alpha)
+    rng = np.random.default_rng(lora_seed(base, out_dir.name) if seed is None else seed)
+    tensors: dict[str, np.ndarray] = {}
+    for layer in range(spec.num_layers):
+        for target in LORA_TARGETS:  # a fixed order, so the bytes do not depend on the caller's order
+            if target not in targets:
+                continue
+            parent, out_f, in_f = shapes[target]
+            key = f"base_model.model.model.layers.{layer}.{parent}.{target}"
+            tensors[key + ".lora_A.weight"] = (
+                rng.standard_normal((rank, in_f), dtype=np.float32) / np.sqrt(in_f)
+            ).astype(np.float32)
+            tensors[key + ".lora_B.weight"] = (rng.standard_normal((out_f, rank), dtype=np.float32) * b_std).astype(
+                np.float32
+            )
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "target_modules": [t for t in LORA_TARGETS if t in targets],
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": use_rslora,
+        "use_dora": False,
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "adapter_model.safetensors").chmod(0o644)  # safetensors writes 0600; others serve it too
+    return out_dir
+
+
+def lora_path(name: str) -> Path:
+    return cache_dir() / "loras" / name

@@ -80,6 +80,11 @@ class NatsSecurity:
         return opts
 
 
+# How long a request made while the client is reconnecting waits for the new connection before
+# failing: a failover to another server of a cluster, or a restarted embedded server, takes well
+# under a second; a bus that stays away still fails the request fast.
+RECONNECT_GRACE_S = 1.5
+
 DEFAULT_CONNECT_TIMEOUT = 10.0  # seconds a service waits for NATS at start (BATON_NATS_CONNECT_TIMEOUT)
 ATTEMPT_BUDGET = 3.0  # seconds one connection attempt may take within that
 
@@ -89,6 +94,31 @@ def connect_timeout_from_env() -> float:
         return float(os.environ.get("BATON_NATS_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT))
     except ValueError:
         return DEFAULT_CONNECT_TIMEOUT
+
+
+def parse_urls(urls: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Several NATS servers, comma-separated (``nats://a:4222,nats://b:4222``) or a list of such
+    strings: the servers of one cluster, tried in turn and on every reconnect."""
+    items = [urls] if isinstance(urls, str) else list(urls)
+    out = [u.strip() for item in items for u in item.split(",") if u.strip()]
+    if not out:
+        raise ValueError("no NATS URL given (--nats-url / BATON_NATS_URL)")
+    return out
+
+
+DEFAULT_JS_REPLICAS = 1
+
+
+def js_replicas_from_env() -> int:
+    """``BATON_JS_REPLICAS``: replicas of every stream and bucket this process creates (1..5)."""
+    raw = os.environ.get("BATON_JS_REPLICAS", "")
+    try:
+        n = int(raw) if raw.strip() else DEFAULT_JS_REPLICAS
+    except ValueError:
+        raise ValueError(f"BATON_JS_REPLICAS must be a whole number 1..5, not {raw!r}") from None
+    if not 1 <= n <= 5:
+        raise ValueError(f"BATON_JS_REPLICAS must be 1..5 (JetStream's range), not {n}")
+    return n
 
 
 def _reason(error: BaseException | None) -> str:
@@ -120,7 +150,7 @@ def _creds_file_options(path: str) -> dict[str, Any]:
 
 
 async def _connect_once(
-    url: str, name: str, budget: float, secure: dict[str, Any], **callbacks: Any
+    urls: list[str], name: str, budget: float, secure: dict[str, Any], **callbacks: Any
 ) -> tuple[NatsClient | None, BaseException | None, list[BaseException]]:
     """One bounded connection attempt: (client or None, the error, auth failures seen)."""
     auth_failed: list[BaseException] = []
@@ -140,9 +170,13 @@ async def _connect_once(
         async def attempt() -> None:
             nonlocal nc, error
             try:
+                # Reconnects forever, to any server of the list (and those the cluster gossips), each
+                # attempt bounded at 1 s (an attempt that hangs, e.g. on a server still starting,
+                # must not hold a failover past RECONNECT_GRACE_S). Pings every 2 s, 2 missed: a server that died
+                # without closing its sockets (a lost host) is given up within ~4-6 s.
                 nc = await nats.connect(
-                    servers=[url], name=name, connect_timeout=2, allow_reconnect=True, max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5, ping_interval=5, max_outstanding_pings=3,
+                    servers=urls, name=name, connect_timeout=1, allow_reconnect=True, max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.2, ping_interval=2, max_outstanding_pings=2,
                     pending_size=64 * 1024 * 1024, error_cb=first_error_cb, **callbacks, **secure,
                 )
             except Exception as e:  # nats-py raises several unrelated types here
@@ -377,29 +411,61 @@ class ReplyBatcher:
 class Bus:
     """A connected NATS client plus JetStream context and a shared reply inbox."""
 
-    def __init__(self, nc: NatsClient, js: JetStreamContext, inbox: ReplyInbox) -> None:
+    def __init__(self, nc: NatsClient, js: JetStreamContext, inbox: ReplyInbox, js_replicas: int = 1) -> None:
         self.nc = nc
         self.js = js
         self.inbox = inbox
         self.reconnects = 0  # bumped on every reconnect
+        self.js_replicas = js_replicas  # replicas of the streams and buckets this process creates
+        self._up = anyio.Event()  # set while connected; replaced by an unset one on a disconnect
+        self._up.set()
+
+    def _went_down(self) -> None:
+        if self._up.is_set():
+            self._up = anyio.Event()
+
+    def _came_back(self) -> None:
+        self.reconnects += 1  # JetStream consumers (KV watches) must be re-created
+        self._up.set()
+
+    async def wait_connected(self, timeout: float = RECONNECT_GRACE_S) -> bool:
+        """True once connected (at once if we are), False if not within ``timeout``: lets a caller
+        ride out a failover instead of failing the request it holds."""
+        if self.nc.is_connected:
+            return True
+        if self.nc.is_closed:
+            return False
+        if self._up.is_set():
+            # Down, but nats-py has not called disconnected_cb yet (it first waits for the old
+            # socket to close): wait for the reconnected_cb from here.
+            self._up = anyio.Event()
+        with anyio.move_on_after(timeout):
+            await self._up.wait()
+        return self.nc.is_connected
 
     @classmethod
     async def connect(
         cls,
-        url: str,
+        url: str | list[str],
         name: str,
         *,
         connect_timeout: float | None = None,
         on_disconnect: Callable[[], Awaitable[None]] | None = None,
         on_reconnect: Callable[[], Awaitable[None]] | None = None,
         security: NatsSecurity | None = None,
+        js_replicas: int | None = None,
     ) -> Bus:
-        """Connect, retrying with backoff until ``connect_timeout`` (default: BATON_NATS_CONNECT_TIMEOUT,
+        """Connect to one of the servers in ``url`` (comma-separated, or a list), retrying with backoff until ``connect_timeout`` (default: BATON_NATS_CONNECT_TIMEOUT,
         else 10 s): services may start a little before NATS.
 
-        Once connected, the client reconnects forever with backoff; requests made while the
-        server is away fail fast instead of hanging (see the faults issue).
+        Once connected, the client reconnects forever (to another server of the list when its own
+        dies); the reply inbox and every subscription are re-made on the new connection by nats-py;
+        requests made while no server is reachable fail fast instead of hanging.
+        ``js_replicas`` (default ``BATON_JS_REPLICAS``, else 1): see :mod:`shared.streams`.
         """
+        urls = parse_urls(url)
+        shown = redact.redact(",".join(urls))
+        replicas = js_replicas_from_env() if js_replicas is None else js_replicas
 
         async def error_cb(e: Exception) -> None:
             if "permissions violation" in str(e).lower():
@@ -413,15 +479,18 @@ class Bus:
 
         async def disconnected_cb() -> None:
             log.warning("disconnected from NATS")
+            for bus in bus_ref:
+                bus._went_down()
             for inbox in inbox_ref:
                 inbox.fail_all()  # fail fast rather than wait out every timeout
             if on_disconnect:
                 await on_disconnect()
 
         async def reconnected_cb() -> None:
-            log.info("reconnected to NATS")
+            where = bus_ref[0].server_address if bus_ref else ""
+            log.info("reconnected to NATS %s", where)
             for bus in bus_ref:
-                bus.reconnects += 1  # JetStream consumers (KV watches) must be re-created
+                bus._came_back()
             if on_reconnect:
                 await on_reconnect()
 
@@ -430,12 +499,12 @@ class Bus:
         deadline = time.monotonic() + connect_timeout
         delay = 0.1
         secure = (security or NatsSecurity.from_env()).connect_options()
-        anonymous = not ({"user", "token", "user_credentials"} & secure.keys()) and "@" not in url
+        anonymous = not ({"user", "token", "user_credentials"} & secure.keys()) and not any("@" in u for u in urls)
         while True:
             # Each attempt gets a slice of the budget, so the budget spans several attempts (a
             # server that comes up late is found) and the last attempt's reason is reported.
             nc, error, auth_failed = await _connect_once(
-                url, name, max(0.5, min(ATTEMPT_BUDGET, deadline - time.monotonic())), secure,
+                urls, name, max(0.5, min(ATTEMPT_BUDGET, deadline - time.monotonic())), secure,
                 disconnected_cb=disconnected_cb, reconnected_cb=reconnected_cb,
             )
             if nc is not None and nc.is_connected and not auth_failed:
@@ -446,22 +515,22 @@ class Bus:
             if auth_failed or (error is not None and _is_auth_failure(error)):
                 what = "needs credentials: pass --nats-creds / BATON_NATS_CREDS" if anonymous else (
                     "refused our credentials; check --nats-creds / BATON_NATS_CREDS or the URL's user/password")
-                raise BusAuthError(f"NATS at {redact.redact(url)} {what} "
+                raise BusAuthError(f"NATS at {shown} {what} "
                                    f"({redact.redact(repr((auth_failed or [error])[0]))})")
             if time.monotonic() + delay > deadline:
-                raise BusError(f"cannot connect to NATS at {redact.redact(url)} within {connect_timeout:g}s "
+                raise BusError(f"cannot connect to NATS at {shown} within {connect_timeout:g}s "
                                f"({_reason(error)}); start nats-server there or fix --nats-url / BATON_NATS_URL "
                                f"(BATON_NATS_CONNECT_TIMEOUT sets the wait)")
-            log.debug("NATS at %s not reachable yet (%s); retrying", url, _reason(error))
+            log.debug("NATS at %s not reachable yet (%s); retrying", shown, _reason(error))
             await anyio.sleep(delay)
             delay = min(delay * 2, 2.0)
         if anonymous:
             log.warning("connected to NATS at %s without credentials: this server has authentication off "
-                        "(development only; see docs/operations.md, Security)", redact.redact(url))
+                        "(development only; see docs/operations.md, Security)", shown)
         inbox = ReplyInbox(nc)
         inbox_ref.append(inbox)
         await inbox.start()
-        bus = cls(nc, nc.jetstream(timeout=5.0), inbox)
+        bus = cls(nc, nc.jetstream(timeout=5.0), inbox, replicas)
         bus_ref.append(bus)
         return bus
 
@@ -480,6 +549,12 @@ class Bus:
                 pass
 
     @property
+    def server_address(self) -> str:
+        """host:port of the server this client is connected to now (no credentials)."""
+        url = self.nc.connected_url
+        return f"{url.hostname}:{url.port}" if url is not None else ""
+
+    @property
     def connected(self) -> bool:
         return self.nc.is_connected
 
@@ -491,8 +566,9 @@ class Bus:
     async def request(
         self, subject: str, msg: msgspec.Struct | bytes, timeout: float, headers: dict[str, str] | None = None
     ) -> Msg:
-        """One request, one reply. Raises BusTimeout or NoResponders."""
-        if not self.nc.is_connected:
+        """One request, one reply. Raises BusTimeout or NoResponders; BusError if the client is
+        not connected and does not reconnect within RECONNECT_GRACE_S."""
+        if not self.nc.is_connected and not await self.wait_connected():
             raise BusError("not connected to NATS")
         try:
             return await self.nc.request(subject, _payload(msg), timeout=timeout, headers=headers)

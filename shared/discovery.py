@@ -15,11 +15,11 @@ import time
 import anyio
 import nats.errors
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BadRequestError
 from nats.js.kv import KeyValue
 
 from shared.bus import Bus
 from shared.messages import WorkerInfo, encode, worker_info_decoder
+from shared.streams import key_value_bucket, watch_alive
 from shared.subjects import WORKERS_BUCKET, worker_key
 
 log = logging.getLogger("baton.discovery")
@@ -29,21 +29,13 @@ DEFAULT_TTL = 6.0
 
 async def workers_bucket(bus: Bus, ttl: float = DEFAULT_TTL) -> KeyValue:
     """Open the discovery bucket, creating it if absent (idempotent across services)."""
-    try:
-        return await bus.js.key_value(WORKERS_BUCKET)
-    except nats.js.errors.BucketNotFoundError:
-        pass
-    config = KeyValueConfig(
+    return await key_value_bucket(bus, KeyValueConfig(
         bucket=WORKERS_BUCKET,
         history=1,
         ttl=ttl,
         storage=StorageType.MEMORY,
         limit_marker_ttl=max(1.0, ttl),
-    )
-    try:
-        return await bus.js.create_key_value(config)
-    except BadRequestError:  # created concurrently by another service
-        return await bus.js.key_value(WORKERS_BUCKET)
+    ))
 
 
 class WorkerRegistration:
@@ -65,7 +57,9 @@ class WorkerRegistration:
         if self._kv is None:
             self._kv = await workers_bucket(self.bus, self.ttl)
         try:
-            with anyio.fail_after(5):
+            # Short: a put stuck in a cluster election is better retried soon than waited on
+            # past the key's TTL (then every view would drop this worker).
+            with anyio.fail_after(min(2.0, self.ttl / 2)):
                 await self._kv.put(self.key, encode(self.info))
         except Exception:
             # The bucket may be gone (a NATS restart loses memory storage): reopen it next time.
@@ -76,14 +70,17 @@ class WorkerRegistration:
         if self._kv is None:
             await self.register()
         try:
+            delay = self.ttl / 3
             while not self._withdrawn:
-                await anyio.sleep(self.ttl / 3)
+                await anyio.sleep(delay)
                 if self._withdrawn:
                     break
                 try:
                     await self._put()
-                except Exception as e:  # NATS away: keep trying, the TTL is the truth
+                    delay = self.ttl / 3
+                except Exception as e:  # NATS away or electing: retry soon, the TTL is the truth
                     log.warning("discovery refresh failed: %r", e)
+                    delay = min(0.5, self.ttl / 3)
         finally:
             await self.withdraw()
 
@@ -109,6 +106,10 @@ class WorkerView:
         self._workers: dict[str, tuple[WorkerInfo, float]] = {}
         self.synced = anyio.Event()
         self._changed = anyio.Event()
+        # Whether the watch is known to work. While it does not (its consumer was lost with a NATS
+        # server, a re-watch waits on an election), entries are not aged out on our own clock: no
+        # news is not news of death, and dropping every worker would refuse every request.
+        self._watch_ok = False
 
     async def run(self) -> None:
         while True:
@@ -124,7 +125,9 @@ class WorkerView:
     async def _watch(self) -> None:
         kv = await workers_bucket(self.bus, self.ttl)
         seen_reconnects = self.bus.reconnects
-        watcher = await kv.watchall()
+        with anyio.fail_after(10):
+            watcher = await kv.watchall()
+        checked = time.monotonic()
         try:
             while True:
                 try:
@@ -132,9 +135,15 @@ class WorkerView:
                 except nats.errors.TimeoutError:
                     self._expire()
                     if self.bus.reconnects != seen_reconnects:
-                        return  # the server restarted: its consumer may be gone, so watch anew
+                        return  # the client moved or the server restarted: its consumer may be gone
+                    if time.monotonic() - checked >= 1.0:
+                        checked = time.monotonic()
+                        if not await watch_alive(watcher):
+                            self._watch_ok = False
+                            return  # lost with a server of the cluster: watch anew
                     continue
                 if entry is None:  # initial values delivered
+                    self._watch_ok = True
                     self.synced.set()
                     continue
                 if entry.operation in ("DEL", "PURGE") or not entry.value:
@@ -149,6 +158,7 @@ class WorkerView:
                 self._expire()
                 self._notify()
         finally:
+            self._watch_ok = False
             with anyio.move_on_after(2, shield=True):
                 try:
                     await watcher.stop()
@@ -157,6 +167,8 @@ class WorkerView:
 
     def _expire(self) -> None:
         # Belt and braces: a key not refreshed for 1.5 TTL is gone even if no marker came.
+        if not self._watch_ok:
+            return
         cutoff = time.monotonic() - 1.5 * self.ttl
         stale = [k for k, (_, seen) in self._workers.items() if seen < cutoff]
         for k in stale:

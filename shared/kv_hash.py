@@ -18,10 +18,6 @@ import numpy as np
 ROOT_HASH = 0x6261746F6E2D6B76  # "baton-kv"
 
 
-def _digest(parent: int, block: bytes) -> int:
-    return int.from_bytes(blake2b(parent.to_bytes(8, "little") + block, digest_size=8).digest(), "little")
-
-
 def block_hashes(token_ids: Sequence[int] | np.ndarray, block_size: int, parent: int = ROOT_HASH) -> list[int]:
     """Hashes of every full block of ``token_ids``, each chained on the one before."""
     if block_size <= 0:
@@ -51,3 +47,17 @@ def extend_hashes(hashes: list[int], token_ids: Sequence[int], block_size: int) 
     parent = hashes[-1] if hashes else ROOT_HASH
     hashes.extend(block_hashes(token_ids[done * block_size : n_full * block_size], block_size, parent))
     return hashes
+
+
+def adapter_root(adapter: str | None, digest: str = "") -> int:
+    """The chain's root for a request served under LoRA adapter ``adapter`` (None: the bare model).
+
+    Pass it as ``parent`` to :func:`block_hashes`: a prefix computed under one adapter then never
+    matches blocks computed under another or under none. ``digest`` (``LoraAdapter.digest``) ties
+    the root to the adapter's weights, so a name reloaded with other weights does not reuse stale
+    blocks; whoever hashes for routing must use the same pair as the engine.
+    """
+    if adapter is None:
+        return ROOT_HASH
+    seed = ROOT_HASH.to_bytes(8, "little") + b"lora\x00" + adapter.encode() + b"\x00" + digest.encode()
+    return int.from_bytes(blake2b(seed, digest_size=8).digest(), "little")

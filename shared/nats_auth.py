@@ -233,7 +233,14 @@ def new_password() -> str:
     return secrets.token_urlsafe(32)
 
 
-def hash_password(password: str, rounds: int = 10) -> str:
+# bcrypt's cost protects guessable passwords; ours are 256-bit random secrets, which no cost
+# factor changes. A high cost only makes every connection slow to verify: after a nats-server
+# restart every client logs in again at once, and at cost 10 on a busy 2-core box that herd took
+# seconds to clear (clients timing out and retrying, each retry another verification).
+GENERATED_PASSWORD_BCRYPT_COST = 4  # bcrypt's minimum
+
+
+def hash_password(password: str, rounds: int = GENERATED_PASSWORD_BCRYPT_COST) -> str:
     import bcrypt  # only the one writing a server config needs it
 
     return bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds)).decode()

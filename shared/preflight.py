@@ -173,18 +173,19 @@ def nats_host_port(url: str) -> tuple[str, int]:
 
 
 def check_nats(url: str, timeout: float) -> None:
-    """The NATS URL answers a TCP connect within ``timeout`` (retried: a server may be starting).
-    The last reason is kept for the message."""
-    host, port = nats_host_port(url)
+    """One of the NATS URLs (comma-separated: a cluster) answers a TCP connect within ``timeout``
+    (retried: a server may be starting). The last reason is kept for the message."""
+    addresses = [nats_host_port(u) for u in url.split(",") if u.strip()]
     deadline = time.monotonic() + timeout
     reason = "no attempt"
     while True:
-        left = deadline - time.monotonic()
-        try:
-            with socket.create_connection((host, port), timeout=max(0.2, min(2.0, left))):
-                return
-        except OSError as e:
-            reason = e.strerror or type(e).__name__
+        for host, port in addresses:
+            left = deadline - time.monotonic()
+            try:
+                with socket.create_connection((host, port), timeout=max(0.2, min(2.0, left))):
+                    return
+            except OSError as e:
+                reason = e.strerror or type(e).__name__
         if time.monotonic() + 0.25 > deadline:
             break
         time.sleep(0.25)

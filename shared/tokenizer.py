@@ -71,9 +71,6 @@ class Tokenizer:
         self.eos_token_ids = eos_token_ids(d, self._tok.token_to_id)
         self.vocab_size = self._tok.get_vocab_size()
 
-    @property
-    def has_chat_template(self) -> bool:
-        return self._template is not None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids

@@ -144,7 +144,7 @@ class Stack:
                  planner: bool = False, discovery_ttl: float = 3.0, model: str = "baton-tiny",
                  extra_decode_args: list[str] | None = None, env: dict[str, str] | None = None,
                  decode_ids: list[str] | None = None, routers: int = 1, frontends: int = 1,
-                 metrics: bool = False, auth: bool = True) -> None:
+                 metrics: bool = False, auth: bool = True, decode_replicas: int = 1) -> None:
         self.workdir = workdir
         self.engine = engine
         self.model = model
@@ -164,7 +164,10 @@ class Stack:
         self._n_decode = decode_workers
         self._n_prefill = prefill_workers
         self._planner = planner
-        self._extra_decode = extra_decode_args or []
+        # Simulated workers per decode process (services/decode/fleet.py; the mocker only).
+        self._replicas = decode_replicas
+        self._extra_decode = [*(["--replicas", str(decode_replicas)] if decode_replicas > 1 else []),
+                              *(extra_decode_args or [])]
         self._decode_ids = decode_ids or []
         self.frontend_extra: list[str] = []
         self.metrics = metrics  # give every non-frontend service a --metrics-port
@@ -221,7 +224,7 @@ class Stack:
             for i, port in enumerate(self.ports)
         ]
         self.frontend = self.frontends[0]
-        self.wait_ready(self._n_decode, ready_timeout)
+        self.wait_ready(self._n_decode * self._replicas, ready_timeout)
         return self
 
     def health(self, port: int | None = None) -> dict:

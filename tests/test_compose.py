@@ -24,6 +24,7 @@ from shared import nats_auth
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "compose.yaml"
+CLUSTER_ENV = ROOT / "deploy" / "compose" / "cluster.env"
 DOCKERFILE = ROOT / "Dockerfile"
 BATON_SERVICES = {"frontend", "router", "decode", "prefill", "planner"}
 SCALABLE = {"decode", "prefill"}
@@ -117,7 +118,10 @@ def test_compose_is_the_whole_deployment():
     for name, svc in BATON.items():
         assert svc.get("build"), f"{name}: built from our Dockerfile"
         assert svc["depends_on"]["nats"]["condition"] == "service_healthy", name
-        assert _environment(svc).get("BATON_NATS_URL") == "nats://nats:4222", name
+    for name, svc in _rendered()["services"].items():
+        if name in BATON:  # by default: the one server, JetStream replicas 1
+            assert _environment(svc).get("BATON_NATS_URL") == "nats://nats:4222", name
+            assert _environment(svc).get("BATON_JS_REPLICAS") == "1", name
 
 
 @pytest.mark.parametrize("name", sorted(BATON))
@@ -176,6 +180,10 @@ def _mounts(svc: dict) -> dict[str, tuple[str, bool]]:
     """Named-volume mounts of a service: volume -> (path in the container, read-only)."""
     out = {}
     for spec in svc.get("volumes", []):
+        if isinstance(spec, dict):  # the long form, as `docker compose config` renders it
+            if spec.get("type", "volume") == "volume":
+                out[spec["source"]] = (spec["target"], bool(spec.get("read_only")))
+            continue
         source, target, *mode = str(spec).split(":")
         if not source.startswith((".", "/")):
             out[source] = (target, mode == ["ro"])
@@ -259,15 +267,22 @@ def test_dockerfile_entrypoint_is_baton():
     assert "baton model build" in text, "the built-in model is baked in, so containers need no network"
 
 
-def _rendered() -> dict:
-    """compose.yaml as Compose renders it (`config`), else as YAML resolves it (anchors, merges)."""
+@functools.cache
+def _rendered(env_file: Path | None = None, *profiles: str) -> dict:
+    """compose.yaml as Compose renders it (`config`), else as YAML resolves it (anchors, merges;
+    then without ``env_file``'s variables, so only for the defaults)."""
     cmd = _compose_command()
     if cmd is None:
-        if _in_ci():
+        if _in_ci() or env_file is not None:
             pytest.fail("no Compose implementation (docker compose / docker-compose) to render compose.yaml")
         return COMPOSE
-    r = subprocess.run([*cmd, "-f", str(COMPOSE_FILE), "config"], capture_output=True, text=True, cwd=ROOT,
-                       timeout=60, env={k: v for k, v in os.environ.items() if not k.startswith("BATON_")})
+    args = [*cmd, "-f", str(COMPOSE_FILE)]
+    if env_file is not None:
+        args += ["--env-file", str(env_file)]
+    for profile in profiles:
+        args += ["--profile", profile]
+    r = subprocess.run([*args, "config"], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                       env={k: v for k, v in os.environ.items() if not k.startswith(("BATON_", "COMPOSE_"))})
     assert r.returncode == 0, r.stderr
     return yaml.safe_load(r.stdout)
 
@@ -290,3 +305,58 @@ def test_worker_advertises_a_kv_address_its_peers_resolve(name: str):
     assert bind_host_for(advertised, env.get("BATON_KV_BIND_HOST", "")) == "0.0.0.0"
     # and the option is real: the worker CLI reads BATON_KV_HOST / BATON_KV_BIND_HOST
     assert "BATON_KV_HOST" in _help(name) and "BATON_KV_BIND_HOST" in _help(name)
+
+
+# --- the cluster profile: NATS as a 3-server JetStream cluster (issue 17) ------------------------
+
+NATS_SERVERS = ("nats", "nats-2", "nats-3")
+
+
+def _nats_options(svc: dict) -> dict[str, str | None]:
+    return _options(["nats-server", *svc["command"]])
+
+
+def test_nats_alone_by_default_and_the_other_two_only_in_the_cluster_profile():
+    services = _rendered()["services"]
+    alone = _nats_options(services["nats"])
+    assert alone["--cluster"] is None and alone["--routes"] is None, "one server: no routes (JetStream standalone)"
+    assert "-js" in services["nats"]["command"]
+    for name in NATS_SERVERS[1:]:
+        assert SERVICES[name]["profiles"] == ["cluster"], name
+    for name, svc in SERVICES.items():
+        if name in BATON:  # the services need only `nats` to start; they find the others through the URLs
+            assert set(svc["depends_on"]) == {"nats"}, name
+
+
+def test_cluster_profile_three_servers_and_every_service_on_all_three():
+    env_file = dict(line.split("=", 1) for line in CLUSTER_ENV.read_text().splitlines()
+                    if line and not line.startswith("#"))
+    assert env_file["COMPOSE_PROFILES"] == "cluster"  # Compose v2 reads it from --env-file
+    services = _rendered(CLUSTER_ENV, "cluster")["services"]
+    routes = [f"nats://{n}:6222" for n in NATS_SERVERS]
+    stores = set()
+    for name in NATS_SERVERS:
+        svc = services[name]
+        opts = _nats_options(svc)
+        assert "-js" in svc["command"], name
+        assert opts["--server_name"] == name and opts["--cluster_name"] == "baton", name  # unique names, one cluster
+        assert opts["--cluster"] == "nats://0.0.0.0:6222", name
+        assert opts["--routes"].split(",") == routes, name
+        assert svc["command"][svc["command"].index("-c") + 1] == "/etc/baton/nats-auth/nats-auth.conf", name
+        assert svc["healthcheck"]["test"][-1] == "http://127.0.0.1:8222/healthz", name
+        assert str(svc["user"]).split(":")[0] not in ("0", "root"), name
+        assert not svc.get("ports"), name
+        (store,) = [v for v, (target, _) in _mounts(svc).items() if target == svc["command"][svc["command"].index("-sd") + 1]]
+        stores.add(store)
+    assert len(stores) == 3, "each server its own JetStream store"
+    # The init job owns every store for NATS's uid.
+    init = SERVICES["nats-auth"]
+    init_targets = {volume: target for volume, (target, _) in _mounts(init).items()}
+    script = init["entrypoint"][-1]
+    for store in stores:
+        assert store in init_targets and init_targets[store] in script.split("chown 10100:10100", 1)[1].split("&&")[0]
+    urls = ",".join(f"nats://{n}:4222" for n in NATS_SERVERS)
+    for name in BATON:
+        env = _environment(services[name])
+        assert env["BATON_NATS_URL"] == urls, name
+        assert env["BATON_JS_REPLICAS"] == "3", name

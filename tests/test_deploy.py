@@ -45,6 +45,7 @@ OPERATIONS_DOC = ROOT / "docs" / "operations.md"
 
 BATON_SERVICES = ("frontend", "router", "decode", "prefill", "planner")
 OBSERVABILITY = {"prometheus", "grafana", "jaeger"}
+CLUSTER_NATS = {"nats-2", "nats-3"}  # compose.yaml's cluster profile: with `nats`, a 3-server NATS
 RELEASE, NAMESPACE = "baton", "llm"
 
 
@@ -165,6 +166,7 @@ def _help(command: str) -> str:
     return r.stdout
 
 
+
 @functools.cache
 def _source_env_vars() -> frozenset[str]:
     """BATON_* variables the code reads outside the CLI options (NatsSecurity, API keys, ...)."""
@@ -225,10 +227,13 @@ def test_chart_is_the_whole_deployment():
     svc = one(docs, "Service", component("nats"))
     assert {p["port"] for p in svc["spec"]["ports"]} >= {4222}
     assert sts["spec"]["serviceName"] in {s["metadata"]["name"] for s in find(docs, "Service")}
-    # Everyone talks to that NATS.
+    # Everyone talks to every server of that NATS (by the pods' stable names), with 3 JetStream replicas.
+    servers = ",".join(f"nats://{component('nats')}-{i}.{component('nats')}-headless.{NAMESPACE}.svc:4222"
+                       for i in range(sts["spec"]["replicas"]))
     for svc_name in BATON_SERVICES:
         env = env_of(container(one(docs, "Deployment", component(svc_name))))
-        assert env["BATON_NATS_URL"]["value"] == f"nats://{component('nats')}:4222", svc_name
+        assert env["BATON_NATS_URL"]["value"] == servers, svc_name
+        assert env["BATON_JS_REPLICAS"]["value"] == str(sts["spec"]["replicas"]) == "3", svc_name
     # Frontend and workers agree on the model.
     models = {env_of(container(one(docs, "Deployment", component(s))))["BATON_MODEL"]["value"]
               for s in ("frontend", "decode", "prefill")}
@@ -494,9 +499,10 @@ def test_nats_runs_unprivileged_and_hides_its_monitoring_port():
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
     sc = container(nats)["securityContext"]
     assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
-    for svc in find(docs, "Service"):
-        if svc["metadata"]["name"].startswith(component("nats")):
-            assert [p["port"] for p in svc["spec"]["ports"]] == [4222], svc["metadata"]["name"]
+    # Clients and cluster routes only; the monitoring port (8222) is on the pods, for probes.
+    ports = {s["metadata"]["name"]: [p["port"] for p in s["spec"]["ports"]] for s in find(docs, "Service")
+             if s["metadata"]["name"].startswith(component("nats"))}
+    assert ports == {component("nats"): [4222], component("nats") + "-headless": [4222, 6222]}
     for name in BATON_SERVICES:
         assert container(one(docs, "Deployment", component(name)))["securityContext"]["readOnlyRootFilesystem"]
 
@@ -515,11 +521,15 @@ def test_network_policies():
     # Every Baton pod and NATS is selected by exactly one ingress policy.
     for name in (*BATON_SERVICES, "nats"):
         assert _policy_for(docs, name)["spec"]["policyTypes"] == ["Ingress"]
-    # NATS: only the client port, only from this release's pods.
-    (rule,) = _policy_for(docs, "nats")["spec"]["ingress"]
+    # NATS: the client port only from this release's pods; the cluster routes only from NATS pods.
+    rule, routes = _policy_for(docs, "nats")["spec"]["ingress"]
     assert rule["ports"] == [{"port": 4222, "protocol": "TCP"}]
     (peer,) = rule["from"]
     assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "baton", "app.kubernetes.io/instance": RELEASE}
+    assert routes["ports"] == [{"port": 6222, "protocol": "TCP"}]
+    (peer,) = routes["from"]
+    assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "baton", "app.kubernetes.io/instance": RELEASE,
+                                                  comp: "nats"}
     # HTTP only to the frontend; others only their metrics port, and decode its KV peers.
     (rule,) = _policy_for(docs, "frontend")["spec"]["ingress"]
     assert rule["ports"] == [{"port": 8000, "protocol": "TCP"}]
@@ -664,6 +674,8 @@ def test_observability_services_only_in_the_profile():
         if name in OBSERVABILITY:
             assert svc.get("profiles") == ["observability"], name
             assert svc.get("restart") and svc.get("healthcheck", {}).get("test"), name
+        elif name in CLUSTER_NATS:
+            assert svc.get("profiles") == ["cluster"], name  # tests/test_compose.py checks that profile
         else:
             assert not svc.get("profiles"), f"{name}: the default deployment must not change"
     # Config files the profile mounts exist in the repository.
@@ -693,7 +705,7 @@ def test_prometheus_scrapes_every_service_where_it_serves_metrics():
                 host, _, port = t.rpartition(":")
                 targets.add((host, int(port)))
     for name in SERVICES:
-        if name == "nats" or name in OBSERVABILITY or name in SETUP:
+        if name == "nats" or name in CLUSTER_NATS or name in OBSERVABILITY or name in SETUP:
             continue
         assert (name, _metrics_port(name)) in targets, f"prometheus.yml does not scrape {name}"
     for host, _ in targets:

@@ -1,4 +1,8 @@
-"""``baton decode`` / ``python -m services.decode``: a thin shell around :class:`DecodeWorker`."""
+"""``baton decode`` / ``python -m services.decode``: a thin shell around :class:`DecodeWorker`.
+
+The worker and engine options every engine worker takes come from
+:func:`shared.cli_options.worker_command`; only the decode worker's own options are here.
+"""
 
 from __future__ import annotations
 
@@ -6,54 +10,12 @@ from typing import Annotated
 
 import typer
 
-from shared.builtin_model import DEFAULT_MODEL
-from shared.config import (
-    DEFAULT_NATS_URL,
-    BlockSize,
-    DiscoveryTtl,
-    DiskKvBlocks,
-    DiskKvDir,
-    DrainTimeout,
-    Dtype,
-    Engine,
-    HostKvBlocks,
-    KvBindHost,
-    KvEviction,
-    KvHost,
-    KvTransportKind,
-    LogFormat,
-    LogLevel,
-    MaxBatchedTokens,
-    MaxNumSeqs,
-    MetricsPort,
-    MockerSpeedup,
-    Model,
-    NatsCreds,
-    NatsUrl,
-    NumBlocks,
-    ServedModelName,
-    WorkerId,
-)
-from shared.discovery import DEFAULT_TTL
+from shared.cli_options import WorkerOptions, worker_command
 
 
+@worker_command
 def main(
-    nats_url: NatsUrl = DEFAULT_NATS_URL,
-    nats_creds: NatsCreds = None,
-    model: Model = DEFAULT_MODEL,
-    served_model_name: ServedModelName = None,
-    engine: Engine = "torch",
-    dtype: Dtype = "auto",
-    block_size: BlockSize = 16,
-    num_blocks: NumBlocks = 0,
-    max_num_seqs: MaxNumSeqs = 64,
-    max_batched_tokens: MaxBatchedTokens = 512,
-    mocker_speedup: MockerSpeedup = 1.0,
-    host_kv_blocks: HostKvBlocks = 0,
-    disk_kv_dir: DiskKvDir = "",
-    disk_kv_blocks: DiskKvBlocks = 0,
-    kv_eviction: KvEviction = "lru",
-    worker_id: WorkerId = None,
+    worker: WorkerOptions,
     max_inflight: Annotated[
         int, typer.Option(envvar="BATON_MAX_INFLIGHT", help="Requests held at once; beyond it, 503 at once.")
     ] = 1024,
@@ -71,38 +33,30 @@ def main(
     prefill_timeout: Annotated[
         float, typer.Option(envvar="BATON_PREFILL_TIMEOUT", help="Seconds before a remote prefill falls back to local.")
     ] = 30.0,
-    kv_transport: KvTransportKind = "tcp",
-    kv_host: KvHost = "127.0.0.1",
-    kv_bind_host: KvBindHost = "",
-    discovery_ttl: DiscoveryTtl = DEFAULT_TTL,
-    metrics_port: MetricsPort = 0,
-    log_level: LogLevel = "info",
-    log_format: LogFormat = "text",
-    drain_timeout: DrainTimeout = 30.0,
+    replicas: Annotated[
+        int, typer.Option("--replicas", envvar="BATON_DECODE_REPLICAS", min=1,
+                          help="Simulated workers in this process, each a full worker on the bus (--engine mocker "
+                               "only; ids --worker-id or decode-<hex> plus -000, -001, ...). For fleet-scale tests.")
+    ] = 1,
 ) -> None:
     """Run a decode worker: generate requests in, token chunks out."""
     from services.decode.disagg import DisaggSettings
     from services.decode.worker import DecodeSettings, DecodeWorker
-    from shared.engines import EngineConfig
-    from shared.preflight import check_engine, check_model, check_port, run_checks
-    from shared.runtime import run_service
+    from shared.preflight import fail
 
-    run_checks("decode", [lambda: check_engine(engine), lambda: check_model(model),
-                          lambda: check_port("0.0.0.0", metrics_port, "metrics", "--metrics-port")])
-
+    if replicas > 1 and worker.engine.engine != "mocker":  # before the preflight: a real engine need not import
+        fail("decode", f"--replicas > 1 needs --engine mocker (got {worker.engine.engine!r})")
     settings = DecodeSettings(
-        nats_url=nats_url,
-        engine=EngineConfig(engine=engine, model=model, dtype=dtype, block_size=block_size, num_blocks=num_blocks,
-                            max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens, speedup=mocker_speedup,
-                            host_kv_blocks=host_kv_blocks, disk_kv_dir=disk_kv_dir, disk_kv_blocks=disk_kv_blocks,
-                            kv_eviction=kv_eviction),
-        worker_id=worker_id, served_model_name=served_model_name, discovery_ttl=discovery_ttl,
-        max_inflight=max_inflight, metrics_port=metrics_port, kv_host=kv_host,
-        kv_bind_host=kv_bind_host,
+        **worker.settings(), max_inflight=max_inflight,
         disagg=DisaggSettings(enabled=disagg, min_tokens=remote_prefill_min_tokens, max_queue=max_prefill_queue,
-                              prefill_timeout=prefill_timeout, transport=kv_transport),
+                              prefill_timeout=prefill_timeout),
     )
-    run_service(DecodeWorker(settings), "decode", log_level, drain_timeout, log_format)
+    if replicas > 1:
+        from services.decode.fleet import DecodeFleet
+
+        worker.run("decode", lambda: DecodeFleet(settings, replicas))
+        return
+    worker.run("decode", lambda: DecodeWorker(settings))
 
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)

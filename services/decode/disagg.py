@@ -19,8 +19,6 @@ import time
 from dataclasses import dataclass
 
 import anyio
-import nats.errors
-from nats.js.api import KeyValueConfig, StorageType
 from prometheus_client import Counter, Gauge
 
 from shared import subjects, tracing
@@ -29,11 +27,16 @@ from shared.discovery import WorkerView
 from shared.engines import Engine
 from shared.kv_transport import KvTransport, TransferError
 from shared.messages import PrefillDone, PrefillJob, SamplingParams, encode, prefill_reply_decoder
-from shared.streams import ensure_prefill_queue
+from shared.streams import (
+    config_bucket,
+    ensure_prefill_queue,
+    prefill_queue_depth,
+    publish_prefill_job,
+    watch_key,
+)
 
 log = logging.getLogger("baton.decode.disagg")
 
-CONFIG_BUCKET = "baton_config"
 DISAGG_KEY = "disagg"
 
 DECISIONS = Counter("baton_disagg_decisions_total", "Where prompts were prefilled, and why", ["decision"])
@@ -46,7 +49,6 @@ class DisaggSettings:
     min_tokens: int = 256  # uncached prompt tokens below this prefill locally
     max_queue: int = 32  # prefill jobs waiting beyond this: prefill locally
     prefill_timeout: float = 30.0  # a remote prefill not done by then falls back to local
-    transport: str = "tcp"
 
 
 class RemotePrefill:
@@ -72,34 +74,13 @@ class RemotePrefill:
 
     async def _refresh_queue_depth(self) -> None:
         try:
-            with anyio.fail_after(2):
-                info = await self.bus.js.consumer_info(subjects.PREFILL_STREAM, subjects.PREFILL_CONSUMER)
-            self._queue_depth = info.num_pending or 0
+            self._queue_depth, _ = await prefill_queue_depth(self.bus, timeout=2)
             self._queue_checked = time.monotonic()
         except Exception as e:  # no consumer yet, or NATS away: decide with what we know
             log.debug("prefill queue depth unavailable: %r", e)
 
     async def _watch_config(self) -> None:
-        while True:
-            try:
-                try:
-                    kv = await self.bus.js.key_value(CONFIG_BUCKET)
-                except nats.js.errors.BucketNotFoundError:
-                    kv = await self.bus.js.create_key_value(KeyValueConfig(bucket=CONFIG_BUCKET, history=1,
-                                                                           storage=StorageType.FILE))
-                watcher = await kv.watch(DISAGG_KEY)
-                while True:
-                    try:
-                        entry = await watcher.updates(timeout=5)
-                    except nats.errors.TimeoutError:
-                        continue
-                    if entry is not None and entry.value:
-                        self.apply_config(entry.value)
-            except anyio.get_cancelled_exc_class():
-                raise
-            except Exception as e:
-                log.debug("config watch failed (%r); retrying", e)
-                await anyio.sleep(1)
+        await watch_key(self.bus, config_bucket(), DISAGG_KEY, self.apply_config)
 
     def apply_config(self, raw: bytes) -> None:
         try:
@@ -113,7 +94,7 @@ class RemotePrefill:
             log.info("disaggregation limits now: min_tokens=%d max_queue=%d enabled=%s", self.settings.min_tokens,
                      self.settings.max_queue, self.settings.enabled)
         except (ValueError, TypeError) as e:
-            log.warning("ignoring bad %s/%s value %r: %s", CONFIG_BUCKET, DISAGG_KEY, raw[:100], e)
+            log.warning("ignoring bad %s/%s value %r: %s", subjects.CONFIG_BUCKET, DISAGG_KEY, raw[:100], e)
 
     def decide(self, token_ids: list[int]) -> str:
         """'remote' or why not."""
@@ -153,8 +134,7 @@ class RemotePrefill:
                 block_ids=block_ids, kv_token=token, notify_subject=inbox.subject,
                 deadline=time.time() + self.settings.prefill_timeout,
             )
-            with anyio.fail_after(5):
-                await self.bus.js.publish(subjects.PREFILL_JOBS, encode(job), headers=tracing.headers_for(span))
+            await publish_prefill_job(self.bus, encode(job), headers=tracing.headers_for(span))
             reply = prefill_reply_decoder.decode((await inbox.next(self.settings.prefill_timeout)).data)
             if not isinstance(reply, PrefillDone) or reply.first_token < 0:
                 raise TransferError(f"prefill failed: {getattr(reply, 'reason', reply)}")

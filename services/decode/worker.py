@@ -1,177 +1,99 @@
-"""The decode worker actor: registers, takes generate requests on its own subject, streams tokens.
+"""The decode worker: takes generate requests on its own subject and streams tokens back.
 
-One class owns the engine, the in-flight requests and the registration. Each request runs as a
-task in the worker's task group; a Cancel message, a deadline or a drain cancels it, and the
-engine frees its KV blocks when its stream is closed.
+It stands on :class:`shared.worker_host.WorkerHost` (engine, bus, registration, load reports, KV
+events, drain) and adds the request handling. Each request runs as a task in the worker's task
+group; a Cancel message, a deadline or a drain cancels it, and the engine frees its KV blocks when
+its stream is closed. Remote prefill lives in ``disagg.py``, the G4 peer block fetch in
+``peer_fetch.py``.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import anyio.abc
 from nats.aio.msg import Msg
 from prometheus_client import Counter, Gauge
 
 from services.decode.disagg import DECISIONS as DISAGG_DECISIONS
 from services.decode.disagg import DisaggSettings, RemotePrefill
+from services.decode.peer_fetch import PeerBlocks
 from shared import subjects, tracing
-from shared.bus import Bus, ReplyBatcher
-from shared.config import DEFAULT_NATS_URL
-from shared.discovery import DEFAULT_TTL, WorkerRegistration, WorkerView
-from shared.engines import Engine, EngineConfig, make_engine
-from shared.kv_address import advertised_host, bind_host_for
-from shared.kv_hash import block_hashes
-from shared.kv_transport import KvTls, KvTransport, make_transport
+from shared.bus import ReplyBatcher
+from shared.discovery import WorkerView
+from shared.engines import Engine
 from shared.messages import (
     GenerateError,
     GenerateRequest,
-    KvEventBatch,
-    KvFetchReply,
-    KvFetchRequest,
-    LoadReport,
     PositionLogprobs,
     StatusReply,
     TokenChunk,
     Usage,
-    WorkerInfo,
     cancel_decoder,
     generate_request_decoder,
-    kv_fetch_reply_decoder,
-    kv_fetch_request_decoder,
     status_request_decoder,
 )
-from shared.runtime import settle_heap
-from shared.telemetry import bind_request, serve_metrics
+from shared.telemetry import bind_request
+from shared.worker_host import WorkerHost, WorkerSettings
 
 log = logging.getLogger("baton.decode")
 
-MAX_N_HARD = 128  # a worker's own bound on choices per request (the frontend's --max-n is lower)
-
 REQUESTS = Counter("baton_worker_requests_total", "Requests by outcome", ["role", "outcome"])
 RUNNING = Gauge("baton_worker_requests_running", "Requests in flight", ["role"])
-KV_USED = Gauge("baton_worker_kv_blocks_used", "KV blocks in use", ["role"])
-KV_TOTAL = Gauge("baton_worker_kv_blocks_total", "KV blocks in the pool", ["role"])
-KV_USAGE = Gauge("baton_worker_kv_cache_usage_ratio", "Share of KV blocks in use", ["role"])
-WAITING = Gauge("baton_worker_requests_waiting", "Requests queued in the engine", ["role"])
-ENGINE_RUNNING = Gauge("baton_worker_engine_requests_running", "Requests in the engine's running batch", ["role"])
-PREEMPTIONS = Gauge("baton_worker_preemptions", "Preemptions since start (KV pool ran out)", ["role"])
-PROMPT_TOKENS = Gauge("baton_worker_prompt_tokens", "Prompt tokens admitted since start", ["role"])
-REMOTE_TIER_BLOCKS = Counter("baton_kv_remote_tier_blocks_total",
-                             "G4: KV blocks pulled from peers' lower tiers, and served to peers", ["direction"])
-PREFIX_HIT_TOKENS = Gauge("baton_worker_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache",
-                          ["role"])
 
 
 @dataclass
-class DecodeSettings:
-    nats_url: str = DEFAULT_NATS_URL
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    worker_id: str | None = None
-    served_model_name: str | None = None
-    discovery_ttl: float = DEFAULT_TTL
-    load_interval: float = 1.0
-    kv_event_interval: float = 0.05
+class DecodeSettings(WorkerSettings):
     max_inflight: int = 1024  # admission: beyond this a request gets 503 at once
-    metrics_port: int = 0
     disagg: DisaggSettings = field(default_factory=DisaggSettings)
-    kv_host: str = "127.0.0.1"  # address prefill workers use to reach our KV transport (advertised)
-    kv_bind_host: str = ""  # address the KV transport listens on ("": see shared/kv_address.py)
 
 
-class DecodeWorker:
+class DecodeWorker(WorkerHost):
     role = "decode"
+    settings: DecodeSettings
 
     def __init__(self, settings: DecodeSettings, engine: Engine | None = None) -> None:
-        self.settings = settings
-        self.worker_id = settings.worker_id or f"{self.role}-{uuid.uuid4().hex[:8]}"
-        self.engine = engine or make_engine(settings.engine)
-        self.bus: Bus | None = None
-        self.registration: WorkerRegistration | None = None
+        super().__init__(settings, engine)
         self._scopes: dict[str, anyio.CancelScope] = {}
-        self._tg: anyio.abc.TaskGroup | None = None
-        self.replies: ReplyBatcher | None = None  # batched replies to frontends that take them
-        self._draining = False
-        self._idle = anyio.Event()  # set when draining and the last request is done
-        self._kv_seq = 0
-        self.ready = False
-        self.transport: KvTransport | None = None
         self.remote: RemotePrefill | None = None
+        self.peers: PeerBlocks | None = None
+        self.replies: ReplyBatcher | None = None  # batched replies to the frontends that take them
 
-    @property
-    def model(self) -> str:
-        return self.settings.served_model_name or self.engine.model_name or self.settings.engine.model
+    def _remote_prefill(self) -> bool:
+        return self.settings.disagg.enabled and self.engine.supports_remote_prefill
 
-    def info(self) -> WorkerInfo:
-        return WorkerInfo(
-            worker_id=self.worker_id, role=self.role, model=self.model,  # type: ignore[arg-type]
-            generate_subject=subjects.generate(self.worker_id), cancel_subject=subjects.cancel(self.worker_id),
-            kv_endpoint=self.transport.endpoint if self.transport is not None else "",
-            block_size=self.engine.block_size, engine=self.engine.name, pid=os.getpid(), host=socket.gethostname(),
-            started_at=time.time(),
-        )
+    def wants_transport(self) -> bool:
+        # Remote prefill writes into our pool; G4 peers send tier blocks: both need it.
+        return self._remote_prefill() or self.engine.kv_tiers is not None
 
-    async def run(self) -> None:
-        self.bus = await Bus.connect(self.settings.nats_url, f"baton-{self.worker_id}")
-        try:
-            async with anyio.create_task_group() as tg:
-                self._tg = tg
-                tg.start_soon(self.engine.run)
-                if self.settings.metrics_port:
-                    tg.start_soon(serve_metrics, self.settings.metrics_port, lambda: self.ready)
-                await self.engine.wait_ready()
-                remote_prefill = self.settings.disagg.enabled and self.engine.supports_remote_prefill
-                if remote_prefill or self.engine.kv_tiers is not None:
-                    # Remote prefill writes into our pool; G4 peers send tier blocks: both need it.
-                    self.transport = make_transport(self.settings.disagg.transport,
-                                                    advertised_host(self.settings.kv_host),
-                                                    bind_host_for(self.settings.kv_host, self.settings.kv_bind_host),
-                                                    KvTls.from_env())
-                    await self.transport.start()
-                    log.info("KV transport %s at %s", self.transport.name, self.transport.endpoint)
-                    tg.start_soon(self.transport.run)
-                if self.engine.kv_tiers is not None:
-                    await self.bus.subscribe(subjects.kv_fetch(self.worker_id), self._on_kv_fetch)
-                if remote_prefill:
-                    view = WorkerView(self.bus, self.settings.discovery_ttl)
-                    tg.start_soon(view.run)
-                    self.remote = RemotePrefill(self.bus, self.engine, self.transport, view, self.worker_id,
-                                                self.settings.disagg)
-                    tg.start_soon(self.remote.run)
-                self.replies = ReplyBatcher(self.bus)
-                tg.start_soon(self.replies.run)
-                await self.bus.subscribe(subjects.generate(self.worker_id), self._on_generate)
-                await self.bus.subscribe(subjects.cancel(self.worker_id), self._on_cancel)
-                await self.bus.subscribe(subjects.status(self.worker_id), self._on_status)
-                await self.bus.subscribe(subjects.kv_resync(self.worker_id), self._on_kv_resync)
-                self.registration = WorkerRegistration(self.bus, self.info(), self.settings.discovery_ttl)
-                await self.registration.register()
-                tg.start_soon(self.registration.run)
-                tg.start_soon(self._report_load)
-                tg.start_soon(self._publish_kv_events)
-                self.ready = True
-                settle_heap()  # the engine, its pools and connections stay out of the collector's way
-                log.info("%s serving %s with the %s engine", self.worker_id, self.model, self.engine.name)
-        finally:
-            self.ready = False
-            await self.bus.close()
+    def info_fields(self) -> dict[str, str]:
+        return {"generate_subject": subjects.generate(self.worker_id), "cancel_subject": subjects.cancel(self.worker_id),
+                "kv_endpoint": self.transport.endpoint if self.transport is not None else ""}
 
-    async def drain(self) -> None:
-        """Deregister so no new work arrives, let in-flight requests finish, then return."""
-        self._draining = True
-        if self.registration is not None:
-            await self.registration.withdraw()
-        if self._scopes:
-            await self._idle.wait()
-        if self._tg is not None:
-            self._tg.cancel_scope.cancel()
+    async def serve(self, tg: anyio.abc.TaskGroup) -> None:
+        assert self.bus is not None
+        if self.engine.kv_tiers is not None:
+            assert self.transport is not None
+            self.peers = PeerBlocks(self.bus, self.engine, self.transport, self.worker_id)
+            await self.bus.subscribe(subjects.kv_fetch(self.worker_id), self._on_kv_fetch)
+        if self._remote_prefill():
+            assert self.transport is not None
+            view = WorkerView(self.bus, self.settings.discovery_ttl)
+            tg.start_soon(view.run)
+            self.remote = RemotePrefill(self.bus, self.engine, self.transport, view, self.worker_id,
+                                        self.settings.disagg)
+            tg.start_soon(self.remote.run)
+        self.replies = ReplyBatcher(self.bus)
+        tg.start_soon(self.replies.run)
+        await self.bus.subscribe(subjects.generate(self.worker_id), self._on_generate)
+        await self.bus.subscribe(subjects.cancel(self.worker_id), self._on_cancel)
+        await self.bus.subscribe(subjects.status(self.worker_id), self._on_status)
+        await self.bus.subscribe(subjects.kv_resync(self.worker_id), self._on_kv_resync)
 
     # --- handlers ------------------------------------------------------------------------
 
@@ -189,76 +111,10 @@ class DecodeWorker:
             log.debug("cancelling %s: %s", cancel.request_id, cancel.reason)
             scope.cancel()
 
-    # --- G4: lower-tier blocks between workers ------------------------------------------
-
     async def _on_kv_fetch(self, msg: Msg) -> None:
         # Its own task: a send to one peer must not hold up the next peer's fetch.
-        assert self._tg is not None
-        self._tg.start_soon(self._serve_kv_fetch, msg)
-
-    async def _serve_kv_fetch(self, msg: Msg) -> None:
-        """A peer pulls blocks from our host/disk tiers: first how many we hold, then the bytes."""
-        assert self.bus is not None
-        tiers = self.engine.kv_tiers
-        try:
-            req = kv_fetch_request_decoder.decode(msg.data)
-            if req.kv_layout != self.engine.kv_layout():
-                raise ValueError(f"KV layout mismatch: {req.kv_layout!r} vs {self.engine.kv_layout()!r}")
-            if not req.send:
-                await self.bus.respond(msg, KvFetchReply(available=tiers.leading_available(req.block_hashes)))
-                return
-            # Disk reads and checksums happen off the event loop.
-            found = await anyio.to_thread.run_sync(lambda: [tiers.lookup(h) for h in req.block_hashes])
-            if any(f is None for f in found):
-                raise ValueError("blocks left our tiers meanwhile")
-            blocks = [memoryview(f[1]) for f in found]
-            assert self.transport is not None
-            await self.transport.send(req.endpoint, req.transfer_id, blocks, timeout=10, token=req.token)
-            REMOTE_TIER_BLOCKS.labels("served").inc(len(blocks))
-            await self.bus.respond(msg, KvFetchReply(sent=len(blocks)))
-        except Exception as e:  # a bad or stale fetch costs the peer a recompute, nothing more
-            await self.bus.respond(msg, KvFetchReply(error=str(e)))
-
-    async def _pull_from_peer(self, req: GenerateRequest) -> int:
-        """Before admission: copy the prompt's blocks that ``req.kv_source`` holds in its lower tiers
-        (and we hold nowhere) into our host tier, so the prefix lookup onboards them. Best effort:
-        any failure just means those blocks are computed."""
-        assert self.bus is not None and self.transport is not None
-        bs = self.engine.block_size
-        full = (len(req.token_ids) - 1) // bs
-        ours = self.engine.cached_prefix_tokens(req.token_ids) // bs
-        want = block_hashes(req.token_ids[: full * bs], bs)[ours : min(full, req.kv_source_blocks)]
-        if not want:
-            return 0
-        layout = self.engine.kv_layout()
-        subject = subjects.kv_fetch(req.kv_source)
-        try:
-            probe = kv_fetch_reply_decoder.decode((await self.bus.request(
-                subject, KvFetchRequest(transfer_id="", block_hashes=want, kv_layout=layout), timeout=1.0)).data)
-            n = probe.available
-            if probe.error or n == 0:
-                return 0
-            block_bytes = sum(len(v) for v in self.engine.kv_views([0]))
-            bufs = [bytearray(block_bytes) for _ in range(n)]
-            tid = f"g4-{req.request_id}"
-            token = self.transport.expect(tid, [memoryview(b) for b in bufs]).token
-            try:
-                reply = kv_fetch_reply_decoder.decode((await self.bus.request(subject, KvFetchRequest(
-                    transfer_id=tid, block_hashes=want[:n], kv_layout=layout, endpoint=self.transport.endpoint,
-                    token=token, send=True), timeout=10.0)).data)
-                if reply.error or reply.sent != n:
-                    raise RuntimeError(reply.error or f"peer sent {reply.sent} of {n} blocks")
-                await self.transport.wait(tid, timeout=5)
-            finally:
-                self.transport.forget(tid)
-        except Exception as e:
-            log.info("pulling %d blocks from %s failed (%r); computing them", len(want), req.kv_source, e)
-            return 0
-        # Storing may demote blocks to disk: off the event loop.
-        pairs = list(zip(want[:n], map(bytes, bufs), strict=True))
-        await anyio.to_thread.run_sync(self.engine.kv_tiers.import_blocks, pairs)
-        REMOTE_TIER_BLOCKS.labels("pulled").inc(n)
-        return n
+        assert self._tg is not None and self.peers is not None
+        self._tg.start_soon(self.peers.serve, msg)
 
     async def _on_kv_resync(self, msg: Msg) -> None:
         """A router lost some of our KV events: resend our whole cache as one cleared batch."""
@@ -275,17 +131,15 @@ class DecodeWorker:
         except Exception:
             asked = []
         known = [rid for rid in asked if rid in self._scopes]
-        await self.bus.respond(msg, StatusReply(worker_id=self.worker_id, known=known, draining=self._draining))
+        await self.bus.respond(msg, StatusReply(worker_id=self.worker_id, known=known, draining=self.draining))
 
     def _validate(self, req: GenerateRequest) -> str | None:
+        """What only this worker can judge: its model, its vocabulary, its context length. The
+        sampling fields were validated by the frontend, and the engine checks its own limits."""
         if req.model and req.model != self.model:
             return f"this worker serves {self.model!r}, not {req.model!r}"
         if not req.token_ids:
             return "the prompt is empty"
-        if req.sampling.max_tokens < 1:
-            return "max_tokens must be at least 1"
-        if not 1 <= req.sampling.n <= MAX_N_HARD:
-            return f"n must be between 1 and {MAX_N_HARD}"
         vocab = getattr(self.engine, "vocab_size", 0)
         if vocab and (min(req.token_ids) < 0 or max(req.token_ids) >= vocab):
             return f"token ids must be in [0, {vocab})"
@@ -311,7 +165,7 @@ class DecodeWorker:
         # This task's log lines (here and in the disagg/engine code it calls) carry the request id.
         bind_request(req.request_id, tracing.trace_id_from_headers(msg.headers))
         send = self._sender(req, reply)
-        if self._draining or len(self._scopes) >= self.settings.max_inflight:
+        if self.draining or len(self._scopes) >= self.settings.max_inflight:
             REQUESTS.labels(self.role, "rejected").inc()
             await send(GenerateError(request_id=req.request_id, code=503, message=f"{self.worker_id} is draining or full"))
             return
@@ -331,6 +185,7 @@ class DecodeWorker:
         if req.deadline:
             scope.deadline = anyio.current_time() + max(0.0, req.deadline - time.time())
         self._scopes[req.request_id] = scope
+        self.begin()
         RUNNING.labels(self.role).inc()
         outcome = "cancelled"
         try:
@@ -346,14 +201,14 @@ class DecodeWorker:
             tracing.end(span, error=None if outcome in ("length", "stop") else outcome,
                         **{"gen_ai.response.finish_reasons": [outcome]})
             self._scopes.pop(req.request_id, None)
-            if self._draining and not self._scopes:
-                self._idle.set()
+            self.end()
             RUNNING.labels(self.role).dec()
             REQUESTS.labels(self.role, outcome).inc()
 
     def _sender(self, req: GenerateRequest, reply: str) -> Callable[[TokenChunk | GenerateError], Awaitable[None]]:
-        """How this request's replies leave: batched with the step's other replies to the same
-        frontend when it takes batches (``batch_reply``), else one message each to ``reply``."""
+        """How this request's replies leave: batched with the other replies of the loop turn (one
+        engine step) to the same frontend when it takes batches (``batch_reply``), else one
+        message each to ``reply``."""
         batcher = self.replies
         if req.batch_reply and batcher is not None:
             subject = req.batch_reply
@@ -382,9 +237,8 @@ class DecodeWorker:
         open_choices = n
         last_reason = "ended"
         outputs = None
-        if (req.kv_source and req.kv_source != self.worker_id and self.engine.kv_tiers is not None
-                and self.transport is not None):
-            pulled = await self._pull_from_peer(req)
+        if self.peers is not None and self.peers.wants_pull(req):
+            pulled = await self.peers.pull(req)
             tracing.event(span, "kv_pulled_from_peer", **{"baton.kv_source": req.kv_source, "baton.blocks": pulled})
         # n > 1 and prompt logprobs run locally: a remote prefill returns one first token and no
         # prompt logprobs.
@@ -441,49 +295,3 @@ class DecodeWorker:
                 held_lp[c].extend(lps)
             index[c] += len(out.token_ids)
         return last_reason if open_choices <= 0 else "ended"
-
-    # --- periodic reports ----------------------------------------------------------------
-
-    async def _report_load(self) -> None:
-        assert self.bus is not None
-        subject = subjects.load(self.worker_id)
-        while True:
-            st = self.engine.stats()
-            KV_USED.labels(self.role).set(st.kv_blocks_used)
-            KV_TOTAL.labels(self.role).set(st.kv_blocks_total)
-            KV_USAGE.labels(self.role).set(st.kv_blocks_used / st.kv_blocks_total if st.kv_blocks_total else 0.0)
-            WAITING.labels(self.role).set(st.waiting)
-            ENGINE_RUNNING.labels(self.role).set(st.running)
-            PREEMPTIONS.labels(self.role).set(st.preemptions)
-            PROMPT_TOKENS.labels(self.role).set(st.prompt_tokens)
-            PREFIX_HIT_TOKENS.labels(self.role).set(st.prefix_hit_tokens)
-            if self.engine.kv_tiers is not None:
-                self.engine.kv_tiers.update_gauges()
-            report = LoadReport(
-                worker_id=self.worker_id, role=self.role, timestamp=time.time(),  # type: ignore[arg-type]
-                kv_blocks_used=st.kv_blocks_used, kv_blocks_total=st.kv_blocks_total, running=st.running,
-                waiting=st.waiting, prefill_tokens_queued=st.prefill_tokens_queued,
-            )
-            try:
-                await self.bus.publish(subject, report)
-            except Exception as e:
-                log.debug("load report failed: %r", e)
-            await anyio.sleep(self.settings.load_interval)
-
-    async def _publish_kv_events(self) -> None:
-        """Every interval, one batch per tier that changed: device (1), host (2), disk (3)."""
-        assert self.bus is not None
-        subject = subjects.kv_events(self.worker_id)
-        while True:
-            await anyio.sleep(self.settings.kv_event_interval)
-            for tier, buffer in ((1, self.engine.kv_events), *self.engine.tier_events.items()):
-                stored, removed, cleared = buffer.drain()
-                if not (stored or removed or cleared):
-                    continue
-                self._kv_seq += 1
-                batch = KvEventBatch(worker_id=self.worker_id, seq=self._kv_seq, stored=stored, removed=removed,
-                                     cleared=cleared, tier=tier)
-                try:
-                    await self.bus.publish(subject, batch)
-                except Exception as e:
-                    log.debug("kv event publish failed: %r", e)

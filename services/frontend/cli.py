@@ -7,10 +7,11 @@ from typing import Annotated
 import typer
 
 from shared.builtin_model import DEFAULT_MODEL
-from shared.config import (
+from shared.cli_options import (
     DEFAULT_NATS_URL,
     DiscoveryTtl,
     DrainTimeout,
+    JsReplicas,
     LogFormat,
     LogLevel,
     Model,
@@ -32,6 +33,7 @@ from shared.discovery import DEFAULT_TTL
 def main(
     nats_url: NatsUrl = DEFAULT_NATS_URL,
     nats_creds: NatsCreds = None,
+    js_replicas: JsReplicas = None,
     host: Annotated[str, typer.Option(envvar="BATON_HOST", help="HTTP bind address.")] = "0.0.0.0",
     port: Annotated[int, typer.Option(envvar="BATON_PORT", help="HTTP port.")] = 8000,
     model: Model = DEFAULT_MODEL,

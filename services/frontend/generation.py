@@ -87,7 +87,7 @@ class Generation:
         self.router = router  # --router embedded: decide in process, no route hop
 
     async def _route(self, request_id: str, token_ids: list[int], exclude: list[str], parent: Any = None) -> RouteDecision:
-        if not self.bus.connected:
+        if not await self.bus.wait_connected():  # rides out a failover to another NATS server
             raise RequestError(503, "the message bus is unavailable; retry shortly", type="service_unavailable",
                            code="bus_unavailable")
         req = RouteRequest(request_id=request_id, model=self.model, token_ids=token_ids, exclude=exclude,
@@ -114,7 +114,7 @@ class Generation:
                                              headers=tracing.headers_for(span))
                 break
             except BusError as e:
-                if attempt + 1 == self.settings.route_attempts or not self.bus.connected:
+                if attempt + 1 == self.settings.route_attempts or not await self.bus.wait_connected():
                     tracing.end(span, error=str(e))
                     raise RequestError(503, f"router unavailable: {e}", type="service_unavailable",
                                    code="router_unavailable") from None
@@ -241,6 +241,8 @@ class Generation:
                 raise RequestError(503, "the client read too slowly; request cancelled", type="server_error",
                                    code="slow_consumer") from None
             except BusError as e:
+                if await self.bus.wait_connected():  # a NATS failover: replies in the gap are lost
+                    raise _Migrate("bus reconnected") from None
                 raise RequestError(503, f"lost the message bus mid-request: {e}", type="service_unavailable",
                                    code="bus_unavailable") from None
             return coalesce(decoded((msg, *inbox.ready()), generate_reply_decoder))

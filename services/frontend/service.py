@@ -24,7 +24,7 @@ from services.frontend.reasoning import ReasoningStream
 from services.frontend.tool_parsers import tool_parser_for
 from shared.builtin_model import DEFAULT_MODEL
 from shared.bus import Bus
-from shared.config import DEFAULT_NATS_URL
+from shared.cli_options import DEFAULT_NATS_URL
 from shared.discovery import DEFAULT_TTL, WorkerView
 from shared.models import resolve_model
 from shared.routing.core import RouterCore, RoutingSettings

@@ -6,10 +6,11 @@ from typing import Annotated
 
 import typer
 
-from shared.config import (
+from shared.cli_options import (
     DEFAULT_NATS_URL,
     DiscoveryTtl,
     DrainTimeout,
+    JsReplicas,
     LogFormat,
     LogLevel,
     MetricsPort,
@@ -29,6 +30,7 @@ def _opt(text: str, env: str | None = None, *names: str):
 def main(
     nats_url: NatsUrl = DEFAULT_NATS_URL,
     nats_creds: NatsCreds = None,
+    js_replicas: JsReplicas = None,
     interval: Annotated[float, _opt("Seconds between observations (and decisions).", "INTERVAL")] = 2.0,
     policy: Annotated[str, _opt("load (thresholds), sla (TTFT/ITL targets) or none (observe only).",
                                 "POLICY")] = "load",
@@ -128,11 +130,17 @@ def main(
         pol = HoldPolicy()
 
     if connector == "local":
+        from shared.engines import EngineConfig
+
+        # One engine config for every worker; "" / 0 options stay the workers' own defaults.
+        given = {"engine": engine, "speedup": mocker_speedup, "num_blocks": num_blocks, "model": model,
+                 "max_num_seqs": max_num_seqs, "max_batched_tokens": max_batched_tokens}
+        fields = ("engine", "speedup", "num_blocks", *(f for f in ("model", "max_num_seqs", "max_batched_tokens")
+                                                       if given[f]))
         conn = LocalProcessConnector(LocalWorkerSettings(
-            nats_url=nats_url, engine=engine, model=model, mocker_speedup=mocker_speedup, num_blocks=num_blocks,
-            max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens, discovery_ttl=discovery_ttl,
-            log_level=log_level, log_dir=worker_log_dir, extra_args=shlex.split(worker_args),
-            stop_timeout=worker_stop_timeout))
+            nats_url=nats_url, engine=EngineConfig(**{f: given[f] for f in fields}), engine_fields=fields,
+            discovery_ttl=discovery_ttl, log_level=log_level, log_dir=worker_log_dir,
+            extra_args=shlex.split(worker_args), stop_timeout=worker_stop_timeout))
     elif connector == "compose":
         conn = DockerComposeConnector(ComposeSettings(file=compose_file, project=compose_project))
     elif connector == "kubernetes":

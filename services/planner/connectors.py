@@ -10,7 +10,6 @@ pods it would rather lose with a lower ``controller.kubernetes.io/pod-deletion-c
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import logging
 import os
@@ -29,7 +28,10 @@ from prometheus_client import Counter, Gauge
 
 from services.planner.signals import ROLES, Role
 from shared import nats_auth
+from shared.cli_options import engine_argv
+from shared.engines import EngineConfig
 from shared.messages import WorkerInfo
+from shared.supervisor import CrashWindow, spawn, stop_processes
 
 log = logging.getLogger("baton.planner")
 
@@ -76,25 +78,15 @@ class NullConnector:
 # --- local processes -------------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: the kernel sends SIGTERM (a drain) to the worker if the planner dies (Linux)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 @dataclass
 class LocalWorkerSettings:
-    """How the planner starts a worker: the deployment's engine, model and NATS options."""
+    """How the planner starts a worker: the deployment's engine config (whole), model and NATS options."""
 
     nats_url: str
-    engine: str = "torch"
-    model: str = ""
-    mocker_speedup: float = 1.0
-    num_blocks: int = 0
-    max_num_seqs: int = 0  # 0: the worker's default
-    max_batched_tokens: int = 0
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    # The engine options the planner was given, passed on as flags; the others stay the worker's
+    # own (its defaults and BATON_* variables).
+    engine_fields: tuple[str, ...] = ("engine", "speedup", "num_blocks")
     discovery_ttl: float = 6.0
     log_level: str = "info"
     log_dir: str | None = None  # one log file per worker here; else the planner's own stdout/stderr
@@ -122,21 +114,14 @@ class LocalProcessConnector:
         self.settings = settings
         self.workers: dict[str, ManagedWorker] = {}
         self.targets: dict[Role, int] = {r: 0 for r in ROLES}
-        self._crashes: dict[Role, list[float]] = {r: [] for r in ROLES}
+        self._crashes = {r: CrashWindow(settings.max_restarts_per_minute) for r in ROLES}
         self._last_tick = time.monotonic()
 
     def argv(self, role: Role, worker_id: str) -> list[str]:
         s = self.settings
-        args = [s.python, "-m", f"services.{role}", "--nats-url", s.nats_url, "--worker-id", worker_id,
-                "--engine", s.engine, "--mocker-speedup", str(s.mocker_speedup), "--num-blocks", str(s.num_blocks),
-                "--discovery-ttl", str(s.discovery_ttl), "--log-level", s.log_level]
-        if s.model:
-            args += ["--model", s.model]
-        if s.max_num_seqs:
-            args += ["--max-num-seqs", str(s.max_num_seqs)]
-        if s.max_batched_tokens:
-            args += ["--max-batched-tokens", str(s.max_batched_tokens)]
-        return args + list(s.extra_args)
+        return [s.python, "-m", f"services.{role}", "--nats-url", s.nats_url, "--worker-id", worker_id,
+                *engine_argv(s.engine, s.engine_fields), "--discovery-ttl", str(s.discovery_ttl),
+                "--log-level", s.log_level, *s.extra_args]
 
     def active(self, role: Role) -> list[ManagedWorker]:
         return [w for w in self.workers.values() if w.role == role and w.stopping_since is None]
@@ -149,25 +134,11 @@ class LocalProcessConnector:
             await self.scale(role, initial.get(role, 0), [])
         return {r: self.targets[r] for r in ROLES}
 
-    def _log_fd(self, worker_id: str) -> int | None:
-        if not self.settings.log_dir:
-            return None
-        Path(self.settings.log_dir).mkdir(parents=True, exist_ok=True)
-        return os.open(Path(self.settings.log_dir) / f"{worker_id}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-
     async def _spawn(self, role: Role) -> ManagedWorker:
         worker_id = f"{role}-{uuid.uuid4().hex[:8]}"
-        out = self._log_fd(worker_id)
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *self.argv(role, worker_id), stdout=out, stderr=out, stdin=asyncio.subprocess.DEVNULL,
-                env={**nats_auth.child_env(role, os.environ), "PYTHONUNBUFFERED": "1"},  # the worker's own identity
-                preexec_fn=_die_with_parent,
-                start_new_session=True,  # a Ctrl-C in the terminal reaches the planner, which drains them in order
-            )
-        finally:
-            if out is not None:
-                os.close(out)
+        log_path = Path(self.settings.log_dir) / f"{worker_id}.log" if self.settings.log_dir else None
+        env = {**nats_auth.child_env(role, os.environ), "PYTHONUNBUFFERED": "1"}  # the worker's own identity
+        proc = await spawn(self.argv(role, worker_id), env, log_path=log_path)
         w = ManagedWorker(worker_id, role, proc, time.monotonic())
         self.workers[worker_id] = w
         log.info("started %s (pid %d)", worker_id, proc.pid)
@@ -211,14 +182,13 @@ class LocalProcessConnector:
                 log.info("%s drained and exited (%d)", w.worker_id, code)
             else:
                 log.warning("%s exited unexpectedly with %d", w.worker_id, code)
-                self._crashes[w.role].append(now)
+                self._crashes[w.role].record()
         for role in ROLES:
-            self._crashes[role] = [t for t in self._crashes[role] if now - t < 60]
             missing = self.targets[role] - len(self.active(role))
             if missing > 0:
-                if len(self._crashes[role]) > self.settings.max_restarts_per_minute:
+                if self._crashes[role].looping:
                     log.error("%s workers keep dying (%d in a minute); not replacing them", role,
-                              len(self._crashes[role]))
+                              self._crashes[role].count)
                     continue
                 for _ in range(missing):
                     await self._spawn(role)
@@ -233,14 +203,7 @@ class LocalProcessConnector:
         for w in self.workers.values():
             if w.proc.returncode is None and w.stopping_since is None:
                 self._stop(w)
-        deadline = time.monotonic() + timeout
-        for w in list(self.workers.values()):
-            left = deadline - time.monotonic()
-            try:
-                await asyncio.wait_for(w.proc.wait(), max(0.01, left))
-            except TimeoutError:
-                w.proc.kill()
-                await w.proc.wait()
+        await stop_processes([w.proc for w in self.workers.values()], timeout, terminate=False)
         self.workers.clear()
 
 

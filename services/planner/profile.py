@@ -34,7 +34,15 @@ import msgspec
 import typer
 
 from shared.builtin_model import DEFAULT_MODEL
-from shared.config import BlockSize, Engine, MaxBatchedTokens, MaxNumSeqs, MockerSpeedup, Model, NumBlocks
+from shared.cli_options import (
+    BlockSize,
+    EngineName,
+    MaxBatchedTokens,
+    MaxNumSeqs,
+    MockerSpeedup,
+    Model,
+    NumBlocks,
+)
 from shared.progress import progress
 
 
@@ -248,7 +256,7 @@ def _ints(s: str) -> list[int]:
 def main(
     out: Annotated[str, typer.Option("--out", "-o", help="Write the profile (JSON) here.")] = "baton-profile.json",
     model: Model = DEFAULT_MODEL,
-    engine: Engine = "torch",
+    engine: EngineName = "torch",
     block_size: BlockSize = 16,
     num_blocks: NumBlocks = 0,
     max_num_seqs: MaxNumSeqs = 64,

@@ -25,7 +25,7 @@ from services.planner.policy import Damping, HoldPolicy, Policy, Stabilizer
 from services.planner.signals import ROLES, Proposal, Role, RoleSignals, Signals
 from shared import subjects
 from shared.bus import Bus
-from shared.config import DEFAULT_NATS_URL
+from shared.cli_options import DEFAULT_NATS_URL
 from shared.discovery import DEFAULT_TTL, WorkerView
 from shared.messages import (
     LoadReport,
@@ -36,7 +36,7 @@ from shared.messages import (
     load_report_decoder,
     prefill_job_decoder,
 )
-from shared.streams import ensure_prefill_queue
+from shared.streams import ensure_prefill_queue, prefill_queue_depth
 from shared.telemetry import serve_metrics
 
 log = logging.getLogger("baton.planner")
@@ -150,9 +150,7 @@ class Planner:
         assert self.bus is not None and self.view is not None
         pending = ack_pending = 0
         try:
-            with anyio.fail_after(3):
-                info = await self.bus.js.consumer_info(subjects.PREFILL_STREAM, subjects.PREFILL_CONSUMER)
-            pending, ack_pending = info.num_pending or 0, info.num_ack_pending or 0
+            pending, ack_pending = await prefill_queue_depth(self.bus, timeout=3)
         except Exception as e:
             log.debug("consumer info unavailable: %r", e)
         decode = self.view.workers("decode")

@@ -12,34 +12,23 @@ worker, and the held blocks are always given back.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import anyio
-import nats.errors
+import anyio.abc
 from nats.aio.msg import Msg
 from prometheus_client import Counter, Gauge, Histogram
 
 from shared import subjects, tracing
-from shared.bus import Bus
-from shared.config import DEFAULT_NATS_URL
-from shared.discovery import DEFAULT_TTL, WorkerRegistration, WorkerView
-from shared.engines import Engine, EngineConfig, make_engine
-from shared.kv_address import advertised_host, bind_host_for
-from shared.kv_transport import KvTls, KvTransport, TransferError, make_transport
-from shared.messages import (
-    PrefillDone,
-    PrefillFailed,
-    PrefillJob,
-    SamplingParams,
-    WorkerInfo,
-    prefill_job_decoder,
-)
-from shared.streams import PREFILL_ACK_WAIT_S, ensure_prefill_queue
-from shared.telemetry import bind_request, serve_metrics
+from shared.discovery import WorkerView
+from shared.engines import Engine
+from shared.kv_transport import TransferError
+from shared.messages import PrefillDone, PrefillFailed, PrefillJob, SamplingParams, prefill_job_decoder
+from shared.streams import PREFILL_ACK_WAIT_S, PrefillJobs, ensure_prefill_queue
+from shared.telemetry import bind_request
+from shared.worker_host import WorkerHost, WorkerSettings
 
 log = logging.getLogger("baton.prefill")
 
@@ -54,79 +43,42 @@ SENT_BLOCKS = Counter("baton_prefill_kv_blocks_sent_total", "KV blocks written i
 
 
 @dataclass
-class PrefillSettings:
-    nats_url: str = DEFAULT_NATS_URL
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    worker_id: str | None = None
-    served_model_name: str | None = None
-    discovery_ttl: float = DEFAULT_TTL
+class PrefillSettings(WorkerSettings):
     max_concurrent_jobs: int = 8
-    metrics_port: int = 0
-    transport: str = "tcp"
-    kv_host: str = "127.0.0.1"  # advertised KV address (prefill only sends today; kept truthful anyway)
-    kv_bind_host: str = ""
 
 
-class PrefillWorker:
+class PrefillWorker(WorkerHost):
+    """Pulls its work: the job loop is :meth:`work`; a drain lets it finish the jobs it holds."""
+
     role = "prefill"
+    publishes_load = False  # the planner reads the prefill queue, not prefill workers' load
+    settings: PrefillSettings
 
     def __init__(self, settings: PrefillSettings, engine: Engine | None = None) -> None:
-        self.settings = settings
-        self.worker_id = settings.worker_id or f"{self.role}-{uuid.uuid4().hex[:8]}"
-        self.engine = engine or make_engine(settings.engine)
-        self.bus: Bus | None = None
-        self.registration: WorkerRegistration | None = None
-        self._draining = False
-        self._active = 0
-        self._idle = anyio.Event()  # set when draining and the last job is done
+        super().__init__(settings, engine)
         self.jobs_done = 0
-        self.ready = False
-        self.transport: KvTransport | None = None
         self.view: WorkerView | None = None
 
-    @property
-    def model(self) -> str:
-        return self.settings.served_model_name or self.engine.model_name or self.settings.engine.model
+    def wants_transport(self) -> bool:
+        # Sending only: the listener is unused, but start() keeps one code path.
+        return self.engine.supports_remote_prefill
 
-    def info(self) -> WorkerInfo:
-        return WorkerInfo(
-            worker_id=self.worker_id, role=self.role, model=self.model,  # type: ignore[arg-type]
-            block_size=self.engine.block_size, engine=self.engine.name, pid=os.getpid(), host=socket.gethostname(),
-            started_at=time.time(),
-        )
+    async def prepare(self) -> None:
+        assert self.bus is not None
+        await ensure_prefill_queue(self.bus)
 
-    async def run(self) -> None:
-        self.bus = await Bus.connect(self.settings.nats_url, f"baton-{self.worker_id}")
-        try:
-            await ensure_prefill_queue(self.bus)
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self.engine.run)
-                if self.settings.metrics_port:
-                    tg.start_soon(serve_metrics, self.settings.metrics_port, lambda: self.ready)
-                await self.engine.wait_ready()
-                if self.engine.supports_remote_prefill:
-                    # Sending only: the listener is unused, but start() keeps one code path.
-                    self.transport = make_transport(self.settings.transport, advertised_host(self.settings.kv_host),
-                                                    bind_host_for(self.settings.kv_host, self.settings.kv_bind_host),
-                                                    KvTls.from_env())
-                    await self.transport.start()
-                    tg.start_soon(self.transport.run)
-                    log.info("KV transport: %s", self.transport.name)
-                self.view = WorkerView(self.bus, self.settings.discovery_ttl)
-                tg.start_soon(self.view.run)
-                tg.start_soon(self._update_gauges)
-                self.registration = WorkerRegistration(self.bus, self.info(), self.settings.discovery_ttl)
-                await self.registration.register()
-                tg.start_soon(self.registration.run)
-                self.ready = True
-                log.info("%s pulling prefill jobs for %s", self.worker_id, self.model)
-                await self._pull_jobs(tg)
-                tg.cancel_scope.cancel()
-        finally:
-            self.ready = False
-            await self.bus.close()
+    async def serve(self, tg: anyio.abc.TaskGroup) -> None:
+        assert self.bus is not None
+        self.view = WorkerView(self.bus, self.settings.discovery_ttl)
+        tg.start_soon(self.view.run)
+        tg.start_soon(self._update_gauges)
+
+    async def work(self) -> None:
+        assert self._tg is not None
+        await self._pull_jobs(self._tg)
 
     async def drain(self) -> None:
+        # Deregister and stop fetching; work() returns once the jobs in hand are done.
         self._draining = True
         if self.registration is not None:
             await self.registration.withdraw()
@@ -134,9 +86,7 @@ class PrefillWorker:
 
     async def _pull_jobs(self, tg: anyio.abc.TaskGroup) -> None:
         assert self.bus is not None
-        psub = await self.bus.js.pull_subscribe(
-            subjects.PREFILL_JOBS, durable=subjects.PREFILL_CONSUMER, stream=subjects.PREFILL_STREAM
-        )
+        jobs = await PrefillJobs.subscribe(self.bus)
         limit = anyio.Semaphore(self.settings.max_concurrent_jobs)
         while not self._draining:
             free = limit.value
@@ -145,9 +95,7 @@ class PrefillWorker:
                 limit.release()
                 continue
             try:
-                msgs = await psub.fetch(batch=free, timeout=1.0)
-            except (nats.errors.TimeoutError, TimeoutError):  # nothing queued this second
-                continue
+                msgs = await jobs.fetch(batch=free, timeout=1.0)  # [] if nothing queued this second
             except Exception as e:  # NATS away: back off and ask again
                 log.warning("fetch failed: %r", e)
                 await anyio.sleep(0.5)
@@ -156,7 +104,7 @@ class PrefillWorker:
                 await limit.acquire()
                 tg.start_soon(self._job, m, limit)
         # Draining: let running jobs finish; unfetched ones stay in the queue for others.
-        if self._active:
+        if self.in_flight:
             await self._idle.wait()
 
     async def _update_gauges(self) -> None:
@@ -164,20 +112,18 @@ class PrefillWorker:
             st = self.engine.stats()
             KV_USED.set(st.kv_blocks_used)
             KV_TOTAL.set(st.kv_blocks_total)
-            JOBS_RUNNING.set(self._active)
+            JOBS_RUNNING.set(self.in_flight)
             await anyio.sleep(0.5)
 
     async def _job(self, msg: Msg, limit: anyio.Semaphore) -> None:
         assert self.bus is not None
-        self._active += 1
+        self.begin()
         try:
             await self._handle(msg)
         except Exception:  # NATS away mid-announce, say: the job is redelivered, the worker lives on
             log.exception("prefill job failed unannounced")
         finally:
-            self._active -= 1
-            if self._draining and not self._active:
-                self._idle.set()
+            self.end()
             limit.release()
 
     async def _handle(self, msg: Msg) -> None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import typer
 
-from shared.config import (
+from shared.cli_options import (
     DEFAULT_NATS_URL,
     DiscoveryTtl,
     DrainTimeout,
+    JsReplicas,
     LogFormat,
     LogLevel,
     MetricsPort,
@@ -28,6 +29,7 @@ from shared.discovery import DEFAULT_TTL
 def main(
     nats_url: NatsUrl = DEFAULT_NATS_URL,
     nats_creds: NatsCreds = None,
+    js_replicas: JsReplicas = None,
     mode: RouterMode = "round-robin",
     seed: RouterSeed = None,
     overlap_weight: RouterOverlapWeight = 1.0,

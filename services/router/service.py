@@ -15,7 +15,7 @@ from nats.aio.msg import Msg
 
 from shared import tracing
 from shared.bus import Bus
-from shared.config import DEFAULT_NATS_URL
+from shared.cli_options import DEFAULT_NATS_URL
 from shared.discovery import WorkerView
 from shared.messages import RouteError, route_request_decoder
 from shared.routing.core import ERRORS, RouterCore, RoutingSettings

@@ -15,8 +15,8 @@ request with ``hold=True``: it is prefilled as usual, and once its first token i
 the batch with its blocks *held* (:attr:`Scheduler.held`) until they have been sent. Reserved and
 held requests are never scheduled, so nothing computes into their blocks meanwhile.
 
-Not thread-safe: the torch engine drives it from its step thread, and takes reservations and held
-blocks from the event loop only under the lock that thread schedules under.
+Not thread-safe: the engine core drives it from its step loop, and takes reservations and held
+blocks from the event loop only under the lock that loop schedules under.
 """
 
 from __future__ import annotations
@@ -27,68 +27,10 @@ from typing import Any
 
 from shared.engines.base import EngineOutput, EngineStats, KvEventBuffer
 from shared.engines.kv_cache import KvCacheManager
+from shared.engines.request import Request, RequestStatus
 from shared.messages import SamplingParams
 
-WAITING, RUNNING, FINISHED = 0, 1, 2
-
-
-class Request:
-    """One sequence: prompt plus generated tokens, and its place in the KV pool."""
-
-    __slots__ = (
-        "block_hashes",
-        "blocks",
-        "choice",
-        "hold",
-        "max_tokens",
-        "min_tokens",
-        "num_cached_blocks",
-        "num_cached_tokens",
-        "num_computed_tokens",
-        "num_prompt_tokens",
-        "output_id",
-        "pending_forks",
-        "prompt_logprobs",
-        "request_id",
-        "sampling",
-        "state",
-        "status",
-        "stop_ids",
-        "token_ids",
-    )
-
-    def __init__(
-        self, request_id: str, token_ids: list[int], sampling: SamplingParams, stop_ids: frozenset[int]
-    ) -> None:
-        self.request_id = request_id
-        self.token_ids = list(token_ids)  # prompt, then every generated token
-        self.num_prompt_tokens = len(token_ids)
-        self.sampling = sampling
-        self.max_tokens = sampling.max_tokens
-        self.min_tokens = sampling.min_tokens
-        self.stop_ids = stop_ids  # EOS (unless ignore_eos) and stop_token_ids
-        self.num_computed_tokens = 0  # tokens whose KV is in the pool
-        self.blocks: list[int] = []
-        self.block_hashes: list[int] = []  # chained hashes of every full block of token_ids
-        self.num_cached_blocks = 0  # leading blocks already in the prefix cache
-        self.num_cached_tokens = -1  # prompt tokens served from the cache on first admission
-        self.status = WAITING
-        self.hold = False  # prefill worker: keep the blocks once the first token is sampled
-        self.state: Any = None  # engine-private per-request state (sampler, token stream)
-        # n > 1: choice 0 is this request; once its prompt is computed, n - 1 forks share its
-        # full prompt blocks. Outputs carry ``output_id`` (the caller's id) and ``choice``.
-        self.output_id = request_id
-        self.choice = 0
-        self.pending_forks = max(0, sampling.n - 1)
-        self.prompt_logprobs: list[Any] | None = None  # set by the engine; sent with the first output
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
+WAITING, RUNNING, FINISHED = RequestStatus.WAITING, RequestStatus.RUNNING, RequestStatus.FINISHED
 
 
 class ScheduledBatch:
@@ -184,6 +126,11 @@ class Scheduler:
         return stop_ids if sampling.ignore_eos else stop_ids | self.eos_token_ids
 
     def _check(self, token_ids: list[int], sampling: SamplingParams) -> str | None:
+        """What this engine cannot take (its context length, KV pool, vocabulary), or None.
+
+        Sampling fields themselves were validated once, by the frontend; only limits that depend
+        on this engine are checked here.
+        """
         n = len(token_ids)
         if n == 0:
             return "empty prompt"
@@ -195,10 +142,6 @@ class Scheduler:
             return f"prompt has {n} tokens; the KV cache holds at most {self.pool_tokens}"
         if self.vocab_size is not None and (min(token_ids) < 0 or max(token_ids) >= self.vocab_size):
             return f"token ids must be in [0, {self.vocab_size})"
-        if sampling.temperature < 0 or not 0 < sampling.top_p <= 1 or sampling.top_k < 0:
-            return "bad sampling parameters: need temperature >= 0, 0 < top_p <= 1, top_k >= 0"
-        if sampling.n < 1 or not 0 <= sampling.min_p <= 1 or sampling.repetition_penalty <= 0:
-            return "bad sampling parameters: need n >= 1, 0 <= min_p <= 1, repetition_penalty > 0"
         if self.vocab_size is not None and any(not 0 <= t < self.vocab_size for t in sampling.logit_bias):
             return f"logit_bias token ids must be in [0, {self.vocab_size})"
         return None
@@ -346,7 +289,7 @@ class Scheduler:
                     continue
                 n = min(len(req.token_ids) - req.num_computed_tokens, budget)
                 while not kv.allocate_slots(req, n):
-                    victim = self.running[-1]
+                    victim = self._preemption_victim()
                     self._preempt(victim)
                     preempted = True
                     for i, (r, k) in enumerate(entries):
@@ -384,6 +327,13 @@ class Scheduler:
                 entries.append((req, n))
                 budget -= n
         return ScheduledBatch(entries, num_decodes)
+
+    def _preemption_victim(self) -> Request:
+        """Who gives its blocks back when the pool runs dry: the most recently admitted request.
+
+        The one place a preemption policy (e.g. lowest priority first) decides.
+        """
+        return self.running[-1]
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)

@@ -22,12 +22,15 @@ import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from shared.engines.cpu_kernels import CpuKernels, load_cpu_kernels
+
+if TYPE_CHECKING:
+    from shared.engines.lora import LoraBatch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -135,6 +138,8 @@ class StepInputs:
     decode_window_mask: torch.Tensor | None  # same, with the sliding window applied (None if no layer slides)
     # per prefill chunk: (start row in the flat batch, new tokens, tokens already cached, block ids)
     prefills: list[tuple[int, int, int, torch.Tensor]]
+    # LoRA adapters of this step's rows (shared.engines.lora.LoraRegistry.plan); None: no row has one
+    lora: LoraBatch | None = None
 
 
 class LlamaModel:
@@ -243,20 +248,33 @@ class LlamaModel:
         half = hd // 2
         q_end, k_end = n_heads, n_heads + n_kv
 
+        lora = inp.lora
         h = F.embedding(inp.input_ids, self.embed)
         for i, layer in enumerate(self.layers):
             x = self._rms_norm(h, layer["in_norm"])  # type: ignore[arg-type]
             qkv = self._linear(x, layer["qkv"], layer["qkv_bias"])  # type: ignore[arg-type]
+            if lora is not None:
+                lora.apply(i, "qkv", x, qkv)
             qkv = qkv.view(num_tokens, n_heads + 2 * n_kv, hd)
             qk = qkv[:, :k_end]
             rotated = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
             qk = qk * cos + rotated * sin
             q, k, v = qk[:, :q_end], qk[:, q_end:], qkv[:, k_end:]
-            attn = self._attention(i, q, k, v, inp)
-            h = h + self._linear(attn.reshape(num_tokens, n_heads * hd), layer["o"], layer["o_bias"])  # type: ignore[arg-type]
+            attn = self._attention(i, q, k, v, inp).reshape(num_tokens, n_heads * hd)
+            o = self._linear(attn, layer["o"], layer["o_bias"])  # type: ignore[arg-type]
+            if lora is not None:
+                lora.apply(i, "o", attn, o)
+            h = h + o
             x = self._rms_norm(h, layer["post_norm"])  # type: ignore[arg-type]
-            gate, up = self._linear(x, layer["gate_up"]).chunk(2, dim=-1)  # type: ignore[arg-type]
-            h = h + self._linear(F.silu(gate) * up, layer["down"])  # type: ignore[arg-type]
+            gate_up = self._linear(x, layer["gate_up"])  # type: ignore[arg-type]
+            if lora is not None:
+                lora.apply(i, "gate_up", x, gate_up)
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = F.silu(gate) * up
+            down = self._linear(act, layer["down"])  # type: ignore[arg-type]
+            if lora is not None:
+                lora.apply(i, "down", act, down)
+            h = h + down
         h = self._rms_norm(h[inp.logits_indices], self.norm)
         return self._linear(h, self.lm_head).float()
 
@@ -286,12 +304,15 @@ class LlamaModel:
         scale = hd**-0.5
         eps = a.rms_norm_eps
 
+        lora = inp.lora
         h = F.embedding(inp.input_ids, self.embed)
         x = torch.empty_like(h)
         kern.add_rms_norm(h, None, self.layers[0]["in_norm"], x, eps)  # type: ignore[arg-type]
         for i, layer in enumerate(self.layers):
             k_pool, v_pool = self.k_caches[i], self.v_caches[i]
             qkv = self._linear(x, layer["qkv"], layer["qkv_bias"])  # type: ignore[arg-type]
+            if lora is not None:
+                lora.apply(i, "qkv", x, qkv)
             qkv = qkv.view(num_tokens, n_heads + 2 * n_kv, hd)
             kern.rope_and_cache(qkv, cos, sin, inp.slot_mapping, k_pool, v_pool, n_heads, n_kv)
             q, k, v = qkv[:, :n_heads], qkv[:, n_heads : n_heads + n_kv], qkv[:, n_heads + n_kv :]
@@ -302,10 +323,18 @@ class LlamaModel:
                 )
             if inp.prefills:
                 self._prefill_attention(i, q, k, v, inp, attn)
-            o = self._linear(attn.view(num_tokens, n_heads * hd), layer["o"], layer["o_bias"])  # type: ignore[arg-type]
+            attn_flat = attn.view(num_tokens, n_heads * hd)
+            o = self._linear(attn_flat, layer["o"], layer["o_bias"])  # type: ignore[arg-type]
+            if lora is not None:
+                lora.apply(i, "o", attn_flat, o)
             kern.add_rms_norm(h, o, layer["post_norm"], x, eps)  # type: ignore[arg-type]
-            act = kern.silu_mul(self._linear(x, layer["gate_up"]))  # type: ignore[arg-type]
+            gate_up = self._linear(x, layer["gate_up"])  # type: ignore[arg-type]
+            if lora is not None:
+                lora.apply(i, "gate_up", x, gate_up)
+            act = kern.silu_mul(gate_up)
             down = self._linear(act, layer["down"])  # type: ignore[arg-type]
+            if lora is not None:
+                lora.apply(i, "down", act, down)
             next_norm = self.layers[i + 1]["in_norm"] if i + 1 < len(self.layers) else self.norm
             kern.add_rms_norm(h, down, next_norm, x, eps)  # type: ignore[arg-type]
         return self._linear(x[inp.logits_indices], self.lm_head).float()

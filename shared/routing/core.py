@@ -108,7 +108,7 @@ class RouterCore:
                         self.feed = KvEventFeed(self.bus, self.kv, self.settings.snapshot_interval,
                                                 self.settings.catchup_timeout)
                         await self.feed.start()
-                        tg.start_soon(self.feed.run_snapshots)
+                        tg.start_soon(self.feed.run)  # follows the stream across failovers; snapshots
                     subs.append(await self.bus.subscribe(LOAD_ALL, self._on_load))
                     self._maintain_kv()
                     tg.start_soon(self._maintain_loop)

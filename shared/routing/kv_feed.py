@@ -27,16 +27,14 @@ import time
 import anyio
 import anyio.lowlevel
 from nats.aio.msg import Msg
-from nats.js.api import ConsumerConfig, DeliverPolicy, ObjectStoreConfig, StorageType
-from nats.js.object_store import ObjectStore
 from prometheus_client import Counter, Gauge
 
 from shared.bus import Bus
 from shared.messages import kv_event_decoder
 from shared.routing.kv_index import EventOutcome, encode_snapshot
 from shared.routing.kv_policy import KvRouter
-from shared.streams import kv_events_stream_config
-from shared.subjects import KV_EVENTS_ALL, KV_EVENTS_STREAM, ROUTER_SNAPSHOT_BUCKET, kv_resync
+from shared.streams import StreamFollower, follow_kv_events, kv_events_last_seq, object_store
+from shared.subjects import ROUTER_SNAPSHOT_BUCKET, kv_resync
 
 log = logging.getLogger("baton.router.kv")
 
@@ -63,7 +61,7 @@ class KvEventFeed:
         self.applied_stream_seq = 0
         self.resumed_from_snapshot = 0  # stream seq of the snapshot loaded at start (0: none)
         self._snapshot_seq = 0
-        self._sub = None
+        self._sub: StreamFollower | None = None
         self._caught_up_target = 0
         self._caught_up = anyio.Event()
         self._resync_asked: dict[str, float] = {}
@@ -72,18 +70,12 @@ class KvEventFeed:
 
     async def start(self) -> None:
         """Ensure the stream, load a snapshot, subscribe, and wait (bounded) until caught up."""
-        await self.bus.ensure_stream(kv_events_stream_config())
-        info = await self.bus.js.stream_info(KV_EVENTS_STREAM)
-        last_seq = info.state.last_seq
+        last_seq = await kv_events_last_seq(self.bus)
         start_seq = await self._load_snapshot(last_seq) + 1
         self._caught_up_target = last_seq
         if self.applied_stream_seq >= last_seq:
             self._caught_up.set()
-        config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
-        if start_seq > 1:
-            config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_seq)
-        self._sub = await self.bus.js.subscribe(KV_EVENTS_ALL, stream=KV_EVENTS_STREAM, cb=self._on_msg,
-                                                ordered_consumer=True, config=config)
+        self._sub = await follow_kv_events(self.bus, start_seq, self._on_msg)
         t0 = time.monotonic()
         with anyio.move_on_after(self.catchup_timeout):
             await self._caught_up.wait()
@@ -95,13 +87,16 @@ class KvEventFeed:
             log.warning("KV index replay not done after %.0fs (at %d of %d); routing with a partial index",
                         self.catchup_timeout, self.applied_stream_seq, last_seq)
 
+    async def run(self) -> None:
+        """Keep following the stream across NATS failovers, and write snapshots."""
+        async with anyio.create_task_group() as tg:
+            if self._sub is not None:
+                tg.start_soon(self._sub.run)
+            tg.start_soon(self.run_snapshots)
+
     async def stop(self) -> None:
         if self._sub is not None:
-            with anyio.move_on_after(2, shield=True):
-                try:
-                    await self._sub.unsubscribe()
-                except Exception as e:  # connection already closing
-                    log.debug("unsubscribe failed: %r", e)
+            await self._sub.stop()
 
     async def _on_msg(self, msg: Msg) -> None:
         try:
@@ -109,6 +104,7 @@ class KvEventFeed:
         except Exception:  # not a JetStream message: cannot place it in the stream's order
             return
         self.applied_stream_seq = seq
+        STREAM_SEQ.set(seq)
         try:
             batch = kv_event_decoder.decode(msg.data)
         except Exception as e:
@@ -154,15 +150,8 @@ class KvEventFeed:
 
     # --- snapshots -------------------------------------------------------------------------
 
-    async def _object_store(self) -> ObjectStore:
-        try:
-            return await self.bus.js.object_store(SNAPSHOT_BUCKET)
-        except Exception:
-            try:
-                return await self.bus.js.create_object_store(
-                    SNAPSHOT_BUCKET, ObjectStoreConfig(storage=StorageType.FILE, description="Baton router index snapshots"))
-            except Exception:  # created concurrently by another replica
-                return await self.bus.js.object_store(SNAPSHOT_BUCKET)
+    async def _object_store(self):
+        return await object_store(self.bus, SNAPSHOT_BUCKET, "Baton router index snapshots")
 
     async def _load_snapshot(self, stream_last_seq: int) -> int:
         """Restore the latest snapshot; return the stream seq it reflects (0: none usable)."""

@@ -82,10 +82,6 @@ class WorkerSlots:
             self._ids[s] = None
             self._free.append(s)
 
-    @property
-    def mapping(self) -> dict[str, int]:
-        return self._slot_of
-
     def __len__(self) -> int:
         return len(self._slot_of)
 

@@ -206,8 +206,8 @@ def test_scheduler_reserve_adopt_hold_accounting() -> None:
         batch = sched.schedule()
         sched.update(batch, [9] * len(batch.samplers))
     assert sched.kv.num_used_blocks == 0
-    # Adopting with no reservation, or with bad parameters, fails and leaks nothing.
+    # Adopting with no reservation, or with parameters this engine cannot run, fails and leaks nothing.
     assert sched.adopt("nobody", SamplingParams(), 1).finish_reason == "error"
     sched.reserve("bad", prompt)
-    assert sched.adopt("bad", SamplingParams(temperature=-1), 1).finish_reason == "error"
+    assert sched.adopt("bad", SamplingParams(max_tokens=0), 1).finish_reason == "error"
     assert sched.kv.num_used_blocks == 0

@@ -9,9 +9,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from shared.engines.request import Request  # noqa: E402
 from shared.engines.sampling import Sampler  # noqa: E402
 from shared.engines.sampling import processors as P  # noqa: E402
-from shared.engines.scheduler import Request  # noqa: E402
 from shared.messages import SamplingParams  # noqa: E402
 
 V = 40

@@ -6,8 +6,8 @@ from tests.require import require_module
 
 torch = require_module("torch", "pip install 'baton[torch]'")
 
+from shared.engines.request import Request  # noqa: E402
 from shared.engines.sampling import Sampler  # noqa: E402
-from shared.engines.scheduler import Request  # noqa: E402
 from shared.messages import SamplingParams  # noqa: E402
 
 VOCAB = 32

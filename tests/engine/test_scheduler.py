@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections import defaultdict
 
 from shared.engines.base import EngineOutput, KvEventBuffer
-from shared.engines.scheduler import Request, ScheduledBatch, Scheduler
+from shared.engines.request import Request
+from shared.engines.scheduler import ScheduledBatch, Scheduler
 from shared.messages import SamplingParams
 
 BS = 4

@@ -22,6 +22,7 @@ from services.planner.connectors import (
     LocalProcessConnector,
     LocalWorkerSettings,
 )
+from shared.engines import EngineConfig
 from shared.messages import WorkerInfo
 
 pytestmark = pytest.mark.timeout(60)
@@ -152,12 +153,14 @@ def fake_python(tmp_path: Path) -> str:
 
 def test_local_worker_argv() -> None:
     conn = LocalProcessConnector(LocalWorkerSettings(
-        nats_url="nats://127.0.0.1:4999", engine="mocker", model="baton-tiny", mocker_speedup=0.5, num_blocks=64,
-        max_num_seqs=4, discovery_ttl=3, log_level="warning", extra_args=["--max-inflight", "8"]))
+        nats_url="nats://127.0.0.1:4999",
+        engine=EngineConfig(engine="mocker", model="baton-tiny", speedup=0.5, num_blocks=64, max_num_seqs=4),
+        engine_fields=("engine", "model", "speedup", "num_blocks", "max_num_seqs"),
+        discovery_ttl=3, log_level="warning", extra_args=["--max-inflight", "8"]))
     assert conn.argv("decode", "decode-1234abcd") == [
         sys.executable, "-m", "services.decode", "--nats-url", "nats://127.0.0.1:4999", "--worker-id",
-        "decode-1234abcd", "--engine", "mocker", "--mocker-speedup", "0.5", "--num-blocks", "64",
-        "--discovery-ttl", "3", "--log-level", "warning", "--model", "baton-tiny", "--max-num-seqs", "4",
+        "decode-1234abcd", "--engine", "mocker", "--model", "baton-tiny", "--num-blocks", "64",
+        "--max-num-seqs", "4", "--mocker-speedup", "0.5", "--discovery-ttl", "3", "--log-level", "warning",
         "--max-inflight", "8"]
 
 

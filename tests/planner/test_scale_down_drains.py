@@ -12,6 +12,7 @@ from baton.nats_server import EmbeddedNats
 from services.planner.connectors import LocalProcessConnector, LocalWorkerSettings
 from shared.bus import Bus
 from shared.discovery import WorkerView
+from shared.engines import EngineConfig
 from shared.messages import (
     GenerateError,
     GenerateRequest,
@@ -28,7 +29,8 @@ def test_scale_down_drains_the_chosen_worker(tmp_path: Path) -> None:
     server.start()
     # Slow mocker: 60 tokens take about 1.2 s.
     conn = LocalProcessConnector(LocalWorkerSettings(
-        nats_url=server.url, engine="mocker", mocker_speedup=0.25, discovery_ttl=3, log_dir=str(tmp_path / "logs"),
+        nats_url=server.url, engine=EngineConfig(engine="mocker", speedup=0.25), discovery_ttl=3,
+        log_dir=str(tmp_path / "logs"),
         stop_timeout=30))
 
     async def main() -> None:
@@ -86,7 +88,8 @@ def test_draining_worker_refuses_new_work_with_503(tmp_path: Path) -> None:
     """What a router that still held the old fleet would hit: a 503 the frontend retries elsewhere."""
     server = EmbeddedNats(data_dir=tmp_path / "nats", log_file=tmp_path / "nats.log")
     server.start()
-    conn = LocalProcessConnector(LocalWorkerSettings(nats_url=server.url, engine="mocker", mocker_speedup=0.25,
+    conn = LocalProcessConnector(LocalWorkerSettings(nats_url=server.url,
+                                                     engine=EngineConfig(engine="mocker", speedup=0.25),
                                                      discovery_ttl=3, stop_timeout=30))
 
     async def main() -> None:

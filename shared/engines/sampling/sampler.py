@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
+from shared.engines.request import Request
 from shared.engines.sampling import processors as P
 from shared.engines.sampling.logprobs import position_logprobs
-from shared.engines.scheduler import Request
 from shared.messages import PositionLogprobs
 
 

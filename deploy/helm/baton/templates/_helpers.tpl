@@ -48,10 +48,17 @@ app.kubernetes.io/part-of: baton
 
 {{/* NATS --------------------------------------------------------------------------------- */}}
 
+{{/* Every server of the bundled NATS by its pod's stable DNS name, comma-separated (the services
+try them in turn and move to another when theirs goes away); an external NATS as given. */}}
 {{- define "baton.natsUrl" -}}
 {{- if .Values.nats.enabled }}
 {{- $scheme := ternary "tls" "nats" (not (empty .Values.natsTls.existingSecret)) }}
-{{- printf "%s://%s:4222" $scheme (include "baton.componentName" (dict "root" . "component" "nats")) }}
+{{- $name := include "baton.componentName" (dict "root" . "component" "nats") }}
+{{- $urls := list }}
+{{- range $i := until (int .Values.nats.replicas) }}
+{{- $urls = append $urls (printf "%s://%s-%d.%s-headless.%s.svc:4222" $scheme $name $i $name $.Release.Namespace) }}
+{{- end }}
+{{- join "," $urls }}
 {{- else }}
 {{- required "externalNats.url is required when nats.enabled is false" .Values.externalNats.url }}
 {{- end }}
@@ -145,6 +152,21 @@ user/token/.creds configured, and no explicit natsAuth.insecureNoAuth. */}}
 {{- end }}
 
 {{/* Environment every Baton service gets: NATS, its credentials and TLS, logging, tracing. */}}
+{{/* nats-server --routes: (dict "name" ... "headless" ... "replicas" 3 "namespace" ...) */}}
+{{- define "baton.natsRoutes" -}}
+{{- $routes := list }}
+{{- range $i := until (int .replicas) }}
+{{- $routes = append $routes (printf "nats://%s-%d.%s.%s.svc:6222" $.name $i $.headless $.namespace) }}
+{{- end }}
+{{- join "," $routes }}
+{{- end }}
+
+{{/* JetStream replicas for the streams and buckets Baton creates: the bundled cluster's size, or
+externalNats.jsReplicas. */}}
+{{- define "baton.jsReplicas" -}}
+{{- if .Values.nats.enabled }}{{ int .Values.nats.replicas }}{{ else }}{{ int .Values.externalNats.jsReplicas }}{{ end }}
+{{- end }}
+
 {{- define "baton.commonEnv" -}}
 {{- $root := .root -}}
 - name: POD_NAME
@@ -153,6 +175,8 @@ user/token/.creds configured, and no explicit natsAuth.insecureNoAuth. */}}
   valueFrom: {fieldRef: {fieldPath: metadata.namespace}}
 - name: BATON_NATS_URL
   value: {{ include "baton.natsUrl" $root | quote }}
+- name: BATON_JS_REPLICAS
+  value: {{ include "baton.jsReplicas" $root | quote }}
 - name: BATON_LOG_LEVEL
   value: {{ $root.Values.logLevel | quote }}
 {{- with $root.Values.natsAuth }}
@@ -437,10 +461,43 @@ spec:
       tolerations:
         {{- toYaml . | nindent 8 }}
       {{- end }}
-      {{- with $v.affinity }}
-      affinity:
-        {{- toYaml . | nindent 8 }}
-      {{- end }}
+      {{- include "baton.placement" (dict "sel" $sel "values" $v) | nindent 6 }}
+{{- end }}
+
+{{/*
+Where a component's pods go: (dict "sel" (dict "root" $ "component" "router") "values" $v).
+  affinity set: as given. Else antiAffinity preferred/required: one pod per node (soft or hard).
+  topologySpreadConstraints set: as given. Else topologySpread preferred/required: pods spread
+  evenly over nodes (maxSkew 1; ScheduleAnyway or DoNotSchedule). "none" (or no key): nothing.
+*/}}
+{{- define "baton.placement" -}}
+{{- $v := .values }}
+{{- $term := dict "topologyKey" "kubernetes.io/hostname" "labelSelector" (dict "matchLabels" (include "baton.selectorLabels" .sel | fromYaml)) }}
+{{- if $v.affinity }}
+affinity:
+  {{- toYaml $v.affinity | nindent 2 }}
+{{- else if eq (toString $v.antiAffinity) "preferred" }}
+affinity:
+  podAntiAffinity:
+    preferredDuringSchedulingIgnoredDuringExecution:
+      - weight: 100
+        podAffinityTerm:
+          {{- toYaml $term | nindent 10 }}
+{{- else if eq (toString $v.antiAffinity) "required" }}
+affinity:
+  podAntiAffinity:
+    requiredDuringSchedulingIgnoredDuringExecution:
+      - {{- toYaml $term | nindent 8 }}
+{{- end }}
+{{- if $v.topologySpreadConstraints }}
+topologySpreadConstraints:
+  {{- toYaml $v.topologySpreadConstraints | nindent 2 }}
+{{- else if has (toString $v.topologySpread) (list "preferred" "required") }}
+topologySpreadConstraints:
+  - maxSkew: 1
+    whenUnsatisfiable: {{ ternary "DoNotSchedule" "ScheduleAnyway" (eq (toString $v.topologySpread) "required") }}
+    {{- toYaml $term | nindent 4 }}
+{{- end }}
 {{- end }}
 
 {{/* A PodDisruptionBudget: (dict "root" $ "component" "decode" "values" .Values.decode) */}}

@@ -1,0 +1,69 @@
+"""The decode worker judges only what depends on it (model, vocabulary, context, duplicate id) and
+answers with a GenerateError; the sampling fields are the frontend's to validate. Real nats-server,
+real DecodeWorker with the mocker engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+
+from baton.nats_server import EmbeddedNats
+from services.decode.worker import DecodeSettings, DecodeWorker
+from shared.bus import Bus
+from shared.discovery import WorkerView
+from shared.engines import EngineConfig
+from shared.messages import GenerateError, GenerateRequest, SamplingParams, TokenChunk, generate_reply_decoder
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_decode_worker_answers_its_own_checks_and_serves_the_rest(tmp_path: Path) -> None:
+    server = EmbeddedNats(data_dir=tmp_path / "nats", log_file=tmp_path / "nats.log")
+    server.start()
+    worker = DecodeWorker(DecodeSettings(nats_url=server.url, engine=EngineConfig(engine="mocker", speedup=100.0),
+                                         worker_id="decode-checks", discovery_ttl=3))
+
+    async def ask(bus: Bus, req: GenerateRequest) -> list:
+        inbox = bus.inbox.open(req.request_id)
+        try:
+            await bus.publish(worker.info().generate_subject, req, reply=inbox.subject)
+            replies = []
+            while True:
+                reply = generate_reply_decoder.decode((await inbox.next(10)).data)
+                replies.append(reply)
+                if isinstance(reply, GenerateError) or reply.finish_reason is not None:
+                    return replies
+        finally:
+            bus.inbox.close(req.request_id)
+
+    async def main() -> None:
+        bus = await Bus.connect(server.url, "test")
+        view = WorkerView(bus, 3)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(view.run)
+                tg.start_soon(worker.run)
+                with anyio.fail_after(20):
+                    await view.wait_for("decode", 1)
+                ok = SamplingParams(max_tokens=4, ignore_eos=True)
+                wrong_model = await ask(bus, GenerateRequest(request_id="a", token_ids=[5, 6], model="other",
+                                                             sampling=ok))
+                assert isinstance(wrong_model[0], GenerateError) and wrong_model[0].code == 400
+                assert "serves" in wrong_model[0].message
+                vocab = worker.engine.vocab_size
+                out_of_vocab = await ask(bus, GenerateRequest(request_id="b", token_ids=[5, vocab], sampling=ok))
+                assert isinstance(out_of_vocab[0], GenerateError) and out_of_vocab[0].code == 400
+                assert f"[0, {vocab})" in out_of_vocab[0].message
+                served = await ask(bus, GenerateRequest(request_id="c", token_ids=[5, 6, 7], sampling=ok))
+                assert all(isinstance(r, TokenChunk) for r in served)
+                assert sum(len(r.token_ids) for r in served) == 4 and served[-1].usage is not None
+                tg.cancel_scope.cancel()
+        finally:
+            await bus.close()
+
+    try:
+        anyio.run(main)
+    finally:
+        server.stop()
