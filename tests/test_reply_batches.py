@@ -27,13 +27,15 @@ def test_one_message_per_turn_per_frontend_each_request_in_order(tmp_path: Path)
     async def main() -> None:
         frontend = await Bus.connect(server.url, "frontend")
         worker = await Bus.connect(server.url, "worker")
-        wire: list[bytes] = []  # what crossed the bus to the frontend's batch subject
+        wire: list[bytes] = []  # what the worker published to the frontend's batch subject
+        publish = worker.publish
 
-        async def tap(msg) -> None:
-            wire.append(msg.data)
+        async def recording_publish(subject: str, msg, reply: str = "", headers=None) -> None:
+            if subject == frontend.inbox.batch_subject:
+                wire.append(msg if isinstance(msg, bytes) else encode(msg))
+            await publish(subject, msg, reply, headers)
 
-        await frontend.nc.subscribe(frontend.inbox.batch_subject, cb=tap)
-        await frontend.nc.flush()  # the server has every subscription before the worker publishes
+        worker.publish = recording_publish  # type: ignore[method-assign]
         a, b = frontend.inbox.open("a"), frontend.inbox.open("b")
         batcher = ReplyBatcher(worker)
         try:

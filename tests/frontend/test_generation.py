@@ -97,6 +97,9 @@ class FakeBus:
         self.connected = True
         self.routes: list[RouteRequest] = []
 
+    async def wait_connected(self, timeout: float = 0.0) -> bool:
+        return self.connected
+
     async def request(self, subject: str, msg: Any, timeout: float, headers: dict[str, str] | None = None) -> Msg:
         if subject == subjects.ROUTE:
             req = route_request_decoder.decode(encode(msg))
