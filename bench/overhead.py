@@ -201,11 +201,11 @@ def run_cell(side: Side, payload: dict, c: int, duration: float) -> dict:
 # Where a sample's time goes: the first of these found walking its stack from the leaf up.
 BUCKETS: list[tuple[str, tuple[str, ...]]] = [
     ("NATS socket writes (client flusher)", ("StreamWriter.writelines", "TcpTransport.writelines")),
-    ("HTTP response writes (uvicorn send)", ("RequestResponseCycle.send",)),
+    ("HTTP response writes (uvicorn send)", ("RequestResponseCycle.send", "_TurnWriter._flush")),
     ("tokenizer encode", ("Tokenizer.encode",)),
     ("detokenize", ("Tokenizer.decode", "detokenizer", "Detokenizer")),
     ("NATS publish (build the message)", ("Client.publish", "Client._send_publish", "pub_cmd", "Bus.publish",
-                                          "_payload")),
+                                          "_payload", "ReplyBatcher")),
     ("NATS receive (parse, dispatch, inbox)", ("nats/protocol/parser.py", "Client._process_msg",
                                                "Client._read_loop", "Subscription", "ReplyInbox", "ReplyStream",
                                                "Client._process_headers", "Client._build_message")),
