@@ -98,3 +98,44 @@ def test_pre_encoded_sse_events_are_the_chunk_objects_byte_for_byte(chat: bool) 
         for event in out.split(b"\n\n")[:-1]:
             assert json.loads(event.removeprefix(b"data: "))["id"] == "cmpl-x\"y"
     assert msgspec.json.decode(fast.sse_delta(Delta("a", [1])).removeprefix(b"data: ").strip())["model"] == "m\u00e9"
+
+
+@pytest.mark.parametrize("failing", [False, True])
+def test_an_output_listener_takes_tokens_in_the_step_and_the_stream_the_rest(failing: bool) -> None:
+    """Engine.listen: tokens reach the listener as the step delivers them; the last output (or,
+    after the listener fails, everything from then on) comes through the stream, in order."""
+    from shared.engines import make_engine
+    from shared.engines.base import EngineConfig
+    from shared.messages import SamplingParams
+
+    async def main() -> tuple[list[int], list[int], list[str | None]]:
+        engine = make_engine(EngineConfig(engine="mocker", speedup=1e9))
+        heard: list[int] = []
+        streamed: list[int] = []
+        finishes: list[str | None] = []
+
+        def on_output(out) -> bool:
+            if out.finish_reason is not None:
+                return False
+            if failing and len(heard) == 3:
+                raise RuntimeError("listener bug")
+            heard.extend(out.token_ids)
+            return True
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.run)
+            await engine.wait_ready()
+            assert engine.listen("r", on_output)
+            async for out in engine.generate("r", list(range(10, 30)), SamplingParams(max_tokens=8, ignore_eos=True)):
+                streamed.extend(out.token_ids)
+                finishes.append(out.finish_reason)
+            tg.cancel_scope.cancel()
+        return heard, streamed, finishes
+
+    heard, streamed, finishes = anyio.run(main)
+    assert len(heard) + len(streamed) == 8
+    assert finishes[-1] == "length"
+    if failing:
+        assert len(heard) == 3 and len(finishes) == 5  # the rest, one output a token, through the stream
+    else:
+        assert len(heard) == 7 and finishes == ["length"]  # only the last output took the stream

@@ -27,6 +27,7 @@ from shared import subjects, tracing
 from shared.bus import ReplyBatcher
 from shared.discovery import WorkerView
 from shared.engines import Engine
+from shared.engines.base import EngineOutput
 from shared.messages import (
     GenerateError,
     GenerateRequest,
@@ -201,6 +202,7 @@ class DecodeWorker(WorkerHost):
             tracing.end(span, error=None if outcome in ("length", "stop") else outcome,
                         **{"gen_ai.response.finish_reasons": [outcome]})
             self._scopes.pop(req.request_id, None)
+            self.engine.listen(req.request_id, None)
             self.end()
             RUNNING.labels(self.role).dec()
             REQUESTS.labels(self.role, outcome).inc()
@@ -252,6 +254,28 @@ class DecodeWorker(WorkerHost):
                 DISAGG_DECISIONS.labels(decision).inc()
         if outputs is None:
             outputs = self.engine.generate(rid, req.token_ids, sp)
+        batcher = self.replies
+        if req.stream and n == 1 and req.batch_reply and batcher is not None:
+            subject = req.batch_reply
+
+            def on_output(out: EngineOutput) -> bool:
+                """A streamed, batched request's tokens go to the batcher as the step delivers them:
+                no task switch per token. The last output (and any error) takes the loop below."""
+                nonlocal prompt_lp
+                if out.finish_reason is not None or out.error:
+                    return False
+                if out.prompt_logprobs:
+                    prompt_lp = out.prompt_logprobs
+                if out.token_ids:
+                    if index[0] == 0:
+                        tracing.event(span, "first_token", **{"baton.cached_tokens": out.num_cached_tokens})
+                    batcher.send(subject, TokenChunk(request_id=rid, index=index[0], token_ids=out.token_ids,
+                                                     logprobs=out.logprobs or [], prompt_logprobs=prompt_lp))
+                    prompt_lp = []
+                    index[0] += len(out.token_ids)
+                return True
+
+            self.engine.listen(rid, on_output)
         async for out in outputs:
             if out.error:
                 await publish(GenerateError(request_id=rid, code=400, message=out.error))
