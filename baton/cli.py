@@ -66,8 +66,11 @@ def up(
     host: Annotated[str, typer.Option(envvar="BATON_HOST", help="HTTP bind address.")] = "0.0.0.0",
     port: Annotated[int, typer.Option(envvar="BATON_PORT", help="HTTP port.")] = 8000,
     model: Annotated[
-        str, typer.Option(envvar="BATON_MODEL", help="Built-in model (baton-tiny, baton-small, baton-tiny-b) or a HF model directory.")
-    ] = "baton-tiny",
+        list[str] | None, typer.Option(envvar="BATON_MODEL",
+                                       help="Built-in model (baton-tiny, baton-small, baton-tiny-b) or a HF model "
+                                            "directory; repeat it to serve several models behind one frontend "
+                                            "(workers for each).")
+    ] = None,
     engine: Annotated[str, typer.Option(envvar="BATON_ENGINE", help="torch, mocker or vllm.")] = "torch",
     decode_workers: Annotated[int, typer.Option(min=1, help="Decode worker processes.")] = 1,
     prefill_workers: Annotated[int, typer.Option(min=0, help="Prefill worker processes.")] = 1,
@@ -118,9 +121,10 @@ def up(
     if log_format not in LOG_FORMATS:
         raise typer.BadParameter(f"choose one of {', '.join(LOG_FORMATS)}", param_hint="--log-format")
 
+    models = list(dict.fromkeys(m.strip() for item in (model or ["baton-tiny"]) for m in item.split(",") if m.strip()))
     run_up(UpSettings(
         nats_url=nats_url, nats_port=nats_port, nats_cluster=nats_cluster, js_replicas=js_replicas, data_dir=data_dir,
-        host=host, port=port, model=model, engine=engine, decode_workers=decode_workers,
+        host=host, port=port, model=models[0], more_models=models[1:], engine=engine, decode_workers=decode_workers,
         prefill_workers=prefill_workers, routers=routers, router_mode=router_mode, router=router,
         mocker_speedup=mocker_speedup, num_blocks=num_blocks, discovery_ttl=discovery_ttl, log_dir=log_dir,
         log_level=log_level, log_format=log_format, access_log=access_log, drain_timeout=drain_timeout,

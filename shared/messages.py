@@ -49,6 +49,9 @@ class SamplingParams(Struct, kw_only=True, omit_defaults=True):
     # Parallel sequences from one prompt (its KV blocks shared); chunks carry their ``choice``.
     n: int = 1
     structured: StructuredOutput | None = None
+    # vLLM's request priority: lower is served first (the engine's waiting queue, and the last to
+    # be preempted under KV pressure); the frontend checks it against its allowed range.
+    priority: int = 0
 
 
 class Usage(Struct, kw_only=True, omit_defaults=True):
@@ -152,6 +155,9 @@ class RouteRequest(Struct, tag="route", kw_only=True, omit_defaults=True):
     # so the router need not: hashing a 4k-token prompt costs ~300 us, the routing decision ~35 us.
     block_hashes: list[int] = field(default_factory=list)
     block_size: int = 0
+    # A conversation's id (the caller's x-session-id): the router keeps it on one worker while
+    # that worker is live and not full (shared/routing/affinity.py). "": no affinity.
+    session_id: str = ""
 
 
 class RouteDecision(Struct, tag="decision", kw_only=True, omit_defaults=True):
@@ -189,6 +195,12 @@ class WorkerInfo(Struct, kw_only=True, omit_defaults=True):
     pid: int = 0
     host: str = ""
     started_at: float = 0.0
+    # What a frontend needs to serve the model (old workers leave these empty; see shared/model_files.py).
+    context_length: int = 0
+    tokenizer_digest: str = ""
+    template_digest: str = ""
+    model_path: str = ""  # the directory the worker read the model from (on its host)
+    files_published: bool = False  # the tokenizer files are in the model-files object store
 
 
 class LoadReport(Struct, tag="load", kw_only=True, omit_defaults=True):
@@ -285,6 +297,7 @@ class KvEventBatch(Struct, tag="kv_events", kw_only=True, omit_defaults=True):
 
 class PlannerObservation(Struct, tag="planner_observation", kw_only=True, omit_defaults=True):
     timestamp: float
+    model: str = ""  # the model these workers serve ("": every worker)
     prefill_pending: int = 0
     prefill_ack_pending: int = 0
     prefill_workers: int = 0
@@ -301,6 +314,7 @@ class ScaleDecision(Struct, tag="scale_decision", kw_only=True, omit_defaults=Tr
     after: int
     reason: str
     dry_run: bool = False
+    model: str = ""  # the model whose workers change ("": every worker)
 
 
 # --- public NATS request API ---------------------------------------------------------------
@@ -327,6 +341,8 @@ class ApiGenerateRequest(Struct, kw_only=True, omit_defaults=True, forbid_unknow
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     stream: bool = True
+    # lower is served first; None: the x-baton-priority header's, else 0 (checked by the frontend)
+    priority: int | None = None
 
 
 class ApiChunk(Struct, tag="chunk", kw_only=True, omit_defaults=True):

@@ -96,10 +96,15 @@ def _kv_write(bucket: str) -> list[str]:
     return [*_kv_read(bucket), f"$KV.{bucket}.>"]
 
 
+def _object_reader(bucket: str) -> list[str]:
+    """Read objects: nats-py's get() looks the chunks' stream up by subject (STREAM.NAMES, names only)."""
+    return [*_stream_reader(f"OBJ_{bucket}"), f"{API}.STREAM.NAMES"]
+
+
 def _object_store(bucket: str) -> list[str]:
     stream = f"OBJ_{bucket}"
     # Replacing an object purges its old chunks (a filtered purge of this bucket only).
-    return [*_stream_owner(stream), *_stream_reader(stream), f"{API}.STREAM.PURGE.{stream}", f"$O.{bucket}.>"]
+    return [*_stream_owner(stream), *_object_reader(bucket), f"{API}.STREAM.PURGE.{stream}", f"$O.{bucket}.>"]
 
 
 @dataclass(frozen=True)
@@ -133,7 +138,7 @@ def _table() -> dict[str, Permissions]:
         # It may also embed the router (--router embedded), so it may read what a router reads.
         "frontend": _perms(
             publish=[s.ROUTE, s.generate(any_id), s.cancel(any_id), s.status(any_id), *_replies(), *workers,
-                     *routing_publish],
+                     *routing_publish, *_object_reader(s.MODEL_FILES_BUCKET)],
             subscribe=[s.API_GENERATE, s.LOAD_ALL, _inbox("frontend")],
         ),
         # Answers route requests; reads load reports and the KV-events stream; keeps index snapshots.
@@ -146,7 +151,7 @@ def _table() -> dict[str, Permissions]:
         "decode": _perms(
             publish=[*_replies(), s.kv_events(any_id), s.load(any_id), s.kv_fetch(any_id),
                      s.PREFILL_JOBS, *prefill_queue, *_consumer_watcher(s.PREFILL_STREAM, s.PREFILL_CONSUMER),
-                     *_kv_write(s.WORKERS_BUCKET), *_kv_read(s.CONFIG_BUCKET)],
+                     *_kv_write(s.WORKERS_BUCKET), *_kv_read(s.CONFIG_BUCKET), *_object_store(s.MODEL_FILES_BUCKET)],
             subscribe=[s.generate(any_id), s.cancel(any_id), s.status(any_id), s.kv_resync(any_id),
                        s.kv_fetch(any_id), _inbox("decode")],
         ),

@@ -29,6 +29,7 @@ from shared.engines import Engine, EngineConfig, make_engine
 from shared.kv_address import advertised_host, bind_host_for
 from shared.kv_transport import KvTls, KvTransport, make_transport
 from shared.messages import KvEventBatch, LoadReport, WorkerInfo
+from shared.model_files import advertise_model
 from shared.runtime import settle_heap
 from shared.telemetry import serve_metrics
 
@@ -81,6 +82,7 @@ class WorkerHost:
         self._in_flight = 0
         self._idle = anyio.Event()  # set when draining and the last piece of work is done
         self._kv_seq = 0
+        self.model_fields: dict[str, object] = {}  # context length, digests, path (shared/model_files.py)
 
     # --- what a role fills in ------------------------------------------------------------
 
@@ -117,7 +119,7 @@ class WorkerHost:
         return WorkerInfo(
             worker_id=self.worker_id, role=self.role, model=self.model,  # type: ignore[arg-type]
             block_size=self.engine.block_size, engine=self.engine.name, pid=os.getpid(), host=socket.gethostname(),
-            started_at=time.time(), **self.info_fields(),
+            started_at=time.time(), **self.model_fields, **self.info_fields(),  # type: ignore[arg-type]
         )
 
     async def run(self) -> None:
@@ -136,6 +138,12 @@ class WorkerHost:
                 if self.wants_transport():
                     await self._start_transport(tg)
                 await self.serve(tg)
+                # What frontends need to serve the model; decode workers (the ones frontends send
+                # requests to) also publish the tokenizer files once.
+                self.model_fields = await advertise_model(
+                    self.bus, self.settings.engine.model,
+                    getattr(self.engine, "max_model_len", None) or self.settings.engine.max_model_len,
+                    publish=self.role == "decode")
                 self.registration = WorkerRegistration(self.bus, self.info(), self.settings.discovery_ttl)
                 await self.registration.register()
                 tg.start_soon(self.registration.run)

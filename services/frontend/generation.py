@@ -86,13 +86,14 @@ class Generation:
         self.settings = settings
         self.router = router  # --router embedded: decide in process, no route hop
 
-    async def _route(self, request_id: str, token_ids: list[int], exclude: list[str], parent: Any = None) -> RouteDecision:
+    async def _route(self, request_id: str, token_ids: list[int], exclude: list[str], parent: Any = None,
+                     session_id: str = "") -> RouteDecision:
         if not await self.bus.wait_connected():  # rides out a failover to another NATS server
             raise RequestError(503, "the message bus is unavailable; retry shortly", type="service_unavailable",
                            code="bus_unavailable")
         req = RouteRequest(request_id=request_id, model=self.model, token_ids=token_ids, exclude=exclude,
                            block_hashes=block_hashes(token_ids, ROUTE_HASH_BLOCK_SIZE),
-                           block_size=ROUTE_HASH_BLOCK_SIZE)
+                           block_size=ROUTE_HASH_BLOCK_SIZE, session_id=session_id)
         span = tracing.start("route", tracing.SpanKind.CLIENT, parent, **{"baton.request_id": request_id})
         if self.router is not None:
             reply = await self.router.route(req, self.settings.route_timeout)
@@ -147,7 +148,7 @@ class Generation:
         worker_streams = req.stream or bool(req.text.stops)
         while True:
             job = self._job(req, reply, worker_streams)
-            decision = await self._route(req.request_id, job.token_ids, exclude, parent)
+            decision = await self._route(req.request_id, job.token_ids, exclude, parent, req.session_id)
             if decision.kv_source:  # G4: the worker may pull blocks a peer holds in its lower tiers
                 job = msgspec.structs.replace(job, kv_source=decision.kv_source,
                                               kv_source_blocks=decision.kv_source_blocks)

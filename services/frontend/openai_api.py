@@ -136,6 +136,7 @@ class _Common(Struct, kw_only=True, forbid_unknown_fields=True):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     response_format: ResponseFormat | None = None
+    priority: int | None = None  # vLLM's: lower is served first
 
 
 class ChatCompletionRequest(_Common, kw_only=True, forbid_unknown_fields=True):
@@ -230,6 +231,8 @@ FIELDS: dict[str, Rule] = {
     "guided_choice": Rule(HONOURED),
     "guided_grammar": Rule(HONOURED),
     "response_format": Rule(HONOURED, noop=(ResponseFormat(type="text"),)),
+    "priority": Rule(HONOURED, why="vLLM's: lower is served first; an integer within the frontend's "
+                     "--priority-min..--priority-max; the x-baton-priority header sets it when the body does not"),
     # chat only
     "messages": Rule(HONOURED, on="chat"),
     "max_completion_tokens": Rule(HONOURED, on="chat"),

@@ -97,7 +97,7 @@ class FakeBus:
         self.connected = True
         self.routes: list[RouteRequest] = []
 
-    async def wait_connected(self, timeout: float = 0.0) -> bool:
+    async def wait_connected(self, timeout: float = 1.5) -> bool:
         return self.connected
 
     async def request(self, subject: str, msg: Any, timeout: float, headers: dict[str, str] | None = None) -> Msg:
