@@ -75,6 +75,10 @@ class GenerateRequest(Struct, tag="generate", kw_only=True, omit_defaults=True):
     # From the router: a peer whose lower KV tiers hold the first kv_source_blocks blocks.
     kv_source: str = ""
     kv_source_blocks: int = 0
+    # Set by a frontend that takes batched replies (shared.bus.ReplyInbox.batch_subject): the worker
+    # then sends every reply of this request there, in ReplyBatches with the other requests of that
+    # frontend (one message per engine step per frontend). Empty: one message per reply to ``reply``.
+    batch_reply: str = ""
 
 
 class TokenLogprob(Struct, array_like=True):
@@ -111,7 +115,14 @@ class GenerateError(Struct, tag="error", kw_only=True):
     message: str
 
 
-GenerateReply = TokenChunk | GenerateError
+class ReplyBatch(Struct, tag="batch", kw_only=True):
+    """Replies to several requests of one frontend in one message (one engine step's chunks);
+    the frontend's inbox hands each to its request by ``request_id``, in order."""
+
+    replies: list[TokenChunk | GenerateError]
+
+
+GenerateReply = TokenChunk | GenerateError | ReplyBatch
 
 
 class Cancel(Struct, tag="cancel", kw_only=True):

@@ -30,6 +30,7 @@ from shared.kv_address import advertised_host, bind_host_for
 from shared.kv_transport import KvTls, KvTransport, make_transport
 from shared.messages import KvEventBatch, LoadReport, WorkerInfo
 from shared.model_files import advertise_model
+from shared.runtime import settle_heap
 from shared.telemetry import serve_metrics
 
 log = logging.getLogger("baton.worker")
@@ -150,6 +151,8 @@ class WorkerHost:
                     tg.start_soon(self._report_load)
                     tg.start_soon(self._publish_kv_events)
                 self.ready = True
+                if owns_bus:  # (a fleet of workers in one process settles once, at its start)
+                    settle_heap()  # the engine, its pools and connections stay out of the collector's way
                 log.info("%s serving %s with the %s engine", self.worker_id, self.model, self.engine.name)
                 await self.work()
                 tg.cancel_scope.cancel()

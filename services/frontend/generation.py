@@ -25,7 +25,7 @@ from services.frontend.openai_api import RequestError
 from services.frontend.request import ValidatedRequest
 from services.frontend.text_stream import Delta, ReplyText, coalesce
 from shared import subjects, tracing
-from shared.bus import Bus, BusError, BusTimeout, NoResponders, ReplyStream, SlowConsumer
+from shared.bus import Bus, BusError, BusTimeout, NoResponders, ReplyStream, SlowConsumer, decoded
 from shared.kv_hash import block_hashes
 from shared.messages import (
     Cancel,
@@ -246,7 +246,7 @@ class Generation:
                     raise _Migrate("bus reconnected") from None
                 raise RequestError(503, f"lost the message bus mid-request: {e}", type="service_unavailable",
                                    code="bus_unavailable") from None
-            return coalesce([generate_reply_decoder.decode(m.data) for m in (msg, *inbox.ready())])
+            return coalesce(decoded((msg, *inbox.ready()), generate_reply_decoder))
 
     def _job(self, req: ValidatedRequest, reply: ReplyText, worker_streams: bool) -> GenerateRequest:
         """The worker's job: the prompt, and on a resumed request (n == 1 only, see the migration
@@ -260,7 +260,7 @@ class Generation:
                 min_tokens=max(0, sampling.min_tokens - len(so_far)),
                 prompt_logprobs=-1 if reply.prompt_logprobs_sent else sampling.prompt_logprobs)
         return GenerateRequest(request_id=req.request_id, token_ids=req.token_ids + so_far, sampling=sampling,
-                               model=self.model, stream=worker_streams)
+                               model=self.model, stream=worker_streams, batch_reply=self.bus.inbox.batch_subject)
 
     async def _cancel(self, decision: RouteDecision, request_id: str, reason: str) -> None:
         with anyio.move_on_after(1, shield=True):

@@ -21,8 +21,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from services.frontend import metrics
 from services.frontend.access import ANONYMOUS, AccessControl, Tenant
 from services.frontend.admission import Admission, AdmissionSettings
-from services.frontend.choices import ChoiceShaper
+from services.frontend.choices import ChoiceShaper, sse_event
 from services.frontend.generation import Generation
+from services.frontend.http_protocol import CLIENT_WATCH, ClientWatch
 from services.frontend.models import ModelRegistry, ServedModel
 from services.frontend.openai_api import (
     ChatCompletionRequest,
@@ -63,6 +64,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 _json = msgspec.json.Encoder()
 _JSON_HEADERS = [(b"content-type", b"application/json")]
+_SSE_DONE = b"data: [DONE]\n\n"
 _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 
 
@@ -160,8 +162,8 @@ class OpenAIApp:
                                          tracing.context_from(_header_map(scope["headers"])),
                                          **{"http.request.method": method, "url.path": path})
                     try:
-                        status = await self._generate(path == "/v1/chat/completions", body, receive, send_tracked,
-                                                      root, tenant, scope["headers"])
+                        status = await self._generate(path == "/v1/chat/completions", body, scope, receive,
+                                                      send_tracked, root, tenant, scope["headers"])
                     except RequestError as e:
                         tracing.end(root, error=e.message, **{"http.response.status_code": e.status})
                         root = None
@@ -295,8 +297,9 @@ class OpenAIApp:
         check_token_ids(req.tokens, served.tokenizer, "tokens")
         return {"prompt": served.tokenizer.decode(req.tokens, skip_special_tokens=False)}
 
-    async def _generate(self, chat: bool, body: bytes, receive: Receive, send: Send, root: Any = None,
-                        tenant: Tenant | None = None, headers: list[tuple[bytes, bytes]] | None = None) -> int:
+    async def _generate(self, chat: bool, body: bytes, scope: Scope, receive: Receive, send: Send,
+                        root: Any = None, tenant: Tenant | None = None,
+                        headers: list[tuple[bytes, bytes]] | None = None) -> int:
         rid = f"chatcmpl-{uuid.uuid4().hex}" if chat else f"cmpl-{uuid.uuid4().hex}"
         bind_request(rid, tracing.trace_id_of(root))  # this request's log lines (and access line) carry it
         body_req = decode_request(body, chat_decoder if chat else completion_decoder)
@@ -328,13 +331,13 @@ class OpenAIApp:
         try:
             if req.stream:
                 return await self._stream(chat, rid, deltas, req.include_usage, receive, send, trace_header, shaper,
-                                          model)
-            return await self._complete(chat, rid, deltas, receive, send, trace_header, shaper)
+                                          model, scope)
+            return await self._complete(chat, rid, deltas, receive, send, trace_header, shaper, scope)
         except RequestError as e:
             raise name_structured_error(e, req.structured_param) from None
 
     async def _complete(self, chat: bool, rid: str, deltas: Any, receive: Receive, send: Send,
-                        extra_headers: list[tuple[bytes, bytes]], shaper: ChoiceShaper) -> int:
+                        extra_headers: list[tuple[bytes, bytes]], shaper: ChoiceShaper, scope: Scope) -> int:
         final: Delta | None = None
 
         async def collect() -> None:
@@ -344,7 +347,7 @@ class OpenAIApp:
                     shaper.add(d)
                     final = d
 
-        await _run_unless_disconnected(collect, receive)
+        await _run_unless_disconnected(collect, receive, scope)
         assert final is not None and final.finish_reason is not None
         usage = final.usage or Usage()
         metrics.OUTPUT_TOKENS.observe(usage.completion_tokens)
@@ -352,62 +355,74 @@ class OpenAIApp:
         return await self._send_json(send, 200, body, [*_JSON_HEADERS, (b"x-request-id", rid.encode()), *extra_headers])
 
     async def _stream(self, chat: bool, rid: str, deltas: Any, include_usage: bool, receive: Receive, send: Send,
-                      extra_headers: list[tuple[bytes, bytes]], shaper: ChoiceShaper, model: str) -> int:
+                      extra_headers: list[tuple[bytes, bytes]], shaper: ChoiceShaper, model: str,
+                      scope: Scope) -> int:
+        """Server-sent events: one body write per delta (its events joined), the headers held until
+        the first one (the connection sends what one loop turn wrote as one packet; http_protocol.py)."""
         created = shaper.created
         started = False
         obj = "chat.completion.chunk" if chat else "text_completion"
+        itl = metrics.ITL.observe
 
-        worker = ""
-
-        async def start() -> None:
+        async def start(worker: str) -> None:
             nonlocal started
-            if not started:
-                started = True
-                await send({"type": "http.response.start", "status": 200,
-                            "headers": [*_SSE_HEADERS, (b"x-request-id", rid.encode()),
-                                        (b"x-baton-worker", worker.encode()), *extra_headers]})
-
-        async def event(payload: Any) -> None:
-            await send({"type": "http.response.body", "body": b"data: " + _json.encode(payload) + b"\n\n",
-                        "more_body": True})
+            started = True
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [*_SSE_HEADERS, (b"x-request-id", rid.encode()),
+                                    (b"x-baton-worker", worker.encode()), *extra_headers]})
 
         async def pump() -> None:
-            nonlocal worker
             last = time.perf_counter()
             async with aclosing(deltas) as it:
-                first = True
                 async for d in it:
-                    if first:
-                        worker = d.worker_id
-                        await start()  # errors before the first token still get a proper status
-                        for payload in shaper.stream_start():
-                            await event(payload)
-                        first = False
+                    if not started:
+                        await start(d.worker_id)  # errors before the first token still get a proper status
+                        body = shaper.sse_start() + shaper.sse_delta(d)
+                    else:
+                        body = shaper.sse_delta(d)
                     now = time.perf_counter()
-                    metrics.ITL.observe(now - last)
+                    itl(now - last)
                     last = now
-                    for payload in shaper.stream_delta(d):
-                        await event(payload)
                     if d.usage is not None:  # the request's last delta (every choice finished)
                         usage = d.usage
                         metrics.OUTPUT_TOKENS.observe(usage.completion_tokens)
                         if include_usage:
-                            await event(usage_chunk(rid, model, created, obj, usage))
-            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+                            body += sse_event(usage_chunk(rid, model, created, obj, usage))
+                        await send({"type": "http.response.body", "body": body + _SSE_DONE, "more_body": False})
+                        return
+                    if body:
+                        await send({"type": "http.response.body", "body": body, "more_body": True})
+            await send({"type": "http.response.body", "body": _SSE_DONE, "more_body": False})
 
         try:
-            await _run_unless_disconnected(pump, receive)
+            await _run_unless_disconnected(pump, receive, scope)
         except RequestError as e:
             if not started:
                 raise
             # Headers are gone: report in-band, as OpenAI's servers do, then end the stream.
-            await event(e.body())
-            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+            await send({"type": "http.response.body", "body": sse_event(e.body()) + _SSE_DONE, "more_body": False})
         return 200
 
 
-async def _run_unless_disconnected(work: Callable[[], Awaitable[None]], receive: Receive) -> None:
-    """Run ``work``; if the client disconnects first, cancel it (which cancels the request)."""
+async def _run_unless_disconnected(work: Callable[[], Awaitable[None]], receive: Receive, scope: Scope) -> None:
+    """Run ``work``; if the client disconnects first, cancel it (which cancels the request).
+
+    Under Baton's HTTP protocol the connection says when its client is gone (a ClientWatch in
+    the scope); under another ASGI server a second task waits on ``receive()`` instead."""
+    watch: ClientWatch | None = (scope.get("extensions") or {}).get(CLIENT_WATCH)
+    if watch is None:
+        return await _run_watching_receive(work, receive)
+    with anyio.CancelScope() as cancel:
+        watch.on_gone(cancel.cancel)
+        try:
+            await work()
+        finally:
+            watch.on_gone(None)
+    if cancel.cancelled_caught:
+        raise ClientGone
+
+
+async def _run_watching_receive(work: Callable[[], Awaitable[None]], receive: Receive) -> None:
     gone = False
     done = False
     error: BaseException | None = None

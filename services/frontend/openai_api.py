@@ -274,6 +274,11 @@ def _rules(endpoint: Literal["chat", "completions"]) -> dict[str, Rule]:
     return {name: r for name, r in FIELDS.items() if r.on in (endpoint, "both")}
 
 
+# The fields each endpoint must check (neither honoured nor accepted), worked out once, not per request.
+_TO_CHECK = {endpoint: [(name, r) for name, r in _rules(endpoint).items() if r.status not in (HONOURED, ACCEPTED)]
+             for endpoint in ("chat", "completions")}
+
+
 def refusal_of(name: str, rule: Rule) -> str:
     if rule.status == REFUSED:
         return f"`{name}` is not supported: {rule.why}"
@@ -283,9 +288,7 @@ def refusal_of(name: str, rule: Rule) -> str:
 def check_fields(req: _Common) -> None:
     """Refuse every field that is set but not honoured, naming it."""
     endpoint: Literal["chat", "completions"] = "chat" if isinstance(req, ChatCompletionRequest) else "completions"
-    for name, rule in _rules(endpoint).items():
-        if rule.status in (HONOURED, ACCEPTED):
-            continue
+    for name, rule in _TO_CHECK[endpoint]:
         if not _is_noop(getattr(req, name), rule.noop):
             raise RequestError(400, refusal_of(name, rule), param=name, code="unsupported_parameter")
 

@@ -6,11 +6,9 @@ asking the router service.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
-import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -19,13 +17,13 @@ from typing import Any
 
 import anyio
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from services.frontend.access import AccessControl, RateLimiter, load_tenants
 from services.frontend.access_log import AccessLog
 from services.frontend.admission import Admission, AdmissionSettings
 from services.frontend.generation import Generation, GenerationSettings
 from services.frontend.http_app import OpenAIApp
+from services.frontend.http_protocol import protocol_with
 from services.frontend.models import ModelRegistry, ServedModel
 from services.frontend.nats_api import NatsApi
 from services.frontend.reasoning import ReasoningStream
@@ -38,6 +36,7 @@ from shared.discovery import DEFAULT_TTL, WorkerView
 from shared.messages import load_report_decoder
 from shared.models import resolve_model
 from shared.routing.core import RouterCore, RoutingSettings
+from shared.runtime import settle_heap
 from shared.subjects import API_GENERATE, API_QUEUE, LOAD_ALL
 from shared.tokenizer import Tokenizer
 
@@ -74,67 +73,6 @@ class FrontendSettings:
     routing: RoutingSettings = field(default_factory=RoutingSettings)  # the embedded router's policy
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)  # queue, fair shares, tokens a minute
     priority_range: tuple[int, int] = DEFAULT_PRIORITY_RANGE  # request priorities accepted (400 outside)
-
-
-class BatonHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with two additions.
-
-    - TCP_NODELAY: without it, Nagle plus delayed ACK add ~40 ms to small streamed writes on
-      keep-alive connections.
-    - A request-header deadline: a client must finish sending a request's headers within
-      ``header_timeout`` seconds of connecting (or of starting the next request), else the
-      connection is closed. Idle sockets and slowloris clients cannot pin connections forever.
-    """
-
-    header_timeout: float = 30.0
-    _header_timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
-        super().connection_made(transport)
-        self._arm_header_timer()
-
-    def _arm_header_timer(self) -> None:
-        self._disarm_header_timer()
-        self._header_timer = self.loop.call_later(self.header_timeout, self._header_deadline)
-
-    def _disarm_header_timer(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
-
-    def _header_deadline(self) -> None:
-        self._header_timer = None
-        if not self.transport.is_closing():
-            self.transport.close()
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        if self._header_timer is None:
-            self._arm_header_timer()
-
-    def on_headers_complete(self) -> None:
-        self._disarm_header_timer()
-        super().on_headers_complete()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        # Keep-alive: the next request's headers get the same deadline, counted from now.
-        if not self.transport.is_closing():
-            self._arm_header_timer()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm_header_timer()
-        super().connection_lost(exc)
-
-
-def protocol_with(header_timeout: float) -> type[BatonHttpProtocol]:
-    return type("BatonHttpProtocolConfigured", (BatonHttpProtocol,), {"header_timeout": header_timeout})
 
 
 class _Server(uvicorn.Server):
@@ -260,6 +198,7 @@ class Frontend:
                             log.debug("bad load report: %r", e)
 
                     await self.bus.subscribe(LOAD_ALL, on_load)
+                settle_heap()  # what the frontend holds for life stays out of the collector's way
                 await self.server.serve()
                 if self.router is not None:
                     await self.router.close()

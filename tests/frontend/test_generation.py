@@ -75,6 +75,8 @@ class Worker:
 
 
 class FakeInbox:
+    batch_subject = ""  # the scripted workers answer one message per reply
+
     def __init__(self) -> None:
         self.streams: dict[str, ReplyStream] = {}
 
