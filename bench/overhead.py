@@ -313,10 +313,13 @@ def main() -> None:
     ap.add_argument("--baseline-tree", type=str, default="",
                     help="another Baton checkout (e.g. main): its service/embedded sides run too, as service@base "
                          "and embedded@base, interleaved with these (before/after in one run)")
+    ap.add_argument("--baseline-sides", nargs="+", default=None,
+                    help="which sides the baseline tree runs (default: as --sides; a tree from before the "
+                         "embedded router has only service)")
     args = ap.parse_args()
     names = [s for s in args.sides if s != "dynamo" or args.dynamo_venv]
     if args.baseline_tree:
-        names += [f"{s}@base" for s in args.sides if s in ("service", "embedded")]
+        names += [f"{s}@base" for s in (args.baseline_sides or args.sides) if s in ("service", "embedded")]
     if "dynamo" in args.sides and not args.dynamo_venv:
         print("no --dynamo-venv: Dynamo left out", file=sys.stderr)
 
