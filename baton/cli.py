@@ -36,6 +36,10 @@ def auth_init(
     per_role_dirs: Annotated[bool, typer.Option(
         "--per-role-dirs", help="Write each role's file as <role>/<role>.creds, so each container can mount "
         "only its own role's directory.")] = False,
+    cluster_routes: Annotated[str, typer.Option(
+        help="Also write cluster.conf for a NATS cluster: nats-auth.conf plus a cluster block whose routes "
+        "authenticate with a route password made once (route-password). Every member's route URL, "
+        "comma-separated (nats://host:6222,...).")] = "",
 ) -> None:
     """Write a nats-server authorization config and one credentials file per role; existing files are kept
     (delete a role's file and re-run to rotate it, then restart NATS and that role)."""
@@ -45,6 +49,12 @@ def auth_init(
     if grafana:
         nats_auth.ensure_secret_file(directory / "grafana-admin-password")
     files = ", ".join(str(p.relative_to(ids.directory)) for p in ids.creds.values())
+    if cluster_routes:
+        try:
+            nats_auth.cluster_config(directory, cluster_routes.split(","))
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--cluster-routes") from None
+        files += ", cluster.conf, route-password"
     print(f"wrote {ids.server_config} and {files} under {ids.directory}")
 
 
@@ -66,8 +76,11 @@ def up(
     host: Annotated[str, typer.Option(envvar="BATON_HOST", help="HTTP bind address.")] = "0.0.0.0",
     port: Annotated[int, typer.Option(envvar="BATON_PORT", help="HTTP port.")] = 8000,
     model: Annotated[
-        str, typer.Option(envvar="BATON_MODEL", help="Built-in model (baton-tiny, baton-small, baton-tiny-b) or a HF model directory.")
-    ] = "baton-tiny",
+        list[str] | None, typer.Option(envvar="BATON_MODEL",
+                                       help="Built-in model (baton-tiny, baton-small, baton-tiny-b) or a HF model "
+                                            "directory; repeat it to serve several models behind one frontend "
+                                            "(workers for each).")
+    ] = None,
     engine: Annotated[str, typer.Option(envvar="BATON_ENGINE", help="torch, mocker or vllm.")] = "torch",
     decode_workers: Annotated[int, typer.Option(min=1, help="Decode worker processes.")] = 1,
     prefill_workers: Annotated[int, typer.Option(min=0, help="Prefill worker processes.")] = 1,
@@ -118,9 +131,10 @@ def up(
     if log_format not in LOG_FORMATS:
         raise typer.BadParameter(f"choose one of {', '.join(LOG_FORMATS)}", param_hint="--log-format")
 
+    models = list(dict.fromkeys(m.strip() for item in (model or ["baton-tiny"]) for m in item.split(",") if m.strip()))
     run_up(UpSettings(
         nats_url=nats_url, nats_port=nats_port, nats_cluster=nats_cluster, js_replicas=js_replicas, data_dir=data_dir,
-        host=host, port=port, model=model, engine=engine, decode_workers=decode_workers,
+        host=host, port=port, model=models[0], more_models=models[1:], engine=engine, decode_workers=decode_workers,
         prefill_workers=prefill_workers, routers=routers, router_mode=router_mode, router=router,
         mocker_speedup=mocker_speedup, num_blocks=num_blocks, discovery_ttl=discovery_ttl, log_dir=log_dir,
         log_level=log_level, log_format=log_format, access_log=access_log, drain_timeout=drain_timeout,

@@ -48,6 +48,9 @@ class UpSettings:
     host: str = "0.0.0.0"
     port: int = 8000
     model: str = "baton-tiny"
+    # More models behind the same frontend (baton up --model A --model B): workers for each, the
+    # first preloaded by the frontend, the others found by it through discovery.
+    more_models: list[str] = field(default_factory=list)
     engine: str = "torch"
     decode_workers: int = 1
     prefill_workers: int = 1
@@ -99,6 +102,10 @@ class ProcessSpec:
         return self.name.rsplit("-", 1)[0] if self.name[-1].isdigit() else self.name
 
 
+def models_of(s: UpSettings) -> list[str]:
+    return list(dict.fromkeys([s.model, *s.more_models]))
+
+
 def js_replicas(s: UpSettings) -> int:
     if s.js_replicas is not None:
         return s.js_replicas
@@ -109,20 +116,24 @@ def service_specs(s: UpSettings, nats_url: str) -> list[ProcessSpec]:
     py = [sys.executable, "-m"]
     common = ["--nats-url", nats_url, "--log-level", s.log_level, "--discovery-ttl", str(s.discovery_ttl),
               "--js-replicas", str(js_replicas(s))]
-    # The workers' engine config, whole, spelled as flags in one place (shared.cli_options).
-    engine = engine_argv(EngineConfig(engine=s.engine, model=s.model, speedup=s.mocker_speedup,
-                                      num_blocks=s.num_blocks), ("engine", "model", "speedup", "num_blocks"))
+    # The workers' engine config, whole, spelled as flags in one place (shared.cli_options); the
+    # model is given per worker (baton up --model A --model B).
+    engine_only = engine_argv(EngineConfig(engine=s.engine, model=s.model, speedup=s.mocker_speedup,
+                                           num_blocks=s.num_blocks), ("engine", "speedup", "num_blocks"))
     specs = [ProcessSpec("frontend", [*py, "services.frontend", *common, "--model", s.model, "--host", s.host,
                                       "--port", str(s.port), "--router", s.router, "--router-mode", s.router_mode])]
     if s.router != "embedded":
         specs += [ProcessSpec(f"router-{i}", [*py, "services.router", *common, "--mode", s.router_mode])
                   for i in range(s.routers)]
+    models = models_of(s)
     if s.planner_connector != "local":  # else the planner owns the workers (and the supervisor the planner)
-        specs += [ProcessSpec(f"decode-{i}", [*py, "services.decode", *common, *engine])
-                  for i in range(s.decode_workers)]
-        specs += [ProcessSpec(f"prefill-{i}", [*py, "services.prefill", *common, *engine])
-                  for i in range(s.prefill_workers)]
-    specs.append(ProcessSpec("planner", [*py, "services.planner", *common, *planner_args(s, engine)]))
+        # --decode-workers / --prefill-workers of each model; numbered across models (decode-0, decode-1, ...).
+        specs += [ProcessSpec(f"decode-{n}", [*py, "services.decode", *common, "--model", m, *engine_only])
+                  for n, (m, _) in enumerate((m, i) for m in models for i in range(s.decode_workers))]
+        specs += [ProcessSpec(f"prefill-{n}", [*py, "services.prefill", *common, "--model", m, *engine_only])
+                  for n, (m, _) in enumerate((m, i) for m in models for i in range(s.prefill_workers))]
+    planner_engine = [a for m in models for a in ("--model", m)] + engine_only  # one pool per model
+    specs.append(ProcessSpec("planner", [*py, "services.planner", *common, *planner_args(s, planner_engine)]))
     return specs
 
 
@@ -212,12 +223,13 @@ class Stack:
             preflight.check_port(s.host if s.host != "::" else probe_host, s.port, "HTTP", "--port")
             if s.nats_url is not None:
                 preflight.check_nats(s.nats_url, s.nats_connect_timeout)
-            if s.model in BUILTIN_MODELS and not (builtin_path(s.model) / "baton_builtin.json").exists():
-                self.step(f"building the built-in model {s.model} (first run only)")
-            self.model_path = preflight.check_model(s.model)
+            for m in reversed(models_of(s)):  # the first model's path last: the one announced
+                if m in BUILTIN_MODELS and not (builtin_path(m) / "baton_builtin.json").exists():
+                    self.step(f"building the built-in model {m} (first run only)")
+                self.model_path = preflight.check_model(m)
         except preflight.PreflightError as e:
             raise StackFailed(str(e)) from None
-        self.step(f"preflight ok: engine {s.engine}, model {s.model} at {self.model_path} "
+        self.step(f"preflight ok: engine {s.engine}, model {', '.join(models_of(s))} at {self.model_path} "
                   f"({_model_size(self.model_path)} of weights), port {s.port} free")
 
     def start_nats(self) -> str:
@@ -477,10 +489,12 @@ class Stack:
         while time.monotonic() < deadline:
             if await http_status(probe_host, s.port, "/health") == 200:
                 logs = s.log_dir or "this terminal"
-                print(f"Baton is ready: http://{probe_host}:{s.port}/v1 (model {s.model}, engine {s.engine})",
+                models = ", ".join(models_of(s))
+                print(f"Baton is ready: http://{probe_host}:{s.port}/v1 (model {models}, engine {s.engine})",
                       flush=True)
+                more = f" (+ {', '.join(s.more_models)}, once their workers register)" if s.more_models else ""
                 print(f"  API      http://{probe_host}:{s.port}/v1   (health /health, metrics /metrics)\n"
-                      f"  model    {s.model} ({self.model_path})\n"
+                      f"  model    {s.model} ({self.model_path}){more}\n"
                       f"  workers  {s.decode_workers} decode, {s.prefill_workers} prefill; "
                       + (f"router embedded in the frontend ({s.router_mode})\n" if s.router == "embedded"
                          else f"{s.routers} router ({s.router_mode})\n") +

@@ -130,15 +130,17 @@ def http_ok(port: int, path: str, want: str = "") -> bool:
         return False
 
 
-def start_baton(name: str, extra: list[str]) -> Side:
-    logdir = Path(tempfile.mkdtemp(prefix=f"overhead-{name}-"))
+def start_baton(name: str, extra: list[str], tree: str = "") -> Side:
+    """``baton up`` from this checkout, or (``tree``) from another one: its code first on PYTHONPATH."""
+    logdir = Path(tempfile.mkdtemp(prefix=f"overhead-{name.replace('@', '-')}-"))
+    env = {**os.environ, "PYTHONPATH": tree} if tree else None
     port = free_port()
     log = open(logdir / "up.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "baton", "up", "--engine", "mocker", "--mocker-speedup", "1e9", "--host", "127.0.0.1",
          "--port", str(port), "--nats-port", str(free_port()), "--prefill-workers", "0", "--log-dir", str(logdir),
          "--log-level", "warning", *extra],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=tree or None,
     )
     side = Side(name, port, [proc], logdir)
     deadline = time.monotonic() + 180
@@ -199,11 +201,11 @@ def run_cell(side: Side, payload: dict, c: int, duration: float) -> dict:
 # Where a sample's time goes: the first of these found walking its stack from the leaf up.
 BUCKETS: list[tuple[str, tuple[str, ...]]] = [
     ("NATS socket writes (client flusher)", ("StreamWriter.writelines", "TcpTransport.writelines")),
-    ("HTTP response writes (uvicorn send)", ("RequestResponseCycle.send",)),
+    ("HTTP response writes (uvicorn send)", ("RequestResponseCycle.send", "_TurnWriter._flush")),
     ("tokenizer encode", ("Tokenizer.encode",)),
     ("detokenize", ("Tokenizer.decode", "detokenizer", "Detokenizer")),
     ("NATS publish (build the message)", ("Client.publish", "Client._send_publish", "pub_cmd", "Bus.publish",
-                                          "_payload")),
+                                          "_payload", "ReplyBatcher")),
     ("NATS receive (parse, dispatch, inbox)", ("nats/protocol/parser.py", "Client._process_msg",
                                                "Client._read_loop", "Subscription", "ReplyInbox", "ReplyStream",
                                                "Client._process_headers", "Client._build_message")),
@@ -308,8 +310,16 @@ def main() -> None:
     ap.add_argument("--profile-concurrency", type=int, default=64)
     ap.add_argument("--profile-rate", type=int, default=199, help="py-spy samples a second")
     ap.add_argument("--py-spy", type=str, default="py-spy")
+    ap.add_argument("--baseline-tree", type=str, default="",
+                    help="another Baton checkout (e.g. main): its service/embedded sides run too, as service@base "
+                         "and embedded@base, interleaved with these (before/after in one run)")
+    ap.add_argument("--baseline-sides", nargs="+", default=None,
+                    help="which sides the baseline tree runs (default: as --sides; a tree from before the "
+                         "embedded router has only service)")
     args = ap.parse_args()
     names = [s for s in args.sides if s != "dynamo" or args.dynamo_venv]
+    if args.baseline_tree:
+        names += [f"{s}@base" for s in (args.baseline_sides or args.sides) if s in ("service", "embedded")]
     if "dynamo" in args.sides and not args.dynamo_venv:
         print("no --dynamo-venv: Dynamo left out", file=sys.stderr)
 
@@ -320,10 +330,12 @@ def main() -> None:
                "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
     try:
         for name in names:
-            if name == "service":
-                sides.append(start_baton(name, []))
-            elif name == "embedded":
-                sides.append(start_baton(name, ["--router", "embedded"]))
+            kind, _, base = name.partition("@")
+            tree = str(Path(args.baseline_tree).resolve()) if base else ""
+            if kind == "service":
+                sides.append(start_baton(name, [], tree))
+            elif kind == "embedded":
+                sides.append(start_baton(name, ["--router", "embedded"], tree))
             elif name == "dynamo":
                 sides.append(start_dynamo(Path(args.dynamo_venv), resolve_model("baton-tiny", None).path))
             else:
@@ -343,7 +355,7 @@ def main() -> None:
                               f"load {s['load1']:.2f}", flush=True)
         if args.profile_dir:
             for side in sides:
-                if side.name != "dynamo":
+                if side.name in ("service", "embedded"):
                     profile(side, args.py_spy, Path(args.profile_dir), {**payload, "stream": True},
                             args.profile_concurrency, args.duration, args.profile_rate)
     finally:

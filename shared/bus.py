@@ -26,7 +26,7 @@ from nats.js.api import StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
 
 from shared import nats_auth, redact
-from shared.messages import encode
+from shared.messages import GenerateError, ReplyBatch, TokenChunk, encode, generate_reply_decoder
 
 log = logging.getLogger("baton.bus")
 
@@ -228,8 +228,23 @@ def is_no_responders(msg: Msg) -> bool:
     return not msg.data and bool(msg.headers) and msg.headers.get("Status") == NO_RESPONDERS
 
 
+def _is_reply(item: Any) -> bool:
+    """A reply to hand to the caller, not a marker (lost connection, overflow, no responders)."""
+    if isinstance(item, msgspec.Struct):
+        return True
+    return item is not _LOST and item is not _OVERFLOW and not is_no_responders(item)
+
+
+Reply = Msg | msgspec.Struct  # a raw message, or a reply the inbox already decoded out of a batch
+
+
+def decoded(replies: Any, decoder: msgspec.msgpack.Decoder) -> list[Any]:
+    """Replies as Structs: raw messages decoded with ``decoder``, batched ones already are."""
+    return [r if isinstance(r, msgspec.Struct) else decoder.decode(r.data) for r in replies]
+
+
 class ReplyStream:
-    """Replies to one request, in order, as raw messages.
+    """Replies to one request, in order: raw messages, or Structs taken out of a ReplyBatch.
 
     A deque and one future rather than an asyncio.Queue with wait_for: this is on the per-token
     path, and wait_for costs a task per call. Bounded: a caller that stops taking replies (a
@@ -254,7 +269,7 @@ class ReplyStream:
         if w is not None and not w.done():
             w.set_result(None)
 
-    async def next(self, timeout: float) -> Msg:
+    async def next(self, timeout: float) -> Reply:
         """The next reply. Raises BusTimeout after ``timeout`` s, NoResponders if none listen,
         BusError if the NATS connection was lost, SlowConsumer past the bound."""
         if not self._items:
@@ -270,21 +285,21 @@ class ReplyStream:
                 raise BusTimeout(f"no reply on {self.subject} within {timeout:.1f}s")
         return self._check(self._items.popleft())
 
-    def _check(self, item: Any) -> Msg:
+    def _check(self, item: Any) -> Reply:
         if item is _LOST:
             raise BusError("connection to NATS lost")
         if item is _OVERFLOW:
             raise SlowConsumer(f"more than {self._max} replies pending on {self.subject}")
-        if is_no_responders(item):
+        if not isinstance(item, msgspec.Struct) and is_no_responders(item):
             raise NoResponders(self.subject)
         return item
 
-    def ready(self) -> list[Msg]:
+    def ready(self) -> list[Reply]:
         """Replies already here, without waiting: lets a caller coalesce a burst of chunks.
         Stops before any marker, so errors still surface through next()."""
-        out: list[Msg] = []
+        out: list[Reply] = []
         items = self._items
-        while items and items[0] is not _LOST and items[0] is not _OVERFLOW and not is_no_responders(items[0]):
+        while items and _is_reply(items[0]):
             out.append(items.popleft())
         return out
 
@@ -295,26 +310,45 @@ def _wake(fut: asyncio.Future[None]) -> None:
 
 
 class ReplyInbox:
-    """One wildcard subscription that demultiplexes streamed replies to many requests.
+    """Two subscriptions that demultiplex streamed replies to many requests.
 
-    Subscribing once per process (not per request) keeps the hot path to one publish and a
-    dict lookup per reply.
+    - ``<prefix>.<token>``: one reply per message, to the request that opened ``token``;
+    - ``<prefix>`` itself (:attr:`batch_subject`): a worker's replies to several of this process's
+      requests in one message (a :class:`~shared.messages.ReplyBatch` per engine step, or a single
+      reply), handed out by request id. A request whose worker batches gets every reply this way,
+      so its replies keep their order (one subscription delivers in order; two need not).
+
+    Subscribing once per process (not per request) keeps the hot path to a dict lookup per reply.
     """
 
     def __init__(self, nc: NatsClient, max_pending: int = 4096) -> None:
         self._nc = nc
         self._max_pending = max_pending
         self._prefix = nc.new_inbox()
+        self.batch_subject = self._prefix
         self._streams: dict[str, ReplyStream] = {}
-        self._sub: Any = None
+        self._subs: list[Any] = []
 
     async def start(self) -> None:
-        self._sub = await self._nc.subscribe(f"{self._prefix}.*", cb=self._on_msg)
+        self._subs = [await self._nc.subscribe(f"{self._prefix}.*", cb=self._on_msg),
+                      await self._nc.subscribe(self.batch_subject, cb=self._on_batch)]
 
     async def _on_msg(self, msg: Msg) -> None:
         stream = self._streams.get(msg.subject[len(self._prefix) + 1 :])
         if stream is not None:
             stream._deliver(msg)
+
+    async def _on_batch(self, msg: Msg) -> None:
+        try:
+            reply = generate_reply_decoder.decode(msg.data)
+        except msgspec.DecodeError as e:  # a bug or a stranger on our inbox: the request's probes notice
+            log.warning("undecodable batched reply on %s: %s", msg.subject, e)
+            return
+        streams = self._streams
+        for r in reply.replies if isinstance(reply, ReplyBatch) else (reply,):
+            stream = streams.get(r.request_id)
+            if stream is not None:
+                stream._deliver(r)
 
     def fail_all(self) -> None:
         """The connection dropped: replies in flight are lost, so wake every waiter now."""
@@ -331,6 +365,47 @@ class ReplyInbox:
 
     def __len__(self) -> int:
         return len(self._streams)
+
+
+class ReplyBatcher:
+    """A worker's replies to batching frontends, one message per destination per event-loop turn.
+
+    An engine step wakes every running request's task in the same loop turn; each hands its
+    chunk to :meth:`send`, and :meth:`run` (woken once) publishes what the turn gathered: one
+    ReplyBatch per frontend instead of one message per request. Replies to one destination keep
+    their order. ``run`` belongs in the worker's task group.
+    """
+
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+        self._pending: dict[str, list[TokenChunk | GenerateError]] = {}
+        self._wake = asyncio.Event()
+
+    def send(self, subject: str, reply: TokenChunk | GenerateError) -> None:
+        batch = self._pending.get(subject)
+        if batch is None:
+            self._pending[subject] = [reply]
+            self._wake.set()
+        else:
+            batch.append(reply)
+
+    async def run(self) -> None:
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                await self.flush()
+        finally:  # stopping (drain): what the last requests handed over still goes out
+            with anyio.move_on_after(1, shield=True):
+                await self.flush()
+
+    async def flush(self) -> None:
+        pending, self._pending = self._pending, {}
+        for subject, replies in pending.items():
+            try:
+                await self._bus.publish(subject, replies[0] if len(replies) == 1 else ReplyBatch(replies=replies))
+            except Exception as e:  # the bus is away: these requests' frontends probe and migrate them
+                log.warning("batched replies to %s lost: %r", subject, e)
 
 
 class Bus:

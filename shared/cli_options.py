@@ -307,3 +307,6 @@ RouterSnapshotInterval = Annotated[float, typer.Option(
 RouterCatchupTimeout = Annotated[float, typer.Option(
     envvar="BATON_ROUTER_CATCHUP_TIMEOUT",
     help="kv: at start, wait this long at most for the KV events replay before routing.")]
+RouterSessionTtl = Annotated[float, typer.Option(
+    envvar="BATON_ROUTER_SESSION_TTL",
+    help="Seconds a session (x-session-id header) stays on its worker after its last request; 0: no affinity.")]

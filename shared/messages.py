@@ -49,6 +49,9 @@ class SamplingParams(Struct, kw_only=True, omit_defaults=True):
     # Parallel sequences from one prompt (its KV blocks shared); chunks carry their ``choice``.
     n: int = 1
     structured: StructuredOutput | None = None
+    # vLLM's request priority: lower is served first (the engine's waiting queue, and the last to
+    # be preempted under KV pressure); the frontend checks it against its allowed range.
+    priority: int = 0
 
 
 class Usage(Struct, kw_only=True, omit_defaults=True):
@@ -75,6 +78,10 @@ class GenerateRequest(Struct, tag="generate", kw_only=True, omit_defaults=True):
     # LoRA adapter to apply (its name, as loaded on the worker); "" : the base model. The
     # frontend resolves the OpenAI ``model`` field to (base model, adapter), as vLLM does.
     lora: str = ""
+    # Set by a frontend that takes batched replies (shared.bus.ReplyInbox.batch_subject): the worker
+    # then sends every reply of this request there, in ReplyBatches with the other requests of that
+    # frontend (one message per engine step per frontend). Empty: one message per reply to ``reply``.
+    batch_reply: str = ""
 
 
 class TokenLogprob(Struct, array_like=True):
@@ -111,7 +118,14 @@ class GenerateError(Struct, tag="error", kw_only=True):
     message: str
 
 
-GenerateReply = TokenChunk | GenerateError
+class ReplyBatch(Struct, tag="batch", kw_only=True):
+    """Replies to several requests of one frontend in one message (one engine step's chunks);
+    the frontend's inbox hands each to its request by ``request_id``, in order."""
+
+    replies: list[TokenChunk | GenerateError]
+
+
+GenerateReply = TokenChunk | GenerateError | ReplyBatch
 
 
 class Cancel(Struct, tag="cancel", kw_only=True):
@@ -147,6 +161,9 @@ class RouteRequest(Struct, tag="route", kw_only=True, omit_defaults=True):
     # LoRA adapter the request runs under ("" : none): only workers that have it loaded are
     # candidates, and one that holds it resident is preferred (the adapter-load cost term).
     lora: str = ""
+    # A conversation's id (the caller's x-session-id): the router keeps it on one worker while
+    # that worker is live and not full (shared/routing/affinity.py). "": no affinity.
+    session_id: str = ""
 
 
 class RouteDecision(Struct, tag="decision", kw_only=True, omit_defaults=True):
@@ -192,6 +209,12 @@ class WorkerInfo(Struct, kw_only=True, omit_defaults=True):
     host: str = ""
     started_at: float = 0.0
     loras: list[LoraInfo] = field(default_factory=list)  # adapters it serves (resident or loadable)
+    # What a frontend needs to serve the model (old workers leave these empty; see shared/model_files.py).
+    context_length: int = 0
+    tokenizer_digest: str = ""
+    template_digest: str = ""
+    model_path: str = ""  # the directory the worker read the model from (on its host)
+    files_published: bool = False  # the tokenizer files are in the model-files object store
 
 
 class LoadReport(Struct, tag="load", kw_only=True, omit_defaults=True):
@@ -289,6 +312,7 @@ class KvEventBatch(Struct, tag="kv_events", kw_only=True, omit_defaults=True):
 
 class PlannerObservation(Struct, tag="planner_observation", kw_only=True, omit_defaults=True):
     timestamp: float
+    model: str = ""  # the model these workers serve ("": every worker)
     prefill_pending: int = 0
     prefill_ack_pending: int = 0
     prefill_workers: int = 0
@@ -305,6 +329,7 @@ class ScaleDecision(Struct, tag="scale_decision", kw_only=True, omit_defaults=Tr
     after: int
     reason: str
     dry_run: bool = False
+    model: str = ""  # the model whose workers change ("": every worker)
 
 
 # --- public NATS request API ---------------------------------------------------------------
@@ -331,6 +356,8 @@ class ApiGenerateRequest(Struct, kw_only=True, omit_defaults=True, forbid_unknow
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     stream: bool = True
+    # lower is served first; None: the x-baton-priority header's, else 0 (checked by the frontend)
+    priority: int | None = None
 
 
 class ApiChunk(Struct, tag="chunk", kw_only=True, omit_defaults=True):

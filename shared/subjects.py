@@ -43,6 +43,8 @@ CONFIG_BUCKET = "baton_config"
 KV_RESYNC = f"{PREFIX}.kv.resync"
 # Router index snapshots (JetStream object store), so a new replica need not replay everything.
 ROUTER_SNAPSHOT_BUCKET = "baton_router_snapshots"
+# Tokenizer and chat-template files workers publish for frontends that cannot read their model path.
+MODEL_FILES_BUCKET = "baton_model_files"
 
 
 def generate(worker_id: str) -> str:

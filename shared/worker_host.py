@@ -29,6 +29,8 @@ from shared.engines import Engine, EngineConfig, make_engine
 from shared.kv_address import advertised_host, bind_host_for
 from shared.kv_transport import KvTls, KvTransport, make_transport
 from shared.messages import KvEventBatch, LoadReport, LoraInfo, WorkerInfo
+from shared.model_files import advertise_model
+from shared.runtime import settle_heap
 from shared.telemetry import serve_metrics
 
 log = logging.getLogger("baton.worker")
@@ -84,6 +86,7 @@ class WorkerHost:
         self._idle = anyio.Event()  # set when draining and the last piece of work is done
         self._kv_seq = 0
         self._started_at = time.time()
+        self.model_fields: dict[str, object] = {}  # context length, digests, path (shared/model_files.py)
 
     # --- what a role fills in ------------------------------------------------------------
 
@@ -121,7 +124,7 @@ class WorkerHost:
             worker_id=self.worker_id, role=self.role, model=self.model,  # type: ignore[arg-type]
             block_size=self.engine.block_size, engine=self.engine.name, pid=os.getpid(), host=socket.gethostname(),
             started_at=self._started_at, loras=[LoraInfo(name=n, digest=d) for n, d in self.engine.loras()],
-            **self.info_fields(),
+            **self.model_fields, **self.info_fields(),  # type: ignore[arg-type]
         )
 
     async def advertise(self) -> None:
@@ -145,6 +148,12 @@ class WorkerHost:
                 if self.wants_transport():
                     await self._start_transport(tg)
                 await self.serve(tg)
+                # What frontends need to serve the model; decode workers (the ones frontends send
+                # requests to) also publish the tokenizer files once.
+                self.model_fields = await advertise_model(
+                    self.bus, self.settings.engine.model,
+                    getattr(self.engine, "max_model_len", None) or self.settings.engine.max_model_len,
+                    publish=self.role == "decode")
                 self.registration = WorkerRegistration(self.bus, self.info(), self.settings.discovery_ttl)
                 await self.registration.register()
                 tg.start_soon(self.registration.run)
@@ -152,6 +161,8 @@ class WorkerHost:
                     tg.start_soon(self._report_load)
                     tg.start_soon(self._publish_kv_events)
                 self.ready = True
+                if owns_bus:  # (a fleet of workers in one process settles once, at its start)
+                    settle_heap()  # the engine, its pools and connections stay out of the collector's way
                 log.info("%s serving %s with the %s engine", self.worker_id, self.model, self.engine.name)
                 await self.work()
                 tg.cancel_scope.cancel()

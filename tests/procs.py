@@ -144,10 +144,14 @@ class Stack:
                  planner: bool = False, discovery_ttl: float = 3.0, model: str = "baton-tiny",
                  extra_decode_args: list[str] | None = None, env: dict[str, str] | None = None,
                  decode_ids: list[str] | None = None, routers: int = 1, frontends: int = 1,
-                 metrics: bool = False, auth: bool = True, decode_replicas: int = 1) -> None:
+                 metrics: bool = False, auth: bool = True, decode_replicas: int = 1,
+                 decode_models: list[str] | None = None, frontend_model: str | None = "") -> None:
         self.workdir = workdir
         self.engine = engine
         self.model = model
+        self.decode_models = decode_models or []  # the i-th decode worker's --model (default: model)
+        # The frontend's --model ("": the stack's model; None: none, it serves what the fleet registers).
+        self.frontend_model = model if frontend_model == "" else frontend_model
         self.ttl = discovery_ttl
         self.env = env or {}
         self.nats = StackNats(workdir, auth)
@@ -196,7 +200,8 @@ class Stack:
 
     def add_decode(self, extra: list[str] | None = None) -> ServiceProcess:
         i = len(self.decoders)
-        p = self._proc("decode", f"decode-{i}", [*self.common(), "--engine", self.engine, "--model", self.model,
+        model = self.decode_models[i] if i < len(self.decode_models) else self.model
+        p = self._proc("decode", f"decode-{i}", [*self.common(), "--engine", self.engine, "--model", model,
                                                  *self._extra_decode, *(extra or [])])
         self.decoders.append(p)
         return p
@@ -219,8 +224,9 @@ class Stack:
         if self._planner:
             self._proc("planner", "planner", [*self.common(), "--interval", "0.5"])
         self.frontends = [
-            self._proc("frontend", f"frontend-{i}", [*self.common(), "--model", self.model, "--host", "127.0.0.1",
-                                                      "--port", str(port), *self.frontend_extra])
+            self._proc("frontend", f"frontend-{i}", [*self.common(), *(["--model", self.frontend_model]
+                                                                       if self.frontend_model else []),
+                                                      "--host", "127.0.0.1", "--port", str(port), *self.frontend_extra])
             for i, port in enumerate(self.ports)
         ]
         self.frontend = self.frontends[0]

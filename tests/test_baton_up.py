@@ -101,6 +101,36 @@ def test_up_serves_and_sigterm_stops_everything(tmp_path) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def test_up_serves_two_models_behind_one_frontend(tmp_path) -> None:
+    """``baton up --model A --model B``: the planner starts a worker of each model; the frontend
+    serves A (its --model) and finds B through discovery."""
+    from shared.builtin_model import ensure_builtin
+
+    ensure_builtin("baton-tiny-b")
+    proc, http_port, _ = start_up(tmp_path, ["--model", "baton-tiny", "--model", "baton-tiny-b", "--prefill-workers", "0"])
+    base = f"http://127.0.0.1:{http_port}"
+    try:
+        wait_ready_line(tmp_path, proc)
+
+        def listed() -> set[str]:
+            return {m["id"] for m in httpx.get(f"{base}/v1/models", timeout=5).json()["data"]}
+
+        wait_until(lambda: listed() == {"baton-tiny", "baton-tiny-b"}, 60, 0.2, "both models listed")
+        texts = {}
+        for model in ("baton-tiny", "baton-tiny-b"):
+            r = httpx.post(f"{base}/v1/completions", json={"model": model, "prompt": [5, 17, 301, 44], "max_tokens": 6,
+                                                          "temperature": 0, "ignore_eos": True}, timeout=60)
+            assert r.status_code == 200 and r.json()["model"] == model, r.text
+            texts[model] = r.json()["choices"][0]["text"]
+        assert texts["baton-tiny"] != texts["baton-tiny-b"]
+        assert httpx.get(f"{base}/health", timeout=5).json()["decode_workers"] == 2
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def test_up_restarts_a_killed_router_and_sigkill_leaves_no_orphans(tmp_path) -> None:
     proc, http_port, _ = start_up(tmp_path, ["--prefill-workers", "0"])
     try:

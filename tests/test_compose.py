@@ -176,6 +176,19 @@ def test_workers_scale(name: str):
     assert "--worker-id" not in _options(svc["command"]) and "BATON_WORKER_ID" not in _environment(svc), name
 
 
+def _init_option(script: str, option: str) -> str:
+    """The value of ``option`` in the nats-auth job's ``baton auth init`` command line."""
+    words = script.split("&&")[0].split()
+    assert words[:3] == ["baton", "auth", "init"] and option in words, script
+    return words[words.index(option) + 1]
+
+
+def _server_config(svc: dict) -> str:
+    """The config file a NATS service loads (``-c``), its default filled in where Compose did not render."""
+    command = [str(a) for a in svc["command"]]
+    return re.sub(r"\$\{BATON_COMPOSE_NATS_CONFIG:-([^}]*)\}", r"\1", command[command.index("-c") + 1])
+
+
 def _mounts(svc: dict) -> dict[str, tuple[str, bool]]:
     """Named-volume mounts of a service: volume -> (path in the container, read-only)."""
     out = {}
@@ -198,7 +211,8 @@ def test_each_service_mounts_only_its_own_role_and_nats_is_not_root(tmp_path):
     script = init["entrypoint"][-1]
     assert "--per-role-dirs" in script
     r = subprocess.run([sys.executable, "-m", "baton", "auth", "init", str(tmp_path), "--per-role-dirs",
-                        "--no-grafana"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+                        "--no-grafana", "--cluster-routes", _init_option(script, "--cluster-routes")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert r.returncode == 0, r.stderr
     init_mounts = {path: volume for volume, (path, _) in _mounts(init).items()}
     top = init_mounts.pop("/etc/baton/nats-auth")
@@ -232,6 +246,11 @@ def test_each_service_mounts_only_its_own_role_and_nats_is_not_root(tmp_path):
     assert f"chown {uid}:" in script and "/data" in script, "NATS's uid must own its config and data"
     assert _mounts(nats)[top] == ("/etc/baton/nats-auth", True)
     assert (tmp_path / "nats-auth.conf").is_file()
+    # The cluster's config and route password: private, NATS's, in the volume only NATS mounts.
+    owned = script.split(f"chown {uid}:", 1)[1].split("&&")[0]
+    for name in ("nats-auth.conf", "cluster.conf", "route-password"):
+        assert (tmp_path / name).stat().st_mode & 0o077 == 0, name
+        assert f"/etc/baton/nats-auth/{name}" in owned, (name, "not NATS's")
 
 
 def test_nats_auth_on_and_ports_on_this_host_only():
@@ -241,7 +260,7 @@ def test_nats_auth_on_and_ports_on_this_host_only():
     assert init["restart"] == "no" and "auth init /etc/baton/nats-auth" in " ".join(init["entrypoint"])
     nats = SERVICES["nats"]
     assert nats["depends_on"]["nats-auth"]["condition"] == "service_completed_successfully"
-    assert nats["command"][nats["command"].index("-c") + 1] == "/etc/baton/nats-auth/nats-auth.conf"
+    assert _server_config(_rendered()["services"]["nats"]) == "/etc/baton/nats-auth/nats-auth.conf"
     assert not nats.get("ports"), "NATS is not published"
     for name, svc in BATON.items():
         role = svc["command"][0]
@@ -319,7 +338,8 @@ def _nats_options(svc: dict) -> dict[str, str | None]:
 def test_nats_alone_by_default_and_the_other_two_only_in_the_cluster_profile():
     services = _rendered()["services"]
     alone = _nats_options(services["nats"])
-    assert alone["--cluster"] is None and alone["--routes"] is None, "one server: no routes (JetStream standalone)"
+    assert not {"--cluster", "--routes"} & set(alone), "one server: no routes (JetStream standalone)"
+    assert _server_config(services["nats"]) == "/etc/baton/nats-auth/nats-auth.conf", "no cluster block"
     assert "-js" in services["nats"]["command"]
     for name in NATS_SERVERS[1:]:
         assert SERVICES[name]["profiles"] == ["cluster"], name
@@ -339,10 +359,10 @@ def test_cluster_profile_three_servers_and_every_service_on_all_three():
         svc = services[name]
         opts = _nats_options(svc)
         assert "-js" in svc["command"], name
-        assert opts["--server_name"] == name and opts["--cluster_name"] == "baton", name  # unique names, one cluster
-        assert opts["--cluster"] == "nats://0.0.0.0:6222", name
-        assert opts["--routes"].split(",") == routes, name
-        assert svc["command"][svc["command"].index("-c") + 1] == "/etc/baton/nats-auth/nats-auth.conf", name
+        assert opts["--server_name"] == name, name  # unique names
+        # The cluster is in the config file (a cluster flag would override its route authorization).
+        assert not {"--cluster", "--routes", "--cluster_name", "--cluster_listen"} & set(opts), name
+        assert _server_config(svc) == "/etc/baton/nats-auth/cluster.conf", name
         assert svc["healthcheck"]["test"][-1] == "http://127.0.0.1:8222/healthz", name
         assert str(svc["user"]).split(":")[0] not in ("0", "root"), name
         assert not svc.get("ports"), name
@@ -355,8 +375,91 @@ def test_cluster_profile_three_servers_and_every_service_on_all_three():
     script = init["entrypoint"][-1]
     for store in stores:
         assert store in init_targets and init_targets[store] in script.split("chown 10100:10100", 1)[1].split("&&")[0]
+    # cluster.conf: written by the init job (the real `baton auth init`, with the job's route list) to
+    # every server's routes, one cluster, authenticated routes; and the rendered file holds no secret.
+    assert _init_option(script, "--cluster-routes").split(",") == routes
+    rendered = yaml.safe_dump(_rendered(CLUSTER_ENV, "cluster"))
+    assert not re.search(r"nats://[^/\s]*@", rendered), "credentials in a rendered route URL"
+    _check_cluster_config(routes)
     urls = ",".join(f"nats://{n}:4222" for n in NATS_SERVERS)
     for name in BATON:
         env = _environment(services[name])
         assert env["BATON_NATS_URL"] == urls, name
         assert env["BATON_JS_REPLICAS"] == "3", name
+
+
+def _check_cluster_config(routes: list[str]) -> None:
+    """What `baton auth init --cluster-routes` writes: the auth config included, the cluster block
+    requiring the route password and presenting it on every route; nats-server accepts the file."""
+    import tempfile
+
+    from baton.nats_server import find_nats_server
+
+    with tempfile.TemporaryDirectory() as tmp:
+        r = subprocess.run([sys.executable, "-m", "baton", "auth", "init", tmp, "--no-grafana",
+                            "--cluster-routes", ",".join(routes)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert r.returncode == 0, r.stderr
+        password = (Path(tmp) / "route-password").read_text().strip()
+        assert len(password) >= 32 and password not in r.stdout + r.stderr
+        text = (Path(tmp) / "cluster.conf").read_text()
+        assert 'include "nats-auth.conf"' in text and 'name: "baton"' in text and 'listen: "0.0.0.0:6222"' in text
+        assert f'authorization {{ user: route, password: "{password}" }}' in text
+        dialled = json.loads(re.search(r"routes: (\[.*\])", text).group(1))
+        assert dialled == [u.replace("nats://", f"nats://route:{password}@") for u in routes]
+        check = subprocess.run([find_nats_server(), "-t", "-c", str(Path(tmp) / "cluster.conf")],
+                               capture_output=True, text=True, timeout=30)
+        assert check.returncode == 0 and "valid" in check.stdout + check.stderr, check.stderr
+        # Made once: a second run keeps the password (the servers' routes stay valid).
+        r = subprocess.run([sys.executable, "-m", "baton", "auth", "init", tmp, "--no-grafana",
+                            "--cluster-routes", ",".join(routes)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert r.returncode == 0 and (Path(tmp) / "route-password").read_text().strip() == password
+
+
+def test_cluster_conf_routes_refuse_a_server_without_the_route_password(tmp_path):
+    """cluster.conf as `baton auth init --cluster-routes` writes it, run as three real nats-servers on
+    loopback (each its own copy, listening on its own route port): they route to each other; a fourth
+    server with its own cluster.conf (another route password) is refused by all three, never joins."""
+    import shutil as sh
+    import urllib.request
+
+    from baton.nats_server import find_nats_server, free_port
+    from tests.procs import wait_until
+
+    route_ports, client_ports, monitor_ports = ([free_port() for _ in range(4)] for _ in range(3))
+    routes = [f"nats://127.0.0.1:{p}" for p in route_ports[:3]]
+    nats_auth.generate(tmp_path / "auth")
+    nats_auth.cluster_config(tmp_path / "auth", routes)  # the route password, made once
+    procs = []
+    try:
+        for i in range(4):
+            d = tmp_path / f"server-{i}"
+            d.mkdir(mode=0o700)
+            sh.copy(tmp_path / "auth" / "nats-auth.conf", d)
+            if i < 3:  # a member: the cluster's password (as every server reads the one nats-auth volume)
+                sh.copy(tmp_path / "auth" / "route-password", d)
+            conf = nats_auth.cluster_config(d, routes, listen=f"127.0.0.1:{route_ports[i]}")
+            procs.append(subprocess.Popen(
+                [find_nats_server(), "-c", str(conf), "-a", "127.0.0.1", "-p", str(client_ports[i]),
+                 "-m", str(monitor_ports[i]), "--server_name", f"nats-{i}"],
+                stdout=open(d / "log", "wb"), stderr=subprocess.STDOUT))
+
+        def peers(i: int) -> set[str] | None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{monitor_ports[i]}/routez", timeout=1) as r:
+                    return {route.get("remote_name") for route in json.loads(r.read())["routes"]}
+            except OSError:
+                return None
+
+        def members_routed() -> bool:
+            return all(peers(i) == {f"nats-{j}" for j in range(3) if j != i} for i in range(3))
+
+        wait_until(members_routed, 20, 0.2, "the three servers routed to each other")
+        wait_until(lambda: (tmp_path / "server-3" / "log").read_text(errors="replace").count(
+            "Authorization Violation") >= 3, 15, 0.2, "all three refusing the fourth server's routes")
+        assert members_routed() and peers(3) == set()
+        password = (tmp_path / "auth" / "route-password").read_text().strip()
+        assert not [i for i in range(4) if password in (tmp_path / f"server-{i}" / "log").read_text(errors="replace")]
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(10)

@@ -399,6 +399,19 @@ def test_the_planner_owns_worker_replicas_only_when_it_scales_them():
     assert not find(docs, "Role") and not find(docs, "ServiceAccount")
 
 
+def loads_auth_config(docs: list[dict], nats: dict) -> bool:
+    """Whether the NATS container's server config is the auth config (/etc/nats-auth/nats-auth.conf)
+    or, clustered, the cluster config (/etc/nats/nats.conf, its ConfigMap) that includes it."""
+    config = options(nats["args"]).get("--config")
+    if config == "/etc/nats-auth/nats-auth.conf":
+        return True
+    assert config in (None, "/etc/nats/nats.conf"), config
+    if config is None:
+        return False
+    text = one(docs, "ConfigMap", component("nats") + "-cluster")["data"]["nats.conf"]
+    return 'include "../nats-auth/nats-auth.conf"' in text
+
+
 def test_auth_and_tls_are_wired_at_both_ends():
     docs = render(SECURED)
     nats = container(one(docs, "StatefulSet", component("nats")))
@@ -409,7 +422,7 @@ def test_auth_and_tls_are_wired_at_both_ends():
     assert "--user" not in args and "--pass" not in args and not any("NATS_PASSWORD" in str(a) for a in args)
     conf = one(docs, "ConfigMap", component("nats") + "-config")["data"]["nats-auth.conf"]
     assert "user: $NATS_USER" in conf and "password: $NATS_PASSWORD" in conf
-    assert options(args)["--config"] == "/etc/nats-auth/nats-auth.conf"
+    assert loads_auth_config(docs, nats)
     assert nats_env["NATS_USER"]["valueFrom"]["secretKeyRef"] == {"name": "baton-nats-auth", "key": "user"}
     assert nats_env["NATS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "baton-nats-auth", "key": "password"}
     assert "--tlsverify" in args
@@ -466,8 +479,7 @@ def test_per_role_nats_identities_by_default():
         assert (creds.user, creds.inbox_prefix) == (u["user"], nats_auth.inbox_prefix(u["user"]))
         assert len(creds.password) >= 32 and creds.password not in data["nats-auth.conf"]
     nats = one(docs, "StatefulSet", component("nats"))
-    c = container(nats)
-    assert options(c["args"])["--config"] == "/etc/nats-auth/nats-auth.conf"
+    assert loads_auth_config(docs, container(nats))
     vol = next(v for v in nats["spec"]["template"]["spec"]["volumes"] if v["name"] == "auth")
     assert vol["secret"]["secretName"] == secret["metadata"]["name"]
     assert [i["key"] for i in vol["secret"]["items"]] == ["nats-auth.conf"]
@@ -487,8 +499,12 @@ def test_per_role_nats_identities_by_default():
 
 def test_insecure_no_auth_is_explicit():
     docs = render({"natsAuth": {"insecureNoAuth": True}})
-    assert not find(docs, "Secret")
-    assert "--config" not in container(one(docs, "StatefulSet", component("nats")))["args"]
+    # No client identities; the cluster's routes stay authenticated (their Secret and config only).
+    assert [d["metadata"]["name"] for d in find(docs, "Secret")] == [component("nats-routes")]
+    assert not loads_auth_config(docs, container(one(docs, "StatefulSet", component("nats"))))
+    single = render({"natsAuth": {"insecureNoAuth": True}, "nats": {"replicas": 1}})
+    assert not find(single, "Secret")
+    assert "--config" not in container(one(single, "StatefulSet", component("nats")))["args"]
     assert "BATON_NATS_CREDS" not in env_of(container(one(docs, "Deployment", component("decode"))))
 
 

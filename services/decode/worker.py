@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,9 +24,11 @@ from services.decode.disagg import DECISIONS as DISAGG_DECISIONS
 from services.decode.disagg import DisaggSettings, RemotePrefill
 from services.decode.peer_fetch import PeerBlocks
 from shared import subjects, tracing
+from shared.bus import ReplyBatcher
 from shared.discovery import WorkerView
 from shared.engines import Engine
 from shared.engines.adapters import AdapterBusyError, UnknownAdapterError
+from shared.engines.base import EngineOutput
 from shared.messages import (
     GenerateError,
     GenerateRequest,
@@ -64,6 +67,7 @@ class DecodeWorker(WorkerHost):
         self._scopes: dict[str, anyio.CancelScope] = {}
         self.remote: RemotePrefill | None = None
         self.peers: PeerBlocks | None = None
+        self.replies: ReplyBatcher | None = None  # batched replies to the frontends that take them
 
     def _remote_prefill(self) -> bool:
         return self.settings.disagg.enabled and self.engine.supports_remote_prefill
@@ -89,6 +93,8 @@ class DecodeWorker(WorkerHost):
             self.remote = RemotePrefill(self.bus, self.engine, self.transport, view, self.worker_id,
                                         self.settings.disagg)
             tg.start_soon(self.remote.run)
+        self.replies = ReplyBatcher(self.bus)
+        tg.start_soon(self.replies.run)
         await self.bus.subscribe(subjects.generate(self.worker_id), self._on_generate)
         await self.bus.subscribe(subjects.cancel(self.worker_id), self._on_cancel)
         await self.bus.subscribe(subjects.status(self.worker_id), self._on_status)
@@ -201,15 +207,15 @@ class DecodeWorker(WorkerHost):
             return
         # This task's log lines (here and in the disagg/engine code it calls) carry the request id.
         bind_request(req.request_id, tracing.trace_id_from_headers(msg.headers))
+        send = self._sender(req, reply)
         if self.draining or len(self._scopes) >= self.settings.max_inflight:
             REQUESTS.labels(self.role, "rejected").inc()
-            await self.bus.publish(reply, GenerateError(request_id=req.request_id, code=503,
-                                                       message=f"{self.worker_id} is draining or full"))
+            await send(GenerateError(request_id=req.request_id, code=503, message=f"{self.worker_id} is draining or full"))
             return
         problem = self._validate(req)
         if problem:
             REQUESTS.labels(self.role, "bad_request").inc()
-            await self.bus.publish(reply, GenerateError(request_id=req.request_id, code=400, message=problem))
+            await send(GenerateError(request_id=req.request_id, code=400, message=problem))
             return
         span = tracing.start("decode", tracing.SpanKind.SERVER, tracing.context_from(msg.headers), **{
             "baton.request_id": req.request_id, "baton.worker_id": self.worker_id,
@@ -227,26 +233,44 @@ class DecodeWorker(WorkerHost):
         outcome = "cancelled"
         try:
             with scope:
-                outcome = await self._stream(req, reply, span)
+                outcome = await self._stream(req, send, span)
         except Exception as e:
             outcome = "error"
             log.exception("request %s failed", req.request_id)
             with anyio.move_on_after(1, shield=True):
-                await self.bus.publish(reply, GenerateError(request_id=req.request_id, code=500, message=f"engine error: {e!r}"))
+                await send(GenerateError(request_id=req.request_id, code=500, message=f"engine error: {e!r}"))
         finally:
             log.debug("generate finished: %s", outcome)
             tracing.end(span, error=None if outcome in ("length", "stop") else outcome,
                         **{"gen_ai.response.finish_reasons": [outcome]})
             self._scopes.pop(req.request_id, None)
+            self.engine.listen(req.request_id, None)
             self.end()
             RUNNING.labels(self.role).dec()
             REQUESTS.labels(self.role, outcome).inc()
 
-    async def _stream(self, req: GenerateRequest, reply: str, span: Any = None) -> str:
+    def _sender(self, req: GenerateRequest, reply: str) -> Callable[[TokenChunk | GenerateError], Awaitable[None]]:
+        """How this request's replies leave: batched with the other replies of the loop turn (one
+        engine step) to the same frontend when it takes batches (``batch_reply``), else one
+        message each to ``reply``."""
+        batcher = self.replies
+        if req.batch_reply and batcher is not None:
+            subject = req.batch_reply
+
+            async def batched(r: TokenChunk | GenerateError) -> None:
+                batcher.send(subject, r)
+            return batched
+        bus = self.bus
+        assert bus is not None
+
+        async def single(r: TokenChunk | GenerateError) -> None:
+            await bus.publish(reply, r)
+        return single
+
+    async def _stream(self, req: GenerateRequest, publish: Callable[[TokenChunk | GenerateError], Awaitable[None]],
+                      span: Any = None) -> str:
         """Stream the engine's outputs as TokenChunks, per choice (``n > 1``); not streamed, one
         final chunk per choice. The request's last chunk carries the usage, prompt counted once."""
-        assert self.bus is not None
-        publish = self.bus.publish
         rid = req.request_id
         sp = req.sampling
         n = max(1, sp.n)
@@ -275,9 +299,31 @@ class DecodeWorker(WorkerHost):
         if outputs is None:
             outputs = self.engine.generate(rid, req.token_ids, sp, lora=req.lora) if req.lora else \
                 self.engine.generate(rid, req.token_ids, sp)
+        batcher = self.replies
+        if req.stream and n == 1 and req.batch_reply and batcher is not None:
+            subject = req.batch_reply
+
+            def on_output(out: EngineOutput) -> bool:
+                """A streamed, batched request's tokens go to the batcher as the step delivers them:
+                no task switch per token. The last output (and any error) takes the loop below."""
+                nonlocal prompt_lp
+                if out.finish_reason is not None or out.error:
+                    return False
+                if out.prompt_logprobs:
+                    prompt_lp = out.prompt_logprobs
+                if out.token_ids:
+                    if index[0] == 0:
+                        tracing.event(span, "first_token", **{"baton.cached_tokens": out.num_cached_tokens})
+                    batcher.send(subject, TokenChunk(request_id=rid, index=index[0], token_ids=out.token_ids,
+                                                     logprobs=out.logprobs or [], prompt_logprobs=prompt_lp))
+                    prompt_lp = []
+                    index[0] += len(out.token_ids)
+                return True
+
+            self.engine.listen(rid, on_output)
         async for out in outputs:
             if out.error:
-                await publish(reply, GenerateError(request_id=rid, code=out.error_code, message=out.error))
+                await publish(GenerateError(request_id=rid, code=out.error_code, message=out.error))
                 return "bad_request"
             c = out.choice if 0 <= out.choice < n else 0
             if sum(index) == 0 and out.token_ids:
@@ -300,7 +346,7 @@ class DecodeWorker(WorkerHost):
                 tokens = held[c] + out.token_ids if not req.stream else out.token_ids
                 start = 0 if not req.stream else index[c]
                 index[c] += len(out.token_ids)
-                await publish(reply, TokenChunk(
+                await publish(TokenChunk(
                     request_id=rid, index=start, token_ids=tokens, finish_reason=out.finish_reason,  # type: ignore[arg-type]
                     usage=usage, choice=c, logprobs=held_lp[c] + lps if not req.stream else lps,
                     prompt_logprobs=prompt_lp))
@@ -310,7 +356,7 @@ class DecodeWorker(WorkerHost):
                 continue
             if req.stream:
                 if out.token_ids:
-                    await publish(reply, TokenChunk(request_id=rid, index=index[c], token_ids=out.token_ids, choice=c,
+                    await publish(TokenChunk(request_id=rid, index=index[c], token_ids=out.token_ids, choice=c,
                                                     logprobs=lps, prompt_logprobs=prompt_lp))
                     prompt_lp = []
             else:

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from services.frontend.openai_api import usage_dict
 from services.frontend.request import ChoicePlan
 from shared.messages import PositionLogprobs, Usage
@@ -29,6 +31,15 @@ if TYPE_CHECKING:
 
 
 # --- deltas -> OpenAI shapes -------------------------------------------------------------------
+
+_json = msgspec.json.Encoder()
+_NO_LOGPROBS_NOT_DONE = b'"logprobs":null,"finish_reason":null}]}\n\n'
+_NO_LOGPROBS_DONE = b'"logprobs":null,"finish_reason":'
+
+
+def sse_event(payload: Any) -> bytes:
+    """One server-sent event carrying ``payload`` as JSON."""
+    return b"data: " + _json.encode(payload) + b"\n\n"
 
 
 @dataclass
@@ -60,6 +71,13 @@ class ChoiceShaper:
         # Chat: each choice's text through its own tool-call / reasoning reader (structured.py).
         self.outputs = [chat_output() for _ in self.choices] if chat and chat_output is not None else None
         self._strings: dict[int, str] = {}
+        # The common stream (one choice, text only): each event is this request's fixed bytes around
+        # the new text, byte for byte what encoding _chunk's dict gives, without building the dict.
+        self._sse_head: bytes | None = None
+        if self.outputs is None and plan.logprobs is None and not plan.echo and plan.best_of == 1:
+            head = _json.encode({"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                                 "created": self.created, "model": model})
+            self._sse_head = b"data: " + head[:-1] + b',"choices":[{"index":0,'
 
     # token text
     def token_str(self, token_id: int) -> str:
@@ -108,7 +126,30 @@ class ChoiceShaper:
             return {"content": [self._chat_entry(p) for p in lps], "refusal": None}
         return self._completion_logprobs(c, lps, echo)
 
-    # streaming
+    # streaming, as server-sent events
+    def sse_start(self) -> bytes:
+        """The events that open a stream (chat: the assistant role, per choice)."""
+        if self._sse_head is not None:
+            return self._sse_head + b'"delta":{"role":"assistant","content":""},' + _NO_LOGPROBS_NOT_DONE \
+                if self.chat else b""
+        return b"".join(map(sse_event, self.stream_start()))
+
+    def sse_delta(self, d: Delta) -> bytes:
+        """The events of one delta (see :meth:`stream_delta`)."""
+        head = self._sse_head
+        if head is None or d.choice != 0 or d.prompt_logprobs:
+            return b"".join(map(sse_event, self.stream_delta(d)))
+        self.choices[0].started = True
+        out = b""
+        if d.text or d.finish_reason is None:
+            out = head + (b'"delta":{"content":' if self.chat else b'"text":') + _json.encode(d.text) \
+                + (b"}," if self.chat else b",") + _NO_LOGPROBS_NOT_DONE
+        if d.finish_reason is not None:
+            out += head + (b'"delta":{},' if self.chat else b'"text":"",') + _NO_LOGPROBS_DONE \
+                + _json.encode(d.finish_reason) + b"}]}\n\n"
+        return out
+
+    # streaming, as OpenAI's chunk objects
     def stream_start(self) -> list[dict[str, Any]]:
         if not self.chat:
             return []

@@ -6,7 +6,6 @@ from typing import Annotated
 
 import typer
 
-from shared.builtin_model import DEFAULT_MODEL
 from shared.cli_options import (
     DEFAULT_NATS_URL,
     DiscoveryTtl,
@@ -14,7 +13,6 @@ from shared.cli_options import (
     JsReplicas,
     LogFormat,
     LogLevel,
-    Model,
     NatsCreds,
     NatsUrl,
     RouterCatchupTimeout,
@@ -24,6 +22,7 @@ from shared.cli_options import (
     RouterOverlapWeight,
     RouterPredictionTtl,
     RouterSeed,
+    RouterSessionTtl,
     RouterSnapshotInterval,
     RouterTemperature,
     ServedModelName,
@@ -37,8 +36,19 @@ def main(
     js_replicas: JsReplicas = None,
     host: Annotated[str, typer.Option(envvar="BATON_HOST", help="HTTP bind address.")] = "0.0.0.0",
     port: Annotated[int, typer.Option(envvar="BATON_PORT", help="HTTP port.")] = 8000,
-    model: Model = DEFAULT_MODEL,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", envvar="BATON_MODEL",
+                     help="A model to load at start and always serve (built-in name or model directory). "
+                          "Optional: the frontend also serves every model its workers register."),
+    ] = None,
     served_model_name: ServedModelName = None,
+    model_alias: Annotated[
+        list[str] | None,
+        typer.Option("--model-alias", envvar="BATON_MODEL_ALIASES",
+                     help="public=served: requests for 'public' go to the served model 'served' (repeatable; "
+                          "the env var takes a comma-separated list)."),
+    ] = None,
     max_model_len: Annotated[
         int, typer.Option(envvar="BATON_MAX_MODEL_LEN", help="Context length limit (0: the model's own).")
     ] = 0,
@@ -132,17 +142,60 @@ def main(
     lora_timeout: Annotated[
         float, typer.Option(envvar="BATON_LORA_TIMEOUT", help="Seconds each worker has to load or unload an adapter.")
     ] = 30.0,
+    router_session_ttl: RouterSessionTtl = 600.0,
+    priority_min: Annotated[
+        int, typer.Option(envvar="BATON_PRIORITY_MIN", help="Lowest request priority accepted (400 below).")
+    ] = -100,
+    priority_max: Annotated[
+        int, typer.Option(envvar="BATON_PRIORITY_MAX", help="Highest request priority accepted (400 above).")
+    ] = 100,
+    admission_max_running: Annotated[
+        int, typer.Option(envvar="BATON_ADMISSION_MAX_RUNNING",
+                          help="Requests this frontend has at the workers at once; more wait in the admission "
+                               "queue (by priority, then fair share per API key). 0: no cap.")
+    ] = 0,
+    admission_reserved: Annotated[
+        int, typer.Option(envvar="BATON_ADMISSION_RESERVED",
+                          help="Of --admission-max-running, slots only requests with priority < 0 may take.")
+    ] = 0,
+    admission_queue_timeout: Annotated[
+        float, typer.Option(envvar="BATON_ADMISSION_QUEUE_TIMEOUT",
+                            help="Longest wait in the admission queue; then 503 with Retry-After.")
+    ] = 30.0,
+    admission_max_queued: Annotated[
+        int, typer.Option(envvar="BATON_ADMISSION_MAX_QUEUED",
+                          help="Requests waiting for admission at once; beyond, 503 with Retry-After at once.")
+    ] = 1024,
+    admission_worker_waiting: Annotated[
+        int, typer.Option(envvar="BATON_ADMISSION_WORKER_WAITING",
+                          help="The fleet counts as full (requests queue here) while every decode worker's load "
+                               "report shows at least this many requests waiting in its engine. 0: off.")
+    ] = 0,
+    tenant_tpm: Annotated[
+        int, typer.Option(envvar="BATON_TENANT_TPM",
+                          help="Tokens a minute (prompt + completion) per API key, unless its line in the keys "
+                               "file sets tpm=; callers without a key share one budget. 0: no limit.")
+    ] = 0,
 ) -> None:
     """Serve the OpenAI-compatible HTTP API and the NATS request API."""
     from services.frontend.access import ConfigError
+    from services.frontend.admission import AdmissionSettings
     from services.frontend.generation import GenerationSettings
+    from services.frontend.models import parse_aliases
     from services.frontend.service import ROUTER_PLACES, Frontend, FrontendSettings
     from shared.preflight import check_model, check_port, run_checks
     from shared.routing.core import RoutingSettings
     from shared.routing.policy import make_policy
     from shared.runtime import run_service
 
-    run_checks("frontend", [lambda: check_model(model), lambda: check_port(host, port, "HTTP", "--port")])
+    checks = [lambda: check_port(host, port, "HTTP", "--port")]
+    if model:
+        checks.insert(0, lambda: check_model(model))
+    run_checks("frontend", checks)
+    try:
+        aliases = parse_aliases(model_alias or [])
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--model-alias") from None
     if router not in ROUTER_PLACES:
         raise typer.BadParameter(f"{router!r}: choose one of {', '.join(ROUTER_PLACES)}", param_hint="--router")
     try:
@@ -152,6 +205,7 @@ def main(
 
     settings = FrontendSettings(
         nats_url=nats_url, host=host, port=port, model=model, served_model_name=served_model_name,
+        model_aliases=aliases,
         max_model_len=max_model_len, max_body_bytes=max_body_bytes, max_inflight=max_inflight,
         header_timeout=header_timeout, discovery_ttl=discovery_ttl, api_keys_file=api_keys_file,
         rate_limit_rpm=rate_limit_rpm, rate_limit_burst=rate_limit_burst, max_prompt_tokens=max_prompt_tokens, max_n=max_n,
@@ -162,7 +216,12 @@ def main(
                                 overlap_weight=router_overlap_weight, lower_tier_weight=router_lower_tier_weight,
                                 lora_load_weight=router_lora_load_weight,
                                 temperature=router_temperature, prediction_ttl=router_prediction_ttl,
-                                snapshot_interval=router_snapshot_interval, catchup_timeout=router_catchup_timeout),
+                                snapshot_interval=router_snapshot_interval, catchup_timeout=router_catchup_timeout,
+                                session_ttl=router_session_ttl),
+        admission=AdmissionSettings(max_running=admission_max_running, reserved=admission_reserved,
+                                    queue_timeout=admission_queue_timeout, max_queued=admission_max_queued,
+                                    worker_waiting=admission_worker_waiting, tenant_tpm=tenant_tpm),
+        priority_range=(priority_min, priority_max),
         generation=GenerationSettings(route_timeout=route_timeout, first_token_timeout=first_token_timeout,
                                       request_timeout=request_timeout,
                                       max_migrations=max_migrations),

@@ -1,8 +1,8 @@
 """The OpenAI-compatible HTTP API as a bare ASGI app (no framework: this is the hot path).
 
-Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, POST /tokenize and
-POST /detokenize (vLLM's shapes), POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's),
-GET /health, GET /metrics. Every error is OpenAI's error object
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models and /v1/models/{model},
+POST /tokenize and POST /detokenize (vLLM's shapes), POST /v1/load_lora_adapter and
+/v1/unload_lora_adapter (vLLM's), GET /health, GET /metrics. Every error is OpenAI's error object
 with the right status.
 """
 
@@ -20,10 +20,13 @@ import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.frontend import metrics
-from services.frontend.access import AccessControl
-from services.frontend.choices import ChoiceShaper
+from services.frontend.access import ANONYMOUS, AccessControl, Tenant
+from services.frontend.admission import Admission, AdmissionSettings
+from services.frontend.choices import ChoiceShaper, sse_event
 from services.frontend.generation import Generation
+from services.frontend.http_protocol import CLIENT_WATCH, ClientWatch
 from services.frontend.lora_admin import LoraAdmin
+from services.frontend.models import ModelRegistry, ServedModel
 from services.frontend.openai_api import (
     ChatCompletionRequest,
     RequestError,
@@ -39,10 +42,13 @@ from services.frontend.openai_api import (
 )
 from services.frontend.request import (
     DEFAULT_MAX_N,
+    DEFAULT_PRIORITY_RANGE,
+    PRIORITY_HEADER,
+    SESSION_HEADER,
     TEMPLATE_ERRORS,
     TOKENIZE_IN_THREAD_CHARS,
+    RequestHints,
     RequestLimits,
-    check_model,
     check_token_ids,
     from_chat,
     from_completion,
@@ -62,6 +68,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 _json = msgspec.json.Encoder()
 _JSON_HEADERS = [(b"content-type", b"application/json")]
+_SSE_DONE = b"data: [DONE]\n\n"
 _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 
 
@@ -71,6 +78,14 @@ def _header_map(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
 
 _TOKEN_ROUTES = ("/tokenize", "/detokenize")
 _LORA_ROUTES = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
+_ANONYMOUS = Tenant(ANONYMOUS)
+_HINT_HEADERS = (PRIORITY_HEADER.encode(), SESSION_HEADER.encode())
+
+
+def _hints(headers: list[tuple[bytes, bytes]]) -> RequestHints:
+    """x-baton-priority and x-session-id, if sent (ASGI header names are lowercase)."""
+    found = {k: v.decode("latin-1") for k, v in headers if k in _HINT_HEADERS}
+    return RequestHints.from_headers(lambda name: found.get(name.encode()))
 
 
 class ClientGone(Exception):
@@ -80,8 +95,8 @@ class ClientGone(Exception):
 class OpenAIApp:
     def __init__(
         self,
-        generation: Generation,
-        model: str,
+        generation: Generation | None,  # with ``models``: None (each served model has its own)
+        model: str | None,
         max_model_len: int,
         ready: Callable[[], dict[str, Any] | None],
         max_body_bytes: int = 2 * 1024 * 1024,
@@ -93,11 +108,10 @@ class OpenAIApp:
         tool_parser: ToolParser | None = None,
         reasoning_parser: str | None = None,
         lora_admin: LoraAdmin | None = None,
+        models: ModelRegistry | None = None,
+        admission: Admission | None = None,
+        priority_range: tuple[int, int] = DEFAULT_PRIORITY_RANGE,
     ) -> None:
-        self.generation = generation
-        self.tokenizer = generation.tokenizer
-        self.model = model
-        self.max_model_len = max_model_len
         self.ready = ready  # returns a status dict when ready, None when not
         self.max_body_bytes = max_body_bytes
         self.max_inflight = max_inflight
@@ -105,12 +119,18 @@ class OpenAIApp:
         self.body_timeout = body_timeout  # seconds a client has to send the whole body
         self.inflight = 0
         self.created = int(time.time())
-        self.tool_parser = tool_parser  # reads tool calls out of text (tool_choice auto)
         self.reasoning_parser = reasoning_parser  # splits <think> into reasoning_content
-        # what requests are checked against (max_prompt_tokens 0: only the context bounds a prompt)
-        self.lora_admin = lora_admin  # LoRA adapters: the catalog (model names) and run-time loading
-        self.limits = RequestLimits(model, max_model_len, max_prompt_tokens, max_n, tool_parser,
-                                    lora_admin.adapters if lora_admin is not None else None)
+        if models is None:  # one model, given here (tests, embedding): a registry that only preloads it
+            assert generation is not None
+            models = ModelRegistry()
+            # what requests are checked against (max_prompt_tokens 0: only the context bounds a prompt)
+            limits = RequestLimits(model or "", max_model_len, max_prompt_tokens, max_n, tool_parser, priority_range)
+            models.preload(ServedModel(name=model or "", tokenizer=generation.tokenizer, max_model_len=max_model_len,
+                                       limits=limits, generation=generation, tool_parser=tool_parser,
+                                       created=self.created))
+        self.models = models  # every model served, by name (services/frontend/models.py)
+        self.admission = admission or Admission(AdmissionSettings())  # shared with the NATS API
+        self.lora_admin = lora_admin  # LoRA adapters loaded and unloaded at run time
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -127,9 +147,10 @@ class OpenAIApp:
                 started = True
             await send(message)
 
+        tenant = _ANONYMOUS
         try:
             if (path.startswith("/v1/") or path in _TOKEN_ROUTES) and self.access is not None:
-                self.access.admit_http(scope["headers"], scope.get("client"))
+                tenant = self.access.tenant_of(self.access.admit_http(scope["headers"], scope.get("client")))
             if path == "/v1/chat/completions" or path == "/v1/completions":
                 if method != "POST":
                     raise RequestError(405, f"use POST for {path}", code="method_not_allowed")
@@ -148,8 +169,8 @@ class OpenAIApp:
                                          tracing.context_from(_header_map(scope["headers"])),
                                          **{"http.request.method": method, "url.path": path})
                     try:
-                        status = await self._generate(path == "/v1/chat/completions", body, receive, send_tracked,
-                                                      root)
+                        status = await self._generate(path == "/v1/chat/completions", body, scope, receive,
+                                                      send_tracked, root, tenant, scope["headers"])
                     except RequestError as e:
                         tracing.end(root, error=e.message, **{"http.response.status_code": e.status})
                         root = None
@@ -180,6 +201,9 @@ class OpenAIApp:
                 status = await self._send_json(send, 200, result)
             elif path == "/v1/models" and method == "GET":
                 status = await self._send_json(send, 200, self._models())
+            elif path.startswith("/v1/models/") and method == "GET":
+                endpoint = "/v1/models/{model}"  # one metrics label, whatever the name
+                status = await self._send_json(send, 200, self._model_entry(path.removeprefix("/v1/models/")))
             elif path == "/health" or path == "/health/ready":
                 st = self.ready()
                 status = await self._send_json(send, 200 if st else 503, st or {"status": "not ready"})
@@ -244,79 +268,95 @@ class OpenAIApp:
         return status
 
     def _models(self) -> dict[str, Any]:
-        data = [{"id": self.model, "object": "model", "created": self.created, "owned_by": "baton",
-                 "max_model_len": self.max_model_len}]
-        if self.lora_admin is not None:  # LoRA adapters, with their base model as parent (as vLLM lists them)
-            data += [{"id": name, "object": "model", "created": self.created, "owned_by": "baton",
-                      "root": self.model, "parent": self.model, "max_model_len": self.max_model_len}
-                     for name in sorted(self.lora_admin.adapters())]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": self.models.listing()}
+
+    def _model_entry(self, name: str) -> dict[str, Any]:
+        """OpenAI's retrieve-model: one listed entry, or 404 ``model_not_found``."""
+        for entry in self.models.listing():
+            if entry["id"] == name:
+                return entry
+        self.models.resolve(name)  # raises the 404 (or 503 while it loads), with the served names
+        raise RequestError(404, f"the model {name!r} does not exist", param="model", code="model_not_found")
+
+    def _model_for(self, name: str | None) -> tuple[ServedModel, RequestLimits]:
+        """The served model a request names (404 if none serves it); no name: the default one."""
+        if name is None:
+            served = self.models.default()
+            return served, served.limits
+        return self.models.limits_for(name)
 
     async def _tokenize(self, body: bytes) -> dict[str, Any]:
         """vLLM's /tokenize: a prompt, or chat messages rendered by the chat template."""
         req = decode_request(body, tokenize_decoder)
-        if req.model is not None:
-            check_model(req.model, self.limits)
+        served, _ = self._model_for(req.model)
+        tokenizer = served.tokenizer
         if (req.prompt is None) == (req.messages is None):
             raise RequestError(400, "give exactly one of prompt and messages", param="prompt")
         if req.prompt is not None:
             add_special = True if req.add_special_tokens is None else req.add_special_tokens
             if len(req.prompt) < TOKENIZE_IN_THREAD_CHARS:
-                ids = self.tokenizer.encode(req.prompt, add_special_tokens=add_special)
+                ids = tokenizer.encode(req.prompt, add_special_tokens=add_special)
             else:
-                ids = await anyio.to_thread.run_sync(lambda: self.tokenizer.encode(req.prompt, add_special))
+                ids = await anyio.to_thread.run_sync(lambda: tokenizer.encode(req.prompt, add_special))
         else:
-            chat = ChatCompletionRequest(model=self.model, messages=req.messages or [])
+            chat = ChatCompletionRequest(model=served.name, messages=req.messages or [])
             messages = chat_messages(chat)
             gen_prompt = True if req.add_generation_prompt is None else req.add_generation_prompt
             try:
-                text = self.tokenizer.apply_chat_template(template_messages(messages), add_generation_prompt=gen_prompt)
+                text = tokenizer.apply_chat_template(template_messages(messages), add_generation_prompt=gen_prompt)
             except TEMPLATE_ERRORS as e:
                 raise RequestError(400, f"the chat template refused these messages: {e}", param="messages") from None
-            ids = self.tokenizer.encode(text, add_special_tokens=bool(req.add_special_tokens))
-        strs = [self.tokenizer.decode([t], skip_special_tokens=False) for t in ids] if req.return_token_strs else None
-        return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids, "token_strs": strs}
+            ids = tokenizer.encode(text, add_special_tokens=bool(req.add_special_tokens))
+        strs = [tokenizer.decode([t], skip_special_tokens=False) for t in ids] if req.return_token_strs else None
+        return {"count": len(ids), "max_model_len": served.max_model_len, "tokens": ids, "token_strs": strs}
 
     async def _detokenize(self, body: bytes) -> dict[str, Any]:
         req = decode_request(body, detokenize_decoder)
-        if req.model is not None:
-            check_model(req.model, self.limits)
-        check_token_ids(req.tokens, self.tokenizer, "tokens")
-        return {"prompt": self.tokenizer.decode(req.tokens, skip_special_tokens=False)}
+        served, _ = self._model_for(req.model)
+        check_token_ids(req.tokens, served.tokenizer, "tokens")
+        return {"prompt": served.tokenizer.decode(req.tokens, skip_special_tokens=False)}
 
-    async def _generate(self, chat: bool, body: bytes, receive: Receive, send: Send, root: Any = None) -> int:
+    async def _generate(self, chat: bool, body: bytes, scope: Scope, receive: Receive, send: Send,
+                        root: Any = None, tenant: Tenant | None = None,
+                        headers: list[tuple[bytes, bytes]] | None = None) -> int:
         rid = f"chatcmpl-{uuid.uuid4().hex}" if chat else f"cmpl-{uuid.uuid4().hex}"
         bind_request(rid, tracing.trace_id_of(root))  # this request's log lines (and access line) carry it
+        body_req = decode_request(body, chat_decoder if chat else completion_decoder)
+        served, limits = self._model_for(body_req.model)
+        model = served.name
+        hints = _hints(headers or [])
         if chat:
-            req = await from_chat(decode_request(body, chat_decoder), self.tokenizer, self.limits, rid)
+            req = await from_chat(body_req, served.tokenizer, limits, rid, hints)
         else:
-            req = await from_completion(decode_request(body, completion_decoder), self.tokenizer, self.limits, rid)
+            req = await from_completion(body_req, served.tokenizer, limits, rid, hints)
         chat_output = None
         if req.tool_plan is not None:
             tool_plan = req.tool_plan
+            tool_parser = served.tool_parser
 
             def chat_output() -> ChatOutput:  # one per choice: tool calls and reasoning read from its text
-                return ChatOutput(tool_plan, self.tool_parser, self.reasoning_parser)
-        shaper = ChoiceShaper(self.tokenizer, req.plan, chat, rid, self.model, req.prompt_text, req.token_ids,
+                return ChatOutput(tool_plan, tool_parser, self.reasoning_parser)
+        shaper = ChoiceShaper(served.tokenizer, req.plan, chat, rid, model, req.prompt_text, req.token_ids,
                               chat_output)
         metrics.INPUT_TOKENS.observe(len(req.token_ids))
         tracing.event(root, "tokenized")
         if root is not None:
             root.set_attributes({"gen_ai.operation.name": "chat" if chat else "text_completion",
-                                 "gen_ai.request.model": self.model, "gen_ai.request.max_tokens": req.sampling.max_tokens,
+                                 "gen_ai.request.model": model, "gen_ai.request.max_tokens": req.sampling.max_tokens,
                                  "gen_ai.request.temperature": req.sampling.temperature,
                                  "gen_ai.usage.input_tokens": len(req.token_ids), "gen_ai.response.id": rid})
         trace_header = [(b"x-trace-id", tracing.trace_id_of(root).encode())] if root is not None else []
-        deltas = self.generation.run(req, root)
+        deltas = self.admission.run(req, tenant or _ANONYMOUS, lambda: served.generation.run(req, root))
         try:
             if req.stream:
-                return await self._stream(chat, rid, deltas, req.include_usage, receive, send, trace_header, shaper)
-            return await self._complete(chat, rid, deltas, receive, send, trace_header, shaper)
+                return await self._stream(chat, rid, deltas, req.include_usage, receive, send, trace_header, shaper,
+                                          model, scope)
+            return await self._complete(chat, rid, deltas, receive, send, trace_header, shaper, scope)
         except RequestError as e:
             raise name_structured_error(e, req.structured_param) from None
 
     async def _complete(self, chat: bool, rid: str, deltas: Any, receive: Receive, send: Send,
-                        extra_headers: list[tuple[bytes, bytes]], shaper: ChoiceShaper) -> int:
+                        extra_headers: list[tuple[bytes, bytes]], shaper: ChoiceShaper, scope: Scope) -> int:
         final: Delta | None = None
 
         async def collect() -> None:
@@ -326,7 +366,7 @@ class OpenAIApp:
                     shaper.add(d)
                     final = d
 
-        await _run_unless_disconnected(collect, receive)
+        await _run_unless_disconnected(collect, receive, scope)
         assert final is not None and final.finish_reason is not None
         usage = final.usage or Usage()
         metrics.OUTPUT_TOKENS.observe(usage.completion_tokens)
@@ -334,62 +374,74 @@ class OpenAIApp:
         return await self._send_json(send, 200, body, [*_JSON_HEADERS, (b"x-request-id", rid.encode()), *extra_headers])
 
     async def _stream(self, chat: bool, rid: str, deltas: Any, include_usage: bool, receive: Receive, send: Send,
-                      extra_headers: list[tuple[bytes, bytes]], shaper: ChoiceShaper) -> int:
+                      extra_headers: list[tuple[bytes, bytes]], shaper: ChoiceShaper, model: str,
+                      scope: Scope) -> int:
+        """Server-sent events: one body write per delta (its events joined), the headers held until
+        the first one (the connection sends what one loop turn wrote as one packet; http_protocol.py)."""
         created = shaper.created
         started = False
         obj = "chat.completion.chunk" if chat else "text_completion"
+        itl = metrics.ITL.observe
 
-        worker = ""
-
-        async def start() -> None:
+        async def start(worker: str) -> None:
             nonlocal started
-            if not started:
-                started = True
-                await send({"type": "http.response.start", "status": 200,
-                            "headers": [*_SSE_HEADERS, (b"x-request-id", rid.encode()),
-                                        (b"x-baton-worker", worker.encode()), *extra_headers]})
-
-        async def event(payload: Any) -> None:
-            await send({"type": "http.response.body", "body": b"data: " + _json.encode(payload) + b"\n\n",
-                        "more_body": True})
+            started = True
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [*_SSE_HEADERS, (b"x-request-id", rid.encode()),
+                                    (b"x-baton-worker", worker.encode()), *extra_headers]})
 
         async def pump() -> None:
-            nonlocal worker
             last = time.perf_counter()
             async with aclosing(deltas) as it:
-                first = True
                 async for d in it:
-                    if first:
-                        worker = d.worker_id
-                        await start()  # errors before the first token still get a proper status
-                        for payload in shaper.stream_start():
-                            await event(payload)
-                        first = False
+                    if not started:
+                        await start(d.worker_id)  # errors before the first token still get a proper status
+                        body = shaper.sse_start() + shaper.sse_delta(d)
+                    else:
+                        body = shaper.sse_delta(d)
                     now = time.perf_counter()
-                    metrics.ITL.observe(now - last)
+                    itl(now - last)
                     last = now
-                    for payload in shaper.stream_delta(d):
-                        await event(payload)
                     if d.usage is not None:  # the request's last delta (every choice finished)
                         usage = d.usage
                         metrics.OUTPUT_TOKENS.observe(usage.completion_tokens)
                         if include_usage:
-                            await event(usage_chunk(rid, self.model, created, obj, usage))
-            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+                            body += sse_event(usage_chunk(rid, model, created, obj, usage))
+                        await send({"type": "http.response.body", "body": body + _SSE_DONE, "more_body": False})
+                        return
+                    if body:
+                        await send({"type": "http.response.body", "body": body, "more_body": True})
+            await send({"type": "http.response.body", "body": _SSE_DONE, "more_body": False})
 
         try:
-            await _run_unless_disconnected(pump, receive)
+            await _run_unless_disconnected(pump, receive, scope)
         except RequestError as e:
             if not started:
                 raise
             # Headers are gone: report in-band, as OpenAI's servers do, then end the stream.
-            await event(e.body())
-            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+            await send({"type": "http.response.body", "body": sse_event(e.body()) + _SSE_DONE, "more_body": False})
         return 200
 
 
-async def _run_unless_disconnected(work: Callable[[], Awaitable[None]], receive: Receive) -> None:
-    """Run ``work``; if the client disconnects first, cancel it (which cancels the request)."""
+async def _run_unless_disconnected(work: Callable[[], Awaitable[None]], receive: Receive, scope: Scope) -> None:
+    """Run ``work``; if the client disconnects first, cancel it (which cancels the request).
+
+    Under Baton's HTTP protocol the connection says when its client is gone (a ClientWatch in
+    the scope); under another ASGI server a second task waits on ``receive()`` instead."""
+    watch: ClientWatch | None = (scope.get("extensions") or {}).get(CLIENT_WATCH)
+    if watch is None:
+        return await _run_watching_receive(work, receive)
+    with anyio.CancelScope() as cancel:
+        watch.on_gone(cancel.cancel)
+        try:
+            await work()
+        finally:
+            watch.on_gone(None)
+    if cancel.cancelled_caught:
+        raise ClientGone
+
+
+async def _run_watching_receive(work: Callable[[], Awaitable[None]], receive: Receive) -> None:
     gone = False
     done = False
     error: BaseException | None = None

@@ -1,13 +1,15 @@
 """LoRA adapters behind the frontend: which exist, and loading or unloading them at run time.
 
-A request names an adapter by the OpenAI ``model`` field (as vLLM does): the catalog below maps
-it to (base model, adapter). The catalog is what the decode workers of the base model advertise in
-discovery (``WorkerInfo.loras``: name and digest), so it follows loads, unloads and workers coming
-and going without state of its own.
+A request names an adapter by the OpenAI ``model`` field (as vLLM does): the model registry
+(:meth:`ModelRegistry.adapters`) maps it to (base model, adapter) from what the decode workers of
+each served model advertise in discovery (``WorkerInfo.loras``: name and digest), so it follows
+loads, unloads and workers coming and going without state of its own.
 
 ``POST /v1/load_lora_adapter`` {lora_name, lora_path} and ``POST /v1/unload_lora_adapter``
 {lora_name} (vLLM's names and bodies), and the same on the NATS subject ``baton.v1.api.lora``, go
-to every decode worker of the base model (request/reply per worker, each with a timeout). A path
+to every decode worker of the base model (request/reply per worker, each with a timeout). The
+base model is the frontend's default one (``--model``, else the only one served); an unload goes
+to every worker that has the adapter. A path
 from the network is untrusted: it must resolve (symlinks followed) to a directory under the
 configured adapter root (``--lora-root``); without a root, run-time loading is off. A bad adapter
 is refused by the workers (400), and any worker that loaded it meanwhile unloads it again, so the
@@ -23,6 +25,7 @@ from typing import Any
 
 import anyio
 
+from services.frontend.models import ModelRegistry
 from services.frontend.openai_api import RequestError
 from shared import subjects
 from shared.bus import Bus, BusError, BusTimeout, NoResponders
@@ -37,25 +40,17 @@ ADVERTISE_WAIT_S = 5.0  # after a load/unload, wait this long at most for discov
 
 
 class LoraAdmin:
-    def __init__(self, bus: Bus | None, view: WorkerView | None, model: str, root: str | None,
+    def __init__(self, bus: Bus | None, view: WorkerView | None, registry: ModelRegistry, root: str | None,
                  timeout: float = 30.0) -> None:
         self.bus = bus
         self.view = view
-        self.model = model  # the base model this frontend serves
+        self.registry = registry  # the served models, and the adapters their workers advertise
         self.root = Path(root).resolve() if root else None
         self.timeout = timeout  # per worker: loading reads and checks the adapter's files
 
-    # --- the catalog ---------------------------------------------------------------------------
-
-    def adapters(self) -> dict[str, str]:
-        """Adapters some decode worker of the base model serves: name -> digest."""
-        if self.view is None:
-            return {}
-        out: dict[str, str] = {}
-        for w in self.view.workers("decode", self.model):
-            for lora in w.loras:
-                out.setdefault(lora.name, lora.digest)
-        return out
+    def adapters(self) -> dict[str, tuple[str, str]]:
+        """Adapters served now: name -> (base model, digest)."""
+        return self.registry.adapters()
 
     # --- load / unload -------------------------------------------------------------------------
 
@@ -63,8 +58,8 @@ class LoraAdmin:
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise RequestError(400, "lora_name must be 1-128 characters: letters, digits and ._:@/+- "
                                "(starting with a letter or digit)", param="lora_name")
-        if name == self.model:
-            raise RequestError(400, f"lora_name {name!r} is the base model's name", param="lora_name")
+        if name in {m.name for m in self.registry.served()} or name in self.registry.aliases:
+            raise RequestError(400, f"lora_name {name!r} is a served model's name", param="lora_name")
         return name
 
     def resolve_path(self, raw: Any) -> str:
@@ -86,8 +81,9 @@ class LoraAdmin:
     async def load(self, name: Any, raw_path: Any) -> dict[str, Any]:
         name = self.check_name(name)
         path = self.resolve_path(raw_path)
+        base = self.registry.default().name
         known_before = name in self.adapters()
-        replies = await self._fan_out(LoraLoad(lora_name=name, lora_path=path))
+        replies = await self._fan_out(LoraLoad(lora_name=name, lora_path=path), self._workers_of(base))
         ok = [r for r in replies if r.code == 200]
         bad = [r for r in replies if r.code == 400]
         if bad or len(ok) < len(replies):
@@ -101,12 +97,16 @@ class LoraAdmin:
                                param="lora_path" if status == 400 else None)
         await self._until_advertised(name, present=True)
         log.info("LoRA adapter %r loaded on %d workers from %s", name, len(ok), path)
-        return {"object": "lora_adapter", "id": name, "parent": self.model, "status": "loaded",
+        return {"object": "lora_adapter", "id": name, "parent": base, "status": "loaded",
                 "digest": ok[0].digest, "workers": len(ok)}
 
     async def unload(self, name: Any) -> dict[str, Any]:
         name = self.check_name(name)
-        replies = await self._fan_out(LoraUnload(lora_name=name))
+        base = self.adapters().get(name, (None, ""))[0]
+        if base is None:
+            raise RequestError(404, f"the LoRA adapter {name!r} is not loaded", param="lora_name",
+                               code="model_not_found")
+        replies = await self._fan_out(LoraUnload(lora_name=name), self._workers_of(base))
         ok = [r for r in replies if r.code == 200]
         if not ok:
             if replies and all(r.code == 404 for r in replies):
@@ -117,16 +117,18 @@ class LoraAdmin:
                                f"{first.message if first else 'no worker answered'}", type="service_unavailable")
         await self._until_advertised(name, present=False)
         log.info("LoRA adapter %r unloaded from %d workers", name, len(ok))
-        return {"object": "lora_adapter", "id": name, "parent": self.model, "status": "unloaded", "workers": len(ok)}
+        return {"object": "lora_adapter", "id": name, "parent": base, "status": "unloaded", "workers": len(ok)}
 
-    async def _fan_out(self, cmd: LoraCommand, only: list[str] | None = None) -> list[LoraReply]:
-        """Send ``cmd`` to every decode worker of the base model (or ``only`` those) at once."""
-        if self.bus is None or self.view is None:
-            raise RequestError(503, "not connected to the message bus", type="service_unavailable")
-        ids = only if only is not None else [w.worker_id for w in self.view.workers("decode", self.model)]
+    def _workers_of(self, base: str) -> list[str]:
+        ids = [w.worker_id for w in self.view.workers("decode", base)] if self.view is not None else []
         if not ids:
-            raise RequestError(503, f"no decode worker serves {self.model!r}", type="service_unavailable",
-                               code="no_worker")
+            raise RequestError(503, f"no decode worker serves {base!r}", type="service_unavailable", code="no_worker")
+        return ids
+
+    async def _fan_out(self, cmd: LoraCommand, ids: list[str]) -> list[LoraReply]:
+        """Send ``cmd`` to each of these decode workers at once."""
+        if self.bus is None:
+            raise RequestError(503, "not connected to the message bus", type="service_unavailable")
         replies: list[LoraReply] = []
 
         async def ask(worker_id: str) -> None:

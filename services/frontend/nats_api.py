@@ -24,11 +24,12 @@ import msgspec
 from nats.aio.msg import Msg
 
 from services.frontend import metrics
-from services.frontend.access import AccessControl
-from services.frontend.generation import Generation
+from services.frontend.access import ANONYMOUS, AccessControl, Tenant
+from services.frontend.admission import Admission, AdmissionSettings
 from services.frontend.lora_admin import LoraAdmin
+from services.frontend.models import ModelRegistry
 from services.frontend.openai_api import RequestError
-from services.frontend.request import RequestLimits, from_nats
+from services.frontend.request import RequestHints, from_nats
 from shared import tracing
 from shared.bus import Bus
 from shared.messages import (
@@ -49,16 +50,14 @@ _msgpack = msgspec.msgpack.Encoder()
 
 
 class NatsApi:
-    def __init__(self, bus: Bus, generation: Generation, model: str, max_model_len: int,
-                 access: AccessControl | None = None, max_prompt_tokens: int = 0,
-                 lora_admin: LoraAdmin | None = None) -> None:
+    def __init__(self, bus: Bus, models: ModelRegistry, access: AccessControl | None = None,
+                 admission: Admission | None = None, lora_admin: LoraAdmin | None = None) -> None:
         self.bus = bus
         self.access = access
-        self.generation = generation
+        # The same models and limits as HTTP (n is not in the NATS request at all, so --max-n never bites).
+        self.models = models
+        self.admission = admission or Admission(AdmissionSettings())  # the HTTP API's, in a frontend
         self.lora_admin = lora_admin
-        # The same limits as HTTP (n is not in the NATS request at all, so --max-n needs no place).
-        self.limits = RequestLimits(model, max_model_len, max_prompt_tokens,
-                                    adapters=lora_admin.adapters if lora_admin is not None else None)
 
     async def handle_lora(self, msg: Msg) -> None:
         """One LoRA load/unload (see the module docstring); one LoraReply back."""
@@ -98,17 +97,25 @@ class NatsApi:
         status = "ok"
         root = tracing.start(f"nats {msg.subject}", tracing.SpanKind.SERVER, tracing.context_from(msg.headers),
                              **{"baton.request_id": rid})
+        headers = msg.headers or {}
+        tenant = Tenant(ANONYMOUS)
         try:
             if self.access is not None:
-                headers = msg.headers or {}
                 auth = headers.get("Authorization") or headers.get("authorization")
-                self.access.admit(auth, NATS_CALLER)
+                tenant = self.access.tenant_of(self.access.admit(auth, NATS_CALLER))
             try:
                 req = (api_request_json_decoder if as_json else api_request_msgpack_decoder).decode(msg.data)
             except (msgspec.ValidationError, msgspec.DecodeError) as e:
                 raise RequestError(400, f"invalid request: {e}") from None
-            request = await from_nats(req, self.generation.tokenizer, self.limits, rid)
-            async with aclosing(self.generation.run(request, root)) as deltas:
+            if req.model:
+                served, limits = self.models.limits_for(req.model)
+            else:  # the NATS API lets a caller leave the model out: the default one
+                served = self.models.default()
+                limits = served.limits
+            hints = RequestHints.from_headers(lambda name: headers.get(name) or headers.get(name.title()))
+            request = await from_nats(req, served.tokenizer, limits, rid, hints)
+            generated = self.admission.run(request, tenant, lambda: served.generation.run(request, root))
+            async with aclosing(generated) as deltas:
                 index = 0
                 text_parts: list[str] = []
                 tokens: list[int] = []

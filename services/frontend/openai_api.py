@@ -136,6 +136,7 @@ class _Common(Struct, kw_only=True, forbid_unknown_fields=True):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     response_format: ResponseFormat | None = None
+    priority: int | None = None  # vLLM's: lower is served first
 
 
 class ChatCompletionRequest(_Common, kw_only=True, forbid_unknown_fields=True):
@@ -230,6 +231,8 @@ FIELDS: dict[str, Rule] = {
     "guided_choice": Rule(HONOURED),
     "guided_grammar": Rule(HONOURED),
     "response_format": Rule(HONOURED, noop=(ResponseFormat(type="text"),)),
+    "priority": Rule(HONOURED, why="vLLM's: lower is served first; an integer within the frontend's "
+                     "--priority-min..--priority-max; the x-baton-priority header sets it when the body does not"),
     # chat only
     "messages": Rule(HONOURED, on="chat"),
     "max_completion_tokens": Rule(HONOURED, on="chat"),
@@ -271,6 +274,11 @@ def _rules(endpoint: Literal["chat", "completions"]) -> dict[str, Rule]:
     return {name: r for name, r in FIELDS.items() if r.on in (endpoint, "both")}
 
 
+# The fields each endpoint must check (neither honoured nor accepted), worked out once, not per request.
+_TO_CHECK = {endpoint: [(name, r) for name, r in _rules(endpoint).items() if r.status not in (HONOURED, ACCEPTED)]
+             for endpoint in ("chat", "completions")}
+
+
 def refusal_of(name: str, rule: Rule) -> str:
     if rule.status == REFUSED:
         return f"`{name}` is not supported: {rule.why}"
@@ -280,9 +288,7 @@ def refusal_of(name: str, rule: Rule) -> str:
 def check_fields(req: _Common) -> None:
     """Refuse every field that is set but not honoured, naming it."""
     endpoint: Literal["chat", "completions"] = "chat" if isinstance(req, ChatCompletionRequest) else "completions"
-    for name, rule in _rules(endpoint).items():
-        if rule.status in (HONOURED, ACCEPTED):
-            continue
+    for name, rule in _TO_CHECK[endpoint]:
         if not _is_noop(getattr(req, name), rule.noop):
             raise RequestError(400, refusal_of(name, rule), param=name, code="unsupported_parameter")
 

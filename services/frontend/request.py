@@ -44,6 +44,28 @@ TEMPLATE_ERRORS = (ValueError, TypeError, LookupError, jinja2.TemplateError)
 # milliseconds to tokenize, which on the event loop would stall every other stream.
 TOKENIZE_IN_THREAD_CHARS = 8192
 
+DEFAULT_PRIORITY_RANGE = (-100, 100)
+MAX_SESSION_ID_CHARS = 256
+
+
+@dataclass(slots=True, frozen=True)
+class RequestHints:
+    """What a caller may say outside the body (HTTP or NATS headers), unchecked: ``x-baton-priority``
+    for clients that cannot change the body, and ``x-session-id`` to keep a conversation on one worker."""
+
+    priority: str | None = None
+    session_id: str | None = None
+
+    @classmethod
+    def from_headers(cls, get: Any) -> RequestHints:
+        """``get(name)``: the header's value or None, names lowercase."""
+        return cls(get(PRIORITY_HEADER), get(SESSION_HEADER))
+
+
+PRIORITY_HEADER = "x-baton-priority"
+SESSION_HEADER = "x-session-id"
+NO_HINTS = RequestHints()
+
 
 @dataclass(slots=True, frozen=True)
 class TextOptions:
@@ -81,6 +103,11 @@ class ValidatedRequest:
     structured_param: str | None = None  # the field an engine's constraint error is blamed on
     lora: str = ""  # the LoRA adapter ``model`` named ("" : the base model)
     lora_digest: str = ""  # its digest as the workers advertise it (the root of its KV block hashes)
+    session_id: str = ""  # x-session-id: the router keeps the conversation on one worker
+
+    @property
+    def priority(self) -> int:
+        return self.sampling.priority
 
 
 @dataclass(slots=True)
@@ -92,14 +119,17 @@ class RequestLimits:
     max_prompt_tokens: int = 0  # 0: only the context length bounds a prompt
     max_n: int = DEFAULT_MAX_N  # cap on n and best_of
     tool_parser: ToolParser | None = None
+    priority_range: tuple[int, int] = DEFAULT_PRIORITY_RANGE  # allowed request priorities, both ends included
     adapters: Callable[[], dict[str, str]] | None = None  # LoRA adapters served now: name -> digest
+    lora: str = ""  # this name is a LoRA adapter of ``model``'s base (ModelRegistry.limits_for sets it)
+    lora_digest: str = ""
 
 
 # --- the doors ------------------------------------------------------------------------------
 
 
 async def from_chat(req: ChatCompletionRequest, tok: Tokenizer, limits: RequestLimits,
-                    request_id: str) -> ValidatedRequest:
+                    request_id: str, hints: RequestHints = NO_HINTS) -> ValidatedRequest:
     lora = check_model(req.model, limits)
     messages = chat_messages(req)
     tool_plan = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls, limits.tool_parser)
@@ -108,7 +138,7 @@ async def from_chat(req: ChatCompletionRequest, tok: Tokenizer, limits: RequestL
     except TEMPLATE_ERRORS as e:
         raise RequestError(400, f"the chat template refused these messages: {e}", param="messages") from None
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    out = _validate(req, request_id, token_ids, max_tokens, True, tok, limits)
+    out = _validate(req, request_id, token_ids, max_tokens, True, tok, limits, hints)
     if tool_plan.structured is not None:
         if out.structured_param is not None:
             raise RequestError(400, f"tool_choice {tool_plan.mode!r} cannot be combined with {out.structured_param}",
@@ -121,7 +151,7 @@ async def from_chat(req: ChatCompletionRequest, tok: Tokenizer, limits: RequestL
 
 
 async def from_completion(req: CompletionRequest, tok: Tokenizer, limits: RequestLimits,
-                          request_id: str) -> ValidatedRequest:
+                          request_id: str, hints: RequestHints = NO_HINTS) -> ValidatedRequest:
     lora = check_model(req.model, limits)
     prompt = completion_prompt(req)
     if prompt is None:  # OpenAI's default prompt: the start of a document (BOS, else EOS)
@@ -134,7 +164,7 @@ async def from_completion(req: CompletionRequest, tok: Tokenizer, limits: Reques
     if not token_ids:
         raise RequestError(400, "prompt must not be empty", param="prompt")
     max_tokens = req.max_tokens if req.max_tokens is not None else 16  # OpenAI's default
-    out = _validate(req, request_id, token_ids, max_tokens, False, tok, limits)
+    out = _validate(req, request_id, token_ids, max_tokens, False, tok, limits, hints)
     out.prompt_text = prompt if isinstance(prompt, str) else ""
     if req.echo and not isinstance(prompt, str):
         out.prompt_text = tok.decode(token_ids, skip_special_tokens=False)
@@ -143,7 +173,7 @@ async def from_completion(req: CompletionRequest, tok: Tokenizer, limits: Reques
 
 
 async def from_nats(req: ApiGenerateRequest, tok: Tokenizer, limits: RequestLimits,
-                    request_id: str) -> ValidatedRequest:
+                    request_id: str, hints: RequestHints = NO_HINTS) -> ValidatedRequest:
     """The NATS request API: one choice, no logprobs (its struct has no such fields, so the
     decoder already refused them by name)."""
     lora = check_model(req.model, limits) if req.model else ("", "")
@@ -163,7 +193,7 @@ async def from_nats(req: ApiGenerateRequest, tok: Tokenizer, limits: RequestLimi
         check_token_ids(token_ids, tok, "token_ids")
     if not token_ids:
         raise RequestError(400, "the prompt is empty")
-    out = _validate(req, request_id, token_ids, req.max_tokens, False, tok, limits)
+    out = _validate(req, request_id, token_ids, req.max_tokens, False, tok, limits, hints)
     out.lora, out.lora_digest = lora
     return out
 
@@ -175,7 +205,7 @@ def check_model(model: str, limits: RequestLimits) -> tuple[str, str]:
     """``model`` resolved: ("", "") for the base model, (adapter, its digest) for a LoRA adapter
     of it; OpenAI's 404 for anything else (an adapter unloaded a moment ago included)."""
     if model == limits.model:
-        return "", ""
+        return limits.lora, limits.lora_digest
     adapters = limits.adapters() if limits.adapters is not None else {}
     if model in adapters:
         return model, adapters[model]
@@ -190,7 +220,7 @@ def check_token_ids(token_ids: list[int], tok: Tokenizer, param: str) -> None:
 
 
 def _validate(req: Any, request_id: str, token_ids: list[int], max_tokens: int | None, chat: bool, tok: Tokenizer,
-              limits: RequestLimits) -> ValidatedRequest:
+              limits: RequestLimits, hints: RequestHints = NO_HINTS) -> ValidatedRequest:
     if limits.max_prompt_tokens and len(token_ids) > limits.max_prompt_tokens:
         raise RequestError(400, f"the prompt has {len(token_ids)} tokens; this endpoint accepts at most "
                            f"{limits.max_prompt_tokens}", param="messages" if chat else "prompt",
@@ -201,14 +231,44 @@ def _validate(req: Any, request_id: str, token_ids: list[int], max_tokens: int |
     structured, structured_param = structured_from(req)
     if structured is not None:
         sampling = msgspec.structs.replace(sampling, structured=structured)
+    priority = check_priority(_knob(req, "priority"), hints.priority, limits.priority_range)
+    if priority:
+        sampling = msgspec.structs.replace(sampling, priority=priority)
     stream_options = getattr(req, "stream_options", None)
     return ValidatedRequest(
         request_id=request_id, token_ids=token_ids, sampling=sampling, stream=bool(req.stream), plan=plan, chat=chat,
         text=TextOptions(stops, bool(getattr(req, "include_stop_str_in_output", None)),
                          getattr(req, "skip_special_tokens", None) is not False),
         include_usage=bool(stream_options and stream_options.include_usage),
-        structured_param=structured_param,
+        structured_param=structured_param, session_id=check_session_id(hints.session_id),
     )
+
+
+def check_priority(body: int | None, header: str | None, allowed: tuple[int, int]) -> int:
+    """The request's priority: the body's ``priority`` if set, else the x-baton-priority header's,
+    else 0; outside ``allowed`` a 400 naming ``priority`` either way."""
+    lo, hi = allowed
+    if body is None and header is not None:
+        try:
+            body = int(header.strip())
+        except ValueError:
+            raise RequestError(400, f"the {PRIORITY_HEADER} header must be an integer, got {header[:32]!r}",
+                               param="priority") from None
+    if body is None:
+        return 0
+    if not lo <= body <= hi:
+        raise RequestError(400, f"priority must be an integer between {lo} and {hi} (lower is served first); "
+                           f"got {body}", param="priority")
+    return body
+
+
+def check_session_id(session_id: str | None) -> str:
+    if not session_id:
+        return ""
+    if len(session_id) > MAX_SESSION_ID_CHARS or not session_id.isprintable() or not session_id.isascii():
+        raise RequestError(400, f"the {SESSION_HEADER} header must be at most {MAX_SESSION_ID_CHARS} printable "
+                           "ASCII characters", param=SESSION_HEADER)
+    return session_id
 
 
 def parse_stops(stop: str | list[str] | None) -> list[str]:

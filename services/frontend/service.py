@@ -6,33 +6,39 @@ asking the router service.
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import json
 import logging
-import socket
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import anyio
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from services.frontend.access import AccessControl, RateLimiter, load_api_keys
+from services.frontend.access import AccessControl, RateLimiter, load_tenants
 from services.frontend.access_log import AccessLog
+from services.frontend.admission import Admission, AdmissionSettings
 from services.frontend.generation import Generation, GenerationSettings
 from services.frontend.http_app import OpenAIApp
+from services.frontend.http_protocol import protocol_with
 from services.frontend.lora_admin import LoraAdmin
+from services.frontend.models import ModelRegistry, ServedModel
 from services.frontend.nats_api import NatsApi
 from services.frontend.reasoning import ReasoningStream
+from services.frontend.request import DEFAULT_PRIORITY_RANGE, RequestLimits
 from services.frontend.tool_parsers import tool_parser_for
 from shared.builtin_model import DEFAULT_MODEL
 from shared.bus import Bus
 from shared.cli_options import DEFAULT_NATS_URL
 from shared.discovery import DEFAULT_TTL, WorkerView
+from shared.messages import load_report_decoder
 from shared.models import resolve_model
 from shared.routing.core import RouterCore, RoutingSettings
-from shared.subjects import API_GENERATE, API_LORA, API_QUEUE
+from shared.runtime import settle_heap
+from shared.subjects import API_GENERATE, API_LORA, API_QUEUE, LOAD_ALL
 from shared.tokenizer import Tokenizer
 
 log = logging.getLogger("baton.frontend")
@@ -45,8 +51,9 @@ class FrontendSettings:
     nats_url: str = DEFAULT_NATS_URL
     host: str = "0.0.0.0"
     port: int = 8000
-    model: str = DEFAULT_MODEL
+    model: str | None = DEFAULT_MODEL  # preloaded and always served; None: only the fleet's models
     served_model_name: str | None = None
+    model_aliases: dict[str, str] = field(default_factory=dict)  # public name -> served name
     max_model_len: int = 0  # 0: from the model's config
     max_body_bytes: int = 2 * 1024 * 1024
     max_inflight: int = 2048
@@ -67,133 +74,110 @@ class FrontendSettings:
     routing: RoutingSettings = field(default_factory=RoutingSettings)  # the embedded router's policy
     lora_root: str | None = None  # LoRA adapters may be loaded at run time from under this directory; None: off
     lora_timeout: float = 30.0  # seconds each worker has to load or unload an adapter
-
-
-class BatonHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with two additions.
-
-    - TCP_NODELAY: without it, Nagle plus delayed ACK add ~40 ms to small streamed writes on
-      keep-alive connections.
-    - A request-header deadline: a client must finish sending a request's headers within
-      ``header_timeout`` seconds of connecting (or of starting the next request), else the
-      connection is closed. Idle sockets and slowloris clients cannot pin connections forever.
-    """
-
-    header_timeout: float = 30.0
-    _header_timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
-        super().connection_made(transport)
-        self._arm_header_timer()
-
-    def _arm_header_timer(self) -> None:
-        self._disarm_header_timer()
-        self._header_timer = self.loop.call_later(self.header_timeout, self._header_deadline)
-
-    def _disarm_header_timer(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
-
-    def _header_deadline(self) -> None:
-        self._header_timer = None
-        if not self.transport.is_closing():
-            self.transport.close()
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        if self._header_timer is None:
-            self._arm_header_timer()
-
-    def on_headers_complete(self) -> None:
-        self._disarm_header_timer()
-        super().on_headers_complete()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        # Keep-alive: the next request's headers get the same deadline, counted from now.
-        if not self.transport.is_closing():
-            self._arm_header_timer()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm_header_timer()
-        super().connection_lost(exc)
-
-
-def protocol_with(header_timeout: float) -> type[BatonHttpProtocol]:
-    return type("BatonHttpProtocolConfigured", (BatonHttpProtocol,), {"header_timeout": header_timeout})
+    admission: AdmissionSettings = field(default_factory=AdmissionSettings)  # queue, fair shares, tokens a minute
+    priority_range: tuple[int, int] = DEFAULT_PRIORITY_RANGE  # request priorities accepted (400 outside)
 
 
 class _Server(uvicorn.Server):
     # Signals belong to the service runtime (drain, then cancel), not to uvicorn.
     def capture_signals(self):  # type: ignore[override]
-        import contextlib
-
         return contextlib.nullcontext()
 
 
 class Frontend:
     def __init__(self, settings: FrontendSettings) -> None:
         self.settings = settings
-        ref = resolve_model(settings.model, settings.served_model_name)
-        self.model = ref.name
-        self.tokenizer = Tokenizer(ref.path)
-        # Checked here so a bad name fails at start: ValueError names the choices.
-        self.tool_parser = tool_parser_for(settings.tool_call_parser, ref.path)
-        self.reasoning_parser = settings.reasoning_parser or None
-        if self.reasoning_parser is not None:
-            ReasoningStream(self.reasoning_parser)
-        cfg = json.loads((ref.path / "config.json").read_text())
-        self.max_model_len = settings.max_model_len or int(cfg.get("max_position_embeddings", 4096))
         self.bus: Bus | None = None
         self.view: WorkerView | None = None
         self.server: _Server | None = None
         self.router: RouterCore | None = None
         if settings.lora_root is not None and not Path(settings.lora_root).is_dir():
             raise ValueError(f"--lora-root {settings.lora_root!r} is not a directory")
+        self.model: str | None = None
+        self.model_dir: Path | None = None
+        if settings.model:
+            ref = resolve_model(settings.model, settings.served_model_name)
+            self.model, self.model_dir = ref.name, ref.path
+        elif settings.tool_call_parser not in ("", "none", "auto"):
+            tool_parser_for(settings.tool_call_parser, "")  # a named parser: checked without a model
+        self.reasoning_parser = settings.reasoning_parser or None
+        if self.reasoning_parser is not None:
+            ReasoningStream(self.reasoning_parser)
+        self.preloaded: ServedModel | None = None
+        if self.model_dir is not None:  # read now: a broken --model fails the start, not the first request
+            self.preloaded = self._served_model(self.model or "", self.model_dir, 0)
+            self.preloaded.created = int(time.time())
+        self.registry = ModelRegistry(self._served_model, aliases=settings.model_aliases)
+        if self.preloaded is not None:
+            self.registry.preload(self.preloaded)
         if settings.router not in ROUTER_PLACES:
             raise ValueError(f"unknown router {settings.router!r}; choose one of {', '.join(ROUTER_PLACES)}")
         # Checked before anything starts: a keys file without keys is a ConfigError.
-        keys = load_api_keys(settings.api_keys_file)
+        keys = load_tenants(settings.api_keys_file)
         limiter = RateLimiter(settings.rate_limit_rpm, settings.rate_limit_burst or None) \
             if settings.rate_limit_rpm > 0 else None
         address_limiter = RateLimiter(settings.address_rate_limit_rpm) if settings.address_rate_limit_rpm > 0 else None
         self.access = AccessControl(keys, limiter, address_limiter)
         if keys:
             log.info("API keys required on HTTP and NATS (%d configured)", len(keys))
+        lo, hi = settings.priority_range
+        if lo > hi:
+            raise ValueError(f"the priority range {lo}..{hi} is empty")
+        self.admission = Admission(settings.admission, self._decode_worker_ids)
+
+    def _decode_worker_ids(self) -> list[str]:
+        return [w.worker_id for w in self.view.workers("decode", self.model)] if self.view is not None else []
+
+    def _served_model(self, name: str, model_dir: Path, context_length: int) -> ServedModel:
+        """A model's tokenizer, template, context length and request path (in a thread for fleet models)."""
+        s = self.settings
+        tokenizer = Tokenizer(model_dir)
+        tool_parser = tool_parser_for(s.tool_call_parser, model_dir)
+        if not context_length:
+            cfg = json.loads((model_dir / "config.json").read_text()) if (model_dir / "config.json").exists() else {}
+            context_length = int(cfg.get("max_position_embeddings", 4096))
+        max_model_len = min(s.max_model_len, context_length) if s.max_model_len else context_length
+        # The bus is connected before any fleet model loads; the preloaded model's Generation gets it in run().
+        generation = Generation(self.bus, tokenizer, name, s.generation, self.router)  # type: ignore[arg-type]
+        limits = RequestLimits(name, max_model_len, s.max_prompt_tokens, s.max_n, tool_parser, s.priority_range)
+        return ServedModel(name=name, tokenizer=tokenizer, max_model_len=max_model_len, limits=limits,
+                           generation=generation, tool_parser=tool_parser, root=str(model_dir))
 
     def ready(self) -> dict[str, Any] | None:
         if self.bus is None or self.view is None or not self.bus.connected:
             return None
-        workers = self.view.workers("decode", self.model)
-        if not workers or (self.router is not None and not self.router.started.is_set()):
+        served = [m.name for m in self.registry.served()]
+        workers = [w for name in served for w in self.view.workers("decode", name)]
+        needed = self.view.workers("decode", self.model) if self.model else workers
+        if not needed or (self.router is not None and not self.router.started.is_set()):
             return None
-        return {"status": "ready", "model": self.model, "decode_workers": len(workers),
-                "prefill_workers": len(self.view.workers("prefill", self.model))}
+        return {"status": "ready", "model": self.model, "models": served, "decode_workers": len(workers),
+                "prefill_workers": sum(len(self.view.workers("prefill", name)) for name in served)}
 
     async def run(self) -> None:
         s = self.settings
         self.bus = await Bus.connect(s.nats_url, "baton-frontend")
+        stack = contextlib.ExitStack()
         try:
             self.view = WorkerView(self.bus, s.discovery_ttl)
             if s.router == "embedded":
                 # Same core as the router service, fed by the same KV events and discovery.
                 self.router = RouterCore(s.routing, self.bus, self.view)
-            generation = Generation(self.bus, self.tokenizer, self.model, s.generation, self.router)
+            if self.preloaded is not None:
+                self.preloaded.generation.bus = self.bus
+                self.preloaded.generation.router = self.router
+            self.registry.view, self.registry.bus = self.view, self.bus
+            # Tokenizer files fetched from the object store: private to this process, gone at exit.
+            files_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="baton-model-files-"))
+            self.registry.files_dir = Path(files_dir)
             access = self.access if self.access.enabled else None
-            lora_admin = LoraAdmin(self.bus, self.view, self.model, s.lora_root, s.lora_timeout)
-            app = OpenAIApp(generation, self.model, self.max_model_len, self.ready, s.max_body_bytes,
+            lora_admin = LoraAdmin(self.bus, self.view, self.registry, s.lora_root, s.lora_timeout)
+            app = OpenAIApp(None, None, 0, self.ready, s.max_body_bytes,
                             s.max_inflight, access, s.max_prompt_tokens, s.body_timeout, max_n=s.max_n,
-                            tool_parser=self.tool_parser, reasoning_parser=self.reasoning_parser,
+                            reasoning_parser=self.reasoning_parser, models=self.registry,
+                            admission=self.admission, priority_range=s.priority_range,
                             lora_admin=lora_admin)
-            nats_api = NatsApi(self.bus, generation, self.model, self.max_model_len, access, s.max_prompt_tokens,
-                               lora_admin)
+            nats_api = NatsApi(self.bus, self.registry, access, self.admission, lora_admin)
             if s.access_log:
                 app = AccessLog(app)
             config = uvicorn.Config(
@@ -204,6 +188,7 @@ class Frontend:
             self.server = _Server(config)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.view.run)
+                tg.start_soon(self.registry.run)
                 if self.router is not None:
                     tg.start_soon(self.router.run)
 
@@ -215,11 +200,22 @@ class Frontend:
 
                 await self.bus.subscribe(API_GENERATE, on_api, queue=API_QUEUE)
                 await self.bus.subscribe(API_LORA, on_lora, queue=API_QUEUE)
+                if s.admission.worker_waiting:  # the workers' load reports say when the fleet is full
+
+                    async def on_load(msg: Any) -> None:
+                        try:
+                            self.admission.on_load(load_report_decoder.decode(msg.data))
+                        except Exception as e:  # a malformed report is no reason to stop admitting
+                            log.debug("bad load report: %r", e)
+
+                    await self.bus.subscribe(LOAD_ALL, on_load)
+                settle_heap()  # what the frontend holds for life stays out of the collector's way
                 await self.server.serve()
                 if self.router is not None:
                     await self.router.close()
                 tg.cancel_scope.cancel()  # the HTTP server stopped (drain): stop the rest
         finally:
+            stack.close()
             await self.bus.close()
 
     async def drain(self) -> None:

@@ -34,9 +34,12 @@ class TextStream:
     """One choice's tokens to text: incremental detokenizing (a character split over tokens comes
     out whole), then stop strings (text that may start one is held back until it cannot)."""
 
+    __slots__ = ("_detok", "_stops")
+
     def __init__(self, tokenizer: Tokenizer, options: TextOptions) -> None:
         self._detok = tokenizer.detokenizer(options.skip_special_tokens)
-        self._stops = StopStringMatcher(options.stops, options.include_stop_str)
+        # No stop strings (the common case): nothing to hold back, so no matcher per request.
+        self._stops = StopStringMatcher(options.stops, options.include_stop_str) if options.stops else None
 
     def push(self, token_ids: list[int], last: bool) -> tuple[str, bool]:
         """Text now safe to show for these new tokens, and whether a stop string ended the choice.
@@ -45,6 +48,8 @@ class TextStream:
         text = self._detok.add(token_ids) if token_ids else ""
         if last:
             text += self._detok.flush()
+        if self._stops is None:
+            return text, False
         text, stopped = self._stops.push(text)
         if last and not stopped:
             text += self._stops.flush()

@@ -64,7 +64,12 @@ def main(
     drain_window: Annotated[float, _opt('sla: add workers to clear the backlog within this many seconds.', "DRAIN_WINDOW")] = 10.0,
     # local connector: how to start workers
     engine: Annotated[str, _opt("local: the workers' engine.", "ENGINE", "--engine")] = "torch",
-    model: Annotated[str, _opt("local: the workers' model.", "MODEL", "--model")] = "",
+    model: Annotated[list[str] | None, _opt("The model(s) to plan for, repeatable: one pool of workers per model, "
+                                            "each scaled on its own (local: the workers' model).",
+                                            "MODEL", "--model")] = None,
+    model_limits: Annotated[list[str] | None, _opt("name=min:max: decode workers of one model (repeatable; "
+                                                   "default: --min-decode:--max-decode).",
+                                                   "MODEL_LIMITS", "--model-limits")] = None,
     mocker_speedup: Annotated[float, _opt('local: mocker speedup.', "MOCKER_SPEEDUP", "--mocker-speedup")] = 1.0,
     num_blocks: Annotated[int, _opt('local: KV blocks per worker (0: engine default).', "NUM_BLOCKS", "--num-blocks")] = 0,
     max_num_seqs: Annotated[int, _opt('local: batch cap per worker (0: default).', "MAX_NUM_SEQS", "--max-num-seqs")] = 0,
@@ -97,9 +102,17 @@ def main(
         LocalWorkerSettings,
         NullConnector,
     )
-    from services.planner.policy import Damping, HoldPolicy, LoadPolicy, LoadThresholds, SlaPolicy, SlaTargets
+    from services.planner.policy import (
+        Damping,
+        HoldPolicy,
+        LoadPolicy,
+        LoadThresholds,
+        SlaPolicy,
+        SlaTargets,
+        Stabilizer,
+    )
     from services.planner.profile import WorkerProfile
-    from services.planner.service import Planner, PlannerSettings
+    from services.planner.service import ModelPool, Planner, PlannerSettings, parse_model_limits
     from shared.preflight import check_engine, check_port, run_checks
     from shared.runtime import run_service
 
@@ -115,40 +128,55 @@ def main(
     if not (0 <= min_decode <= max_decode and 0 <= min_prefill <= max_prefill):
         raise typer.BadParameter("need 0 <= min <= max for each role")
 
+    models = list(dict.fromkeys(m.strip() for item in (model or []) for m in item.split(",") if m.strip()))
+    try:
+        per_model = parse_model_limits(model_limits or [])
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--model-limits") from None
+    unknown = sorted(set(per_model) - set(models))
+    if unknown:
+        raise typer.BadParameter(f"limits for {', '.join(unknown)}, which no --model names", param_hint="--model-limits")
+    if len(models) > 1 and connector in ("compose", "kubernetes"):
+        raise typer.BadParameter(f"the {connector} connector scales one Deployment per role; several models need "
+                                 "the local or none connector (or one planner per model)", param_hint="--model")
+    sla_profile = None
     if policy == "sla":
         if not profile:
             raise typer.BadParameter("the sla policy needs a worker profile (baton profile -o FILE)",
                                      param_hint="--profile")
-        pol = SlaPolicy(WorkerProfile.load(profile), SlaTargets(
-            ttft_s=ttft_target_ms / 1e3, itl_s=itl_target_ms / 1e3, max_utilization=max_utilization,
-            drain_window_s=drain_window))
-    elif policy == "load":
-        pol = LoadPolicy(LoadThresholds(
-            decode_queue_up=decode_queue_up, decode_queue_down=decode_queue_down, kv_up=kv_up, kv_down=kv_down,
-            prefill_queue_up=prefill_queue_up, prefill_queue_down=prefill_queue_down))
-    else:
-        pol = HoldPolicy()
+        sla_profile = WorkerProfile.load(profile)
 
-    if connector == "local":
-        from shared.engines import EngineConfig
+    def make_policy():  # one per model: policies keep state (EWMAs, forecasts)
+        if sla_profile is not None:
+            return SlaPolicy(sla_profile, SlaTargets(
+                ttft_s=ttft_target_ms / 1e3, itl_s=itl_target_ms / 1e3, max_utilization=max_utilization,
+                drain_window_s=drain_window))
+        if policy == "load":
+            return LoadPolicy(LoadThresholds(
+                decode_queue_up=decode_queue_up, decode_queue_down=decode_queue_down, kv_up=kv_up, kv_down=kv_down,
+                prefill_queue_up=prefill_queue_up, prefill_queue_down=prefill_queue_down))
+        return HoldPolicy()
 
-        # One engine config for every worker; "" / 0 options stay the workers' own defaults.
-        given = {"engine": engine, "speedup": mocker_speedup, "num_blocks": num_blocks, "model": model,
-                 "max_num_seqs": max_num_seqs, "max_batched_tokens": max_batched_tokens}
-        fields = ("engine", "speedup", "num_blocks", *(f for f in ("model", "max_num_seqs", "max_batched_tokens")
-                                                       if given[f]))
-        conn = LocalProcessConnector(LocalWorkerSettings(
-            nats_url=nats_url, engine=EngineConfig(**{f: given[f] for f in fields}), engine_fields=fields,
-            discovery_ttl=discovery_ttl, log_level=log_level, log_dir=worker_log_dir,
-            extra_args=shlex.split(worker_args), stop_timeout=worker_stop_timeout))
-    elif connector == "compose":
-        conn = DockerComposeConnector(ComposeSettings(file=compose_file, project=compose_project))
-    elif connector == "kubernetes":
-        conn = KubernetesConnector(KubernetesSettings(
-            deployments={"decode": k8s_decode_deployment, "prefill": k8s_prefill_deployment},
-            namespace=k8s_namespace, api_server=k8s_api_server))
-    else:
-        conn = NullConnector()
+    def make_connector(for_model: str):
+        if connector == "local":
+            from shared.engines import EngineConfig
+
+            # One engine config for every worker of this model; "" / 0 options stay the workers' own defaults.
+            given = {"engine": engine, "speedup": mocker_speedup, "num_blocks": num_blocks, "model": for_model,
+                     "max_num_seqs": max_num_seqs, "max_batched_tokens": max_batched_tokens}
+            fields = ("engine", "speedup", "num_blocks", *(f for f in ("model", "max_num_seqs", "max_batched_tokens")
+                                                           if given[f]))
+            return LocalProcessConnector(LocalWorkerSettings(
+                nats_url=nats_url, engine=EngineConfig(**{f: given[f] for f in fields}), engine_fields=fields,
+                discovery_ttl=discovery_ttl, log_level=log_level, log_dir=worker_log_dir,
+                extra_args=shlex.split(worker_args), stop_timeout=worker_stop_timeout))
+        if connector == "compose":
+            return DockerComposeConnector(ComposeSettings(file=compose_file, project=compose_project))
+        if connector == "kubernetes":
+            return KubernetesConnector(KubernetesSettings(
+                deployments={"decode": k8s_decode_deployment, "prefill": k8s_prefill_deployment},
+                namespace=k8s_namespace, api_server=k8s_api_server))
+        return NullConnector()
 
     initial = None
     if initial_decode is not None or initial_prefill is not None:
@@ -159,10 +187,19 @@ def main(
         limits={"decode": (min_decode, max_decode), "prefill": (min_prefill, max_prefill)}, initial=initial,
         damping=Damping(up_intervals=up_intervals, down_intervals=down_intervals, up_cooldown=up_cooldown,
                         down_cooldown=down_cooldown, startup_grace=startup_grace),
-        dry_run=dry_run,
+        dry_run=dry_run, model_limits=per_model,
     )
+    if len(models) <= 1:  # one model (or whatever the workers serve): one pool counting every worker
+        planner = Planner(settings, make_policy(), make_connector(models[0] if models else ""))
+    else:
+        pools = []
+        for m in models:
+            limits = settings.limits_for(m)
+            pools.append(ModelPool(m, make_policy(), make_connector(m), Stabilizer(limits, settings.damping),  # type: ignore[arg-type]
+                                   limits))
+        planner = Planner(settings, pools=pools)
     # Draining the planner drains its local workers too: by default, give them their stop timeout.
-    run_service(Planner(settings, pol, conn), "planner", log_level, drain_timeout or worker_stop_timeout + 5, log_format)
+    run_service(planner, "planner", log_level, drain_timeout or worker_stop_timeout + 5, log_format)
 
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)

@@ -21,6 +21,7 @@ from shared.cli_options import (
     RouterOverlapWeight,
     RouterPredictionTtl,
     RouterSeed,
+    RouterSessionTtl,
     RouterSnapshotInterval,
     RouterTemperature,
 )
@@ -40,6 +41,7 @@ def main(
     prediction_ttl: RouterPredictionTtl = 0.0,
     snapshot_interval: RouterSnapshotInterval = 30.0,
     catchup_timeout: RouterCatchupTimeout = 20.0,
+    session_ttl: RouterSessionTtl = 600.0,
     discovery_ttl: DiscoveryTtl = DEFAULT_TTL,
     metrics_port: MetricsPort = 0,
     log_level: LogLevel = "info",
@@ -62,7 +64,7 @@ def main(
                               seed=seed, overlap_weight=overlap_weight, temperature=temperature,
                               lower_tier_weight=lower_tier_weight, lora_load_weight=lora_load_weight,
                               prediction_ttl=prediction_ttl, snapshot_interval=snapshot_interval,
-                              catchup_timeout=catchup_timeout)
+                              catchup_timeout=catchup_timeout, session_ttl=session_ttl)
     run_service(Router(settings), "router", log_level, drain_timeout, log_format)
 
 

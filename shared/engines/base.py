@@ -10,6 +10,7 @@ pass; they hand outputs back with ``call_soon_threadsafe``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
@@ -19,6 +20,8 @@ from typing import Any
 import msgspec
 
 from shared.messages import KvStored, PositionLogprobs, SamplingParams
+
+log = logging.getLogger("baton.engine")
 
 
 class EngineConfig(msgspec.Struct, kw_only=True):
@@ -144,7 +147,15 @@ class OutputQueues:
 
     def __init__(self) -> None:
         self._queues: dict[str, asyncio.Queue[EngineOutput]] = {}
+        self._listeners: dict[str, Callable[[EngineOutput], bool]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    def listen(self, request_id: str, on_output: Callable[[EngineOutput], bool] | None) -> None:
+        """See :meth:`Engine.listen`; None stops listening."""
+        if on_output is None:
+            self._listeners.pop(request_id, None)
+        else:
+            self._listeners[request_id] = on_output
 
     def open(self, request_id: str) -> asyncio.Queue[EngineOutput]:
         if request_id in self._queues:
@@ -156,6 +167,7 @@ class OutputQueues:
 
     def close(self, request_id: str) -> None:
         self._queues.pop(request_id, None)
+        self._listeners.pop(request_id, None)
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._queues
@@ -165,7 +177,17 @@ class OutputQueues:
 
     def put(self, outputs: list[EngineOutput]) -> None:
         """Deliver from the event loop's own thread."""
+        listeners = self._listeners
         for out in outputs:
+            if listeners:
+                on_output = listeners.get(out.request_id)
+                if on_output is not None:
+                    try:
+                        if on_output(out):
+                            continue
+                    except Exception:  # a listener's bug must not stop the step loop: its stream gets the rest
+                        log.exception("output listener of %s failed", out.request_id)
+                        listeners.pop(out.request_id, None)
             q = self._queues.get(out.request_id)
             if q is not None:
                 q.put_nowait(out)
@@ -251,6 +273,14 @@ class Engine(ABC):
     def loras_resident(self) -> list[str]:
         """Adapters in memory now (a request for one pays no load)."""
         return []
+
+    def listen(self, request_id: str, on_output: Callable[[EngineOutput], bool] | None) -> bool:
+        """Have ``on_output`` see this request's outputs as its step delivers them, on the event loop,
+        with no task switch per output: an output it takes (returns True) skips the request's
+        stream, which still gets every other one. It must take a prefix of the outputs (once it
+        declines one, it declines the rest), so nothing is reordered. None: stop listening.
+        False: this engine cannot, and its outputs only arrive through the stream."""
+        return False
 
     @abstractmethod
     def abort(self, request_id: str) -> None:

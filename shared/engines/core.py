@@ -31,7 +31,7 @@ import logging
 import threading
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -567,6 +567,10 @@ class EngineCore(Engine):
             self._queues.close(request_id)
             if not finished:
                 self.abort(request_id)
+
+    def listen(self, request_id: str, on_output: Callable[[EngineOutput], bool] | None) -> bool:
+        self._queues.listen(request_id, on_output)
+        return True
 
     def abort(self, request_id: str) -> None:
         self._submit(AbortRequest(request_id))

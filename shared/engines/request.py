@@ -2,16 +2,19 @@
 
 A :class:`Request` carries everything that is its own (sampling parameters, stop ids, the
 engine's per-request state), so the scheduler and the model runner take their decisions from the
-request alone. Per-request features to come (a LoRA adapter, a priority) belong here as fields.
+request alone. Per-request features (a LoRA adapter, the priority) belong here as fields.
 """
 
 from __future__ import annotations
 
 import enum
+import itertools
 from typing import Any
 
 from shared.kv_hash import ROOT_HASH
 from shared.messages import SamplingParams
+
+_ARRIVALS = itertools.count()  # engine-wide arrival order: ties between equal priorities go to the earlier
 
 
 class RequestStatus(enum.IntEnum):
@@ -24,6 +27,7 @@ class Request:
     """One sequence: prompt plus generated tokens, and its place in the KV pool."""
 
     __slots__ = (
+        "arrival",
         "block_hashes",
         "blocks",
         "choice",
@@ -39,6 +43,7 @@ class Request:
         "num_prompt_tokens",
         "output_id",
         "pending_forks",
+        "priority",
         "prompt_logprobs",
         "request_id",
         "sampling",
@@ -55,6 +60,8 @@ class Request:
         self.token_ids = list(token_ids)  # prompt, then every generated token
         self.num_prompt_tokens = len(token_ids)
         self.sampling = sampling
+        self.priority = sampling.priority  # lower is served first, and preempted last
+        self.arrival = next(_ARRIVALS)
         self.max_tokens = sampling.max_tokens
         self.min_tokens = sampling.min_tokens
         self.stop_ids = stop_ids  # EOS (unless ignore_eos) and stop_token_ids
@@ -80,6 +87,12 @@ class Request:
         self.lora = ""
         self.lora_slot = -1
         self.hash_root = ROOT_HASH
+
+    @property
+    def queue_order(self) -> tuple[int, int]:
+        """Place in the waiting queue: by priority, then arrival (a preempted request keeps its
+        arrival, so it goes back ahead of those that came after it)."""
+        return self.priority, self.arrival
 
     @property
     def num_output_tokens(self) -> int:

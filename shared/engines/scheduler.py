@@ -2,10 +2,12 @@
 
 Each step the running batch goes first (decodes, then unfinished prefill chunks), then waiting
 requests are admitted while the token budget (``max_batched_tokens``) and ``max_num_seqs``
-allow. A long prompt is prefilled in chunks across steps, so it never stalls running decodes.
-When the KV pool runs dry the most recently admitted request is preempted: its blocks are
-freed, it returns to the front of the waiting queue with the tokens it has generated so far,
-and is recomputed later (mostly from the prefix cache). Nothing here computes anything; the
+allow. The waiting queue is ordered by request priority (vLLM's: lower first), then arrival. A
+long prompt is prefilled in chunks across steps, so it never stalls running decodes. When the KV
+pool runs dry the lowest-priority running request is preempted (of equals, the most recently
+admitted): its blocks are freed, it returns to the waiting queue in its place (ahead of every
+later arrival of its priority) with the tokens it has generated so far, and is recomputed later
+(mostly from the prefix cache). Nothing here computes anything; the
 engine turns a :class:`ScheduledBatch` into sampled tokens and hands them to :meth:`Scheduler.update`.
 
 Disaggregation adds two side doors. A decode worker *reserves* blocks for a prompt another worker
@@ -21,6 +23,7 @@ blocks from the event loop only under the lock that loop schedules under.
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -33,6 +36,19 @@ from shared.kv_hash import ROOT_HASH
 from shared.messages import SamplingParams
 
 WAITING, RUNNING, FINISHED = RequestStatus.WAITING, RequestStatus.RUNNING, RequestStatus.FINISHED
+
+
+def _queue_order(req: Request) -> tuple[int, int]:
+    return req.queue_order
+
+
+def preemption_victim(running: list[Request]) -> Request:
+    """The lowest-priority request of ``running`` (in admission order); of equals, the last admitted."""
+    victim = running[-1]
+    for req in reversed(running):
+        if req.priority > victim.priority:
+            victim = req
+    return victim
 
 
 class ScheduledBatch:
@@ -84,7 +100,7 @@ class Scheduler:
         self.pool_tokens = num_blocks * block_size
         self.max_model_len = max_model_len or (1 << 62)
         self.vocab_size = vocab_size
-        self.waiting: deque[Request] = deque()
+        self.waiting: deque[Request] = deque()  # by Request.queue_order (priority, then arrival)
         self.running: list[Request] = []  # admission order: the last is preempted first
         self.requests: dict[str, Request] = {}  # waiting or running
         self.reserved: dict[str, Request] = {}  # decode side: blocks awaiting a remote prefill's KV
@@ -125,8 +141,16 @@ class Scheduler:
         req.hold = hold
         req.lora, req.hash_root = lora, hash_root
         self.requests[request_id] = req
-        self.waiting.append(req)
+        self._enqueue(req)
         return req
+
+    def _enqueue(self, req: Request) -> None:
+        """Into the waiting queue at its place by priority, then arrival."""
+        waiting = self.waiting
+        if not waiting or waiting[-1].queue_order <= req.queue_order:
+            waiting.append(req)  # the usual case: one priority, arrivals in order
+        else:
+            waiting.insert(bisect.bisect_right(waiting, req.queue_order, key=_queue_order), req)
 
     def _known(self, request_id: str) -> bool:
         return (request_id in self.requests or request_id in self.reserved or request_id in self.held
@@ -250,6 +274,7 @@ class Scheduler:
             self.kv.free(req)
             return EngineOutput(request_id, [], "error", req.num_prompt_tokens, error=problem)
         req.sampling = sampling
+        req.priority = sampling.priority
         req.max_tokens, req.min_tokens = sampling.max_tokens, sampling.min_tokens
         req.stop_ids = self._stop_ids(sampling)
         req.num_computed_tokens = req.num_prompt_tokens
@@ -374,18 +399,19 @@ class Scheduler:
             req.lora_slot = -1
 
     def _preemption_victim(self) -> Request:
-        """Who gives its blocks back when the pool runs dry: the most recently admitted request.
+        """Who gives its blocks back when the pool runs dry: the lowest-priority running request
+        (the highest ``priority`` value); of equals, the most recently admitted.
 
-        The one place a preemption policy (e.g. lowest priority first) decides.
+        The one place the preemption policy decides.
         """
-        return self.running[-1]
+        return preemption_victim(self.running)
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.kv.free(req)
         req.num_computed_tokens = 0
         req.status = WAITING
-        self.waiting.appendleft(req)
+        self._enqueue(req)
         self.num_preemptions += 1
 
     def update(

@@ -23,6 +23,7 @@ from shared import tracing
 from shared.bus import Bus
 from shared.discovery import DEFAULT_TTL, WorkerView
 from shared.messages import RouteDecision, RouteError, RouteRequest, WorkerInfo, load_report_decoder
+from shared.routing.affinity import SessionAffinity
 from shared.routing.kv_feed import KvEventFeed
 from shared.routing.kv_policy import KvRouter, KvRouterConfig
 from shared.routing.policy import RoutingPolicy, make_policy
@@ -67,6 +68,7 @@ class RoutingSettings:
     prediction_ttl: float = 0.0  # 0: the policy's default (10 s with events, 120 s without)
     snapshot_interval: float = 30.0  # 0: never write index snapshots
     catchup_timeout: float = 20.0
+    session_ttl: float = 600.0  # seconds a session (x-session-id) stays on its worker unused; 0: no affinity
 
     def kv_config(self) -> KvRouterConfig:
         return KvRouterConfig(overlap_weight=self.overlap_weight, lower_tier_weight=self.lower_tier_weight,
@@ -97,6 +99,7 @@ class RouterCore:
         self.view = view
         self.feed: KvEventFeed | None = None
         self.started = anyio.Event()  # set once decisions use the caught-up index
+        self.affinity = SessionAffinity(settings.session_ttl) if settings.session_ttl > 0 else None
         self._missing_since: dict[str, float] = {}
 
     async def run(self) -> None:
@@ -112,9 +115,10 @@ class RouterCore:
                                                 self.settings.catchup_timeout)
                         await self.feed.start()
                         tg.start_soon(self.feed.run)  # follows the stream across failovers; snapshots
-                    subs.append(await self.bus.subscribe(LOAD_ALL, self._on_load))
                     self._maintain_kv()
                     tg.start_soon(self._maintain_loop)
+                if self.kv is not None or self.affinity is not None:
+                    subs.append(await self.bus.subscribe(LOAD_ALL, self._on_load))
                 self.started.set()
                 log.info("routing up, policy %s", self.policy.name)
                 await anyio.sleep_forever()
@@ -142,7 +146,7 @@ class RouterCore:
         """Choose a worker for ``req``. Any :class:`Placement` returned must go to :meth:`record` next,
         before the next decision: the caller answers first, so it need not wait for the bookkeeping."""
         t0 = time.perf_counter()
-        workers = self.view.workers("decode", req.model)
+        model_workers = workers = self.view.workers("decode", req.model)  # only this model's: see KvRouter.decide
         if req.lora:  # only workers that have the adapter loaded (resident or not) can serve it
             workers = [w for w in workers if any(a.name == req.lora for a in w.loras)]
             if not workers:
@@ -156,15 +160,21 @@ class RouterCore:
             return RouteError(code=503, message=f"no decode worker serves {req.model!r}"), None
         hashes: list[int] | None = None
         now = time.monotonic()
+        if req.session_id and self.affinity is not None:
+            pinned = self.affinity.pinned(req.session_id, workers, now)
+            if pinned is not None:
+                workers = [pinned]  # the policy still scores it: overlap, predictions, load
         try:
             if self.kv is not None:
-                worker, overlap, hashes = self.kv.decide(req, workers, now)
+                worker, overlap, hashes = self.kv.decide(req, workers, now, model_workers)
             else:
                 worker, overlap = self.policy.choose_worker(req, workers)
         except Exception:  # a policy bug must not cost the request: place it anyway
             ERRORS.labels("policy").inc()
             log.exception("policy %s failed; routing %s at random", self.policy.name, req.request_id)
             worker, overlap, hashes = random.choice(workers), 0, None
+        if req.session_id and self.affinity is not None:
+            self.affinity.remember(req.session_id, worker.worker_id, now)
         DECISION_SECONDS.observe(time.perf_counter() - t0)
         if tracing.ENABLED:
             span = tracing.start("route_decision", tracing.SpanKind.SERVER, trace_parent, **{
@@ -208,13 +218,15 @@ class RouterCore:
         return reply
 
     async def _on_load(self, msg: Msg) -> None:
-        assert self.kv is not None
         try:
             report = load_report_decoder.decode(msg.data)
         except Exception:
             return
         if report.role == "decode":
-            self.kv.on_load(report)
+            if self.kv is not None:
+                self.kv.on_load(report)
+            if self.affinity is not None:
+                self.affinity.on_load(report)
 
     async def _maintain_loop(self) -> None:
         while True:

@@ -291,9 +291,15 @@ class KvRouter:
         return worker, overlap
 
     def decide(
-        self, request: RouteRequest, workers: list[WorkerInfo], now: float
+        self, request: RouteRequest, workers: list[WorkerInfo], now: float,
+        peers: Sequence[WorkerInfo] | None = None,
     ) -> tuple[WorkerInfo, int, list[int]]:
-        """Pick a worker; returns it, its predicted cached blocks and the hashes for its block size."""
+        """Pick a worker; returns it, its predicted cached blocks and the hashes for its block size.
+
+        The index is keyed by worker and every worker serves one model, so only ``workers`` (the
+        request's model's candidates) and ``peers`` (every worker of that model, the G4 peers;
+        default: ``workers``) are ever looked up: blocks of another model with equal token ids
+        never count, nor become a peer hint."""
         self.last_hint = None
         block_size = workers[0].block_size
         if any(w.block_size != block_size for w in workers):
@@ -308,13 +314,16 @@ class KvRouter:
         i = self._pick(costs, workers)
         w = workers[i]
         slot = self.slots.get(w.worker_id)
-        self.last_hint = self._peer_hint(w, slot, hashes) if self.lower_index.holders else None
+        self.last_hint = self._peer_hint(w, slot, hashes, peers or workers) if self.lower_index.holders else None
         return w, depths.get(slot, 0) if slot is not None else 0, hashes
 
-    def _peer_hint(self, chosen: WorkerInfo, slot: int | None, hashes: Sequence[int]) -> tuple[str, int] | None:
-        """G4: a peer that holds more of the prompt (device or lower tiers) than the chosen worker,
-        so the chosen one can pull the difference from the peer's host/disk tiers."""
-        union = depths_by_slot(prefix_depths(hashes, (self.index.holders, self.lower_index.holders)))
+    def _peer_hint(self, chosen: WorkerInfo, slot: int | None, hashes: Sequence[int],
+                   peers: Sequence[WorkerInfo]) -> tuple[str, int] | None:
+        """G4: a peer (of the same model) that holds more of the prompt (device or lower tiers) than
+        the chosen worker, so the chosen one can pull the difference from the peer's host/disk tiers."""
+        allowed = {self.slots.get(p.worker_id) for p in peers}
+        union = {s: d for s, d in depths_by_slot(prefix_depths(hashes, (self.index.holders, self.lower_index.holders)))
+                 .items() if s in allowed}
         mine = union.get(slot, 0) if slot is not None else 0
         best_slot, best = max(union.items(), key=lambda kv: kv[1], default=(None, 0))
         if best_slot is None or best <= mine:

@@ -90,3 +90,62 @@ def test_embedded_nats_sigkilled_under_load_is_restarted(tmp_path) -> None:
             except subprocess.TimeoutExpired:
                 os.killpg(up.pid, signal.SIGKILL)
                 up.wait(10)
+
+
+def nats_pids(up_pid: int) -> list[int]:
+    """Every nats-server ``baton up`` started (children whose command is nats-server)."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    cmd = f.read()
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == up_pid and cmd.split(b"\0")[0].endswith(b"nats-server"):
+                pids.append(int(d))
+    return sorted(pids)
+
+
+def test_up_with_an_embedded_cluster_of_three_survives_a_server_killed(tmp_path) -> None:
+    """`baton up --nats-cluster 3`: three clustered servers, every service given all three URLs and
+    JetStream replicas 3; one server SIGKILLed under load is restarted and no request fails."""
+    http_port = free_port()
+    store = tmp_path / "store"
+    log = open(tmp_path / "up.log", "wb")
+    up = subprocess.Popen(
+        [sys.executable, "-m", "baton", "up", "--engine", "mocker", "--mocker-speedup", "20", "--port",
+         str(http_port), "--host", "127.0.0.1", "--nats-port", str(free_port()), "--nats-cluster", "3",
+         "--data-dir", str(store), "--log-dir", str(tmp_path / "logs"), "--discovery-ttl", "3",
+         "--prefill-workers", "0", "--decode-workers", "1", "--drain-timeout", "2"],
+        stdout=log, stderr=subprocess.STDOUT, env=service_env({"BATON_ROUTE_TIMEOUT": "1"}), start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{http_port}"
+    try:
+        wait_until(lambda: "Baton is ready" in (tmp_path / "up.log").read_text() or up.poll() is not None,
+                   120, 0.1, "baton up ready")
+        assert up.poll() is None, (tmp_path / "up.log").read_text()
+        text = (tmp_path / "up.log").read_text()
+        assert "3 embedded nats-servers clustered on loopback" in text and "JetStream replicas 3" in text, text
+        before = nats_pids(up.pid)
+        assert len(before) == 3, before
+        with Load(url, clients=2) as load:
+            wait_until(lambda: load.served_since(0) >= 10, 30, 0.05, "load running")
+            t_kill = time.monotonic()
+            os.kill(before[0], signal.SIGKILL)
+            wait_until(lambda: len(nats_pids(up.pid)) == 3 and before[0] not in nats_pids(up.pid), 20, 0.02,
+                       "the killed server restarted")
+            wait_until(lambda: load.served_since(t_kill + 1.0) >= 10 and time.monotonic() - t_kill > 1.5, 30, 0.05,
+                       "serving after the kill")
+        assert load.unclean() == [], load.unclean()[:5]
+        assert up.poll() is None
+    finally:
+        if up.poll() is None:
+            up.send_signal(signal.SIGTERM)
+            try:
+                up.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(up.pid, signal.SIGKILL)
+                up.wait(10)

@@ -71,7 +71,7 @@ def intact(s: ClusterStack) -> None:
     """Discovery still lists both workers; the router's index still follows the KV-events stream
     (its sequence moves on as requests add blocks) and holds entries. KV events published while the
     stream's leader moved are lost (core publish); the router sees the gap in that worker's
-    sequence, drops its blocks and asks it to resync (services/router/kv_feed.py), so the index
+    sequence, drops its blocks and asks it to resync (shared/routing/kv_feed.py), so the index
     may be refilling here rather than untouched."""
     wait_until(lambda: s.health().get("decode_workers") == 2, 10, 0.05, "discovery intact")
     router = s.metrics_ports["router-0"]

@@ -6,7 +6,7 @@ from collections import defaultdict
 
 from shared.engines.base import EngineOutput, KvEventBuffer
 from shared.engines.request import Request
-from shared.engines.scheduler import ScheduledBatch, Scheduler
+from shared.engines.scheduler import ScheduledBatch, Scheduler, preemption_victim
 from shared.messages import SamplingParams
 
 BS = 4
@@ -166,3 +166,46 @@ def test_max_num_seqs_and_budget_respected() -> None:
     tokens, _, batches = drive(sched)
     assert all(len(t) == 6 for t in tokens.values()) and len(tokens) == 7
     assert max(len(b.entries) for b in batches) <= 3
+
+
+# --- priorities (vLLM's: lower is served first, preempted last) ---------------------------------
+
+
+def test_waiting_queue_is_ordered_by_priority_then_arrival() -> None:
+    sched = make(max_num_seqs=1)
+    for rid, priority in (("late-low", 5), ("normal-1", 0), ("urgent", -3), ("normal-2", 0)):
+        add(sched, rid, [5, 6, 7], max_tokens=1, ignore_eos=True, priority=priority)
+    assert [r.request_id for r in sched.waiting] == ["urgent", "normal-1", "normal-2", "late-low"]
+    order = []
+    while sched.has_work():
+        batch = sched.schedule()
+        order += [r.request_id for r, _ in batch.entries]
+        sched.update(batch, [fake_token(r) for r in batch.samplers])
+    assert order == ["urgent", "normal-1", "normal-2", "late-low"]
+
+
+def test_kv_pressure_preempts_the_lowest_priority_first() -> None:
+    # 8 blocks of 4: three requests of 8 prompt tokens take 6; growing to 12 tokens each needs 9
+    sched = make(num_blocks=8, max_num_seqs=8, budget=64)
+    add(sched, "high", [20] * 8, max_tokens=8, ignore_eos=True, priority=-1)
+    add(sched, "low", [21] * 8, max_tokens=8, ignore_eos=True, priority=7)
+    add(sched, "normal", [22] * 8, max_tokens=8, ignore_eos=True)
+    victims: list[tuple[str, int]] = []
+    while sched.num_preemptions == 0:
+        running = [r.request_id for r in sched.running]
+        batch = sched.schedule()
+        if sched.num_preemptions:
+            victims = [(r.request_id, r.priority) for r in sched.waiting]
+            assert set(running) - {r.request_id for r in sched.running} == {"low"}
+        sched.update(batch, [fake_token(r) for r in batch.samplers])
+    assert victims == [("low", 7)]  # the newest admitted ("normal") stays: priority decides first
+    _, final, _ = drive(sched)
+    assert all(final[rid].finish_reason == "length" for rid in ("high", "low", "normal"))
+
+
+def test_victim_choice_is_one_function() -> None:
+    reqs = [Request(f"r{i}", [1], SamplingParams(priority=p), frozenset()) for i, p in enumerate((0, 3, 3, -2))]
+    assert preemption_victim(reqs).request_id == "r2"  # lowest priority; of the two, the later admitted
+    assert preemption_victim(reqs[:1]).request_id == "r0"
+    same = [Request(f"s{i}", [1], SamplingParams(), frozenset()) for i in range(3)]
+    assert preemption_victim(same) is same[-1]  # one priority: the most recently admitted, as before

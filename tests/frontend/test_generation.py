@@ -75,6 +75,8 @@ class Worker:
 
 
 class FakeInbox:
+    batch_subject = ""  # the scripted workers answer one message per reply
+
     def __init__(self) -> None:
         self.streams: dict[str, ReplyStream] = {}
 
@@ -94,6 +96,9 @@ class FakeBus:
         self.inbox = FakeInbox()
         self.connected = True
         self.routes: list[RouteRequest] = []
+
+    async def wait_connected(self, timeout: float = 1.5) -> bool:
+        return self.connected
 
     async def request(self, subject: str, msg: Any, timeout: float, headers: dict[str, str] | None = None) -> Msg:
         if subject == subjects.ROUTE:

@@ -525,3 +525,9 @@ spec:
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/* The Secret holding the NATS cluster's route password: the operator's (nats.routeAuth.existingSecret)
+or the one the chart generates (templates/nats-routes.yaml). */}}
+{{- define "baton.natsRouteSecret" -}}
+{{- if .Values.nats.routeAuth.existingSecret }}{{ .Values.nats.routeAuth.existingSecret }}{{ else }}{{ include "baton.componentName" (dict "root" . "component" "nats-routes") }}{{ end }}
+{{- end }}

@@ -1,0 +1,141 @@
+"""The per-token path's batching: a worker's replies to one frontend in one message per loop turn
+(shared.bus.ReplyBatcher -> ReplyInbox), and the frontend's pre-encoded SSE events."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anyio
+import msgspec
+import pytest
+
+from baton.nats_server import EmbeddedNats
+from services.frontend.choices import ChoiceShaper, sse_event
+from services.frontend.request import ChoicePlan
+from services.frontend.text_stream import Delta
+from shared.bus import Bus, ReplyBatcher, decoded
+from shared.messages import GenerateError, ReplyBatch, TokenChunk, encode, generate_reply_decoder
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_one_message_per_turn_per_frontend_each_request_in_order(tmp_path: Path) -> None:
+    server = EmbeddedNats(data_dir=tmp_path / "nats", log_file=tmp_path / "nats.log")
+    server.start()
+
+    async def main() -> None:
+        frontend = await Bus.connect(server.url, "frontend")
+        worker = await Bus.connect(server.url, "worker")
+        wire: list[bytes] = []  # what the worker published to the frontend's batch subject
+        publish = worker.publish
+
+        async def recording_publish(subject: str, msg, reply: str = "", headers=None) -> None:
+            if subject == frontend.inbox.batch_subject:
+                wire.append(msg if isinstance(msg, bytes) else encode(msg))
+            await publish(subject, msg, reply, headers)
+
+        worker.publish = recording_publish  # type: ignore[method-assign]
+        a, b = frontend.inbox.open("a"), frontend.inbox.open("b")
+        batcher = ReplyBatcher(worker)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(batcher.run)
+                # one "engine step": both requests' chunks, handed over in one loop turn
+                batcher.send(frontend.inbox.batch_subject, TokenChunk(request_id="a", index=0, token_ids=[1]))
+                batcher.send(frontend.inbox.batch_subject, TokenChunk(request_id="b", index=0, token_ids=[7]))
+                batcher.send(frontend.inbox.batch_subject, TokenChunk(request_id="a", index=1, token_ids=[2]))
+                batcher.send(frontend.inbox.batch_subject, TokenChunk(request_id="gone", index=0, token_ids=[9]))
+                with anyio.fail_after(10):
+                    got_a = [await a.next(5), await a.next(5)]
+                    got_b = await b.next(5)
+                # a later step with one reply goes as that reply alone; an error ends b
+                batcher.send(frontend.inbox.batch_subject, GenerateError(request_id="b", code=500, message="boom"))
+                with anyio.fail_after(10):
+                    err = await b.next(5)
+                # a stranger's bytes on the batch subject are dropped, not fatal
+                await worker.publish(frontend.inbox.batch_subject, b"\xc1not msgpack")
+                await worker.publish(frontend.inbox.batch_subject, TokenChunk(request_id="a", index=2, token_ids=[3]))
+                with anyio.fail_after(10):
+                    got_a.append(await a.next(5))
+                tg.cancel_scope.cancel()
+        finally:
+            await worker.close()
+            await frontend.close()
+        assert [c.token_ids for c in decoded(got_a, generate_reply_decoder)] == [[1], [2], [3]]
+        assert isinstance(got_b, TokenChunk) and got_b.token_ids == [7]
+        assert isinstance(err, GenerateError) and err.message == "boom"
+        batches = [generate_reply_decoder.decode(w) for w in wire[:2]]
+        assert isinstance(batches[0], ReplyBatch) and len(batches[0].replies) == 4  # the first turn: one message
+        assert isinstance(batches[1], GenerateError)  # one reply: sent as itself
+
+    try:
+        anyio.run(main)
+    finally:
+        server.stop()
+
+
+def test_old_single_replies_still_decode() -> None:
+    chunk = TokenChunk(request_id="r", index=0, token_ids=[1, 2])
+    assert generate_reply_decoder.decode(encode(chunk)) == chunk
+    batch = ReplyBatch(replies=[chunk, GenerateError(request_id="s", code=503, message="full")])
+    assert generate_reply_decoder.decode(encode(batch)) == batch
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_pre_encoded_sse_events_are_the_chunk_objects_byte_for_byte(chat: bool) -> None:
+    def shaper() -> ChoiceShaper:
+        return ChoiceShaper(None, ChoicePlan(), chat, "cmpl-x\"y", "m\u00e9", "", [])  # type: ignore[arg-type]
+
+    fast, slow = shaper(), shaper()
+    slow._sse_head = None  # the generic path: build the dicts, encode them
+    assert fast._sse_head is not None
+    assert fast.sse_start() == slow.sse_start() == b"".join(map(sse_event, slow.stream_start()))
+    for d in (Delta("Hello", [1]), Delta("", [2]), Delta(' "quoted" \u2603\n', [3]), Delta("end", [4], "length"),
+              Delta("", [5], "stop")):
+        out = fast.sse_delta(d)
+        assert out == slow.sse_delta(d)
+        for event in out.split(b"\n\n")[:-1]:
+            assert json.loads(event.removeprefix(b"data: "))["id"] == "cmpl-x\"y"
+    assert msgspec.json.decode(fast.sse_delta(Delta("a", [1])).removeprefix(b"data: ").strip())["model"] == "m\u00e9"
+
+
+@pytest.mark.parametrize("failing", [False, True])
+def test_an_output_listener_takes_tokens_in_the_step_and_the_stream_the_rest(failing: bool) -> None:
+    """Engine.listen: tokens reach the listener as the step delivers them; the last output (or,
+    after the listener fails, everything from then on) comes through the stream, in order."""
+    from shared.engines import make_engine
+    from shared.engines.base import EngineConfig
+    from shared.messages import SamplingParams
+
+    async def main() -> tuple[list[int], list[int], list[str | None]]:
+        engine = make_engine(EngineConfig(engine="mocker", speedup=1e9))
+        heard: list[int] = []
+        streamed: list[int] = []
+        finishes: list[str | None] = []
+
+        def on_output(out) -> bool:
+            if out.finish_reason is not None:
+                return False
+            if failing and len(heard) == 3:
+                raise RuntimeError("listener bug")
+            heard.extend(out.token_ids)
+            return True
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.run)
+            await engine.wait_ready()
+            assert engine.listen("r", on_output)
+            async for out in engine.generate("r", list(range(10, 30)), SamplingParams(max_tokens=8, ignore_eos=True)):
+                streamed.extend(out.token_ids)
+                finishes.append(out.finish_reason)
+            tg.cancel_scope.cancel()
+        return heard, streamed, finishes
+
+    heard, streamed, finishes = anyio.run(main)
+    assert len(heard) + len(streamed) == 8
+    assert finishes[-1] == "length"
+    if failing:
+        assert len(heard) == 3 and len(finishes) == 5  # the rest, one output a token, through the stream
+    else:
+        assert len(heard) == 7 and finishes == ["length"]  # only the last output took the stream
