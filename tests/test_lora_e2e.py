@@ -1,7 +1,9 @@
-"""LoRA adapters end to end: real nats-server, two torch decode workers, a frontend, real HTTP and NATS.
+"""LoRA adapters end to end: real nats-server, torch decode workers of two base models (two of
+baton-tiny, one of baton-tiny-b), one frontend, real HTTP and NATS.
 
 Greedy outputs of base + adapter through the HTTP API equal transformers + peft on the same
-weights, each alone and in a batch of concurrent requests mixing two adapters and the bare model;
+weights, each alone and in a batch of concurrent requests mixing adapters of both bases and the
+bare models;
 adapters loaded and unloaded at run time over HTTP and over NATS; a bad adapter is a 400 and the
 workers keep serving; an unknown adapter is OpenAI's 404; a path outside the adapter root is refused.
 """
@@ -21,7 +23,7 @@ import pytest
 
 from shared import subjects
 from shared.messages import LoraLoad, LoraUnload
-from tests.procs import Stack, running
+from tests.procs import Stack, running, wait_until
 from tests.require import require_module
 
 torch = require_module("torch", "pip install 'baton[torch]'")
@@ -35,11 +37,11 @@ PROMPTS = [[7, 300, 41, 999, 12], [1500, 3, 77, 250, 61, 9, 18, 400, 33, 5, 1200
            [int(x) for x in range(100, 117)]]
 
 
-def peft_greedy(adapter_dirs: dict[str, Path]) -> dict[str | None, list[list[int]]]:
+def peft_greedy(adapter_dirs: dict[str, Path], base: str = "baton-tiny") -> dict[str | None, list[list[int]]]:
     """Greedy tokens of each prompt under each adapter (None: the bare base), full forwards, fp32."""
     from shared.builtin_model import ensure_builtin
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(ensure_builtin("baton-tiny"), dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(ensure_builtin(base), dtype=torch.float32)
     names = list(adapter_dirs)
     model = peft.PeftModel.from_pretrained(model, adapter_dirs[names[0]], adapter_name=names[0])
     for n in names[1:]:
@@ -71,6 +73,7 @@ def lora_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build_lora("baton-tiny", root / "demo-b", rank=4, alpha=6, use_rslora=True,
                targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     build_lora("baton-tiny", root / "demo-c", rank=8, targets=["q_proj", "v_proj"])
+    build_lora("baton-tiny-b", root / "demo-tb", rank=8, targets=["q_proj", "k_proj", "o_proj", "down_proj"])
     # Does not fit: the config says rank 16, the tensors are rank 8.
     build_lora("baton-tiny", root / "bad-rank", rank=8)
     cfg = json.loads((root / "bad-rank" / "adapter_config.json").read_text())
@@ -86,25 +89,35 @@ def lora_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(lora_root: Path) -> dict[str | None, list[str]]:
+def reference(lora_root: Path) -> dict[str, list[str]]:
     """peft's greedy tokens as the text the HTTP API returns for them."""
     from shared.builtin_model import ensure_builtin
     from shared.tokenizer import Tokenizer
 
     ref = peft_greedy({"demo-a": lora_root / "demo-a", "demo-b": lora_root / "demo-b"})
     tok = Tokenizer(ensure_builtin("baton-tiny"))
-    texts = {name: [tok.decode(ids, skip_special_tokens=True) for ids in runs] for name, runs in ref.items()}
-    for name in ("demo-a", "demo-b"):  # else parity below would prove little
-        assert texts[name] != texts[None], f"{name} does not change greedy outputs"
+    texts = {name or "baton-tiny": [tok.decode(ids, skip_special_tokens=True) for ids in runs]
+             for name, runs in ref.items()}
+    ref_b = peft_greedy({"demo-tb": lora_root / "demo-tb"}, "baton-tiny-b")
+    tok_b = Tokenizer(ensure_builtin("baton-tiny-b"))
+    texts.update({name or "baton-tiny-b": [tok_b.decode(ids, skip_special_tokens=True) for ids in runs]
+                  for name, runs in ref_b.items()})
+    for name, base in (("demo-a", "baton-tiny"), ("demo-b", "baton-tiny"), ("demo-tb", "baton-tiny-b")):
+        assert texts[name] != texts[base], f"{name} does not change greedy outputs"  # else parity proves little
+    assert texts["baton-tiny"] != texts["baton-tiny-b"]
     return texts
 
 
 @pytest.fixture(scope="module")
 def lora_stack(tmp_path_factory: pytest.TempPathFactory, lora_root: Path):
     s = Stack(tmp_path_factory.mktemp("lora-stack"), "torch", decode_workers=2, routers=0,
-              extra_decode_args=["--max-loras", "2", "--lora-modules", f"demo-a={lora_root / 'demo-a'}"])
+              extra_decode_args=["--max-loras", "2", "--lora-modules", f"demo-a={lora_root / 'demo-a'}"],
+              decode_models=["baton-tiny", "baton-tiny", "baton-tiny-b"])
     s.frontend_extra = ["--router", "embedded", "--router-mode", "kv", "--lora-root", str(lora_root)]
     with running(s):
+        # The second base model's worker, with its own adapter (the last --lora-modules wins).
+        s.add_decode(["--lora-modules", f"demo-tb={lora_root / 'demo-tb'}"])
+        wait_until(lambda: {"baton-tiny-b", "demo-tb"} <= set(models(s)), 90, what="the second base and its adapter")
         yield s
     assert s.nats.violations() == []
 
@@ -141,14 +154,16 @@ def test_greedy_equals_peft_alone_and_mixed(lora_stack: Stack, reference: dict) 
     assert r.json()["workers"] == 2
     listed = models(s)
     assert listed["demo-a"]["parent"] == listed["demo-b"]["parent"] == "baton-tiny"
+    assert listed["demo-tb"]["parent"] == "baton-tiny-b" and listed["baton-tiny-b"]["parent"] is None
     # Alone: one request at a time, the same 20-token prompt (a full KV block): were prefix-cache
     # hashes blind to the adapter, the later requests would reuse the bare model's block.
-    for name in (None, "demo-a", "demo-b"):
-        assert greedy(s, name or "baton-tiny", PROMPTS[2]) == reference[name][2], name
-    # Mixed: every prompt under both adapters and none, all at once (batched on the two workers).
-    jobs = [(name, i) for i in range(len(PROMPTS)) for name in (None, "demo-a", "demo-b")]
+    for name in ("baton-tiny", "demo-a", "demo-b", "baton-tiny-b", "demo-tb"):
+        assert greedy(s, name, PROMPTS[2]) == reference[name][2], name
+    # Mixed: every prompt under every adapter and bare, both bases, all at once (batched on the workers).
+    jobs = [(name, i) for i in range(len(PROMPTS))
+            for name in ("baton-tiny", "demo-a", "demo-b", "baton-tiny-b", "demo-tb")]
     with ThreadPoolExecutor(len(jobs)) as pool:
-        got = list(pool.map(lambda j: greedy(s, j[0] or "baton-tiny", PROMPTS[j[1]]), jobs))
+        got = list(pool.map(lambda j: greedy(s, j[0], PROMPTS[j[1]]), jobs))
     for (name, i), toks in zip(jobs, got, strict=True):
         assert toks == reference[name][i], (name, i)
 
