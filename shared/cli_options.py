@@ -125,6 +125,22 @@ DiskKvBlocks = Annotated[
 KvEviction = Annotated[
     str, typer.Option("--kv-eviction", envvar="BATON_KV_EVICTION", help="Eviction in the host/disk tiers: lru or s3fifo.")
 ]
+MaxLoras = Annotated[
+    int, typer.Option("--max-loras", envvar="BATON_MAX_LORAS",
+                      help="LoRA adapters resident at once (torch, mocker); more are loaded on demand, least "
+                           "recently used evicted. 0: serve no adapters.")
+]
+MaxLoraRank = Annotated[
+    int, typer.Option("--max-lora-rank", envvar="BATON_MAX_LORA_RANK", help="Largest LoRA rank accepted (400 above).")
+]
+LoraModules = Annotated[
+    str, typer.Option("--lora-modules", envvar="BATON_LORA_MODULES",
+                      help="LoRA adapters to load at start: name=path[,name=path...] (PEFT directories).")
+]
+MockerLoraLoadS = Annotated[
+    float, typer.Option("--mocker-lora-load-s", envvar="BATON_MOCKER_LORA_LOAD_S",
+                        help="Mocker: simulated seconds to make a LoRA adapter resident (divided by the speedup).")
+]
 Dtype = Annotated[
     str, typer.Option("--dtype", envvar="BATON_DTYPE",
                       help="Weights and KV dtype: auto (the checkpoint's: fp32 built-ins stay fp32, a bf16 checkpoint runs bf16), float32, bfloat16 (about 1.4x faster than fp32 on CPUs with AVX512-BF16) or float16 (bf16 on CPU).")
@@ -174,6 +190,10 @@ ENGINE_OPTIONS: dict[str, tuple[str, Any]] = {
     "disk_kv_dir": ("--disk-kv-dir", DiskKvDir),
     "disk_kv_blocks": ("--disk-kv-blocks", DiskKvBlocks),
     "kv_eviction": ("--kv-eviction", KvEviction),
+    "max_loras": ("--max-loras", MaxLoras),
+    "max_lora_rank": ("--max-lora-rank", MaxLoraRank),
+    "lora_modules": ("--lora-modules", LoraModules),
+    "lora_load_s": ("--mocker-lora-load-s", MockerLoraLoadS),
 }
 
 
@@ -229,8 +249,10 @@ def worker_command(command: Callable[..., None]) -> Callable[..., None]:
 
     defaults = {"engine": "torch", "model": DEFAULT_MODEL, "dtype": "auto", "block_size": 16, "num_blocks": 0,
                 "max_num_seqs": 64, "max_batched_tokens": 512, "speedup": 1.0, "host_kv_blocks": 0,
-                "disk_kv_dir": "", "disk_kv_blocks": 0, "kv_eviction": "lru"}
-    engine_params = {f: "mocker_speedup" if f == "speedup" else f for f in ENGINE_OPTIONS}
+                "disk_kv_dir": "", "disk_kv_blocks": 0, "kv_eviction": "lru", "max_loras": 4, "max_lora_rank": 64,
+                "lora_modules": "", "lora_load_s": 0.05}
+    engine_params = {f: {"speedup": "mocker_speedup", "lora_load_s": "mocker_lora_load_s"}.get(f, f)
+                     for f in ENGINE_OPTIONS}
     head = [_option("nats_url", NatsUrl, DEFAULT_NATS_URL), _option("nats_creds", NatsCreds, None),
             _option("js_replicas", JsReplicas, None),
             _option("model", Model, DEFAULT_MODEL), _option("served_model_name", ServedModelName, None),
@@ -270,6 +292,10 @@ RouterOverlapWeight = Annotated[float, typer.Option(
 RouterLowerTierWeight = Annotated[float, typer.Option(
     envvar="BATON_ROUTER_LOWER_TIER_WEIGHT",
     help="kv: cost of a prefix block found in a worker's host/disk tier, as a share of recomputing it.")]
+RouterLoraLoadWeight = Annotated[float, typer.Option(
+    envvar="BATON_ROUTER_LORA_LOAD_WEIGHT",
+    help="kv: cost, in KV blocks, of sending a request to a worker that does not hold its LoRA adapter "
+         "resident (it must load it first); 0: adapter-blind.")]
 RouterTemperature = Annotated[float, typer.Option(
     envvar="BATON_ROUTER_TEMPERATURE", help="kv: 0 picks the cheapest worker; > 0 samples (softmax).")]
 RouterPredictionTtl = Annotated[float, typer.Option(

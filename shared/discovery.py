@@ -66,6 +66,12 @@ class WorkerRegistration:
             self._kv = None
             raise
 
+    async def update(self, info: WorkerInfo) -> None:
+        """Replace the advertised info (e.g. LoRA adapters loaded) and put it now."""
+        self.info = info
+        if not self._withdrawn:
+            await self._put()
+
     async def run(self) -> None:
         if self._kv is None:
             await self.register()

@@ -38,13 +38,14 @@ def block_hashes(token_ids: Sequence[int] | np.ndarray, block_size: int, parent:
     return out
 
 
-def extend_hashes(hashes: list[int], token_ids: Sequence[int], block_size: int) -> list[int]:
-    """Append the hashes of blocks that ``token_ids`` completes beyond those already in ``hashes``."""
+def extend_hashes(hashes: list[int], token_ids: Sequence[int], block_size: int, root: int = ROOT_HASH) -> list[int]:
+    """Append the hashes of blocks that ``token_ids`` completes beyond those already in ``hashes``
+    (``root``: the chain's root, :func:`adapter_root` for a LoRA request)."""
     done = len(hashes)
     n_full = len(token_ids) // block_size
     if n_full <= done:
         return hashes
-    parent = hashes[-1] if hashes else ROOT_HASH
+    parent = hashes[-1] if hashes else root
     hashes.extend(block_hashes(token_ids[done * block_size : n_full * block_size], block_size, parent))
     return hashes
 

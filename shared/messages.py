@@ -75,6 +75,9 @@ class GenerateRequest(Struct, tag="generate", kw_only=True, omit_defaults=True):
     # From the router: a peer whose lower KV tiers hold the first kv_source_blocks blocks.
     kv_source: str = ""
     kv_source_blocks: int = 0
+    # LoRA adapter to apply (its name, as loaded on the worker); "" : the base model. The
+    # frontend resolves the OpenAI ``model`` field to (base model, adapter), as vLLM does.
+    lora: str = ""
     # Set by a frontend that takes batched replies (shared.bus.ReplyInbox.batch_subject): the worker
     # then sends every reply of this request there, in ReplyBatches with the other requests of that
     # frontend (one message per engine step per frontend). Empty: one message per reply to ``reply``.
@@ -155,6 +158,9 @@ class RouteRequest(Struct, tag="route", kw_only=True, omit_defaults=True):
     # so the router need not: hashing a 4k-token prompt costs ~300 us, the routing decision ~35 us.
     block_hashes: list[int] = field(default_factory=list)
     block_size: int = 0
+    # LoRA adapter the request runs under ("" : none): only workers that have it loaded are
+    # candidates, and one that holds it resident is preferred (the adapter-load cost term).
+    lora: str = ""
     # A conversation's id (the caller's x-session-id): the router keeps it on one worker while
     # that worker is live and not full (shared/routing/affinity.py). "": no affinity.
     session_id: str = ""
@@ -183,6 +189,13 @@ RouteReply = RouteDecision | RouteError
 # --- discovery and load --------------------------------------------------------------------
 
 
+class LoraInfo(Struct, kw_only=True, omit_defaults=True):
+    """A LoRA adapter loaded on a worker (on top of the worker's ``model``, its base)."""
+
+    name: str
+    digest: str = ""  # of its files (LoraAdapter.digest): with the name, the root of its KV block hashes
+
+
 class WorkerInfo(Struct, kw_only=True, omit_defaults=True):
     worker_id: str
     role: Role
@@ -195,6 +208,7 @@ class WorkerInfo(Struct, kw_only=True, omit_defaults=True):
     pid: int = 0
     host: str = ""
     started_at: float = 0.0
+    loras: list[LoraInfo] = field(default_factory=list)  # adapters it serves (resident or loadable)
     # What a frontend needs to serve the model (old workers leave these empty; see shared/model_files.py).
     context_length: int = 0
     tokenizer_digest: str = ""
@@ -212,6 +226,7 @@ class LoadReport(Struct, tag="load", kw_only=True, omit_defaults=True):
     running: int = 0
     waiting: int = 0
     prefill_tokens_queued: int = 0
+    loras_resident: list[str] = field(default_factory=list)  # adapters in memory now (no load cost)
 
 
 # --- disaggregated prefill -----------------------------------------------------------------
@@ -363,6 +378,34 @@ class ApiError(Struct, tag="error", kw_only=True):
 ApiReply = ApiChunk | ApiError
 
 
+# --- LoRA adapters: load / unload at run time --------------------------------------------------
+
+
+class LoraLoad(Struct, tag="lora_load", kw_only=True):
+    """Frontend -> one worker (request/reply on ``baton.v1.lora.<worker_id>``); and the body of
+    the public ``baton.v1.api.lora`` operation (vLLM's field names)."""
+
+    lora_name: str
+    lora_path: str
+
+
+class LoraUnload(Struct, tag="lora_unload", kw_only=True):
+    lora_name: str
+
+
+LoraCommand = LoraLoad | LoraUnload
+
+
+class LoraReply(Struct, tag="lora_reply", kw_only=True, omit_defaults=True):
+    """A worker's (or the API's) answer: ``code`` HTTP-like (200 ok, 400 bad adapter, 404 unknown,
+    503 busy), ``message`` says why."""
+
+    code: int = 200
+    message: str = ""
+    worker_id: str = ""
+    digest: str = ""
+
+
 # --- codecs --------------------------------------------------------------------------------
 # One encoder/decoder per union, built once: msgspec decoders are fastest when reused.
 
@@ -387,3 +430,6 @@ planner_observation_decoder = msgspec.msgpack.Decoder(PlannerObservation)
 api_request_msgpack_decoder = msgspec.msgpack.Decoder(ApiGenerateRequest)
 api_request_json_decoder = msgspec.json.Decoder(ApiGenerateRequest)
 api_reply_msgpack_decoder = msgspec.msgpack.Decoder(ApiReply)
+lora_command_decoder = msgspec.msgpack.Decoder(LoraCommand)
+lora_command_json_decoder = msgspec.json.Decoder(LoraCommand)
+lora_reply_decoder = msgspec.msgpack.Decoder(LoraReply)

@@ -138,9 +138,9 @@ def _table() -> dict[str, Permissions]:
         # HTTP and NATS API in front; asks a router, streams from a decode worker, answers API clients.
         # It may also embed the router (--router embedded), so it may read what a router reads.
         "frontend": _perms(
-            publish=[s.ROUTE, s.generate(any_id), s.cancel(any_id), s.status(any_id), *_replies(), *workers,
-                     *routing_publish, *_object_reader(s.MODEL_FILES_BUCKET)],
-            subscribe=[s.API_GENERATE, s.LOAD_ALL, _inbox("frontend")],
+            publish=[s.ROUTE, s.generate(any_id), s.cancel(any_id), s.status(any_id), s.lora(any_id), *_replies(),
+                     *workers, *routing_publish, *_object_reader(s.MODEL_FILES_BUCKET)],
+            subscribe=[s.API_GENERATE, s.API_LORA, s.LOAD_ALL, _inbox("frontend")],
         ),
         # Answers route requests; reads load reports and the KV-events stream; keeps index snapshots.
         "router": _perms(
@@ -154,7 +154,7 @@ def _table() -> dict[str, Permissions]:
                      s.PREFILL_JOBS, *prefill_queue, *_consumer_watcher(s.PREFILL_STREAM, s.PREFILL_CONSUMER),
                      *_kv_write(s.WORKERS_BUCKET), *_kv_read(s.CONFIG_BUCKET), *_object_store(s.MODEL_FILES_BUCKET)],
             subscribe=[s.generate(any_id), s.cancel(any_id), s.status(any_id), s.kv_resync(any_id),
-                       s.kv_fetch(any_id), _inbox("decode")],
+                       s.kv_fetch(any_id), s.lora(any_id), _inbox("decode")],
         ),
         # Pulls prefill jobs and tells the waiting decode worker (its inbox) when the KV is there.
         "prefill": _perms(
@@ -169,7 +169,7 @@ def _table() -> dict[str, Permissions]:
             subscribe=[s.LOAD_ALL, s.generate(any_id), s.PREFILL_JOBS, _inbox("planner")],
         ),
         # The public request API only.
-        "client": _perms(publish=[s.API_GENERATE], subscribe=[_inbox("client")]),
+        "client": _perms(publish=[s.API_GENERATE, s.API_LORA], subscribe=[_inbox("client")]),
         # An operator's identity (debugging, the nats CLI, tests): everything. Given to no service.
         "admin": _perms(publish=[">"], subscribe=[">"]),
     }

@@ -17,6 +17,10 @@ ROUTER_QUEUE = "baton-router"
 API_GENERATE = f"{PREFIX}.api.generate"
 API_QUEUE = "baton-api"
 
+# Public NATS API for LoRA adapters: a LoraLoad / LoraUnload (msgpack or JSON) with a reply inbox,
+# answered with one LoraReply once every worker of the base model answered (or timed out).
+API_LORA = f"{PREFIX}.api.lora"
+
 # Prefill work queue (JetStream, work-queue retention: each job is delivered to one worker).
 PREFILL_STREAM = "BATON_PREFILL"
 PREFILL_JOBS = f"{PREFIX}.prefill.jobs"
@@ -56,6 +60,11 @@ def cancel(worker_id: str) -> str:
 def status(worker_id: str) -> str:
     """Request/reply liveness probe of one worker (StatusRequest -> StatusReply)."""
     return f"{PREFIX}.status.{worker_id}"
+
+
+def lora(worker_id: str) -> str:
+    """Request/reply: load or unload a LoRA adapter on this worker (LoraCommand -> LoraReply)."""
+    return f"{PREFIX}.lora.{worker_id}"
 
 
 def prefill_done(request_id: str) -> str:

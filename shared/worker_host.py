@@ -28,7 +28,7 @@ from shared.discovery import DEFAULT_TTL, WorkerRegistration
 from shared.engines import Engine, EngineConfig, make_engine
 from shared.kv_address import advertised_host, bind_host_for
 from shared.kv_transport import KvTls, KvTransport, make_transport
-from shared.messages import KvEventBatch, LoadReport, WorkerInfo
+from shared.messages import KvEventBatch, LoadReport, LoraInfo, WorkerInfo
 from shared.model_files import advertise_model
 from shared.runtime import settle_heap
 from shared.telemetry import serve_metrics
@@ -42,6 +42,9 @@ WAITING = Gauge("baton_worker_requests_waiting", "Requests queued in the engine"
 ENGINE_RUNNING = Gauge("baton_worker_engine_requests_running", "Requests in the engine's running batch", ["role"])
 PREEMPTIONS = Gauge("baton_worker_preemptions", "Preemptions since start (KV pool ran out)", ["role"])
 PROMPT_TOKENS = Gauge("baton_worker_prompt_tokens", "Prompt tokens admitted since start", ["role"])
+LORA_LOADS = Gauge("baton_worker_lora_loads", "LoRA adapters made resident since start (reloads included)",
+                   ["role"])
+LORA_EVICTIONS = Gauge("baton_worker_lora_evictions", "Resident LoRA adapters evicted to make room", ["role"])
 PREFIX_HIT_TOKENS = Gauge("baton_worker_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache",
                           ["role"])
 
@@ -82,6 +85,7 @@ class WorkerHost:
         self._in_flight = 0
         self._idle = anyio.Event()  # set when draining and the last piece of work is done
         self._kv_seq = 0
+        self._started_at = time.time()
         self.model_fields: dict[str, object] = {}  # context length, digests, path (shared/model_files.py)
 
     # --- what a role fills in ------------------------------------------------------------
@@ -119,8 +123,14 @@ class WorkerHost:
         return WorkerInfo(
             worker_id=self.worker_id, role=self.role, model=self.model,  # type: ignore[arg-type]
             block_size=self.engine.block_size, engine=self.engine.name, pid=os.getpid(), host=socket.gethostname(),
-            started_at=time.time(), **self.model_fields, **self.info_fields(),  # type: ignore[arg-type]
+            started_at=self._started_at, loras=[LoraInfo(name=n, digest=d) for n, d in self.engine.loras()],
+            **self.model_fields, **self.info_fields(),  # type: ignore[arg-type]
         )
+
+    async def advertise(self) -> None:
+        """Publish this worker's WorkerInfo again now (its adapters changed), not at the next refresh."""
+        if self.registration is not None:
+            await self.registration.update(self.info())
 
     async def run(self) -> None:
         # A bus set before run() belongs to a host of many workers (services/decode/fleet.py): use it, leave it open.
@@ -209,12 +219,15 @@ class WorkerHost:
             PREEMPTIONS.labels(role).set(st.preemptions)
             PROMPT_TOKENS.labels(role).set(st.prompt_tokens)
             PREFIX_HIT_TOKENS.labels(role).set(st.prefix_hit_tokens)
+            LORA_LOADS.labels(role).set(st.lora_loads)
+            LORA_EVICTIONS.labels(role).set(st.lora_evictions)
             if self.engine.kv_tiers is not None:
                 self.engine.kv_tiers.update_gauges()
             report = LoadReport(
                 worker_id=self.worker_id, role=role, timestamp=time.time(),  # type: ignore[arg-type]
                 kv_blocks_used=st.kv_blocks_used, kv_blocks_total=st.kv_blocks_total, running=st.running,
                 waiting=st.waiting, prefill_tokens_queued=st.prefill_tokens_queued,
+                loras_resident=self.engine.loras_resident(),
             )
             try:
                 await self.bus.publish(subject, report)

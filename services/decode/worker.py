@@ -27,16 +27,20 @@ from shared import subjects, tracing
 from shared.bus import ReplyBatcher
 from shared.discovery import WorkerView
 from shared.engines import Engine
+from shared.engines.adapters import AdapterBusyError, UnknownAdapterError
 from shared.engines.base import EngineOutput
 from shared.messages import (
     GenerateError,
     GenerateRequest,
+    LoraLoad,
+    LoraReply,
     PositionLogprobs,
     StatusReply,
     TokenChunk,
     Usage,
     cancel_decoder,
     generate_request_decoder,
+    lora_command_decoder,
     status_request_decoder,
 )
 from shared.telemetry import bind_request
@@ -95,6 +99,7 @@ class DecodeWorker(WorkerHost):
         await self.bus.subscribe(subjects.cancel(self.worker_id), self._on_cancel)
         await self.bus.subscribe(subjects.status(self.worker_id), self._on_status)
         await self.bus.subscribe(subjects.kv_resync(self.worker_id), self._on_kv_resync)
+        await self.bus.subscribe(subjects.lora(self.worker_id), self._on_lora)
 
     # --- handlers ------------------------------------------------------------------------
 
@@ -124,6 +129,43 @@ class DecodeWorker(WorkerHost):
             return
         self.engine.kv_events.record_cleared()
         self.engine.kv_events.record_stored(hashes, None)
+
+    async def _on_lora(self, msg: Msg) -> None:
+        """Load or unload a LoRA adapter (the frontend asks every worker of its base model). The
+        path was checked by the frontend against its adapter root; the engine validates the files
+        against the model. A bad adapter is refused (400) and nothing else changes."""
+        assert self.bus is not None
+        try:
+            cmd = lora_command_decoder.decode(msg.data)
+        except Exception as e:
+            await self.bus.respond(msg, LoraReply(code=400, message=f"undecodable LoRA command: {e}",
+                                                  worker_id=self.worker_id))
+            return
+        reply = LoraReply(worker_id=self.worker_id)
+        try:
+            if isinstance(cmd, LoraLoad):
+                reply.digest = await self.engine.load_lora(cmd.lora_name, cmd.lora_path)
+                reply.message = f"adapter {cmd.lora_name!r} loaded"
+            else:
+                await self.engine.unload_lora(cmd.lora_name)
+                reply.message = f"adapter {cmd.lora_name!r} unloaded"
+            log.info("%s", reply.message)
+        except UnknownAdapterError as e:
+            reply.code, reply.message = 404, str(e)
+        except AdapterBusyError as e:
+            reply.code, reply.message = 503, str(e)
+        except ValueError as e:  # LoraError: does not fit this model, unreadable files
+            reply.code, reply.message = 400, str(e)
+        except Exception as e:
+            log.exception("LoRA command failed")
+            reply.code, reply.message = 500, f"LoRA command failed: {e!r}"
+        if reply.code == 200:
+            with anyio.move_on_after(3):  # the adapter list in discovery; the refresh retries anyway
+                try:
+                    await self.advertise()
+                except Exception as e:
+                    log.warning("advertising adapters failed: %r", e)
+        await self.bus.respond(msg, reply)
 
     async def _on_status(self, msg: Msg) -> None:
         assert self.bus is not None
@@ -239,12 +281,14 @@ class DecodeWorker(WorkerHost):
         open_choices = n
         last_reason = "ended"
         outputs = None
-        if self.peers is not None and self.peers.wants_pull(req):
+        # LoRA requests run locally: remote prefill and peer block pulls hash and compute for the
+        # base model only.
+        if self.peers is not None and not req.lora and self.peers.wants_pull(req):
             pulled = await self.peers.pull(req)
             tracing.event(span, "kv_pulled_from_peer", **{"baton.kv_source": req.kv_source, "baton.blocks": pulled})
         # n > 1 and prompt logprobs run locally: a remote prefill returns one first token and no
         # prompt logprobs.
-        if self.remote is not None and n == 1 and sp.prompt_logprobs < 0:
+        if self.remote is not None and n == 1 and sp.prompt_logprobs < 0 and not req.lora:
             decision = self.remote.decide(req.token_ids)
             if decision == "remote":
                 first = await self.remote.prefill(rid, req.token_ids, sp, span)
@@ -253,7 +297,8 @@ class DecodeWorker(WorkerHost):
             else:
                 DISAGG_DECISIONS.labels(decision).inc()
         if outputs is None:
-            outputs = self.engine.generate(rid, req.token_ids, sp)
+            outputs = self.engine.generate(rid, req.token_ids, sp, lora=req.lora) if req.lora else \
+                self.engine.generate(rid, req.token_ids, sp)
         batcher = self.replies
         if req.stream and n == 1 and req.batch_reply and batcher is not None:
             subject = req.batch_reply
@@ -278,7 +323,7 @@ class DecodeWorker(WorkerHost):
             self.engine.listen(rid, on_output)
         async for out in outputs:
             if out.error:
-                await publish(GenerateError(request_id=rid, code=400, message=out.error))
+                await publish(GenerateError(request_id=rid, code=out.error_code, message=out.error))
                 return "bad_request"
             c = out.choice if 0 <= out.choice < n else 0
             if sum(index) == 0 and out.token_ids:

@@ -16,6 +16,7 @@ from shared.cli_options import (
     NatsCreds,
     NatsUrl,
     RouterCatchupTimeout,
+    RouterLoraLoadWeight,
     RouterLowerTierWeight,
     RouterMode,
     RouterOverlapWeight,
@@ -127,10 +128,20 @@ def main(
     router_seed: RouterSeed = None,
     router_overlap_weight: RouterOverlapWeight = 1.0,
     router_lower_tier_weight: RouterLowerTierWeight = 0.25,
+    router_lora_load_weight: RouterLoraLoadWeight = 32.0,
     router_temperature: RouterTemperature = 0.0,
     router_prediction_ttl: RouterPredictionTtl = 0.0,
     router_snapshot_interval: RouterSnapshotInterval = 30.0,
     router_catchup_timeout: RouterCatchupTimeout = 20.0,
+    lora_root: Annotated[
+        str | None, typer.Option(envvar="BATON_LORA_ROOT",
+                                 help="Directory LoRA adapters may be loaded from at run time "
+                                      "(POST /v1/load_lora_adapter, NATS baton.v1.api.lora); paths outside it "
+                                      "are refused. Unset: run-time loading is off.")
+    ] = None,
+    lora_timeout: Annotated[
+        float, typer.Option(envvar="BATON_LORA_TIMEOUT", help="Seconds each worker has to load or unload an adapter.")
+    ] = 30.0,
     router_session_ttl: RouterSessionTtl = 600.0,
     priority_min: Annotated[
         int, typer.Option(envvar="BATON_PRIORITY_MIN", help="Lowest request priority accepted (400 below).")
@@ -200,8 +211,10 @@ def main(
         rate_limit_rpm=rate_limit_rpm, rate_limit_burst=rate_limit_burst, max_prompt_tokens=max_prompt_tokens, max_n=max_n,
         address_rate_limit_rpm=address_rate_limit_rpm, body_timeout=body_timeout, access_log=access_log,
         tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser, router=router,
+        lora_root=lora_root, lora_timeout=lora_timeout,
         routing=RoutingSettings(mode=router_mode, discovery_ttl=discovery_ttl, seed=router_seed,
                                 overlap_weight=router_overlap_weight, lower_tier_weight=router_lower_tier_weight,
+                                lora_load_weight=router_lora_load_weight,
                                 temperature=router_temperature, prediction_ttl=router_prediction_ttl,
                                 snapshot_interval=router_snapshot_interval, catchup_timeout=router_catchup_timeout,
                                 session_ttl=router_session_ttl),

@@ -26,7 +26,7 @@ from services.frontend.request import ValidatedRequest
 from services.frontend.text_stream import Delta, ReplyText, coalesce
 from shared import subjects, tracing
 from shared.bus import Bus, BusError, BusTimeout, NoResponders, ReplyStream, SlowConsumer, decoded
-from shared.kv_hash import block_hashes
+from shared.kv_hash import adapter_root, block_hashes
 from shared.messages import (
     Cancel,
     GenerateError,
@@ -87,13 +87,15 @@ class Generation:
         self.router = router  # --router embedded: decide in process, no route hop
 
     async def _route(self, request_id: str, token_ids: list[int], exclude: list[str], parent: Any = None,
-                     session_id: str = "") -> RouteDecision:
+                     session_id: str = "", lora: str = "", lora_digest: str = "") -> RouteDecision:
         if not await self.bus.wait_connected():  # rides out a failover to another NATS server
             raise RequestError(503, "the message bus is unavailable; retry shortly", type="service_unavailable",
                            code="bus_unavailable")
+        # Under an adapter the chain starts at its root, as in the worker's cache (shared.kv_hash).
+        root = adapter_root(lora, lora_digest) if lora else adapter_root(None)
         req = RouteRequest(request_id=request_id, model=self.model, token_ids=token_ids, exclude=exclude,
-                           block_hashes=block_hashes(token_ids, ROUTE_HASH_BLOCK_SIZE),
-                           block_size=ROUTE_HASH_BLOCK_SIZE, session_id=session_id)
+                           block_hashes=block_hashes(token_ids, ROUTE_HASH_BLOCK_SIZE, root),
+                           block_size=ROUTE_HASH_BLOCK_SIZE, session_id=session_id, lora=lora)
         span = tracing.start("route", tracing.SpanKind.CLIENT, parent, **{"baton.request_id": request_id})
         if self.router is not None:
             reply = await self.router.route(req, self.settings.route_timeout)
@@ -148,7 +150,8 @@ class Generation:
         worker_streams = req.stream or bool(req.text.stops)
         while True:
             job = self._job(req, reply, worker_streams)
-            decision = await self._route(req.request_id, job.token_ids, exclude, parent, req.session_id)
+            decision = await self._route(req.request_id, job.token_ids, exclude, parent, req.session_id, req.lora,
+                                         req.lora_digest)
             if decision.kv_source:  # G4: the worker may pull blocks a peer holds in its lower tiers
                 job = msgspec.structs.replace(job, kv_source=decision.kv_source,
                                               kv_source_blocks=decision.kv_source_blocks)
@@ -260,7 +263,8 @@ class Generation:
                 min_tokens=max(0, sampling.min_tokens - len(so_far)),
                 prompt_logprobs=-1 if reply.prompt_logprobs_sent else sampling.prompt_logprobs)
         return GenerateRequest(request_id=req.request_id, token_ids=req.token_ids + so_far, sampling=sampling,
-                               model=self.model, stream=worker_streams, batch_reply=self.bus.inbox.batch_subject)
+                               model=self.model, stream=worker_streams, batch_reply=self.bus.inbox.batch_subject,
+                               lora=req.lora)
 
     async def _cancel(self, decision: RouteDecision, request_id: str, reason: str) -> None:
         with anyio.move_on_after(1, shield=True):

@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP API as a bare ASGI app (no framework: this is the hot path).
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models and /v1/models/{model},
-POST /tokenize and POST /detokenize (vLLM's shapes), GET /health, GET /metrics. Every error is
-OpenAI's error object with the right status.
+POST /tokenize and POST /detokenize (vLLM's shapes), POST /v1/load_lora_adapter and
+/v1/unload_lora_adapter (vLLM's), GET /health, GET /metrics. Every error is OpenAI's error object
+with the right status.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from services.frontend.admission import Admission, AdmissionSettings
 from services.frontend.choices import ChoiceShaper, sse_event
 from services.frontend.generation import Generation
 from services.frontend.http_protocol import CLIENT_WATCH, ClientWatch
+from services.frontend.lora_admin import LoraAdmin
 from services.frontend.models import ModelRegistry, ServedModel
 from services.frontend.openai_api import (
     ChatCompletionRequest,
@@ -33,7 +35,9 @@ from services.frontend.openai_api import (
     completion_decoder,
     decode_request,
     detokenize_decoder,
+    load_lora_decoder,
     tokenize_decoder,
+    unload_lora_decoder,
     usage_chunk,
 )
 from services.frontend.request import (
@@ -73,6 +77,7 @@ def _header_map(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
 
 
 _TOKEN_ROUTES = ("/tokenize", "/detokenize")
+_LORA_ROUTES = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 _ANONYMOUS = Tenant(ANONYMOUS)
 _HINT_HEADERS = (PRIORITY_HEADER.encode(), SESSION_HEADER.encode())
 
@@ -102,6 +107,7 @@ class OpenAIApp:
         max_n: int = DEFAULT_MAX_N,
         tool_parser: ToolParser | None = None,
         reasoning_parser: str | None = None,
+        lora_admin: LoraAdmin | None = None,
         models: ModelRegistry | None = None,
         admission: Admission | None = None,
         priority_range: tuple[int, int] = DEFAULT_PRIORITY_RANGE,
@@ -124,6 +130,7 @@ class OpenAIApp:
                                        created=self.created))
         self.models = models  # every model served, by name (services/frontend/models.py)
         self.admission = admission or Admission(AdmissionSettings())  # shared with the NATS API
+        self.lora_admin = lora_admin  # LoRA adapters loaded and unloaded at run time
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -179,6 +186,18 @@ class OpenAIApp:
                     raise RequestError(405, f"use POST for {path}", code="method_not_allowed")
                 body = await self._read_body(scope, receive)
                 result = await (self._tokenize(body) if path == "/tokenize" else self._detokenize(body))
+                status = await self._send_json(send, 200, result)
+            elif path in _LORA_ROUTES:
+                if method != "POST":
+                    raise RequestError(405, f"use POST for {path}", code="method_not_allowed")
+                if self.lora_admin is None:
+                    raise RequestError(404, "this frontend serves no LoRA adapters", code="not_found")
+                raw = await self._read_body(scope, receive)
+                if path == "/v1/load_lora_adapter":
+                    load = decode_request(raw, load_lora_decoder)
+                    result = await self.lora_admin.load(load.lora_name, load.lora_path)
+                else:
+                    result = await self.lora_admin.unload(decode_request(raw, unload_lora_decoder).lora_name)
                 status = await self._send_json(send, 200, result)
             elif path == "/v1/models" and method == "GET":
                 status = await self._send_json(send, 200, self._models())

@@ -130,6 +130,17 @@ class ModelRegistry:
         """Models listed and served now, by name."""
         return [m for name, m in sorted(self._served.items()) if self.available(name)]
 
+    def adapters(self) -> dict[str, tuple[str, str]]:
+        """LoRA adapters the decode workers of served models advertise: name -> (base model, digest)."""
+        out: dict[str, tuple[str, str]] = {}
+        if self.view is None:
+            return out
+        for w in self.view.workers("decode"):
+            if w.model in self._served:
+                for lora in w.loras:
+                    out.setdefault(lora.name, (w.model, lora.digest))
+        return out
+
     def resolve_child(self, name: str) -> tuple[ServedModel, str | None]:
         """The served model for a requested name, and the child (adapter) name if it is one.
         Raises the request's error: 404 for a name nothing serves, 503 while it loads."""
@@ -138,6 +149,10 @@ class ModelRegistry:
         if target in self._children and target not in self._served:
             child = target
             target = self._children[target][0]
+        elif target not in self._served:
+            adapter = self.adapters().get(target)
+            if adapter is not None:  # a LoRA adapter some worker of its base has loaded
+                child, target = target, adapter[0]
         served = self._served.get(target)
         if served is not None and self.available(target):
             return served, child
@@ -156,8 +171,11 @@ class ModelRegistry:
 
     def limits_for(self, name: str) -> tuple[ServedModel, RequestLimits]:
         """The served model for ``name`` and the limits a request naming it is checked against."""
-        served = self.resolve(name)
+        served, child = self.resolve_child(name)
         limits = served.limits if name == served.name else replace(served.limits, model=name)
+        if child is not None:  # a LoRA adapter: the request runs under it, its KV hashed from its root
+            digest = self.adapters().get(child, (served.name, ""))[1]
+            limits = replace(limits, lora=child, lora_digest=digest)
         return served, limits
 
     def default(self) -> ServedModel:
@@ -187,7 +205,9 @@ class ModelRegistry:
                 entries.append({"id": public, "object": "model", "created": served[base].created,
                                 "owned_by": "baton", "root": target, "parent": None,
                                 "max_model_len": served[base].max_model_len})
-        for name, (parent, owned_by) in sorted(self._children.items()):
+        children = {name: (parent, "baton") for name, (parent, _) in self.adapters().items()}
+        children.update(self._children)
+        for name, (parent, owned_by) in sorted(children.items()):
             if parent in served:
                 entries.append({"id": name, "object": "model", "created": served[parent].created,
                                 "owned_by": owned_by, "root": parent, "parent": parent,

@@ -309,10 +309,24 @@ class DetokenizeRequest(Struct, kw_only=True, forbid_unknown_fields=True):
     tokens: list[int]
 
 
+class LoadLoraAdapterRequest(Struct, kw_only=True, forbid_unknown_fields=True):
+    """vLLM's /v1/load_lora_adapter body: ``lora_path`` is a directory under the frontend's --lora-root."""
+
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoraAdapterRequest(Struct, kw_only=True, forbid_unknown_fields=True):
+    lora_name: str
+    lora_int_id: int | None = None  # vLLM's; accepted and unused (adapters are named)
+
+
 chat_decoder = msgspec.json.Decoder(ChatCompletionRequest)
 completion_decoder = msgspec.json.Decoder(CompletionRequest)
 tokenize_decoder = msgspec.json.Decoder(TokenizeRequest)
 detokenize_decoder = msgspec.json.Decoder(DetokenizeRequest)
+load_lora_decoder = msgspec.json.Decoder(LoadLoraAdapterRequest)
+unload_lora_decoder = msgspec.json.Decoder(UnloadLoraAdapterRequest)
 
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
 _UNKNOWN = re.compile(r"unknown field `([^`]*)`")

@@ -12,6 +12,7 @@ unset), so no door copies its fields into another's struct.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,6 +101,8 @@ class ValidatedRequest:
     prompt_text: str = ""  # completions' echo
     tool_plan: ToolPlan | None = None  # chat: how tool calls are made and read
     structured_param: str | None = None  # the field an engine's constraint error is blamed on
+    lora: str = ""  # the LoRA adapter ``model`` named ("" : the base model)
+    lora_digest: str = ""  # its digest as the workers advertise it (the root of its KV block hashes)
     session_id: str = ""  # x-session-id: the router keeps the conversation on one worker
 
     @property
@@ -117,6 +120,9 @@ class RequestLimits:
     max_n: int = DEFAULT_MAX_N  # cap on n and best_of
     tool_parser: ToolParser | None = None
     priority_range: tuple[int, int] = DEFAULT_PRIORITY_RANGE  # allowed request priorities, both ends included
+    adapters: Callable[[], dict[str, str]] | None = None  # LoRA adapters served now: name -> digest
+    lora: str = ""  # this name is a LoRA adapter of ``model``'s base (ModelRegistry.limits_for sets it)
+    lora_digest: str = ""
 
 
 # --- the doors ------------------------------------------------------------------------------
@@ -124,7 +130,7 @@ class RequestLimits:
 
 async def from_chat(req: ChatCompletionRequest, tok: Tokenizer, limits: RequestLimits,
                     request_id: str, hints: RequestHints = NO_HINTS) -> ValidatedRequest:
-    check_model(req.model, limits)
+    lora = check_model(req.model, limits)
     messages = chat_messages(req)
     tool_plan = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls, limits.tool_parser)
     try:
@@ -140,12 +146,13 @@ async def from_chat(req: ChatCompletionRequest, tok: Tokenizer, limits: RequestL
         out.sampling = msgspec.structs.replace(out.sampling, structured=tool_plan.structured)
         out.structured_param = "tool_choice"
     out.tool_plan = tool_plan
+    out.lora, out.lora_digest = lora
     return out
 
 
 async def from_completion(req: CompletionRequest, tok: Tokenizer, limits: RequestLimits,
                           request_id: str, hints: RequestHints = NO_HINTS) -> ValidatedRequest:
-    check_model(req.model, limits)
+    lora = check_model(req.model, limits)
     prompt = completion_prompt(req)
     if prompt is None:  # OpenAI's default prompt: the start of a document (BOS, else EOS)
         token_ids = tok.encode("") or list(tok.eos_token_ids[:1])
@@ -161,6 +168,7 @@ async def from_completion(req: CompletionRequest, tok: Tokenizer, limits: Reques
     out.prompt_text = prompt if isinstance(prompt, str) else ""
     if req.echo and not isinstance(prompt, str):
         out.prompt_text = tok.decode(token_ids, skip_special_tokens=False)
+    out.lora, out.lora_digest = lora
     return out
 
 
@@ -168,8 +176,7 @@ async def from_nats(req: ApiGenerateRequest, tok: Tokenizer, limits: RequestLimi
                     request_id: str, hints: RequestHints = NO_HINTS) -> ValidatedRequest:
     """The NATS request API: one choice, no logprobs (its struct has no such fields, so the
     decoder already refused them by name)."""
-    if req.model:
-        check_model(req.model, limits)
+    lora = check_model(req.model, limits) if req.model else ("", "")
     if sum(x is not None for x in (req.prompt, req.messages, req.token_ids)) != 1:
         raise RequestError(400, "give exactly one of prompt, messages, token_ids")
     if req.prompt is not None:
@@ -186,16 +193,25 @@ async def from_nats(req: ApiGenerateRequest, tok: Tokenizer, limits: RequestLimi
         check_token_ids(token_ids, tok, "token_ids")
     if not token_ids:
         raise RequestError(400, "the prompt is empty")
-    return _validate(req, request_id, token_ids, req.max_tokens, False, tok, limits, hints)
+    out = _validate(req, request_id, token_ids, req.max_tokens, False, tok, limits, hints)
+    out.lora, out.lora_digest = lora
+    return out
 
 
 # --- the checks every door shares ------------------------------------------------------------
 
 
-def check_model(model: str, limits: RequestLimits) -> None:
-    if model != limits.model:
-        raise RequestError(404, f"the model {model!r} does not exist; this endpoint serves {limits.model!r}",
-                           param="model", code="model_not_found")
+def check_model(model: str, limits: RequestLimits) -> tuple[str, str]:
+    """``model`` resolved: ("", "") for the base model, (adapter, its digest) for a LoRA adapter
+    of it; OpenAI's 404 for anything else (an adapter unloaded a moment ago included)."""
+    if model == limits.model:
+        return limits.lora, limits.lora_digest
+    adapters = limits.adapters() if limits.adapters is not None else {}
+    if model in adapters:
+        return model, adapters[model]
+    raise RequestError(404, f"the model {model!r} does not exist; this endpoint serves {limits.model!r}"
+                       + (" and the LoRA adapters in /v1/models" if adapters else ""), param="model",
+                       code="model_not_found")
 
 
 def check_token_ids(token_ids: list[int], tok: Tokenizer, param: str) -> None:

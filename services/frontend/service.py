@@ -24,6 +24,7 @@ from services.frontend.admission import Admission, AdmissionSettings
 from services.frontend.generation import Generation, GenerationSettings
 from services.frontend.http_app import OpenAIApp
 from services.frontend.http_protocol import protocol_with
+from services.frontend.lora_admin import LoraAdmin
 from services.frontend.models import ModelRegistry, ServedModel
 from services.frontend.nats_api import NatsApi
 from services.frontend.reasoning import ReasoningStream
@@ -37,7 +38,7 @@ from shared.messages import load_report_decoder
 from shared.models import resolve_model
 from shared.routing.core import RouterCore, RoutingSettings
 from shared.runtime import settle_heap
-from shared.subjects import API_GENERATE, API_QUEUE, LOAD_ALL
+from shared.subjects import API_GENERATE, API_LORA, API_QUEUE, LOAD_ALL
 from shared.tokenizer import Tokenizer
 
 log = logging.getLogger("baton.frontend")
@@ -71,6 +72,8 @@ class FrontendSettings:
     reasoning_parser: str = ""  # "": off; think | qwen3 | deepseek_r1
     router: str = "service"  # "service": ask the router service; "embedded": run the router core here
     routing: RoutingSettings = field(default_factory=RoutingSettings)  # the embedded router's policy
+    lora_root: str | None = None  # LoRA adapters may be loaded at run time from under this directory; None: off
+    lora_timeout: float = 30.0  # seconds each worker has to load or unload an adapter
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)  # queue, fair shares, tokens a minute
     priority_range: tuple[int, int] = DEFAULT_PRIORITY_RANGE  # request priorities accepted (400 outside)
 
@@ -88,6 +91,8 @@ class Frontend:
         self.view: WorkerView | None = None
         self.server: _Server | None = None
         self.router: RouterCore | None = None
+        if settings.lora_root is not None and not Path(settings.lora_root).is_dir():
+            raise ValueError(f"--lora-root {settings.lora_root!r} is not a directory")
         self.model: str | None = None
         self.model_dir: Path | None = None
         if settings.model:
@@ -166,11 +171,13 @@ class Frontend:
             files_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="baton-model-files-"))
             self.registry.files_dir = Path(files_dir)
             access = self.access if self.access.enabled else None
+            lora_admin = LoraAdmin(self.bus, self.view, self.registry, s.lora_root, s.lora_timeout)
             app = OpenAIApp(None, None, 0, self.ready, s.max_body_bytes,
                             s.max_inflight, access, s.max_prompt_tokens, s.body_timeout, max_n=s.max_n,
                             reasoning_parser=self.reasoning_parser, models=self.registry,
-                            admission=self.admission, priority_range=s.priority_range)
-            nats_api = NatsApi(self.bus, self.registry, access, self.admission)
+                            admission=self.admission, priority_range=s.priority_range,
+                            lora_admin=lora_admin)
+            nats_api = NatsApi(self.bus, self.registry, access, self.admission, lora_admin)
             if s.access_log:
                 app = AccessLog(app)
             config = uvicorn.Config(
@@ -188,7 +195,11 @@ class Frontend:
                 async def on_api(msg: Any) -> None:
                     tg.start_soon(nats_api.handle, msg)
 
+                async def on_lora(msg: Any) -> None:
+                    tg.start_soon(nats_api.handle_lora, msg)
+
                 await self.bus.subscribe(API_GENERATE, on_api, queue=API_QUEUE)
+                await self.bus.subscribe(API_LORA, on_lora, queue=API_QUEUE)
                 if s.admission.worker_waiting:  # the workers' load reports say when the fleet is full
 
                     async def on_load(msg: Any) -> None:

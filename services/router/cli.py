@@ -15,6 +15,7 @@ from shared.cli_options import (
     NatsCreds,
     NatsUrl,
     RouterCatchupTimeout,
+    RouterLoraLoadWeight,
     RouterLowerTierWeight,
     RouterMode,
     RouterOverlapWeight,
@@ -35,6 +36,7 @@ def main(
     seed: RouterSeed = None,
     overlap_weight: RouterOverlapWeight = 1.0,
     lower_tier_weight: RouterLowerTierWeight = 0.25,
+    lora_load_weight: RouterLoraLoadWeight = 32.0,
     temperature: RouterTemperature = 0.0,
     prediction_ttl: RouterPredictionTtl = 0.0,
     snapshot_interval: RouterSnapshotInterval = 30.0,
@@ -60,7 +62,7 @@ def main(
         raise typer.BadParameter(str(e), param_hint="--mode") from None
     settings = RouterSettings(nats_url=nats_url, mode=mode, discovery_ttl=discovery_ttl, metrics_port=metrics_port,
                               seed=seed, overlap_weight=overlap_weight, temperature=temperature,
-                              lower_tier_weight=lower_tier_weight,
+                              lower_tier_weight=lower_tier_weight, lora_load_weight=lora_load_weight,
                               prediction_ttl=prediction_ttl, snapshot_interval=snapshot_interval,
                               catchup_timeout=catchup_timeout, session_ttl=session_ttl)
     run_service(Router(settings), "router", log_level, drain_timeout, log_format)

@@ -49,6 +49,13 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     disk_kv_dir: str = ""
     disk_kv_blocks: int = 0
     kv_eviction: str = "lru"  # lru | s3fifo, per tier
+    # LoRA adapters (torch, mocker): resident at once per worker (LRU beyond), largest rank
+    # accepted, adapters loaded at start ("name=path,name=path"), and the mocker's simulated
+    # seconds to make one resident.
+    max_loras: int = 4
+    max_lora_rank: int = 64
+    lora_modules: str = ""
+    lora_load_s: float = 0.05
 
 
 @dataclass(slots=True)
@@ -64,6 +71,7 @@ class EngineOutput:
     choice: int = 0  # which of the request's n sequences (SamplingParams.n)
     logprobs: list[PositionLogprobs] | None = None  # one per token_ids entry, when asked for
     prompt_logprobs: list[PositionLogprobs] | None = None  # once, with a request's first output
+    error_code: int = 400  # with ``error``: HTTP-like (400 bad input, 404 unknown LoRA adapter, 503 busy)
 
 
 class ChoiceTracker:
@@ -95,6 +103,8 @@ class EngineStats:
     preemptions: int = 0
     prefix_hit_tokens: int = 0
     prompt_tokens: int = 0
+    lora_loads: int = 0  # LoRA adapters made resident since start (loads after an eviction included)
+    lora_evictions: int = 0
 
 
 @dataclass
@@ -241,8 +251,28 @@ class Engine(ABC):
         """Run the step loop until cancelled. Start it in the worker's task group."""
 
     @abstractmethod
-    def generate(self, request_id: str, token_ids: list[int], sampling: SamplingParams) -> AsyncIterator[EngineOutput]:
-        """Stream outputs of one request. Closing the iterator early aborts the request."""
+    def generate(
+        self, request_id: str, token_ids: list[int], sampling: SamplingParams, lora: str = ""
+    ) -> AsyncIterator[EngineOutput]:
+        """Stream outputs of one request (under LoRA adapter ``lora`` if set). Closing the iterator
+        early aborts the request."""
+
+    # --- LoRA adapters: engines that serve them override all four ---------------------------------
+
+    async def load_lora(self, name: str, path: str) -> str:
+        """Load adapter ``name`` from ``path``; its digest. ValueError: it does not fit (a 400)."""
+        raise ValueError(f"the {self.name} engine serves no LoRA adapters")
+
+    async def unload_lora(self, name: str) -> None:
+        raise ValueError(f"the {self.name} engine serves no LoRA adapters")
+
+    def loras(self) -> list[tuple[str, str]]:
+        """(name, digest) of each adapter loaded."""
+        return []
+
+    def loras_resident(self) -> list[str]:
+        """Adapters in memory now (a request for one pays no load)."""
+        return []
 
     def listen(self, request_id: str, on_output: Callable[[EngineOutput], bool] | None) -> bool:
         """Have ``on_output`` see this request's outputs as its step delivers them, on the event loop,

@@ -38,6 +38,7 @@ from typing import Any
 
 import anyio
 
+from shared.engines.adapters import UnknownAdapterError
 from shared.engines.base import (
     ChoiceTracker,
     Engine,
@@ -49,6 +50,7 @@ from shared.engines.base import (
 )
 from shared.engines.request import Request
 from shared.engines.scheduler import ScheduledBatch, Scheduler
+from shared.kv_hash import ROOT_HASH, adapter_root
 from shared.messages import PositionLogprobs, SamplingParams, StructuredOutput
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,7 @@ class AddRequest:
     token_ids: list[int]
     sampling: SamplingParams
     hold: bool = False
+    lora: str = ""  # LoRA adapter ("" : the base model)
 
 
 @dataclass(slots=True, frozen=True)
@@ -82,7 +85,18 @@ class AbortRequest:
     request_id: str
 
 
-InboxMessage = AddRequest | AdoptRequest | AbortRequest
+@dataclass(slots=True, frozen=True)
+class LoraCommand:
+    """Load (``path`` set) or unload (``path`` None) a LoRA adapter between two steps; the outcome
+    (the adapter's digest, or the exception) is handed to ``done`` on the event loop."""
+
+    name: str
+    path: str | None
+    done: asyncio.Future[str]
+    loop: asyncio.AbstractEventLoop
+
+
+InboxMessage = AddRequest | AdoptRequest | AbortRequest | LoraCommand
 
 
 # --- what computes a step --------------------------------------------------------------------
@@ -104,6 +118,9 @@ class StepResult:
     tokens: list[int]
     logprobs: list[PositionLogprobs | None] | None
     seconds: float = 0.0  # simulated duration the loop pays back in sleeps (mocker); 0: real time
+    # Simulated time that passes before this step's outputs exist (the mocker loading a LoRA
+    # adapter first): the loop sleeps it, then delivers. On the loop only.
+    stall_s: float = 0.0
 
 
 class GrammarRefused(Exception):
@@ -114,6 +131,8 @@ class ModelRunner(ABC):
     """Turns a scheduled batch into sampled tokens, and owns the KV pool's memory."""
 
     threaded: bool = True  # step in a worker thread; False: on the event loop
+    # LoRA adapters (None: this runner serves none). Touched only between steps, under the lock.
+    adapters: Any = None
     layout: str = ""  # kv_layout(), once loaded
     kv_pools: list[memoryview]  # per layer K then V, flat bytes; empty: KV not in host memory
     block_bytes: int = 0  # bytes of one block in each of kv_pools
@@ -141,6 +160,29 @@ class ModelRunner(ABC):
     def matcher(self, compiled: Any) -> Any:
         """A fresh matcher (``state.grammar``) for a compiled structured output."""
         raise NotImplementedError
+
+    # --- LoRA adapters (runners with ``adapters``) -----------------------------------------------
+
+    def lora_add(self, name: str, path: str) -> str:
+        """Load (validate, make known) adapter ``name`` from ``path``; its digest. Raises ValueError
+        (LoraError: it does not fit) or AdapterBusyError."""
+        raise ValueError(f"the {type(self).__name__} serves no LoRA adapters")
+
+    def lora_remove(self, name: str) -> None:
+        raise ValueError(f"the {type(self).__name__} serves no LoRA adapters")
+
+    def lora_digest(self, name: str) -> str:
+        """The loaded adapter's digest; UnknownAdapterError if not loaded."""
+        from shared.engines.adapters import UnknownAdapterError
+
+        raise UnknownAdapterError(f"adapter {name!r} is not loaded")
+
+    def lora_list(self) -> list[tuple[str, str]]:
+        """(name, digest) of every loaded adapter."""
+        return []
+
+    def lora_resident(self) -> list[str]:
+        return []
 
     def check_received(self, req: Request) -> str | None:
         """Decode side, before adopting: what is wrong with the KV received for ``req``, or None."""
@@ -175,6 +217,7 @@ class EngineCore(Engine):
         self._load_error: BaseException | None = None
         self._closed = False  # run() ended (or never loaded): new requests fail at once
         self._compiled: dict[str, Any] = {}  # request id -> compiled grammar, until admitted
+        self._stalled: tuple[float, list[EngineOutput]] | None = None  # on the loop: outputs held by a stall
         if not runner.threaded:  # nothing heavy to load: ready before run()
             self._load()
             self._ready.set()
@@ -196,6 +239,7 @@ class EngineCore(Engine):
             vocab_size=spec.vocab_size,
             kv_events=self.kv_events,
             make_state=self._choice_state,
+            adapters=self.runner.adapters,
         )
         if self.runner.kv_pools:
             tiers = self._make_tiers(cfg, self.kv_views)
@@ -274,7 +318,14 @@ class EngineCore(Engine):
                     await self._loop_wake.wait()
                     clock = loop.time()
                     continue
-                clock += self._step_once()
+                step_s = self._step_once()
+                if self._stalled is not None:  # this step's outputs exist only once the stall has passed
+                    stall, held = self._stalled
+                    self._stalled = None
+                    await asyncio.sleep(stall)
+                    self._queues.put(held)
+                    clock = max(clock, loop.time())
+                clock += step_s
                 owed = clock - loop.time()
                 if owed > MIN_SLEEP_S:
                     await asyncio.sleep(owed)
@@ -295,6 +346,9 @@ class EngineCore(Engine):
         with self._lock:
             outputs = self._drain_inbox()
             batch = sched.schedule() if sched.has_work() else None
+            if sched.rejected:
+                outputs += sched.rejected
+                sched.rejected = []
         if batch is None or not batch.entries:
             deliver(outputs)
             if threaded and batch is None and not self._inbox:
@@ -313,6 +367,9 @@ class EngineCore(Engine):
             outputs += sched.update(batch, result.tokens, result.logprobs)
         self.num_steps += 1
         self.num_computed_tokens += batch.num_tokens
+        if result.stall_s > 0 and not threaded:
+            self._stalled = (result.stall_s, outputs)
+            return result.seconds
         deliver(outputs)
         return result.seconds
 
@@ -321,7 +378,9 @@ class EngineCore(Engine):
         outputs: list[EngineOutput] = []
         while self._inbox:
             msg = self._inbox.popleft()
-            if isinstance(msg, AddRequest):
+            if isinstance(msg, LoraCommand):
+                _settle(msg.done, None, RuntimeError(error))
+            elif isinstance(msg, AddRequest):
                 outputs.append(EngineOutput(msg.request_id, [], reason, len(msg.token_ids), error=error))
             elif isinstance(msg, AdoptRequest):
                 if self.scheduler is not None:
@@ -354,8 +413,18 @@ class EngineCore(Engine):
         """Apply one message to the scheduler (holding the lock); the outputs it ends with at once."""
         sched = self.scheduler
         assert sched is not None
+        if isinstance(msg, LoraCommand):
+            self._lora_command(msg)
+            return []
         if isinstance(msg, AddRequest):
-            added = sched.add(msg.request_id, msg.token_ids, msg.sampling, msg.hold)
+            root = ROOT_HASH
+            if msg.lora:
+                try:
+                    root = adapter_root(msg.lora, self.runner.lora_digest(msg.lora))
+                except UnknownAdapterError as e:
+                    self._compiled.pop(msg.request_id, None)
+                    return [EngineOutput(msg.request_id, [], "error", len(msg.token_ids), error=str(e), error_code=404)]
+            added = sched.add(msg.request_id, msg.token_ids, msg.sampling, msg.hold, msg.lora, root)
             if isinstance(added, EngineOutput):
                 self._compiled.pop(msg.request_id, None)
                 return [added]
@@ -367,6 +436,53 @@ class EngineCore(Engine):
         self._compiled.pop(msg.request_id, None)
         out = sched.abort(msg.request_id)
         return [out] if out is not None else []
+
+    def _lora_command(self, msg: LoraCommand) -> None:
+        """Load or unload an adapter (between steps) and hand the outcome to the waiting caller."""
+        try:
+            if msg.path is None:
+                self.runner.lora_remove(msg.name)
+                result = ""
+            else:
+                result = self.runner.lora_add(msg.name, msg.path)
+        except Exception as e:
+            outcome: BaseException = e
+            msg.loop.call_soon_threadsafe(_settle, msg.done, None, outcome)
+            return
+        msg.loop.call_soon_threadsafe(_settle, msg.done, result, None)
+
+    async def load_lora(self, name: str, path: str) -> str:
+        """Load LoRA adapter ``name`` from ``path`` (between steps); its digest. Raises ValueError
+        (does not fit this model, unreadable: a 400) or AdapterBusyError (a 503)."""
+        return await self._lora_call(name, path)
+
+    async def unload_lora(self, name: str) -> None:
+        """Forget adapter ``name``: its memory goes now, or when its last running request ends;
+        new requests for it are refused (404). UnknownAdapterError if it is not loaded."""
+        await self._lora_call(name, None)
+
+    async def _lora_call(self, name: str, path: str | None) -> str:
+        if self.runner.adapters is None:
+            raise ValueError(f"the {self.name} engine serves no LoRA adapters")
+        await self.wait_ready()
+        if self._closed:
+            raise RuntimeError("engine is not running")
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[str] = loop.create_future()
+        self._submit(LoraCommand(name, path, done, loop))
+        return await done
+
+    def loras(self) -> list[tuple[str, str]]:
+        if self.runner.adapters is None or self.scheduler is None:
+            return []
+        with self._lock:
+            return self.runner.lora_list()
+
+    def loras_resident(self) -> list[str]:
+        if self.runner.adapters is None or self.scheduler is None:
+            return []
+        with self._lock:
+            return self.runner.lora_resident()
 
     def _adopt(self, msg: AdoptRequest) -> EngineOutput:
         sched = self.scheduler
@@ -410,9 +526,9 @@ class EngineCore(Engine):
     # --- per-request output streams ------------------------------------------------------------
 
     def generate(
-        self, request_id: str, token_ids: list[int], sampling: SamplingParams
+        self, request_id: str, token_ids: list[int], sampling: SamplingParams, lora: str = ""
     ) -> AsyncIterator[EngineOutput]:
-        return self._stream(AddRequest(request_id, list(token_ids), sampling), len(token_ids))
+        return self._stream(AddRequest(request_id, list(token_ids), sampling, lora=lora), len(token_ids))
 
     async def _stream(self, msg: AddRequest | AdoptRequest, num_prompt_tokens: int) -> AsyncIterator[EngineOutput]:
         """Submit ``msg`` for one request and stream its outputs; closing early aborts it."""
@@ -463,7 +579,11 @@ class EngineCore(Engine):
         if self.scheduler is None:
             return EngineStats()
         with self._lock:
-            return self.scheduler.stats()
+            st = self.scheduler.stats()
+            adapters = self.runner.adapters
+            if adapters is not None:
+                st.lora_loads, st.lora_evictions = adapters.loads, adapters.evictions
+            return st
 
     # --- disaggregation: reserve / adopt on the decode side, hold on the prefill side ------------
 
@@ -541,6 +661,15 @@ class EngineCore(Engine):
                 return
         # Not held (yet): it may still be in a step, so drop it between steps.
         self._submit(AbortRequest(request_id))
+
+
+def _settle(done: asyncio.Future[str], result: str | None, error: BaseException | None) -> None:
+    if done.done():  # the caller gave up (cancelled)
+        return
+    if error is not None:
+        done.set_exception(error)
+    else:
+        done.set_result(result or "")
 
 
 MIN_SLEEP_S = 0.0005  # below this, owed simulated time accumulates instead of arming a timer

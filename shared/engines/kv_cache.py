@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from shared.kv_hash import extend_hashes
+from shared.kv_hash import ROOT_HASH, extend_hashes
 
 if TYPE_CHECKING:
     from shared.engines.base import KvEventBuffer
@@ -31,6 +31,7 @@ class SequenceBlocks(Protocol):
     blocks: list[int]
     block_hashes: list[int]
     num_cached_blocks: int
+    hash_root: int  # the chain's root: ROOT_HASH, or the request's LoRA adapter's (kv_hash.adapter_root)
 
 
 class BlockIO(Protocol):
@@ -231,7 +232,7 @@ class KvCacheManager:
         """
         if not self.enable_prefix_caching:
             return []
-        extend_hashes(seq.block_hashes, seq.token_ids, self.block_size)
+        extend_hashes(seq.block_hashes, seq.token_ids, self.block_size, seq.hash_root)
         max_blocks = (len(seq.token_ids) - 1) // self.block_size
         hit = self.pool.lookup(seq.block_hashes, max_blocks)
         if self.tiers is not None and len(hit) < max_blocks:
@@ -239,12 +240,12 @@ class KvCacheManager:
                 hit = self.pool.lookup(seq.block_hashes, max_blocks)
         return hit
 
-    def cached_prefix_tokens(self, token_ids: list[int]) -> int:
+    def cached_prefix_tokens(self, token_ids: list[int], root: int = ROOT_HASH) -> int:
         """Prompt tokens a new request would be served from the cache now (full blocks, one token left)."""
         if not self.enable_prefix_caching or len(token_ids) <= self.block_size:
             return 0
         max_blocks = (len(token_ids) - 1) // self.block_size
-        hashes = extend_hashes([], token_ids[: max_blocks * self.block_size], self.block_size)
+        hashes = extend_hashes([], token_ids[: max_blocks * self.block_size], self.block_size, root)
         n = len(self.pool.lookup(hashes, max_blocks))
         if self.tiers is not None:  # blocks a lower tier can bring back count as cached too
             while n < max_blocks and self.tiers.contains(hashes[n]):
@@ -284,7 +285,7 @@ class KvCacheManager:
         """Cache the sequence's blocks that are now full and computed (call after each step)."""
         num_full = seq.num_computed_tokens // self.block_size
         if num_full > seq.num_cached_blocks and self.enable_prefix_caching:
-            extend_hashes(seq.block_hashes, seq.token_ids, self.block_size)
+            extend_hashes(seq.block_hashes, seq.token_ids, self.block_size, seq.hash_root)
             self.pool.cache(seq.blocks, seq.block_hashes, seq.num_cached_blocks, num_full)
             seq.num_cached_blocks = num_full
 

@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+# The registry's errors live with the torch-free scheduler interface; re-exported here.
+from shared.engines.adapters import AdapterBusyError, UnknownAdapterError
 from shared.engines.torch_model import ModelArgs
 
 CONFIG_FILE = "adapter_config.json"
@@ -65,17 +67,6 @@ _TENSOR_NAME = re.compile(
 
 class LoraError(ValueError):
     """The adapter cannot be served on this base model (config, names, shapes, or unreadable files)."""
-
-
-class UnknownAdapterError(LookupError):
-    """No adapter by that name is loaded on this worker."""
-
-    def __str__(self) -> str:  # LookupError's str() would quote the message like a dict key
-        return str(self.args[0]) if self.args else "unknown adapter"
-
-
-class AdapterBusyError(RuntimeError):
-    """Every resident adapter slot is pinned by running requests, or the adapter is being unloaded."""
 
 
 def linear_shapes(args: ModelArgs) -> dict[str, tuple[int, int]]:
@@ -331,6 +322,7 @@ class LoraRegistry:
         self.args, self.dtype, self.device = args, dtype, device
         self.max_loras, self.max_rank = max_loras, max_rank
         self._paths: dict[str, Path] = {}  # every adapter added and not removed
+        self._digests: dict[str, str] = {}  # their digests (kept while evicted: KV hash roots)
         self._resident: OrderedDict[str, LoraAdapter] = OrderedDict()  # least recently used first
         self._slot_of: dict[str, int] = {}
         self._by_slot: list[LoraAdapter | None] = [None] * max_loras
@@ -350,6 +342,12 @@ class LoraRegistry:
 
     def pins(self, name: str) -> int:
         return self._pins.get(name, 0)
+
+    def digest(self, name: str) -> str:
+        """The digest of a loaded adapter (resident or not); UnknownAdapterError if not loaded."""
+        if name in self._removing or name not in self._digests:
+            raise UnknownAdapterError(f"adapter {name!r} is not loaded")
+        return self._digests[name]
 
     def slot(self, name: str) -> int | None:
         return self._slot_of.get(name)
@@ -371,6 +369,7 @@ class LoraRegistry:
                 return self._resident[name]
         adapter = self._load(name, p)  # raises LoraError before anything changes
         self._paths[name] = p
+        self._digests[name] = adapter.digest
         if self._free_slot() is not None:
             self._make_resident(adapter)
         return adapter
@@ -380,6 +379,7 @@ class LoraRegistry:
         if name not in self._paths:
             raise UnknownAdapterError(f"adapter {name!r} is not loaded")
         del self._paths[name]
+        del self._digests[name]
         if self._pins.get(name):
             self._removing.add(name)
         else:

@@ -6,6 +6,9 @@ a real worker's would; only the forward pass is replaced by a timing model:
 
     step cost = (decode_step_s + decode_s_per_seq * decodes + prefill_s_per_token * prefill tokens) / speedup
 
+and a step that makes LoRA adapters resident first stalls ``lora_load_s / speedup`` per adapter
+before its tokens come out (a real worker stalls its batch while it loads an adapter).
+
 Tokens are deterministic pseudo-random ids from (seed, or the prompt's hash) and the output
 position, drawn from the model's vocabulary without its special tokens, so a mocker never stops on
 EOS by chance (stop_token_ids still stop it). Its :class:`MockRunner` steps on the event loop: a
@@ -25,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 
+from shared.engines.adapters import SimulatedAdapters, lora_modules
 from shared.engines.base import EngineConfig
 from shared.engines.core import EngineCore, GrammarRefused, ModelRunner, PoolSpec, StepResult
 from shared.engines.kv_cache import default_num_blocks
@@ -102,6 +106,12 @@ class MockRunner(ModelRunner):
         self._prefill_token_s = config.prefill_s_per_token / speedup
         self.block_bytes = _kv_block_bytes()
         self.kv_pools = []
+        # LoRA: names and residency only; making one resident costs lora_load_s simulated seconds.
+        self.adapters: SimulatedAdapters | None = None
+        if config.max_loras > 0:
+            self.adapters = SimulatedAdapters(config.max_loras, config.lora_load_s / speedup)
+            for name, path in lora_modules(config.lora_modules):
+                self.adapters.add(name, path)
         self.layout = (
             f"mocker/{facts.name}/block_size={config.block_size}/layers={MOCKER_KV_LAYERS}"
             f"/block_bytes={self.block_bytes}"
@@ -149,7 +159,32 @@ class MockRunner(ModelRunner):
                 req.prompt_logprobs = [self._fake_logprobs(req.state ^ i, t, req.sampling.prompt_logprobs)
                                        for i, t in enumerate(prompt)]
         seconds = self._step_s + self._seq_s * batch.num_decodes + self._prefill_token_s * batch.num_prefill_tokens
-        return StepResult(sampled, logprobs, seconds)
+        stall = 0.0
+        if self.adapters is not None and self.adapters.owed_s:  # adapters made resident for this step: load first
+            stall, self.adapters.owed_s = self.adapters.owed_s, 0.0
+        return StepResult(sampled, logprobs, seconds, stall)
+
+    # --- LoRA: simulated adapters -------------------------------------------------------------
+
+    def lora_add(self, name: str, path: str) -> str:
+        assert self.adapters is not None
+        return self.adapters.add(name, path)
+
+    def lora_remove(self, name: str) -> None:
+        assert self.adapters is not None
+        self.adapters.remove(name)
+
+    def lora_digest(self, name: str) -> str:
+        assert self.adapters is not None
+        return self.adapters.digest(name)
+
+    def lora_list(self) -> list[tuple[str, str]]:
+        assert self.adapters is not None
+        return [(n, self.adapters.digest(n)) for n in self.adapters.names()]
+
+    def lora_resident(self) -> list[str]:
+        assert self.adapters is not None
+        return self.adapters.resident()
 
     def _fake_logprobs(self, state: int, token: int, top: int) -> PositionLogprobs:
         """Well-formed, made-up logprobs: the token's is in (-1, 0], the top list (the token first,

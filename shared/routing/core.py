@@ -63,6 +63,7 @@ class RoutingSettings:
     seed: int | None = None
     overlap_weight: float = 1.0
     lower_tier_weight: float = 0.25
+    lora_load_weight: float = 32.0
     temperature: float = 0.0
     prediction_ttl: float = 0.0  # 0: the policy's default (10 s with events, 120 s without)
     snapshot_interval: float = 30.0  # 0: never write index snapshots
@@ -71,6 +72,7 @@ class RoutingSettings:
 
     def kv_config(self) -> KvRouterConfig:
         return KvRouterConfig(overlap_weight=self.overlap_weight, lower_tier_weight=self.lower_tier_weight,
+                              lora_load_weight=self.lora_load_weight,
                               temperature=self.temperature,
                               prediction_ttl=self.prediction_ttl, seed=self.seed)
 
@@ -84,6 +86,7 @@ class Placement:
     overlap: int
     num_tokens: int
     now: float
+    lora: str = ""
 
 
 class RouterCore:
@@ -144,6 +147,12 @@ class RouterCore:
         before the next decision: the caller answers first, so it need not wait for the bookkeeping."""
         t0 = time.perf_counter()
         model_workers = workers = self.view.workers("decode", req.model)  # only this model's: see KvRouter.decide
+        if req.lora:  # only workers that have the adapter loaded (resident or not) can serve it
+            workers = [w for w in workers if any(a.name == req.lora for a in w.loras)]
+            if not workers:
+                ERRORS.labels("no_lora").inc()
+                return RouteError(code=404, message=f"no decode worker of {req.model!r} has the LoRA adapter "
+                                                    f"{req.lora!r} loaded"), None
         if req.exclude:
             workers = [w for w in workers if w.worker_id not in req.exclude] or workers
         if not workers:
@@ -182,12 +191,13 @@ class RouterCore:
         )
         if self.kv is None or hashes is None:
             return decision, None
-        return decision, Placement(worker, hashes, overlap, len(req.token_ids), now)
+        return decision, Placement(worker, hashes, overlap, len(req.token_ids), now, req.lora)
 
     def record(self, placement: Placement) -> None:
         assert self.kv is not None
         try:
-            self.kv.record(placement.worker, placement.hashes, placement.overlap, placement.num_tokens, placement.now)
+            self.kv.record(placement.worker, placement.hashes, placement.overlap, placement.num_tokens, placement.now,
+                           placement.lora)
         except Exception:
             ERRORS.labels("policy").inc()
             log.exception("recording a decision for worker %s failed", placement.worker.worker_id)

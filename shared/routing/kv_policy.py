@@ -6,7 +6,10 @@ For each candidate worker the cost is, in KV blocks,
     prefill_blocks = (prompt tokens not cached there + prefill tokens queued there) / block_size
     decode_blocks  = KV blocks in use there + the blocks this request adds (those beyond its cached prefix)
 
-from the index (:mod:`shared.routing.kv_index`) and the workers' LoadReports. The cheapest worker
+from the index (:mod:`shared.routing.kv_index`) and the workers' LoadReports. A request under a
+LoRA adapter adds ``lora_load_weight`` blocks on every worker that does not hold the adapter
+resident (it would load it first, and may evict another one): workers that have it are preferred,
+unless they are that much busier. The cheapest worker
 wins (``temperature`` 0; ties go to the one with fewest requests, then at random), or one is
 sampled with probability ``softmax(-normalised cost / temperature)``.
 
@@ -32,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import repeat
 
-from shared.kv_hash import block_hashes
+from shared.kv_hash import adapter_root, block_hashes
 from shared.messages import KvEventBatch, LoadReport, RouteRequest, WorkerInfo
 from shared.routing.kv_index import (
     DEVICE_TIER,
@@ -53,6 +56,8 @@ class KvRouterConfig:
     # A prefix block in a worker's host/disk tier costs this share of recomputing it (it is
     # copied back, not computed): cheaper than a miss, dearer than a device hit.
     lower_tier_weight: float = 0.25
+    # A worker without the request's LoRA adapter resident costs this many blocks more (0: adapter-blind).
+    lora_load_weight: float = 32.0
     temperature: float = 0.0  # 0: argmin; > 0: softmax sampling over normalised costs
     use_kv_events: bool = True  # False: kv-approx (predictions only)
     prediction_ttl: float = 0.0  # seconds; 0: 10 s with events, 120 s without
@@ -128,9 +133,9 @@ class WorkerLoad:
     in use, reported plus pending) are kept summed so the cost loop reads two attributes.
     """
 
-    __slots__ = ("active_blocks", "busy_blocks", "busy_tokens", "kv_blocks_total", "pending", "pending_blocks",
-                 "pending_by_last_hash", "pending_prefill_tokens", "pending_requests", "prefill_tokens_queued",
-                 "reported_at", "requests")
+    __slots__ = ("active_blocks", "busy_blocks", "busy_tokens", "kv_blocks_total", "lora_sent", "loras_resident",
+                 "pending", "pending_blocks", "pending_by_last_hash", "pending_prefill_tokens", "pending_requests",
+                 "prefill_tokens_queued", "reported_at", "requests")
 
     def __init__(self) -> None:
         self.active_blocks = 0
@@ -145,6 +150,15 @@ class WorkerLoad:
         self.pending_requests = 0
         self.busy_tokens = 0
         self.busy_blocks = 0
+        self.loras_resident: frozenset[str] = frozenset()  # as reported
+        self.lora_sent: dict[str, float] = {}  # adapter -> when this router last sent a request for it here
+
+    def has_lora(self, name: str) -> bool:
+        """Whether ``name`` is resident here: reported so, or sent here since the last report was taken."""
+        if name in self.loras_resident:
+            return True
+        sent = self.lora_sent.get(name)
+        return sent is not None and sent > self.reported_at - PENDING_MARGIN_S
 
     def on_report(self, report: LoadReport, now: float) -> None:
         self.active_blocks = report.kv_blocks_used
@@ -152,6 +166,8 @@ class WorkerLoad:
         self.requests = report.running + report.waiting
         self.kv_blocks_total = report.kv_blocks_total
         self.reported_at = now
+        if report.loras_resident or self.loras_resident:
+            self.loras_resident = frozenset(report.loras_resident)
         self.expire_pending(now - PENDING_MARGIN_S)
         self._sum()
 
@@ -244,12 +260,22 @@ class KvRouter:
 
     # --- the decision ----------------------------------------------------------------------
 
-    def request_hashes(self, request: RouteRequest, block_size: int) -> list[int]:
-        """The prompt's block hashes for ``block_size``: the frontend's, if it sent them for that size."""
+    def request_hashes(self, request: RouteRequest, block_size: int, root: int | None = None) -> list[int]:
+        """The prompt's block hashes for ``block_size``: the frontend's, if it sent them for that size
+        (``root``: the chain's root when hashing here, the adapter's for a LoRA request)."""
         sent = getattr(request, "block_hashes", None)
         if sent and getattr(request, "block_size", 0) == block_size:
             return sent
-        return block_hashes(request.token_ids, block_size)
+        return block_hashes(request.token_ids, block_size, adapter_root(None) if root is None else root)
+
+    @staticmethod
+    def _root(request: RouteRequest, workers: list[WorkerInfo]) -> int | None:
+        """The hash root of a LoRA request: its adapter's, with the digest its workers advertise."""
+        lora = getattr(request, "lora", "")
+        if not lora:
+            return None
+        digest = next((a.digest for w in workers for a in w.loras if a.name == lora), "")
+        return adapter_root(lora, digest)
 
     def overlaps(self, hashes: Sequence[int], now: float) -> dict[int, int]:
         """``{slot: cached prefix blocks}``: confirmed (events) union predicted blocks."""
@@ -261,7 +287,7 @@ class KvRouter:
     def choose_worker(self, request: RouteRequest, workers: list[WorkerInfo]) -> tuple[WorkerInfo, int]:
         now = time.monotonic()
         worker, overlap, hashes = self.decide(request, workers, now)
-        self.record(worker, hashes, overlap, len(request.token_ids), now)
+        self.record(worker, hashes, overlap, len(request.token_ids), now, getattr(request, "lora", ""))
         return worker, overlap
 
     def decide(
@@ -278,9 +304,11 @@ class KvRouter:
         block_size = workers[0].block_size
         if any(w.block_size != block_size for w in workers):
             return self._decide_mixed(request, workers, now)
-        hashes = self.request_hashes(request, block_size)
+        hashes = self.request_hashes(request, block_size, self._root(request, workers))
         depths = self.overlaps(hashes, now)
         costs = self._costs(workers, depths, len(request.token_ids))
+        if getattr(request, "lora", ""):
+            self._charge_lora_loads(costs, workers, request.lora)
         if self.lower_index.holders:
             self._credit_lower_tiers(costs, workers, hashes, depths, len(request.token_ids))
         i = self._pick(costs, workers)
@@ -335,6 +363,16 @@ class KvRouter:
                 costs[i] -= k * min(depth * bs, num_tokens - 1) + depth
         return costs
 
+    def _charge_lora_loads(self, costs: list[float], workers: list[WorkerInfo], lora: str, scale: int = 1) -> None:
+        """Workers without the adapter resident would load it first: ``lora_load_weight`` blocks more."""
+        weight = self.config.lora_load_weight * scale
+        if weight <= 0:
+            return
+        loads, idle = self.loads, _IDLE
+        for i, w in enumerate(workers):
+            if not loads.get(w.worker_id, idle).has_lora(lora):
+                costs[i] += weight
+
     def _credit_lower_tiers(self, costs: list[float], workers: list[WorkerInfo], hashes: Sequence[int],
                             depths: dict[int, int], num_tokens: int) -> None:
         """Credit workers whose host/disk tiers continue the prompt past their device prefix."""
@@ -379,17 +417,21 @@ class KvRouter:
         costs: list[float] = []
         for w in workers:
             if w.block_size not in by_size:
-                hashes = self.request_hashes(request, w.block_size)
+                hashes = self.request_hashes(request, w.block_size, self._root(request, workers))
                 by_size[w.block_size] = (hashes, self.overlaps(hashes, now))
-            cost = self._costs([w], by_size[w.block_size][1], len(request.token_ids), absolute=True)[0]
-            costs.append(cost * w.block_size)
+            cost = self._costs([w], by_size[w.block_size][1], len(request.token_ids), absolute=True)
+            if getattr(request, "lora", ""):
+                self._charge_lora_loads(cost, [w], request.lora)
+            costs.append(cost[0] * w.block_size)
         w = workers[self._pick(costs, workers)]
         hashes, depths = by_size[w.block_size]
         slot = self.slots.get(w.worker_id)
         return w, depths.get(slot, 0) if slot is not None else 0, hashes
 
-    def record(self, worker: WorkerInfo, hashes: list[int], overlap: int, num_tokens: int, now: float) -> None:
-        """Count the request against ``worker`` until its events and load report catch up."""
+    def record(self, worker: WorkerInfo, hashes: list[int], overlap: int, num_tokens: int, now: float,
+               lora: str = "") -> None:
+        """Count the request against ``worker`` until its events and load report catch up (and its
+        LoRA adapter as resident there until a report says otherwise)."""
         bit = 1 << self.slots.slot(worker.worker_id)
         # With events, blocks already cached are confirmed; predict the rest. Without, refresh all
         # (a prefix in use stays in an LRU cache).
@@ -404,6 +446,8 @@ class KvRouter:
         # Its last full prompt block ends the run the worker announces when the prefill is done.
         last = hashes[-1] if self.config.use_kv_events and len(hashes) > overlap else None
         load.add_pending(now, num_tokens - cached_tokens, -(-num_tokens // bs) - overlap, last)
+        if lora:
+            load.lora_sent[lora] = now
 
     def on_kv_events(self, batch: KvEventBatch, outcome: EventOutcome | None = None) -> None:
         """Events from a worker: requests whose prompts it has now cached no longer wait for prefill;

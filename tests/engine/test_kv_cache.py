@@ -8,7 +8,7 @@ import pytest
 
 from shared.engines.base import KvEventBuffer
 from shared.engines.kv_cache import BlockPool, KvCacheManager
-from shared.kv_hash import block_hashes
+from shared.kv_hash import ROOT_HASH, block_hashes
 
 BS = 4
 
@@ -20,6 +20,7 @@ class Seq:
     blocks: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)
     num_cached_blocks: int = 0
+    hash_root: int = ROOT_HASH
 
 
 def compute_all(kv: KvCacheManager, seq: Seq) -> list[int]:

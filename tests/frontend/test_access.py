@@ -38,7 +38,7 @@ BODY = {"model": "baton-tiny", "prompt": "hi", "max_tokens": 2}
 def guarded(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("access")
     keys = tmp / "keys.txt"
-    keys.write_text("# team keys\nsk-alpha\nsk-beta  # the other team\nsk-limits\nsk-nats\nsk-fast\n"
+    keys.write_text("# team keys\nsk-alpha\nsk-beta  # the other team\nsk-limits\nsk-nats\nsk-fast\nsk-admin\n"
                     + "".join(f"sk-slow-{i}\n" for i in range(4)))
     s = Stack(tmp, e2e_engine())
     # 12 rpm: one token back every 5 s, so a loaded machine does not refill a bucket mid-test.
@@ -65,6 +65,17 @@ def test_api_keys(guarded: Stack) -> None:
     models = httpx.get(f"{guarded.url}/v1/models", timeout=10)
     assert models.status_code == 401
     assert httpx.get(f"{guarded.url}/health", timeout=10).status_code == 200  # probes need no key
+
+
+def test_lora_admin_needs_a_key_and_a_root(guarded: Stack) -> None:
+    body = {"lora_name": "x", "lora_path": "x"}
+    # One failed check only: the address brake counts them (test_failed_keys_are_braked_before_the_key_check).
+    missing = httpx.post(f"{guarded.url}/v1/load_lora_adapter", json=body, timeout=10)
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
+    # With a key, but no --lora-root: run-time loading is off.
+    off = httpx.post(f"{guarded.url}/v1/load_lora_adapter", json=body, headers={"authorization": "Bearer sk-admin"},
+                     timeout=10)
+    assert off.status_code == 403 and off.json()["error"]["code"] == "lora_loading_disabled"
 
 
 def test_rate_limit_per_key(guarded: Stack) -> None:

@@ -242,3 +242,76 @@ def test_peer_hint_names_the_worker_holding_more_of_the_prompt() -> None:
     # Nobody holds more than the chosen worker: no hint.
     w, _ = r.choose_worker(request(tokens(10, 10 * BS)), workers(2))
     assert r.last_hint is None
+
+
+# --- LoRA adapters ------------------------------------------------------------------------------
+
+
+def lora_request(toks: list[int], lora: str) -> RouteRequest:
+    return RouteRequest(request_id="r", model="m", token_ids=toks, lora=lora)
+
+
+def test_worker_holding_the_adapter_wins_unless_much_busier() -> None:
+    prompt = tokens(3, 4 * BS)
+    for used_w1, weight, expect in ((10, 32.0, "w1"), (10, 0.0, "w0"), (100, 32.0, "w0")):
+        r = KvRouter(KvRouterConfig(seed=0, lora_load_weight=weight))
+        load(r, "w0", now=0.0, used=0)
+        r.on_load(LoadReport(worker_id="w1", role="decode", timestamp=0, kv_blocks_used=used_w1,
+                             kv_blocks_total=10_000, loras_resident=["a"]), 0.0)
+        w, _ = r.choose_worker(lora_request(prompt, "a"), workers(2))
+        assert w.worker_id == expect, (used_w1, weight)
+
+
+def test_adapter_sent_counts_as_resident_until_a_report_says_otherwise() -> None:
+    r = KvRouter(KvRouterConfig(seed=0))
+    for i in range(2):
+        load(r, f"w{i}", now=0.0)
+
+    def route(seed: int, now: float) -> str:
+        req = lora_request(tokens(seed, 40), "a")
+        w, overlap, hashes = r.decide(req, workers(2), now)
+        r.record(w, hashes, overlap, len(req.token_ids), now, "a")
+        return w.worker_id
+
+    first = route(4, 1.0)
+    # The next requests for "a" follow it there before any report (its load is under way).
+    assert all(route(seed, 1.0 + seed / 100) == first for seed in range(5, 9))
+    # A report taken well after the decisions, without "a" resident (evicted since): the preference goes.
+    r.on_load(LoadReport(worker_id=first, role="decode", timestamp=0, kv_blocks_total=10_000), 10.0)
+    assert not r.loads[first].has_lora("a")
+    r.on_load(LoadReport(worker_id=first, role="decode", timestamp=0, kv_blocks_total=10_000,
+                         loras_resident=["a"]), 11.0)
+    assert r.loads[first].has_lora("a")
+
+
+def test_lora_prompts_hash_under_the_adapter_root() -> None:
+    from shared.kv_hash import adapter_root
+    from shared.messages import LoraInfo
+
+    r = KvRouter(KvRouterConfig(seed=0))
+    ws = [WorkerInfo(worker_id=f"w{i}", role="decode", model="m", block_size=BS,
+                     loras=[LoraInfo(name="a", digest="d1")]) for i in range(2)]
+    prefix = tokens(7, 8 * BS)
+    cache(r, "w1", prefix)  # the bare model's blocks
+    w, overlap = r.choose_worker(lora_request(prefix, "a"), ws)
+    assert overlap == 0  # not the adapter's blocks
+    r = KvRouter(KvRouterConfig(seed=0))
+    r.index.apply(KvEventBatch(worker_id="w0", seq=1, stored=[KvStored(
+        block_hashes=block_hashes(prefix, BS, adapter_root("a", "d1")))]))
+    w, overlap = r.choose_worker(lora_request([*prefix, 1], "a"), ws)
+    assert (w.worker_id, overlap) == ("w0", 8)
+
+
+def test_router_core_only_considers_workers_with_the_adapter() -> None:
+    from shared.messages import LoraInfo, RouteError
+    from shared.routing.core import RouterCore, RoutingSettings
+
+    ws = [WorkerInfo(worker_id="w0", role="decode", model="m", block_size=BS),
+          WorkerInfo(worker_id="w1", role="decode", model="m", block_size=BS, loras=[LoraInfo(name="a")])]
+    view = SimpleNamespace(workers=lambda role=None, model=None: ws)
+    core = RouterCore(RoutingSettings(mode="round-robin"), bus=None, view=view)  # type: ignore[arg-type]
+    for _ in range(3):
+        decision, _ = core.decide(lora_request(tokens(1, 20), "a"))
+        assert decision.worker_id == "w1"
+    missing, _ = core.decide(lora_request(tokens(1, 20), "b"))
+    assert isinstance(missing, RouteError) and missing.code == 404
