@@ -58,7 +58,8 @@ class WorkerSettings:
     kv_transport: str = "tcp"  # tcp | ucx
     kv_host: str = "127.0.0.1"  # address peers use to reach our KV transport (advertised)
     kv_bind_host: str = ""  # address the KV transport listens on ("": see shared/kv_address.py)
-    load_interval: float = 1.0
+    load_interval: float = 1.0  # a LoadReport at least this often
+    load_min_interval: float = 0.05  # and one this soon after the load changes
     kv_event_interval: float = 0.05
 
 
@@ -193,31 +194,46 @@ class WorkerHost:
     # --- periodic reports ----------------------------------------------------------------
 
     async def _report_load(self) -> None:
+        """A LoadReport whenever the load changed (checked every ``load_min_interval``), and at least
+        every ``load_interval``.
+
+        Routers count what they sent a worker as pending until a report shows it; a report only
+        once a second left a finished request counted as busy for up to that long, enough to send
+        a repeated prefix away from the worker that has it cached.
+        """
         assert self.bus is not None
         subject = subjects.load(self.worker_id)
         role = self.role
+        last: tuple[int, ...] | None = None
+        last_sent = 0.0
         while True:
+            # That batch was drained before now, so figures taken next reflect everything it announced.
+            kv_seq = self._kv_seq
             st = self.engine.stats()
-            KV_USED.labels(role).set(st.kv_blocks_used)
-            KV_TOTAL.labels(role).set(st.kv_blocks_total)
-            KV_USAGE.labels(role).set(st.kv_blocks_used / st.kv_blocks_total if st.kv_blocks_total else 0.0)
-            WAITING.labels(role).set(st.waiting)
-            ENGINE_RUNNING.labels(role).set(st.running)
-            PREEMPTIONS.labels(role).set(st.preemptions)
-            PROMPT_TOKENS.labels(role).set(st.prompt_tokens)
-            PREFIX_HIT_TOKENS.labels(role).set(st.prefix_hit_tokens)
-            if self.engine.kv_tiers is not None:
-                self.engine.kv_tiers.update_gauges()
-            report = LoadReport(
-                worker_id=self.worker_id, role=role, timestamp=time.time(),  # type: ignore[arg-type]
-                kv_blocks_used=st.kv_blocks_used, kv_blocks_total=st.kv_blocks_total, running=st.running,
-                waiting=st.waiting, prefill_tokens_queued=st.prefill_tokens_queued,
-            )
-            try:
-                await self.bus.publish(subject, report)
-            except Exception as e:
-                log.debug("load report failed: %r", e)
-            await anyio.sleep(self.settings.load_interval)
+            figures = (st.kv_blocks_used, st.kv_blocks_total, st.running, st.waiting, st.prefill_tokens_queued, kv_seq)
+            now = time.monotonic()
+            if figures != last or now - last_sent >= self.settings.load_interval:
+                KV_USED.labels(role).set(st.kv_blocks_used)
+                KV_TOTAL.labels(role).set(st.kv_blocks_total)
+                KV_USAGE.labels(role).set(st.kv_blocks_used / st.kv_blocks_total if st.kv_blocks_total else 0.0)
+                WAITING.labels(role).set(st.waiting)
+                ENGINE_RUNNING.labels(role).set(st.running)
+                PREEMPTIONS.labels(role).set(st.preemptions)
+                PROMPT_TOKENS.labels(role).set(st.prompt_tokens)
+                PREFIX_HIT_TOKENS.labels(role).set(st.prefix_hit_tokens)
+                if self.engine.kv_tiers is not None:
+                    self.engine.kv_tiers.update_gauges()
+                report = LoadReport(
+                    worker_id=self.worker_id, role=role, timestamp=time.time(),  # type: ignore[arg-type]
+                    kv_blocks_used=st.kv_blocks_used, kv_blocks_total=st.kv_blocks_total, running=st.running,
+                    waiting=st.waiting, prefill_tokens_queued=st.prefill_tokens_queued, kv_seq=kv_seq,
+                )
+                last, last_sent = figures, now
+                try:
+                    await self.bus.publish(subject, report)
+                except Exception as e:
+                    log.debug("load report failed: %r", e)
+            await anyio.sleep(min(self.settings.load_min_interval, self.settings.load_interval))
 
     async def _publish_kv_events(self) -> None:
         """Every interval, one batch per tier that changed: device (1), host (2), disk (3)."""
