@@ -196,8 +196,9 @@ class WorkerHost:
     # --- periodic reports ----------------------------------------------------------------
 
     async def _report_load(self) -> None:
-        """A LoadReport whenever the load changed (checked every ``load_min_interval`` and right
-        after each KV event batch), and at least every ``load_interval``.
+        """A LoadReport soon after the load changes (checked every ``load_min_interval`` and right
+        after each KV event batch; at most one per ``load_min_interval``), and at least every
+        ``load_interval``.
 
         Routers count what they sent a worker as pending until a report shows it; a report only
         once a second left a finished request counted as busy for up to that long, enough to send
@@ -216,7 +217,10 @@ class WorkerHost:
         st = self.engine.stats()
         figures = (st.kv_blocks_used, st.kv_blocks_total, st.running, st.waiting, st.prefill_tokens_queued, kv_seq)
         now = time.monotonic()
-        if figures == self._load_figures and now - self._load_sent_at < self.settings.load_interval:
+        since = now - self._load_sent_at
+        # At most one report per load_min_interval (a busy worker's figures change every step).
+        if since < self.settings.load_interval and (figures == self._load_figures
+                                                    or since < self.settings.load_min_interval):
             return
         self._load_figures, self._load_sent_at = figures, now
         role = self.role
