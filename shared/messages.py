@@ -227,6 +227,9 @@ class LoadReport(Struct, tag="load", kw_only=True, omit_defaults=True):
     waiting: int = 0
     prefill_tokens_queued: int = 0
     loras_resident: list[str] = field(default_factory=list)  # adapters in memory now (no load cost)
+    # The seq of the last KV event batch the worker had drained when it took these figures: the
+    # report reflects every request whose blocks that batch (or an earlier one) announced.
+    kv_seq: int = 0
 
 
 # --- disaggregated prefill -----------------------------------------------------------------

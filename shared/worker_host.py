@@ -62,7 +62,8 @@ class WorkerSettings:
     kv_transport: str = "tcp"  # tcp | ucx
     kv_host: str = "127.0.0.1"  # address peers use to reach our KV transport (advertised)
     kv_bind_host: str = ""  # address the KV transport listens on ("": see shared/kv_address.py)
-    load_interval: float = 1.0
+    load_interval: float = 1.0  # a LoadReport at least this often
+    load_min_interval: float = 0.05  # and one this soon after the load changes
     kv_event_interval: float = 0.05
 
 
@@ -86,6 +87,8 @@ class WorkerHost:
         self._idle = anyio.Event()  # set when draining and the last piece of work is done
         self._kv_seq = 0
         self._started_at = time.time()
+        self._load_figures: tuple[int, ...] | None = None  # what the last LoadReport said, and when
+        self._load_sent_at = 0.0
         self.model_fields: dict[str, object] = {}  # context length, digests, path (shared/model_files.py)
 
     # --- what a role fills in ------------------------------------------------------------
@@ -206,34 +209,58 @@ class WorkerHost:
     # --- periodic reports ----------------------------------------------------------------
 
     async def _report_load(self) -> None:
-        assert self.bus is not None
-        subject = subjects.load(self.worker_id)
-        role = self.role
+        """A LoadReport soon after the load changes (checked every ``load_min_interval`` and right
+        after each KV event batch; at most one per ``load_min_interval``), and at least every
+        ``load_interval``.
+
+        Routers count what they sent a worker as pending until a report shows it; a report only
+        once a second left a finished request counted as busy for up to that long, enough to send
+        a repeated prefix away from the worker that has it cached.
+        """
         while True:
-            st = self.engine.stats()
-            KV_USED.labels(role).set(st.kv_blocks_used)
-            KV_TOTAL.labels(role).set(st.kv_blocks_total)
-            KV_USAGE.labels(role).set(st.kv_blocks_used / st.kv_blocks_total if st.kv_blocks_total else 0.0)
-            WAITING.labels(role).set(st.waiting)
-            ENGINE_RUNNING.labels(role).set(st.running)
-            PREEMPTIONS.labels(role).set(st.preemptions)
-            PROMPT_TOKENS.labels(role).set(st.prompt_tokens)
-            PREFIX_HIT_TOKENS.labels(role).set(st.prefix_hit_tokens)
-            LORA_LOADS.labels(role).set(st.lora_loads)
-            LORA_EVICTIONS.labels(role).set(st.lora_evictions)
-            if self.engine.kv_tiers is not None:
-                self.engine.kv_tiers.update_gauges()
-            report = LoadReport(
-                worker_id=self.worker_id, role=role, timestamp=time.time(),  # type: ignore[arg-type]
-                kv_blocks_used=st.kv_blocks_used, kv_blocks_total=st.kv_blocks_total, running=st.running,
-                waiting=st.waiting, prefill_tokens_queued=st.prefill_tokens_queued,
-                loras_resident=self.engine.loras_resident(),
-            )
-            try:
-                await self.bus.publish(subject, report)
-            except Exception as e:
-                log.debug("load report failed: %r", e)
-            await anyio.sleep(self.settings.load_interval)
+            await self._publish_load()
+            await anyio.sleep(min(self.settings.load_min_interval, self.settings.load_interval))
+
+    async def _publish_load(self) -> None:
+        """Publish a LoadReport if the figures changed since the last one or it is time for one."""
+        assert self.bus is not None
+        # Batches up to this seq were drained before now, so the figures taken next reflect
+        # every request whose prompt blocks they announced (routers rely on that; see kv_seq).
+        kv_seq = self._kv_seq
+        st = self.engine.stats()
+        loras = self.engine.loras_resident()
+        figures = (st.kv_blocks_used, st.kv_blocks_total, st.running, st.waiting, st.prefill_tokens_queued, kv_seq,
+                   tuple(loras))
+        now = time.monotonic()
+        since = now - self._load_sent_at
+        # At most one report per load_min_interval (a busy worker's figures change every step).
+        if since < self.settings.load_interval and (figures == self._load_figures
+                                                    or since < self.settings.load_min_interval):
+            return
+        self._load_figures, self._load_sent_at = figures, now
+        role = self.role
+        KV_USED.labels(role).set(st.kv_blocks_used)
+        KV_TOTAL.labels(role).set(st.kv_blocks_total)
+        KV_USAGE.labels(role).set(st.kv_blocks_used / st.kv_blocks_total if st.kv_blocks_total else 0.0)
+        WAITING.labels(role).set(st.waiting)
+        ENGINE_RUNNING.labels(role).set(st.running)
+        PREEMPTIONS.labels(role).set(st.preemptions)
+        PROMPT_TOKENS.labels(role).set(st.prompt_tokens)
+        PREFIX_HIT_TOKENS.labels(role).set(st.prefix_hit_tokens)
+        LORA_LOADS.labels(role).set(st.lora_loads)
+        LORA_EVICTIONS.labels(role).set(st.lora_evictions)
+        if self.engine.kv_tiers is not None:
+            self.engine.kv_tiers.update_gauges()
+        report = LoadReport(
+            worker_id=self.worker_id, role=role, timestamp=time.time(),  # type: ignore[arg-type]
+            kv_blocks_used=st.kv_blocks_used, kv_blocks_total=st.kv_blocks_total, running=st.running,
+            waiting=st.waiting, prefill_tokens_queued=st.prefill_tokens_queued, kv_seq=kv_seq,
+            loras_resident=loras,
+        )
+        try:
+            await self.bus.publish(subjects.load(self.worker_id), report)
+        except Exception as e:
+            log.debug("load report failed: %r", e)
 
     async def _publish_kv_events(self) -> None:
         """Every interval, one batch per tier that changed: device (1), host (2), disk (3)."""
@@ -241,14 +268,18 @@ class WorkerHost:
         subject = subjects.kv_events(self.worker_id)
         while True:
             await anyio.sleep(self.settings.kv_event_interval)
+            published = False
             for tier, buffer in ((1, self.engine.kv_events), *self.engine.tier_events.items()):
                 stored, removed, cleared = buffer.drain()
                 if not (stored or removed or cleared):
                     continue
                 self._kv_seq += 1
+                published = True
                 batch = KvEventBatch(worker_id=self.worker_id, seq=self._kv_seq, stored=stored, removed=removed,
                                      cleared=cleared, tier=tier)
                 try:
                     await self.bus.publish(subject, batch)
                 except Exception as e:
                     log.debug("kv event publish failed: %r", e)
+            if published:  # a report that shows the requests these batches announced, without delay
+                await self._publish_load()

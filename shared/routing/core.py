@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+import weakref
 from dataclasses import dataclass
 
 import anyio
@@ -50,6 +51,10 @@ INDEX_ENTRIES = Gauge("baton_router_index_entries", "Indexed (worker, block) pai
 INDEX_BYTES = Gauge("baton_router_index_bytes", "Estimated memory of the KV index")
 INDEX_WORKERS = Gauge("baton_router_index_workers", "Workers with blocks in the KV index")
 PREDICTED_BLOCKS = Gauge("baton_router_predicted_blocks", "Blocks predicted cached from recent decisions")
+PENDING_REQUESTS = Gauge("baton_router_pending_requests",
+                         "Requests sent to workers that no load report shows yet (counted as pending work)")
+_CORES: weakref.WeakSet[RouterCore] = weakref.WeakSet()
+PENDING_REQUESTS.set_function(lambda: sum(c.pending_requests() for c in list(_CORES)))  # read at scrape time
 
 PRUNE_GRACE_S = 2.0  # a worker missing from discovery this long is dropped from the index
 MAINTAIN_INTERVAL_S = 1.0
@@ -101,6 +106,11 @@ class RouterCore:
         self.started = anyio.Event()  # set once decisions use the caught-up index
         self.affinity = SessionAffinity(settings.session_ttl) if settings.session_ttl > 0 else None
         self._missing_since: dict[str, float] = {}
+        _CORES.add(self)
+
+    def pending_requests(self) -> int:
+        """Requests this router sent that the workers' load reports do not show yet."""
+        return sum(ld.pending_requests for ld in self.kv.loads.values()) if self.kv is not None else 0
 
     async def run(self) -> None:
         """Keep the policy current until cancelled (the view runs elsewhere: its owner shares it)."""

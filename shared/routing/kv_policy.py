@@ -117,13 +117,15 @@ class PredictedBlocks:
 class PendingRequest:
     """A request this router sent to a worker that the worker's reports may not show yet."""
 
-    __slots__ = ("blocks", "prefill_tokens", "prompt_last_hash", "sent_at")
+    __slots__ = ("blocks", "done", "prefill_tokens", "prompt_last_hash", "seen_seq", "sent_at")
 
     def __init__(self, sent_at: float, prefill_tokens: int, blocks: int, prompt_last_hash: int | None) -> None:
         self.sent_at = sent_at
         self.prefill_tokens = prefill_tokens  # zeroed once the worker announces the prompt's last block
         self.blocks = blocks  # KV blocks it adds there (its blocks beyond the cached prefix)
         self.prompt_last_hash = prompt_last_hash
+        self.seen_seq = 0  # the KV event batch that announced its prompt's last block (0: none yet)
+        self.done = False  # no longer counted: a report shows it (it may still sit in ``pending``)
 
 
 class WorkerLoad:
@@ -135,7 +137,7 @@ class WorkerLoad:
 
     __slots__ = ("active_blocks", "busy_blocks", "busy_tokens", "kv_blocks_total", "lora_sent", "loras_resident",
                  "pending", "pending_blocks", "pending_by_last_hash", "pending_prefill_tokens", "pending_requests",
-                 "prefill_tokens_queued", "reported_at", "requests")
+                 "prefill_tokens_queued", "reported_at", "reported_kv_seq", "requests", "seen")
 
     def __init__(self) -> None:
         self.active_blocks = 0
@@ -143,7 +145,11 @@ class WorkerLoad:
         self.requests = 0  # running + waiting, as reported
         self.kv_blocks_total = 0
         self.reported_at = 0.0
+        self.reported_kv_seq = 0  # the last report's kv_seq (0: the worker sends none)
         self.pending: deque[PendingRequest] = deque()  # oldest first
+        # Pending requests whose prompt the worker's KV events announced, by that batch's seq: the
+        # first report with a kv_seq at least that shows them (running, or finished and freed).
+        self.seen: deque[PendingRequest] = deque()
         self.pending_by_last_hash: dict[int, PendingRequest] = {}
         self.pending_prefill_tokens = 0
         self.pending_blocks = 0
@@ -168,6 +174,12 @@ class WorkerLoad:
         self.reported_at = now
         if report.loras_resident or self.loras_resident:
             self.loras_resident = frozenset(report.loras_resident)
+        if report.kv_seq < self.reported_kv_seq:  # the worker restarted: its seqs start again
+            self.seen.clear()
+        self.reported_kv_seq = report.kv_seq
+        seen = self.seen
+        while seen and seen[0].seen_seq <= report.kv_seq:
+            self._drop(seen.popleft())
         self.expire_pending(now - PENDING_MARGIN_S)
         self._sum()
 
@@ -183,29 +195,56 @@ class WorkerLoad:
         self.pending_requests += 1
         self._sum()
 
-    def prefill_done(self, last_hashes: list[int]) -> None:
-        """The worker cached blocks ending runs at these hashes: requests whose prompt ends there are prefilled."""
+    def prefill_done(self, last_hashes: list[int], seq: int = 0) -> None:
+        """The worker cached blocks ending runs at these hashes (in KV event batch ``seq``): requests
+        whose prompt ends there are prefilled, and any report with ``kv_seq >= seq`` shows them."""
         by_hash = self.pending_by_last_hash
         changed = False
         for h in last_hashes:
             p = by_hash.pop(h, None)
-            if p is not None and p.prefill_tokens:
+            if p is None or p.done:
+                continue
+            if p.prefill_tokens:
                 self.pending_prefill_tokens -= p.prefill_tokens
                 p.prefill_tokens = 0
                 changed = True
+            if seq <= 0:
+                continue
+            if seq <= self.reported_kv_seq:  # the report that shows it came first (another path)
+                self._drop(p)
+                self._trim()
+            else:
+                p.seen_seq = seq
+                self.seen.append(p)  # batches arrive in seq order, so ``seen`` stays sorted
         if changed:
             self._sum()
+
+    def _drop(self, p: PendingRequest) -> None:
+        """Stop counting ``p``: a report shows it. It leaves ``pending`` when it reaches the front."""
+        if p.done:
+            return
+        p.done = True
+        self.pending_prefill_tokens -= p.prefill_tokens
+        self.pending_blocks -= p.blocks
+        self.pending_requests -= 1
+        p.prefill_tokens = p.blocks = 0
+        if p.prompt_last_hash is not None and self.pending_by_last_hash.get(p.prompt_last_hash) is p:
+            del self.pending_by_last_hash[p.prompt_last_hash]
+        self._sum()
 
     def expire_pending(self, before: float) -> None:
         q = self.pending
         while q and q[0].sent_at <= before:
-            p = q.popleft()
-            self.pending_prefill_tokens -= p.prefill_tokens
-            self.pending_blocks -= p.blocks
-            self.pending_requests -= 1
-            if p.prompt_last_hash is not None and self.pending_by_last_hash.get(p.prompt_last_hash) is p:
-                del self.pending_by_last_hash[p.prompt_last_hash]
+            self._drop(q.popleft())
+        self._trim()
         self._sum()
+
+    def _trim(self) -> None:
+        """Let go of requests no longer counted at the front of the queues (a worker that never
+        reports a kv_seq must not grow ``seen`` without end)."""
+        for q in (self.pending, self.seen):
+            while q and q[0].done:
+                q.popleft()
 
     def _sum(self) -> None:
         self.busy_tokens = self.prefill_tokens_queued + self.pending_prefill_tokens
@@ -467,7 +506,7 @@ class KvRouter:
         if batch.stored:
             load = self.loads.get(batch.worker_id)
             if load is not None and load.pending_by_last_hash:
-                load.prefill_done([run.block_hashes[-1] for run in batch.stored if run.block_hashes])
+                load.prefill_done([run.block_hashes[-1] for run in batch.stored if run.block_hashes], batch.seq)
 
 
 _IDLE = WorkerLoad()  # stands for a worker with no report yet (never mutated)

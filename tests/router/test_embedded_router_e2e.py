@@ -24,6 +24,13 @@ pytestmark = pytest.mark.timeout(240)
 PREFIXES = 3
 
 
+def router_pending(s: Stack) -> float:
+    """The frontend's ``baton_router_pending_requests`` (its embedded router's unreported work)."""
+    text = httpx.get(f"{s.url}/metrics", timeout=5).text
+    return next(float(line.split()[-1]) for line in text.splitlines()
+                if line.startswith("baton_router_pending_requests "))
+
+
 def test_embedded_kv_router_follows_the_cache_without_a_router_service(tmp_path) -> None:
     stack = Stack(tmp_path, "mocker", decode_workers=2, discovery_ttl=3.0, routers=0,
                   extra_decode_args=["--mocker-speedup", "20"])
@@ -38,6 +45,10 @@ def test_embedded_kv_router_follows_the_cache_without_a_router_service(tmp_path)
 
         first = [complete(s, tokens(i)) for i in range(PREFIXES)]
         assert first == [0] * PREFIXES
+        # The router learns that a request is done from the worker's KV events and load reports,
+        # tens of ms after its response; a repeat sent sooner meets a worker still counted busy
+        # with the last prompt (83 blocks' cost, more than a 40-block prefix saves). Wait for that.
+        wait_until(lambda: router_pending(s) == 0, 10, 0.02, "the embedded router to see round one done")
         cached = [complete(s, tokens(i)) for i in range(PREFIXES) for _ in range(3)]
         assert all(c >= PREFIX_BLOCKS * BLOCK for c in cached), (cached, s.logs()[-3000:])
         # The policy ran in the frontend process (no router process exists to have logged it).

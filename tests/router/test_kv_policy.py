@@ -202,6 +202,72 @@ def test_prefill_done_event_ends_pending_prefill_and_next_turn_sticks() -> None:
     assert (w2.worker_id, overlap2) == (w1.worker_id, 40)
 
 
+def _prefilled(r: KvRouter, worker_id: str, hashes: list[int], seq: int) -> None:
+    batch = KvEventBatch(worker_id=worker_id, seq=seq, stored=[KvStored(block_hashes=hashes)])
+    r.on_kv_events(batch, r.index.apply(batch))
+
+
+def _report(r: KvRouter, worker_id: str, now: float, kv_seq: int, used: int = 0) -> None:
+    r.on_load(LoadReport(worker_id=worker_id, role="decode", timestamp=0, kv_blocks_used=used,
+                         kv_blocks_total=10_000, kv_seq=kv_seq), now)
+
+
+@pytest.mark.parametrize("report_first", [False, True])
+def test_report_with_the_kv_seq_of_a_prefill_ends_its_pending_work_at_once(report_first: bool) -> None:
+    # A report taken after the worker announced a prompt's blocks (its kv_seq) shows that request,
+    # however soon after the decision it arrives, and whichever of the two paths delivers first.
+    r = KvRouter(KvRouterConfig(seed=0))
+    ws = workers(2)
+    toks = tokens(3, 10 * BS)
+    w, overlap, hashes = r.decide(request(toks), ws, now=100.0)
+    r.record(w, hashes, overlap, len(toks), now=100.0)
+    ld = r.loads[w.worker_id]
+    soon = 100.0 + PENDING_MARGIN_S / 10  # within the time margin: only the kv_seq can end it
+    _report(r, w.worker_id, soon, kv_seq=6)  # taken before the prefill: shows nothing of it
+    assert (ld.pending_requests, ld.pending_blocks) == (1, 10)
+    if report_first:
+        _report(r, w.worker_id, soon, kv_seq=7)
+        assert ld.pending_requests == 1  # not yet known to be in batch 7
+        _prefilled(r, w.worker_id, hashes, seq=7)
+    else:
+        _prefilled(r, w.worker_id, hashes, seq=7)
+        assert (ld.pending_requests, ld.pending_blocks, ld.pending_prefill_tokens) == (1, 10, 0)
+        _report(r, w.worker_id, soon, kv_seq=7)
+    assert (ld.pending_requests, ld.pending_blocks, ld.pending_prefill_tokens) == (0, 0, 0)
+    assert not ld.pending and not ld.seen and not ld.pending_by_last_hash
+
+
+def test_finished_requests_do_not_repel_a_repeat_from_the_worker_caching_it() -> None:
+    # The e2e flake: w0 served prefixes A and B (both finished, blocks freed into its cache); w1
+    # is idle. Until a report shows w0's requests, they count as 2 x 42 blocks in use there, which
+    # outweighs A's cached 40 blocks, and A's repeat went to w1 with nothing cached.
+    r = KvRouter(KvRouterConfig(seed=0))
+    ws = workers(2)
+    a, b = tokens(1, 40 * BS) + [1] * 20, tokens(2, 40 * BS) + [2] * 20
+    for i, toks in enumerate((a, b)):
+        hashes = block_hashes(toks, BS)
+        r.record(ws[0], hashes, 0, len(toks), now=100.0)
+        _prefilled(r, "w0", hashes, seq=i + 1)
+    _report(r, "w1", 100.05, kv_seq=3)
+    _report(r, "w0", 100.05, kv_seq=2)  # both finished: nothing in use
+    w, overlap, _ = r.decide(request(a[:-20] + [3] * 20), ws, now=100.1)
+    assert (w.worker_id, overlap) == ("w0", 40)
+
+
+def test_reports_without_a_kv_seq_still_end_pending_work_by_time() -> None:
+    r = KvRouter(KvRouterConfig(seed=0))
+    ws = workers(2)
+    toks = tokens(4, 10 * BS)
+    w, overlap, hashes = r.decide(request(toks), ws, now=100.0)
+    r.record(w, hashes, overlap, len(toks), now=100.0)
+    _prefilled(r, w.worker_id, hashes, seq=1)
+    ld = r.loads[w.worker_id]
+    _report(r, w.worker_id, 100.0 + PENDING_MARGIN_S / 2, kv_seq=0)  # an older worker: no kv_seq
+    assert ld.pending_requests == 1
+    _report(r, w.worker_id, 100.0 + PENDING_MARGIN_S * 2, kv_seq=0)
+    assert (ld.pending_requests, ld.pending_blocks) == (0, 0) and not ld.pending and not ld.seen
+
+
 def tier_event(router: KvRouter, worker_id: str, toks: list[int], seq: int, tier: int) -> None:
     batch = KvEventBatch(worker_id=worker_id, seq=seq, tier=tier, stored=[KvStored(block_hashes=block_hashes(toks, BS))])
     router.on_kv_events(batch, router.index.apply(batch))
