@@ -166,23 +166,30 @@ class ModelRunner(ABC):
     def lora_add(self, name: str, path: str) -> str:
         """Load (validate, make known) adapter ``name`` from ``path``; its digest. Raises ValueError
         (LoraError: it does not fit) or AdapterBusyError."""
-        raise ValueError(f"the {type(self).__name__} serves no LoRA adapters")
+        if self.adapters is None:
+            raise ValueError(f"the {type(self).__name__} serves no LoRA adapters")
+        added = self.adapters.add(name, path)  # a digest (simulated) or the loaded adapter (torch)
+        return added if isinstance(added, str) else added.digest
 
     def lora_remove(self, name: str) -> None:
-        raise ValueError(f"the {type(self).__name__} serves no LoRA adapters")
+        if self.adapters is None:
+            raise ValueError(f"the {type(self).__name__} serves no LoRA adapters")
+        self.adapters.remove(name)
 
     def lora_digest(self, name: str) -> str:
         """The loaded adapter's digest; UnknownAdapterError if not loaded."""
-        from shared.engines.adapters import UnknownAdapterError
-
-        raise UnknownAdapterError(f"adapter {name!r} is not loaded")
+        if self.adapters is None:
+            raise UnknownAdapterError(f"adapter {name!r} is not loaded")
+        return self.adapters.digest(name)
 
     def lora_list(self) -> list[tuple[str, str]]:
         """(name, digest) of every loaded adapter."""
-        return []
+        if self.adapters is None:
+            return []
+        return [(n, self.adapters.digest(n)) for n in self.adapters.names()]
 
     def lora_resident(self) -> list[str]:
-        return []
+        return [] if self.adapters is None else self.adapters.resident()
 
     def check_received(self, req: Request) -> str | None:
         """Decode side, before adopting: what is wrong with the KV received for ``req``, or None."""

@@ -166,26 +166,6 @@ class MockRunner(ModelRunner):
 
     # --- LoRA: simulated adapters -------------------------------------------------------------
 
-    def lora_add(self, name: str, path: str) -> str:
-        assert self.adapters is not None
-        return self.adapters.add(name, path)
-
-    def lora_remove(self, name: str) -> None:
-        assert self.adapters is not None
-        self.adapters.remove(name)
-
-    def lora_digest(self, name: str) -> str:
-        assert self.adapters is not None
-        return self.adapters.digest(name)
-
-    def lora_list(self) -> list[tuple[str, str]]:
-        assert self.adapters is not None
-        return [(n, self.adapters.digest(n)) for n in self.adapters.names()]
-
-    def lora_resident(self) -> list[str]:
-        assert self.adapters is not None
-        return self.adapters.resident()
-
     def _fake_logprobs(self, state: int, token: int, top: int) -> PositionLogprobs:
         """Well-formed, made-up logprobs: the token's is in (-1, 0], the top list (the token first,
         then other ordinary tokens) strictly decreasing, ``top`` entries long."""

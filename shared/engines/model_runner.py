@@ -166,26 +166,6 @@ class TorchModelRunner(ModelRunner):
 
     # --- LoRA adapters (between steps, under the core's lock) -----------------------------------------
 
-    def lora_add(self, name: str, path: str) -> str:
-        assert self.adapters is not None
-        return self.adapters.add(name, path).digest
-
-    def lora_remove(self, name: str) -> None:
-        assert self.adapters is not None
-        self.adapters.remove(name)
-
-    def lora_digest(self, name: str) -> str:
-        assert self.adapters is not None
-        return self.adapters.digest(name)
-
-    def lora_list(self) -> list[tuple[str, str]]:
-        assert self.adapters is not None
-        return [(n, self.adapters.digest(n)) for n in self.adapters.names()]
-
-    def lora_resident(self) -> list[str]:
-        assert self.adapters is not None
-        return self.adapters.resident()
-
     def adopted(self, req: Request) -> None:
         st = req.state
         if not st.greedy and req.sampling.seed is not None:

@@ -22,18 +22,8 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def nats_pid(up_pid: int) -> int | None:
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                with open(f"/proc/{d}/cmdline", "rb") as f:
-                    cmd = f.read()
-            except (OSError, IndexError, ValueError):
-                continue
-            if ppid == up_pid and cmd.split(b"\0")[0].endswith(b"nats-server"):
-                return int(d)
-    return None
+    pids = nats_pids(up_pid)
+    return pids[0] if pids else None
 
 
 def test_embedded_nats_sigkilled_under_load_is_restarted(tmp_path) -> None:
