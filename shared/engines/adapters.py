@@ -33,6 +33,18 @@ class AdapterSlots(Protocol):
     def release(self, name: str) -> None: ...
 
 
+def unpin(pins: dict[str, int], name: str) -> bool:
+    """Drop one use of ``name`` from ``pins``; True when that was its last (it may be evicted now)."""
+    left = pins.get(name, 0) - 1
+    if left < 0:
+        raise ValueError(f"adapter {name!r} released more often than acquired")
+    if left:
+        pins[name] = left
+        return False
+    pins.pop(name, None)
+    return True
+
+
 def lora_modules(spec: str) -> list[tuple[str, str]]:
     """``--lora-modules`` ("name=path,name=path") as (name, path) pairs; ValueError if malformed."""
     pairs = []
@@ -103,12 +115,7 @@ class SimulatedAdapters:
         return self._resident[name]
 
     def release(self, name: str) -> None:
-        left = self._pins.get(name, 0) - 1
-        if left < 0:
-            raise ValueError(f"adapter {name!r} released more often than acquired")
-        if left:
-            self._pins[name] = left
+        if not unpin(self._pins, name):
             return
-        self._pins.pop(name, None)
         if name not in self._paths:  # unloaded while in use
             self._resident.pop(name, None)

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 # The registry's errors live with the torch-free scheduler interface; re-exported here.
-from shared.engines.adapters import AdapterBusyError, UnknownAdapterError
+from shared.engines.adapters import AdapterBusyError, UnknownAdapterError, unpin
 from shared.engines.torch_model import ModelArgs
 
 CONFIG_FILE = "adapter_config.json"
@@ -403,13 +403,8 @@ class LoraRegistry:
 
     def release(self, name: str) -> None:
         """Unpin one use of ``name`` (a request finished or was aborted)."""
-        left = self._pins.get(name, 0) - 1
-        if left < 0:
-            raise ValueError(f"adapter {name!r} released more often than acquired")
-        if left:
-            self._pins[name] = left
+        if not unpin(self._pins, name):
             return
-        self._pins.pop(name, None)
         if name in self._removing:
             self._removing.discard(name)
             self._evict(name)
