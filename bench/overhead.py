@@ -11,15 +11,27 @@ so noise from other jobs lands on every side alike):
   throwaway venv, with file discovery, the TCP request plane and the ZMQ event plane (no etcd, no
   NATS), round-robin routing like Baton's default. Same tokenizer files (the baton-tiny model dir).
 
-Each cell: /v1/completions, 16-token completions (``ignore_eos``), non-streamed and streamed, at
-concurrency 1, 16 and 64, from one lean keep-alive client (bench/loadgen.py) on this machine. Per
-cell: req/s, latency p50 (non-streamed), time to the first body chunk p50 (streamed), errors, and
-CPU per request of every process of the side (psutil user+system time over the cell divided by the
-responses in it), by role and summed. Median and min-max over the repeats.
+Each cell: /v1/completions, 16-token completions (``ignore_eos``), non-streamed and streamed, from
+one lean keep-alive client (bench/loadgen.py) on this machine, in one of two modes:
+
+- closed loop (the default): concurrency 1, 16 and 64, each connection sending back to back, so
+  every stack runs at saturation;
+- open loop (``--mode open``): requests offered at fixed rates (``--rates``; Poisson arrivals, the
+  same seeded schedule for every side, or ``--arrivals uniform``), each on a free keep-alive
+  connection from a pool that grows as needed (up to ``--max-connections``), so latency is seen
+  below saturation as well as at it.
+
+Per cell: req/s (achieved), latency and time to the first body chunk (TTFT) p50 (and p90 in the
+open loop), errors, and CPU per request of every process of the side (psutil user+system time over
+the cell divided by the responses in it), by role and summed, and the load generator's own CPU per
+request (open loop: with the requests it sent more than 1 ms behind schedule). Median and min-max
+over the repeats.
 
     python bench/overhead.py                                # Baton only, both router placements
     python bench/overhead.py --dynamo-venv /tmp/dynvenv     # and Dynamo (see docs/benchmarks.md)
+    python bench/overhead.py --mode open --rates 200 500 1000 1500 2000   # the open-loop sweep
     python bench/overhead.py --profile-dir /tmp/prof --py-spy /tmp/dynvenv/bin/py-spy  # + py-spy profiles
+    python bench/overhead.py --ttft-probe /tmp/probe        # + where each Baton side's TTFT goes, per cell
 
 Installing the Dynamo baseline (never a dependency of Baton)::
 
@@ -43,13 +55,16 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from baton.nats_server import free_port
-from bench.loadgen import run_load
+from bench import ttft_breakdown
+from bench.loadgen import ARRIVALS, run_load, run_open_loop
+from shared import probe
 from shared.models import resolve_model
 
 ROLES = {  # a cmdline fragment -> the role it is reported under
@@ -130,10 +145,11 @@ def http_ok(port: int, path: str, want: str = "") -> bool:
         return False
 
 
-def start_baton(name: str, extra: list[str], tree: str = "") -> Side:
-    """``baton up`` from this checkout, or (``tree``) from another one: its code first on PYTHONPATH."""
+def start_baton(name: str, extra: list[str], tree: str = "", probe_dir: str = "") -> Side:
+    """``baton up`` from this checkout, or (``tree``) from another one: its code first on PYTHONPATH;
+    with ``probe_dir``, every process records the TTFT probe's hops there (shared/probe.py)."""
     logdir = Path(tempfile.mkdtemp(prefix=f"overhead-{name.replace('@', '-')}-"))
-    env = {**os.environ, "PYTHONPATH": tree} if tree else None
+    env = {**os.environ, **({"PYTHONPATH": tree} if tree else {}), **({probe.ENV: probe_dir} if probe_dir else {})}
     port = free_port()
     log = open(logdir / "up.log", "wb")
     proc = subprocess.Popen(
@@ -189,13 +205,29 @@ def median_of(runs: list[dict], side: str, key: str) -> float:
 
 
 def run_cell(side: Side, payload: dict, c: int, duration: float) -> dict:
-    before = side.cpu()
-    r = asyncio.run(run_load("127.0.0.1", side.port, "/v1/completions", payload, c, duration))
-    after = side.cpu()
+    """One closed-loop cell: ``c`` connections sending back to back."""
+    return _measured(side, lambda: run_load("127.0.0.1", side.port, "/v1/completions", payload, c, duration))
+
+
+def run_open_cell(side: Side, payload: dict, rate: float, duration: float, arrivals: str = "poisson",
+                  seed: object = 0, max_connections: int = 512) -> dict:
+    """One open-loop cell: requests offered at ``rate`` a second (bench/loadgen.py's run_open_loop)."""
+    return _measured(side, lambda: run_open_loop("127.0.0.1", side.port, "/v1/completions", payload, rate,
+                                                 duration, arrivals=arrivals, seed=seed,
+                                                 max_connections=max_connections))
+
+
+def _measured(side: Side, load: Any) -> dict:
+    """Run ``load()`` (a load generator coroutine) and charge every process's CPU (the side's and
+    the load generator's own, this process) to the responses it got."""
+    before, own = side.cpu(), time.process_time()
+    r = asyncio.run(load())
+    own, after = time.process_time() - own, side.cpu()
     n = max(r.completed, 1)
     cpu = {role: round(t / n * 1e3, 4) for role, t in side.cpu_by_role(before, after).items()}
     return {**r.summary(), "side": side.name, "completed": r.completed, "cpu_ms": cpu,
-            "cpu_stack_ms": round(sum(cpu.values()), 4), "load1": os.getloadavg()[0]}
+            "cpu_stack_ms": round(sum(cpu.values()), 4), "loadgen_cpu_ms": round(own / n * 1e3, 4),
+            "window": r.window, "load1": os.getloadavg()[0]}
 
 
 # Where a sample's time goes: the first of these found walking its stack from the leaf up.
@@ -296,10 +328,19 @@ def profile(side: Side, py_spy: str, outdir: Path, payload: dict, c: int, durati
           f"stack CPU {cell['cpu_stack_ms']:.3f} ms/request (py-spy itself perturbs this)", flush=True)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per cell")
+    ap.add_argument("--mode", choices=("closed", "open"), default="closed",
+                    help="closed: --concurrency connections back to back (the default matrix); "
+                         "open: requests offered at each of --rates")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--rates", type=float, nargs="+", default=[200, 500, 1000, 1500, 2000],
+                    help="open loop: offered requests a second, one cell each")
+    ap.add_argument("--arrivals", choices=ARRIVALS, default="poisson",
+                    help="open loop: Poisson arrivals (seeded: every side gets the same schedule) or evenly spaced")
+    ap.add_argument("--max-connections", type=int, default=512,
+                    help="open loop: the most keep-alive connections the load generator opens")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sides", nargs="+", default=["service", "embedded", "dynamo"],
@@ -310,32 +351,46 @@ def main() -> None:
     ap.add_argument("--profile-concurrency", type=int, default=64)
     ap.add_argument("--profile-rate", type=int, default=199, help="py-spy samples a second")
     ap.add_argument("--py-spy", type=str, default="py-spy")
+    ap.add_argument("--ttft-probe", type=str, default="",
+                    help="a directory: every Baton side runs with BATON_TTFT_PROBE (shared/probe.py) and "
+                         "the report adds where each cell's time to first token went, hop by hop")
     ap.add_argument("--baseline-tree", type=str, default="",
                     help="another Baton checkout (e.g. main): its service/embedded sides run too, as service@base "
                          "and embedded@base, interleaved with these (before/after in one run)")
     ap.add_argument("--baseline-sides", nargs="+", default=None,
                     help="which sides the baseline tree runs (default: as --sides; a tree from before the "
                          "embedded router has only service)")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     names = [s for s in args.sides if s != "dynamo" or args.dynamo_venv]
     if args.baseline_tree:
         names += [f"{s}@base" for s in (args.baseline_sides or args.sides) if s in ("service", "embedded")]
     if "dynamo" in args.sides and not args.dynamo_venv:
         print("no --dynamo-venv: Dynamo left out", file=sys.stderr)
+    open_loop = args.mode == "open"
+    load_key = "rate" if open_loop else "concurrency"
+    loads = args.rates if open_loop else args.concurrency
 
     sides: list[Side] = []
     runs: list[dict] = []
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     payload = {"model": "baton-tiny", "prompt": "Measure the overhead of every hop in the stack.",
                "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
+    probe_dirs: dict[str, Path] = {}
     try:
         for name in names:
             kind, _, base = name.partition("@")
             tree = str(Path(args.baseline_tree).resolve()) if base else ""
+            if args.ttft_probe and kind in ("service", "embedded"):
+                probe_dirs[name] = Path(args.ttft_probe).resolve() / name.replace("@", "-at-")
+            probe_dir = str(probe_dirs.get(name, ""))
             if kind == "service":
-                sides.append(start_baton(name, [], tree))
+                sides.append(start_baton(name, [], tree, probe_dir))
             elif kind == "embedded":
-                sides.append(start_baton(name, ["--router", "embedded"], tree))
+                sides.append(start_baton(name, ["--router", "embedded"], tree, probe_dir))
             elif name == "dynamo":
                 sides.append(start_dynamo(Path(args.dynamo_venv), resolve_model("baton-tiny", None).path))
             else:
@@ -345,14 +400,17 @@ def main() -> None:
         for repeat in range(args.repeats):
             order = sides[repeat % len(sides):] + sides[:repeat % len(sides)]
             for stream in (False, True):
-                for c in args.concurrency:
+                for load in loads:
                     for side in order:
-                        s = {**run_cell(side, {**payload, "stream": stream}, c, args.duration), "repeat": repeat}
+                        cell_payload = {**payload, "stream": stream}
+                        if open_loop:  # every side of this repeat gets the same arrival schedule
+                            s = run_open_cell(side, cell_payload, load, args.duration, args.arrivals,
+                                              f"{repeat}-{stream}-{load}", args.max_connections)
+                        else:
+                            s = run_cell(side, cell_payload, load, args.duration)
+                        s["repeat"] = repeat
                         runs.append(s)
-                        print(f"#{repeat} {side.name:8} stream={stream!s:5} c={c:3} {s['rps']:8.1f} req/s "
-                              f"p50 {s['p50_ms']:7.2f} ms ttft p50 {s['ttft_p50_ms']:7.2f} ms "
-                              f"cpu {s['cpu_stack_ms']:.3f} ms/req {s['cpu_ms']} errors {s['errors']} "
-                              f"load {s['load1']:.2f}", flush=True)
+                        print(progress_line(s, open_loop), flush=True)
         if args.profile_dir:
             for side in sides:
                 if side.name in ("service", "embedded"):
@@ -360,41 +418,129 @@ def main() -> None:
                             args.profile_concurrency, args.duration, args.profile_rate)
     finally:
         for side in sides:
-            side.stop()
+            side.stop()  # each process writes the probe records it still holds as it exits
     if not runs:
         return
-    loads = [r["load1"] for r in runs]
-    print(f"\n{started}, {args.repeats} repeats of {args.duration:g} s per cell, load average "
-          f"{min(loads):.2f}-{max(loads):.2f}, {os.cpu_count()} CPUs; median (min-max) over the repeats\n")
-    print("| mode | c | side | req/s | p50 ms | TTFT p50 ms | stack CPU ms/req | by process (median ms/req) "
-          "| errors / requests |")
-    print("|---|---:|---|---:|---:|---:|---:|---|---:|")
-    for stream in (False, True):
-        for c in args.concurrency:
-            for name in names:
-                cell = [r for r in runs if r["stream"] == stream and r["concurrency"] == c and r["side"] == name]
-                roles = sorted({k for r in cell for k in r["cpu_ms"]}, key=ROLE_ORDER.index)
-                by_role = ", ".join(f"{k} {statistics.median(r['cpu_ms'].get(k, 0.0) for r in cell):.3f}"
-                                    for k in roles)
-                print(f"| {'streamed' if stream else 'non-streamed'} | {c} | {name} | "
-                      f"{spread([r['rps'] for r in cell], '{:.0f}')} | {spread([r['p50_ms'] for r in cell], '{:.2f}')} | "
-                      f"{spread([r['ttft_p50_ms'] for r in cell], '{:.2f}')} | "
-                      f"{spread([r['cpu_stack_ms'] for r in cell], '{:.3f}')} | {by_role} | "
-                      f"{sum(r['errors'] for r in cell)} / {sum(r['requests'] for r in cell)} |")
+    for r in runs:
+        if r["side"] in probe_dirs:
+            r["ttft_breakdown"] = ttft_breakdown.summarize(probe_dirs[r["side"]], *r["window"])
+    loadavg = [r["load1"] for r in runs]
+    print(f"\n{started}, {args.mode} loop, {args.repeats} repeats of {args.duration:g} s per cell, load average "
+          f"{min(loadavg):.2f}-{max(loadavg):.2f}, {os.cpu_count()} CPUs; median (min-max) over the repeats\n")
+    if open_loop:
+        print(f"Open loop: {args.arrivals} arrivals at each offered rate, on up to {args.max_connections} keep-alive "
+              "connections; latency and TTFT from when a request is written; late: requests written more than "
+              "1 ms after they were due\n")
+        print(open_table(runs, names, loads))
+    else:
+        print(closed_table(runs, names, loads))
     if "dynamo" in names:
-        print("\nRatios to Dynamo (medians): req/s >1 is better, TTFT/CPU <1 is better\n")
-        print("| mode | c | side | req/s | TTFT p50 | stack CPU |")
-        print("|---|---:|---|---:|---:|---:|")
-        for stream in (False, True):
-            for c in args.concurrency:
-                cell = [r for r in runs if r["stream"] == stream and r["concurrency"] == c]
-                for name in (n for n in names if n != "dynamo"):
-                    print(f"| {'streamed' if stream else 'non-streamed'} | {c} | {name} | "
-                          f"{median_of(cell, name, 'rps') / median_of(cell, 'dynamo', 'rps'):.2f} | "
-                          f"{median_of(cell, name, 'ttft_p50_ms') / median_of(cell, 'dynamo', 'ttft_p50_ms'):.2f} | "
-                          f"{median_of(cell, name, 'cpu_stack_ms') / median_of(cell, 'dynamo', 'cpu_stack_ms'):.2f} |")
+        print("\nRatios to Dynamo (medians): req/s >1 is better, TTFT/latency/CPU <1 is better\n")
+        print(ratio_table(runs, names, loads, load_key, open_loop))
+    if probe_dirs:
+        print(breakdown_tables(runs, [n for n in names if n in probe_dirs], loads, load_key))
     if args.json:
         Path(args.json).write_text(json.dumps({"started": started, "args": vars(args), "runs": runs}, indent=2))
+
+
+def progress_line(s: dict, open_loop: bool) -> str:
+    if open_loop:
+        return (f"#{s['repeat']} {s['side']:8} stream={s['stream']!s:5} rate={s['rate']:6g} {s['rps']:8.1f} req/s "
+                f"p50 {s['p50_ms']:7.2f} ms ttft p50 {s['ttft_p50_ms']:7.2f} p90 {s['ttft_p90_ms']:7.2f} ms "
+                f"cpu {s['cpu_stack_ms']:.3f} ms/req {s['cpu_ms']} loadgen {s['loadgen_cpu_ms']:.3f} "
+                f"late {s['late']} conns {s['connections']} errors {s['errors']} load {s['load1']:.2f}")
+    return (f"#{s['repeat']} {s['side']:8} stream={s['stream']!s:5} c={s['concurrency']:3} {s['rps']:8.1f} req/s "
+            f"p50 {s['p50_ms']:7.2f} ms ttft p50 {s['ttft_p50_ms']:7.2f} ms "
+            f"cpu {s['cpu_stack_ms']:.3f} ms/req {s['cpu_ms']} errors {s['errors']} "
+            f"load {s['load1']:.2f}")
+
+
+def _mode(stream: bool) -> str:
+    return "streamed" if stream else "non-streamed"
+
+
+def _by_role(cell: list[dict]) -> str:
+    roles = sorted({k for r in cell for k in r["cpu_ms"]}, key=ROLE_ORDER.index)
+    return ", ".join(f"{k} {statistics.median(r['cpu_ms'].get(k, 0.0) for r in cell):.3f}" for k in roles)
+
+
+def closed_table(runs: list[dict], names: list[str], loads: list) -> str:
+    lines = ["| mode | c | side | req/s | p50 ms | TTFT p50 ms | stack CPU ms/req | by process (median ms/req) "
+             "| errors / requests |", "|---|---:|---|---:|---:|---:|---:|---|---:|"]
+    for stream in (False, True):
+        for c in loads:
+            for name in names:
+                cell = [r for r in runs if r["stream"] == stream and r["concurrency"] == c and r["side"] == name]
+                lines.append(
+                    f"| {_mode(stream)} | {c} | {name} | "
+                    f"{spread([r['rps'] for r in cell], '{:.0f}')} | {spread([r['p50_ms'] for r in cell], '{:.2f}')} | "
+                    f"{spread([r['ttft_p50_ms'] for r in cell], '{:.2f}')} | "
+                    f"{spread([r['cpu_stack_ms'] for r in cell], '{:.3f}')} | {_by_role(cell)} | "
+                    f"{sum(r['errors'] for r in cell)} / {sum(r['requests'] for r in cell)} |")
+    return "\n".join(lines)
+
+
+def open_table(runs: list[dict], names: list[str], loads: list) -> str:
+    lines = ["| mode | offered req/s | side | achieved req/s | TTFT p50 ms | TTFT p90 ms | p50 ms | p90 ms "
+             "| stack CPU ms/req | by process (median ms/req) | loadgen CPU ms/req | late / requests "
+             "| errors / requests |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+    for stream in (False, True):
+        for rate in loads:
+            for name in names:
+                cell = [r for r in runs if r["stream"] == stream and r["rate"] == rate and r["side"] == name]
+                n = sum(r["requests"] for r in cell)
+                lines.append(
+                    f"| {_mode(stream)} | {rate:g} | {name} | {spread([r['rps'] for r in cell], '{:.0f}')} | "
+                    f"{spread([r['ttft_p50_ms'] for r in cell], '{:.2f}')} | "
+                    f"{spread([r['ttft_p90_ms'] for r in cell], '{:.2f}')} | "
+                    f"{spread([r['p50_ms'] for r in cell], '{:.2f}')} | {spread([r['p90_ms'] for r in cell], '{:.2f}')} | "
+                    f"{spread([r['cpu_stack_ms'] for r in cell], '{:.3f}')} | {_by_role(cell)} | "
+                    f"{spread([r['loadgen_cpu_ms'] for r in cell], '{:.3f}')} | "
+                    f"{sum(r['late'] for r in cell)} / {n} | {sum(r['errors'] for r in cell)} / {n} |")
+    return "\n".join(lines)
+
+
+def ratio_table(runs: list[dict], names: list[str], loads: list, load_key: str, open_loop: bool) -> str:
+    keys = [("req/s", "rps"), ("TTFT p50", "ttft_p50_ms")]
+    if open_loop:
+        keys += [("TTFT p90", "ttft_p90_ms"), ("latency p50", "p50_ms")]
+    keys.append(("stack CPU", "cpu_stack_ms"))
+    head = "offered req/s" if open_loop else "c"
+    lines = [f"| mode | {head} | side | " + " | ".join(k for k, _ in keys) + " |",
+             "|---|---:|---|" + "---:|" * len(keys)]
+    for stream in (False, True):
+        for load in loads:
+            cell = [r for r in runs if r["stream"] == stream and r[load_key] == load]
+            for name in (n for n in names if n != "dynamo"):
+                ratios = " | ".join(f"{median_of(cell, name, k) / median_of(cell, 'dynamo', k):.2f}" for _, k in keys)
+                lines.append(f"| {_mode(stream)} | {load:g} | {name} | {ratios} |")
+    return "\n".join(lines)
+
+
+def breakdown_tables(runs: list[dict], names: list[str], loads: list, load_key: str) -> str:
+    """Per Baton side and mode: each hop's p50 / p90 (ms, medians over the repeats) at each load."""
+    out = []
+    for name in names:
+        for stream in (False, True):
+            cells = {load: [r.get("ttft_breakdown") or {} for r in runs
+                            if r["side"] == name and r["stream"] == stream and r[load_key] == load] for load in loads}
+            steps = list(dict.fromkeys(s for bds in cells.values() for bd in bds for s in bd))
+            if not steps:
+                out.append(f"\nTTFT probe, {name}, {_mode(stream)}: no records (a tree without shared/probe.py?)")
+                continue
+            head = "offered req/s" if load_key == "rate" else "c"
+            out.append(f"\nWhere the time to first token goes: {name}, {_mode(stream)} (TTFT probe; p50 / p90 ms "
+                       f"per {head}, medians over the repeats)\n")
+            out.append("| step | " + " | ".join(f"{head} {load:g}" for load in loads) + " |")
+            out.append("|---|" + "---:|" * len(loads))
+            for step in steps:
+                row = []
+                for load in loads:
+                    got = [bd[step] for bd in cells[load] if step in bd]
+                    row.append(f"{statistics.median(g['p50_ms'] for g in got):.2f} / "
+                               f"{statistics.median(g['p90_ms'] for g in got):.2f}" if got else "-")
+                out.append(f"| {step} | " + " | ".join(row) + " |")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

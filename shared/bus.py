@@ -25,7 +25,7 @@ from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
 
-from shared import nats_auth, redact
+from shared import nats_auth, probe, redact
 from shared.messages import GenerateError, ReplyBatch, TokenChunk, encode, generate_reply_decoder
 
 log = logging.getLogger("baton.bus")
@@ -344,6 +344,8 @@ class ReplyInbox:
         except msgspec.DecodeError as e:  # a bug or a stranger on our inbox: the request's probes notice
             log.warning("undecodable batched reply on %s: %s", msg.subject, e)
             return
+        if probe.on:  # the TTFT probe
+            probe.delivered(reply)
         streams = self._streams
         for r in reply.replies if isinstance(reply, ReplyBatch) else (reply,):
             stream = streams.get(r.request_id)
@@ -401,6 +403,8 @@ class ReplyBatcher:
 
     async def flush(self) -> None:
         pending, self._pending = self._pending, {}
+        if probe.on:  # the TTFT probe
+            probe.flushing(pending)
         for subject, replies in pending.items():
             try:
                 await self._bus.publish(subject, replies[0] if len(replies) == 1 else ReplyBatch(replies=replies))

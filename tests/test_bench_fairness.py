@@ -1,11 +1,18 @@
-"""The fairness rules the benchmarks rely on: per-token ITL, user orders, cold disk reads."""
+"""The fairness rules the benchmarks rely on: per-token ITL, user orders, cold disk reads, the open
+loop's offered rate and lateness, the TTFT probe."""
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
+import itertools
 import mmap
 import os
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -87,3 +94,184 @@ def test_overhead_profile_buckets_go_by_the_leafmost_known_frame(tmp_path: Path)
     assert shares["event loop itself (select, callbacks)"] == pytest.approx(0.1)  # its nearest known frame
     assert sum(shares.values()) == pytest.approx(1.0)
     assert "10 samples" in summarize_profile(raw)
+
+
+# --- bench/overhead.py's open loop (bench/loadgen.py) ---------------------------------------------
+
+
+def test_poisson_arrivals_are_seeded_and_hold_the_offered_rate() -> None:
+    from bench.loadgen import arrival_times
+
+    times = arrival_times(500, 20.0, "poisson", seed="0-True-500")
+    assert times == arrival_times(500, 20.0, "poisson", seed="0-True-500")  # every side: the same schedule
+    assert times != arrival_times(500, 20.0, "poisson", seed="1-True-500")
+    assert len(times) == pytest.approx(10_000, rel=0.05)
+    assert times == sorted(times) and 0 <= times[0] and times[-1] < 20.0
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    mean = sum(gaps) / len(gaps)
+    sd = (sum((g - mean) ** 2 for g in gaps) / len(gaps)) ** 0.5
+    assert mean == pytest.approx(1 / 500, rel=0.05)
+    assert sd / mean == pytest.approx(1.0, abs=0.1)  # exponential gaps: as spread as they are long
+
+
+def test_uniform_arrivals_are_evenly_spaced() -> None:
+    from bench.loadgen import arrival_times
+
+    assert arrival_times(4, 1.0, "uniform") == [0.0, 0.25, 0.5, 0.75]
+    with pytest.raises(ValueError):
+        arrival_times(4, 1.0, "bursty")
+    with pytest.raises(ValueError):
+        arrival_times(0, 1.0)
+
+
+class _FakeServer:
+    """A keep-alive HTTP/1.1 server that isolates the load generator: every request gets a chunked
+    response, its first chunk after ``first`` seconds and the end ``rest`` seconds later. ``fail``
+    maps a request's number (from 0) to what goes wrong: "500" (an error status, the connection
+    kept) or "drop" (the connection closed without a response)."""
+
+    def __init__(self, first: float, rest: float = 0.002, fail: Callable[[int], str] = lambda i: "") -> None:
+        self.first, self.rest, self.fail = first, rest, fail
+        self.connections = 0
+        self.requests = 0
+        self.in_flight = 0
+        self.peak = 0
+        self.handlers: set[asyncio.Task] = set()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self.handlers.add(task)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+                i = self.requests
+                self.requests += 1
+                failure = self.fail(i)
+                if failure == "drop":
+                    return
+                if failure == "500":
+                    body = b'{"error": {"message": "no"}}'
+                    writer.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                    continue
+                self.in_flight += 1
+                self.peak = max(self.peak, self.in_flight)
+                await asyncio.sleep(self.first)
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\ndata:\r\n")
+                await asyncio.sleep(self.rest)
+                writer.write(b"5\r\ndone!\r\n0\r\n\r\n")
+                self.in_flight -= 1
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def run(self, **load: Any) -> Any:
+        from bench.loadgen import run_open_loop
+
+        server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            result = await run_open_loop("127.0.0.1", port, "/v1/completions", {"stream": True}, **load)
+            # The load generator closed its connections: each handler ends on its client's EOF.
+            await asyncio.wait_for(asyncio.gather(*self.handlers), 10)
+            return result
+
+
+def test_open_loop_offers_the_rate_on_pooled_keep_alive_connections() -> None:
+    server = _FakeServer(first=0.010)
+    r = asyncio.run(server.run(rate=300, duration=1.0, warmup=0.2, seed=1))
+    s = r.summary()
+    assert s["errors"] == 0 and s["requests"] == len(r.measured) > 200
+    assert s["rps"] == pytest.approx(300, rel=0.2)
+    assert r.completed == server.requests == len(r.samples)  # the warm-up's and the drain's responses too
+    # Arrivals overlap (10 ms each at 300/s): more than one connection, but each one is reused.
+    assert 2 <= server.peak <= s["connections"] == server.connections < server.requests / 4
+    assert s["ttft_p50_ms"] >= 10.0 and s["p50_ms"] >= s["ttft_p50_ms"] + 2.0
+    # The load generator keeps to its schedule: most requests go out within asyncio's timer
+    # granularity (how many are late beyond it depends on what else the box runs).
+    assert s["lag_p50_ms"] < 1.0
+    assert s["late"] == sum(1 for x in r.measured if x.lag > 0.001) < s["requests"]
+    lo, hi = r.window
+    assert hi - lo == pytest.approx(1.0)
+
+
+def test_open_loop_bounds_its_connections_and_reports_the_requests_it_holds_back() -> None:
+    server = _FakeServer(first=0.020)
+    r = asyncio.run(server.run(rate=100, duration=0.5, warmup=0.1, seed=2, max_connections=1))
+    s = r.summary()
+    assert server.connections == s["connections"] == 1 and server.peak == 1
+    assert s["errors"] == 0 and r.completed == len(r.samples)
+    assert s["rps"] < 60  # one connection, 22 ms a request: it cannot keep up with 100/s
+    assert s["late"] > 0.5 * s["requests"]  # and the requests it held back show as late, not as slow
+
+
+def test_open_loop_counts_errors_and_replaces_dropped_connections() -> None:
+    server = _FakeServer(first=0.002, fail=lambda i: ("", "500", "drop")[i % 3])
+    r = asyncio.run(server.run(rate=200, duration=0.5, warmup=0.1, seed=3))
+    statuses = [x.status for x in r.samples]
+    assert statuses.count(500) > 0 and statuses.count(0) > 0 and statuses.count(200) > 0
+    s = r.summary()
+    assert s["errors"] == sum(1 for x in r.measured if x.status != 200) > 0.5 * s["requests"]
+    assert server.connections >= statuses.count(0)  # every dropped connection was replaced
+
+
+def test_closed_loop_stays_the_default_matrix() -> None:
+    from bench.overhead import build_parser
+
+    args = build_parser().parse_args([])
+    assert (args.mode, args.concurrency, args.repeats) == ("closed", [1, 16, 64], 3)
+    args = build_parser().parse_args(["--mode", "open"])
+    assert (args.rates, args.arrivals) == ([200, 500, 1000, 1500, 2000], "poisson")
+
+
+# --- the TTFT probe (shared/probe.py) and its summary (bench/ttft_breakdown.py) --------------------
+
+
+def test_ttft_breakdown_joins_each_requests_hops_across_processes(tmp_path: Path) -> None:
+    from bench.ttft_breakdown import TOTAL, summarize
+
+    (tmp_path / "probe-1.tsv").write_text(  # a frontend
+        "# python -m services.frontend\n"
+        "app_start\ta\t10.000\njob_published\ta\t10.001\nfirst_reply\ta\t10.005\nfirst_write\ta\t10.0055\n"
+        "app_start\tb\t11.000\njob_published\tb\t11.002\nfirst_reply\tb\t11.010\nfirst_write\tb\t11.011\n"
+        "job_published\tb\t11.020\n"  # b migrated: its first pass counts
+        "app_start\tlate\t99.0\nfirst_write\tlate\t99.1\n")
+    (tmp_path / "probe-2.tsv").write_text(  # a decode worker
+        "job_received\ta\t10.002\nfirst_token\ta\t10.003\njob_received\tb\t11.004\nfirst_token\tb\t11.006\n")
+    steps = summarize(tmp_path, since=9.0, until=12.0)
+    assert list(steps) == ["app_start -> job_published", "job_published -> job_received",
+                           "job_received -> first_token", "first_token -> first_reply",
+                           "first_reply -> first_write", TOTAL]  # path order; the request outside left out
+    assert steps["job_published -> job_received"]["n"] == 2
+    assert steps["job_published -> job_received"]["p50_ms"] == pytest.approx(2.0)  # a: 1 ms, b: 2 ms
+    assert steps["job_received -> first_token"]["p90_ms"] == pytest.approx(2.0)
+    assert steps[TOTAL]["p50_ms"] == pytest.approx(11.0) and steps[TOTAL]["n"] == 2
+    assert summarize(tmp_path)[TOTAL]["n"] == 3
+
+
+def test_the_probe_records_only_when_asked_and_writes_on_exit(tmp_path: Path) -> None:
+    code = ("from shared import probe\n"
+            "print(probe.on)\n"
+            "if probe.on:\n"
+            "    probe.app_start('r1', {probe.HEADERS_KEY: 1.5})\n"
+            "    probe.flushing({'inbox': [TokenChunk(request_id='r1', index=0, token_ids=[7]),\n"
+            "                              TokenChunk(request_id='r1', index=1, token_ids=[8])]})\n")
+    code = "from shared.messages import TokenChunk\n" + code
+    env = {k: v for k, v in os.environ.items() if k != "BATON_TTFT_PROBE"}
+    root = str(Path(__file__).resolve().parent.parent)
+    off = subprocess.run([sys.executable, "-c", code], env={**env, "PYTHONPATH": root}, capture_output=True,
+                         text=True, timeout=60, check=True)
+    assert off.stdout.strip() == "False"
+    on = subprocess.run([sys.executable, "-c", code], env={**env, "PYTHONPATH": root,
+                                                            "BATON_TTFT_PROBE": str(tmp_path / "p")},
+                        capture_output=True, text=True, timeout=60, check=True)
+    assert on.stdout.strip() == "True"
+    (written,) = (tmp_path / "p").glob("probe-*.tsv")
+    rows = [line.split("\t") for line in written.read_text().splitlines() if not line.startswith("#")]
+    assert [(hop, rid) for hop, rid, _ in rows] == [("http_headers", "r1"), ("app_start", "r1"),
+                                                    ("worker_flush", "r1")]  # only the first tokens' flush
+    assert float(rows[0][2]) == 1.5

@@ -23,7 +23,7 @@ from prometheus_client import Counter, Gauge
 from services.decode.disagg import DECISIONS as DISAGG_DECISIONS
 from services.decode.disagg import DisaggSettings, RemotePrefill
 from services.decode.peer_fetch import PeerBlocks
-from shared import subjects, tracing
+from shared import probe, subjects, tracing
 from shared.bus import ReplyBatcher
 from shared.discovery import WorkerView
 from shared.engines import Engine
@@ -105,6 +105,8 @@ class DecodeWorker(WorkerHost):
 
     async def _on_generate(self, msg: Msg) -> None:
         assert self._tg is not None
+        if probe.on:  # the TTFT probe (shared/probe.py)
+            probe.arrived(msg)
         self._tg.start_soon(self._serve, msg)
 
     async def _on_cancel(self, msg: Msg) -> None:
@@ -198,6 +200,8 @@ class DecodeWorker(WorkerHost):
         reply = msg.reply
         try:
             req = generate_request_decoder.decode(msg.data)
+            if probe.on:
+                probe.decoded(msg, req.request_id)
         except Exception as e:
             REQUESTS.labels(self.role, "bad_request").inc()
             if reply:
@@ -299,6 +303,8 @@ class DecodeWorker(WorkerHost):
         if outputs is None:
             outputs = self.engine.generate(rid, req.token_ids, sp, lora=req.lora) if req.lora else \
                 self.engine.generate(rid, req.token_ids, sp)
+        if probe.on:
+            probe.mark("engine_submit", rid)
         batcher = self.replies
         if req.stream and n == 1 and req.batch_reply and batcher is not None:
             subject = req.batch_reply
@@ -314,6 +320,8 @@ class DecodeWorker(WorkerHost):
                 if out.token_ids:
                     if index[0] == 0:
                         tracing.event(span, "first_token", **{"baton.cached_tokens": out.num_cached_tokens})
+                        if probe.on:
+                            probe.mark("first_token", rid)
                     batcher.send(subject, TokenChunk(request_id=rid, index=index[0], token_ids=out.token_ids,
                                                      logprobs=out.logprobs or [], prompt_logprobs=prompt_lp))
                     prompt_lp = []
@@ -328,6 +336,8 @@ class DecodeWorker(WorkerHost):
             c = out.choice if 0 <= out.choice < n else 0
             if sum(index) == 0 and out.token_ids:
                 tracing.event(span, "first_token", **{"baton.cached_tokens": out.num_cached_tokens})
+                if probe.on:
+                    probe.mark("first_token", rid)
             if out.prompt_logprobs:
                 prompt_lp = out.prompt_logprobs
             lps = out.logprobs or []

@@ -24,7 +24,7 @@ from services.frontend import metrics
 from services.frontend.openai_api import RequestError
 from services.frontend.request import ValidatedRequest
 from services.frontend.text_stream import Delta, ReplyText, coalesce
-from shared import subjects, tracing
+from shared import probe, subjects, tracing
 from shared.bus import Bus, BusError, BusTimeout, NoResponders, ReplyStream, SlowConsumer, decoded
 from shared.kv_hash import adapter_root, block_hashes
 from shared.messages import (
@@ -152,6 +152,8 @@ class Generation:
             job = self._job(req, reply, worker_streams)
             decision = await self._route(req.request_id, job.token_ids, exclude, parent, req.session_id, req.lora,
                                          req.lora_digest)
+            if probe.on:  # the TTFT probe (shared/probe.py)
+                probe.mark("routed", req.request_id)
             if decision.kv_source:  # G4: the worker may pull blocks a peer holds in its lower tiers
                 job = msgspec.structs.replace(job, kv_source=decision.kv_source,
                                               kv_source_blocks=decision.kv_source_blocks)
@@ -161,6 +163,8 @@ class Generation:
                 "baton.worker_id": decision.worker_id, "baton.resumed_tokens": len(reply.generated[0])})
             try:
                 await self.bus.publish(decision.subject, job, reply=inbox.subject, headers=tracing.headers_for(gen_span))
+                if probe.on:
+                    probe.mark("job_published", req.request_id)
                 while True:
                     for chunk in await self._next_replies(inbox, decision, req.request_id, worker_streams, reply, t0):
                         if isinstance(chunk, GenerateError):
@@ -171,6 +175,8 @@ class Generation:
                                                type="invalid_request_error" if chunk.code < 500 else "server_error")
                         if not reply.any_tokens and chunk.token_ids:
                             metrics.TTFT.observe(time.perf_counter() - t0)
+                            if probe.on:
+                                probe.mark("first_reply", req.request_id)
                         worker_done = chunk.usage is not None  # the worker's last chunk of the request
                         if chunk.usage is not None:
                             cached_tokens = max(cached_tokens, chunk.usage.cached_tokens)

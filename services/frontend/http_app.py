@@ -56,7 +56,7 @@ from services.frontend.request import (
 from services.frontend.structured import ChatOutput, name_structured_error, template_messages
 from services.frontend.text_stream import Delta
 from services.frontend.tool_parsers import ToolParser
-from shared import tracing
+from shared import probe, tracing
 from shared.messages import Usage
 from shared.telemetry import bind_request
 
@@ -320,6 +320,8 @@ class OpenAIApp:
                         root: Any = None, tenant: Tenant | None = None,
                         headers: list[tuple[bytes, bytes]] | None = None) -> int:
         rid = f"chatcmpl-{uuid.uuid4().hex}" if chat else f"cmpl-{uuid.uuid4().hex}"
+        if probe.on:  # the TTFT probe (shared/probe.py)
+            probe.app_start(rid, scope)
         bind_request(rid, tracing.trace_id_of(root))  # this request's log lines (and access line) carry it
         body_req = decode_request(body, chat_decoder if chat else completion_decoder)
         served, limits = self._model_for(body_req.model)
@@ -371,6 +373,8 @@ class OpenAIApp:
         usage = final.usage or Usage()
         metrics.OUTPUT_TOKENS.observe(usage.completion_tokens)
         body = shaper.body(usage)
+        if probe.on:
+            probe.mark("first_write", rid)
         return await self._send_json(send, 200, body, [*_JSON_HEADERS, (b"x-request-id", rid.encode()), *extra_headers])
 
     async def _stream(self, chat: bool, rid: str, deltas: Any, include_usage: bool, receive: Receive, send: Send,
@@ -395,6 +399,8 @@ class OpenAIApp:
             async with aclosing(deltas) as it:
                 async for d in it:
                     if not started:
+                        if probe.on:
+                            probe.mark("first_write", rid)
                         await start(d.worker_id)  # errors before the first token still get a proper status
                         body = shaper.sse_start() + shaper.sse_delta(d)
                     else:

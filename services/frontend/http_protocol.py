@@ -23,6 +23,8 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
+from shared import probe
+
 CLIENT_WATCH = "baton.client"  # the scope extension's name
 
 
@@ -126,6 +128,8 @@ class BatonHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm_header_timer()
         super().on_headers_complete()
+        if probe.on:  # the TTFT probe (shared/probe.py)
+            probe.headers_parsed(self.scope)  # type: ignore[arg-type]
         cycle = self.cycle
         if cycle is not None and cycle.scope is self.scope:  # a request (not a websocket upgrade)
             watch = ClientWatch()
