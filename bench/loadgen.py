@@ -174,6 +174,7 @@ class OpenSample:
     lag: float  # due -> written (waiting for the event loop, a free connection, a connect)
     latency: float = float("nan")  # written -> response complete
     ttft: float = float("nan")  # written -> first body chunk (or the complete response)
+    held: bool = False  # it waited for a connection: all max_connections were busy (the server is behind)
 
     @property
     def done(self) -> float:
@@ -211,13 +212,16 @@ class OpenRunResult:
         # falls behind the offered rate while the backlog grows.
         achieved = sum(1 for s in self.samples if s.status == 200 and self.start <= s.done < end) / self.duration
         lags = [s.lag for s in measured]
+        # Late on the load generator's account: not held for a connection, yet written behind time.
+        late = sum(1 for s in measured if s.lag > LATE_S and not s.held)
         return {
             "rate": self.rate, "arrivals": self.arrivals, "stream": self.stream, "requests": len(measured),
             "errors": len(measured) - len(ok), "rps": round(achieved, 1),
             "ttft_p50_ms": _ms([s.ttft for s in ok], 0.5), "ttft_p90_ms": _ms([s.ttft for s in ok], 0.9),
             "p50_ms": _ms([s.latency for s in ok], 0.5), "p90_ms": _ms([s.latency for s in ok], 0.9),
             "p99_ms": _ms([s.latency for s in ok], 0.99),
-            "late": sum(1 for x in lags if x > LATE_S), "lag_p50_ms": _ms(lags, 0.5), "lag_p99_ms": _ms(lags, 0.99),
+            "late": late, "held": sum(1 for s in measured if s.held),
+            "lag_p50_ms": _ms(lags, 0.5), "lag_p99_ms": _ms(lags, 0.99),
             "connections": self.connections,
         }
 
@@ -236,7 +240,7 @@ class _Pool:
         self.open = 0
         self.opened = 0
 
-    async def get(self) -> Conn:
+    async def get(self, sample: OpenSample) -> Conn:
         while True:
             if self.idle:
                 return self.idle.pop()
@@ -248,6 +252,7 @@ class _Pool:
                 except BaseException:
                     self._closed()
                     raise
+            sample.held = True
             waiter = asyncio.get_running_loop().create_future()
             self.waiters.append(waiter)
             await waiter
@@ -289,8 +294,10 @@ async def run_open_loop(host: str, port: int, path: str, payload: dict, rate: fl
     :func:`arrival_times`, then wait for those in flight (each bounded by ``request_timeout``).
 
     Latency and TTFT count from when a request is written, as in the closed loop; the lag from its
-    scheduled time to then is kept apart (``late``: more than :data:`LATE_S`), so a load generator
-    that falls behind shows as such instead of passing for a slow server. asyncio's timers wake
+    scheduled time to then is kept apart, so a load generator that falls behind shows as such
+    instead of passing for a slow server: ``late`` counts requests written more than
+    :data:`LATE_S` behind time on the load generator's account, ``held`` those that waited for a
+    connection because all ``max_connections`` were busy (the server fell behind). asyncio's timers wake
     with millisecond granularity (epoll), so requests go out within about half a millisecond either
     side of their time (:data:`EARLY_S`) when the load generator keeps up."""
     raw = build_request(host, port, path, payload)
@@ -307,7 +314,7 @@ async def run_open_loop(host: str, port: int, path: str, payload: dict, rate: fl
         conn = None
         try:
             async with asyncio.timeout(request_timeout):
-                conn = await pool.get()
+                conn = await pool.get(sample)
                 s = await _one(conn[0], conn[1], raw)
         except _REQUEST_ERRORS:
             sample.lag = time.perf_counter() - due

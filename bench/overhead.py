@@ -429,8 +429,9 @@ def main() -> None:
           f"{min(loadavg):.2f}-{max(loadavg):.2f}, {os.cpu_count()} CPUs; median (min-max) over the repeats\n")
     if open_loop:
         print(f"Open loop: {args.arrivals} arrivals at each offered rate, on up to {args.max_connections} keep-alive "
-              "connections; latency and TTFT from when a request is written; late: requests written more than "
-              "1 ms after they were due\n")
+              "connections; latency and TTFT from when a request is written; late: requests the load generator "
+              "wrote more than 1 ms after they were due; held: requests that waited for a connection (all "
+              "busy: the side fell behind the offered rate)\n")
         print(open_table(runs, names, loads))
     else:
         print(closed_table(runs, names, loads))
@@ -448,7 +449,7 @@ def progress_line(s: dict, open_loop: bool) -> str:
         return (f"#{s['repeat']} {s['side']:8} stream={s['stream']!s:5} rate={s['rate']:6g} {s['rps']:8.1f} req/s "
                 f"p50 {s['p50_ms']:7.2f} ms ttft p50 {s['ttft_p50_ms']:7.2f} p90 {s['ttft_p90_ms']:7.2f} ms "
                 f"cpu {s['cpu_stack_ms']:.3f} ms/req {s['cpu_ms']} loadgen {s['loadgen_cpu_ms']:.3f} "
-                f"late {s['late']} conns {s['connections']} errors {s['errors']} load {s['load1']:.2f}")
+                f"late {s['late']} held {s['held']} conns {s['connections']} errors {s['errors']} load {s['load1']:.2f}")
     return (f"#{s['repeat']} {s['side']:8} stream={s['stream']!s:5} c={s['concurrency']:3} {s['rps']:8.1f} req/s "
             f"p50 {s['p50_ms']:7.2f} ms ttft p50 {s['ttft_p50_ms']:7.2f} ms "
             f"cpu {s['cpu_stack_ms']:.3f} ms/req {s['cpu_ms']} errors {s['errors']} "
@@ -482,7 +483,7 @@ def closed_table(runs: list[dict], names: list[str], loads: list) -> str:
 
 def open_table(runs: list[dict], names: list[str], loads: list) -> str:
     lines = ["| mode | offered req/s | side | achieved req/s | TTFT p50 ms | TTFT p90 ms | p50 ms | p90 ms "
-             "| stack CPU ms/req | by process (median ms/req) | loadgen CPU ms/req | late / requests "
+             "| stack CPU ms/req | by process (median ms/req) | loadgen CPU ms/req | late / held / requests "
              "| errors / requests |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for stream in (False, True):
         for rate in loads:
@@ -496,7 +497,8 @@ def open_table(runs: list[dict], names: list[str], loads: list) -> str:
                     f"{spread([r['p50_ms'] for r in cell], '{:.2f}')} | {spread([r['p90_ms'] for r in cell], '{:.2f}')} | "
                     f"{spread([r['cpu_stack_ms'] for r in cell], '{:.3f}')} | {_by_role(cell)} | "
                     f"{spread([r['loadgen_cpu_ms'] for r in cell], '{:.3f}')} | "
-                    f"{sum(r['late'] for r in cell)} / {n} | {sum(r['errors'] for r in cell)} / {n} |")
+                    f"{sum(r['late'] for r in cell)} / {sum(r['held'] for r in cell)} / {n} | "
+                    f"{sum(r['errors'] for r in cell)} / {n} |")
     return "\n".join(lines)
 
 

@@ -191,10 +191,10 @@ def test_open_loop_offers_the_rate_on_pooled_keep_alive_connections() -> None:
     # Arrivals overlap (10 ms each at 300/s): more than one connection, but each one is reused.
     assert 2 <= server.peak <= s["connections"] == server.connections < server.requests / 4
     assert s["ttft_p50_ms"] >= 10.0 and s["p50_ms"] >= s["ttft_p50_ms"] + 2.0
-    # The load generator keeps to its schedule: most requests go out within asyncio's timer
-    # granularity (how many are late beyond it depends on what else the box runs).
-    assert s["lag_p50_ms"] < 1.0
-    assert s["late"] == sum(1 for x in r.measured if x.lag > 0.001) < s["requests"]
+    # The load generator keeps to its schedule: requests go out within asyncio's timer granularity
+    # (how many are late beyond it depends on what else the box runs: here, the server too).
+    assert s["lag_p50_ms"] < 5.0 and sum(1 for x in r.measured if abs(x.lag) < 0.001) > 0.25 * s["requests"]
+    assert s["late"] == sum(1 for x in r.measured if x.lag > 0.001) < s["requests"] and s["held"] == 0
     lo, hi = r.window
     assert hi - lo == pytest.approx(1.0)
 
@@ -206,7 +206,10 @@ def test_open_loop_bounds_its_connections_and_reports_the_requests_it_holds_back
     assert server.connections == s["connections"] == 1 and server.peak == 1
     assert s["errors"] == 0 and r.completed == len(r.samples)
     assert s["rps"] < 60  # one connection, 22 ms a request: it cannot keep up with 100/s
-    assert s["late"] > 0.5 * s["requests"]  # and the requests it held back show as late, not as slow
+    # The requests held back for the connection show as held (the server is behind), not as slow
+    # responses, nor as the load generator's lateness.
+    assert s["held"] > 0.5 * s["requests"] and s["lag_p50_ms"] > 20
+    assert all(x.lag < 0.02 for x in r.measured if not x.held) and s["late"] < s["held"]
 
 
 def test_open_loop_counts_errors_and_replaces_dropped_connections() -> None:
