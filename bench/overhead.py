@@ -421,9 +421,10 @@ def main() -> None:
             side.stop()  # each process writes the probe records it still holds as it exits
     if not runs:
         return
+    probed = {name: ttft_breakdown.Requests(ttft_breakdown.load(d)) for name, d in probe_dirs.items()}
     for r in runs:
-        if r["side"] in probe_dirs:
-            r["ttft_breakdown"] = ttft_breakdown.summarize(probe_dirs[r["side"]], *r["window"])
+        if r["side"] in probed:
+            r["ttft_breakdown"] = ttft_breakdown.summarize(probed[r["side"]], *r["window"])
     loadavg = [r["load1"] for r in runs]
     print(f"\n{started}, {args.mode} loop, {args.repeats} repeats of {args.duration:g} s per cell, load average "
           f"{min(loadavg):.2f}-{max(loadavg):.2f}, {os.cpu_count()} CPUs; median (min-max) over the repeats\n")

@@ -15,6 +15,7 @@ requests that passed both, and the whole path (first hop to the first write).
 from __future__ import annotations
 
 import argparse
+import bisect
 import itertools
 import sys
 from pathlib import Path
@@ -42,15 +43,30 @@ def load(directory: str | Path) -> dict[str, dict[str, float]]:
     return by_request
 
 
-def step_times(by_request: dict[str, dict[str, float]], since: float = float("-inf"),
-               until: float = float("inf")) -> dict[str, list[float]]:
-    """Step name ("a -> b") -> its durations in ms, over the requests whose first frontend hop
-    lies in [since, until); consecutive hops each request passed, in :data:`HOPS` order."""
+class Requests:
+    """Loaded probe records, ordered by when each request began (its first frontend hop), so a
+    window of them (one bench cell) is found without a scan."""
+
+    def __init__(self, by_request: dict[str, dict[str, float]]) -> None:
+        begun = []
+        for hops in by_request.values():
+            starts = [hops[h] for h in FRONTEND_HOPS if h in hops]
+            if starts:
+                begun.append((min(starts), hops))
+        begun.sort(key=lambda b: b[0])
+        self._starts = [t for t, _ in begun]
+        self._hops = [h for _, h in begun]
+
+    def between(self, since: float = float("-inf"), until: float = float("inf")) -> list[dict[str, float]]:
+        """The requests that began in [since, until)."""
+        return self._hops[bisect.bisect_left(self._starts, since):bisect.bisect_left(self._starts, until)]
+
+
+def step_times(requests: list[dict[str, float]]) -> dict[str, list[float]]:
+    """Step name ("a -> b") -> its durations in ms over ``requests``: consecutive hops each
+    request passed, in :data:`HOPS` order."""
     steps: dict[str, list[float]] = {}
-    for hops in by_request.values():
-        begun = [hops[h] for h in FRONTEND_HOPS if h in hops]
-        if not begun or not since <= min(begun) < until:
-            continue
+    for hops in requests:
         passed = [h for h in HOPS if h in hops]
         for a, b in itertools.pairwise(passed):
             steps.setdefault(f"{a} -> {b}", []).append((hops[b] - hops[a]) * 1e3)
@@ -64,9 +80,12 @@ def pct(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
 
 
-def summarize(directory: str | Path, since: float = float("-inf"), until: float = float("inf")) -> dict[str, dict]:
-    """Step -> {"n", "p50_ms", "p90_ms"}, steps in path order, the total last."""
-    steps = step_times(load(directory), since, until)
+def summarize(source: str | Path | Requests, since: float = float("-inf"),
+              until: float = float("inf")) -> dict[str, dict]:
+    """Step -> {"n", "p50_ms", "p90_ms"} over the requests that began in [since, until), steps in
+    path order, the total last. ``source``: a probe directory, or its records loaded once."""
+    requests = source if isinstance(source, Requests) else Requests(load(source))
+    steps = step_times(requests.between(since, until))
     order = {f"{a} -> {b}": (HOPS.index(a), HOPS.index(b)) for a in HOPS for b in HOPS}
     names = sorted((s for s in steps if s != TOTAL), key=lambda s: order[s]) + ([TOTAL] if TOTAL in steps else [])
     return {s: {"n": len(steps[s]), "p50_ms": round(pct(steps[s], 0.5), 3), "p90_ms": round(pct(steps[s], 0.9), 3)}
