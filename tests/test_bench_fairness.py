@@ -209,7 +209,7 @@ def test_open_loop_bounds_its_connections_and_reports_the_requests_it_holds_back
     # The requests held back for the connection show as held (the server is behind), not as slow
     # responses, nor as the load generator's lateness.
     assert s["held"] > 0.5 * s["requests"] and s["lag_p50_ms"] > 20
-    assert all(x.lag < 0.02 for x in r.measured if not x.held) and s["late"] < s["held"]
+    assert all(x.lag < 0.1 for x in r.measured if not x.held) and s["late"] < s["held"]
 
 
 def test_open_loop_counts_errors_and_replaces_dropped_connections() -> None:
