@@ -55,6 +55,7 @@ RUNNING = Gauge("baton_worker_requests_running", "Requests in flight", ["role"])
 @dataclass
 class DecodeSettings(WorkerSettings):
     max_inflight: int = 1024  # admission: beyond this a request gets 503 at once
+    stream_interval: float = 0.001  # seconds between flushes of middle tokens (shared.bus.ReplyBatcher)
     disagg: DisaggSettings = field(default_factory=DisaggSettings)
 
 
@@ -93,7 +94,7 @@ class DecodeWorker(WorkerHost):
             self.remote = RemotePrefill(self.bus, self.engine, self.transport, view, self.worker_id,
                                         self.settings.disagg)
             tg.start_soon(self.remote.run)
-        self.replies = ReplyBatcher(self.bus)
+        self.replies = ReplyBatcher(self.bus, self.settings.stream_interval)
         tg.start_soon(self.replies.run)
         await self.bus.subscribe(subjects.generate(self.worker_id), self._on_generate)
         await self.bus.subscribe(subjects.cancel(self.worker_id), self._on_cancel)
