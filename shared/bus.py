@@ -309,6 +309,48 @@ def _wake(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
+class _HandOver:
+    """Stands in for a nats-py subscription's pending queue: the client's read loop hands each
+    message to ``handler`` as it parses it. A queue and a task per subscription would cost one
+    more event-loop turn per message, and a turn on a busy process is where latency goes.
+    ``handler`` must be quick and must not block; what it raises is logged, never fatal."""
+
+    def __init__(self, sub: Any, handler: Callable[[Msg], None]) -> None:
+        self._sub = sub
+        self._handler = handler
+
+    def put_nowait(self, msg: Msg) -> None:
+        self._sub._pending_size -= len(msg.data)  # never pending: counted in, counted out
+        try:
+            self._handler(msg)
+        except Exception:
+            log.exception("handler of %s failed", msg.subject)
+
+    async def get(self) -> Msg:
+        await asyncio.get_running_loop().create_future()  # nothing ever waits here
+        raise AssertionError("unreachable")
+
+    def qsize(self) -> int:
+        return 0
+
+    def empty(self) -> bool:
+        return True
+
+    def task_done(self) -> None:
+        pass
+
+    async def join(self) -> None:
+        return None
+
+
+async def subscribe_direct(nc: NatsClient, subject: str, handler: Callable[[Msg], None], queue: str = "") -> Any:
+    """Subscribe with a plain function called from the client's read loop (see :class:`_HandOver`),
+    for the per-request hot paths: reply inboxes, a worker's job subject."""
+    sub = await nc.subscribe(subject, queue=queue)
+    sub._pending_queue = _HandOver(sub, handler)
+    return sub
+
+
 class ReplyInbox:
     """Two subscriptions that demultiplex streamed replies to many requests.
 
@@ -330,15 +372,15 @@ class ReplyInbox:
         self._subs: list[Any] = []
 
     async def start(self) -> None:
-        self._subs = [await self._nc.subscribe(f"{self._prefix}.*", cb=self._on_msg),
-                      await self._nc.subscribe(self.batch_subject, cb=self._on_batch)]
+        self._subs = [await subscribe_direct(self._nc, f"{self._prefix}.*", self._on_msg),
+                      await subscribe_direct(self._nc, self.batch_subject, self._on_batch)]
 
-    async def _on_msg(self, msg: Msg) -> None:
+    def _on_msg(self, msg: Msg) -> None:
         stream = self._streams.get(msg.subject[len(self._prefix) + 1 :])
         if stream is not None:
             stream._deliver(msg)
 
-    async def _on_batch(self, msg: Msg) -> None:
+    def _on_batch(self, msg: Msg) -> None:
         try:
             reply = generate_reply_decoder.decode(msg.data)
         except msgspec.DecodeError as e:  # a bug or a stranger on our inbox: the request's probes notice
@@ -654,6 +696,10 @@ class Bus:
 
     async def subscribe(self, subject: str, cb: Callable[[Msg], Awaitable[None]], queue: str = "") -> Any:
         return await self.nc.subscribe(subject, queue=queue, cb=cb, pending_msgs_limit=65536)
+
+    async def subscribe_direct(self, subject: str, handler: Callable[[Msg], None], queue: str = "") -> Any:
+        """``handler`` runs in the client's read loop, one event-loop turn sooner than a callback."""
+        return await subscribe_direct(self.nc, subject, handler, queue)
 
     async def ensure_stream(self, config: StreamConfig) -> None:
         """Create a JetStream stream, or update it to ``config`` if it exists: idempotent."""

@@ -96,19 +96,20 @@ class DecodeWorker(WorkerHost):
             tg.start_soon(self.remote.run)
         self.replies = ReplyBatcher(self.bus, self.settings.stream_interval)
         tg.start_soon(self.replies.run)
-        await self.bus.subscribe(subjects.generate(self.worker_id), self._on_generate)
-        await self.bus.subscribe(subjects.cancel(self.worker_id), self._on_cancel)
+        # Straight from the client's read loop: one event-loop turn less per job and per cancel.
+        await self.bus.subscribe_direct(subjects.generate(self.worker_id), self._on_generate)
+        await self.bus.subscribe_direct(subjects.cancel(self.worker_id), self._on_cancel)
         await self.bus.subscribe(subjects.status(self.worker_id), self._on_status)
         await self.bus.subscribe(subjects.kv_resync(self.worker_id), self._on_kv_resync)
         await self.bus.subscribe(subjects.lora(self.worker_id), self._on_lora)
 
     # --- handlers ------------------------------------------------------------------------
 
-    async def _on_generate(self, msg: Msg) -> None:
+    def _on_generate(self, msg: Msg) -> None:
         assert self._tg is not None
         self._tg.start_soon(self._serve, msg)
 
-    async def _on_cancel(self, msg: Msg) -> None:
+    def _on_cancel(self, msg: Msg) -> None:
         try:
             cancel = cancel_decoder.decode(msg.data)
         except Exception:
