@@ -502,6 +502,7 @@ class ReplyBatcher:
                 await self._bus.publish(subject, replies[0] if len(replies) == 1 else ReplyBatch(replies=replies))
             except Exception as e:  # the bus is away: these requests' frontends probe and migrate them
                 log.warning("batched replies to %s lost: %r", subject, e)
+        self._bus.write_now()
 
 
 def merge_chunks(replies: list[TokenChunk | GenerateError]) -> list[TokenChunk | GenerateError]:
@@ -696,6 +697,20 @@ class Bus:
 
     async def subscribe(self, subject: str, cb: Callable[[Msg], Awaitable[None]], queue: str = "") -> Any:
         return await self.nc.subscribe(subject, queue=queue, cb=cb, pending_msgs_limit=65536)
+
+    def write_now(self) -> None:
+        """Hand what the client has buffered to the socket now, not on its flusher task's next
+        event-loop turn: for a burst that is complete (a worker's flush of one step's tokens)."""
+        nc = self.nc
+        transport = getattr(nc, "_transport", None)
+        if not nc._pending or transport is None or not nc.is_connected:
+            return  # nothing to write, or reconnecting: the flusher sends it once connected
+        try:
+            transport.writelines(nc._pending[:])
+        except Exception:  # the flusher reports and handles a broken connection
+            return
+        nc._pending = []
+        nc._pending_data_size = 0
 
     async def subscribe_direct(self, subject: str, handler: Callable[[Msg], None], queue: str = "") -> Any:
         """``handler`` runs in the client's read loop, one event-loop turn sooner than a callback."""
