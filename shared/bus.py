@@ -309,6 +309,48 @@ def _wake(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
+class _HandOver:
+    """Stands in for a nats-py subscription's pending queue: the client's read loop hands each
+    message to ``handler`` as it parses it. A queue and a task per subscription would cost one
+    more event-loop turn per message, and a turn on a busy process is where latency goes.
+    ``handler`` must be quick and must not block; what it raises is logged, never fatal."""
+
+    def __init__(self, sub: Any, handler: Callable[[Msg], None]) -> None:
+        self._sub = sub
+        self._handler = handler
+
+    def put_nowait(self, msg: Msg) -> None:
+        self._sub._pending_size -= len(msg.data)  # never pending: counted in, counted out
+        try:
+            self._handler(msg)
+        except Exception:
+            log.exception("handler of %s failed", msg.subject)
+
+    async def get(self) -> Msg:
+        await asyncio.get_running_loop().create_future()  # nothing ever waits here
+        raise AssertionError("unreachable")
+
+    def qsize(self) -> int:
+        return 0
+
+    def empty(self) -> bool:
+        return True
+
+    def task_done(self) -> None:
+        pass
+
+    async def join(self) -> None:
+        return None
+
+
+async def subscribe_direct(nc: NatsClient, subject: str, handler: Callable[[Msg], None], queue: str = "") -> Any:
+    """Subscribe with a plain function called from the client's read loop (see :class:`_HandOver`),
+    for the per-request hot paths: reply inboxes, a worker's job subject."""
+    sub = await nc.subscribe(subject, queue=queue)
+    sub._pending_queue = _HandOver(sub, handler)
+    return sub
+
+
 class ReplyInbox:
     """Two subscriptions that demultiplex streamed replies to many requests.
 
@@ -330,15 +372,15 @@ class ReplyInbox:
         self._subs: list[Any] = []
 
     async def start(self) -> None:
-        self._subs = [await self._nc.subscribe(f"{self._prefix}.*", cb=self._on_msg),
-                      await self._nc.subscribe(self.batch_subject, cb=self._on_batch)]
+        self._subs = [await subscribe_direct(self._nc, f"{self._prefix}.*", self._on_msg),
+                      await subscribe_direct(self._nc, self.batch_subject, self._on_batch)]
 
-    async def _on_msg(self, msg: Msg) -> None:
+    def _on_msg(self, msg: Msg) -> None:
         stream = self._streams.get(msg.subject[len(self._prefix) + 1 :])
         if stream is not None:
             stream._deliver(msg)
 
-    async def _on_batch(self, msg: Msg) -> None:
+    def _on_batch(self, msg: Msg) -> None:
         try:
             reply = generate_reply_decoder.decode(msg.data)
         except msgspec.DecodeError as e:  # a bug or a stranger on our inbox: the request's probes notice
@@ -370,20 +412,33 @@ class ReplyInbox:
 
 
 class ReplyBatcher:
-    """A worker's replies to batching frontends, one message per destination per event-loop turn.
+    """A worker's replies to batching frontends, one message per destination per flush.
 
-    An engine step wakes every running request's task in the same loop turn; each hands its
-    chunk to :meth:`send`, and :meth:`run` (woken once) publishes what the turn gathered: one
-    ReplyBatch per frontend instead of one message per request. Replies to one destination keep
-    their order. ``run`` belongs in the worker's task group.
+    An engine step wakes every running request in the same loop turn; each hands its chunk to
+    :meth:`send`, and :meth:`run` (woken once) publishes what was gathered: one ReplyBatch per
+    frontend instead of one message per request. Replies of one request keep their order.
+
+    ``interval`` (seconds) spaces the flushes of middle tokens: when steps come faster than that
+    (a tiny model, a CPU-bound mocker), a request's middle tokens of several steps leave as one
+    chunk, so every hop downstream (nats-server, the frontend's text stream, the client's SSE
+    reads) handles fewer, fuller deliveries. A request's first chunk, its last and any error go
+    at once (with whatever that request had pending before them), so neither the time to first
+    token nor the end of a request waits. Steps slower than the interval (a GPU decode step is
+    several ms) are never held. ``run`` belongs in the worker's task group.
     """
 
-    def __init__(self, bus: Bus) -> None:
+    def __init__(self, bus: Bus, interval: float = 0.0) -> None:
         self._bus = bus
+        self.interval = interval
         self._pending: dict[str, list[TokenChunk | GenerateError]] = {}
-        self._wake = asyncio.Event()
+        self._urgent: set[str] = set()  # requests with a first or last chunk (or an error) pending
+        self._wake = asyncio.Event()  # something is pending
+        self._due = asyncio.Event()  # the interval is up, or an urgent reply came
 
     def send(self, subject: str, reply: TokenChunk | GenerateError) -> None:
+        if isinstance(reply, GenerateError) or reply.index == 0 or reply.finish_reason is not None:
+            self._urgent.add(reply.request_id)
+            self._due.set()
         batch = self._pending.get(subject)
         if batch is None:
             self._pending[subject] = [reply]
@@ -392,24 +447,87 @@ class ReplyBatcher:
             batch.append(reply)
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        last = 0.0  # the last full flush
         try:
             while True:
                 await self._wake.wait()
+                wait = last + self.interval - loop.time()
+                if wait > 0:
+                    if not self._urgent:
+                        self._due.clear()
+                        timer = loop.call_later(wait, self._due.set)
+                        try:
+                            await self._due.wait()
+                        finally:
+                            timer.cancel()
+                    if self._urgent and loop.time() < last + self.interval:
+                        await self._flush_urgent()
+                        if not self._pending:
+                            self._wake.clear()
+                        continue
                 self._wake.clear()
+                self._due.clear()
+                self._urgent.clear()
+                last = loop.time()
                 await self.flush()
         finally:  # stopping (drain): what the last requests handed over still goes out
             with anyio.move_on_after(1, shield=True):
                 await self.flush()
 
+    async def _flush_urgent(self) -> None:
+        """Publish the urgent requests' replies now; every other request's wait for the interval."""
+        urgent, self._urgent = self._urgent, set()
+        self._due.clear()
+        now: dict[str, list[TokenChunk | GenerateError]] = {}
+        for subject, replies in list(self._pending.items()):
+            going = [r for r in replies if r.request_id in urgent]
+            if not going:
+                continue
+            now[subject] = going
+            staying = [r for r in replies if r.request_id not in urgent]
+            if staying:
+                self._pending[subject] = staying
+            else:
+                del self._pending[subject]
+        await self._publish(now)
+
     async def flush(self) -> None:
         pending, self._pending = self._pending, {}
+        await self._publish(pending)
+
+    async def _publish(self, batches: dict[str, list[TokenChunk | GenerateError]]) -> None:
         if probe.on:  # the TTFT probe
-            probe.flushing(pending)
-        for subject, replies in pending.items():
+            probe.flushing(batches)
+        for subject, replies in batches.items():
+            if len(replies) > 1:
+                replies = merge_chunks(replies)
             try:
                 await self._bus.publish(subject, replies[0] if len(replies) == 1 else ReplyBatch(replies=replies))
             except Exception as e:  # the bus is away: these requests' frontends probe and migrate them
                 log.warning("batched replies to %s lost: %r", subject, e)
+        self._bus.write_now()
+
+
+def merge_chunks(replies: list[TokenChunk | GenerateError]) -> list[TokenChunk | GenerateError]:
+    """Consecutive chunks of one request's choice as one chunk (several steps' tokens gathered by
+    an interval), each request's replies still in order."""
+    out: list[TokenChunk | GenerateError] = []
+    latest: dict[str, int] = {}  # request id -> position in out of its latest reply
+    for r in replies:
+        pos = latest.get(r.request_id)
+        if pos is not None and isinstance(r, TokenChunk) and not r.prompt_logprobs:
+            prev = out[pos]
+            if (isinstance(prev, TokenChunk) and prev.choice == r.choice and prev.finish_reason is None
+                    and prev.usage is None and r.index == prev.index + len(prev.token_ids)
+                    and bool(prev.logprobs) == bool(r.logprobs)):
+                out[pos] = TokenChunk(request_id=r.request_id, index=prev.index, token_ids=prev.token_ids + r.token_ids,
+                                      finish_reason=r.finish_reason, usage=r.usage, choice=r.choice,
+                                      logprobs=prev.logprobs + r.logprobs, prompt_logprobs=prev.prompt_logprobs)
+                continue
+        latest[r.request_id] = len(out)
+        out.append(r)
+    return out
 
 
 class Bus:
@@ -583,6 +701,24 @@ class Bus:
 
     async def subscribe(self, subject: str, cb: Callable[[Msg], Awaitable[None]], queue: str = "") -> Any:
         return await self.nc.subscribe(subject, queue=queue, cb=cb, pending_msgs_limit=65536)
+
+    def write_now(self) -> None:
+        """Hand what the client has buffered to the socket now, not on its flusher task's next
+        event-loop turn: for a burst that is complete (a worker's flush of one step's tokens)."""
+        nc = self.nc
+        transport = getattr(nc, "_transport", None)
+        if not nc._pending or transport is None or not nc.is_connected:
+            return  # nothing to write, or reconnecting: the flusher sends it once connected
+        try:
+            transport.writelines(nc._pending[:])
+        except Exception:  # the flusher reports and handles a broken connection
+            return
+        nc._pending = []
+        nc._pending_data_size = 0
+
+    async def subscribe_direct(self, subject: str, handler: Callable[[Msg], None], queue: str = "") -> Any:
+        """``handler`` runs in the client's read loop, one event-loop turn sooner than a callback."""
+        return await subscribe_direct(self.nc, subject, handler, queue)
 
     async def ensure_stream(self, config: StreamConfig) -> None:
         """Create a JetStream stream, or update it to ``config`` if it exists: idempotent."""

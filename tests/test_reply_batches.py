@@ -14,7 +14,7 @@ from baton.nats_server import EmbeddedNats
 from services.frontend.choices import ChoiceShaper, sse_event
 from services.frontend.request import ChoicePlan
 from services.frontend.text_stream import Delta
-from shared.bus import Bus, ReplyBatcher, decoded
+from shared.bus import Bus, ReplyBatcher, decoded, merge_chunks
 from shared.messages import GenerateError, ReplyBatch, TokenChunk, encode, generate_reply_decoder
 
 pytestmark = pytest.mark.timeout(60)
@@ -47,7 +47,7 @@ def test_one_message_per_turn_per_frontend_each_request_in_order(tmp_path: Path)
                 batcher.send(frontend.inbox.batch_subject, TokenChunk(request_id="a", index=1, token_ids=[2]))
                 batcher.send(frontend.inbox.batch_subject, TokenChunk(request_id="gone", index=0, token_ids=[9]))
                 with anyio.fail_after(10):
-                    got_a = [await a.next(5), await a.next(5)]
+                    got_a = [await a.next(5)]  # a's two chunks of the turn: merged into one
                     got_b = await b.next(5)
                 # a later step with one reply goes as that reply alone; an error ends b
                 batcher.send(frontend.inbox.batch_subject, GenerateError(request_id="b", code=500, message="boom"))
@@ -62,17 +62,95 @@ def test_one_message_per_turn_per_frontend_each_request_in_order(tmp_path: Path)
         finally:
             await worker.close()
             await frontend.close()
-        assert [c.token_ids for c in decoded(got_a, generate_reply_decoder)] == [[1], [2], [3]]
+        assert [c.token_ids for c in decoded(got_a, generate_reply_decoder)] == [[1, 2], [3]]
         assert isinstance(got_b, TokenChunk) and got_b.token_ids == [7]
         assert isinstance(err, GenerateError) and err.message == "boom"
         batches = [generate_reply_decoder.decode(w) for w in wire[:2]]
-        assert isinstance(batches[0], ReplyBatch) and len(batches[0].replies) == 4  # the first turn: one message
+        assert isinstance(batches[0], ReplyBatch) and len(batches[0].replies) == 3  # the first turn: one message
         assert isinstance(batches[1], GenerateError)  # one reply: sent as itself
 
     try:
         anyio.run(main)
     finally:
         server.stop()
+
+
+def test_middle_tokens_wait_for_the_interval_first_and_last_go_at_once(tmp_path: Path) -> None:
+    """With an interval, a request's middle tokens wait (and leave as one chunk), while a first
+    token, a last one and an error go at once, each with what its own request had pending."""
+    server = EmbeddedNats(data_dir=tmp_path / "nats", log_file=tmp_path / "nats.log")
+    server.start()
+
+    async def main() -> None:
+        frontend = await Bus.connect(server.url, "frontend")
+        worker = await Bus.connect(server.url, "worker")
+        wire: list[list[TokenChunk | GenerateError]] = []
+        publish = worker.publish
+
+        async def recording_publish(subject: str, msg, reply: str = "", headers=None) -> None:
+            if subject == frontend.inbox.batch_subject:
+                wire.append(list(msg.replies) if isinstance(msg, ReplyBatch) else [msg])
+            await publish(subject, msg, reply, headers)
+
+        worker.publish = recording_publish  # type: ignore[method-assign]
+        to = frontend.inbox.batch_subject
+        a, b, c = frontend.inbox.open("a"), frontend.inbox.open("b"), frontend.inbox.open("c")
+        batcher = ReplyBatcher(worker, interval=60.0)  # never due within this test: only urgency flushes
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(batcher.run)
+                batcher.send(to, TokenChunk(request_id="a", index=0, token_ids=[1]))
+                with anyio.fail_after(10):
+                    first_a = await a.next(5)  # a first token: at once
+                batcher.send(to, TokenChunk(request_id="a", index=1, token_ids=[2]))
+                batcher.send(to, TokenChunk(request_id="c", index=4, token_ids=[40]))  # c: a resumed request
+                batcher.send(to, TokenChunk(request_id="a", index=2, token_ids=[3]))
+                batcher.send(to, TokenChunk(request_id="b", index=0, token_ids=[7]))
+                with anyio.fail_after(10):
+                    first_b = await b.next(5)  # b's first token goes; a's and c's middle tokens wait
+                assert not a.ready() and not c.ready()
+                batcher.send(to, TokenChunk(request_id="a", index=3, token_ids=[4], finish_reason="length"))
+                with anyio.fail_after(10):
+                    rest_a = [await a.next(5)]  # a's last: with a's pending middle tokens, as one chunk
+                    rest_a += a.ready()
+                assert not c.ready()
+                batcher.send(to, GenerateError(request_id="c", code=500, message="boom"))
+                with anyio.fail_after(10):
+                    got_c = [await c.next(5)]
+                    got_c += c.ready()
+                tg.cancel_scope.cancel()
+        finally:
+            await worker.close()
+            await frontend.close()
+        assert decoded([first_a], generate_reply_decoder)[0].token_ids == [1]
+        assert decoded([first_b], generate_reply_decoder)[0].token_ids == [7]
+        assert wire[1] == [TokenChunk(request_id="b", index=0, token_ids=[7])]  # only b's
+        (last,) = decoded(rest_a, generate_reply_decoder)
+        assert (last.index, last.token_ids, last.finish_reason) == (1, [2, 3, 4], "length")
+        got = decoded(got_c, generate_reply_decoder)
+        assert [type(r).__name__ for r in got] == ["TokenChunk", "GenerateError"]  # c's middle token, then its error
+        assert got[0].token_ids == [40]
+
+    try:
+        anyio.run(main)
+    finally:
+        server.stop()
+
+
+def test_merging_keeps_each_request_in_order() -> None:
+    tc = TokenChunk
+    replies = [tc(request_id="a", index=0, token_ids=[1]), tc(request_id="b", index=5, token_ids=[9]),
+               tc(request_id="a", index=1, token_ids=[2]), tc(request_id="a", index=0, token_ids=[5], choice=1),
+               tc(request_id="a", index=2, token_ids=[3]), tc(request_id="b", index=7, token_ids=[8]),
+               GenerateError(request_id="b", code=500, message="x"), tc(request_id="b", index=8, token_ids=[6])]
+    out = merge_chunks(replies)
+    a0 = [r for r in out if r.request_id == "a" and r.choice == 0]
+    # a choice 0: [1, 2] then (after choice 1's chunk) [3]; b: index 7 does not follow 5 + 1 tokens
+    assert [(r.index, r.token_ids) for r in a0] == [(0, [1, 2]), (2, [3])]
+    assert [type(r).__name__ for r in out if r.request_id == "b"] == ["TokenChunk", "TokenChunk", "GenerateError",
+                                                                       "TokenChunk"]
+    tokens = sum(len(r.token_ids) for r in replies if isinstance(r, TokenChunk))
+    assert sum(len(r.token_ids) for r in out if isinstance(r, TokenChunk)) == tokens  # none lost
 
 
 def test_old_single_replies_still_decode() -> None:

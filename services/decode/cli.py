@@ -33,6 +33,11 @@ def main(
     prefill_timeout: Annotated[
         float, typer.Option(envvar="BATON_PREFILL_TIMEOUT", help="Seconds before a remote prefill falls back to local.")
     ] = 30.0,
+    stream_interval_ms: Annotated[
+        float, typer.Option(envvar="BATON_STREAM_INTERVAL_MS", min=0.0,
+                            help="Least spacing of the reply messages that carry only middle tokens: steps faster "
+                                 "than this share one message (first and last tokens go at once; 0: every step).")
+    ] = 1.0,
     replicas: Annotated[
         int, typer.Option("--replicas", envvar="BATON_DECODE_REPLICAS", min=1,
                           help="Simulated workers in this process, each a full worker on the bus (--engine mocker "
@@ -47,7 +52,7 @@ def main(
     if replicas > 1 and worker.engine.engine != "mocker":  # before the preflight: a real engine need not import
         fail("decode", f"--replicas > 1 needs --engine mocker (got {worker.engine.engine!r})")
     settings = DecodeSettings(
-        **worker.settings(), max_inflight=max_inflight,
+        **worker.settings(), max_inflight=max_inflight, stream_interval=stream_interval_ms / 1e3,
         disagg=DisaggSettings(enabled=disagg, min_tokens=remote_prefill_min_tokens, max_queue=max_prefill_queue,
                               prefill_timeout=prefill_timeout),
     )

@@ -55,6 +55,7 @@ RUNNING = Gauge("baton_worker_requests_running", "Requests in flight", ["role"])
 @dataclass
 class DecodeSettings(WorkerSettings):
     max_inflight: int = 1024  # admission: beyond this a request gets 503 at once
+    stream_interval: float = 0.001  # seconds between flushes of middle tokens (shared.bus.ReplyBatcher)
     disagg: DisaggSettings = field(default_factory=DisaggSettings)
 
 
@@ -93,23 +94,24 @@ class DecodeWorker(WorkerHost):
             self.remote = RemotePrefill(self.bus, self.engine, self.transport, view, self.worker_id,
                                         self.settings.disagg)
             tg.start_soon(self.remote.run)
-        self.replies = ReplyBatcher(self.bus)
+        self.replies = ReplyBatcher(self.bus, self.settings.stream_interval)
         tg.start_soon(self.replies.run)
-        await self.bus.subscribe(subjects.generate(self.worker_id), self._on_generate)
-        await self.bus.subscribe(subjects.cancel(self.worker_id), self._on_cancel)
+        # Straight from the client's read loop: one event-loop turn less per job and per cancel.
+        await self.bus.subscribe_direct(subjects.generate(self.worker_id), self._on_generate)
+        await self.bus.subscribe_direct(subjects.cancel(self.worker_id), self._on_cancel)
         await self.bus.subscribe(subjects.status(self.worker_id), self._on_status)
         await self.bus.subscribe(subjects.kv_resync(self.worker_id), self._on_kv_resync)
         await self.bus.subscribe(subjects.lora(self.worker_id), self._on_lora)
 
     # --- handlers ------------------------------------------------------------------------
 
-    async def _on_generate(self, msg: Msg) -> None:
+    def _on_generate(self, msg: Msg) -> None:
         assert self._tg is not None
         if probe.on:  # the TTFT probe (shared/probe.py)
             probe.arrived(msg)
         self._tg.start_soon(self._serve, msg)
 
-    async def _on_cancel(self, msg: Msg) -> None:
+    def _on_cancel(self, msg: Msg) -> None:
         try:
             cancel = cancel_decoder.decode(msg.data)
         except Exception:
