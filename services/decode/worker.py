@@ -332,6 +332,26 @@ class DecodeWorker(WorkerHost):
                 return True
 
             self.engine.listen(rid, on_output)
+        elif not req.stream and n == 1:
+
+            def on_held(out: EngineOutput) -> bool:
+                """Not streamed: tokens are only held until the last output, so they are held as the
+                step delivers them, without waking this task per step."""
+                nonlocal prompt_lp
+                if out.finish_reason is not None or out.error:
+                    return False
+                if out.prompt_logprobs:
+                    prompt_lp = out.prompt_logprobs
+                if out.token_ids:
+                    if index[0] == 0:
+                        tracing.event(span, "first_token", **{"baton.cached_tokens": out.num_cached_tokens})
+                    held[0].extend(out.token_ids)
+                    if out.logprobs:
+                        held_lp[0].extend(out.logprobs)
+                    index[0] += len(out.token_ids)
+                return True
+
+            self.engine.listen(rid, on_held)
         async for out in outputs:
             if out.error:
                 await publish(GenerateError(request_id=rid, code=out.error_code, message=out.error))
