@@ -317,14 +317,19 @@ class EngineCore(Engine):
         step costs almost nothing. Decode-only steps that simulate less time than computing them
         takes (``NEAR_FREE_STEP_S``: a mocker at a huge speedup) run back to back in one loop turn,
         up to ``BURST_S`` of real time: each loop turn costs the worker a wake-up of every consumer
-        and a message per frontend, and in simulated time these steps take none. A step that starts requests
-        (prefill) ends the turn at once, so first tokens never wait on a burst; arrivals and
-        cancels wait at most ``BURST_S`` for the loop. A slower mocker steps once per turn, as before.
+        and a message per frontend, and in simulated time these steps take none. A step that
+        starts requests (prefill) ends the turn at once, and the next turn runs one step only, so
+        first tokens never wait on a burst; arrivals and cancels wait at most ``BURST_S`` for the
+        loop. A slower mocker steps once per turn, as before.
         """
         loop = asyncio.get_running_loop()
         sched = self.scheduler
         assert sched is not None
         clock = loop.time()  # simulated time owed up to here
+        # Turns since one ended on a step that started requests. Their first tokens take two more
+        # turns to reach the socket (the reply batcher's, then the NATS client's flusher task), so
+        # the turn right after runs one step only: no burst ahead of a first token's write.
+        quiet_turns = 0
         try:
             while True:
                 if not sched.has_work():
@@ -332,7 +337,8 @@ class EngineCore(Engine):
                     await self._loop_wake.wait()
                     clock = loop.time()
                     continue
-                turn_ends = time.perf_counter() + BURST_S  # (uvloop's loop.time() stands still within a turn)
+                # (uvloop's loop.time() stands still within a turn: real time from perf_counter)
+                turn_ends = time.perf_counter() + BURST_S if quiet_turns else 0.0
                 while True:
                     step_s = self._step_once()
                     if self._stalled is not None:  # this step's outputs exist only once the stall has passed
@@ -351,6 +357,7 @@ class EngineCore(Engine):
                         clock -= owed  # running behind: do not bank the lost time as credit
                     if not (step_s < NEAR_FREE_STEP_S and self._decode_only and sched.has_work()
                             and time.perf_counter() < turn_ends):
+                        quiet_turns = quiet_turns + 1 if self._decode_only else 0
                         await asyncio.sleep(0)  # let consumers and new requests in between steps
                         break
         finally:

@@ -245,11 +245,12 @@ async def _turns_of_outputs(eng: MockerEngine, max_tokens: int) -> list[int]:
 
 async def test_near_free_decode_steps_share_a_loop_turn_but_the_first_token_goes_out_alone(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    # A long enough burst budget that a loaded CI box cannot run out of it: then every decode step
-    # after the first token runs in one turn, and the prefill step (first token) in its own.
+    # A long enough burst budget that a loaded CI box cannot run out of it. The prefill step (the
+    # first token) has a turn of its own, the next turn one step (so the first token's message is
+    # written before any burst), then every other decode step runs in one turn.
     monkeypatch.setattr("shared.engines.core.BURST_S", 5.0)
     turns = await _turns_of_outputs(MockerEngine(EngineConfig(**FAST)), 16)
-    assert turns[0] < turns[1] and len(set(turns[1:])) == 1, turns
+    assert turns[0] < turns[1] < turns[2] and len(set(turns[2:])) == 1, turns
 
 
 async def test_a_burst_ends_within_its_real_time_budget(monkeypatch: pytest.MonkeyPatch) -> None:
