@@ -17,6 +17,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 from prometheus_client import Counter, Gauge
@@ -40,6 +41,17 @@ log = logging.getLogger("baton.decode.disagg")
 DISAGG_KEY = "disagg"
 
 DECISIONS = Counter("baton_disagg_decisions_total", "Where prompts were prefilled, and why", ["decision"])
+_DECISION_CHILDREN: dict[str, Any] = {}
+
+
+def count_decision(decision: str) -> None:
+    """Count one decision (its metric child looked up once: this runs for every request)."""
+    child = _DECISION_CHILDREN.get(decision)
+    if child is None:
+        child = _DECISION_CHILDREN[decision] = DECISIONS.labels(decision)
+    child.inc()
+
+
 REMOTE_SECONDS = Gauge("baton_disagg_last_remote_prefill_seconds", "Wall time of the last remote prefill")
 
 
@@ -101,6 +113,8 @@ class RemotePrefill:
         s = self.settings
         if not s.enabled or not self.engine.supports_remote_prefill:
             return "local_disabled"
+        if len(token_ids) < s.min_tokens:  # short whatever is cached: no need to hash the prompt
+            return "local_short"
         uncached = len(token_ids) - self.engine.cached_prefix_tokens(token_ids)
         if uncached < s.min_tokens:
             return "local_short"
@@ -117,7 +131,7 @@ class RemotePrefill:
         try:
             block_ids, _cached_blocks = self.engine.reserve_remote_prefill(request_id, token_ids)
         except RuntimeError as e:
-            DECISIONS.labels("local_no_blocks").inc()
+            count_decision("local_no_blocks")
             log.debug("no room to reserve for %s: %s", request_id, e)
             return None
         t0 = time.monotonic()
@@ -141,12 +155,12 @@ class RemotePrefill:
             if block_ids:
                 await self.transport.wait(request_id, timeout=5)
             committed = True
-            DECISIONS.labels("remote").inc()
+            count_decision("remote")
             REMOTE_SECONDS.set(time.monotonic() - t0)
             tracing.end(span, **{"baton.prefill_worker_id": reply.prefill_worker_id})
             return reply.first_token
         except Exception as e:  # any failure of the remote path: prefill here instead
-            DECISIONS.labels("fallback_local").inc()
+            count_decision("fallback_local")
             log.warning("remote prefill of %s failed (%r); prefilling locally", request_id, e)
             tracing.end(span, error=repr(e))
             return None

@@ -20,8 +20,7 @@ import anyio.abc
 from nats.aio.msg import Msg
 from prometheus_client import Counter, Gauge
 
-from services.decode.disagg import DECISIONS as DISAGG_DECISIONS
-from services.decode.disagg import DisaggSettings, RemotePrefill
+from services.decode.disagg import DisaggSettings, RemotePrefill, count_decision
 from services.decode.peer_fetch import PeerBlocks
 from shared import probe, subjects, tracing
 from shared.bus import ReplyBatcher
@@ -69,6 +68,15 @@ class DecodeWorker(WorkerHost):
         self.remote: RemotePrefill | None = None
         self.peers: PeerBlocks | None = None
         self.replies: ReplyBatcher | None = None  # batched replies to the frontends that take them
+        # Metric children looked up once, not per request (labels() costs a lock and a dict walk).
+        self._running_gauge = RUNNING.labels(self.role)
+        self._outcomes: dict[str, Any] = {}
+
+    def _count(self, outcome: str) -> None:
+        child = self._outcomes.get(outcome)
+        if child is None:
+            child = self._outcomes[outcome] = REQUESTS.labels(self.role, outcome)
+        child.inc()
 
     def _remote_prefill(self) -> bool:
         return self.settings.disagg.enabled and self.engine.supports_remote_prefill
@@ -205,7 +213,7 @@ class DecodeWorker(WorkerHost):
             if probe.on:
                 probe.decoded(msg, req.request_id)
         except Exception as e:
-            REQUESTS.labels(self.role, "bad_request").inc()
+            self._count("bad_request")
             if reply:
                 await self.bus.publish(reply, GenerateError(request_id="", code=400, message=f"undecodable request: {e}"))
             return
@@ -215,27 +223,29 @@ class DecodeWorker(WorkerHost):
         bind_request(req.request_id, tracing.trace_id_from_headers(msg.headers))
         send = self._sender(req, reply)
         if self.draining or len(self._scopes) >= self.settings.max_inflight:
-            REQUESTS.labels(self.role, "rejected").inc()
+            self._count("rejected")
             await send(GenerateError(request_id=req.request_id, code=503, message=f"{self.worker_id} is draining or full"))
             return
         problem = self._validate(req)
         if problem:
-            REQUESTS.labels(self.role, "bad_request").inc()
+            self._count("bad_request")
             await send(GenerateError(request_id=req.request_id, code=400, message=problem))
             return
-        span = tracing.start("decode", tracing.SpanKind.SERVER, tracing.context_from(msg.headers), **{
-            "baton.request_id": req.request_id, "baton.worker_id": self.worker_id,
-            "gen_ai.request.model": self.model, "gen_ai.request.max_tokens": req.sampling.max_tokens,
-            "gen_ai.usage.input_tokens": len(req.token_ids)})
-        if span is not None:
-            bind_request(req.request_id, tracing.trace_id_of(span))
+        span = None
+        if tracing.ENABLED:
+            span = tracing.start("decode", tracing.SpanKind.SERVER, tracing.context_from(msg.headers), **{
+                "baton.request_id": req.request_id, "baton.worker_id": self.worker_id,
+                "gen_ai.request.model": self.model, "gen_ai.request.max_tokens": req.sampling.max_tokens,
+                "gen_ai.usage.input_tokens": len(req.token_ids)})
+            if span is not None:
+                bind_request(req.request_id, tracing.trace_id_of(span))
         log.debug("generate: %d prompt tokens, max_tokens %d", len(req.token_ids), req.sampling.max_tokens)
         scope = anyio.CancelScope()
         if req.deadline:
             scope.deadline = anyio.current_time() + max(0.0, req.deadline - time.time())
         self._scopes[req.request_id] = scope
         self.begin()
-        RUNNING.labels(self.role).inc()
+        self._running_gauge.inc()
         outcome = "cancelled"
         try:
             with scope:
@@ -247,13 +257,14 @@ class DecodeWorker(WorkerHost):
                 await send(GenerateError(request_id=req.request_id, code=500, message=f"engine error: {e!r}"))
         finally:
             log.debug("generate finished: %s", outcome)
-            tracing.end(span, error=None if outcome in ("length", "stop") else outcome,
-                        **{"gen_ai.response.finish_reasons": [outcome]})
+            if span is not None:
+                tracing.end(span, error=None if outcome in ("length", "stop") else outcome,
+                            **{"gen_ai.response.finish_reasons": [outcome]})
             self._scopes.pop(req.request_id, None)
             self.engine.listen(req.request_id, None)
             self.end()
-            RUNNING.labels(self.role).dec()
-            REQUESTS.labels(self.role, outcome).inc()
+            self._running_gauge.dec()
+            self._count(outcome)
 
     def _sender(self, req: GenerateRequest, reply: str) -> Callable[[TokenChunk | GenerateError], Awaitable[None]]:
         """How this request's replies leave: batched with the other replies of the loop turn (one
@@ -301,7 +312,7 @@ class DecodeWorker(WorkerHost):
                 if first is not None:
                     outputs = self.engine.generate_after_remote_prefill(rid, req.token_ids, sp, first)
             else:
-                DISAGG_DECISIONS.labels(decision).inc()
+                count_decision(decision)
         if outputs is None:
             outputs = self.engine.generate(rid, req.token_ids, sp, lora=req.lora) if req.lora else \
                 self.engine.generate(rid, req.token_ids, sp)
@@ -331,6 +342,26 @@ class DecodeWorker(WorkerHost):
                 return True
 
             self.engine.listen(rid, on_output)
+        elif not req.stream and n == 1:
+
+            def on_held(out: EngineOutput) -> bool:
+                """Not streamed: tokens are only held until the last output, so they are held as the
+                step delivers them, without waking this task per step."""
+                nonlocal prompt_lp
+                if out.finish_reason is not None or out.error:
+                    return False
+                if out.prompt_logprobs:
+                    prompt_lp = out.prompt_logprobs
+                if out.token_ids:
+                    if index[0] == 0:
+                        tracing.event(span, "first_token", **{"baton.cached_tokens": out.num_cached_tokens})
+                    held[0].extend(out.token_ids)
+                    if out.logprobs:
+                        held_lp[0].extend(out.logprobs)
+                    index[0] += len(out.token_ids)
+                return True
+
+            self.engine.listen(rid, on_held)
         async for out in outputs:
             if out.error:
                 await publish(GenerateError(request_id=rid, code=out.error_code, message=out.error))

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import threading
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -142,11 +143,45 @@ class KvEventBuffer:
         return out
 
 
+class OutputQueue:
+    """One request's outputs in order, for its one reader (the request's stream) on the event loop.
+
+    A deque and at most one waiting future rather than an asyncio.Queue: this is on the per-token
+    path of every request, and the Queue's getter bookkeeping costs more than the outputs do.
+    """
+
+    __slots__ = ("_items", "_loop", "_waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._items: deque[EngineOutput] = deque()
+        self._loop = loop
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, out: EngineOutput) -> None:
+        self._items.append(out)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> EngineOutput:
+        items = self._items
+        while not items:
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return items.popleft()
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+
 class OutputQueues:
-    """Per-request asyncio queues that an engine's step loop (any thread) feeds."""
+    """Per-request output queues that an engine's step loop (any thread) feeds."""
 
     def __init__(self) -> None:
-        self._queues: dict[str, asyncio.Queue[EngineOutput]] = {}
+        self._queues: dict[str, OutputQueue] = {}
         self._listeners: dict[str, Callable[[EngineOutput], bool]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -157,12 +192,11 @@ class OutputQueues:
         else:
             self._listeners[request_id] = on_output
 
-    def open(self, request_id: str) -> asyncio.Queue[EngineOutput]:
+    def open(self, request_id: str) -> OutputQueue:
         if request_id in self._queues:
             raise ValueError(f"duplicate request id {request_id!r}")
-        self._loop = asyncio.get_running_loop()
-        q: asyncio.Queue[EngineOutput] = asyncio.Queue()
-        self._queues[request_id] = q
+        self._loop = loop = asyncio.get_running_loop()
+        q = self._queues[request_id] = OutputQueue(loop)
         return q
 
     def close(self, request_id: str) -> None:

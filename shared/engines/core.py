@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -225,6 +226,7 @@ class EngineCore(Engine):
         self._closed = False  # run() ended (or never loaded): new requests fail at once
         self._compiled: dict[str, Any] = {}  # request id -> compiled grammar, until admitted
         self._stalled: tuple[float, list[EngineOutput]] | None = None  # on the loop: outputs held by a stall
+        self._decode_only = False  # the last step only decoded running requests (no admission, no prefill)
         if not runner.threaded:  # nothing heavy to load: ready before run()
             self._load()
             self._ready.set()
@@ -312,12 +314,22 @@ class EngineCore(Engine):
         """Step on the event loop, paying simulated step time back with real sleeps.
 
         Owed time is slept only once it adds up to more than a timer tick, so a tiny simulated
-        step costs almost nothing.
+        step costs almost nothing. Decode-only steps that simulate less time than computing them
+        takes (``NEAR_FREE_STEP_S``: a mocker at a huge speedup) run back to back in one loop turn,
+        up to ``BURST_S`` of real time: each loop turn costs the worker a wake-up of every consumer
+        and a message per frontend, and in simulated time these steps take none. A step that
+        starts requests (prefill) ends the turn at once, and the next turn runs one step only, so
+        first tokens never wait on a burst; arrivals and cancels wait at most ``BURST_S`` for the
+        loop. A slower mocker steps once per turn, as before.
         """
         loop = asyncio.get_running_loop()
         sched = self.scheduler
         assert sched is not None
         clock = loop.time()  # simulated time owed up to here
+        # Turns since one ended on a step that started requests. Their first tokens take two more
+        # turns to reach the socket (the reply batcher's, then the NATS client's flusher task), so
+        # the turn right after runs one step only: no burst ahead of a first token's write.
+        quiet_turns = 0
         try:
             while True:
                 if not sched.has_work():
@@ -325,21 +337,29 @@ class EngineCore(Engine):
                     await self._loop_wake.wait()
                     clock = loop.time()
                     continue
-                step_s = self._step_once()
-                if self._stalled is not None:  # this step's outputs exist only once the stall has passed
-                    stall, held = self._stalled
-                    self._stalled = None
-                    await asyncio.sleep(stall)
-                    self._queues.put(held)
-                    clock = max(clock, loop.time())
-                clock += step_s
-                owed = clock - loop.time()
-                if owed > MIN_SLEEP_S:
-                    await asyncio.sleep(owed)
-                else:
+                # (uvloop's loop.time() stands still within a turn: real time from perf_counter)
+                turn_ends = time.perf_counter() + BURST_S if quiet_turns else 0.0
+                while True:
+                    step_s = self._step_once()
+                    if self._stalled is not None:  # this step's outputs exist only once the stall has passed
+                        stall, held = self._stalled
+                        self._stalled = None
+                        await asyncio.sleep(stall)
+                        self._queues.put(held)
+                        clock = max(clock, loop.time())
+                        self._decode_only = False
+                    clock += step_s
+                    owed = clock - loop.time()
+                    if owed > MIN_SLEEP_S:
+                        await asyncio.sleep(owed)
+                        break
                     if owed < 0:
                         clock -= owed  # running behind: do not bank the lost time as credit
-                    await asyncio.sleep(0)  # let consumers and new requests in between steps
+                    if not (step_s < NEAR_FREE_STEP_S and self._decode_only and sched.has_work()
+                            and time.perf_counter() < turn_ends):
+                        quiet_turns = quiet_turns + 1 if self._decode_only else 0
+                        await asyncio.sleep(0)  # let consumers and new requests in between steps
+                        break
         finally:
             self._closed = True
             self._fail_pending("abort", "engine stopped")
@@ -356,6 +376,7 @@ class EngineCore(Engine):
             if sched.rejected:
                 outputs += sched.rejected
                 sched.rejected = []
+        self._decode_only = batch is not None and batch.num_decodes == len(batch.entries) > 0 and not outputs
         if batch is None or not batch.entries:
             deliver(outputs)
             if threaded and batch is None and not self._inbox:
@@ -680,6 +701,8 @@ def _settle(done: asyncio.Future[str], result: str | None, error: BaseException 
 
 
 MIN_SLEEP_S = 0.0005  # below this, owed simulated time accumulates instead of arming a timer
+BURST_S = 0.0002  # on the loop: real time near-free decode steps may run back to back in one loop turn
+NEAR_FREE_STEP_S = 1e-6  # a step simulating less than this is near free (it takes longer to compute)
 
 
 def block_runs(block_ids: list[int]) -> list[tuple[int, int]]:

@@ -140,24 +140,35 @@ class MockRunner(ModelRunner):
 
     def execute(self, batch: ScheduledBatch) -> StepResult:
         vocab, avoid = self.vocab_size, self.avoid
+        samplers = batch.samplers
         sampled: list[int] = []
-        for req in batch.samplers:
-            token = (
-                _mix64(req.state ^ ((len(req.token_ids) - req.num_prompt_tokens) * 0xD1B54A32D192ED03))
-                % vocab
-            )
+        append = sampled.append
+        wants_logprobs = False
+        for req in samplers:
+            # _mix64(state ^ (output position * odd constant)), written out: this runs per token.
+            x = ((req.state ^ ((len(req.token_ids) - req.num_prompt_tokens) * 0xD1B54A32D192ED03))
+                 + 0x9E3779B97F4A7C15) & _MASK64
+            x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+            x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+            token = (x ^ (x >> 31)) % vocab
             while token in avoid:
                 token = (token + 1) % vocab
-            sampled.append(token)
-        self._stamp(batch)
-        logprobs: list[PositionLogprobs | None] = [
-            self._fake_logprobs(req.state, t, req.sampling.logprobs) if req.sampling.logprobs >= 0 else None
-            for req, t in zip(batch.samplers, sampled, strict=True)]
-        for req in batch.samplers:
-            if req.sampling.prompt_logprobs >= 0 and req.choice == 0 and req.num_output_tokens == 0:
-                prompt = req.token_ids[1 : req.num_prompt_tokens]
-                req.prompt_logprobs = [self._fake_logprobs(req.state ^ i, t, req.sampling.prompt_logprobs)
-                                       for i, t in enumerate(prompt)]
+            append(token)
+            sp = req.sampling
+            if sp.logprobs >= 0 or sp.prompt_logprobs >= 0:
+                wants_logprobs = True
+        if batch.num_decodes < len(batch.entries):  # prefill chunks: stamp the blocks they compute
+            self._stamp(batch)
+        logprobs: list[PositionLogprobs | None] | None = None
+        if wants_logprobs:
+            logprobs = [
+                self._fake_logprobs(req.state, t, req.sampling.logprobs) if req.sampling.logprobs >= 0 else None
+                for req, t in zip(samplers, sampled, strict=True)]
+            for req in samplers:
+                if req.sampling.prompt_logprobs >= 0 and req.choice == 0 and req.num_output_tokens == 0:
+                    prompt = req.token_ids[1 : req.num_prompt_tokens]
+                    req.prompt_logprobs = [self._fake_logprobs(req.state ^ i, t, req.sampling.prompt_logprobs)
+                                           for i, t in enumerate(prompt)]
         seconds = self._step_s + self._seq_s * batch.num_decodes + self._prefill_token_s * batch.num_prefill_tokens
         stall = 0.0
         if self.adapters is not None and self.adapters.owed_s:  # adapters made resident for this step: load first

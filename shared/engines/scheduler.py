@@ -63,8 +63,12 @@ class ScheduledBatch:
     def __init__(self, entries: list[tuple[Request, int]], num_decodes: int) -> None:
         self.entries = entries
         self.num_decodes = num_decodes
-        self.num_prefill_tokens = sum(n for _, n in entries[num_decodes:])
-        self.samplers = [r for r, n in entries if r.num_computed_tokens + n == len(r.token_ids)]
+        if num_decodes == len(entries):  # decodes only (the usual step): each one samples
+            self.num_prefill_tokens = 0
+            self.samplers = [r for r, _ in entries]
+        else:
+            self.num_prefill_tokens = sum(n for _, n in entries[num_decodes:])
+            self.samplers = [r for r, n in entries if r.num_computed_tokens + n == len(r.token_ids)]
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -319,12 +323,20 @@ class Scheduler:
                 if len(decodes) == len(running)
                 else decodes + [r for r in running if r.num_computed_tokens + 1 != len(r.token_ids)]
             )
+            block_size = self.block_size
             for req in order:
                 if budget == 0:
                     break
                 if req.status != RUNNING:  # preempted earlier in this loop
                     continue
-                n = min(len(req.token_ids) - req.num_computed_tokens, budget)
+                left = len(req.token_ids) - req.num_computed_tokens
+                if left == 1 and req.num_computed_tokens < len(req.blocks) * block_size:
+                    # A decode whose token has its slot already: no allocation to try.
+                    entries.append((req, 1))
+                    budget -= 1
+                    num_decodes += 1
+                    continue
+                n = min(left, budget)
                 while not kv.allocate_slots(req, n):
                     victim = self._preemption_victim()
                     self._preempt(victim)
@@ -422,20 +434,25 @@ class Scheduler:
         kv = self.kv
         block_size = self.block_size
         for req, n in batch.entries:
-            if req.status != RUNNING:  # aborted while the step ran
+            if req.status is not RUNNING:  # aborted while the step ran
                 continue
-            req.num_computed_tokens += n
-            if req.num_computed_tokens // block_size > req.num_cached_blocks:
+            computed = req.num_computed_tokens = req.num_computed_tokens + n
+            if computed // block_size > req.num_cached_blocks:  # a block filled: cache (and hash) it
                 kv.cache_computed(req)
+        samplers = batch.samplers
+        if len(sampled) != len(samplers):
+            raise ValueError(f"{len(sampled)} tokens sampled for {len(samplers)} sequences")
         outputs: list[EngineOutput] = []
         finished = False
-        for i, (req, token) in enumerate(zip(batch.samplers, sampled, strict=True)):
-            if req.status != RUNNING:  # aborted while the step ran
+        finish_reason = self._finish_reason
+        for i, req in enumerate(samplers):
+            if req.status is not RUNNING:  # aborted while the step ran
                 continue
+            token = sampled[i]
             if req.pending_forks and not req.hold:
                 self._fork(req)  # the prompt is computed: its choices share its blocks from here
             req.token_ids.append(token)
-            reason = self._finish_reason(req, token)
+            reason = finish_reason(req, token)
             if req.hold and reason is None:
                 reason = "length"  # a prefill worker wants the first token only
             if reason is not None:
@@ -448,10 +465,10 @@ class Scheduler:
                 else:
                     kv.free(req)
                     self._leave_group(req)
-            out = EngineOutput(req.output_id, [token], reason, req.num_prompt_tokens, req.num_cached_tokens,
-                               choice=req.choice)
-            if logprobs is not None and logprobs[i] is not None:
-                out.logprobs = [logprobs[i]]
+            out = EngineOutput(req.output_id, [token], reason, req.num_prompt_tokens, req.num_cached_tokens, None,
+                               req.choice)
+            if logprobs is not None and (lp := logprobs[i]) is not None:
+                out.logprobs = [lp]
             if req.prompt_logprobs is not None:
                 out.prompt_logprobs, req.prompt_logprobs = req.prompt_logprobs, None
             outputs.append(out)
@@ -496,14 +513,14 @@ class Scheduler:
 
     def _finish_reason(self, req: Request, token: int) -> str | None:
         """Why a request ends now that ``token`` is its last token, or None."""
-        tokens = req.token_ids
-        num_out = len(tokens) - req.num_prompt_tokens
+        length = len(req.token_ids)
+        num_out = length - req.num_prompt_tokens
         if token in req.stop_ids and num_out >= req.min_tokens:
             return "stop"
         grammar = getattr(req.state, "grammar", None)
         if grammar is not None and grammar.is_terminated():
             return "stop"  # structured output complete, or it can no longer be satisfied
-        if num_out >= req.max_tokens or len(tokens) >= self.max_model_len or len(tokens) > self.pool_tokens:
+        if num_out >= req.max_tokens or length >= self.max_model_len or length > self.pool_tokens:
             return "length"  # out of budget, positions or KV room
         return None
 

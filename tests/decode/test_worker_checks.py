@@ -67,3 +67,56 @@ def test_decode_worker_answers_its_own_checks_and_serves_the_rest(tmp_path: Path
         anyio.run(main)
     finally:
         server.stop()
+
+
+def test_not_streamed_holds_exactly_what_streamed_sends(tmp_path: Path) -> None:
+    """The worker holds a non-streamed request's tokens and logprobs as the steps deliver them
+    (no task wake-up per step): its one chunk must equal the streamed chunks joined, at a
+    near-free mocker whose decode steps run back to back."""
+    server = EmbeddedNats(data_dir=tmp_path / "nats", log_file=tmp_path / "nats.log")
+    server.start()
+    worker = DecodeWorker(DecodeSettings(nats_url=server.url, engine=EngineConfig(engine="mocker", speedup=1e9),
+                                         worker_id="decode-held", discovery_ttl=3))
+
+    async def ask(bus: Bus, req: GenerateRequest) -> list[TokenChunk]:
+        inbox = bus.inbox.open(req.request_id)
+        try:
+            await bus.publish(worker.info().generate_subject, req, reply=inbox.subject)
+            replies = []
+            while True:
+                reply = generate_reply_decoder.decode((await inbox.next(10)).data)
+                assert isinstance(reply, TokenChunk), reply
+                replies.append(reply)
+                if reply.finish_reason is not None:
+                    return replies
+        finally:
+            bus.inbox.close(req.request_id)
+
+    async def main() -> None:
+        bus = await Bus.connect(server.url, "test")
+        view = WorkerView(bus, 3)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(view.run)
+                tg.start_soon(worker.run)
+                with anyio.fail_after(20):
+                    await view.wait_for("decode", 1)
+                sp = SamplingParams(max_tokens=24, ignore_eos=True, seed=3, logprobs=2, prompt_logprobs=1)
+                prompt = list(range(5, 45))
+                streamed = await ask(bus, GenerateRequest(request_id="s", token_ids=prompt, sampling=sp))
+                whole = await ask(bus, GenerateRequest(request_id="w", token_ids=prompt, sampling=sp, stream=False))
+                tg.cancel_scope.cancel()
+        finally:
+            await bus.close()
+        assert len(whole) == 1 and len(streamed) > 1
+        [one] = whole
+        assert one.index == 0 and one.token_ids == [t for c in streamed for t in c.token_ids]
+        assert len(one.token_ids) == 24 and one.finish_reason == streamed[-1].finish_reason == "length"
+        assert one.logprobs == [lp for c in streamed for lp in c.logprobs] and len(one.logprobs) == 24
+        assert one.prompt_logprobs == streamed[0].prompt_logprobs and len(one.prompt_logprobs) == len(prompt) - 1
+        assert one.usage == streamed[-1].usage and one.usage is not None and one.usage.completion_tokens == 24
+
+    try:
+        anyio.run(main)
+    finally:
+        server.stop()

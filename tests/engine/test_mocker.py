@@ -6,6 +6,7 @@ import time
 from collections.abc import AsyncIterator
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from shared.engines import EngineConfig, make_engine
@@ -214,3 +215,52 @@ async def test_n_and_logprobs_are_fake_but_well_formed() -> None:
         same.setdefault(o.choice, []).extend(o.token_ids)
     assert same == per  # seeded: reproducible
     assert eng.stats().kv_blocks_used == 0
+
+
+async def _turns_of_outputs(eng: MockerEngine, max_tokens: int) -> list[int]:
+    """The event-loop turn (counted by a task that yields once a turn) each output arrived in."""
+    turn = 0
+    seen: list[int] = []
+
+    async def count_turns() -> None:
+        nonlocal turn
+        while True:
+            turn += 1
+            await anyio.lowlevel.checkpoint()
+
+    def on_output(out: EngineOutput) -> bool:
+        seen.append(turn)
+        return out.finish_reason is None
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(eng.run)
+        tg.start_soon(count_turns)
+        eng.listen("t", on_output)
+        last, fin = await collect(eng.generate("t", [4, 5, 6], SamplingParams(max_tokens=max_tokens)))
+        tg.cancel_scope.cancel()
+    # The listener saw every output (one token each); the stream got the last one only.
+    assert len(seen) == max_tokens and len(last) == 1 and fin.finish_reason == "length"
+    return seen
+
+
+async def test_near_free_decode_steps_share_a_loop_turn_but_the_first_token_goes_out_alone(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A long enough burst budget that a loaded CI box cannot run out of it. The prefill step (the
+    # first token) has a turn of its own, the next turn one step (so the first token's message is
+    # written before any burst), then every other decode step runs in one turn.
+    monkeypatch.setattr("shared.engines.core.BURST_S", 5.0)
+    turns = await _turns_of_outputs(MockerEngine(EngineConfig(**FAST)), 16)
+    assert turns[0] < turns[1] < turns[2] and len(set(turns[2:])) == 1, turns
+
+
+async def test_a_burst_ends_within_its_real_time_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("shared.engines.core.BURST_S", 0.0)  # no budget: one step a turn, as a slow mocker
+    turns = await _turns_of_outputs(MockerEngine(EngineConfig(**FAST)), 16)
+    assert len(set(turns)) == 16, turns
+
+
+async def test_steps_that_simulate_time_run_one_a_turn() -> None:
+    # 5 us a step: more than NEAR_FREE_STEP_S, so never back to back, however fast they compute.
+    eng = MockerEngine(EngineConfig(engine="mocker", model="no-such-model", speedup=1000.0))
+    turns = await _turns_of_outputs(eng, 16)
+    assert len(set(turns)) == 16, turns
