@@ -355,6 +355,8 @@ class DecodeWorker(WorkerHost):
                 if out.token_ids:
                     if index[0] == 0:
                         tracing.event(span, "first_token", **{"baton.cached_tokens": out.num_cached_tokens})
+                        if probe.on:
+                            probe.mark("first_token", rid)
                     held[0].extend(out.token_ids)
                     if out.logprobs:
                         held_lp[0].extend(out.logprobs)
