@@ -87,7 +87,7 @@ class Generation:
         self.router = router  # --router embedded: decide in process, no route hop
 
     async def _route(self, request_id: str, token_ids: list[int], exclude: list[str], parent: Any = None,
-                     session_id: str = "", lora: str = "", lora_digest: str = "") -> RouteDecision:
+                     session_id: str = "", lora: str = "", lora_digest: str = "", max_tokens: int = 0) -> RouteDecision:
         if not await self.bus.wait_connected():  # rides out a failover to another NATS server
             raise RequestError(503, "the message bus is unavailable; retry shortly", type="service_unavailable",
                            code="bus_unavailable")
@@ -95,7 +95,8 @@ class Generation:
         root = adapter_root(lora, lora_digest) if lora else adapter_root(None)
         req = RouteRequest(request_id=request_id, model=self.model, token_ids=token_ids, exclude=exclude,
                            block_hashes=block_hashes(token_ids, ROUTE_HASH_BLOCK_SIZE, root),
-                           block_size=ROUTE_HASH_BLOCK_SIZE, session_id=session_id, lora=lora)
+                           block_size=ROUTE_HASH_BLOCK_SIZE, session_id=session_id, lora=lora,
+                           max_tokens=max_tokens)
         span = tracing.start("route", tracing.SpanKind.CLIENT, parent, **{"baton.request_id": request_id})
         if self.router is not None:
             reply = await self.router.route(req, self.settings.route_timeout)
@@ -152,7 +153,7 @@ class Generation:
         while True:
             job = self._job(req, reply, worker_streams)
             decision = await self._route(req.request_id, job.token_ids, exclude, parent, req.session_id, req.lora,
-                                         req.lora_digest)
+                                         req.lora_digest, job.sampling.max_tokens)
             if decision.kv_source:  # G4: the worker may pull blocks a peer holds in its lower tiers
                 job = msgspec.structs.replace(job, kv_source=decision.kv_source,
                                               kv_source_blocks=decision.kv_source_blocks)

@@ -3,7 +3,8 @@
 :class:`RouterCore` answers "which decode worker?" for a :class:`RouteRequest`. With a KV-aware
 policy it also keeps the KV index current (:class:`KvEventFeed`: the KV events stream, replayed
 from a snapshot at start), follows the workers' LoadReports, and once a second drops workers whose
-discovery key is gone. The router service (``services/router``) serves it on ``baton.v1.route``;
+discovery key is gone; and counts the traffic it places for the planner (:mod:`shared.routing.traffic`).
+The router service (``services/router``) serves it on ``baton.v1.route``;
 a frontend started with ``--router embedded`` calls it in process, so a request skips the route
 hop. Either way it is the same code fed by the same events.
 """
@@ -28,6 +29,7 @@ from shared.routing.affinity import SessionAffinity
 from shared.routing.kv_feed import KvEventFeed
 from shared.routing.kv_policy import KvRouter, KvRouterConfig
 from shared.routing.policy import RoutingPolicy, make_policy
+from shared.routing.traffic import TrafficCounter
 from shared.subjects import LOAD_ALL
 
 log = logging.getLogger("baton.router")
@@ -106,6 +108,7 @@ class RouterCore:
         self.started = anyio.Event()  # set once decisions use the caught-up index
         self.affinity = SessionAffinity(settings.session_ttl) if settings.session_ttl > 0 else None
         self._missing_since: dict[str, float] = {}
+        self.traffic = TrafficCounter()  # what this router placed, reported to the planner
         _CORES.add(self)
 
     def pending_requests(self) -> int:
@@ -117,6 +120,7 @@ class RouterCore:
         subs = []
         try:
             async with anyio.create_task_group() as tg:
+                tg.start_soon(self.traffic.run, self.bus)
                 if self.kv is not None:
                     with anyio.move_on_after(5):
                         await self.view.synced.wait()
@@ -185,6 +189,8 @@ class RouterCore:
             worker, overlap, hashes = random.choice(workers), 0, None
         if req.session_id and self.affinity is not None:
             self.affinity.remember(req.session_id, worker.worker_id, now)
+        if not req.exclude:  # a new request, not a re-route after a failure
+            self.traffic.count(req)
         DECISION_SECONDS.observe(time.perf_counter() - t0)
         if tracing.ENABLED:
             span = tracing.start("route_decision", tracing.SpanKind.SERVER, trace_parent, **{
