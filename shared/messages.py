@@ -188,6 +188,19 @@ class RouteError(Struct, tag="route_error", kw_only=True):
 RouteReply = RouteDecision | RouteError
 
 
+class RouteBatch(Struct, tag="route_batch", kw_only=True):
+    """Several route requests from one frontend in one message (those its event loop gathered in
+    one turn): one message and one router wake-up instead of one per request."""
+
+    requests: list[RouteRequest]
+
+
+class RouteBatchReply(Struct, tag="route_batch_reply", kw_only=True):
+    """The router's answers to a RouteBatch, in its order (one message back)."""
+
+    replies: list[RouteDecision | RouteError]
+
+
 # --- router -> planner ---------------------------------------------------------------------
 
 
@@ -445,6 +458,8 @@ status_request_decoder = msgspec.msgpack.Decoder(StatusRequest)
 status_reply_decoder = msgspec.msgpack.Decoder(StatusReply)
 route_request_decoder = msgspec.msgpack.Decoder(RouteRequest)
 route_reply_decoder = msgspec.msgpack.Decoder(RouteReply)
+route_message_decoder = msgspec.msgpack.Decoder(RouteRequest | RouteBatch)  # what a router takes
+route_batch_reply_decoder = msgspec.msgpack.Decoder(RouteBatchReply | RouteDecision | RouteError)
 traffic_report_decoder = msgspec.msgpack.Decoder(TrafficReport)
 worker_info_decoder = msgspec.msgpack.Decoder(WorkerInfo)
 load_report_decoder = msgspec.msgpack.Decoder(LoadReport)
