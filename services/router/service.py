@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import anyio
 from nats.aio.msg import Msg
+from prometheus_client import Histogram
 
 from shared import tracing
 from shared.bus import Bus
@@ -25,6 +26,10 @@ from shared.subjects import ROUTE, ROUTER_QUEUE
 from shared.telemetry import serve_metrics
 
 log = logging.getLogger("baton.router")
+
+BATCH_REQUESTS = Histogram("baton_router_route_batch_requests",
+                           "Route requests per message taken (a frontend's RouteBatch of one loop turn, or 1)",
+                           buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 
 
 @dataclass
@@ -86,6 +91,7 @@ class Router:
             return
         parent = tracing.context_from(msg.headers)
         if isinstance(req, RouteRequest):
+            BATCH_REQUESTS.observe(1)
             reply, placement = self.core.decide(req, parent)
             # Answer, then book-keep: the frontend need not wait for the bookkeeping. A subscription's
             # callbacks run one at a time, so the next decision still sees this one recorded.
@@ -94,6 +100,7 @@ class Router:
                 self.core.record(placement)
             return
         # A batch: each decision must see the ones before it recorded (predicted load, KV blocks).
+        BATCH_REQUESTS.observe(len(req.requests))
         replies: list[RouteDecision | RouteError] = []
         for one in req.requests:
             reply, placement = self.core.decide(one, parent)
