@@ -109,6 +109,7 @@ class RouterCore:
         self.affinity = SessionAffinity(settings.session_ttl) if settings.session_ttl > 0 else None
         self._missing_since: dict[str, float] = {}
         self.traffic = TrafficCounter()  # what this router placed, reported to the planner
+        self._decisions: dict[str, Counter] = {}  # worker id -> its DECISIONS child
         _CORES.add(self)
 
     def pending_requests(self) -> int:
@@ -199,7 +200,10 @@ class RouterCore:
                 "baton.candidates": len(workers)})
             tracing.end(span)
         hint = self.kv.last_hint if self.kv is not None and hashes is not None else None
-        DECISIONS.labels(worker.worker_id, self.policy.name).inc()
+        counter = self._decisions.get(worker.worker_id)
+        if counter is None:  # labels() costs a lock and a tuple lookup per call: once per worker instead
+            counter = self._decisions[worker.worker_id] = DECISIONS.labels(worker.worker_id, self.policy.name)
+        counter.inc()
         decision = RouteDecision(
             worker_id=worker.worker_id, subject=worker.generate_subject, cancel_subject=worker.cancel_subject,
             overlap_blocks=overlap, policy=self.policy.name,

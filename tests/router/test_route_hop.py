@@ -12,7 +12,7 @@ import pytest
 from nats.aio.msg import Msg
 
 from baton.nats_server import EmbeddedNats
-from services.router.service import Router, RouterSettings
+from services.router.service import BATCH_REQUESTS, Router, RouterSettings
 from shared.bus import Bus, BusTimeout, NoResponders
 from shared.messages import (
     RouteBatch,
@@ -212,7 +212,9 @@ def test_the_router_answers_a_batch_in_order_each_decision_seeing_the_last() -> 
         headers = None
         reply = "inbox"
 
+    before = BATCH_REQUESTS._sum.get()
     anyio.run(router._on_route, FakeMsg())
+    assert BATCH_REQUESTS._sum.get() == before + 5
     reply = route_batch_reply_decoder.decode(sent[0])
     assert isinstance(reply, RouteBatchReply) and len(reply.replies) == 5
     placed = [r.worker_id for r in reply.replies[:4] if isinstance(r, RouteDecision)]
