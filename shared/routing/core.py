@@ -110,6 +110,7 @@ class RouterCore:
         self._missing_since: dict[str, float] = {}
         self.traffic = TrafficCounter()  # what this router placed, reported to the planner
         self._decisions: dict[str, Counter] = {}  # worker id -> its DECISIONS child
+        self._sessions_seen = anyio.Event()  # set by the first request with a session id
         _CORES.add(self)
 
     def pending_requests(self) -> int:
@@ -132,10 +133,16 @@ class RouterCore:
                         tg.start_soon(self.feed.run)  # follows the stream across failovers; snapshots
                     self._maintain_kv()
                     tg.start_soon(self._maintain_loop)
-                if self.kv is not None or self.affinity is not None:
+                if self.kv is not None:
                     subs.append(await self.bus.subscribe(LOAD_ALL, self._on_load))
                 self.started.set()
                 log.info("routing up, policy %s", self.policy.name)
+                if self.kv is None and self.affinity is not None:
+                    # Only session affinity reads load reports here (is the session's worker full?):
+                    # follow them from the first request with a session id, not for every router
+                    # that never sees one (a busy worker sends up to 20 reports a second).
+                    await self._sessions_seen.wait()
+                    subs.append(await self.bus.subscribe(LOAD_ALL, self._on_load))
                 await anyio.sleep_forever()
         finally:
             with anyio.move_on_after(UNSUBSCRIBE_TIMEOUT_S, shield=True):
@@ -176,6 +183,8 @@ class RouterCore:
         hashes: list[int] | None = None
         now = time.monotonic()
         if req.session_id and self.affinity is not None:
+            if not self._sessions_seen.is_set():
+                self._sessions_seen.set()
             pinned = self.affinity.pinned(req.session_id, workers, now)
             if pinned is not None:
                 workers = [pinned]  # the policy still scores it: overlap, predictions, load
