@@ -164,6 +164,8 @@ class RouteRequest(Struct, tag="route", kw_only=True, omit_defaults=True):
     # A conversation's id (the caller's x-session-id): the router keeps it on one worker while
     # that worker is live and not full (shared/routing/affinity.py). "": no affinity.
     session_id: str = ""
+    # The request's output budget (its max_tokens), for the traffic the router reports to the planner.
+    max_tokens: int = 0
 
 
 class RouteDecision(Struct, tag="decision", kw_only=True, omit_defaults=True):
@@ -184,6 +186,40 @@ class RouteError(Struct, tag="route_error", kw_only=True):
 
 
 RouteReply = RouteDecision | RouteError
+
+
+class RouteBatch(Struct, tag="route_batch", kw_only=True):
+    """Several route requests from one frontend in one message (those its event loop gathered in
+    one turn): one message and one router wake-up instead of one per request."""
+
+    requests: list[RouteRequest]
+
+
+class RouteBatchReply(Struct, tag="route_batch_reply", kw_only=True):
+    """The router's answers to a RouteBatch, in its order (one message back)."""
+
+    replies: list[RouteDecision | RouteError]
+
+
+# --- router -> planner ---------------------------------------------------------------------
+
+
+class ModelTraffic(Struct, kw_only=True, omit_defaults=True):
+    """New requests one router placed for one model during a report's interval."""
+
+    model: str
+    requests: int = 0
+    prompt_tokens: int = 0  # summed over those requests
+    output_tokens: int = 0  # their max_tokens, summed
+
+
+class TrafficReport(Struct, tag="traffic", kw_only=True, omit_defaults=True):
+    """What one router (a router service replica, or a frontend's embedded one) placed during
+    ``interval`` seconds: the planner's traffic meter, instead of a copy of every request."""
+
+    source: str
+    interval: float
+    models: list[ModelTraffic] = field(default_factory=list)
 
 
 # --- discovery and load --------------------------------------------------------------------
@@ -422,6 +458,9 @@ status_request_decoder = msgspec.msgpack.Decoder(StatusRequest)
 status_reply_decoder = msgspec.msgpack.Decoder(StatusReply)
 route_request_decoder = msgspec.msgpack.Decoder(RouteRequest)
 route_reply_decoder = msgspec.msgpack.Decoder(RouteReply)
+route_message_decoder = msgspec.msgpack.Decoder(RouteRequest | RouteBatch)  # what a router takes
+route_batch_reply_decoder = msgspec.msgpack.Decoder(RouteBatchReply | RouteDecision | RouteError)
+traffic_report_decoder = msgspec.msgpack.Decoder(TrafficReport)
 worker_info_decoder = msgspec.msgpack.Decoder(WorkerInfo)
 load_report_decoder = msgspec.msgpack.Decoder(LoadReport)
 prefill_job_decoder = msgspec.msgpack.Decoder(PrefillJob)

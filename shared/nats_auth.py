@@ -139,12 +139,13 @@ def _table() -> dict[str, Permissions]:
         # It may also embed the router (--router embedded), so it may read what a router reads.
         "frontend": _perms(
             publish=[s.ROUTE, s.generate(any_id), s.cancel(any_id), s.status(any_id), s.lora(any_id), *_replies(),
-                     *workers, *routing_publish, *_object_reader(s.MODEL_FILES_BUCKET)],
+                     *workers, *routing_publish, s.TRAFFIC, *_object_reader(s.MODEL_FILES_BUCKET)],
             subscribe=[s.API_GENERATE, s.API_LORA, s.LOAD_ALL, _inbox("frontend")],
         ),
-        # Answers route requests; reads load reports and the KV-events stream; keeps index snapshots.
+        # Answers route requests; reads load reports and the KV-events stream; keeps index snapshots;
+        # reports the traffic it placed to the planner.
         "router": _perms(
-            publish=[*_replies(), *workers, *routing_publish],
+            publish=[*_replies(), *workers, *routing_publish, s.TRAFFIC],
             subscribe=[s.ROUTE, s.LOAD_ALL, _inbox("router")],
         ),
         # Serves generate/cancel/status/kv-fetch; publishes load and KV events; queues prefill jobs;
@@ -162,11 +163,12 @@ def _table() -> dict[str, Permissions]:
                      *_kv_write(s.WORKERS_BUCKET)],
             subscribe=[_inbox("prefill")],
         ),
-        # Observes load, requests and the prefill queue; publishes its observations and decisions.
+        # Observes load, the routers' traffic reports and the prefill queue (no prompts: it does not
+        # read generate requests); publishes its observations and decisions.
         "planner": _perms(
             publish=[s.PLANNER_OBSERVATIONS, s.PLANNER_DECISIONS, *prefill_queue,
                      *_consumer_watcher(s.PREFILL_STREAM, s.PREFILL_CONSUMER), *workers],
-            subscribe=[s.LOAD_ALL, s.generate(any_id), s.PREFILL_JOBS, _inbox("planner")],
+            subscribe=[s.LOAD_ALL, s.TRAFFIC, s.PREFILL_JOBS, _inbox("planner")],
         ),
         # The public request API only.
         "client": _perms(publish=[s.API_GENERATE, s.API_LORA], subscribe=[_inbox("client")]),

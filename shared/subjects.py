@@ -31,6 +31,8 @@ KV_EVENTS_STREAM = "BATON_KV_EVENTS"
 KV_EVENTS_ALL = f"{PREFIX}.kv.events.*"
 
 LOAD_ALL = f"{PREFIX}.load.*"
+# Routers' TrafficReports (new requests placed, per model, every half second while busy): the planner's meter.
+TRAFFIC = f"{PREFIX}.traffic"
 PLANNER_OBSERVATIONS = f"{PREFIX}.planner.observations"
 PLANNER_DECISIONS = f"{PREFIX}.planner.decisions"
 

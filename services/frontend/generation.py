@@ -38,9 +38,9 @@ from shared.messages import (
     TokenChunk,
     Usage,
     generate_reply_decoder,
-    route_reply_decoder,
     status_reply_decoder,
 )
+from shared.routing.client import RouteClient
 from shared.routing.core import RouterCore
 from shared.tokenizer import Tokenizer
 
@@ -85,9 +85,10 @@ class Generation:
         self.model = model
         self.settings = settings
         self.router = router  # --router embedded: decide in process, no route hop
+        self._route_client: RouteClient | None = None  # the router service's (made on first use)
 
     async def _route(self, request_id: str, token_ids: list[int], exclude: list[str], parent: Any = None,
-                     session_id: str = "", lora: str = "", lora_digest: str = "") -> RouteDecision:
+                     session_id: str = "", lora: str = "", lora_digest: str = "", max_tokens: int = 0) -> RouteDecision:
         if not await self.bus.wait_connected():  # rides out a failover to another NATS server
             raise RequestError(503, "the message bus is unavailable; retry shortly", type="service_unavailable",
                            code="bus_unavailable")
@@ -95,7 +96,8 @@ class Generation:
         root = adapter_root(lora, lora_digest) if lora else adapter_root(None)
         req = RouteRequest(request_id=request_id, model=self.model, token_ids=token_ids, exclude=exclude,
                            block_hashes=block_hashes(token_ids, ROUTE_HASH_BLOCK_SIZE, root),
-                           block_size=ROUTE_HASH_BLOCK_SIZE, session_id=session_id, lora=lora)
+                           block_size=ROUTE_HASH_BLOCK_SIZE, session_id=session_id, lora=lora,
+                           max_tokens=max_tokens)
         span = tracing.start("route", tracing.SpanKind.CLIENT, parent, **{"baton.request_id": request_id})
         if self.router is not None:
             reply = await self.router.route(req, self.settings.route_timeout)
@@ -110,12 +112,13 @@ class Generation:
 
     async def _ask_router(self, req: RouteRequest, span: Any) -> RouteDecision | RouteError:
         """The router service's answer. Routing is idempotent: a request lost with a dying router
-        replica is simply asked again."""
+        replica is simply asked again. Requests of one event-loop turn go as one batch, and the answer
+        comes through the process's reply inbox (shared/routing/client.py)."""
+        if self._route_client is None:
+            self._route_client = RouteClient(self.bus)
         for attempt in range(self.settings.route_attempts):
             try:
-                msg = await self.bus.request(subjects.ROUTE, req, timeout=self.settings.route_timeout,
-                                             headers=tracing.headers_for(span))
-                break
+                return await self._route_client.route(req, self.settings.route_timeout, tracing.headers_for(span))
             except BusError as e:
                 if attempt + 1 == self.settings.route_attempts or not await self.bus.wait_connected():
                     tracing.end(span, error=str(e))
@@ -123,7 +126,7 @@ class Generation:
                                    code="router_unavailable") from None
                 if isinstance(e, NoResponders):
                     await anyio.sleep(0.2 * (attempt + 1))  # no router right now: give one a moment
-        return route_reply_decoder.decode(msg.data)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _alive(self, decision: RouteDecision, request_id: str) -> bool:
         """Does the worker still hold the request? No responders or silence means no."""
@@ -151,7 +154,7 @@ class Generation:
         while True:
             job = self._job(req, reply, worker_streams)
             decision = await self._route(req.request_id, job.token_ids, exclude, parent, req.session_id, req.lora,
-                                         req.lora_digest)
+                                         req.lora_digest, job.sampling.max_tokens)
             if probe.on:  # the TTFT probe (shared/probe.py)
                 probe.mark("routed", req.request_id)
             if decision.kv_source:  # G4: the worker may pull blocks a peer holds in its lower tiers

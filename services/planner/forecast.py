@@ -8,14 +8,14 @@ second where 0.7 are expected) is smoothed away. The stabilizer's N-intervals ru
 rare surprise that is only a blip.
 Lengths: EWMA of the per-interval means, updated only when requests arrived.
 
-:class:`TrafficMeter` collects what the planner's subscriptions see between two samples.
+:class:`TrafficMeter` collects what the routers' traffic reports and the prefill jobs subscription
+show between two samples.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 
 from services.planner.signals import Traffic
@@ -105,33 +105,38 @@ class Forecaster:
 
 
 class TrafficMeter:
-    """Counts new requests and prefill jobs between two :meth:`take` calls.
+    """New requests and prefill jobs between two :meth:`take` calls.
 
-    A request migrated to another worker is sent again under the same id: counted once.
+    Requests come from the routers' traffic reports (:mod:`shared.routing.traffic`), each with the
+    seconds it covers as its router measured them: a router's rate is its requests over the time
+    its reports covered, whatever their phase against the planner's interval (counting reports per
+    interval would jitter by one report); the rates of several routers add up. Re-routes of a
+    migrated request are not in the reports, so a request counts once.
     """
 
-    def __init__(self, dedupe: int = 50_000) -> None:
-        self._seen: OrderedDict[str, None] = OrderedDict()
-        self._dedupe = dedupe
+    def __init__(self) -> None:
         self._last = time.monotonic()
         self._reset()
 
     def _reset(self) -> None:
+        self._sources: dict[str, list[float]] = {}  # router -> [seconds covered, requests]
         self.requests = 0
         self.prompt_tokens = 0
         self.output_tokens = 0
         self.jobs = 0
         self.job_tokens = 0
 
-    def request(self, request_id: str, prompt_tokens: int, max_tokens: int) -> None:
-        if request_id in self._seen:
-            return
-        self._seen[request_id] = None
-        if len(self._seen) > self._dedupe:
-            self._seen.popitem(last=False)
-        self.requests += 1
+    def routed(self, source: str, interval: float, requests: int, prompt_tokens: int, output_tokens: int) -> None:
+        """One traffic report's share for this meter: ``requests`` new requests (with these summed
+        prompt and output budgets) placed by router ``source`` over ``interval`` seconds."""
+        s = self._sources.get(source)
+        if s is None:
+            s = self._sources[source] = [0.0, 0]
+        s[0] += interval
+        s[1] += requests
+        self.requests += requests
         self.prompt_tokens += prompt_tokens
-        self.output_tokens += max_tokens
+        self.output_tokens += output_tokens
 
     def prefill_job(self, prompt_tokens: int) -> None:
         self.jobs += 1
@@ -139,8 +144,10 @@ class TrafficMeter:
 
     def take(self, now: float | None = None) -> Traffic:
         now = time.monotonic() if now is None else now
+        interval = max(now - self._last, 1e-3)
+        rate = sum(n / covered for covered, n in self._sources.values() if covered > 0)
         t = Traffic(
-            interval=max(now - self._last, 1e-3), requests=self.requests,
+            interval=interval, requests=round(rate * interval),
             prompt_tokens=self.prompt_tokens / self.requests if self.requests else 0.0,
             output_tokens=self.output_tokens / self.requests if self.requests else 0.0,
             prefill_jobs=self.jobs, prefill_job_tokens=self.job_tokens / self.jobs if self.jobs else 0.0,

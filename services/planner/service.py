@@ -1,8 +1,8 @@
 """The planner actor: watches the queue, the workers' load and the traffic; scales prefill and decode.
 
 Every interval it reads the prefill consumer's pending and in-flight counts from JetStream, the
-latest LoadReport of every registered worker and the new requests and prefill jobs it saw (it
-listens on ``generate.*`` and the prefill jobs subject beside the workers), and publishes a
+latest LoadReport of every registered worker and the new requests and prefill jobs seen (the
+routers' TrafficReports on ``baton.v1.traffic``; the prefill jobs subject, beside the workers), and publishes a
 PlannerObservation. A policy (load thresholds or SLA targets) proposes replicas per role; the
 stabilizer damps proposals (N intervals in a row, cooldowns, min/max); each decision is published
 on ``baton.v1.planner.decisions`` as a ScaleDecision, logged with its reason, counted in metrics,
@@ -38,9 +38,9 @@ from shared.messages import (
     PlannerObservation,
     ScaleDecision,
     WorkerInfo,
-    generate_request_decoder,
     load_report_decoder,
     prefill_job_decoder,
+    traffic_report_decoder,
 )
 from shared.streams import ensure_prefill_queue, prefill_queue_depth
 from shared.telemetry import serve_metrics
@@ -178,8 +178,9 @@ class Planner:
                 if self.settings.metrics_port:
                     tg.start_soon(serve_metrics, self.settings.metrics_port, lambda: self.last is not None)
                 await self.bus.subscribe(subjects.LOAD_ALL, self._on_load)
-                # Beside the workers (no queue group): every request and prefill job, to measure the traffic.
-                await self.bus.subscribe(subjects.generate("*"), self._on_generate)
+                # The traffic: what the routers placed (reports, twice a second per busy router) and,
+                # beside the prefill workers (no queue group), every prefill job.
+                await self.bus.subscribe(subjects.TRAFFIC, self._on_traffic)
                 await self.bus.subscribe(subjects.PREFILL_JOBS, self._on_prefill_job)
                 tg.start_soon(self._loop)
                 await self._stop.wait()
@@ -206,14 +207,23 @@ class Planner:
             return
         self.loads[report.worker_id] = report
 
-    async def _on_generate(self, msg: Msg) -> None:
+    async def _on_traffic(self, msg: Msg) -> None:
         try:
-            req = generate_request_decoder.decode(msg.data)
+            report = traffic_report_decoder.decode(msg.data)
         except Exception:
             return
-        pool = self._pool_of(req.model)
-        if pool is not None:
-            pool.meter.request(req.request_id, len(req.token_ids), req.sampling.max_tokens)
+        if not report.interval > 0:
+            return
+        share = {id(pool): [0, 0, 0] for pool in self.pools}
+        for t in report.models:
+            pool = self._pool_of(t.model)
+            if pool is not None:
+                c = share[id(pool)]
+                c[0] += t.requests
+                c[1] += t.prompt_tokens
+                c[2] += t.output_tokens
+        for pool in self.pools:  # every pool hears the report (the time it covers counts), with its share
+            pool.meter.routed(report.source, report.interval, *share[id(pool)])
 
     async def _on_prefill_job(self, msg: Msg) -> None:
         try:

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 
 import anyio
 from nats.aio.msg import Msg
+from prometheus_client import Histogram
 
 from shared import tracing
 from shared.bus import Bus
 from shared.cli_options import DEFAULT_NATS_URL
 from shared.discovery import WorkerView
-from shared.messages import RouteError, route_request_decoder
+from shared.messages import RouteBatchReply, RouteDecision, RouteError, RouteRequest, route_message_decoder
 from shared.routing.core import ERRORS, RouterCore, RoutingSettings
 from shared.routing.kv_feed import KvEventFeed
 from shared.routing.policy import RoutingPolicy, make_policy
@@ -25,6 +26,10 @@ from shared.subjects import ROUTE, ROUTER_QUEUE
 from shared.telemetry import serve_metrics
 
 log = logging.getLogger("baton.router")
+
+BATCH_REQUESTS = Histogram("baton_router_route_batch_requests",
+                           "Route requests per message taken (a frontend's RouteBatch of one loop turn, or 1)",
+                           buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 
 
 @dataclass
@@ -76,16 +81,30 @@ class Router:
         await anyio.sleep_forever()
 
     async def _on_route(self, msg: Msg) -> None:
+        """One RouteRequest, or a frontend's RouteBatch (answered with one RouteBatchReply)."""
         assert self.bus is not None and self.core is not None
         try:
-            req = route_request_decoder.decode(msg.data)
+            req = route_message_decoder.decode(msg.data)
         except Exception as e:
             ERRORS.labels("bad_request").inc()
             await self.bus.respond(msg, RouteError(code=400, message=f"undecodable route request: {e}"))
             return
-        reply, placement = self.core.decide(req, tracing.context_from(msg.headers))
-        # Answer, then book-keep: the frontend need not wait for the bookkeeping. A subscription's
-        # callbacks run one at a time, so the next decision still sees this one recorded.
-        await self.bus.respond(msg, reply)
-        if placement is not None:
-            self.core.record(placement)
+        parent = tracing.context_from(msg.headers)
+        if isinstance(req, RouteRequest):
+            BATCH_REQUESTS.observe(1)
+            reply, placement = self.core.decide(req, parent)
+            # Answer, then book-keep: the frontend need not wait for the bookkeeping. A subscription's
+            # callbacks run one at a time, so the next decision still sees this one recorded.
+            await self.bus.respond(msg, reply)
+            if placement is not None:
+                self.core.record(placement)
+            return
+        # A batch: each decision must see the ones before it recorded (predicted load, KV blocks).
+        BATCH_REQUESTS.observe(len(req.requests))
+        replies: list[RouteDecision | RouteError] = []
+        for one in req.requests:
+            reply, placement = self.core.decide(one, parent)
+            replies.append(reply)
+            if placement is not None:
+                self.core.record(placement)
+        await self.bus.respond(msg, RouteBatchReply(replies=replies))

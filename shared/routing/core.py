@@ -3,7 +3,8 @@
 :class:`RouterCore` answers "which decode worker?" for a :class:`RouteRequest`. With a KV-aware
 policy it also keeps the KV index current (:class:`KvEventFeed`: the KV events stream, replayed
 from a snapshot at start), follows the workers' LoadReports, and once a second drops workers whose
-discovery key is gone. The router service (``services/router``) serves it on ``baton.v1.route``;
+discovery key is gone; and counts the traffic it places for the planner (:mod:`shared.routing.traffic`).
+The router service (``services/router``) serves it on ``baton.v1.route``;
 a frontend started with ``--router embedded`` calls it in process, so a request skips the route
 hop. Either way it is the same code fed by the same events.
 """
@@ -28,6 +29,7 @@ from shared.routing.affinity import SessionAffinity
 from shared.routing.kv_feed import KvEventFeed
 from shared.routing.kv_policy import KvRouter, KvRouterConfig
 from shared.routing.policy import RoutingPolicy, make_policy
+from shared.routing.traffic import TrafficCounter
 from shared.subjects import LOAD_ALL
 
 log = logging.getLogger("baton.router")
@@ -106,6 +108,9 @@ class RouterCore:
         self.started = anyio.Event()  # set once decisions use the caught-up index
         self.affinity = SessionAffinity(settings.session_ttl) if settings.session_ttl > 0 else None
         self._missing_since: dict[str, float] = {}
+        self.traffic = TrafficCounter()  # what this router placed, reported to the planner
+        self._decisions: dict[str, Counter] = {}  # worker id -> its DECISIONS child
+        self._sessions_seen = anyio.Event()  # set by the first request with a session id
         _CORES.add(self)
 
     def pending_requests(self) -> int:
@@ -117,6 +122,7 @@ class RouterCore:
         subs = []
         try:
             async with anyio.create_task_group() as tg:
+                tg.start_soon(self.traffic.run, self.bus)
                 if self.kv is not None:
                     with anyio.move_on_after(5):
                         await self.view.synced.wait()
@@ -127,10 +133,16 @@ class RouterCore:
                         tg.start_soon(self.feed.run)  # follows the stream across failovers; snapshots
                     self._maintain_kv()
                     tg.start_soon(self._maintain_loop)
-                if self.kv is not None or self.affinity is not None:
+                if self.kv is not None:
                     subs.append(await self.bus.subscribe(LOAD_ALL, self._on_load))
                 self.started.set()
                 log.info("routing up, policy %s", self.policy.name)
+                if self.kv is None and self.affinity is not None:
+                    # Only session affinity reads load reports here (is the session's worker full?):
+                    # follow them from the first request with a session id, not for every router
+                    # that never sees one (a busy worker sends up to 20 reports a second).
+                    await self._sessions_seen.wait()
+                    subs.append(await self.bus.subscribe(LOAD_ALL, self._on_load))
                 await anyio.sleep_forever()
         finally:
             with anyio.move_on_after(UNSUBSCRIBE_TIMEOUT_S, shield=True):
@@ -171,6 +183,8 @@ class RouterCore:
         hashes: list[int] | None = None
         now = time.monotonic()
         if req.session_id and self.affinity is not None:
+            if not self._sessions_seen.is_set():
+                self._sessions_seen.set()
             pinned = self.affinity.pinned(req.session_id, workers, now)
             if pinned is not None:
                 workers = [pinned]  # the policy still scores it: overlap, predictions, load
@@ -185,6 +199,8 @@ class RouterCore:
             worker, overlap, hashes = random.choice(workers), 0, None
         if req.session_id and self.affinity is not None:
             self.affinity.remember(req.session_id, worker.worker_id, now)
+        if not req.exclude:  # a new request, not a re-route after a failure
+            self.traffic.count(req)
         DECISION_SECONDS.observe(time.perf_counter() - t0)
         if tracing.ENABLED:
             span = tracing.start("route_decision", tracing.SpanKind.SERVER, trace_parent, **{
@@ -193,7 +209,10 @@ class RouterCore:
                 "baton.candidates": len(workers)})
             tracing.end(span)
         hint = self.kv.last_hint if self.kv is not None and hashes is not None else None
-        DECISIONS.labels(worker.worker_id, self.policy.name).inc()
+        counter = self._decisions.get(worker.worker_id)
+        if counter is None:  # labels() costs a lock and a tuple lookup per call: once per worker instead
+            counter = self._decisions[worker.worker_id] = DECISIONS.labels(worker.worker_id, self.policy.name)
+        counter.inc()
         decision = RouteDecision(
             worker_id=worker.worker_id, subject=worker.generate_subject, cancel_subject=worker.cancel_subject,
             overlap_blocks=overlap, policy=self.policy.name,

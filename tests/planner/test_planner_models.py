@@ -9,7 +9,7 @@ import pytest
 from services.planner.policy import Damping, LoadPolicy, LoadThresholds, Stabilizer
 from services.planner.service import ModelPool, Planner, PlannerSettings, parse_model_limits
 from services.planner.signals import RoleSignals, Signals
-from shared.messages import GenerateRequest, LoadReport, SamplingParams, WorkerInfo, encode
+from shared.messages import LoadReport, ModelTraffic, TrafficReport, WorkerInfo, encode
 from tests.planner.test_planner_step import FakeConnector
 
 pytestmark = pytest.mark.timeout(60)
@@ -86,12 +86,17 @@ def test_signals_are_read_per_model() -> None:
         def __init__(self, data: bytes) -> None:
             self.data = data
 
-    for i, model in enumerate(("big", "big", "small")):
-        req = GenerateRequest(request_id=f"r{i}", token_ids=[1, 2, 3], model=model,
-                              sampling=SamplingParams(max_tokens=4))
-        anyio.run(p._on_generate, Msg(encode(req)))
+    # One router's report: 2 requests of big, 1 of small, and one of a model no pool plans for.
+    report = TrafficReport(source="router-1", interval=0.5, models=[
+        ModelTraffic(model="big", requests=2, prompt_tokens=6, output_tokens=8),
+        ModelTraffic(model="small", requests=1, prompt_tokens=3, output_tokens=4),
+        ModelTraffic(model="other", requests=9, prompt_tokens=9, output_tokens=9)])
+    anyio.run(p._on_traffic, Msg(encode(report)))
+    anyio.run(p._on_traffic, Msg(b"\xc1 not a report"))  # ignored
+    big.meter._last = small.meter._last = big.meter._last - 0.5  # the planner's interval: the report's
     obs_big, sig_big = anyio.run(p.observe, big)
     obs_small, sig_small = anyio.run(p.observe, small)
     assert (obs_big.model, obs_big.decode_workers, obs_big.decode_running, obs_big.decode_waiting) == ("big", 2, 3, 7)
     assert (obs_small.model, obs_small.decode_workers, obs_small.decode_running) == ("small", 1, 1)
     assert sig_big.traffic.requests == 2 and sig_small.traffic.requests == 1
+    assert sig_big.traffic.prompt_tokens == 3 and sig_small.traffic.output_tokens == 4

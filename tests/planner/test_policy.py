@@ -225,13 +225,20 @@ def test_forecaster_smooths_poisson_noise_at_a_low_rate() -> None:
     assert f.predict().request_rate == pytest.approx(6)
 
 
-def test_traffic_meter_counts_a_migrated_request_once() -> None:
+def test_traffic_meter_rates_come_from_the_time_each_router_covered() -> None:
     m = TrafficMeter()
-    m.request("a", 100, 10)
-    m.request("a", 110, 9)  # the same request resubmitted to another worker
-    m.request("b", 300, 30)
+    # router a: 3 reports over 1.5 s (60 requests: 40/s); router b: 1 report over 0.5 s (5: 10/s)
+    for n in (20, 20, 20):
+        m.routed("a", 0.5, n, 100 * n, 10 * n)
+    m.routed("b", 0.5, 5, 300 * 5, 30 * 5)
     m.prefill_job(64)
+    # The planner's interval is 2 s, out of phase with the reports: the rates still hold (50/s).
     t = m.take(now=m._last + 2.0)
-    assert (t.requests, t.prompt_tokens, t.output_tokens) == (2, 200, 20)
-    assert t.request_rate == pytest.approx(1.0) and t.prefill_job_rate == pytest.approx(0.5)
+    assert t.request_rate == pytest.approx(50.0) and t.requests == 100
+    assert t.prompt_tokens == pytest.approx((6000 + 1500) / 65) and t.output_tokens == pytest.approx(750 / 65)
+    assert t.prefill_job_rate == pytest.approx(0.5)
+    # Empty reports (a router gone idle) pull its rate down; no reports at all: no traffic.
+    m.routed("a", 0.5, 10, 1000, 100)
+    m.routed("a", 1.5, 0, 0, 0)
+    assert m.take(now=m._last + 2.0).request_rate == pytest.approx(5.0)
     assert m.take().requests == 0

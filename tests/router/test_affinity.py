@@ -3,9 +3,13 @@ moves when it is gone, excluded or full, and the table forgets idle sessions."""
 
 from __future__ import annotations
 
+import anyio
+import anyio.lowlevel
+
 from shared.messages import LoadReport, RouteDecision, RouteRequest, WorkerInfo
 from shared.routing.affinity import SessionAffinity
 from shared.routing.core import RouterCore, RoutingSettings
+from shared.subjects import LOAD_ALL
 
 
 def worker(i: int) -> WorkerInfo:
@@ -66,3 +70,39 @@ def test_router_core_keeps_a_conversation_and_moves_it_when_its_worker_dies() ->
     assert [route("conv") for _ in range(3)] == [moved] * 3
 
 
+
+
+def test_a_round_robin_router_follows_load_reports_only_once_sessions_appear() -> None:
+    """Load reports (up to 20 a second per busy worker) matter to a round-robin router only for
+    session affinity: it subscribes to them at the first request with a session id."""
+    subscribed: list[str] = []
+
+    class _Sub:
+        async def unsubscribe(self) -> None:
+            pass
+
+    class _Bus:
+        async def subscribe(self, subject: str, cb: object, queue: str = "") -> _Sub:
+            subscribed.append(subject)
+            return _Sub()
+
+        async def publish(self, subject: str, msg: object) -> None:
+            pass
+
+    core = RouterCore(RoutingSettings(mode="round-robin", session_ttl=60), bus=_Bus(), view=_View(list(W)))  # type: ignore[arg-type]
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(core.run)
+            await core.started.wait()
+            core.decide(RouteRequest(request_id="a", model="m", token_ids=[1]))
+            for _ in range(10):
+                await anyio.lowlevel.checkpoint()
+            assert subscribed == []  # no session yet: no load reports
+            core.decide(RouteRequest(request_id="b", model="m", token_ids=[1], session_id="conv"))
+            with anyio.fail_after(5):
+                while subscribed != [LOAD_ALL]:
+                    await anyio.lowlevel.checkpoint()
+            tg.cancel_scope.cancel()
+
+    anyio.run(main)
