@@ -73,7 +73,10 @@ class Tokenizer:
 
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        # The batch "fast" encoder skips the character offsets (the ids are the same): about a
+        # quarter less CPU per prompt. A batch of one runs serially unless TOKENIZERS_PARALLELISM
+        # allows rayon, which the frontend turns off (services/frontend/service.py).
+        return self._tok.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
