@@ -274,23 +274,29 @@ class OpenAIApp:
                     raise RequestError(400, "invalid Content-Length") from None
                 if declared > self.max_body_bytes:
                     raise RequestError(413, f"request body exceeds {self.max_body_bytes} bytes", code="request_too_large")
-        chunks: list[bytes] = []
-        size = 0
+        body = bytearray()
+        watch: ClientWatch | None = (scope.get("extensions") or {}).get(CLIENT_WATCH)
+        if watch is not None and watch.body_complete:
+            # The whole body came with the headers (the connection says so): receive() cannot
+            # wait, so there is no deadline (a cancel scope and a timer per request) to keep.
+            if self._body_part(await receive(), body):
+                return bytes(body)
         with anyio.move_on_after(self.body_timeout):
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    raise ClientGone
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > self.max_body_bytes:
-                    raise RequestError(413, f"request body exceeds {self.max_body_bytes} bytes", code="request_too_large")
-                chunks.append(chunk)
-                if not message.get("more_body", False):
-                    return b"".join(chunks)
+            while not self._body_part(await receive(), body):
+                pass
+            return bytes(body)
         err = RequestError(408, f"the request body did not arrive within {self.body_timeout:g}s", code="request_timeout")
         err.headers.append((b"connection", b"close"))
         raise err
+
+    def _body_part(self, message: dict[str, Any], body: bytearray) -> bool:
+        """One received message's part of the body added to ``body``; True once it is the last."""
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        body += message.get("body", b"")
+        if len(body) > self.max_body_bytes:
+            raise RequestError(413, f"request body exceeds {self.max_body_bytes} bytes", code="request_too_large")
+        return not message.get("more_body", False)
 
     async def _send_json(self, send: Send, status: int, obj: Any, headers: list | None = None) -> int:
         await send({"type": "http.response.start", "status": status, "headers": headers or _JSON_HEADERS})
