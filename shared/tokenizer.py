@@ -175,6 +175,9 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """Whatever is left at the end, incomplete characters included."""
+        if self.read_offset == len(self.ids):  # every token's text is out already
+            self.prefix_offset = self.read_offset
+            return ""
         prefix_text = self._window(self.prefix_offset, self.read_offset)
         full_text = self._window(self.prefix_offset)
         self.prefix_offset = self.read_offset = len(self.ids)

@@ -1,11 +1,13 @@
 """The frontend's HTTP connection (services/frontend/http_protocol.py) under a real uvicorn server:
 a body that arrives with its headers is read at once (the connection marks it complete), and a
-body that trickles in after the request started is still read whole, under its deadline."""
+body that trickles in after the request started is still read whole, under its deadline; request
+ids are uuid4's."""
 
 from __future__ import annotations
 
 import socket
 import threading
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,7 +16,7 @@ import pytest
 import uvicorn
 
 from baton.nats_server import free_port
-from services.frontend.http_app import OpenAIApp
+from services.frontend.http_app import OpenAIApp, _uuid4_hex
 from services.frontend.http_protocol import CLIENT_WATCH, protocol_with
 from tests.procs import wait_until
 
@@ -87,3 +89,11 @@ def test_a_body_sent_after_the_request_started_is_read_whole(server: tuple[int, 
         c.sendall(b" world")
         assert _answer(c).endswith(b"hello world")
     assert app.complete_at_start == [False]
+
+
+def test_request_ids_are_uuid4_hex() -> None:
+    ids = {_uuid4_hex() for _ in range(1000)}
+    assert len(ids) == 1000
+    for h in ids:
+        u = uuid.UUID(h)
+        assert u.hex == h and u.version == 4 and u.variant == uuid.RFC_4122
