@@ -30,16 +30,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import anyio
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge
 
 from services.frontend.access import Tenant, TokenRateLimiter
+from services.frontend.metrics import LoopHistogram
 from services.frontend.openai_api import RequestError
 from services.frontend.request import ValidatedRequest
 from shared.messages import LoadReport
 
 QUEUED = Gauge("baton_frontend_admission_queued", "Requests waiting for admission")
 RUNNING = Gauge("baton_frontend_admission_running", "Requests admitted and not yet finished")
-WAIT_SECONDS = Histogram("baton_frontend_admission_wait_seconds", "Time a request waited for admission",
+WAIT_SECONDS = LoopHistogram("baton_frontend_admission_wait_seconds", "Time a request waited for admission",
                          buckets=(0.001, 0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 REFUSED = Counter("baton_frontend_admission_refused_total", "Requests refused by admission", ["reason"])
 
