@@ -155,7 +155,9 @@ class IncrementalDetokenizer:
         self.prefix_offset = 0
         self.read_offset = 0
         self.skip_special_tokens = skip_special_tokens  # vLLM's request option: False keeps e.g. "</s>" in the text
-        self._decode = tokenizer.decode
+        # The library's decode straight away (the windows are lists already); a stand-in tokenizer's own.
+        raw = getattr(tokenizer, "_tok", None)
+        self._decode = raw.decode if raw is not None else tokenizer.decode
 
     def _window(self, start: int, end: int | None = None) -> str:
         if start == end:  # an empty window (the first tokens): nothing to decode
