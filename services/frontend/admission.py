@@ -26,22 +26,21 @@ import heapq
 import itertools
 import math
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing, asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import anyio
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge
 
 from services.frontend.access import Tenant, TokenRateLimiter
+from services.frontend.metrics import LoopHistogram
 from services.frontend.openai_api import RequestError
 from services.frontend.request import ValidatedRequest
-from services.frontend.text_stream import Delta
 from shared.messages import LoadReport
 
 QUEUED = Gauge("baton_frontend_admission_queued", "Requests waiting for admission")
 RUNNING = Gauge("baton_frontend_admission_running", "Requests admitted and not yet finished")
-WAIT_SECONDS = Histogram("baton_frontend_admission_wait_seconds", "Time a request waited for admission",
+WAIT_SECONDS = LoopHistogram("baton_frontend_admission_wait_seconds", "Time a request waited for admission",
                          buckets=(0.001, 0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 REFUSED = Counter("baton_frontend_admission_refused_total", "Requests refused by admission", ["reason"])
 
@@ -141,6 +140,8 @@ class Admission:
         self.tokens = TokenRateLimiter()
         self.live_workers = live_workers  # ids of the decode workers serving our model
         self._loads: dict[str, tuple[float, int]] = {}  # worker -> (when reported, requests waiting)
+        # Neither a cap nor a fleet check: every request starts at once (the default's fast path).
+        self._unlimited = not settings.max_running and not settings.worker_waiting
 
     # --- the fleet's room ----------------------------------------------------------------------
 
@@ -182,10 +183,22 @@ class Admission:
 
     # --- a request's way through --------------------------------------------------------------
 
-    @asynccontextmanager
-    async def slot(self, tenant: Tenant, priority: int) -> AsyncIterator[None]:
-        """Hold one of the fleet's slots for the body of the ``with``; wait for it in the queue."""
+    def slot(self, tenant: Tenant, priority: int) -> _Slot:
+        """``async with``: hold one of the fleet's slots for the body; wait for it in the queue."""
+        return _Slot(self, tenant, priority)
+
+    def admit(self, req: ValidatedRequest, tenant: Tenant) -> Admitted:
+        """``async with``: ``req`` admitted (its tenant's tokens a minute checked, a slot held) for
+        the body; :meth:`Admitted.used` charges the tokens it generates."""
+        return Admitted(self, req, tenant, tenant.tpm or self.settings.tenant_tpm)
+
+    async def _acquire(self, tenant: Tenant, priority: int) -> None:
         s = self.settings
+        if self._unlimited:  # no cap, no fleet check: nothing ever queues, so no ticket either
+            self.running += 1
+            RUNNING.set(self.running)
+            WAIT_SECONDS.observe(0.0)
+            return
         if len(self.queue) >= s.max_queued and not self._may_start(priority):
             REFUSED.labels("queue_full").inc()
             raise _overloaded(f"{len(self.queue)} requests are already waiting for admission", s.queue_timeout)
@@ -208,10 +221,6 @@ class Admission:
             REFUSED.labels("queue_timeout").inc()
             raise _overloaded(f"no room in the fleet within {s.queue_timeout:g}s", s.queue_timeout)
         WAIT_SECONDS.observe(time.perf_counter() - t0)
-        try:
-            yield
-        finally:
-            self._release()
 
     def _drop(self, ticket: Ticket) -> None:
         self.queue.drop(ticket)
@@ -219,28 +228,67 @@ class Admission:
 
     def _release(self) -> None:
         self.running -= 1
-        self._dispatch()
+        if self._unlimited:
+            RUNNING.set(self.running)
+        else:
+            self._dispatch()
 
-    async def run(self, req: ValidatedRequest, tenant: Tenant,
-                  generate: Callable[[], AsyncIterator[Delta]]) -> AsyncIterator[Delta]:
-        """``generate()``'s deltas once ``req`` is admitted, its tokens counted against the tenant's
-        tokens a minute."""
-        tpm = tenant.tpm or self.settings.tenant_tpm
-        prompt = len(req.token_ids)
+
+class _Slot:
+    """One hold on a slot, as an ``async with`` (a class, not a generator: this is per request)."""
+
+    __slots__ = ("_admission", "_priority", "_tenant")
+
+    def __init__(self, admission: Admission, tenant: Tenant, priority: int) -> None:
+        self._admission = admission
+        self._tenant = tenant
+        self._priority = priority
+
+    async def __aenter__(self) -> None:
+        await self._admission._acquire(self._tenant, self._priority)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._admission._release()
+
+
+class Admitted:
+    """One request's admission, as an ``async with``: its tenant's tokens a minute checked and its
+    prompt charged, a slot held until the body ends. The caller reports the tokens it generates
+    with :meth:`used` (no wrapper around the request's deltas: one async-generator hop less per delta)."""
+
+    __slots__ = ("_admission", "_req", "_tenant", "tpm")
+
+    def __init__(self, admission: Admission, req: ValidatedRequest, tenant: Tenant, tpm: int) -> None:
+        self._admission = admission
+        self._req = req
+        self._tenant = tenant
+        self.tpm = tpm  # 0: no tokens-a-minute limit
+
+    async def __aenter__(self) -> Admitted:
+        adm, tpm = self._admission, self.tpm
+        prompt = len(self._req.token_ids)
         if tpm:
             try:
-                self.tokens.check(tenant.name, tpm, prompt)
+                adm.tokens.check(self._tenant.name, tpm, prompt)
             except RequestError:
                 REFUSED.labels("tpm").inc()
                 raise
-        async with self.slot(tenant, req.priority):
-            if tpm:
-                self.tokens.charge(tenant.name, tpm, prompt)
-            async with aclosing(generate()) as deltas:
-                async for d in deltas:
-                    if tpm and d.token_ids:
-                        self.tokens.charge(tenant.name, tpm, len(d.token_ids))
-                    yield d
+        await adm._acquire(self._tenant, self._req.priority)
+        if tpm:
+            try:
+                adm.tokens.charge(self._tenant.name, tpm, prompt)
+            except BaseException:
+                adm._release()
+                raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._admission._release()
+
+    def used(self, tokens: int) -> None:
+        """``tokens`` more generated for this request: charged to its tenant's tokens a minute."""
+        if self.tpm and tokens:
+            self._admission.tokens.charge(self._tenant.name, self.tpm, tokens)
 
 
 def _overloaded(why: str, queue_timeout: float) -> RequestError:

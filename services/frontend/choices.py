@@ -42,7 +42,7 @@ def sse_event(payload: Any) -> bytes:
     return b"data: " + _json.encode(payload) + b"\n\n"
 
 
-@dataclass
+@dataclass(slots=True)
 class _Choice:
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)

@@ -9,9 +9,9 @@ with the right status.
 from __future__ import annotations
 
 import logging
+import os
 import time
-import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.frontend import metrics
 from services.frontend.access import ANONYMOUS, AccessControl, Tenant
-from services.frontend.admission import Admission, AdmissionSettings
+from services.frontend.admission import Admission, AdmissionSettings, Admitted
 from services.frontend.choices import ChoiceShaper, sse_event
 from services.frontend.generation import Generation
 from services.frontend.http_protocol import CLIENT_WATCH, ClientWatch
@@ -79,13 +79,53 @@ def _header_map(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
 _TOKEN_ROUTES = ("/tokenize", "/detokenize")
 _LORA_ROUTES = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 _ANONYMOUS = Tenant(ANONYMOUS)
-_HINT_HEADERS = (PRIORITY_HEADER.encode(), SESSION_HEADER.encode())
+_PRIORITY_HEADER = PRIORITY_HEADER.encode()
+_SESSION_HEADER = SESSION_HEADER.encode()
+_NO_HINTS = RequestHints()
 
 
 def _hints(headers: list[tuple[bytes, bytes]]) -> RequestHints:
-    """x-baton-priority and x-session-id, if sent (ASGI header names are lowercase)."""
-    found = {k: v.decode("latin-1") for k, v in headers if k in _HINT_HEADERS}
-    return RequestHints.from_headers(lambda name: found.get(name.encode()))
+    """x-baton-priority and x-session-id, if sent (ASGI header names are lowercase; the last one
+    sent wins)."""
+    priority = session = None
+    for k, v in headers:
+        if k == _PRIORITY_HEADER:
+            priority = v.decode("latin-1")
+        elif k == _SESSION_HEADER:
+            session = v.decode("latin-1")
+    if priority is None and session is None:
+        return _NO_HINTS
+    return RequestHints(priority, session)
+
+
+# Counter children by (endpoint, status): labels() takes a lock and builds a key every call. Bounded,
+# since a 401 on an unknown /v1/ path is labelled with that path.
+_REQUEST_COUNTERS: dict[tuple[str, int], Any] = {}
+
+
+def _count_request(endpoint: str, status: int) -> None:
+    child = _REQUEST_COUNTERS.get((endpoint, status))
+    if child is None:
+        child = metrics.REQUESTS.labels(endpoint, str(status))
+        if len(_REQUEST_COUNTERS) < 256:
+            _REQUEST_COUNTERS[endpoint, status] = child
+    child.inc()
+
+
+class _Progress:
+    """Whether a response's headers are out (then an error can no longer get its own response)."""
+
+    __slots__ = ("started",)
+
+    def __init__(self) -> None:
+        self.started = False
+
+
+def _uuid4_hex() -> str:
+    """``uuid.uuid4().hex``, bit for bit (random, version 4, RFC 4122 variant), without building a UUID."""
+    n = int.from_bytes(os.urandom(16), "big")
+    n = (n & ~(0xF000 << 64) | (4 << 76)) & ~(0xC000 << 48) | (0x8000 << 48)
+    return f"{n:032x}"
 
 
 class ClientGone(Exception):
@@ -139,14 +179,7 @@ class OpenAIApp:
         method: str = scope["method"]
         endpoint = path
         status = 500
-        started = False
-
-        async def send_tracked(message: dict[str, Any]) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        progress = _Progress()
         tenant = _ANONYMOUS
         try:
             if (path.startswith("/v1/") or path in _TOKEN_ROUTES) and self.access is not None:
@@ -165,18 +198,22 @@ class OpenAIApp:
                 metrics.INFLIGHT.inc()
                 t0 = time.perf_counter()
                 try:
-                    root = tracing.start(f"{method} {path}", tracing.SpanKind.SERVER,
-                                         tracing.context_from(_header_map(scope["headers"])),
-                                         **{"http.request.method": method, "url.path": path})
+                    root = None
+                    if tracing.ENABLED:
+                        root = tracing.start(f"{method} {path}", tracing.SpanKind.SERVER,
+                                             tracing.context_from(_header_map(scope["headers"])),
+                                             **{"http.request.method": method, "url.path": path})
                     try:
                         status = await self._generate(path == "/v1/chat/completions", body, scope, receive,
-                                                      send_tracked, root, tenant, scope["headers"])
+                                                      send, root, tenant, scope["headers"], progress)
                     except RequestError as e:
-                        tracing.end(root, error=e.message, **{"http.response.status_code": e.status})
-                        root = None
+                        if root is not None:
+                            tracing.end(root, error=e.message, **{"http.response.status_code": e.status})
+                            root = None
                         raise
                     finally:
-                        tracing.end(root, **{"http.response.status_code": status})
+                        if root is not None:
+                            tracing.end(root, **{"http.response.status_code": status})
                 finally:
                     self.inflight -= 1
                     metrics.INFLIGHT.dec()
@@ -219,7 +256,7 @@ class OpenAIApp:
                 endpoint = "other"
                 raise RequestError(404, f"no route for {method} {path}", code="not_found")
         except RequestError as e:
-            if started:  # headers already out (cannot happen for RequestError today, but never send twice)
+            if progress.started:  # headers already out (cannot happen for RequestError today, but never send twice)
                 raise
             status = await self._send_json(send, e.status, e.body(), [*_JSON_HEADERS, *e.headers])
         except ClientGone:
@@ -227,13 +264,13 @@ class OpenAIApp:
         except Exception:
             # A bug, not the client's fault: OpenAI's error shape, never uvicorn's plain-text 500.
             log.exception("%s %s failed", method, path)
-            if started:
+            if progress.started:
                 raise  # mid-stream: all we can do is close the connection
             err = RequestError(500, "internal error; the request was not completed", type="server_error",
                            code="internal_error")
             status = await self._send_json(send, 500, err.body())
         finally:
-            metrics.REQUESTS.labels(endpoint, str(status)).inc()
+            _count_request(endpoint, status)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
         for name, value in scope["headers"]:
@@ -244,23 +281,29 @@ class OpenAIApp:
                     raise RequestError(400, "invalid Content-Length") from None
                 if declared > self.max_body_bytes:
                     raise RequestError(413, f"request body exceeds {self.max_body_bytes} bytes", code="request_too_large")
-        chunks: list[bytes] = []
-        size = 0
+        body = bytearray()
+        watch: ClientWatch | None = (scope.get("extensions") or {}).get(CLIENT_WATCH)
+        if watch is not None and watch.body_complete:
+            # The whole body came with the headers (the connection says so): receive() cannot
+            # wait, so there is no deadline (a cancel scope and a timer per request) to keep.
+            if self._body_part(await receive(), body):
+                return bytes(body)
         with anyio.move_on_after(self.body_timeout):
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    raise ClientGone
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > self.max_body_bytes:
-                    raise RequestError(413, f"request body exceeds {self.max_body_bytes} bytes", code="request_too_large")
-                chunks.append(chunk)
-                if not message.get("more_body", False):
-                    return b"".join(chunks)
+            while not self._body_part(await receive(), body):
+                pass
+            return bytes(body)
         err = RequestError(408, f"the request body did not arrive within {self.body_timeout:g}s", code="request_timeout")
         err.headers.append((b"connection", b"close"))
         raise err
+
+    def _body_part(self, message: dict[str, Any], body: bytearray) -> bool:
+        """One received message's part of the body added to ``body``; True once it is the last."""
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        body += message.get("body", b"")
+        if len(body) > self.max_body_bytes:
+            raise RequestError(413, f"request body exceeds {self.max_body_bytes} bytes", code="request_too_large")
+        return not message.get("more_body", False)
 
     async def _send_json(self, send: Send, status: int, obj: Any, headers: list | None = None) -> int:
         await send({"type": "http.response.start", "status": status, "headers": headers or _JSON_HEADERS})
@@ -318,8 +361,8 @@ class OpenAIApp:
 
     async def _generate(self, chat: bool, body: bytes, scope: Scope, receive: Receive, send: Send,
                         root: Any = None, tenant: Tenant | None = None,
-                        headers: list[tuple[bytes, bytes]] | None = None) -> int:
-        rid = f"chatcmpl-{uuid.uuid4().hex}" if chat else f"cmpl-{uuid.uuid4().hex}"
+                        headers: list[tuple[bytes, bytes]] | None = None, progress: _Progress | None = None) -> int:
+        rid = f"chatcmpl-{_uuid4_hex()}" if chat else f"cmpl-{_uuid4_hex()}"
         if probe.on:  # the TTFT probe (shared/probe.py)
             probe.app_start(rid, scope)
         bind_request(rid, tracing.trace_id_of(root))  # this request's log lines (and access line) carry it
@@ -348,23 +391,29 @@ class OpenAIApp:
                                  "gen_ai.request.temperature": req.sampling.temperature,
                                  "gen_ai.usage.input_tokens": len(req.token_ids), "gen_ai.response.id": rid})
         trace_header = [(b"x-trace-id", tracing.trace_id_of(root).encode())] if root is not None else []
-        deltas = self.admission.run(req, tenant or _ANONYMOUS, lambda: served.generation.run(req, root))
+        # Admission holds the slot around the pump below; the deltas come straight from the generation.
+        admitted = self.admission.admit(req, tenant or _ANONYMOUS)
+        generation = served.generation
+        progress = progress or _Progress()
         try:
             if req.stream:
-                return await self._stream(chat, rid, deltas, req.include_usage, receive, send, trace_header, shaper,
-                                          model, scope)
-            return await self._complete(chat, rid, deltas, receive, send, trace_header, shaper, scope)
+                return await self._stream(chat, rid, admitted, lambda: generation.run(req, root), req.include_usage,
+                                          receive, send, trace_header, shaper, model, scope, progress)
+            return await self._complete(chat, rid, admitted, lambda: generation.run(req, root), receive, send,
+                                        trace_header, shaper, scope, progress)
         except RequestError as e:
             raise name_structured_error(e, req.structured_param) from None
 
-    async def _complete(self, chat: bool, rid: str, deltas: Any, receive: Receive, send: Send,
-                        extra_headers: list[tuple[bytes, bytes]], shaper: ChoiceShaper, scope: Scope) -> int:
+    async def _complete(self, chat: bool, rid: str, admitted: Admitted, deltas: Callable[[], AsyncIterator[Delta]],
+                        receive: Receive, send: Send, extra_headers: list[tuple[bytes, bytes]], shaper: ChoiceShaper,
+                        scope: Scope, progress: _Progress) -> int:
         final: Delta | None = None
 
         async def collect() -> None:
             nonlocal final
-            async with aclosing(deltas) as it:
+            async with admitted, aclosing(deltas()) as it:
                 async for d in it:
+                    admitted.used(len(d.token_ids))
                     shaper.add(d)
                     final = d
 
@@ -375,11 +424,12 @@ class OpenAIApp:
         body = shaper.body(usage)
         if probe.on:
             probe.mark("first_write", rid)
+        progress.started = True
         return await self._send_json(send, 200, body, [*_JSON_HEADERS, (b"x-request-id", rid.encode()), *extra_headers])
 
-    async def _stream(self, chat: bool, rid: str, deltas: Any, include_usage: bool, receive: Receive, send: Send,
-                      extra_headers: list[tuple[bytes, bytes]], shaper: ChoiceShaper, model: str,
-                      scope: Scope) -> int:
+    async def _stream(self, chat: bool, rid: str, admitted: Admitted, deltas: Callable[[], AsyncIterator[Delta]],
+                      include_usage: bool, receive: Receive, send: Send, extra_headers: list[tuple[bytes, bytes]],
+                      shaper: ChoiceShaper, model: str, scope: Scope, progress: _Progress) -> int:
         """Server-sent events: one body write per delta (its events joined), the headers held until
         the first one (the connection sends what one loop turn wrote as one packet; http_protocol.py)."""
         created = shaper.created
@@ -389,15 +439,16 @@ class OpenAIApp:
 
         async def start(worker: str) -> None:
             nonlocal started
-            started = True
+            started = progress.started = True
             await send({"type": "http.response.start", "status": 200,
                         "headers": [*_SSE_HEADERS, (b"x-request-id", rid.encode()),
                                     (b"x-baton-worker", worker.encode()), *extra_headers]})
 
         async def pump() -> None:
             last = time.perf_counter()
-            async with aclosing(deltas) as it:
+            async with admitted, aclosing(deltas()) as it:
                 async for d in it:
+                    admitted.used(len(d.token_ids))
                     if not started:
                         if probe.on:
                             probe.mark("first_write", rid)

@@ -11,7 +11,8 @@ Additions to uvicorn's protocol, each for a measured cost (docs/benchmarks.md, s
   first event, several events, the last event and the end of the stream) leaves in one send().
 - A client watch (:class:`ClientWatch`, in ``scope["extensions"]["baton.client"]``): the
   connection tells the request when its client is gone, so the app needs no task per request
-  waiting on ``receive()`` for ``http.disconnect``.
+  waiting on ``receive()`` for ``http.disconnect``, and whether the whole body has arrived, so a
+  body sent with its headers is read without a deadline to keep.
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ class ClientWatch:
     """One request's view of its client's connection: :meth:`on_gone` registers what to do
     (cancel the request) when the connection is lost before the response is complete."""
 
-    __slots__ = ("_callback", "gone")
+    __slots__ = ("_callback", "body_complete", "gone")
 
     def __init__(self) -> None:
         self.gone = False
+        self.body_complete = False  # the request's whole body has arrived (receive() will not wait)
         self._callback: Callable[[], Any] | None = None
 
     def on_gone(self, callback: Callable[[], Any] | None) -> None:
@@ -137,6 +139,12 @@ class BatonHttpProtocol(HttpToolsProtocol):
             # keep-alive: forget the watches of responses already complete
             self._watches = [(c, w) for c, w in self._watches if not c.response_complete]
             self._watches.append((cycle, watch))
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        cycle = self.cycle
+        if cycle is not None and not cycle.more_body and self._watches and self._watches[-1][0] is cycle:
+            self._watches[-1][1].body_complete = True
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

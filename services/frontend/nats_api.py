@@ -114,12 +114,13 @@ class NatsApi:
                 limits = served.limits
             hints = RequestHints.from_headers(lambda name: headers.get(name) or headers.get(name.title()))
             request = await from_nats(req, served.tokenizer, limits, rid, hints)
-            generated = self.admission.run(request, tenant, lambda: served.generation.run(request, root))
-            async with aclosing(generated) as deltas:
+            admitted = self.admission.admit(request, tenant)
+            async with admitted, aclosing(served.generation.run(request, root)) as deltas:
                 index = 0
                 text_parts: list[str] = []
                 tokens: list[int] = []
                 async for d in deltas:
+                    admitted.used(len(d.token_ids))
                     if request.stream:
                         await self.bus.publish(msg.reply, encode(ApiChunk(
                             request_id=rid, index=index, text=d.text, token_ids=d.token_ids,

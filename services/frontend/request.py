@@ -6,7 +6,7 @@ and turns it into a :class:`ValidatedRequest`: the prompt's token ids, the Sampl
 engine gets, the text options of the text stream and the response plan. Every refusal is a
 :class:`RequestError` naming its field; nothing downstream checks again.
 
-The knobs are read from the request structs by name (a field a door does not have reads as
+The knobs are read from the request structs by name (``getattr(req, name, None)``: a field a door does not have reads as
 unset), so no door copies its fields into another's struct.
 """
 
@@ -231,7 +231,7 @@ def _validate(req: Any, request_id: str, token_ids: list[int], max_tokens: int |
     structured, structured_param = structured_from(req)
     if structured is not None:
         sampling = msgspec.structs.replace(sampling, structured=structured)
-    priority = check_priority(_knob(req, "priority"), hints.priority, limits.priority_range)
+    priority = check_priority(getattr(req, "priority", None), hints.priority, limits.priority_range)
     if priority:
         sampling = msgspec.structs.replace(sampling, priority=priority)
     stream_options = getattr(req, "stream_options", None)
@@ -288,21 +288,17 @@ def _in_range(name: str, value: float | None, lo: float, hi: float, default: flo
     return value
 
 
-def _knob(req: Any, name: str) -> Any:
-    """A request field by name; one its door does not have is unset (None)."""
-    return getattr(req, name, None)
-
 
 def sampling_and_plan(req: Any, chat: bool, max_tokens: int | None, prompt_len: int, max_model_len: int, *,
                       max_n: int = DEFAULT_MAX_N, vocab_size: int = 0) -> tuple[SamplingParams, ChoicePlan]:
     """SamplingParams and the response's shape (choices, logprobs, echo), from one validation;
     every rejection names its parameter."""
-    extra, plan = _choices_and_penalties(req, chat, bool(_knob(req, "stream")), max_n, vocab_size)
-    temperature = _in_range("temperature", _knob(req, "temperature"), 0.0, 2.0, 1.0)
-    top_p = _in_range("top_p", _knob(req, "top_p"), 0.0, 1.0, 1.0)
+    extra, plan = _choices_and_penalties(req, chat, bool(getattr(req, "stream", None)), max_n, vocab_size)
+    temperature = _in_range("temperature", getattr(req, "temperature", None), 0.0, 2.0, 1.0)
+    top_p = _in_range("top_p", getattr(req, "top_p", None), 0.0, 1.0, 1.0)
     if top_p == 0.0:  # OpenAI allows 0: the smallest nucleus is the most likely token, i.e. greedy
         temperature, top_p = 0.0, 1.0
-    top_k = _knob(req, "top_k") or 0
+    top_k = getattr(req, "top_k", None) or 0
     if top_k < 0 and top_k != -1:
         raise RequestError(400, "top_k must be -1, 0 or positive", param="top_k")
     room = max_model_len - prompt_len
@@ -325,10 +321,10 @@ def sampling_and_plan(req: Any, chat: bool, max_tokens: int | None, prompt_len: 
             param="max_tokens",
             code="context_length_exceeded",
         )
-    min_tokens = _knob(req, "min_tokens") or 0
+    min_tokens = getattr(req, "min_tokens", None) or 0
     if min_tokens < 0 or min_tokens > max_tokens:
         raise RequestError(400, "min_tokens must be between 0 and max_tokens", param="min_tokens")
-    seed = _knob(req, "seed")
+    seed = getattr(req, "seed", None)
     if seed is not None and not -(2**63) <= seed < 2**63:
         raise RequestError(400, "seed must fit in 64 bits", param="seed")
     sampling = SamplingParams(
@@ -337,8 +333,8 @@ def sampling_and_plan(req: Any, chat: bool, max_tokens: int | None, prompt_len: 
         top_p=top_p,
         top_k=max(top_k, 0),
         seed=seed,
-        stop_token_ids=list(_knob(req, "stop_token_ids") or []),
-        ignore_eos=bool(_knob(req, "ignore_eos")),
+        stop_token_ids=list(getattr(req, "stop_token_ids", None) or []),
+        ignore_eos=bool(getattr(req, "ignore_eos", None)),
         min_tokens=min_tokens,
         **extra,
     )
@@ -349,14 +345,14 @@ def _choices_and_penalties(req: Any, chat: bool, stream: bool, max_n: int,
                            vocab_size: int) -> tuple[dict[str, Any], ChoicePlan]:
     """SamplingParams keyword arguments for n, best_of, logprobs, echo, penalties, logit_bias and
     min_p, and the response plan."""
-    n = _knob(req, "n")
+    n = getattr(req, "n", None)
     n = 1 if n is None else n
     if not 1 <= n <= max_n:
         raise RequestError(400, f"n must be between 1 and {max_n}", param="n")
     plan = ChoicePlan(n=n, best_of=n)
-    logprobs = _knob(req, "logprobs")
+    logprobs = getattr(req, "logprobs", None)
     if chat:
-        top = _knob(req, "top_logprobs")
+        top = getattr(req, "top_logprobs", None)
         if top is not None and not 0 <= top <= MAX_CHAT_TOP_LOGPROBS:
             raise RequestError(400, f"top_logprobs must be between 0 and {MAX_CHAT_TOP_LOGPROBS}",
                                param="top_logprobs")
@@ -371,8 +367,8 @@ def _choices_and_penalties(req: Any, chat: bool, stream: bool, max_n: int,
             raise RequestError(400, f"logprobs must be an integer between 0 and {MAX_COMPLETION_LOGPROBS}",
                                param="logprobs")
         plan.logprobs = logprobs
-        plan.echo = bool(_knob(req, "echo"))
-        best_of = _knob(req, "best_of")
+        plan.echo = bool(getattr(req, "echo", None))
+        best_of = getattr(req, "best_of", None)
         if best_of is not None:
             if not n <= best_of <= max_n:
                 raise RequestError(400, f"best_of must be between n and {max_n}", param="best_of")
@@ -380,17 +376,17 @@ def _choices_and_penalties(req: Any, chat: bool, stream: bool, max_n: int,
                 raise RequestError(400, "best_of greater than n cannot be streamed", param="best_of")
             plan.best_of = best_of
     for name, lo, hi in (("presence_penalty", -2.0, 2.0), ("frequency_penalty", -2.0, 2.0)):
-        v = _knob(req, name)
+        v = getattr(req, name, None)
         if v is not None and not lo <= v <= hi:
             raise RequestError(400, f"{name} must be between {lo:g} and {hi:g}", param=name)
-    rep = _knob(req, "repetition_penalty")
+    rep = getattr(req, "repetition_penalty", None)
     if rep is not None and not 0 < rep <= 2:  # vLLM accepts (0, 2]
         raise RequestError(400, "repetition_penalty must be in (0, 2]", param="repetition_penalty")
-    min_p = _knob(req, "min_p")
+    min_p = getattr(req, "min_p", None)
     if min_p is not None and not 0 <= min_p <= 1:
         raise RequestError(400, "min_p must be between 0 and 1", param="min_p")
     bias: dict[int, float] = {}
-    for key, value in (_knob(req, "logit_bias") or {}).items():
+    for key, value in (getattr(req, "logit_bias", None) or {}).items():
         try:
             token = int(key)
         except ValueError:
@@ -408,8 +404,8 @@ def _choices_and_penalties(req: Any, chat: bool, stream: bool, max_n: int,
         "n": plan.best_of,
         "logprobs": engine_logprobs,
         "prompt_logprobs": plan.logprobs if plan.echo and plan.logprobs is not None else -1,
-        "presence_penalty": float(_knob(req, "presence_penalty") or 0.0),
-        "frequency_penalty": float(_knob(req, "frequency_penalty") or 0.0),
+        "presence_penalty": float(getattr(req, "presence_penalty", None) or 0.0),
+        "frequency_penalty": float(getattr(req, "frequency_penalty", None) or 0.0),
         "repetition_penalty": float(rep) if rep is not None else 1.0,
         "min_p": float(min_p or 0.0),
         "logit_bias": bias,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -87,6 +88,8 @@ class _Server(uvicorn.Server):
 class Frontend:
     def __init__(self, settings: FrontendSettings) -> None:
         self.settings = settings
+        # One prompt at a time: rayon's pool would only hand each one to another thread and back.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.bus: Bus | None = None
         self.view: WorkerView | None = None
         self.server: _Server | None = None

@@ -64,20 +64,17 @@ class ReplyText:
         self.n = n
         self.streams = [TextStream(tokenizer, options) for _ in range(n)]
         self.generated: list[list[int]] = [[] for _ in range(n)]  # tokens the caller has been given
+        self.completion_tokens = 0  # all choices' generated tokens, counted as they come (per chunk, cheap)
         self.done = [False] * n
         self.prompt_logprobs_sent = False  # a resumed request does not ask for them again
 
     @property
     def any_tokens(self) -> bool:
-        return any(self.generated)
+        return self.completion_tokens > 0
 
     @property
     def all_done(self) -> bool:
         return all(self.done)
-
-    @property
-    def completion_tokens(self) -> int:
-        return sum(map(len, self.generated))
 
     def feed(self, chunk: TokenChunk, worker_id: str) -> Delta | None:
         """The caller's delta for one chunk, or None when there is nothing to say (an empty chunk,
@@ -86,6 +83,7 @@ class ReplyText:
         if not 0 <= c < self.n or self.done[c]:
             return None
         self.generated[c].extend(chunk.token_ids)
+        self.completion_tokens += len(chunk.token_ids)
         self.prompt_logprobs_sent = self.prompt_logprobs_sent or bool(chunk.prompt_logprobs)
         finished = chunk.finish_reason is not None
         text, stopped = self.streams[c].push(chunk.token_ids, finished)
