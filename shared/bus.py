@@ -252,13 +252,18 @@ class ReplyStream:
     slow HTTP client) gets SlowConsumer instead of letting this process's memory grow.
     """
 
-    __slots__ = ("_items", "_max", "_waiter", "subject")
+    __slots__ = ("_deadline", "_items", "_max", "_timer", "_timer_at", "_waiter", "subject")
 
     def __init__(self, subject: str, max_pending: int) -> None:
         self.subject = subject
         self._items: deque[Any] = deque()
         self._max = max_pending
         self._waiter: asyncio.Future[None] | None = None
+        # One timer per stream, moved only when it fires early: a streamed request waits several
+        # times, and a timer made and cancelled per wait was a measurable share of the frontend.
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
 
     def _deliver(self, item: Any) -> None:
         if len(self._items) >= self._max and item is not _LOST:
@@ -276,15 +281,38 @@ class ReplyStream:
         if not self._items:
             loop = asyncio.get_running_loop()
             self._waiter = fut = loop.create_future()
-            timer = loop.call_later(timeout, _wake, fut)
+            self._deadline = deadline = loop.time() + timeout
+            if self._timer is None or self._timer_at > deadline:
+                self._arm(loop, deadline)
             try:
                 await fut
             finally:
-                timer.cancel()
                 self._waiter = None
             if not self._items:
                 raise BusTimeout(f"no reply on {self.subject} within {timeout:.1f}s")
         return self._check(self._items.popleft())
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = loop.call_at(when, self._on_timer, loop)
+
+    def _on_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        w = self._waiter
+        if w is None or w.done():
+            return  # nobody waits: the next wait arms a timer again
+        if loop.time() >= self._deadline:
+            w.set_result(None)  # timed out: next() finds no item
+        else:  # armed for an earlier wait: on to this one's deadline
+            self._arm(loop, self._deadline)
+
+    def close(self) -> None:
+        """No more waits: drop the timer."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _check(self, item: Any) -> Reply:
         if item is _LOST:
@@ -303,11 +331,6 @@ class ReplyStream:
         while items and _is_reply(items[0]):
             out.append(items.popleft())
         return out
-
-
-def _wake(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
 
 
 class _HandOver:
@@ -406,7 +429,9 @@ class ReplyInbox:
         return stream
 
     def close(self, token: str) -> None:
-        self._streams.pop(token, None)
+        stream = self._streams.pop(token, None)
+        if stream is not None:
+            stream.close()
 
     def __len__(self) -> int:
         return len(self._streams)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -217,3 +218,29 @@ def test_an_output_listener_takes_tokens_in_the_step_and_the_stream_the_rest(fai
         assert len(heard) == 3 and len(finishes) == 5  # the rest, one output a token, through the stream
     else:
         assert len(heard) == 7 and finishes == ["length"]  # only the last output took the stream
+
+
+def test_a_reply_stream_times_out_on_each_wait_with_one_timer() -> None:
+    """One timer per stream, moved when it fires early: each wait still times out on time."""
+    from shared.bus import BusTimeout, ReplyStream
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        s = ReplyStream("x", 16)
+        loop.call_later(0.05, s._deliver, TokenChunk(request_id="r", index=0, token_ids=[1]))
+        assert (await s.next(30.0)).token_ids == [1]  # a reply long before the deadline
+        assert s._timer is not None  # left armed for 30 s: not made and cancelled per wait
+        t0 = loop.time()
+        with pytest.raises(BusTimeout):
+            await s.next(0.2)  # a shorter wait re-arms for its own deadline
+        assert 0.15 <= loop.time() - t0 < 5
+        loop.call_later(0.05, s._deliver, TokenChunk(request_id="r", index=1, token_ids=[2]))
+        assert (await s.next(0.2)).token_ids == [2]  # leaves the timer armed for ~0.2 s from here
+        t0 = loop.time()
+        with pytest.raises(BusTimeout):
+            await s.next(0.5)  # that timer fires early, moves on to this wait's deadline
+        assert 0.45 <= loop.time() - t0 < 5
+        s.close()
+        assert s._timer is None
+
+    asyncio.run(main())
