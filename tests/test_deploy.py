@@ -817,9 +817,9 @@ def test_otel_collector_config_is_consistent():
 
 # --- the dashboard ----------------------------------------------------------------------------
 
-# Counter("name", "help" ["help" ...], ["label", ...]) and the like, over several lines or one.
+# Counter("name", "help" ["help" ...], ["label", ...]) and the like (LoopHistogram too), over several lines or one.
 _METRIC_DEF = re.compile(
-    r"\b(Counter|Gauge|Histogram|Summary)\(\s*[\"'](baton_\w+)[\"']\s*,"
+    r"\b(?:Loop)?(Counter|Gauge|Histogram|Summary)\(\s*[\"'](baton_\w+)[\"']\s*,"
     r"\s*(?:(?:\"(?:[^\"\\]|\\.)*\"|'(?:[^'\\]|\\.)*')\s*)+"
     r"(?:,\s*(?:labelnames\s*=\s*)?[\[(]([^\])]*)[\])])?")
 
