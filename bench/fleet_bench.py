@@ -51,6 +51,8 @@ import httpx
 import nats
 import psutil
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/fleet_bench.py` from anywhere
+
 from baton.nats_server import EmbeddedNats, free_port
 from bench.router_trace import load_trace
 from shared import subjects
