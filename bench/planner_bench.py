@@ -54,11 +54,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import msgspec
-import nats
 
 from baton.nats_server import free_port
 from shared import subjects
+from shared.bus import Bus, NatsSecurity
 from shared.messages import PlannerObservation, ScaleDecision, planner_observation_decoder
+from shared.nats_auth import creds_path
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACE = ROOT.parent / "shared" / "traces" / "conversation_trace.jsonl"
@@ -306,7 +307,7 @@ def start_stack(port: int, nats_port: int, logdir: Path, args: argparse.Namespac
     common = ["--engine", "mocker", "--mocker-speedup", str(args.mocker_speedup), "--host", "127.0.0.1",
               "--port", str(port), "--nats-port", str(nats_port), "--prefill-workers", "0", "--log-dir", str(logdir),
               "--log-level", "info", "--router-mode", args.router_mode, "--planner-interval", str(args.interval),
-              "--discovery-ttl", "3"]
+              "--discovery-ttl", "3", "--data-dir", str(logdir / "nats")]
     if fleet == "fixed":
         extra = ["--decode-workers", str(fixed), "--planner-policy", "none", "--planner-args", worker]
     else:
@@ -330,8 +331,12 @@ def start_stack(port: int, nats_port: int, logdir: Path, args: argparse.Namespac
     return proc
 
 
-async def drive(pattern: Pattern, fleet: str, port: int, nats_port: int, root: int, want: int) -> Run:
-    nc = await nats.connect(f"nats://127.0.0.1:{nats_port}")
+async def drive(pattern: Pattern, fleet: str, port: int, nats_port: int, root: int, want: int,
+                creds: Path) -> Run:
+    # baton up's NATS has authentication on: watch the planner as its operator (admin) identity.
+    bus = await Bus.connect(f"nats://127.0.0.1:{nats_port}", "planner-bench",
+                            security=NatsSecurity(creds_file=str(creds)))
+    nc = bus.nc
     last: list[PlannerObservation] = []
     decisions: list[dict] = []
     t_start = [math.inf]
@@ -396,7 +401,8 @@ def run_one(pattern: Pattern, fleet: str, args: argparse.Namespace, profile: Pat
     proc = start_stack(port, nats_port, logdir, args, fleet, profile, fixed)
     try:
         want = fixed if fleet == "fixed" else 1
-        run = asyncio.run(drive(pattern, fleet, port, nats_port, proc.pid, want))
+        run = asyncio.run(drive(pattern, fleet, port, nats_port, proc.pid, want,
+                                creds_path(logdir / "nats" / "auth", "admin")))
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

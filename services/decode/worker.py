@@ -319,12 +319,15 @@ class DecodeWorker(WorkerHost):
         if probe.on:
             probe.mark("engine_submit", rid)
         batcher = self.replies
-        if req.stream and n == 1 and req.batch_reply and batcher is not None:
+        batched = req.stream and bool(req.batch_reply) and batcher is not None
+        if n == 1 and (batched or not req.stream):
             subject = req.batch_reply
 
             def on_output(out: EngineOutput) -> bool:
-                """A streamed, batched request's tokens go to the batcher as the step delivers them:
-                no task switch per token. The last output (and any error) takes the loop below."""
+                """This request's outputs as the step delivers them, without waking its task per
+                step: streamed (batched), each token chunk goes to the batcher; not streamed, the
+                tokens are held for the last chunk. The last output (and any error) takes the loop
+                below."""
                 nonlocal prompt_lp
                 if out.finish_reason is not None or out.error:
                     return False
@@ -335,35 +338,19 @@ class DecodeWorker(WorkerHost):
                         tracing.event(span, "first_token", **{"baton.cached_tokens": out.num_cached_tokens})
                         if probe.on:
                             probe.mark("first_token", rid)
-                    batcher.send(subject, TokenChunk(request_id=rid, index=index[0], token_ids=out.token_ids,
-                                                     logprobs=out.logprobs or [], prompt_logprobs=prompt_lp))
-                    prompt_lp = []
+                    if batched:
+                        assert batcher is not None
+                        batcher.send(subject, TokenChunk(request_id=rid, index=index[0], token_ids=out.token_ids,
+                                                         logprobs=out.logprobs or [], prompt_logprobs=prompt_lp))
+                        prompt_lp = []
+                    else:  # held, with the prompt's logprobs, for the last chunk
+                        held[0].extend(out.token_ids)
+                        if out.logprobs:
+                            held_lp[0].extend(out.logprobs)
                     index[0] += len(out.token_ids)
                 return True
 
             self.engine.listen(rid, on_output)
-        elif not req.stream and n == 1:
-
-            def on_held(out: EngineOutput) -> bool:
-                """Not streamed: tokens are only held until the last output, so they are held as the
-                step delivers them, without waking this task per step."""
-                nonlocal prompt_lp
-                if out.finish_reason is not None or out.error:
-                    return False
-                if out.prompt_logprobs:
-                    prompt_lp = out.prompt_logprobs
-                if out.token_ids:
-                    if index[0] == 0:
-                        tracing.event(span, "first_token", **{"baton.cached_tokens": out.num_cached_tokens})
-                        if probe.on:
-                            probe.mark("first_token", rid)
-                    held[0].extend(out.token_ids)
-                    if out.logprobs:
-                        held_lp[0].extend(out.logprobs)
-                    index[0] += len(out.token_ids)
-                return True
-
-            self.engine.listen(rid, on_held)
         async for out in outputs:
             if out.error:
                 await publish(GenerateError(request_id=rid, code=out.error_code, message=out.error))
