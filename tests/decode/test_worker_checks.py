@@ -4,6 +4,7 @@ real DecodeWorker with the mocker engine."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
@@ -19,24 +20,29 @@ from shared.messages import GenerateError, GenerateRequest, SamplingParams, Toke
 pytestmark = pytest.mark.timeout(60)
 
 
-def test_decode_worker_answers_its_own_checks_and_serves_the_rest(tmp_path: Path) -> None:
+async def _ask(bus: Bus, worker: DecodeWorker, req: GenerateRequest) -> list:
+    """``req``'s replies from ``worker``, up to its last chunk or an error."""
+    inbox = bus.inbox.open(req.request_id)
+    try:
+        await bus.publish(worker.info().generate_subject, req, reply=inbox.subject)
+        replies = []
+        while True:
+            reply = generate_reply_decoder.decode((await inbox.next(10)).data)
+            replies.append(reply)
+            if isinstance(reply, GenerateError) or reply.finish_reason is not None:
+                return replies
+    finally:
+        bus.inbox.close(req.request_id)
+
+
+def _with_worker(tmp_path: Path, speedup: float, worker_id: str,
+                 body: Callable[[Bus, DecodeWorker], Awaitable[None]]) -> None:
+    """Run ``body`` against a real DecodeWorker (mocker engine) on a real nats-server, once the
+    worker is registered."""
     server = EmbeddedNats(data_dir=tmp_path / "nats", log_file=tmp_path / "nats.log")
     server.start()
-    worker = DecodeWorker(DecodeSettings(nats_url=server.url, engine=EngineConfig(engine="mocker", speedup=100.0),
-                                         worker_id="decode-checks", discovery_ttl=3))
-
-    async def ask(bus: Bus, req: GenerateRequest) -> list:
-        inbox = bus.inbox.open(req.request_id)
-        try:
-            await bus.publish(worker.info().generate_subject, req, reply=inbox.subject)
-            replies = []
-            while True:
-                reply = generate_reply_decoder.decode((await inbox.next(10)).data)
-                replies.append(reply)
-                if isinstance(reply, GenerateError) or reply.finish_reason is not None:
-                    return replies
-        finally:
-            bus.inbox.close(req.request_id)
+    worker = DecodeWorker(DecodeSettings(nats_url=server.url, engine=EngineConfig(engine="mocker", speedup=speedup),
+                                         worker_id=worker_id, discovery_ttl=3))
 
     async def main() -> None:
         bus = await Bus.connect(server.url, "test")
@@ -47,18 +53,7 @@ def test_decode_worker_answers_its_own_checks_and_serves_the_rest(tmp_path: Path
                 tg.start_soon(worker.run)
                 with anyio.fail_after(20):
                     await view.wait_for("decode", 1)
-                ok = SamplingParams(max_tokens=4, ignore_eos=True)
-                wrong_model = await ask(bus, GenerateRequest(request_id="a", token_ids=[5, 6], model="other",
-                                                             sampling=ok))
-                assert isinstance(wrong_model[0], GenerateError) and wrong_model[0].code == 400
-                assert "serves" in wrong_model[0].message
-                vocab = worker.engine.vocab_size
-                out_of_vocab = await ask(bus, GenerateRequest(request_id="b", token_ids=[5, vocab], sampling=ok))
-                assert isinstance(out_of_vocab[0], GenerateError) and out_of_vocab[0].code == 400
-                assert f"[0, {vocab})" in out_of_vocab[0].message
-                served = await ask(bus, GenerateRequest(request_id="c", token_ids=[5, 6, 7], sampling=ok))
-                assert all(isinstance(r, TokenChunk) for r in served)
-                assert sum(len(r.token_ids) for r in served) == 4 and served[-1].usage is not None
+                await body(bus, worker)
                 tg.cancel_scope.cancel()
         finally:
             await bus.close()
@@ -67,56 +62,46 @@ def test_decode_worker_answers_its_own_checks_and_serves_the_rest(tmp_path: Path
         anyio.run(main)
     finally:
         server.stop()
+
+
+def test_decode_worker_answers_its_own_checks_and_serves_the_rest(tmp_path: Path) -> None:
+    async def body(bus: Bus, worker: DecodeWorker) -> None:
+        ok = SamplingParams(max_tokens=4, ignore_eos=True)
+        wrong_model = await _ask(bus, worker, GenerateRequest(request_id="a", token_ids=[5, 6], model="other",
+                                                              sampling=ok))
+        assert isinstance(wrong_model[0], GenerateError) and wrong_model[0].code == 400
+        assert "serves" in wrong_model[0].message
+        vocab = worker.engine.vocab_size
+        out_of_vocab = await _ask(bus, worker, GenerateRequest(request_id="b", token_ids=[5, vocab], sampling=ok))
+        assert isinstance(out_of_vocab[0], GenerateError) and out_of_vocab[0].code == 400
+        assert f"[0, {vocab})" in out_of_vocab[0].message
+        served = await _ask(bus, worker, GenerateRequest(request_id="c", token_ids=[5, 6, 7], sampling=ok))
+        assert all(isinstance(r, TokenChunk) for r in served)
+        assert sum(len(r.token_ids) for r in served) == 4 and served[-1].usage is not None
+
+    _with_worker(tmp_path, 100.0, "decode-checks", body)
 
 
 def test_not_streamed_holds_exactly_what_streamed_sends(tmp_path: Path) -> None:
     """The worker holds a non-streamed request's tokens and logprobs as the steps deliver them
     (no task wake-up per step): its one chunk must equal the streamed chunks joined, at a
     near-free mocker whose decode steps run back to back."""
-    server = EmbeddedNats(data_dir=tmp_path / "nats", log_file=tmp_path / "nats.log")
-    server.start()
-    worker = DecodeWorker(DecodeSettings(nats_url=server.url, engine=EngineConfig(engine="mocker", speedup=1e9),
-                                         worker_id="decode-held", discovery_ttl=3))
+    sp = SamplingParams(max_tokens=24, ignore_eos=True, seed=3, logprobs=2, prompt_logprobs=1)
+    prompt = list(range(5, 45))
+    got: dict[str, list] = {}
 
-    async def ask(bus: Bus, req: GenerateRequest) -> list[TokenChunk]:
-        inbox = bus.inbox.open(req.request_id)
-        try:
-            await bus.publish(worker.info().generate_subject, req, reply=inbox.subject)
-            replies = []
-            while True:
-                reply = generate_reply_decoder.decode((await inbox.next(10)).data)
-                assert isinstance(reply, TokenChunk), reply
-                replies.append(reply)
-                if reply.finish_reason is not None:
-                    return replies
-        finally:
-            bus.inbox.close(req.request_id)
+    async def body(bus: Bus, worker: DecodeWorker) -> None:
+        got["streamed"] = await _ask(bus, worker, GenerateRequest(request_id="s", token_ids=prompt, sampling=sp))
+        got["whole"] = await _ask(bus, worker, GenerateRequest(request_id="w", token_ids=prompt, sampling=sp,
+                                                               stream=False))
 
-    async def main() -> None:
-        bus = await Bus.connect(server.url, "test")
-        view = WorkerView(bus, 3)
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(view.run)
-                tg.start_soon(worker.run)
-                with anyio.fail_after(20):
-                    await view.wait_for("decode", 1)
-                sp = SamplingParams(max_tokens=24, ignore_eos=True, seed=3, logprobs=2, prompt_logprobs=1)
-                prompt = list(range(5, 45))
-                streamed = await ask(bus, GenerateRequest(request_id="s", token_ids=prompt, sampling=sp))
-                whole = await ask(bus, GenerateRequest(request_id="w", token_ids=prompt, sampling=sp, stream=False))
-                tg.cancel_scope.cancel()
-        finally:
-            await bus.close()
-        assert len(whole) == 1 and len(streamed) > 1
-        [one] = whole
-        assert one.index == 0 and one.token_ids == [t for c in streamed for t in c.token_ids]
-        assert len(one.token_ids) == 24 and one.finish_reason == streamed[-1].finish_reason == "length"
-        assert one.logprobs == [lp for c in streamed for lp in c.logprobs] and len(one.logprobs) == 24
-        assert one.prompt_logprobs == streamed[0].prompt_logprobs and len(one.prompt_logprobs) == len(prompt) - 1
-        assert one.usage == streamed[-1].usage and one.usage is not None and one.usage.completion_tokens == 24
-
-    try:
-        anyio.run(main)
-    finally:
-        server.stop()
+    _with_worker(tmp_path, 1e9, "decode-held", body)
+    streamed, whole = got["streamed"], got["whole"]
+    assert all(isinstance(r, TokenChunk) for r in streamed + whole), streamed + whole
+    assert len(whole) == 1 and len(streamed) > 1
+    [one] = whole
+    assert one.index == 0 and one.token_ids == [t for c in streamed for t in c.token_ids]
+    assert len(one.token_ids) == 24 and one.finish_reason == streamed[-1].finish_reason == "length"
+    assert one.logprobs == [lp for c in streamed for lp in c.logprobs] and len(one.logprobs) == 24
+    assert one.prompt_logprobs == streamed[0].prompt_logprobs and len(one.prompt_logprobs) == len(prompt) - 1
+    assert one.usage == streamed[-1].usage and one.usage is not None and one.usage.completion_tokens == 24
