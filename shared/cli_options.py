@@ -310,3 +310,7 @@ RouterCatchupTimeout = Annotated[float, typer.Option(
 RouterSessionTtl = Annotated[float, typer.Option(
     envvar="BATON_ROUTER_SESSION_TTL",
     help="Seconds a session (x-session-id header) stays on its worker after its last request; 0: no affinity.")]
+RouterLeaseTtl = Annotated[float, typer.Option(
+    envvar="BATON_ROUTER_LEASE_TTL",
+    help="round-robin and random: seconds a frontend may use decisions granted ahead (route leases, no "
+         "route hop per request); 0: decide every request here.")]

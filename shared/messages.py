@@ -201,6 +201,23 @@ class RouteBatchReply(Struct, tag="route_batch_reply", kw_only=True):
     replies: list[RouteDecision | RouteError]
 
 
+class RouteLeaseRequest(Struct, tag="route_lease_request", kw_only=True):
+    """A frontend asks for ``count`` decisions ahead (shared/routing/lease.py). Only a policy that
+    does not read the request (round-robin, random) can decide ahead; a KV-aware one refuses."""
+
+    model: str
+    count: int
+
+
+class RouteLease(Struct, tag="route_lease", kw_only=True):
+    """Decisions granted ahead, in the order the router made them: ``order`` indexes ``workers``
+    (each worker once), good for ``ttl`` seconds from receipt."""
+
+    workers: list[RouteDecision]
+    order: list[int]
+    ttl: float
+
+
 # --- router -> planner ---------------------------------------------------------------------
 
 
@@ -458,8 +475,9 @@ status_request_decoder = msgspec.msgpack.Decoder(StatusRequest)
 status_reply_decoder = msgspec.msgpack.Decoder(StatusReply)
 route_request_decoder = msgspec.msgpack.Decoder(RouteRequest)
 route_reply_decoder = msgspec.msgpack.Decoder(RouteReply)
-route_message_decoder = msgspec.msgpack.Decoder(RouteRequest | RouteBatch)  # what a router takes
+route_message_decoder = msgspec.msgpack.Decoder(RouteRequest | RouteBatch | RouteLeaseRequest)  # what a router takes
 route_batch_reply_decoder = msgspec.msgpack.Decoder(RouteBatchReply | RouteDecision | RouteError)
+route_lease_reply_decoder = msgspec.msgpack.Decoder(RouteLease | RouteError)
 traffic_report_decoder = msgspec.msgpack.Decoder(TrafficReport)
 worker_info_decoder = msgspec.msgpack.Decoder(WorkerInfo)
 load_report_decoder = msgspec.msgpack.Decoder(LoadReport)

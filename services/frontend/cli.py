@@ -124,6 +124,11 @@ def main(
                           help="service: ask the router service (baton.v1.route); embedded: run the same router "
                                "in this process (no route hop; the --router-* options set its policy).")
     ] = "service",
+    route_leases: Annotated[
+        bool, typer.Option("--route-leases/--no-route-leases", envvar="BATON_ROUTE_LEASES",
+                           help="With the router service under round-robin or random: hold its decisions "
+                                "ahead, so requests skip the route hop (a KV-aware router is asked per request).")
+    ] = True,
     router_mode: RouterMode = "round-robin",
     router_seed: RouterSeed = None,
     router_overlap_weight: RouterOverlapWeight = 1.0,
@@ -211,7 +216,7 @@ def main(
         rate_limit_rpm=rate_limit_rpm, rate_limit_burst=rate_limit_burst, max_prompt_tokens=max_prompt_tokens, max_n=max_n,
         address_rate_limit_rpm=address_rate_limit_rpm, body_timeout=body_timeout, access_log=access_log,
         tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser, router=router,
-        lora_root=lora_root, lora_timeout=lora_timeout,
+        route_leases=route_leases, lora_root=lora_root, lora_timeout=lora_timeout,
         routing=RoutingSettings(mode=router_mode, discovery_ttl=discovery_ttl, seed=router_seed,
                                 overlap_weight=router_overlap_weight, lower_tier_weight=router_lower_tier_weight,
                                 lora_load_weight=router_lora_load_weight,

@@ -42,6 +42,7 @@ from shared.messages import (
 )
 from shared.routing.client import RouteClient
 from shared.routing.core import RouterCore
+from shared.routing.lease import RouteLeases
 from shared.tokenizer import Tokenizer
 
 log = logging.getLogger("baton.frontend")
@@ -79,12 +80,13 @@ class Generation:
     """Runs requests through router and workers for one served model."""
 
     def __init__(self, bus: Bus, tokenizer: Tokenizer, model: str, settings: GenerationSettings,
-                 router: RouterCore | None = None) -> None:
+                 router: RouterCore | None = None, leases: RouteLeases | None = None) -> None:
         self.bus = bus
         self.tokenizer = tokenizer
         self.model = model
         self.settings = settings
         self.router = router  # --router embedded: decide in process, no route hop
+        self.leases = leases  # the router service's decisions held ahead (round-robin, random)
         self._route_client: RouteClient | None = None  # the router service's (made on first use)
 
     async def _route(self, request_id: str, token_ids: list[int], exclude: list[str], parent: Any = None,
@@ -92,6 +94,10 @@ class Generation:
         if not await self.bus.wait_connected():  # rides out a failover to another NATS server
             raise RequestError(503, "the message bus is unavailable; retry shortly", type="service_unavailable",
                            code="bus_unavailable")
+        if self.leases is not None and self.router is None and not (exclude or session_id or lora):
+            leased = self.leases.take(self.model, len(token_ids), max_tokens)
+            if leased is not None:
+                return leased
         # Under an adapter the chain starts at its root, as in the worker's cache (shared.kv_hash).
         root = adapter_root(lora, lora_digest) if lora else adapter_root(None)
         req = RouteRequest(request_id=request_id, model=self.model, token_ids=token_ids, exclude=exclude,
@@ -202,6 +208,8 @@ class Generation:
                 tracing.end(gen_span, error=m.reason)
                 gen_span = None
                 exclude.append(decision.worker_id)
+                if self.leases is not None:
+                    self.leases.forget(self.model, decision.worker_id)
                 failures += 1
                 if reply.n > 1 and reply.any_tokens:
                     # Diverged choices cannot resume from one prompt: fail rather than repeat text.

@@ -38,6 +38,7 @@ from shared.discovery import DEFAULT_TTL, WorkerView
 from shared.messages import load_report_decoder
 from shared.models import resolve_model
 from shared.routing.core import RouterCore, RoutingSettings
+from shared.routing.lease import RouteLeases
 from shared.runtime import settle_heap
 from shared.subjects import API_GENERATE, API_LORA, API_QUEUE, LOAD_ALL
 from shared.tokenizer import Tokenizer
@@ -73,6 +74,7 @@ class FrontendSettings:
     reasoning_parser: str = ""  # "": off; think | qwen3 | deepseek_r1
     router: str = "service"  # "service": ask the router service; "embedded": run the router core here
     routing: RoutingSettings = field(default_factory=RoutingSettings)  # the embedded router's policy
+    route_leases: bool = True  # router service: hold its round-robin/random decisions ahead (shared/routing/lease.py)
     lora_root: str | None = None  # LoRA adapters may be loaded at run time from under this directory; None: off
     lora_timeout: float = 30.0  # seconds each worker has to load or unload an adapter
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)  # queue, fair shares, tokens a minute
@@ -94,6 +96,7 @@ class Frontend:
         self.view: WorkerView | None = None
         self.server: _Server | None = None
         self.router: RouterCore | None = None
+        self.leases: RouteLeases | None = None
         if settings.lora_root is not None and not Path(settings.lora_root).is_dir():
             raise ValueError(f"--lora-root {settings.lora_root!r} is not a directory")
         self.model: str | None = None
@@ -141,7 +144,8 @@ class Frontend:
             context_length = int(cfg.get("max_position_embeddings", 4096))
         max_model_len = min(s.max_model_len, context_length) if s.max_model_len else context_length
         # The bus is connected before any fleet model loads; the preloaded model's Generation gets it in run().
-        generation = Generation(self.bus, tokenizer, name, s.generation, self.router)  # type: ignore[arg-type]
+        generation = Generation(self.bus, tokenizer, name, s.generation, self.router,  # type: ignore[arg-type]
+                                self.leases)
         limits = RequestLimits(name, max_model_len, s.max_prompt_tokens, s.max_n, tool_parser, s.priority_range)
         return ServedModel(name=name, tokenizer=tokenizer, max_model_len=max_model_len, limits=limits,
                            generation=generation, tool_parser=tool_parser, root=str(model_dir))
@@ -166,9 +170,12 @@ class Frontend:
             if s.router == "embedded":
                 # Same core as the router service, fed by the same KV events and discovery.
                 self.router = RouterCore(s.routing, self.bus, self.view)
+            elif s.route_leases:
+                self.leases = RouteLeases(self.bus, timeout=s.generation.route_timeout)
             if self.preloaded is not None:
                 self.preloaded.generation.bus = self.bus
                 self.preloaded.generation.router = self.router
+                self.preloaded.generation.leases = self.leases
             self.registry.view, self.registry.bus = self.view, self.bus
             # Tokenizer files fetched from the object store: private to this process, gone at exit.
             files_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="baton-model-files-"))
@@ -194,6 +201,8 @@ class Frontend:
                 tg.start_soon(self.registry.run)
                 if self.router is not None:
                     tg.start_soon(self.router.run)
+                if self.leases is not None:
+                    tg.start_soon(self.leases.run)
 
                 async def on_api(msg: Any) -> None:
                     tg.start_soon(nats_api.handle, msg)

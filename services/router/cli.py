@@ -15,6 +15,7 @@ from shared.cli_options import (
     NatsCreds,
     NatsUrl,
     RouterCatchupTimeout,
+    RouterLeaseTtl,
     RouterLoraLoadWeight,
     RouterLowerTierWeight,
     RouterMode,
@@ -42,6 +43,7 @@ def main(
     snapshot_interval: RouterSnapshotInterval = 30.0,
     catchup_timeout: RouterCatchupTimeout = 20.0,
     session_ttl: RouterSessionTtl = 600.0,
+    lease_ttl: RouterLeaseTtl = 1.0,
     discovery_ttl: DiscoveryTtl = DEFAULT_TTL,
     metrics_port: MetricsPort = 0,
     log_level: LogLevel = "info",
@@ -64,7 +66,8 @@ def main(
                               seed=seed, overlap_weight=overlap_weight, temperature=temperature,
                               lower_tier_weight=lower_tier_weight, lora_load_weight=lora_load_weight,
                               prediction_ttl=prediction_ttl, snapshot_interval=snapshot_interval,
-                              catchup_timeout=catchup_timeout, session_ttl=session_ttl)
+                              catchup_timeout=catchup_timeout, session_ttl=session_ttl,
+                              lease_ttl=lease_ttl)
     run_service(Router(settings), "router", log_level, drain_timeout, log_format)
 
 

@@ -18,7 +18,14 @@ from shared import tracing
 from shared.bus import Bus
 from shared.cli_options import DEFAULT_NATS_URL
 from shared.discovery import WorkerView
-from shared.messages import RouteBatchReply, RouteDecision, RouteError, RouteRequest, route_message_decoder
+from shared.messages import (
+    RouteBatchReply,
+    RouteDecision,
+    RouteError,
+    RouteLeaseRequest,
+    RouteRequest,
+    route_message_decoder,
+)
 from shared.routing.core import ERRORS, RouterCore, RoutingSettings
 from shared.routing.kv_feed import KvEventFeed
 from shared.routing.policy import RoutingPolicy, make_policy
@@ -81,7 +88,8 @@ class Router:
         await anyio.sleep_forever()
 
     async def _on_route(self, msg: Msg) -> None:
-        """One RouteRequest, or a frontend's RouteBatch (answered with one RouteBatchReply)."""
+        """One RouteRequest, a frontend's RouteBatch (answered with one RouteBatchReply), or a
+        RouteLeaseRequest (decisions ahead: shared/routing/lease.py)."""
         assert self.bus is not None and self.core is not None
         try:
             req = route_message_decoder.decode(msg.data)
@@ -98,6 +106,9 @@ class Router:
             await self.bus.respond(msg, reply)
             if placement is not None:
                 self.core.record(placement)
+            return
+        if isinstance(req, RouteLeaseRequest):
+            await self.bus.respond(msg, self.core.lease(req))
             return
         # A batch: each decision must see the ones before it recorded (predicted load, KV blocks).
         BATCH_REQUESTS.observe(len(req.requests))

@@ -24,7 +24,15 @@ from prometheus_client import Counter, Gauge, Histogram
 from shared import tracing
 from shared.bus import Bus
 from shared.discovery import DEFAULT_TTL, WorkerView
-from shared.messages import RouteDecision, RouteError, RouteRequest, WorkerInfo, load_report_decoder
+from shared.messages import (
+    RouteDecision,
+    RouteError,
+    RouteLease,
+    RouteLeaseRequest,
+    RouteRequest,
+    WorkerInfo,
+    load_report_decoder,
+)
 from shared.routing.affinity import SessionAffinity
 from shared.routing.kv_feed import KvEventFeed
 from shared.routing.kv_policy import KvRouter, KvRouterConfig
@@ -40,6 +48,10 @@ DECISION_SECONDS = Histogram(
     buckets=(1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 0.01),
 )
 ERRORS = Counter("baton_router_errors_total", "Requests the router could not place", ["reason"])
+LEASED = Counter("baton_router_leased_decisions_total",
+                 "Decisions granted ahead to frontends (round-robin, random), by worker; counted when granted",
+                 ["worker_id", "policy"])
+MAX_LEASE = 1024  # decisions one lease request may take
 OVERLAP_BLOCKS = Histogram(
     "baton_router_predicted_overlap_blocks", "Cached prefix blocks predicted on the chosen worker",
     buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096),
@@ -76,6 +88,7 @@ class RoutingSettings:
     snapshot_interval: float = 30.0  # 0: never write index snapshots
     catchup_timeout: float = 20.0
     session_ttl: float = 600.0  # seconds a session (x-session-id) stays on its worker unused; 0: no affinity
+    lease_ttl: float = 1.0  # seconds a frontend may use decisions granted ahead (shared/routing/lease.py)
 
     def kv_config(self) -> KvRouterConfig:
         return KvRouterConfig(overlap_weight=self.overlap_weight, lower_tier_weight=self.lower_tier_weight,
@@ -221,6 +234,37 @@ class RouterCore:
         if self.kv is None or hashes is None:
             return decision, None
         return decision, Placement(worker, hashes, overlap, len(req.token_ids), now, req.lora)
+
+    def lease(self, req: RouteLeaseRequest) -> RouteLease | RouteError:
+        """``req.count`` decisions ahead, for requests without a session, adapter or workers to avoid.
+        Only a policy that does not read the request can decide before it exists; a KV-aware one
+        answers 409 and the frontend asks per request. Traffic is counted by the frontend that uses
+        the decisions (an unused one expires uncounted)."""
+        if self.kv is not None:
+            return RouteError(code=409, message=f"the {self.policy.name} policy decides per request")
+        if self.settings.lease_ttl <= 0:
+            return RouteError(code=409, message="route leases are off on this router (--lease-ttl 0)")
+        workers = self.view.workers("decode", req.model)
+        if not workers:
+            ERRORS.labels("no_worker").inc()
+            return RouteError(code=503, message=f"no decode worker serves {req.model!r}")
+        if req.count < 1:
+            return RouteError(code=400, message="a lease needs a count of at least 1")
+        probe_req = RouteRequest(request_id="", model=req.model, token_ids=[])
+        index: dict[str, int] = {}
+        granted: list[RouteDecision] = []
+        order: list[int] = []
+        for _ in range(min(req.count, MAX_LEASE)):
+            worker, _ = self.policy.choose_worker(probe_req, workers)
+            i = index.get(worker.worker_id)
+            if i is None:
+                i = index[worker.worker_id] = len(granted)
+                granted.append(RouteDecision(worker_id=worker.worker_id, subject=worker.generate_subject,
+                                             cancel_subject=worker.cancel_subject, policy=self.policy.name))
+            order.append(i)
+        for d in granted:
+            LEASED.labels(d.worker_id, self.policy.name).inc(order.count(index[d.worker_id]))
+        return RouteLease(workers=granted, order=order, ttl=self.settings.lease_ttl)
 
     def record(self, placement: Placement) -> None:
         assert self.kv is not None

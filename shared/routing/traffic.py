@@ -3,8 +3,9 @@
 The planner meters the load it plans for (request rate, prompt and output lengths). It used to
 subscribe beside the workers to every GenerateRequest, which cost a message, a wake-up and a
 decode in the planner (and a copy in nats-server) per request, and let it read every prompt.
-Every request is routed exactly once by some router (a router service replica or a frontend's
-embedded one), so the routers count instead and publish one :class:`TrafficReport` per
+Every request is routed exactly once by some router (a router service replica, a frontend's
+embedded one, or a frontend using decisions a router leased it: shared/routing/lease.py), so the
+routers count instead and publish one :class:`TrafficReport` per
 :data:`REPORT_INTERVAL_S` while busy. Each report carries the time it covers, measured by its
 sender, so the planner computes exact per-router rates whatever the phase of its own interval.
 After the last request a router keeps sending empty reports for :data:`IDLE_TAIL_S`, so the
@@ -44,12 +45,16 @@ class TrafficCounter:
 
     def count(self, req: RouteRequest) -> None:
         """A request placed (the caller checked it is new, not a re-route)."""
-        c = self._counts.get(req.model)
+        self.add(req.model, len(req.token_ids), req.max_tokens)
+
+    def add(self, model: str, prompt_tokens: int, output_tokens: int) -> None:
+        """A new request placed for ``model``: its prompt length and output budget."""
+        c = self._counts.get(model)
         if c is None:
-            c = self._counts[req.model] = [0, 0, 0]
+            c = self._counts[model] = [0, 0, 0]
         c[0] += 1
-        c[1] += len(req.token_ids)
-        c[2] += req.max_tokens
+        c[1] += prompt_tokens
+        c[2] += output_tokens
 
     def take(self, now: float | None = None) -> TrafficReport | None:
         """The report for the interval that ends now, or None when there is nothing to say (idle
