@@ -11,6 +11,7 @@ hop. Either way it is the same code fed by the same events.
 
 from __future__ import annotations
 
+import collections
 import logging
 import random
 import time
@@ -36,7 +37,7 @@ from shared.messages import (
 from shared.routing.affinity import SessionAffinity
 from shared.routing.kv_feed import KvEventFeed
 from shared.routing.kv_policy import KvRouter, KvRouterConfig
-from shared.routing.policy import RoutingPolicy, make_policy
+from shared.routing.policy import RandomChoice, RoundRobin, RoutingPolicy, make_policy
 from shared.routing.traffic import TrafficCounter
 from shared.subjects import LOAD_ALL
 
@@ -250,20 +251,20 @@ class RouterCore:
             return RouteError(code=503, message=f"no decode worker serves {req.model!r}")
         if req.count < 1:
             return RouteError(code=400, message="a lease needs a count of at least 1")
-        probe_req = RouteRequest(request_id="", model=req.model, token_ids=[])
+        if not isinstance(self.policy, RoundRobin | RandomChoice):
+            return RouteError(code=409, message=f"the {self.policy.name} policy does not decide ahead")
         index: dict[str, int] = {}
         granted: list[RouteDecision] = []
         order: list[int] = []
-        for _ in range(min(req.count, MAX_LEASE)):
-            worker, _ = self.policy.choose_worker(probe_req, workers)
+        for worker in self.policy.choose_many(workers, min(req.count, MAX_LEASE)):
             i = index.get(worker.worker_id)
             if i is None:
                 i = index[worker.worker_id] = len(granted)
                 granted.append(RouteDecision(worker_id=worker.worker_id, subject=worker.generate_subject,
                                              cancel_subject=worker.cancel_subject, policy=self.policy.name))
             order.append(i)
-        for d in granted:
-            LEASED.labels(d.worker_id, self.policy.name).inc(order.count(index[d.worker_id]))
+        for i, n in collections.Counter(order).items():
+            LEASED.labels(granted[i].worker_id, self.policy.name).inc(n)
         return RouteLease(workers=granted, order=order, ttl=self.settings.lease_ttl)
 
     def record(self, placement: Placement) -> None:

@@ -40,24 +40,39 @@ from shared.subjects import ROUTE
 
 log = logging.getLogger("baton.frontend")
 
-MIN_LEASE = 8
+MIN_LEASE = 4  # and the least demand worth a lease: this many requests expected in half its life
 MAX_LEASE = 512
+FIRST_LEASE = 16  # a lease is at most twice the last one, starting from this
+DEMAND_WINDOW_S = 0.5  # the request rate is measured over windows this long
 RETRY_OFF_S = 30.0  # after a router refused leases: ask per request this long, then try again
 RETRY_FAILED_S = 0.5  # after a lease request failed (no router, timeout, no worker)
 
 
 class _Held:
-    """One model's decisions in hand."""
+    """One model's decisions in hand, and its recent request rate."""
 
-    __slots__ = ("decisions", "expires", "retry_at", "since", "size", "used")
+    __slots__ = ("decisions", "expires", "last_rate", "retry_at", "size", "ttl", "window_count", "window_start")
 
-    def __init__(self) -> None:
+    def __init__(self, now: float) -> None:
         self.decisions: deque[RouteDecision] = deque()
         self.expires = 0.0
-        self.size = MIN_LEASE  # decisions asked for last
-        self.since = time.monotonic()  # when the last lease came (or the first want)
-        self.used = 0  # decisions taken since then
+        self.size = FIRST_LEASE // 2  # decisions granted last
+        self.ttl = 1.0  # seconds the router let the last lease live
         self.retry_at = 0.0
+        self.window_start = now
+        self.window_count = 0  # requests for this model in the current window
+        self.last_rate = 0.0  # requests a second over the last full window
+
+    def count_request(self, now: float) -> None:
+        elapsed = now - self.window_start
+        if elapsed >= DEMAND_WINDOW_S:
+            self.last_rate = self.window_count / elapsed
+            self.window_start, self.window_count = now, 0
+        self.window_count += 1
+
+    def rate(self, now: float) -> float:
+        """Requests a second: the last full window's, or the current one's if that is higher."""
+        return max(self.last_rate, self.window_count / max(now - self.window_start, DEMAND_WINDOW_S))
 
 
 class RouteLeases:
@@ -74,20 +89,22 @@ class RouteLeases:
 
     def take(self, model: str, prompt_tokens: int, max_tokens: int) -> RouteDecision | None:
         """The next decision held for ``model``, or None (ask the router). Counts the request as
-        placed traffic when a decision is returned."""
+        placed traffic when a decision is returned. A model asked for too rarely to use a lease
+        before it expires gets none: its requests ask the router, as without leases."""
         now = time.monotonic()
         if now < self._off_until:
             return None
         held = self._held.get(model)
         if held is None:
-            held = self._held[model] = _Held()
+            held = self._held[model] = _Held(now)
+        held.count_request(now)
         if held.decisions and now >= held.expires:
             held.decisions.clear()
         if not held.decisions:
-            self._want(model, held, now)
+            if held.rate(now) * held.ttl / 2 >= MIN_LEASE:
+                self._want(model, held, now)
             return None
         decision = held.decisions.popleft()
-        held.used += 1
         if 2 * len(held.decisions) <= held.size:
             self._want(model, held, now)
         self.traffic.add(model, prompt_tokens, max_tokens)
@@ -121,10 +138,9 @@ class RouteLeases:
     async def _refill(self, model: str) -> None:
         held = self._held[model]
         now = time.monotonic()
-        # Size a lease to about half its life of demand at the rate the last one was used, at most
-        # twice the last one (a burst of a few requests says little about the rate).
-        rate = held.used / max(now - held.since, 1e-3)
-        size = min(MAX_LEASE, 2 * held.size, max(MIN_LEASE, math.ceil(rate * 0.5)))
+        # About half a lease's life of demand at the recent rate, and at most twice the last lease
+        # (a burst of a few requests says little about the rate).
+        size = min(MAX_LEASE, 2 * held.size, max(MIN_LEASE, math.ceil(held.rate(now) * held.ttl / 2)))
         try:
             msg = await self.bus.ask(self.subject, RouteLeaseRequest(model=model, count=size), self.timeout)
             reply = route_lease_reply_decoder.decode(msg.data)
@@ -146,4 +162,4 @@ class RouteLeases:
         held.decisions.extend(workers[i] for i in reply.order if 0 <= i < len(workers))
         held.expires = now + reply.ttl
         held.size = len(reply.order)
-        held.since, held.used = now, 0
+        held.ttl = reply.ttl

@@ -38,6 +38,12 @@ class RoundRobin:
         self._next += 1
         return w, 0
 
+    def choose_many(self, workers: list[WorkerInfo], count: int) -> list[WorkerInfo]:
+        """The next ``count`` choices (a route lease), as ``count`` calls would make them."""
+        ordered = sorted(workers, key=lambda w: w.worker_id)
+        start, self._next = self._next, self._next + count
+        return [ordered[i % len(ordered)] for i in range(start, start + count)]
+
 
 class RandomChoice:
     name = "random"
@@ -47,6 +53,10 @@ class RandomChoice:
 
     def choose_worker(self, request: RouteRequest, workers: list[WorkerInfo]) -> tuple[WorkerInfo, int]:
         return self._rng.choice(workers), 0
+
+    def choose_many(self, workers: list[WorkerInfo], count: int) -> list[WorkerInfo]:
+        """``count`` choices at once (a route lease)."""
+        return self._rng.choices(workers, k=count)
 
 
 def make_policy(mode: str, seed: int | None = None, kv_config: KvRouterConfig | None = None) -> RoutingPolicy:
