@@ -170,3 +170,45 @@ def test_requests_skip_the_route_hop_and_still_alternate_workers(tmp_path: Path)
         asked = router_metric(s, "baton_router_route_batch_requests_count")
         leased = router_metric(s, "baton_router_leased_decisions_total")
         assert asked < 10 and leased >= 30, (asked, leased)
+
+
+def test_a_worker_killed_under_leased_load_costs_no_request(tmp_path: Path) -> None:
+    """Eight clients keep a steady stream of requests going (so the frontend holds leases naming both
+    workers); one worker is SIGKILLed: every request still completes, on the survivor from then on."""
+    stack = Stack(tmp_path, "mocker", decode_workers=2, metrics=True, discovery_ttl=3.0,
+                  decode_ids=["decode-a", "decode-b"], extra_decode_args=["--mocker-speedup", "50"])
+    with running(stack) as s:
+        done: list[tuple[int, str, bool]] = []  # (status, worker, whole stream)
+        stop = anyio.Event()
+
+        async def client(c: httpx.AsyncClient, i: int) -> None:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                async with c.stream("POST", f"{s.url}/v1/completions", json={
+                        "model": s.model, "prompt": f"client {i} request {n}", "max_tokens": 8,
+                        "stream": True}) as r:
+                    body = await r.aread()
+                    done.append((r.status_code, r.headers.get("x-baton-worker", ""),
+                                 body.rstrip().endswith(b"data: [DONE]") and b'"error"' not in body))
+
+        async def until(count: int) -> None:
+            while len(done) < count:
+                await anyio.sleep(0.01)
+
+        async def main() -> None:
+            async with httpx.AsyncClient(timeout=60) as c, anyio.create_task_group() as tg:
+                for i in range(8):
+                    tg.start_soon(client, c, i)
+                with anyio.fail_after(60):
+                    await until(60)
+                    assert router_metric(s, "baton_router_leased_decisions_total") > 0
+                    s.kill(s.decoders[0])
+                    killed_at = len(done)
+                    await until(killed_at + 150)
+                stop.set()
+
+        anyio.run(main)
+        assert all(status == 200 and whole for status, _, whole in done), [d for d in done if not d[2]][:5]
+        assert {w for _, w, _ in done[:60]} == {"decode-a", "decode-b"}
+        assert {w for _, w, _ in done[-40:]} == {"decode-b"}
