@@ -97,6 +97,10 @@ class Generation:
         if self.leases is not None and self.router is None and not (exclude or session_id or lora):
             leased = self.leases.take(self.model, len(token_ids), max_tokens)
             if leased is not None:
+                if tracing.ENABLED:
+                    span = tracing.start("route", tracing.SpanKind.CLIENT, parent, **{
+                        "baton.request_id": request_id, "baton.route_lease": True})
+                    tracing.end(span, **{"baton.worker_id": leased.worker_id})
                 return leased
         # Under an adapter the chain starts at its root, as in the worker's cache (shared.kv_hash).
         root = adapter_root(lora, lora_digest) if lora else adapter_root(None)
