@@ -148,6 +148,10 @@ class RouteLeases:
             log.debug("route lease for %s not granted: %r", model, e)
             held.retry_at = time.monotonic() + RETRY_FAILED_S
             return
+        except Exception:  # a bug here must not stop the frontend: its requests ask per request
+            log.exception("asking for a route lease for %s failed", model)
+            held.retry_at = time.monotonic() + RETRY_OFF_S
+            return
         now = time.monotonic()
         if isinstance(reply, RouteError):
             if reply.code in (400, 409):  # the router decides per request (or knows no leases)
