@@ -4,6 +4,7 @@ as one batch (shared/routing/client.py), and the router answers a batch in order
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
@@ -47,54 +48,16 @@ async def until_served(bus: Bus, subject: str) -> None:
         return
 
 
-def test_ask_through_the_reply_inbox(tmp_path: Path) -> None:
+def with_frontend_and_router(tmp_path: Path, body: Callable[[Bus, Bus], Awaitable[None]]) -> None:
+    """Run ``body(frontend, router)``: two bus connections to a fresh nats-server, closed after."""
     server = EmbeddedNats(data_dir=tmp_path / "nats", log_file=tmp_path / "nats.log")
     server.start()
 
     async def main() -> None:
         frontend = await Bus.connect(server.url, "frontend")
         router = await Bus.connect(server.url, "router")
-        seen: list[Msg] = []
-
-        async def answer(msg: Msg) -> None:
-            seen.append(msg)
-            req = route_request_decoder.decode(msg.data)
-            await router.respond(msg, RouteDecision(worker_id=f"w-{req.request_id}", subject="s", cancel_subject="c"))
-
         try:
-            with anyio.fail_after(10):
-                # nobody listens yet: told at once, not after the timeout
-                with pytest.raises(NoResponders):
-                    await frontend.ask("test.route", RouteRequest(request_id="r0", model="m", token_ids=[1]), 5.0)
-                await router.subscribe("test.route", answer, queue="routers")
-                await until_served(frontend, "test.route")
-                seen.clear()
-                # concurrent asks each get their own answer
-                replies: dict[str, str] = {}
-
-                async def one(i: int) -> None:
-                    msg = await frontend.ask("test.route", RouteRequest(request_id=f"r{i}", model="m", token_ids=[i]),
-                                             5.0, headers={"traceparent": f"00-{i:032x}-{i:016x}-01"})
-                    reply = route_reply_decoder.decode(msg.data)
-                    assert isinstance(reply, RouteDecision)
-                    replies[f"r{i}"] = reply.worker_id
-
-                async with anyio.create_task_group() as tg:
-                    for i in range(1, 21):
-                        tg.start_soon(one, i)
-                assert replies == {f"r{i}": f"w-r{i}" for i in range(1, 21)}
-                assert seen[0].headers and seen[0].headers["traceparent"].startswith("00-")
-                assert all(m.reply.startswith(frontend.inbox.batch_subject + ".ask-") for m in seen)
-                # a subject that takes but never answers: a timeout
-                async def ignore(msg: Msg) -> None:
-                    pass
-
-                await router.subscribe("test.silent", ignore)
-                await until_served(frontend, "test.silent")
-                with pytest.raises(BusTimeout):
-                    await frontend.ask("test.silent", encode(RouteRequest(request_id="x", model="m", token_ids=[])),
-                                       0.3)
-                assert len(frontend.inbox) == 0  # every ask closed its slot
+            await body(frontend, router)
         finally:
             await frontend.close()
             await router.close()
@@ -105,13 +68,56 @@ def test_ask_through_the_reply_inbox(tmp_path: Path) -> None:
         server.stop()
 
 
-def test_route_requests_of_one_loop_turn_go_as_one_batch(tmp_path: Path) -> None:
-    server = EmbeddedNats(data_dir=tmp_path / "nats", log_file=tmp_path / "nats.log")
-    server.start()
+def test_ask_through_the_reply_inbox(tmp_path: Path) -> None:
 
-    async def main() -> None:
-        frontend = await Bus.connect(server.url, "frontend")
-        router = await Bus.connect(server.url, "router")
+    async def main(frontend: Bus, router: Bus) -> None:
+        seen: list[Msg] = []
+
+        async def answer(msg: Msg) -> None:
+            seen.append(msg)
+            req = route_request_decoder.decode(msg.data)
+            await router.respond(msg, RouteDecision(worker_id=f"w-{req.request_id}", subject="s", cancel_subject="c"))
+
+        with anyio.fail_after(10):
+            # nobody listens yet: told at once, not after the timeout
+            with pytest.raises(NoResponders):
+                await frontend.ask("test.route", RouteRequest(request_id="r0", model="m", token_ids=[1]), 5.0)
+            await router.subscribe("test.route", answer, queue="routers")
+            await until_served(frontend, "test.route")
+            seen.clear()
+            # concurrent asks each get their own answer
+            replies: dict[str, str] = {}
+
+            async def one(i: int) -> None:
+                msg = await frontend.ask("test.route", RouteRequest(request_id=f"r{i}", model="m", token_ids=[i]),
+                                         5.0, headers={"traceparent": f"00-{i:032x}-{i:016x}-01"})
+                reply = route_reply_decoder.decode(msg.data)
+                assert isinstance(reply, RouteDecision)
+                replies[f"r{i}"] = reply.worker_id
+
+            async with anyio.create_task_group() as tg:
+                for i in range(1, 21):
+                    tg.start_soon(one, i)
+            assert replies == {f"r{i}": f"w-r{i}" for i in range(1, 21)}
+            assert seen[0].headers and seen[0].headers["traceparent"].startswith("00-")
+            assert all(m.reply.startswith(frontend.inbox.batch_subject + ".ask-") for m in seen)
+            # a subject that takes but never answers: a timeout
+            async def ignore(msg: Msg) -> None:
+                pass
+
+            await router.subscribe("test.silent", ignore)
+            await until_served(frontend, "test.silent")
+            with pytest.raises(BusTimeout):
+                await frontend.ask("test.silent", encode(RouteRequest(request_id="x", model="m", token_ids=[])),
+                                   0.3)
+            assert len(frontend.inbox) == 0  # every ask closed its slot
+
+    with_frontend_and_router(tmp_path, main)
+
+
+def test_route_requests_of_one_loop_turn_go_as_one_batch(tmp_path: Path) -> None:
+
+    async def main(frontend: Bus, router: Bus) -> None:
         wire: list[RouteRequest | RouteBatch] = []
         knows_batches = True
 
@@ -133,58 +139,51 @@ def test_route_requests_of_one_loop_turn_go_as_one_batch(tmp_path: Path) -> None
             assert isinstance(reply, RouteDecision)
             out[f"r{i}"] = reply.worker_id
 
-        try:
-            with anyio.fail_after(20):
-                await until_served(frontend, "test.route")
-                wire.clear()
-                # alone in its turn: a plain request, as before
-                alone: dict[str, str] = {}
-                await ask(0, alone)
-                assert alone == {"r0": "w-r0"} and isinstance(wire[-1], RouteRequest)
-                # 20 callers in one turn: one message each way, every caller its own answer
-                wire.clear()
-                got: dict[str, str] = {}
-                async with anyio.create_task_group() as tg:
-                    for i in range(1, 21):
-                        tg.start_soon(ask, i, got)
-                assert got == {f"r{i}": f"w-r{i}" for i in range(1, 21)}
-                assert len(wire) == 1 and isinstance(wire[0], RouteBatch) and len(wire[0].requests) == 20
-                # the caller sending the batch leaves (its client hung up): the others still get answers
-                got.clear()
-                leader = anyio.CancelScope()
+        with anyio.fail_after(20):
+            await until_served(frontend, "test.route")
+            wire.clear()
+            # alone in its turn: a plain request, as before
+            alone: dict[str, str] = {}
+            await ask(0, alone)
+            assert alone == {"r0": "w-r0"} and isinstance(wire[-1], RouteRequest)
+            # 20 callers in one turn: one message each way, every caller its own answer
+            wire.clear()
+            got: dict[str, str] = {}
+            async with anyio.create_task_group() as tg:
+                for i in range(1, 21):
+                    tg.start_soon(ask, i, got)
+            assert got == {f"r{i}": f"w-r{i}" for i in range(1, 21)}
+            assert len(wire) == 1 and isinstance(wire[0], RouteBatch) and len(wire[0].requests) == 20
+            # the caller sending the batch leaves (its client hung up): the others still get answers
+            got.clear()
+            leader = anyio.CancelScope()
 
-                async def lead() -> None:
-                    with leader:
-                        await ask(100, {})
+            async def lead() -> None:
+                with leader:
+                    await ask(100, {})
 
-                wire.clear()
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(lead)  # starts first: it leads the batch
-                    for i in range(101, 105):
-                        tg.start_soon(ask, i, got)
-                    await anyio.lowlevel.checkpoint()  # every one has joined; the leader waits out its turn
-                    leader.cancel()
-                assert leader.cancelled_caught
-                assert got == {f"r{i}": f"w-r{i}" for i in range(101, 105)}
-                assert [len(m.requests) for m in wire if isinstance(m, RouteBatch)] == [4]  # asked anew, together
-                # a router that knows no batches: asked one at a time, and batching stays off
-                knows_batches = False
-                wire.clear()
-                got.clear()
-                async with anyio.create_task_group() as tg:
-                    for i in range(200, 205):
-                        tg.start_soon(ask, i, got)
-                assert got == {f"r{i}": f"w-r{i}" for i in range(200, 205)}
-                assert not client.batching and [type(m) for m in wire] == [RouteBatch] + [RouteRequest] * 5
-                assert len(frontend.inbox) == 0
-        finally:
-            await frontend.close()
-            await router.close()
+            wire.clear()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lead)  # starts first: it leads the batch
+                for i in range(101, 105):
+                    tg.start_soon(ask, i, got)
+                await anyio.lowlevel.checkpoint()  # every one has joined; the leader waits out its turn
+                leader.cancel()
+            assert leader.cancelled_caught
+            assert got == {f"r{i}": f"w-r{i}" for i in range(101, 105)}
+            assert [len(m.requests) for m in wire if isinstance(m, RouteBatch)] == [4]  # asked anew, together
+            # a router that knows no batches: asked one at a time, and batching stays off
+            knows_batches = False
+            wire.clear()
+            got.clear()
+            async with anyio.create_task_group() as tg:
+                for i in range(200, 205):
+                    tg.start_soon(ask, i, got)
+            assert got == {f"r{i}": f"w-r{i}" for i in range(200, 205)}
+            assert not client.batching and [type(m) for m in wire] == [RouteBatch] + [RouteRequest] * 5
+            assert len(frontend.inbox) == 0
 
-    try:
-        anyio.run(main, backend_options={"use_uvloop": True})
-    finally:
-        server.stop()
+    with_frontend_and_router(tmp_path, main)
 
 
 def decision_for(req: RouteRequest) -> RouteDecision:

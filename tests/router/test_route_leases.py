@@ -20,13 +20,13 @@ import httpx
 import pytest
 from nats.aio.msg import Msg
 
-from baton.nats_server import EmbeddedNats
 from shared.bus import Bus
 from shared.messages import RouteError, RouteLease, RouteLeaseRequest, WorkerInfo, route_message_decoder
 from shared.routing.core import RouterCore, RoutingSettings
 from shared.routing.lease import RouteLeases
 from tests.procs import Stack, running
 from tests.router.test_model_views import FakeView
+from tests.router.test_route_hop import with_frontend_and_router
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -73,16 +73,11 @@ def test_who_refuses_a_lease() -> None:
 
 
 def test_the_frontend_uses_a_lease_in_order_and_forgets_failed_workers(tmp_path: Path) -> None:
-    server = EmbeddedNats(data_dir=tmp_path / "nats", log_file=tmp_path / "nats.log")
-    server.start()
     router_core = core(lease_ttl=0.5)
     asked: list[RouteLeaseRequest] = []
     state = {"answer": "lease"}
 
-    async def main() -> None:
-        frontend = await Bus.connect(server.url, "frontend")
-        router = await Bus.connect(server.url, "router")
-
+    async def main(frontend: Bus, router: Bus) -> None:
         async def answer(msg: Msg) -> None:
             req = route_message_decoder.decode(msg.data)
             assert isinstance(req, RouteLeaseRequest)
@@ -100,53 +95,46 @@ def test_the_frontend_uses_a_lease_in_order_and_forgets_failed_workers(tmp_path:
             while not condition():
                 await anyio.sleep(0.005)
 
-        try:
-            with anyio.fail_after(20):
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(leases.run)
-                    # nothing held yet: ask per request; and three requests are too few to lease for
-                    assert [leases.take("m", 10, 5) for _ in range(3)] == [None] * 3
-                    assert not leases._wanted
-                    # eight in a moment (16 a second): worth a lease of half a second's worth
-                    assert [leases.take("m", 10, 5) for _ in range(5)] == [None] * 5
-                    await until(lambda: leases.leases == 1)
-                    assert asked == [RouteLeaseRequest(model="m", count=8)]
-                    got = [leases.take("m", 10, 5) for _ in range(4)]
-                    assert [d.worker_id for d in got if d is not None] == ["w0", "w1", "w2", "w0"]
-                    # half used: the next lease is asked for in the background and queued behind
-                    await until(lambda: leases.leases == 2)
-                    leases.forget("m", "w2")  # a request just failed there
-                    more = [leases.take("m", 10, 5) for _ in range(6)]
-                    assert [d.worker_id for d in more if d is not None] == ["w1", "w0", "w1", "w0", "w1", "w0"]
-                    assert 4 <= asked[1].count <= 16  # at most twice the last lease, whatever the burst
-                    report = leases.traffic.take()  # each request placed from a lease, counted once
-                    assert report is not None and [(t.requests, t.prompt_tokens, t.output_tokens)
-                                                   for t in report.models] == [(10, 100, 50)]
-                    # an expired lease is not used
-                    state["answer"] = "no worker"
-                    await anyio.sleep(0.6)
-                    asks = len(asked)
-                    assert leases.take("m", 1, 1) is None
-                    await until(lambda: len(asked) > asks and not leases._wanted)  # "no worker": retry later
-                    # a router that decides per request: asked per request from then on, and not pestered
-                    state["answer"] = "per request"
-                    await anyio.sleep(0.6)  # past the retry delay of the "no worker" answers
-                    asks = len(asked)
-                    assert [leases.take("m", 1, 1) for _ in range(10)] == [None] * 10
-                    await until(lambda: len(asked) > asks and not leases._wanted)
-                    asks = len(asked)
-                    assert all(leases.take("m", 1, 1) is None for _ in range(20))
-                    await anyio.sleep(0.05)
-                    assert len(asked) == asks
-                    tg.cancel_scope.cancel()
-        finally:
-            await frontend.close()
-            await router.close()
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(leases.run)
+                # nothing held yet: ask per request; and three requests are too few to lease for
+                assert [leases.take("m", 10, 5) for _ in range(3)] == [None] * 3
+                assert not leases._wanted
+                # eight in a moment (16 a second): worth a lease of half a second's worth
+                assert [leases.take("m", 10, 5) for _ in range(5)] == [None] * 5
+                await until(lambda: leases.leases == 1)
+                assert asked == [RouteLeaseRequest(model="m", count=8)]
+                got = [leases.take("m", 10, 5) for _ in range(4)]
+                assert [d.worker_id for d in got if d is not None] == ["w0", "w1", "w2", "w0"]
+                # half used: the next lease is asked for in the background and queued behind
+                await until(lambda: leases.leases == 2)
+                leases.forget("m", "w2")  # a request just failed there
+                more = [leases.take("m", 10, 5) for _ in range(6)]
+                assert [d.worker_id for d in more if d is not None] == ["w1", "w0", "w1", "w0", "w1", "w0"]
+                assert 4 <= asked[1].count <= 16  # at most twice the last lease, whatever the burst
+                report = leases.traffic.take()  # each request placed from a lease, counted once
+                assert report is not None and [(t.requests, t.prompt_tokens, t.output_tokens)
+                                               for t in report.models] == [(10, 100, 50)]
+                # an expired lease is not used
+                state["answer"] = "no worker"
+                await anyio.sleep(0.6)
+                asks = len(asked)
+                assert leases.take("m", 1, 1) is None
+                await until(lambda: len(asked) > asks and not leases._wanted)  # "no worker": retry later
+                # a router that decides per request: asked per request from then on, and not pestered
+                state["answer"] = "per request"
+                await anyio.sleep(0.6)  # past the retry delay of the "no worker" answers
+                asks = len(asked)
+                assert [leases.take("m", 1, 1) for _ in range(10)] == [None] * 10
+                await until(lambda: len(asked) > asks and not leases._wanted)
+                asks = len(asked)
+                assert all(leases.take("m", 1, 1) is None for _ in range(20))
+                await anyio.sleep(0.05)
+                assert len(asked) == asks
+                tg.cancel_scope.cancel()
 
-    try:
-        anyio.run(main, backend_options={"use_uvloop": True})
-    finally:
-        server.stop()
+    with_frontend_and_router(tmp_path, main)
 
 
 def router_metric(s: Stack, name: str) -> float:
