@@ -215,6 +215,7 @@ def test_the_charts_nats_servers_form_a_jetstream_cluster_that_survives_one_loss
     import subprocess
     import time
     import urllib.request
+    from typing import Any
 
     import nats
     from nats.js.api import KeyValueConfig
@@ -251,7 +252,7 @@ def test_the_charts_nats_servers_form_a_jetstream_cluster_that_survives_one_loss
         """The ConfigMap's nats.conf, listening on server i's local route port."""
         listen = 'listen: "0.0.0.0:6222"'
         assert listen in cluster_conf
-        (tmp_path / f"nats-{i}").mkdir()
+        (tmp_path / f"nats-{i}").mkdir(exist_ok=True)
         path = tmp_path / f"nats-{i}" / "nats.conf"
         path.write_text(cluster_conf.replace(listen, f'listen: "127.0.0.1:{route_ports[i]}"'))
         return str(path)
@@ -288,6 +289,19 @@ def test_the_charts_nats_servers_form_a_jetstream_cluster_that_survives_one_loss
         return subprocess.Popen(server_args(i), env=server_env(password), stderr=subprocess.STDOUT,
                                 stdout=open(tmp_path / f"nats-{i}.log", "wb"))
 
+    def start_listening(i: int, password: str | None) -> subprocess.Popen:
+        """start(i, password) until it listens: a port free_port picked can be taken before the
+        server binds it (another process's outgoing connection), and the server then exits at once;
+        it is started again on fresh ports, at most twice more."""
+        for attempt in range(3):
+            proc = start(i, password)
+            wait_until(lambda p=proc: p.poll() is not None or "Listening for route connections" in log(i), 10, 0.05,
+                       f"server {i} listening, or gone")
+            if proc.poll() is None or "address already in use" not in log(i) or attempt == 2:
+                return proc
+            client_ports[i], monitor_ports[i], route_ports[i] = free_port(), free_port(), free_port()
+        raise AssertionError("unreachable: the last attempt returns")
+
     def monitor(i: int, path: str) -> dict | None:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{monitor_ports[i]}{path}", timeout=1) as r:
@@ -312,7 +326,7 @@ def test_the_charts_nats_servers_form_a_jetstream_cluster_that_survives_one_loss
                    15, 0.2, "each server routed to the other two")
         # Two intruders on the same network, with the chart's config: a wrong route password, and
         # none. Each dials the three members (and listens for routes); the members refuse both.
-        procs += [start(3, "not-the-route-password"), start(4, None)]
+        procs += [start_listening(3, "not-the-route-password"), start_listening(4, None)]
         wait_until(lambda: all(log(i).count("Authorization Violation") >= 3 for i in (3, 4)), 15, 0.2,
                    "the members refusing both intruders' routes")
         wait_until(lambda: all(monitor(i, "/varz") for i in (3, 4)), 10, 0.1, "the intruders up")
@@ -324,6 +338,22 @@ def test_the_charts_nats_servers_form_a_jetstream_cluster_that_survives_one_loss
         jsz = monitor(0, "/jsz") or {}
         assert jsz.get("meta_cluster", {}).get("cluster_size") == 3
 
+        async def put_when_led(js: Any, value: bytes) -> Any:
+            """Put k=value into the probe bucket once its stream answers. A stream with no leader (a
+            new R3 one still electing, or one whose leader just died; and when the dead server led
+            the meta group too, until a new meta leader answers) leaves a request unanswered, so
+            poll with short timeouts (lookup and write), bounded."""
+            deadline = time.monotonic() + 25
+            while True:
+                try:
+                    bucket = await js.key_value("probe")
+                    await bucket.put("k", value)
+                    return bucket
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
+
         async def scenario() -> tuple[bytes, bytes]:
             opts = {"user": admin["user"], "password": admin["password"], "connect_timeout": 5,
                     "allow_reconnect": False}
@@ -332,25 +362,12 @@ def test_the_charts_nats_servers_form_a_jetstream_cluster_that_survives_one_loss
             first = await nats.connect(f"nats://127.0.0.1:{client_ports[0]}", **opts)
             other = await nats.connect(f"nats://127.0.0.1:{client_ports[2]}", **opts)
             try:
-                kv = await first.jetstream().create_key_value(KeyValueConfig(bucket="probe", replicas=3))
-                await kv.put("k", b"before")
+                await first.jetstream().create_key_value(KeyValueConfig(bucket="probe", replicas=3))
+                await put_when_led(first.jetstream(timeout=2), b"before")
                 read = (await (await other.jetstream().key_value("probe")).get("k")).value
                 procs[0].kill()  # SIGKILL the server the bucket was made through
                 procs[0].wait(5)
-                # The bucket's stream may be leaderless until the survivors elect (and, when the dead
-                # server led the meta group too, until a new meta leader answers): a request then goes
-                # unanswered, so poll with short timeouts (lookup and write), bounded.
-                js = other.jetstream(timeout=2)
-                deadline = time.monotonic() + 25
-                while True:
-                    try:
-                        survivor = await js.key_value("probe")
-                        await survivor.put("k", b"after")
-                        break
-                    except Exception:
-                        if time.monotonic() > deadline:
-                            raise
-                        await asyncio.sleep(0.2)
+                survivor = await put_when_led(other.jetstream(timeout=2), b"after")
                 return read, (await survivor.get("k")).value
             finally:
                 await first.close()
