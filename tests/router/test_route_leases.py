@@ -52,9 +52,8 @@ def test_a_lease_is_a_slice_of_the_routers_rotation() -> None:
     nxt = c.lease(RouteLeaseRequest(model="m", count=2))
     assert isinstance(nxt, RouteLease) and [nxt.workers[i].worker_id for i in nxt.order] == ["w1", "w2"]
     # random: any of the model's workers, never another model's
-    mixed = core("random", fleet(2) + fleet(2, "other")[:0] + [
-        WorkerInfo(worker_id="x0", role="decode", model="other", block_size=16, generate_subject="gen.x0",
-                   cancel_subject="cancel.x0")])
+    mixed = core("random", [*fleet(2), WorkerInfo(worker_id="x0", role="decode", model="other", block_size=16,
+                                                  generate_subject="gen.x0", cancel_subject="cancel.x0")])
     lease = mixed.lease(RouteLeaseRequest(model="m", count=50))
     assert isinstance(lease, RouteLease) and len(lease.order) == 50
     assert {w.worker_id for w in lease.workers} == {"w0", "w1"}
