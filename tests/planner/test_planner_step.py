@@ -98,8 +98,11 @@ def test_baton_profile_writes_a_profile_the_sla_policy_reads(tmp_path: Path) -> 
     from baton.cli import app
 
     out = tmp_path / "p.json"
+    # 32 output tokens (the default): the mocker pays simulated time back in sleeps of at least
+    # 0.5 ms, so a decode run must span several of them (8 tokens at c = 1 spanned ~0.7 ms, and a
+    # run that ended before its first sleep read as 5x faster than simulated).
     r = CliRunner().invoke(app, ["profile", "--engine", "mocker", "--mocker-speedup", "50", "--isl", "32,128",
-                                 "--concurrency", "1,4", "--osl", "8", "--decode-isl", "32", "-o", str(out)])
+                                 "--concurrency", "1,4", "--osl", "32", "--decode-isl", "32", "-o", str(out)])
     assert r.exit_code == 0, r.output
     prof = WorkerProfile.load(out)
     assert [p.isl for p in prof.prefill] == [32, 128] and [d.concurrency for d in prof.decode] == [1, 4]
