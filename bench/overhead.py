@@ -349,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", type=str, default="", help="also write every run here")
     ap.add_argument("--profile-dir", type=str, default="", help="after the matrix, py-spy each Baton side here")
     ap.add_argument("--profile-concurrency", type=int, default=64)
+    ap.add_argument("--profile-non-streamed", action="store_true",
+                    help="profile non-streamed requests (the default profiles streamed ones)")
     ap.add_argument("--profile-rate", type=int, default=199, help="py-spy samples a second")
     ap.add_argument("--py-spy", type=str, default="py-spy")
     ap.add_argument("--ttft-probe", type=str, default="",
@@ -414,7 +416,8 @@ def main() -> None:
         if args.profile_dir:
             for side in sides:
                 if side.name in ("service", "embedded"):
-                    profile(side, args.py_spy, Path(args.profile_dir), {**payload, "stream": True},
+                    profile(side, args.py_spy, Path(args.profile_dir),
+                            {**payload, "stream": not args.profile_non_streamed},
                             args.profile_concurrency, args.duration, args.profile_rate)
     finally:
         for side in sides:

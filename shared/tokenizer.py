@@ -14,6 +14,8 @@ from typing import Any
 
 from tokenizers import Tokenizer as HfTokenizer
 
+from shared.bpe_fast_path import ByteLevelFastPath
+
 
 def _token_text(value: Any) -> str | None:
     if isinstance(value, dict):  # AddedToken serialised as a dict
@@ -52,7 +54,11 @@ class Tokenizer:
     def __init__(self, model_dir: str | Path) -> None:
         d = Path(model_dir)
         self.model_dir = d
-        self._tok = HfTokenizer.from_file(str(d / "tokenizer.json"))
+        tokenizer_json = (d / "tokenizer.json").read_text()
+        self._tok = HfTokenizer.from_str(tokenizer_json)
+        # ASCII prompts of byte-level BPE tokenizers skip HF's per-character bookkeeping
+        # (shared/bpe_fast_path.py); None: every prompt takes the HF pipeline.
+        self._fast = ByteLevelFastPath.for_tokenizer(self._tok, tokenizer_json)
         cfg: dict[str, Any] = {}
         if (d / "tokenizer_config.json").exists():
             cfg = json.loads((d / "tokenizer_config.json").read_text())
@@ -71,7 +77,12 @@ class Tokenizer:
         self.vocab_size = self._tok.get_vocab_size()
 
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True, gil_free: bool = False) -> list[int]:
+        """``gil_free``: for a thread beside the event loop. The HF pipeline runs without the
+        GIL; the fast path holds it, which on another thread would stall the loop for longer than
+        running it on the loop itself."""
+        if self._fast is not None and not gil_free:
+            return self._fast.encode(text, add_special_tokens)
         # The batch "fast" encoder skips the character offsets (the ids are the same): about a
         # quarter less CPU per prompt. A batch of one runs serially unless TOKENIZERS_PARALLELISM
         # allows rayon, which the frontend turns off (services/frontend/service.py).
@@ -91,9 +102,9 @@ class Tokenizer:
             **{k: v for k, v in kwargs.items() if v is not None}, **self._special_tokens,
         )
 
-    def encode_chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], gil_free: bool = False, **kwargs: Any) -> list[int]:
         # The template writes BOS itself, so the tokenizer must not add another.
-        return self.encode(self.apply_chat_template(messages, **kwargs), add_special_tokens=False)
+        return self.encode(self.apply_chat_template(messages, **kwargs), add_special_tokens=False, gil_free=gil_free)
 
     def detokenizer(self, skip_special_tokens: bool = True) -> IncrementalDetokenizer:
         return IncrementalDetokenizer(self, skip_special_tokens=skip_special_tokens)

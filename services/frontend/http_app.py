@@ -340,7 +340,7 @@ class OpenAIApp:
             if len(req.prompt) < TOKENIZE_IN_THREAD_CHARS:
                 ids = tokenizer.encode(req.prompt, add_special_tokens=add_special)
             else:
-                ids = await anyio.to_thread.run_sync(lambda: tokenizer.encode(req.prompt, add_special))
+                ids = await anyio.to_thread.run_sync(lambda: tokenizer.encode(req.prompt, add_special, gil_free=True))
         else:
             chat = ChatCompletionRequest(model=served.name, messages=req.messages or [])
             messages = chat_messages(chat)

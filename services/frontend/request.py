@@ -419,7 +419,7 @@ def _choices_and_penalties(req: Any, chat: bool, stream: bool, max_n: int,
 async def encode_text(tokenizer: Tokenizer, text: str) -> list[int]:
     if len(text) < TOKENIZE_IN_THREAD_CHARS:
         return tokenizer.encode(text)
-    return await anyio.to_thread.run_sync(tokenizer.encode, text)
+    return await anyio.to_thread.run_sync(lambda: tokenizer.encode(text, gil_free=True))
 
 
 async def encode_chat(tokenizer: Tokenizer, messages: list[dict[str, Any]],
@@ -427,5 +427,5 @@ async def encode_chat(tokenizer: Tokenizer, messages: list[dict[str, Any]],
     size = sum(len(str(m.get("content") or "")) for m in messages)
     if size < TOKENIZE_IN_THREAD_CHARS:
         return tokenizer.encode_chat(messages, tools=tools)
-    return await anyio.to_thread.run_sync(lambda: tokenizer.encode_chat(messages, tools=tools))
+    return await anyio.to_thread.run_sync(lambda: tokenizer.encode_chat(messages, gil_free=True, tools=tools))
 

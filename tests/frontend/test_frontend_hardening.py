@@ -20,15 +20,17 @@ class ThreadNotingTokenizer:
     def __init__(self, fail: bool = False) -> None:
         self.fail = fail
         self.threads: list[int] = []
+        self.gil_free: list[bool] = []
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, gil_free: bool = False) -> list[int]:
         self.threads.append(threading.get_ident())
+        self.gil_free.append(gil_free)
         if self.fail:
             raise RuntimeError("tokenizer bug")
         return [1] * max(1, len(text) // 100)
 
-    def encode_chat(self, messages: list[dict[str, Any]], **template_kwargs: Any) -> list[int]:
-        return self.encode("".join(m["content"] for m in messages))
+    def encode_chat(self, messages: list[dict[str, Any]], gil_free: bool = False, **template_kwargs: Any) -> list[int]:
+        return self.encode("".join(m["content"] for m in messages), gil_free)
 
 
 class FakeGeneration:
@@ -78,5 +80,6 @@ def test_long_prompts_are_tokenized_in_a_thread(chat: bool) -> None:
                 await encode_text(tok, text)  # type: ignore[arg-type]
         assert tok.threads[0] == loop_thread  # short: inline, no thread hop
         assert tok.threads[1] != loop_thread  # long: off the event loop
+        assert tok.gil_free == [False, True]  # and there, the encoder that releases the GIL
 
     anyio.run(main)
