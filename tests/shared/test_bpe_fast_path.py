@@ -76,18 +76,11 @@ def test_supported_shapes_get_a_fast_path_that_matches_hf_on_the_probes(which: s
             assert fast.encode(text, specials) == hf.encode(text, add_special_tokens=specials).ids, repr(text)
 
 
-@given(WITH_ADDED, st.booleans())
+@pytest.mark.parametrize("which", ["baton-tiny", "llama3-style"])
+@given(text=WITH_ADDED, specials=st.booleans())
 @settings(max_examples=400, deadline=None)
-def test_llama3_style_matches_hf_on_any_ascii_text(text: str, specials: bool) -> None:
-    hf, fast = _fast(llama3_style())
-    assert fast is not None
-    assert fast.encode(text, specials) == hf.encode(text, add_special_tokens=specials).ids
-
-
-@given(WITH_ADDED, st.booleans())
-@settings(max_examples=400, deadline=None)
-def test_baton_tiny_matches_hf_on_any_ascii_text(text: str, specials: bool) -> None:
-    hf, fast = _fast(_tiny_json())
+def test_matches_hf_on_any_ascii_text(which: str, text: str, specials: bool) -> None:
+    hf, fast = _fast(_tiny_json() if which == "baton-tiny" else llama3_style())
     assert fast is not None
     assert fast.encode(text, specials) == hf.encode(text, add_special_tokens=specials).ids
 
