@@ -35,8 +35,11 @@ log = logging.getLogger("baton.tokenizer")
 # The pattern HF's ByteLevel pre-tokenizer splits with when ``use_regex`` is on.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 _NORMAL_FORMS = {"NFC", "NFD", "NFKC", "NFKD"}  # identity on ASCII
-MAX_CACHED_PIECE = 128  # longer pieces (a run of dashes, say) are encoded each time, not kept
-MAX_CACHE_ENTRIES = 1 << 17
+# The piece cache is filled by whatever text clients send, so it is bounded by what it holds:
+# pieces longer than this (a run of dashes, say) are encoded each time, not kept, and the cache
+# starts over once it holds this many ids (a few tens of MB at most).
+MAX_CACHED_PIECE = 32
+MAX_CACHED_IDS = 1 << 19
 
 
 def _byte_alphabet() -> dict[int, str]:
@@ -145,18 +148,21 @@ def _added_splitter(tokens: list[dict[str, Any]], normalized: bool) -> re.Patter
 
 
 class _PieceIds(dict[str, tuple[int, ...]]):
-    """Piece -> its BPE ids, filled on first sight (bounded; long pieces are not kept)."""
+    """Piece -> its BPE ids, filled on first sight (bounded by ids held; long pieces are not kept)."""
 
     def __init__(self, tokenize: Callable[[str], list[Any]]) -> None:
         super().__init__()
         self._tokenize = tokenize
+        self.num_ids = 0  # ids held, over every piece
 
     def __missing__(self, piece: str) -> tuple[int, ...]:
         ids = tuple(t.id for t in self._tokenize(piece.encode().decode("latin-1").translate(_BYTE_CHARS)))
         if len(piece) <= MAX_CACHED_PIECE:
-            if len(self) >= MAX_CACHE_ENTRIES:
+            if self.num_ids + len(ids) > MAX_CACHED_IDS:
                 self.clear()
+                self.num_ids = 0
             self[piece] = ids
+            self.num_ids += len(ids)
         return ids
 
 

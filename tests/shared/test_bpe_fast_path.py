@@ -135,11 +135,13 @@ def test_piece_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     hf = HfTokenizer.from_str(_tiny_json())
     fast = ByteLevelFastPath.for_tokenizer(hf, _tiny_json())
     assert fast is not None
-    monkeypatch.setattr(bpe_fast_path, "MAX_CACHE_ENTRIES", 4)
+    monkeypatch.setattr(bpe_fast_path, "MAX_CACHED_IDS", 6)
     fast._pieces.clear()
+    fast._pieces.num_ids = 0
     text = "one two three four five six seven " + "-" * (bpe_fast_path.MAX_CACHED_PIECE + 10)
     assert fast.encode(text) == hf.encode(text).ids
-    assert len(fast._pieces) <= 4
+    assert 0 < fast._pieces.num_ids <= 6
+    assert fast._pieces.num_ids == sum(map(len, fast._pieces.values()))
     assert all(len(p) <= bpe_fast_path.MAX_CACHED_PIECE for p in fast._pieces)
 
 
