@@ -47,6 +47,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -61,7 +62,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from baton.nats_server import free_port
+from baton.nats_server import find_nats_server, free_port
 from bench import ttft_breakdown
 from bench.loadgen import ARRIVALS, run_load, run_open_loop
 from shared import probe
@@ -70,7 +71,8 @@ from shared.models import resolve_model
 ROLES = {  # a cmdline fragment -> the role it is reported under
     "services.frontend": "frontend", "services.router": "router", "services.decode": "decode",
     "services.planner": "planner", "nats-server": "nats", "dynamo.frontend": "frontend",
-    "dynamo.mocker": "decode", "baton up": "supervisor",
+    "dynamo.mocker": "decode", "baton up": "supervisor", "nats_floor.py front": "frontend",
+    "nats_floor.py worker": "decode",
 }
 ROLE_ORDER = ("frontend", "router", "decode", "nats", "planner", "supervisor", "other")
 
@@ -191,6 +193,42 @@ def start_dynamo(venv: Path, model_dir: Path) -> Side:
             raise RuntimeError((logdir / "frontend.log").read_text()[-3000:] + (logdir / "mocker.log").read_text()[-3000:])
         time.sleep(0.2)
     return side
+
+
+def start_floor() -> Side:
+    """The transport floor (bench/nats_floor.py): an HTTP front and a worker relaying over a plain
+    nats-server, no work done; what Baton's shape costs before any of Baton's work."""
+    logdir = Path(tempfile.mkdtemp(prefix="overhead-floor-"))
+    port, nats_port = free_port(), free_port()
+    url = f"nats://127.0.0.1:{nats_port}"
+    here = Path(__file__).resolve().parent
+    server = subprocess.Popen([find_nats_server(), "-a", "127.0.0.1", "-p", str(nats_port)],
+                              stdout=open(logdir / "nats.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    side = Side("floor", port, [server], logdir)
+    try:
+        deadline = time.monotonic() + 30
+        while not _port_open(nats_port):
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError((logdir / "nats.log").read_text()[-3000:])
+            time.sleep(0.05)
+        for role in ("worker", "front"):
+            side.roots.append(subprocess.Popen(
+                [sys.executable, str(here / "nats_floor.py"), role, "--nats", url, "--port", str(port)],
+                stdout=open(logdir / f"{role}.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True))
+        while not _port_open(port):
+            if any(p.poll() is not None for p in side.roots) or time.monotonic() > deadline:
+                raise RuntimeError((logdir / "front.log").read_text()[-3000:] + (logdir / "worker.log").read_text()[-3000:])
+            time.sleep(0.05)
+    except BaseException:
+        side.stop()
+        raise
+    return side
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def spread(values: list[float], fmt: str = "{:.1f}") -> str:
@@ -344,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sides", nargs="+", default=["service", "embedded", "dynamo"],
-                    help="service, embedded, dynamo (dynamo needs --dynamo-venv)")
+                    help="service, embedded, dynamo (dynamo needs --dynamo-venv), floor (bench/nats_floor.py)")
     ap.add_argument("--dynamo-venv", type=str, default="", help="a venv with ai-dynamo 1.6.1 (see above)")
     ap.add_argument("--json", type=str, default="", help="also write every run here")
     ap.add_argument("--profile-dir", type=str, default="", help="after the matrix, py-spy each Baton side here")
@@ -393,6 +431,8 @@ def main() -> None:
                 sides.append(start_baton(name, [], tree, probe_dir))
             elif kind == "embedded":
                 sides.append(start_baton(name, ["--router", "embedded"], tree, probe_dir))
+            elif name == "floor":
+                sides.append(start_floor())
             elif name == "dynamo":
                 sides.append(start_dynamo(Path(args.dynamo_venv), resolve_model("baton-tiny", None).path))
             else:

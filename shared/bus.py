@@ -25,6 +25,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
+from nats.protocol.command import pub_cmd
 
 from shared import nats_auth, probe, redact
 from shared.messages import GenerateError, ReplyBatch, TokenChunk, encode, generate_reply_decoder
@@ -460,15 +461,25 @@ class ReplyBatcher:
         self._urgent: set[str] = set()  # requests with a first or last chunk (or an error) pending
         self._wake = asyncio.Event()  # something is pending
         self._due = asyncio.Event()  # the interval is up, or an urgent reply came
+        # True when the engine calls flush_urgent_now once a step's outputs are delivered: urgent
+        # replies sent during a delivery (send(in_step=True)) then do not wake run().
+        self.flushed_by_caller = False
 
-    def send(self, subject: str, reply: TokenChunk | GenerateError) -> None:
-        if isinstance(reply, GenerateError) or reply.index == 0 or reply.finish_reason is not None:
+    def send(self, subject: str, reply: TokenChunk | GenerateError, in_step: bool = False) -> None:
+        """Queue one reply. ``in_step``: sent while an engine step delivers its outputs, so (with
+        :attr:`flushed_by_caller`) an urgent one leaves with :meth:`flush_urgent_now` as the
+        delivery ends, without waking :meth:`run`."""
+        urgent = isinstance(reply, GenerateError) or reply.index == 0 or reply.finish_reason is not None
+        by_caller = urgent and in_step and self.flushed_by_caller
+        if urgent:
             self._urgent.add(reply.request_id)
-            self._due.set()
+            if not by_caller:
+                self._due.set()
         batch = self._pending.get(subject)
         if batch is None:
             self._pending[subject] = [reply]
-            self._wake.set()
+            if not by_caller:
+                self._wake.set()
         else:
             batch.append(reply)
 
@@ -501,8 +512,27 @@ class ReplyBatcher:
             with anyio.move_on_after(1, shield=True):
                 await self.flush()
 
-    async def _flush_urgent(self) -> None:
-        """Publish the urgent requests' replies now; every other request's wait for the interval."""
+    def flush_urgent_now(self) -> None:
+        """The urgent replies (first and last chunks, errors) to the socket now, from the caller's
+        turn: the engine calls this once its step, or its burst of near-free steps, has delivered
+        (``Engine.on_delivered``), so a first or last token does not wait for this batcher's task
+        and then the NATS client's flusher, two more event-loop turns. Middle tokens still wait
+        for the interval. Not connected: left to :meth:`run`, which publishes through the
+        client's reconnect buffer."""
+        if not self._urgent:
+            return
+        if not self._bus.connected:
+            self._due.set()  # run() publishes them, through the client's reconnect buffer
+            self._wake.set()
+            return
+        self._publish_now(self._take_urgent())
+        if self._pending:
+            self._wake.set()  # the middle tokens sent alongside wait for the interval
+        else:
+            self._wake.clear()
+
+    def _take_urgent(self) -> dict[str, list[TokenChunk | GenerateError]]:
+        """Remove and return the urgent requests' replies; the others stay for the interval."""
         urgent, self._urgent = self._urgent, set()
         self._due.clear()
         now: dict[str, list[TokenChunk | GenerateError]] = {}
@@ -516,23 +546,47 @@ class ReplyBatcher:
                 self._pending[subject] = staying
             else:
                 del self._pending[subject]
-        await self._publish(now)
+        return now
+
+    async def _flush_urgent(self) -> None:
+        """Publish the urgent requests' replies now; every other request's wait for the interval."""
+        await self._publish(self._take_urgent())
 
     async def flush(self) -> None:
         pending, self._pending = self._pending, {}
         await self._publish(pending)
 
     async def _publish(self, batches: dict[str, list[TokenChunk | GenerateError]]) -> None:
+        if self._bus.connected:
+            self._publish_now(batches)
+            return
         if probe.on:  # the TTFT probe
             probe.flushing(batches)
-        for subject, replies in batches.items():
-            if len(replies) > 1:
-                replies = merge_chunks(replies)
+        for subject, replies in batches.items():  # reconnecting: into the client's reconnect buffer
             try:
-                await self._bus.publish(subject, replies[0] if len(replies) == 1 else ReplyBatch(replies=replies))
+                await self._bus.publish(subject, _one_message(replies))
             except Exception as e:  # the bus is away: these requests' frontends probe and migrate them
                 log.warning("batched replies to %s lost: %r", subject, e)
-        self._bus.write_now()
+
+    def _publish_now(self, batches: dict[str, list[TokenChunk | GenerateError]]) -> None:
+        """One message per destination, written to the socket before returning (no await, so no
+        other flush can come between two of them)."""
+        if probe.on:  # the TTFT probe
+            probe.flushing(batches)
+        bus = self._bus
+        for subject, replies in batches.items():
+            try:
+                if not bus.publish_nowait(subject, _one_message(replies)):
+                    log.warning("batched replies to %s lost: the bus went away", subject)
+            except Exception as e:  # e.g. too large for the server: these requests' frontends time out and probe
+                log.warning("batched replies to %s lost: %r", subject, e)
+        bus.write_now()
+
+
+def _one_message(replies: list[TokenChunk | GenerateError]) -> TokenChunk | GenerateError | ReplyBatch:
+    if len(replies) > 1:
+        replies = merge_chunks(replies)
+    return replies[0] if len(replies) == 1 else ReplyBatch(replies=replies)
 
 
 def merge_chunks(replies: list[TokenChunk | GenerateError]) -> list[TokenChunk | GenerateError]:
@@ -753,6 +807,24 @@ class Bus:
 
     async def subscribe(self, subject: str, cb: Callable[[Msg], Awaitable[None]], queue: str = "") -> Any:
         return await self.nc.subscribe(subject, queue=queue, cb=cb, pending_msgs_limit=65536)
+
+    def publish_nowait(self, subject: str, msg: msgspec.Struct | bytes) -> bool:
+        """Queue a message for the socket without a coroutine, as :meth:`publish` would (no reply
+        subject, no headers); it leaves with the next :meth:`write_now` or the client's flusher.
+        False (nothing queued) while the client is not connected, closed or draining: then use
+        :meth:`publish`, which buffers across a reconnect."""
+        nc = self.nc
+        if not nc.is_connected or nc.is_draining_pubs:
+            return False
+        payload = _payload(msg)
+        if len(payload) > nc._max_payload:
+            raise nats.errors.MaxPayloadError
+        cmd = pub_cmd(subject, "", payload)
+        nc.stats["out_msgs"] += 1
+        nc.stats["out_bytes"] += len(payload)
+        nc._pending.append(cmd)
+        nc._pending_data_size += len(cmd)
+        return True
 
     def write_now(self) -> None:
         """Hand what the client has buffered to the socket now, not on its flusher task's next

@@ -278,3 +278,22 @@ def test_the_probe_records_only_when_asked_and_writes_on_exit(tmp_path: Path) ->
     assert [(hop, rid) for hop, rid, _ in rows] == [("http_headers", "r1"), ("app_start", "r1"),
                                                     ("worker_flush", "r1")]  # only the first tokens' flush
     assert float(rows[0][2]) == 1.5
+
+
+def test_the_transport_floor_relays_real_requests_over_a_real_nats_server() -> None:
+    """bench/nats_floor.py (``--sides floor``) answers the bench's requests through nats-server,
+    streamed in two chunks and not streamed in one, and its processes are measured by role."""
+    from bench.overhead import run_cell, start_floor
+
+    side = start_floor()
+    try:
+        payload = {"model": "baton-tiny", "prompt": "hello", "max_tokens": 16, "ignore_eos": True}
+        whole = run_cell(side, {**payload, "stream": False}, 2, 0.3)
+        streamed = run_cell(side, {**payload, "stream": True}, 2, 0.3)
+        roles = {role for _, role in side.processes().values()}
+    finally:
+        side.stop()
+    for cell in (whole, streamed):
+        assert cell["errors"] == 0 and cell["requests"] > 10, cell
+    assert streamed["ttft_p50_ms"] < streamed["p50_ms"]  # the first chunk comes before the rest
+    assert roles == {"frontend", "decode", "nats"}

@@ -29,14 +29,14 @@ def test_one_message_per_turn_per_frontend_each_request_in_order(tmp_path: Path)
         frontend = await Bus.connect(server.url, "frontend")
         worker = await Bus.connect(server.url, "worker")
         wire: list[bytes] = []  # what the worker published to the frontend's batch subject
-        publish = worker.publish
+        publish_nowait = worker.publish_nowait
 
-        async def recording_publish(subject: str, msg, reply: str = "", headers=None) -> None:
+        def recording_publish(subject: str, msg) -> bool:  # the batcher's way out while connected
             if subject == frontend.inbox.batch_subject:
                 wire.append(msg if isinstance(msg, bytes) else encode(msg))
-            await publish(subject, msg, reply, headers)
+            return publish_nowait(subject, msg)
 
-        worker.publish = recording_publish  # type: ignore[method-assign]
+        worker.publish_nowait = recording_publish  # type: ignore[method-assign]
         a, b = frontend.inbox.open("a"), frontend.inbox.open("b")
         batcher = ReplyBatcher(worker)
         try:
@@ -86,14 +86,14 @@ def test_middle_tokens_wait_for_the_interval_first_and_last_go_at_once(tmp_path:
         frontend = await Bus.connect(server.url, "frontend")
         worker = await Bus.connect(server.url, "worker")
         wire: list[list[TokenChunk | GenerateError]] = []
-        publish = worker.publish
+        publish_nowait = worker.publish_nowait
 
-        async def recording_publish(subject: str, msg, reply: str = "", headers=None) -> None:
+        def recording_publish(subject: str, msg) -> bool:  # the batcher's way out while connected
             if subject == frontend.inbox.batch_subject:
                 wire.append(list(msg.replies) if isinstance(msg, ReplyBatch) else [msg])
-            await publish(subject, msg, reply, headers)
+            return publish_nowait(subject, msg)
 
-        worker.publish = recording_publish  # type: ignore[method-assign]
+        worker.publish_nowait = recording_publish  # type: ignore[method-assign]
         to = frontend.inbox.batch_subject
         a, b, c = frontend.inbox.open("a"), frontend.inbox.open("b"), frontend.inbox.open("c")
         batcher = ReplyBatcher(worker, interval=60.0)  # never due within this test: only urgency flushes
@@ -244,3 +244,56 @@ def test_a_reply_stream_times_out_on_each_wait_with_one_timer() -> None:
         assert s._timer is None
 
     asyncio.run(main())
+
+
+def test_urgent_replies_of_a_step_leave_with_the_engines_flush(tmp_path: Path) -> None:
+    """With ``flushed_by_caller`` (the engine calls flush_urgent_now as each step's delivery
+    ends), a step's first and last chunks leave at that call, middle tokens still wait for the
+    interval, and a reply sent outside a step (an error from the request's task) still wakes run()."""
+    server = EmbeddedNats(data_dir=tmp_path / "nats", log_file=tmp_path / "nats.log")
+    server.start()
+
+    async def main() -> None:
+        frontend = await Bus.connect(server.url, "frontend")
+        worker = await Bus.connect(server.url, "worker")
+        to = frontend.inbox.batch_subject
+        a, b, z = frontend.inbox.open("a"), frontend.inbox.open("b"), frontend.inbox.open("z")
+        batcher = ReplyBatcher(worker, interval=60.0)  # never due again within this test
+        batcher.flushed_by_caller = True
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(batcher.run)
+                # run()'s first flush (of anything) starts the interval
+                batcher.send(to, TokenChunk(request_id="z", index=0, token_ids=[0]))
+                with anyio.fail_after(10):
+                    await z.next(5)
+                batcher.send(to, TokenChunk(request_id="a", index=0, token_ids=[1]), in_step=True)
+                batcher.send(to, TokenChunk(request_id="b", index=3, token_ids=[9]), in_step=True)  # middle
+                assert batcher._urgent == {"a"}
+                batcher.flush_urgent_now()
+                assert not batcher._urgent and [r.request_id for r in batcher._pending[to]] == ["b"]
+                with anyio.fail_after(10):
+                    first_a = await a.next(5)
+                batcher.send(to, TokenChunk(request_id="a", index=1, token_ids=[2], finish_reason="length"),
+                             in_step=True)
+                batcher.flush_urgent_now()
+                with anyio.fail_after(10):
+                    last_a = await a.next(5)
+                assert not b.ready()
+                batcher.send(to, GenerateError(request_id="b", code=500, message="boom"))  # not from a step
+                with anyio.fail_after(10):
+                    got_b = [await b.next(5)]
+                    got_b += b.ready()
+                tg.cancel_scope.cancel()
+        finally:
+            await worker.close()
+            await frontend.close()
+        assert decoded([first_a], generate_reply_decoder)[0].token_ids == [1]
+        assert decoded([last_a], generate_reply_decoder)[0].finish_reason == "length"
+        got = decoded(got_b, generate_reply_decoder)
+        assert [type(r).__name__ for r in got] == ["TokenChunk", "GenerateError"] and got[0].token_ids == [9]
+
+    try:
+        anyio.run(main)
+    finally:
+        server.stop()

@@ -3,15 +3,16 @@
 It stands on :class:`shared.worker_host.WorkerHost` (engine, bus, registration, load reports, KV
 events, drain) and adds the request handling. Each request runs as a task in the worker's task
 group; a Cancel message, a deadline or a drain cancels it, and the engine frees its KV blocks when
-its stream is closed. Remote prefill lives in ``disagg.py``, the G4 peer block fetch in
-``peer_fetch.py``.
+its stream is closed. A plain request is handed to the engine by the job subscription's handler,
+before its task starts (``_submit_early``). One request's chunks are shaped in ``replies.py``,
+remote prefill lives in ``disagg.py``, the G4 peer block fetch in ``peer_fetch.py``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,21 +23,20 @@ from prometheus_client import Counter, Gauge
 
 from services.decode.disagg import DisaggSettings, RemotePrefill, count_decision
 from services.decode.peer_fetch import PeerBlocks
+from services.decode.replies import RequestReplies
 from shared import probe, subjects, tracing
 from shared.bus import ReplyBatcher
 from shared.discovery import WorkerView
 from shared.engines import Engine
 from shared.engines.adapters import AdapterBusyError, UnknownAdapterError
-from shared.engines.base import EngineOutput
+from shared.engines.base import EngineOutput, SubmittedStream
 from shared.messages import (
     GenerateError,
     GenerateRequest,
     LoraLoad,
     LoraReply,
-    PositionLogprobs,
     StatusReply,
     TokenChunk,
-    Usage,
     cancel_decoder,
     generate_request_decoder,
     lora_command_decoder,
@@ -49,6 +49,16 @@ log = logging.getLogger("baton.decode")
 
 REQUESTS = Counter("baton_worker_requests_total", "Requests by outcome", ["role", "outcome"])
 RUNNING = Gauge("baton_worker_requests_running", "Requests in flight", ["role"])
+
+
+@dataclass(slots=True)
+class EarlyRequest:
+    """A request handed to the engine from the NATS read loop, for its task to take over."""
+
+    req: GenerateRequest
+    outputs: SubmittedStream
+    replies: RequestReplies
+    scope: anyio.CancelScope  # a Cancel that comes before the task starts cancels this
 
 
 @dataclass
@@ -65,6 +75,7 @@ class DecodeWorker(WorkerHost):
     def __init__(self, settings: DecodeSettings, engine: Engine | None = None) -> None:
         super().__init__(settings, engine)
         self._scopes: dict[str, anyio.CancelScope] = {}
+        self._early: dict[str, EarlyRequest] = {}  # submitted from the read loop, task not started yet
         self.remote: RemotePrefill | None = None
         self.peers: PeerBlocks | None = None
         self.replies: ReplyBatcher | None = None  # batched replies to the frontends that take them
@@ -104,6 +115,8 @@ class DecodeWorker(WorkerHost):
             tg.start_soon(self.remote.run)
         self.replies = ReplyBatcher(self.bus, self.settings.stream_interval)
         tg.start_soon(self.replies.run)
+        # First and last tokens leave in the turn of the step that made them.
+        self.replies.flushed_by_caller = self.engine.on_delivered(self.replies.flush_urgent_now)
         # Straight from the client's read loop: one event-loop turn less per job and per cancel.
         await self.bus.subscribe_direct(subjects.generate(self.worker_id), self._on_generate)
         await self.bus.subscribe_direct(subjects.cancel(self.worker_id), self._on_cancel)
@@ -117,7 +130,12 @@ class DecodeWorker(WorkerHost):
         assert self._tg is not None
         if probe.on:  # the TTFT probe (shared/probe.py)
             probe.arrived(msg)
-        self._tg.start_soon(self._serve, msg)
+        try:
+            early = self._submit_early(msg)
+        except Exception:  # the task takes the request the usual way, and reports what fails
+            log.exception("early submit failed")
+            early = None
+        self._tg.start_soon(self._serve, msg, early)
 
     def _on_cancel(self, msg: Msg) -> None:
         try:
@@ -125,6 +143,8 @@ class DecodeWorker(WorkerHost):
         except Exception:
             return
         scope = self._scopes.get(cancel.request_id)
+        if scope is None and cancel.request_id in self._early:  # its task has not started yet
+            scope = self._early[cancel.request_id].scope
         if scope is not None:
             log.debug("cancelling %s: %s", cancel.request_id, cancel.reason)
             scope.cancel()
@@ -205,32 +225,40 @@ class DecodeWorker(WorkerHost):
             return f"duplicate request id {req.request_id!r}"
         return None
 
-    async def _serve(self, msg: Msg) -> None:
+    async def _serve(self, msg: Msg, early: EarlyRequest | None = None) -> None:
         assert self.bus is not None
         reply = msg.reply
-        try:
-            req = generate_request_decoder.decode(msg.data)
-            if probe.on:
-                probe.decoded(msg, req.request_id)
-        except Exception as e:
-            self._count("bad_request")
-            if reply:
-                await self.bus.publish(reply, GenerateError(request_id="", code=400, message=f"undecodable request: {e}"))
-            return
-        if not reply:
-            return
-        # This task's log lines (here and in the disagg/engine code it calls) carry the request id.
-        bind_request(req.request_id, tracing.trace_id_from_headers(msg.headers))
-        send = self._sender(req, reply)
-        if self.draining or len(self._scopes) >= self.settings.max_inflight:
-            self._count("rejected")
-            await send(GenerateError(request_id=req.request_id, code=503, message=f"{self.worker_id} is draining or full"))
-            return
-        problem = self._validate(req)
-        if problem:
-            self._count("bad_request")
-            await send(GenerateError(request_id=req.request_id, code=400, message=problem))
-            return
+        if early is not None:  # decoded, checked and with the engine already
+            req = early.req
+            self._early.pop(req.request_id, None)
+            bind_request(req.request_id, tracing.trace_id_from_headers(msg.headers))
+            send = self._sender(req, reply)
+        else:
+            try:
+                req = generate_request_decoder.decode(msg.data)
+                if probe.on:
+                    probe.decoded(msg, req.request_id)
+            except Exception as e:
+                self._count("bad_request")
+                if reply:
+                    await self.bus.publish(reply, GenerateError(request_id="", code=400,
+                                                                message=f"undecodable request: {e}"))
+                return
+            if not reply:
+                return
+            # This task's log lines (here and in the disagg/engine code it calls) carry the request id.
+            bind_request(req.request_id, tracing.trace_id_from_headers(msg.headers))
+            send = self._sender(req, reply)
+            if self.draining or len(self._scopes) + len(self._early) >= self.settings.max_inflight:
+                self._count("rejected")
+                await send(GenerateError(request_id=req.request_id, code=503,
+                                         message=f"{self.worker_id} is draining or full"))
+                return
+            problem = self._validate(req)
+            if problem:
+                self._count("bad_request")
+                await send(GenerateError(request_id=req.request_id, code=400, message=problem))
+                return
         span = None
         if tracing.ENABLED:
             span = tracing.start("decode", tracing.SpanKind.SERVER, tracing.context_from(msg.headers), **{
@@ -240,7 +268,7 @@ class DecodeWorker(WorkerHost):
             if span is not None:
                 bind_request(req.request_id, tracing.trace_id_of(span))
         log.debug("generate: %d prompt tokens, max_tokens %d", len(req.token_ids), req.sampling.max_tokens)
-        scope = anyio.CancelScope()
+        scope = early.scope if early is not None else anyio.CancelScope()
         if req.deadline:
             scope.deadline = anyio.current_time() + max(0.0, req.deadline - time.time())
         self._scopes[req.request_id] = scope
@@ -249,7 +277,7 @@ class DecodeWorker(WorkerHost):
         outcome = "cancelled"
         try:
             with scope:
-                outcome = await self._stream(req, send, span)
+                outcome = await self._stream(req, send, span, early)
         except Exception as e:
             outcome = "error"
             log.exception("request %s failed", req.request_id)
@@ -285,19 +313,60 @@ class DecodeWorker(WorkerHost):
         return single
 
     async def _stream(self, req: GenerateRequest, publish: Callable[[TokenChunk | GenerateError], Awaitable[None]],
-                      span: Any = None) -> str:
+                      span: Any = None, early: EarlyRequest | None = None) -> str:
         """Stream the engine's outputs as TokenChunks, per choice (``n > 1``); not streamed, one
-        final chunk per choice. The request's last chunk carries the usage, prompt counted once."""
+        final chunk per choice. The request's last chunk carries the usage, prompt counted once.
+        ``early``: the request went to the engine from the read loop already."""
         rid = req.request_id
         sp = req.sampling
         n = max(1, sp.n)
-        index = [0] * n  # tokens sent (or held) so far, per choice
-        held: list[list[int]] = [[] for _ in range(n)]  # non-streaming: coalesced per choice
-        held_lp: list[list[PositionLogprobs]] = [[] for _ in range(n)]
-        prompt_lp: list[PositionLogprobs] = []
         open_choices = n
         last_reason = "ended"
-        outputs = None
+        if early is not None:
+            replies, outputs = early.replies, early.outputs
+            replies.span = span
+        else:
+            replies = RequestReplies(req, self.replies, span)
+            outputs = await self._generate(req, span)
+            if probe.on:
+                probe.mark("engine_submit", rid)
+            if replies.listens:
+                self.engine.listen(rid, replies.on_output)
+        try:
+            async for out in outputs:
+                if replies.sent_last:
+                    return replies.sent_last
+                if out.error:
+                    await publish(GenerateError(request_id=rid, code=out.error_code, message=out.error))
+                    return "bad_request"
+                c = out.choice if 0 <= out.choice < n else 0
+                if sum(replies.index) == 0 and out.token_ids:
+                    replies.first_token(out)
+                if out.prompt_logprobs:
+                    replies.prompt_logprobs = out.prompt_logprobs
+                if out.finish_reason is not None:
+                    whole = out.finish_reason in ("abort", "error")  # ends every choice at once
+                    open_choices = 0 if whole else open_choices - 1
+                    last_reason = out.finish_reason
+                    await publish(replies.last_chunk(out, c, replies.usage(out) if open_choices <= 0 else None))
+                    if open_choices <= 0:
+                        return out.finish_reason
+                    continue
+                if req.stream:
+                    if out.token_ids:
+                        await publish(replies.middle_chunk(out, c))
+                else:
+                    replies.hold(out, c)
+            return last_reason if open_choices <= 0 else "ended"
+        finally:
+            if isinstance(outputs, SubmittedStream):
+                outputs.close()
+
+    async def _generate(self, req: GenerateRequest, span: Any) -> AsyncIterator[EngineOutput]:
+        """Hand the request to the engine: after a pull of its prefix from a peer's lower tier, or
+        a prefill on a prefill worker, where those apply."""
+        rid = req.request_id
+        sp = req.sampling
         # LoRA requests run locally: remote prefill and peer block pulls hash and compute for the
         # base model only.
         if self.peers is not None and not req.lora and self.peers.wants_pull(req):
@@ -305,94 +374,53 @@ class DecodeWorker(WorkerHost):
             tracing.event(span, "kv_pulled_from_peer", **{"baton.kv_source": req.kv_source, "baton.blocks": pulled})
         # n > 1 and prompt logprobs run locally: a remote prefill returns one first token and no
         # prompt logprobs.
-        if self.remote is not None and n == 1 and sp.prompt_logprobs < 0 and not req.lora:
+        if self.remote is not None and max(1, sp.n) == 1 and sp.prompt_logprobs < 0 and not req.lora:
             decision = self.remote.decide(req.token_ids)
             if decision == "remote":
                 first = await self.remote.prefill(rid, req.token_ids, sp, span)
                 if first is not None:
-                    outputs = self.engine.generate_after_remote_prefill(rid, req.token_ids, sp, first)
+                    return self.engine.generate_after_remote_prefill(rid, req.token_ids, sp, first)
             else:
                 count_decision(decision)
+        if req.lora:
+            return self.engine.generate(rid, req.token_ids, sp, lora=req.lora)
+        return self.engine.generate(rid, req.token_ids, sp)
+
+    def _submit_early(self, msg: Msg) -> EarlyRequest | None:
+        """From the read loop, before the request's task exists: hand a plain request (local, no
+        grammar to compile, nothing to pull first) to the engine now, so its prefill need not wait
+        for the task's first turn (a whole busy loop turn under load). Anything unusual, invalid
+        or refused returns None, and the task does it all as before (and reports the problem)."""
+        if not msg.reply or self.draining or tracing.ENABLED or self.replies is None:
+            return None
+        try:
+            req = generate_request_decoder.decode(msg.data)
+        except Exception:
+            return None
+        rid = req.request_id
+        if (len(self._scopes) + len(self._early) >= self.settings.max_inflight or rid in self._early
+                or self._validate(req) is not None):
+            return None
+        sp = req.sampling
+        if sp.structured is not None or (self.peers is not None and not req.lora and self.peers.wants_pull(req)):
+            return None
+        if self.remote is not None and max(1, sp.n) == 1 and sp.prompt_logprobs < 0 and not req.lora:
+            decision = self.remote.decide(req.token_ids)
+            if decision == "remote":
+                return None  # the task prefills elsewhere (deciding again: the load may have moved)
+            count_decision(decision)
+        replies = RequestReplies(req, self.replies)
+        if replies.listens:  # before the submit: the listener must see the request's first output
+            self.engine.listen(rid, replies.on_output)
+        try:
+            outputs = self.engine.submit_now(rid, req.token_ids, sp, lora=req.lora)
+        finally:
+            if probe.on:
+                probe.decoded(msg, rid)
         if outputs is None:
-            outputs = self.engine.generate(rid, req.token_ids, sp, lora=req.lora) if req.lora else \
-                self.engine.generate(rid, req.token_ids, sp)
+            self.engine.listen(rid, None)
+            return None
         if probe.on:
             probe.mark("engine_submit", rid)
-        batcher = self.replies
-        batched = req.stream and bool(req.batch_reply) and batcher is not None
-        if n == 1 and (batched or not req.stream):
-            subject = req.batch_reply
-
-            def on_output(out: EngineOutput) -> bool:
-                """This request's outputs as the step delivers them, without waking its task per
-                step: streamed (batched), each token chunk goes to the batcher; not streamed, the
-                tokens are held for the last chunk. The last output (and any error) takes the loop
-                below."""
-                nonlocal prompt_lp
-                if out.finish_reason is not None or out.error:
-                    return False
-                if out.prompt_logprobs:
-                    prompt_lp = out.prompt_logprobs
-                if out.token_ids:
-                    if index[0] == 0:
-                        tracing.event(span, "first_token", **{"baton.cached_tokens": out.num_cached_tokens})
-                        if probe.on:
-                            probe.mark("first_token", rid)
-                    if batched:
-                        assert batcher is not None
-                        batcher.send(subject, TokenChunk(request_id=rid, index=index[0], token_ids=out.token_ids,
-                                                         logprobs=out.logprobs or [], prompt_logprobs=prompt_lp))
-                        prompt_lp = []
-                    else:  # held, with the prompt's logprobs, for the last chunk
-                        held[0].extend(out.token_ids)
-                        if out.logprobs:
-                            held_lp[0].extend(out.logprobs)
-                    index[0] += len(out.token_ids)
-                return True
-
-            self.engine.listen(rid, on_output)
-        async for out in outputs:
-            if out.error:
-                await publish(GenerateError(request_id=rid, code=out.error_code, message=out.error))
-                return "bad_request"
-            c = out.choice if 0 <= out.choice < n else 0
-            if sum(index) == 0 and out.token_ids:
-                tracing.event(span, "first_token", **{"baton.cached_tokens": out.num_cached_tokens})
-                if probe.on:
-                    probe.mark("first_token", rid)
-            if out.prompt_logprobs:
-                prompt_lp = out.prompt_logprobs
-            lps = out.logprobs or []
-            if out.finish_reason is not None:
-                whole = out.finish_reason in ("abort", "error")  # ends every choice at once
-                open_choices = 0 if whole else open_choices - 1
-                last_reason = out.finish_reason
-                usage = None
-                if open_choices <= 0:
-                    usage = Usage(prompt_tokens=out.num_prompt_tokens or len(req.token_ids),
-                                  completion_tokens=sum(index) + len(out.token_ids),
-                                  cached_tokens=out.num_cached_tokens)
-                    if span is not None:
-                        span.set_attributes({"gen_ai.usage.output_tokens": usage.completion_tokens,
-                                             "baton.cached_tokens": out.num_cached_tokens})
-                tokens = held[c] + out.token_ids if not req.stream else out.token_ids
-                start = 0 if not req.stream else index[c]
-                index[c] += len(out.token_ids)
-                await publish(TokenChunk(
-                    request_id=rid, index=start, token_ids=tokens, finish_reason=out.finish_reason,  # type: ignore[arg-type]
-                    usage=usage, choice=c, logprobs=held_lp[c] + lps if not req.stream else lps,
-                    prompt_logprobs=prompt_lp))
-                prompt_lp = []
-                if open_choices <= 0:
-                    return out.finish_reason
-                continue
-            if req.stream:
-                if out.token_ids:
-                    await publish(TokenChunk(request_id=rid, index=index[c], token_ids=out.token_ids, choice=c,
-                                                    logprobs=lps, prompt_logprobs=prompt_lp))
-                    prompt_lp = []
-            else:
-                held[c].extend(out.token_ids)
-                held_lp[c].extend(lps)
-            index[c] += len(out.token_ids)
-        return last_reason if open_choices <= 0 else "ended"
+        early = self._early[rid] = EarlyRequest(req, outputs, replies, anyio.CancelScope())
+        return early

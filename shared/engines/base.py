@@ -184,6 +184,18 @@ class OutputQueues:
         self._queues: dict[str, OutputQueue] = {}
         self._listeners: dict[str, Callable[[EngineOutput], bool]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Engine.on_delivered's callback: run once the outputs of a step (or of a burst of steps
+        # run in one loop turn) are all delivered.
+        self.after_delivery: Callable[[], None] | None = None
+
+    def delivered(self) -> None:
+        """A step's (or a burst's) outputs are all delivered: run the after-delivery callback."""
+        callback = self.after_delivery
+        if callback is not None:
+            try:
+                callback()
+            except Exception:  # a callback's bug must not stop the step loop
+                log.exception("after-delivery callback failed")
 
     def listen(self, request_id: str, on_output: Callable[[EngineOutput], bool] | None) -> None:
         """See :meth:`Engine.listen`; None stops listening."""
@@ -229,7 +241,55 @@ class OutputQueues:
     def put_threadsafe(self, outputs: list[EngineOutput]) -> None:
         """Deliver from a step thread: one loop wake-up per step, not per token."""
         if outputs and self._loop is not None:
-            self._loop.call_soon_threadsafe(self.put, outputs)
+            self._loop.call_soon_threadsafe(self._put_step, outputs)
+
+    def _put_step(self, outputs: list[EngineOutput]) -> None:
+        self.put(outputs)
+        self.delivered()
+
+
+class SubmittedStream:
+    """One submitted request's outputs (:meth:`Engine.submit_now`): iterate, then :meth:`close`.
+
+    An iterator rather than an async generator because the request is already with the engine
+    when it is made: a generator runs nothing (not even its cleanup) until it is first iterated.
+    Cancelled while waiting, or closed before the request finished, it aborts the request.
+    """
+
+    __slots__ = ("_abort", "_queue", "_queues", "_tracker", "open", "request_id")
+
+    def __init__(self, queues: OutputQueues, request_id: str, n: int, abort: Callable[[str], None]) -> None:
+        self._queues = queues
+        self._abort = abort
+        self.request_id = request_id
+        self._queue = queues.open(request_id)
+        self._tracker = ChoiceTracker(n)
+        self.open = True
+
+    def __aiter__(self) -> SubmittedStream:
+        return self
+
+    async def __anext__(self) -> EngineOutput:
+        if not self.open:
+            raise StopAsyncIteration
+        try:
+            out = await self._queue.get()
+        except BaseException:
+            self.close()
+            raise
+        if self._tracker.ends(out):
+            self.open = False
+            self._queues.close(self.request_id)
+        return out
+
+    def close(self) -> None:
+        if self.open:
+            self.open = False
+            self._queues.close(self.request_id)
+            self._abort(self.request_id)
+
+    async def aclose(self) -> None:
+        self.close()
 
 
 class ViewBlockIO:
@@ -291,6 +351,16 @@ class Engine(ABC):
         """Stream outputs of one request (under LoRA adapter ``lora`` if set). Closing the iterator
         early aborts the request."""
 
+    def submit_now(
+        self, request_id: str, token_ids: list[int], sampling: SamplingParams, lora: str = ""
+    ) -> SubmittedStream | None:
+        """:meth:`generate`, with the request handed to the engine before this returns (called on
+        the event loop, e.g. from a NATS read loop: no task turn before the scheduler sees it).
+        Its :meth:`SubmittedStream.close` must run when the caller is done (it aborts an
+        unfinished request). None: this engine, or this request (a grammar to compile first),
+        takes :meth:`generate` only."""
+        return None
+
     # --- LoRA adapters: engines that serve them override all four ---------------------------------
 
     async def load_lora(self, name: str, path: str) -> str:
@@ -314,6 +384,13 @@ class Engine(ABC):
         stream, which still gets every other one. It must take a prefix of the outputs (once it
         declines one, it declines the rest), so nothing is reordered. None: stop listening.
         False: this engine cannot, and its outputs only arrive through the stream."""
+        return False
+
+    def on_delivered(self, callback: Callable[[], None] | None) -> bool:
+        """Have ``callback`` run on the event loop each time a step's outputs have all been
+        delivered to listeners and streams (once per loop turn when near-free steps run back to
+        back): the moment to send what the listeners gathered. None: stop. False: this engine
+        cannot."""
         return False
 
     @abstractmethod

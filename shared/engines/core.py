@@ -47,6 +47,7 @@ from shared.engines.base import (
     EngineOutput,
     EngineStats,
     OutputQueues,
+    SubmittedStream,
     ViewBlockIO,
 )
 from shared.engines.request import Request
@@ -318,17 +319,20 @@ class EngineCore(Engine):
         takes (``NEAR_FREE_STEP_S``: a mocker at a huge speedup) run back to back in one loop turn,
         up to ``BURST_S`` of real time: each loop turn costs the worker a wake-up of every consumer
         and a message per frontend, and in simulated time these steps take none. A step that
-        starts requests (prefill) ends the turn at once, and the next turn runs one step only, so
-        first tokens never wait on a burst; arrivals and cancels wait at most ``BURST_S`` for the
-        loop. A slower mocker steps once per turn, as before.
+        starts requests (prefill) ends the turn at once, so first tokens never wait on a burst:
+        the after-delivery callback (``on_delivered``) sends them as the turn ends; without one,
+        the next turn runs one step only, while they take their way to the socket. Arrivals and
+        cancels wait at most ``BURST_S`` for the loop. A slower mocker steps once per turn.
         """
         loop = asyncio.get_running_loop()
         sched = self.scheduler
         assert sched is not None
         clock = loop.time()  # simulated time owed up to here
-        # Turns since one ended on a step that started requests. Their first tokens take two more
-        # turns to reach the socket (the reply batcher's, then the NATS client's flusher task), so
-        # the turn right after runs one step only: no burst ahead of a first token's write.
+        queues = self._queues
+        # Turns since one ended on a step that started requests. Unless an after-delivery callback
+        # sends their first tokens as the turn ends (Engine.on_delivered), they take two more turns
+        # to reach the socket (the reply batcher's, then the NATS client's flusher task), so the
+        # turn right after runs one step only: no burst ahead of a first token's write.
         quiet_turns = 0
         try:
             while True:
@@ -338,19 +342,22 @@ class EngineCore(Engine):
                     clock = loop.time()
                     continue
                 # (uvloop's loop.time() stands still within a turn: real time from perf_counter)
-                turn_ends = time.perf_counter() + BURST_S if quiet_turns else 0.0
+                burst = quiet_turns or queues.after_delivery is not None
+                turn_ends = time.perf_counter() + BURST_S if burst else 0.0
                 while True:
                     step_s = self._step_once()
                     if self._stalled is not None:  # this step's outputs exist only once the stall has passed
                         stall, held = self._stalled
                         self._stalled = None
+                        queues.delivered()
                         await asyncio.sleep(stall)
-                        self._queues.put(held)
+                        queues.put(held)
                         clock = max(clock, loop.time())
                         self._decode_only = False
                     clock += step_s
                     owed = clock - loop.time()
                     if owed > MIN_SLEEP_S:
+                        queues.delivered()
                         await asyncio.sleep(owed)
                         break
                     if owed < 0:
@@ -358,6 +365,7 @@ class EngineCore(Engine):
                     if not (step_s < NEAR_FREE_STEP_S and self._decode_only and sched.has_work()
                             and time.perf_counter() < turn_ends):
                         quiet_turns = quiet_turns + 1 if self._decode_only else 0
+                        queues.delivered()
                         await asyncio.sleep(0)  # let consumers and new requests in between steps
                         break
         finally:
@@ -417,6 +425,7 @@ class EngineCore(Engine):
         if self.scheduler is not None:
             outputs += self.scheduler.abort_all(reason, error)
         self._queues.put(outputs)
+        self._queues.delivered()
 
     # --- the inbox ----------------------------------------------------------------------------
 
@@ -428,6 +437,7 @@ class EngineCore(Engine):
             with self._lock:
                 outputs = self._apply(msg)
             self._queues.put(outputs)
+            self._queues.delivered()
             self._loop_wake.set()
 
     def _drain_inbox(self) -> list[EngineOutput]:
@@ -558,6 +568,19 @@ class EngineCore(Engine):
     ) -> AsyncIterator[EngineOutput]:
         return self._stream(AddRequest(request_id, list(token_ids), sampling, lora=lora), len(token_ids))
 
+    def submit_now(
+        self, request_id: str, token_ids: list[int], sampling: SamplingParams, lora: str = ""
+    ) -> SubmittedStream | None:
+        if self._closed or sampling.structured is not None:
+            return None  # generate() says why, or compiles the grammar first
+        stream = SubmittedStream(self._queues, request_id, sampling.n, self.abort)
+        try:
+            self._submit(AddRequest(request_id, list(token_ids), sampling, lora=lora))
+        except BaseException:
+            self._queues.close(request_id)
+            raise
+        return stream
+
     async def _stream(self, msg: AddRequest | AdoptRequest, num_prompt_tokens: int) -> AsyncIterator[EngineOutput]:
         """Submit ``msg`` for one request and stream its outputs; closing early aborts it."""
         request_id, sampling = msg.request_id, msg.sampling
@@ -598,6 +621,10 @@ class EngineCore(Engine):
 
     def listen(self, request_id: str, on_output: Callable[[EngineOutput], bool] | None) -> bool:
         self._queues.listen(request_id, on_output)
+        return True
+
+    def on_delivered(self, callback: Callable[[], None] | None) -> bool:
+        self._queues.after_delivery = callback
         return True
 
     def abort(self, request_id: str) -> None:

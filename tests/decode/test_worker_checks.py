@@ -9,13 +9,22 @@ from pathlib import Path
 
 import anyio
 import pytest
+from nats.aio.msg import Msg
 
 from baton.nats_server import EmbeddedNats
-from services.decode.worker import DecodeSettings, DecodeWorker
+from services.decode.worker import REQUESTS, DecodeSettings, DecodeWorker
 from shared.bus import Bus
 from shared.discovery import WorkerView
 from shared.engines import EngineConfig
-from shared.messages import GenerateError, GenerateRequest, SamplingParams, TokenChunk, generate_reply_decoder
+from shared.messages import (
+    Cancel,
+    GenerateError,
+    GenerateRequest,
+    SamplingParams,
+    TokenChunk,
+    encode,
+    generate_reply_decoder,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -27,7 +36,8 @@ async def _ask(bus: Bus, worker: DecodeWorker, req: GenerateRequest) -> list:
         await bus.publish(worker.info().generate_subject, req, reply=inbox.subject)
         replies = []
         while True:
-            reply = generate_reply_decoder.decode((await inbox.next(10)).data)
+            got = await inbox.next(10)  # a batching worker's replies arrive decoded, one message's raw
+            reply = generate_reply_decoder.decode(got.data) if isinstance(got, Msg) else got
             replies.append(reply)
             if isinstance(reply, GenerateError) or reply.finish_reason is not None:
                 return replies
@@ -105,3 +115,57 @@ def test_not_streamed_holds_exactly_what_streamed_sends(tmp_path: Path) -> None:
     assert one.logprobs == [lp for c in streamed for lp in c.logprobs] and len(one.logprobs) == 24
     assert one.prompt_logprobs == streamed[0].prompt_logprobs and len(one.prompt_logprobs) == len(prompt) - 1
     assert one.usage == streamed[-1].usage and one.usage is not None and one.usage.completion_tokens == 24
+
+
+def test_batched_replies_carry_what_single_replies_carry(tmp_path: Path) -> None:
+    """To a batching frontend (``batch_reply``), the worker's listener sends every chunk, the last
+    one included (with the usage), from the engine's step: the same chunks, joined, as without
+    batching, streamed and not."""
+    sp = SamplingParams(max_tokens=24, ignore_eos=True, seed=3, logprobs=2, prompt_logprobs=1)
+    prompt = list(range(5, 45))
+    got: dict[str, list] = {}
+
+    async def body(bus: Bus, worker: DecodeWorker) -> None:
+        batch = bus.inbox.batch_subject
+        got["single"] = await _ask(bus, worker, GenerateRequest(request_id="s", token_ids=prompt, sampling=sp))
+        got["batched"] = await _ask(bus, worker, GenerateRequest(request_id="b", token_ids=prompt, sampling=sp,
+                                                                 batch_reply=batch))
+        got["whole"] = await _ask(bus, worker, GenerateRequest(request_id="w", token_ids=prompt, sampling=sp,
+                                                               stream=False, batch_reply=batch))
+
+    _with_worker(tmp_path, 1e9, "decode-batched", body)
+
+    def joined(chunks: list) -> tuple:
+        assert all(isinstance(c, TokenChunk) for c in chunks), chunks
+        return ([t for c in chunks for t in c.token_ids], [lp for c in chunks for lp in c.logprobs],
+                chunks[0].prompt_logprobs, chunks[-1].usage, chunks[-1].finish_reason)
+
+    single = joined(got["single"])
+    assert len(single[0]) == 24 and single[3] is not None and single[3].completion_tokens == 24
+    assert joined(got["batched"]) == single
+    assert len(got["whole"]) == 1 and joined(got["whole"]) == single
+
+
+def test_a_cancel_before_the_request_task_starts_still_cancels_it(tmp_path: Path) -> None:
+    """A plain request goes to the engine from the NATS read loop, before its task exists; a
+    Cancel read in the same turn must still end it, its blocks freed."""
+
+    async def body(bus: Bus, worker: DecodeWorker) -> None:
+        req = GenerateRequest(request_id="c", token_ids=list(range(5, 40)),
+                              sampling=SamplingParams(max_tokens=1000, ignore_eos=True),
+                              batch_reply=bus.inbox.batch_subject)
+        job = Msg(_client=bus.nc, subject=worker.info().generate_subject, reply="_INBOX.nobody", data=encode(req))
+        cancel = Msg(_client=bus.nc, subject="cancel", data=encode(Cancel(request_id="c", reason="test")))
+        cancelled = REQUESTS.labels(worker.role, "cancelled")
+        before = cancelled._value.get()
+        worker._on_generate(job)  # both in one turn: the request's task has not run yet
+        assert "c" in worker._early and worker.engine.stats().waiting + worker.engine.stats().running == 1
+        worker._on_cancel(cancel)
+        # Uncancelled, its 1,000 tokens would take seconds at this mocker speed.
+        with anyio.fail_after(2):
+            while worker._early or worker._scopes or worker.engine.stats().running:
+                await anyio.sleep(0.01)  # the task starts in a cancelled scope, ends, and frees the request
+        assert cancelled._value.get() == before + 1
+        assert worker.engine.stats().kv_blocks_used == 0 and worker.engine.stats().waiting == 0
+
+    _with_worker(tmp_path, 1.0, "decode-cancel-early", body)

@@ -13,7 +13,7 @@ from shared.engines import EngineConfig, make_engine
 from shared.engines.base import EngineOutput
 from shared.engines.mocker import MockerEngine
 from shared.kv_hash import block_hashes
-from shared.messages import SamplingParams
+from shared.messages import SamplingParams, StructuredOutput
 
 pytestmark = pytest.mark.anyio
 
@@ -264,3 +264,68 @@ async def test_steps_that_simulate_time_run_one_a_turn() -> None:
     eng = MockerEngine(EngineConfig(engine="mocker", model="no-such-model", speedup=1000.0))
     turns = await _turns_of_outputs(eng, 16)
     assert len(set(turns)) == 16, turns
+
+
+async def test_with_an_after_delivery_callback_the_burst_follows_the_first_token_at_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The callback (the worker's reply flush) runs as each turn's deliveries end, so the first
+    # token is on its way before the next turn: that turn may burst. It sees every output of its
+    # turn already delivered.
+    monkeypatch.setattr("shared.engines.core.BURST_S", 5.0)
+    eng = MockerEngine(EngineConfig(**FAST))
+    delivered_at: list[int] = []
+    seen_before: list[int] = []
+    assert eng.on_delivered(lambda: delivered_at.append(len(seen_before))) is True
+    real_put = eng._queues.put
+
+    def put(outputs: list[EngineOutput]) -> None:
+        seen_before.extend(o.token_ids[0] for o in outputs if o.token_ids)
+        real_put(outputs)
+
+    monkeypatch.setattr(eng._queues, "put", put)
+    turns = await _turns_of_outputs(eng, 16)
+    assert turns[0] < turns[1] and len(set(turns[1:])) == 1, turns
+    assert 1 in delivered_at and 16 in delivered_at, delivered_at  # after the first token's turn, after the burst's
+
+
+async def test_submit_now_hands_the_request_over_before_returning() -> None:
+    eng = MockerEngine(EngineConfig(engine="mocker", model="no-such-model", speedup=1e4, num_blocks=32))
+    sp = SamplingParams(max_tokens=12, seed=5, ignore_eos=True)
+    prompt = list(range(3, 30))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(eng.run)
+        await eng.wait_ready()
+        want, _ = await collect(eng.generate("g", prompt, sp))
+        stream = eng.submit_now("s", prompt, sp)
+        assert stream is not None and eng.stats().waiting + eng.stats().running == 1  # no await in between
+        got, fin = await collect(stream)
+        assert got == want and fin.finish_reason == "length" and not stream.open
+        stream.close()  # finished: closing again aborts nothing
+        assert eng.stats().kv_blocks_used == 0
+
+        # a grammar to compile first: generate() only
+        assert eng.submit_now("x", prompt, SamplingParams(max_tokens=4, structured=StructuredOutput(
+            kind="regex", spec="a+"))) is None
+        tg.cancel_scope.cancel()
+
+    slow = MockerEngine(EngineConfig(engine="mocker", model="no-such-model", speedup=1.0, num_blocks=32))
+    long = SamplingParams(max_tokens=1000, ignore_eos=True)  # seconds of simulated steps
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(slow.run)
+        await slow.wait_ready()
+        # closed before it finished (its task never ran, or gave up): aborted, its blocks freed
+        early = slow.submit_now("e", prompt, long)
+        assert early is not None and slow.stats().waiting + slow.stats().running == 1
+        early.close()
+        assert slow.stats().waiting + slow.stats().running == 0 and slow.stats().kv_blocks_used == 0
+
+        # cancelled while it waits for an output: aborted too
+        waiting = slow.submit_now("w", prompt, long)
+        assert waiting is not None
+        got_some = 0
+        with anyio.move_on_after(0.2):
+            async for out in waiting:
+                got_some += len(out.token_ids)
+        assert 0 < got_some < 1000 and not waiting.open
+        assert slow.stats().running == 0 and slow.stats().kv_blocks_used == 0
+        tg.cancel_scope.cancel()
