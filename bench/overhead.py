@@ -10,6 +10,10 @@ so noise from other jobs lands on every side alike):
   ``0`` still simulates ~7 ms a token) from a
   throwaway venv, with file discovery, the TCP request plane and the ZMQ event plane (no etcd, no
   NATS), round-robin routing like Baton's default. Same tokenizer files (the baton-tiny model dir).
+- ``floor`` (only when named in ``--sides``): the transport floor of Baton's shape,
+  ``bench/nats_floor.py``: a plain nats-server, an HTTP front and a worker that only relay (no
+  validation, tokenizer, routing, engine or detokenizer), so the gap between it and Baton is
+  Baton's own work per request.
 
 Each cell: /v1/completions, 16-token completions (``ignore_eos``), non-streamed and streamed, from
 one lean keep-alive client (bench/loadgen.py) on this machine, in one of two modes:

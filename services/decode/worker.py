@@ -205,7 +205,7 @@ class DecodeWorker(WorkerHost):
             asked = status_request_decoder.decode(msg.data).request_ids
         except Exception:
             asked = []
-        known = [rid for rid in asked if rid in self._scopes]
+        known = [rid for rid in asked if rid in self._scopes or rid in self._early]
         await self.bus.respond(msg, StatusReply(worker_id=self.worker_id, known=known, draining=self.draining))
 
     def _validate(self, req: GenerateRequest) -> str | None:
@@ -272,7 +272,8 @@ class DecodeWorker(WorkerHost):
         if req.deadline:
             scope.deadline = anyio.current_time() + max(0.0, req.deadline - time.time())
         self._scopes[req.request_id] = scope
-        self.begin()
+        if early is None:
+            self.begin()  # (an early request began when it was submitted)
         self._running_gauge.inc()
         outcome = "cancelled"
         try:
@@ -423,4 +424,5 @@ class DecodeWorker(WorkerHost):
         if probe.on:
             probe.mark("engine_submit", rid)
         early = self._early[rid] = EarlyRequest(req, outputs, replies, anyio.CancelScope())
+        self.begin()  # in flight from now: a drain must wait for it even before its task starts
         return early

@@ -160,12 +160,13 @@ def test_a_cancel_before_the_request_task_starts_still_cancels_it(tmp_path: Path
         before = cancelled._value.get()
         worker._on_generate(job)  # both in one turn: the request's task has not run yet
         assert "c" in worker._early and worker.engine.stats().waiting + worker.engine.stats().running == 1
+        assert worker.in_flight == 1  # a drain now waits for it, though its task has not started
         worker._on_cancel(cancel)
         # Uncancelled, its 1,000 tokens would take seconds at this mocker speed.
         with anyio.fail_after(2):
             while worker._early or worker._scopes or worker.engine.stats().running:
                 await anyio.sleep(0.01)  # the task starts in a cancelled scope, ends, and frees the request
-        assert cancelled._value.get() == before + 1
+        assert cancelled._value.get() == before + 1 and worker.in_flight == 0
         assert worker.engine.stats().kv_blocks_used == 0 and worker.engine.stats().waiting == 0
 
     _with_worker(tmp_path, 1.0, "decode-cancel-early", body)
