@@ -35,6 +35,9 @@ def test_worker_json_logs_carry_the_request_id(tmp_path) -> None:
                        "BATON_TRACE_FILE": str(tmp_path / "spans.jsonl")})
     try:
         stack.start(ready_timeout=60)
+        # The stack waits for decode workers only: a prefill worker that registers after the
+        # request arrives leaves it prefilled locally, and the prefill worker with nothing to log.
+        wait_until(lambda: stack.health().get("prefill_workers") == 1, 60, 0.1, "prefill worker registered")
         prompt = " ".join(f"word{i}" for i in range(120))
         r = httpx.post(f"{stack.url}/v1/chat/completions", json={
             "model": "baton-tiny", "messages": [{"role": "user", "content": prompt}], "max_tokens": 4},
