@@ -51,7 +51,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -66,7 +65,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from baton.nats_server import find_nats_server, free_port
+from baton.nats_server import find_nats_server, free_port, wait_for_port
 from bench import ttft_breakdown
 from bench.loadgen import ARRIVALS, run_load, run_open_loop
 from shared import probe
@@ -210,29 +209,16 @@ def start_floor() -> Side:
                               stdout=open(logdir / "nats.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     side = Side("floor", port, [server], logdir)
     try:
-        deadline = time.monotonic() + 30
-        while not _port_open(nats_port):
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((logdir / "nats.log").read_text()[-3000:])
-            time.sleep(0.05)
+        wait_for_port("127.0.0.1", nats_port, 30)
         for role in ("worker", "front"):
             side.roots.append(subprocess.Popen(
                 [sys.executable, str(here / "nats_floor.py"), role, "--nats", url, "--port", str(port)],
                 stdout=open(logdir / f"{role}.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True))
-        while not _port_open(port):
-            if any(p.poll() is not None for p in side.roots) or time.monotonic() > deadline:
-                raise RuntimeError((logdir / "front.log").read_text()[-3000:] + (logdir / "worker.log").read_text()[-3000:])
-            time.sleep(0.05)
-    except BaseException:
+        wait_for_port("127.0.0.1", port, 30)
+    except TimeoutError as e:
         side.stop()
-        raise
+        raise RuntimeError("".join(f.read_text()[-3000:] for f in sorted(logdir.glob("*.log")))) from e
     return side
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def spread(values: list[float], fmt: str = "{:.1f}") -> str:
