@@ -6,22 +6,30 @@ a batching frontend or a non-streamed request), it also listens to the engine's 
 them, non-streamed ones are held for the last chunk, and the last chunk goes to the batcher too,
 so the request's task is not woken per step. Everything else (n > 1, errors, a frontend that
 takes single replies) goes through the task's loop, with the same chunk shapes.
+
+A request the worker serves without a task (:attr:`RequestReplies.on_done` set: a plain request
+to a batching frontend, see ``DecodeWorker._submit_early``) has its listener take every output,
+its last and an engine error too, and report the outcome through ``on_done``.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
 from shared import probe, tracing
 from shared.bus import ReplyBatcher
 from shared.engines.base import EngineOutput
-from shared.messages import GenerateRequest, PositionLogprobs, TokenChunk, Usage
+from shared.messages import GenerateError, GenerateRequest, PositionLogprobs, TokenChunk, Usage
+
+log = logging.getLogger("baton.decode")
 
 
 class RequestReplies:
     """Per-choice positions, held tokens and logprobs of one request, and its listener."""
 
-    __slots__ = ("batcher", "held", "held_logprobs", "index", "listens", "prompt_logprobs", "req",
+    __slots__ = ("batcher", "held", "held_logprobs", "index", "listens", "on_done", "prompt_logprobs", "req",
                  "sent_last", "span", "subject")
 
     def __init__(self, req: GenerateRequest, batcher: ReplyBatcher | None, span: Any = None) -> None:
@@ -37,6 +45,10 @@ class RequestReplies:
         self.sent_last = ""  # the finish reason, once the listener has sent the last chunk
         # The listener applies to one choice, streamed to a batching frontend or not streamed.
         self.listens = n == 1 and (self.batcher is not None or not req.stream)
+        # Set when no task serves the request: the listener then takes every output (with a
+        # batcher), and calls this once with the outcome ("length", "stop", "abort", "error",
+        # "bad_request") when the request has ended.
+        self.on_done: Callable[[str], None] | None = None
 
     def first_token(self, out: EngineOutput) -> None:
         tracing.event(self.span, "first_token", **{"baton.cached_tokens": out.num_cached_tokens})
@@ -83,10 +95,35 @@ class RequestReplies:
 
     def on_output(self, out: EngineOutput) -> bool:
         """The engine's listener (``Engine.listen``), when :attr:`listens`: take this output (True)
-        or leave it to the task's loop (False). Errors always go to the loop; the last output
-        does too, after its chunk went to the batcher (the loop then only ends the request)."""
+        or leave it to the task's loop (False). With a task, errors always go to the loop; the last
+        output does too, after its chunk went to the batcher (the loop then only ends the request).
+        Without one (:attr:`on_done`), it takes them all."""
+        if self.on_done is None:
+            return self._take(out)
+        try:
+            return self._take(out)
+        except Exception as e:  # no task will see this request again: end it here, and say why
+            if self.on_done is None:  # it had ended already
+                raise
+            log.exception("request %s: reply failed", self.req.request_id)
+            self._end_with_error(500, f"engine error: {e!r}", "error")
+            return True
+
+    def _end_with_error(self, code: int, message: str, outcome: str) -> None:
+        on_done, self.on_done = self.on_done, None
+        assert on_done is not None and self.batcher is not None
+        self.batcher.send(self.subject, GenerateError(request_id=self.req.request_id, code=code, message=message),
+                          in_step=True)
+        on_done(outcome)
+
+    def _take(self, out: EngineOutput) -> bool:
         batcher = self.batcher
-        if out.error or (out.finish_reason is not None and batcher is None):
+        if out.error:
+            if self.on_done is None:
+                return False
+            self._end_with_error(out.error_code, out.error, "bad_request")
+            return True
+        if out.finish_reason is not None and batcher is None:
             return False
         if out.token_ids and self.index[0] == 0:
             self.first_token(out)
@@ -97,6 +134,10 @@ class RequestReplies:
             # Urgent: it leaves as the step's delivery ends (ReplyBatcher.flush_urgent_now).
             batcher.send(self.subject, self.last_chunk(out, 0, self.usage(out)), in_step=True)
             self.sent_last = out.finish_reason
+            on_done, self.on_done = self.on_done, None
+            if on_done is not None:
+                on_done(out.finish_reason)
+                return True
             return False
         if out.token_ids:
             if self.req.stream:

@@ -4,12 +4,15 @@ It stands on :class:`shared.worker_host.WorkerHost` (engine, bus, registration, 
 events, drain) and adds the request handling. Each request runs as a task in the worker's task
 group; a Cancel message, a deadline or a drain cancels it, and the engine frees its KV blocks when
 its stream is closed. A plain request is handed to the engine by the job subscription's handler,
-before its task starts (``_submit_early``). One request's chunks are shaped in ``replies.py``,
+before its task starts (``_submit_early``); one whose replies the engine's listener can send
+(one choice, to a batching frontend) gets no task at all: the listener sends every chunk and
+ends it (``_finish_taskless``). One request's chunks are shaped in ``replies.py``,
 remote prefill lives in ``disagg.py``, the G4 peer block fetch in ``peer_fetch.py``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -53,12 +56,22 @@ RUNNING = Gauge("baton_worker_requests_running", "Requests in flight", ["role"])
 
 @dataclass(slots=True)
 class EarlyRequest:
-    """A request handed to the engine from the NATS read loop, for its task to take over."""
+    """A request handed to the engine from the NATS read loop, for its task to take over, or
+    (``taskless``) served by the engine's listener alone until it ends."""
 
     req: GenerateRequest
-    outputs: SubmittedStream
+    outputs: SubmittedStream | None  # None until submit_now returns
     replies: RequestReplies
     scope: anyio.CancelScope  # a Cancel that comes before the task starts cancels this
+    taskless: bool = False
+    outcome: str = ""  # taskless: how it ended, once it has
+    timer: asyncio.TimerHandle | None = None  # taskless, with a deadline: its expiry
+    settled: bool = False  # taskless: ended and cleaned up
+
+
+# Taskless outcomes after which the engine surely holds nothing of the request; after any other
+# (an abort or an error may also be the listener's own failure) it is aborted, a no-op if gone.
+_ENDED_IN_ENGINE = frozenset({"length", "stop"})
 
 
 @dataclass
@@ -135,6 +148,8 @@ class DecodeWorker(WorkerHost):
         except Exception:  # the task takes the request the usual way, and reports what fails
             log.exception("early submit failed")
             early = None
+        if early is not None and early.taskless:
+            return  # the engine's listener serves it to the end (_finish_taskless)
         self._tg.start_soon(self._serve, msg, early)
 
     def _on_cancel(self, msg: Msg) -> None:
@@ -143,8 +158,13 @@ class DecodeWorker(WorkerHost):
         except Exception:
             return
         scope = self._scopes.get(cancel.request_id)
-        if scope is None and cancel.request_id in self._early:  # its task has not started yet
-            scope = self._early[cancel.request_id].scope
+        if scope is None and cancel.request_id in self._early:  # its task has not started yet (or has none)
+            early = self._early[cancel.request_id]
+            if early.taskless:
+                log.debug("cancelling %s: %s", cancel.request_id, cancel.reason)
+                self._finish_taskless(early, "cancelled")
+                return
+            scope = early.scope
         if scope is not None:
             log.debug("cancelling %s: %s", cancel.request_id, cancel.reason)
             scope.cancel()
@@ -411,8 +431,12 @@ class DecodeWorker(WorkerHost):
                 return None  # the task prefills elsewhere (deciding again: the load may have moved)
             count_decision(decision)
         replies = RequestReplies(req, self.replies)
-        if replies.listens:  # before the submit: the listener must see the request's first output
-            self.engine.listen(rid, replies.on_output)
+        early = EarlyRequest(req, None, replies, anyio.CancelScope())
+        # Before the submit: the listener must see the request's first output. One that can send
+        # every reply itself (a batching frontend) leaves the request no task to wake.
+        if replies.listens and self.engine.listen(rid, replies.on_output) and replies.batcher is not None:
+            early.taskless = True
+            replies.on_done = lambda outcome: self._finish_taskless(early, outcome)
         try:
             outputs = self.engine.submit_now(rid, req.token_ids, sp, lora=req.lora)
         finally:
@@ -423,6 +447,39 @@ class DecodeWorker(WorkerHost):
             return None
         if probe.on:
             probe.mark("engine_submit", rid)
-        early = self._early[rid] = EarlyRequest(req, outputs, replies, anyio.CancelScope())
+        early.outputs = outputs
+        if early.outcome:  # refused at once (e.g. an unknown adapter), its error already sent
+            self._finish_taskless(early, early.outcome)
+            return early
+        self._early[rid] = early
         self.begin()  # in flight from now: a drain must wait for it even before its task starts
+        if early.taskless:
+            self._running_gauge.inc()
+            if req.deadline:
+                early.timer = asyncio.get_running_loop().call_later(
+                    max(0.0, req.deadline - time.time()), self._finish_taskless, early, "cancelled")
         return early
+
+    def _finish_taskless(self, early: EarlyRequest, outcome: str) -> None:
+        """End a request served without a task, once: it finished (its last reply sent), failed
+        (its error sent), or was cancelled or ran past its deadline (nothing sent: its frontend
+        left). Later calls (a Cancel that crossed its last reply) do nothing."""
+        if not early.outcome:
+            early.outcome = outcome
+        outputs = early.outputs
+        if outputs is None or early.settled:  # None: ended inside submit_now, which comes back here
+            return
+        early.settled = True
+        if early.outcome in _ENDED_IN_ENGINE:
+            outputs.detach()
+        else:
+            outputs.close()  # aborts it in the engine (and stops its listener)
+        early.replies.on_done = None
+        if early.timer is not None:
+            early.timer.cancel()
+            early.timer = None
+        if self._early.get(early.req.request_id) is early:  # in flight until now
+            del self._early[early.req.request_id]
+            self.end()
+            self._running_gauge.dec()
+        self._count(early.outcome)

@@ -288,6 +288,13 @@ class SubmittedStream:
             self._queues.close(self.request_id)
             self._abort(self.request_id)
 
+    def detach(self) -> None:
+        """The request has finished, and its listener took its last output (:meth:`Engine.listen`),
+        so this stream will not see its end: let it go without an abort."""
+        if self.open:
+            self.open = False
+            self._queues.close(self.request_id)
+
     async def aclose(self) -> None:
         self.close()
 

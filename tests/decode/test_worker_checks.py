@@ -4,6 +4,7 @@ real DecodeWorker with the mocker engine."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import pytest
 from nats.aio.msg import Msg
 
 from baton.nats_server import EmbeddedNats
-from services.decode.worker import REQUESTS, DecodeSettings, DecodeWorker
+from services.decode.replies import RequestReplies
+from services.decode.worker import REQUESTS, RUNNING, DecodeSettings, DecodeWorker
 from shared.bus import Bus
 from shared.discovery import WorkerView
 from shared.engines import EngineConfig
@@ -24,6 +26,7 @@ from shared.messages import (
     TokenChunk,
     encode,
     generate_reply_decoder,
+    generate_request_decoder,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -170,3 +173,83 @@ def test_a_cancel_before_the_request_task_starts_still_cancels_it(tmp_path: Path
         assert worker.engine.stats().kv_blocks_used == 0 and worker.engine.stats().waiting == 0
 
     _with_worker(tmp_path, 1.0, "decode-cancel-early", body)
+
+
+def test_a_plain_request_to_a_batching_frontend_runs_without_a_task(tmp_path: Path) -> None:
+    """One choice to a batching frontend: the engine's listener sends every reply and ends the
+    request, so no task is started for it; the same request without batching gets its task. Either
+    way it leaves nothing in flight, and its outcome is counted once."""
+    served: list[str] = []
+    sp = SamplingParams(max_tokens=12, ignore_eos=True)
+
+    async def body(bus: Bus, worker: DecodeWorker) -> None:
+        serve = worker._serve
+
+        async def spy(msg: Msg, early: object = None) -> None:
+            served.append(generate_request_decoder.decode(msg.data).request_id)
+            await serve(msg, early)  # type: ignore[arg-type]
+
+        worker._serve = spy  # type: ignore[method-assign]
+        length = REQUESTS.labels(worker.role, "length")
+        before = length._value.get()
+        for rid, batch in (("tl-s", True), ("tl-w", True), ("task", False)):
+            req = GenerateRequest(request_id=rid, token_ids=list(range(5, 30)), sampling=sp, stream=rid != "tl-w",
+                                  batch_reply=bus.inbox.batch_subject if batch else "")
+            replies = await _ask(bus, worker, req)
+            assert all(isinstance(r, TokenChunk) for r in replies), replies
+            assert sum(len(r.token_ids) for r in replies) == 12 and replies[-1].usage is not None
+            with anyio.fail_after(2):
+                while worker.in_flight:  # the task (if any) ends its request just after the last reply
+                    await anyio.sleep(0.01)
+            assert not worker._early and not worker._scopes
+        assert length._value.get() == before + 3
+        assert RUNNING.labels(worker.role)._value.get() == 0
+        assert worker.engine.stats().running == worker.engine.stats().waiting == 0
+
+    _with_worker(tmp_path, 1e9, "decode-taskless", body)
+    assert served == ["task"]
+
+
+def test_a_taskless_request_ends_on_its_deadline_an_engine_error_or_its_listener_failing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a task nothing else would end it: a deadline aborts it (nothing sent, as for a
+    cancel), an engine error goes back as a GenerateError, and a failing listener sends a 500 and
+    aborts it. Each time nothing stays in flight or in the engine."""
+
+    async def idle(worker: DecodeWorker) -> None:
+        with anyio.fail_after(2):
+            while worker.in_flight or worker.engine.stats().running or worker.engine.stats().waiting:
+                await anyio.sleep(0.01)
+        assert not worker._early and worker.engine.stats().kv_blocks_used == 0
+
+    async def body(bus: Bus, worker: DecodeWorker) -> None:
+        batch = bus.inbox.batch_subject
+        long = SamplingParams(max_tokens=1000, ignore_eos=True)  # seconds at this mocker speed
+        cancelled = REQUESTS.labels(worker.role, "cancelled")
+        before = cancelled._value.get()
+        inbox = bus.inbox.open("late")
+        await bus.publish(worker.info().generate_subject,
+                          GenerateRequest(request_id="late", token_ids=list(range(5, 30)), sampling=long,
+                                          batch_reply=batch, deadline=time.time() + 0.3), reply=inbox.subject)
+        with anyio.fail_after(5):
+            while cancelled._value.get() == before:
+                await anyio.sleep(0.01)
+        bus.inbox.close("late")
+        await idle(worker)
+
+        unknown = await _ask(bus, worker, GenerateRequest(request_id="lora", token_ids=[5, 6, 7], lora="nope",
+                                                          sampling=long, batch_reply=batch))
+        assert len(unknown) == 1 and isinstance(unknown[0], GenerateError) and unknown[0].code == 404, unknown
+        await idle(worker)
+
+        def broken(self: RequestReplies, out: object, c: int) -> TokenChunk:
+            raise RuntimeError("shaping failed")
+
+        monkeypatch.setattr(RequestReplies, "middle_chunk", broken)
+        failed = await _ask(bus, worker, GenerateRequest(request_id="broken", token_ids=list(range(5, 30)),
+                                                         sampling=long, batch_reply=batch))
+        assert isinstance(failed[-1], GenerateError) and failed[-1].code == 500, failed
+        assert "shaping failed" in failed[-1].message
+        await idle(worker)
+
+    _with_worker(tmp_path, 1.0, "decode-taskless-ends", body)
