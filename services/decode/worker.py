@@ -1,13 +1,14 @@
 """The decode worker: takes generate requests on its own subject and streams tokens back.
 
 It stands on :class:`shared.worker_host.WorkerHost` (engine, bus, registration, load reports, KV
-events, drain) and adds the request handling. Each request runs as a task in the worker's task
-group; a Cancel message, a deadline or a drain cancels it, and the engine frees its KV blocks when
-its stream is closed. A plain request is handed to the engine by the job subscription's handler,
-before its task starts (``_submit_early``); one whose replies the engine's listener can send
-(one choice, to a batching frontend) gets no task at all: the listener sends every chunk and
-ends it (``_finish_taskless``). One request's chunks are shaped in ``replies.py``,
-remote prefill lives in ``disagg.py``, the G4 peer block fetch in ``peer_fetch.py``.
+events, drain) and adds the request handling. A request runs as a task in the worker's task
+group (but see below); a Cancel message or a deadline cancels it, and the engine frees its KV
+blocks when its stream is closed. A plain request is handed to the engine by the job
+subscription's handler, before its task starts (``_submit_early``); one whose replies the
+engine's listener can send (one choice, to a batching frontend) gets no task at all: the
+listener sends every chunk and ends it (``_finish_taskless``). One request's chunks are shaped
+in ``replies.py``, remote prefill lives in ``disagg.py``, the G4 peer block fetch in
+``peer_fetch.py``.
 """
 
 from __future__ import annotations
