@@ -108,8 +108,12 @@ async def _one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: 
 
 
 async def run_load(host: str, port: int, path: str, payload: dict, concurrency: int, duration: float,
-                   warmup: float = 0.5) -> RunResult:
-    """``concurrency`` keep-alive connections, each sending back-to-back for ``duration`` seconds."""
+                   warmup: float = 0.5, request_timeout: float = 30.0) -> RunResult:
+    """``concurrency`` keep-alive connections, each sending back-to-back for ``duration`` seconds.
+
+    A response that never comes fails the run with :class:`TimeoutError` ``request_timeout``
+    seconds after its end. The bound is on the whole run, not on each request, so the load
+    generator spends nothing per request on it."""
     raw = build_request(host, port, path, payload)
     result = RunResult(concurrency, bool(payload.get("stream")), duration)
     t_start = time.perf_counter() + warmup
@@ -130,7 +134,12 @@ async def run_load(host: str, port: int, path: str, payload: dict, concurrency: 
         finally:
             writer.close()
 
-    await asyncio.gather(*(client() for _ in range(concurrency)))
+    try:
+        async with asyncio.timeout(warmup + duration + request_timeout):
+            await asyncio.gather(*(client() for _ in range(concurrency)))
+    except TimeoutError:
+        raise TimeoutError(f"{concurrency} connections to {host}:{port}{path}: a response was still missing "
+                           f"{request_timeout:g} s after the run's end") from None
     return result
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import msgspec
 import nats
+import nats.errors
 import uvloop
 from nats.protocol import command as prot_command
 
@@ -34,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from shared.bus import subscribe_direct
 
 JOB_SUBJECT = "floor.job"
+READY_SUBJECT = "floor.ready"  # the worker answers here once it listens for jobs
+READY_TIMEOUT_S = 30.0
 TOKENS = 16
 WORDS = [f" w{i}" for i in range(TOKENS)]
 
@@ -94,7 +97,27 @@ async def run_worker(url: str) -> None:
             pub.publish(msg.reply, enc.encode(Reply(token, 0, ids[:n], True)))
 
     await subscribe_direct(nc, JOB_SUBJECT, on_job)
+
+    async def on_ready(msg: Any) -> None:
+        await msg.respond(b"")
+
+    await nc.subscribe(READY_SUBJECT, cb=on_ready)
     await asyncio.Event().wait()
+
+
+async def wait_for_worker(nc: Any, timeout: float = READY_TIMEOUT_S) -> None:
+    """Return once a worker answers on :data:`READY_SUBJECT`: its job subscription is in place, so
+    no job the front publishes after this is lost (nats-server drops a message nobody listens for)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            await nc.request(READY_SUBJECT, b"", timeout=0.5)
+            return
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+            if loop.time() > deadline:
+                raise TimeoutError(f"no floor worker answered on {READY_SUBJECT} in {timeout:.0f} s") from None
+            await asyncio.sleep(0.05)
 
 
 class Front:
@@ -177,8 +200,9 @@ class Connection(asyncio.Protocol):
             self.front.submit(self.transport, body)
 
 
-async def run_front(url: str, port: int) -> None:
+async def run_front(url: str, port: int, ready_timeout: float = READY_TIMEOUT_S) -> None:
     nc = await nats.connect(url)
+    await wait_for_worker(nc, ready_timeout)  # the front's port opens only when jobs have somewhere to go
     front = Front(nc)
     await front.start()
     loop = asyncio.get_running_loop()
@@ -193,8 +217,11 @@ def main() -> None:
     ap.add_argument("role", choices=("worker", "front"))
     ap.add_argument("--nats", required=True)
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--ready-timeout", type=float, default=READY_TIMEOUT_S,
+                    help="front: seconds to wait for a worker before giving up")
     args = ap.parse_args()
-    uvloop.run(run_worker(args.nats) if args.role == "worker" else run_front(args.nats, args.port))
+    uvloop.run(run_worker(args.nats) if args.role == "worker"
+               else run_front(args.nats, args.port, args.ready_timeout))
 
 
 if __name__ == "__main__":

@@ -222,6 +222,43 @@ def test_open_loop_counts_errors_and_replaces_dropped_connections() -> None:
     assert server.connections >= statuses.count(0)  # every dropped connection was replaced
 
 
+def test_closed_loop_fails_on_a_response_that_never_comes() -> None:
+    """A lost response (a server that reads a request and never answers) ends the closed loop with
+    an error naming it, bounded in time, instead of hanging the bench."""
+    from bench.loadgen import run_load
+
+    answered = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal answered
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                await reader.readexactly(int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0]))
+                if answered == 5:
+                    await reader.read()  # the sixth request gets no response: wait for the client to go
+                    return
+                answered += 1
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def main() -> float:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        async with server:
+            with pytest.raises(TimeoutError, match=r"a response was still missing 0\.4 s after the run's end"):
+                await run_load("127.0.0.1", port, "/v1/completions", {}, 1, 0.2, warmup=0.0, request_timeout=0.4)
+        return loop.time() - start
+
+    assert asyncio.run(main()) < 5.0
+    assert answered == 5
+
+
 def test_closed_loop_stays_the_default_matrix() -> None:
     from bench.overhead import build_parser
 
@@ -297,3 +334,26 @@ def test_the_transport_floor_relays_real_requests_over_a_real_nats_server() -> N
         assert cell["errors"] == 0 and cell["requests"] > 10, cell
     assert streamed["ttft_p50_ms"] < streamed["p50_ms"]  # the first chunk comes before the rest
     assert roles == {"frontend", "decode", "nats"}
+
+
+def test_the_floor_front_opens_its_port_only_once_a_worker_listens(tmp_path: Path) -> None:
+    """The floor's front waits for its worker's subscription before it takes requests: a job
+    published to nobody would be dropped by nats-server and its request never answered. With no
+    worker at all, the front gives up with one clear line and never opens its port."""
+    from baton.nats_server import wait_for_port
+    from bench.overhead import find_nats_server, free_port
+
+    nats_port = free_port()
+    server = subprocess.Popen([find_nats_server(), "-a", "127.0.0.1", "-p", str(nats_port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port("127.0.0.1", nats_port, 30)
+        front = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "bench" / "nats_floor.py"),
+                                "front", "--nats", f"nats://127.0.0.1:{nats_port}", "--port", str(free_port()),
+                                "--ready-timeout", "1"], capture_output=True, text=True, timeout=60)
+    finally:
+        server.terminate()
+        server.wait(10)
+    assert front.returncode != 0
+    assert "no floor worker answered on floor.ready in 1 s" in front.stderr
+    assert "floor front ready" not in front.stdout
