@@ -167,8 +167,22 @@ class Result:
         return self.status == 200 and not self.error and self.tokens == self.expected
 
 
-async def one_request(port: int, req: Req, model: str) -> Result:
+REQUEST_TIMEOUT_S = 300.0  # a request not answered in this long counts as an error (a cold scale-up is slower)
+
+
+async def one_request(port: int, req: Req, model: str, timeout: float = REQUEST_TIMEOUT_S) -> Result:
+    """One streamed request on its own connection; its connect and every read are bounded by
+    ``timeout`` seconds in all."""
     res = Result(req.arrival, expected=req.max_tokens)
+    try:
+        async with asyncio.timeout(timeout):
+            return await _one_request(port, req, model, res)
+    except TimeoutError:
+        res.error = f"no complete response within {timeout:g} s"
+        return res
+
+
+async def _one_request(port: int, req: Req, model: str, res: Result) -> Result:
     body = json.dumps({"model": model, "prompt": req.prompt, "max_tokens": req.max_tokens, "stream": True,
                        "ignore_eos": True, "temperature": 0, "stream_options": {"include_usage": True}}).encode()
     head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"

@@ -259,6 +259,24 @@ def test_closed_loop_fails_on_a_response_that_never_comes() -> None:
     assert answered == 5
 
 
+def test_the_planner_bench_counts_a_request_never_answered_as_an_error() -> None:
+    """bench/planner_bench.py's requests are bounded: a server that never answers costs the
+    request its timeout and an error, not the bench its run."""
+    from bench.planner_bench import Req, one_request
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # read the request, never answer; wait for the client to go
+        writer.close()
+
+    async def main() -> Any:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        async with server:
+            return await one_request(server.sockets[0].getsockname()[1], Req(0.0, [1, 2, 3], 4), "m", timeout=0.3)
+
+    res = asyncio.run(main())
+    assert not res.ok and res.error == "no complete response within 0.3 s"
+
+
 def test_closed_loop_stays_the_default_matrix() -> None:
     from bench.overhead import build_parser
 
