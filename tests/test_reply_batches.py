@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import anyio
 import msgspec
@@ -19,6 +20,11 @@ from shared.bus import Bus, ReplyBatcher, decoded, merge_chunks
 from shared.messages import GenerateError, ReplyBatch, TokenChunk, encode, generate_reply_decoder
 
 pytestmark = pytest.mark.timeout(60)
+
+
+async def _burst(stream: Any) -> list[Any]:
+    """A reply stream's next message, and every one already behind it."""
+    return [await stream.next(5), *stream.ready()]
 
 
 def test_one_message_per_turn_per_frontend_each_request_in_order(tmp_path: Path) -> None:
@@ -112,13 +118,11 @@ def test_middle_tokens_wait_for_the_interval_first_and_last_go_at_once(tmp_path:
                 assert not a.ready() and not c.ready()
                 batcher.send(to, TokenChunk(request_id="a", index=3, token_ids=[4], finish_reason="length"))
                 with anyio.fail_after(10):
-                    rest_a = [await a.next(5)]  # a's last: with a's pending middle tokens, as one chunk
-                    rest_a += a.ready()
+                    rest_a = await _burst(a)  # a's last: with a's pending middle tokens, as one chunk
                 assert not c.ready()
                 batcher.send(to, GenerateError(request_id="c", code=500, message="boom"))
                 with anyio.fail_after(10):
-                    got_c = [await c.next(5)]
-                    got_c += c.ready()
+                    got_c = await _burst(c)
                 tg.cancel_scope.cancel()
         finally:
             await worker.close()
@@ -282,8 +286,7 @@ def test_urgent_replies_of_a_step_leave_with_the_engines_flush(tmp_path: Path) -
                 assert not b.ready()
                 batcher.send(to, GenerateError(request_id="b", code=500, message="boom"))  # not from a step
                 with anyio.fail_after(10):
-                    got_b = [await b.next(5)]
-                    got_b += b.ready()
+                    got_b = await _burst(b)
                 tg.cancel_scope.cancel()
         finally:
             await worker.close()
