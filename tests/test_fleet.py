@@ -15,6 +15,7 @@ import anyio
 import httpx
 import nats
 import pytest
+from nats.js.errors import NoKeysError
 
 from services.decode.fleet import DecodeFleet
 from services.decode.worker import DecodeSettings
@@ -42,6 +43,22 @@ def fleet_stack(tmp_path_factory: pytest.TempPathFactory):
                   extra_decode_args=["--worker-id", "sim", "--no-disagg", "--mocker-speedup", "20"])
     with running(stack) as s:
         yield s
+
+
+async def registered_decoders(kv, expected: set[str], within: float = 10.0) -> set[str]:
+    """The decode workers whose keys the bucket holds, read until they are ``expected`` or
+    ``within`` seconds pass. nats-py's ``keys()`` can end before its first entry: its watcher may
+    see the consumer's pending count at zero while the entries are still in flight to it, and then
+    it raises NoKeysError on a full bucket. A retry reads the bucket again."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            found = {k.split(".", 1)[1] for k in await kv.keys() if k.startswith("decode.")}
+        except NoKeysError:
+            found = set()
+        if found == expected or time.monotonic() > deadline:
+            return found
+        await anyio.sleep(0.1)
 
 
 def test_fleet_registers_and_serves(fleet_stack: Stack) -> None:
