@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,7 +80,8 @@ class Generation:
     """Runs requests through router and workers for one served model."""
 
     def __init__(self, bus: Bus, tokenizer: Tokenizer, model: str, settings: GenerationSettings,
-                 router: RouterCore | None = None, leases: RouteLeases | None = None) -> None:
+                 router: RouterCore | None = None, leases: RouteLeases | None = None,
+                 fleet_serves: Callable[[str], bool] | None = None) -> None:
         self.bus = bus
         self.tokenizer = tokenizer
         self.model = model
@@ -88,6 +89,10 @@ class Generation:
         self.router = router  # --router embedded: decide in process, no route hop
         self.leases = leases  # the router service's decisions held ahead (round-robin, random)
         self._route_client: RouteClient | None = None  # the router service's (made on first use)
+        # Whether this frontend's own view of the fleet has a decode worker for a model: when the
+        # router service says none does, but this says one does, the router's view lags (it has
+        # just started, or the worker has just registered) and is asked again.
+        self.fleet_serves = fleet_serves
 
     async def _route(self, request_id: str, token_ids: list[int], exclude: list[str], parent: Any = None,
                      session_id: str = "", lora: str = "", lora_digest: str = "", max_tokens: int = 0) -> RouteDecision:
@@ -128,7 +133,7 @@ class Generation:
             self._route_client = RouteClient(self.bus)
         for attempt in range(self.settings.route_attempts):
             try:
-                return await self._route_client.route(req, self.settings.route_timeout, tracing.headers_for(span))
+                reply = await self._route_client.route(req, self.settings.route_timeout, tracing.headers_for(span))
             except BusError as e:
                 if attempt + 1 == self.settings.route_attempts or not await self.bus.wait_connected():
                     tracing.end(span, error=str(e))
@@ -136,6 +141,12 @@ class Generation:
                                    code="router_unavailable") from None
                 if isinstance(e, NoResponders):
                     await anyio.sleep(0.2 * (attempt + 1))  # no router right now: give one a moment
+                continue
+            if (isinstance(reply, RouteError) and reply.code == 503 and attempt + 1 < self.settings.route_attempts
+                    and self.fleet_serves is not None and self.fleet_serves(req.model)):
+                await anyio.sleep(0.1 * (attempt + 1))  # the router's view of the fleet is behind ours
+                continue
+            return reply
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _alive(self, decision: RouteDecision, request_id: str) -> bool:

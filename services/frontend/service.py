@@ -134,6 +134,10 @@ class Frontend:
     def _decode_worker_ids(self) -> list[str]:
         return [w.worker_id for w in self.view.workers("decode", self.model)] if self.view is not None else []
 
+    def _fleet_serves(self, model: str) -> bool:
+        """This frontend's own view has a decode worker for ``model``."""
+        return self.view is not None and bool(self.view.workers("decode", model))
+
     def _served_model(self, name: str, model_dir: Path, context_length: int) -> ServedModel:
         """A model's tokenizer, template, context length and request path (in a thread for fleet models)."""
         s = self.settings
@@ -145,7 +149,7 @@ class Frontend:
         max_model_len = min(s.max_model_len, context_length) if s.max_model_len else context_length
         # The bus is connected before any fleet model loads; the preloaded model's Generation gets it in run().
         generation = Generation(self.bus, tokenizer, name, s.generation, self.router,  # type: ignore[arg-type]
-                                self.leases)
+                                self.leases, fleet_serves=self._fleet_serves)
         limits = RequestLimits(name, max_model_len, s.max_prompt_tokens, s.max_n, tool_parser, s.priority_range)
         return ServedModel(name=name, tokenizer=tokenizer, max_model_len=max_model_len, limits=limits,
                            generation=generation, tool_parser=tool_parser, root=str(model_dir))

@@ -222,3 +222,51 @@ def test_the_router_answers_a_batch_in_order_each_decision_seeing_the_last() -> 
     assert len(placed) == 4 and set(placed) <= {"w0", "w1"}
     assert router.core.kv is not None and router.core.kv.predicted  # the batch's decisions were recorded
     assert isinstance(reply.replies[4], RouteError) and reply.replies[4].code == 503
+
+
+def test_a_router_behind_the_frontends_view_is_asked_again(tmp_path: Path) -> None:
+    """The router service says no worker serves the model while the frontend's own view has one
+    (the router has just started, or the worker has just registered): the frontend asks again
+    instead of failing the request. When its view has none either, the 503 stands at once."""
+    from services.frontend.generation import Generation, GenerationSettings
+    from services.frontend.openai_api import RequestError
+    from shared.subjects import ROUTE
+
+    async def main(frontend: Bus, router: Bus) -> None:
+        asked: list[str] = []
+        behind = 0  # answers left that say no worker serves the model
+
+        async def answer(msg: Msg) -> None:
+            nonlocal behind
+            req = route_message_decoder.decode(msg.data)
+            assert isinstance(req, RouteRequest)
+            asked.append(req.request_id)
+            if behind > 0:
+                behind -= 1
+                await router.respond(msg, RouteError(code=503, message=f"no decode worker serves {req.model!r}"))
+            else:
+                await router.respond(msg, decision_for(req))
+
+        await router.subscribe(ROUTE, answer)
+        with anyio.fail_after(20):
+            await until_served(frontend, ROUTE)
+            behind, asked[:] = 2, []  # the router's next two answers: no worker yet
+            fleet: set[str] = {"m"}
+            gen = Generation(frontend, None, "m", GenerationSettings(route_attempts=3),  # type: ignore[arg-type]
+                             fleet_serves=fleet.__contains__)
+            decision = await gen._route("r1", [1, 2, 3], [])
+            assert decision.worker_id == "w-r1" and asked == ["r1"] * 3
+            # the frontend sees no worker either: one ask, and the router's 503 is the answer
+            fleet.clear()
+            behind, asked[:] = 2, []
+            with pytest.raises(RequestError) as raised:
+                await gen._route("r2", [1, 2, 3], [])
+            assert raised.value.status == 503 and asked == ["r2"]
+            # behind for longer than the attempts: the last answer stands
+            fleet.add("m")
+            behind, asked[:] = 5, []
+            with pytest.raises(RequestError):
+                await gen._route("r3", [1, 2, 3], [])
+            assert asked == ["r3"] * 3
+
+    with_frontend_and_router(tmp_path, main)
