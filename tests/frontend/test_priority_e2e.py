@@ -158,6 +158,18 @@ def pair(tmp_path_factory: pytest.TempPathFactory):
         yield s
 
 
+@pytest.fixture(scope="module")
+def sessions(tmp_path_factory: pytest.TempPathFactory):
+    # Room for more than one sequence: a worker with a request waiting reports itself full, and a
+    # full worker's sessions move (SessionAffinity.full). With --max-num-seqs 1, a request that
+    # arrives while the last one is still finishing waits a moment, and a load report taken then
+    # would move a session that this test expects to stay.
+    s = Stack(tmp_path_factory.mktemp("sessions"), "mocker", decode_workers=2, decode_ids=["wa", "wb"],
+              extra_decode_args=MOCKER)
+    with running(s):
+        yield s
+
+
 def served_by(s: Stack, session: str | None) -> str:
     headers = {"x-session-id": session} if session else {}
     with httpx.stream("POST", f"{s.url}/v1/completions", json=completion(max_tokens=2, stream=True),
@@ -204,7 +216,8 @@ def test_engine_serves_its_waiting_queue_by_priority(pair: Stack) -> None:
     assert anyio.run(main) == ["high", "low"]
 
 
-def test_session_stays_on_its_worker_and_moves_when_it_dies(pair: Stack) -> None:
+def test_session_stays_on_its_worker_and_moves_when_it_dies(sessions: Stack) -> None:
+    pair = sessions
     # without a session the router (round-robin) spreads requests over both workers
     assert {served_by(pair, None) for _ in range(4)} == {"wa", "wb"}
     home = served_by(pair, "conv-1")
