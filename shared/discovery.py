@@ -19,7 +19,7 @@ from nats.js.kv import KeyValue
 
 from shared.bus import Bus
 from shared.messages import WorkerInfo, encode, worker_info_decoder
-from shared.streams import key_value_bucket, watch_alive
+from shared.streams import initial_entry_count, key_value_bucket, watch_alive
 from shared.subjects import WORKERS_BUCKET, worker_key
 
 log = logging.getLogger("baton.discovery")
@@ -134,11 +134,15 @@ class WorkerView:
         with anyio.fail_after(10):
             watcher = await kv.watchall()
         checked = time.monotonic()
+        entries = 0  # entries taken from this watch
+        initial: int | None = None  # entries that make up its initial values, once nats-py says they are in
         try:
             while True:
                 try:
                     entry = await watcher.updates(timeout=min(1.0, self.ttl / 2))
                 except nats.errors.TimeoutError:
+                    if initial is not None:  # quiet since the marker: nothing more is on its way
+                        self._mark_synced()
                     self._expire()
                     if self.bus.reconnects != seen_reconnects:
                         return  # the client moved or the server restarted: its consumer may be gone
@@ -148,19 +152,21 @@ class WorkerView:
                             self._watch_ok = False
                             return  # lost with a server of the cluster: watch anew
                     continue
-                if entry is None:  # initial values delivered
-                    self._watch_ok = True
-                    self.synced.set()
+                if entry is None:  # nats-py: initial values delivered (some may still be on their way)
+                    initial = await initial_entry_count(watcher)
+                    if initial is None or entries >= initial:
+                        self._mark_synced()
                     continue
+                entries += 1
                 if entry.operation in ("DEL", "PURGE") or not entry.value:
                     self._workers.pop(entry.key, None)
                 else:
                     try:
-                        info = worker_info_decoder.decode(entry.value)
+                        self._workers[entry.key] = (worker_info_decoder.decode(entry.value), time.monotonic())
                     except Exception:
                         log.warning("ignoring undecodable discovery entry %s", entry.key)
-                        continue
-                    self._workers[entry.key] = (info, time.monotonic())
+                if initial is not None and entries >= initial:
+                    self._mark_synced()  # the last of the initial values, applied
                 self._expire()
                 self._notify()
         finally:
@@ -170,6 +176,10 @@ class WorkerView:
                     await watcher.stop()
                 except Exception:
                     pass
+
+    def _mark_synced(self) -> None:
+        self._watch_ok = True
+        self.synced.set()
 
     def _expire(self) -> None:
         # Belt and braces: a key not refreshed for 1.5 TTL is gone even if no marker came.

@@ -168,6 +168,23 @@ async def watch_alive(watcher: object) -> bool:
         return False
 
 
+async def initial_entry_count(watcher: object) -> int | None:
+    """How many entries a KV watch's consumer has to deliver for its initial values to be all in:
+    those the server has delivered plus those still pending, asked when nats-py's "initial values
+    done" marker (None) arrives. nats-py can send that marker early: it reads the consumer's
+    pending count as 0 while delivered entries are still on their way to the client. A watcher
+    that must see the whole initial set counts entries up to this. None if the server cannot say."""
+    sub = getattr(watcher, "_sub", None)  # nats-py's KeyWatcher keeps its JetStream subscription here
+    if sub is None:
+        return None
+    try:
+        with anyio.fail_after(2):
+            info = await sub.consumer_info()
+    except Exception:
+        return None
+    return int(info.delivered.consumer_seq or 0) + int(info.num_pending or 0)
+
+
 async def watch_key(bus: Bus, bucket: KeyValueConfig, key: str, on_value: Callable[[bytes], None]) -> None:
     """Call ``on_value`` with each value of ``key`` (the current one first), forever; re-watch
     after a lost consumer or a reconnect (the watch's consumer may not survive a server change)."""
