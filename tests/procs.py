@@ -7,15 +7,17 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import anyio
 import httpx
 
 from baton.nats_server import EmbeddedNats, free_port
 from shared import nats_auth
+from shared.bus import Bus
 
 
 def service_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -269,3 +271,22 @@ def running(stack: Stack) -> Iterator[Stack]:
         raise
     finally:
         stack.stop()
+
+
+def with_bus(tmp_path: Path, body: Callable[[Bus, str], Awaitable[None]]) -> None:
+    """Run ``body(bus, url)`` on one connection to a fresh nats-server at ``url`` (store and log
+    under ``tmp_path``); the connection is closed and the server stopped after, whatever happens."""
+    server = EmbeddedNats(data_dir=tmp_path / "nats", log_file=tmp_path / "nats.log")
+    server.start()
+
+    async def main() -> None:
+        bus = await Bus.connect(server.url, "test")
+        try:
+            await body(bus, server.url)
+        finally:
+            await bus.close()
+
+    try:
+        anyio.run(main)
+    finally:
+        server.stop()

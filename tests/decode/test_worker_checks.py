@@ -12,7 +12,6 @@ import anyio
 import pytest
 from nats.aio.msg import Msg
 
-from baton.nats_server import EmbeddedNats
 from services.decode.replies import RequestReplies
 from services.decode.worker import REQUESTS, RUNNING, DecodeSettings, DecodeWorker
 from shared.bus import Bus
@@ -28,6 +27,7 @@ from shared.messages import (
     generate_reply_decoder,
     generate_request_decoder,
 )
+from tests.procs import with_bus
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -52,29 +52,19 @@ def _with_worker(tmp_path: Path, speedup: float, worker_id: str,
                  body: Callable[[Bus, DecodeWorker], Awaitable[None]]) -> None:
     """Run ``body`` against a real DecodeWorker (mocker engine) on a real nats-server, once the
     worker is registered."""
-    server = EmbeddedNats(data_dir=tmp_path / "nats", log_file=tmp_path / "nats.log")
-    server.start()
-    worker = DecodeWorker(DecodeSettings(nats_url=server.url, engine=EngineConfig(engine="mocker", speedup=speedup),
-                                         worker_id=worker_id, discovery_ttl=3))
-
-    async def main() -> None:
-        bus = await Bus.connect(server.url, "test")
+    async def main(bus: Bus, url: str) -> None:
+        worker = DecodeWorker(DecodeSettings(nats_url=url, engine=EngineConfig(engine="mocker", speedup=speedup),
+                                             worker_id=worker_id, discovery_ttl=3))
         view = WorkerView(bus, 3)
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(view.run)
-                tg.start_soon(worker.run)
-                with anyio.fail_after(20):
-                    await view.wait_for("decode", 1)
-                await body(bus, worker)
-                tg.cancel_scope.cancel()
-        finally:
-            await bus.close()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(view.run)
+            tg.start_soon(worker.run)
+            with anyio.fail_after(20):
+                await view.wait_for("decode", 1)
+            await body(bus, worker)
+            tg.cancel_scope.cancel()
 
-    try:
-        anyio.run(main)
-    finally:
-        server.stop()
+    with_bus(tmp_path, main)
 
 
 def test_decode_worker_answers_its_own_checks_and_serves_the_rest(tmp_path: Path) -> None:

@@ -9,12 +9,12 @@ import anyio
 import pytest
 from nats.js.kv import KeyValue
 
-from baton.nats_server import EmbeddedNats
 from shared.bus import Bus
 from shared.discovery import WorkerView, workers_bucket
 from shared.messages import WorkerInfo, encode
 from shared.streams import initial_entry_count
 from shared.subjects import worker_key
+from tests.procs import with_bus
 
 pytestmark = pytest.mark.timeout(60)
 WORKERS = 16
@@ -44,42 +44,33 @@ class EarlyMarker:
 
 
 def test_synced_waits_for_entries_behind_an_early_marker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    server = EmbeddedNats(data_dir=tmp_path / "nats", log_file=tmp_path / "nats.log")
-    server.start()
     real_watchall = KeyValue.watchall
 
     async def early_watchall(self: KeyValue, **kwargs: object) -> EarlyMarker:
         return EarlyMarker(await real_watchall(self, **kwargs))
 
-    async def main() -> None:
-        bus = await Bus.connect(server.url, "test")
-        try:
-            kv = await workers_bucket(bus)
-            for i in range(WORKERS):
-                info = WorkerInfo(worker_id=f"w{i}", role="decode", model="m", generate_subject=f"gen.w{i}")
-                await kv.put(worker_key("decode", info.worker_id), encode(info))
-            # What the server says makes up a fresh watch's initial values: every key.
-            watcher = await real_watchall(kv)
+    async def main(bus: Bus, url: str) -> None:
+        kv = await workers_bucket(bus)
+        for i in range(WORKERS):
+            info = WorkerInfo(worker_id=f"w{i}", role="decode", model="m", generate_subject=f"gen.w{i}")
+            await kv.put(worker_key("decode", info.worker_id), encode(info))
+        # What the server says makes up a fresh watch's initial values: every key.
+        watcher = await real_watchall(kv)
+        with anyio.fail_after(10):
+            while await watcher.updates(timeout=5) is not None:
+                pass
+        assert await initial_entry_count(watcher) == WORKERS
+        await watcher.stop()
+
+        monkeypatch.setattr(KeyValue, "watchall", early_watchall)
+        view = WorkerView(bus)
+        seen_at_sync: list[int] = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(view.run)
             with anyio.fail_after(10):
-                while await watcher.updates(timeout=5) is not None:
-                    pass
-            assert await initial_entry_count(watcher) == WORKERS
-            await watcher.stop()
+                await view.synced.wait()
+            seen_at_sync.append(len(view.workers("decode")))
+            tg.cancel_scope.cancel()
+        assert seen_at_sync == [WORKERS]
 
-            monkeypatch.setattr(KeyValue, "watchall", early_watchall)
-            view = WorkerView(bus)
-            seen_at_sync: list[int] = []
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(view.run)
-                with anyio.fail_after(10):
-                    await view.synced.wait()
-                seen_at_sync.append(len(view.workers("decode")))
-                tg.cancel_scope.cancel()
-            assert seen_at_sync == [WORKERS]
-        finally:
-            await bus.close()
-
-    try:
-        anyio.run(main)
-    finally:
-        server.stop()
+    with_bus(tmp_path, main)
