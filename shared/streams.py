@@ -154,15 +154,21 @@ async def object_store(bus: Bus, bucket: str, description: str = "") -> ObjectSt
     return store
 
 
+async def _watch_consumer_info(watcher: object) -> Any:
+    """The server's info on a KV watch's (ordered, ephemeral) consumer, asked within 2 s; None if
+    the watcher has no subscription to ask about. Raises if the server cannot answer."""
+    sub = getattr(watcher, "_sub", None)  # nats-py's KeyWatcher keeps its JetStream subscription here
+    if sub is None:
+        return None
+    with anyio.fail_after(2):
+        return await sub.consumer_info()
+
+
 async def watch_alive(watcher: object) -> bool:
     """Does a KV watch's (ordered, ephemeral) consumer still exist? It lives on one server: with
     that server gone, nats-py's watcher just goes quiet."""
-    sub = getattr(watcher, "_sub", None)  # nats-py's KeyWatcher keeps its JetStream subscription here
-    if sub is None:
-        return True
     try:
-        with anyio.fail_after(2):
-            await sub.consumer_info()
+        await _watch_consumer_info(watcher)
         return True
     except Exception:
         return False
@@ -174,13 +180,11 @@ async def initial_entry_count(watcher: object) -> int | None:
     done" marker (None) arrives. nats-py can send that marker early: it reads the consumer's
     pending count as 0 while delivered entries are still on their way to the client. A watcher
     that must see the whole initial set counts entries up to this. None if the server cannot say."""
-    sub = getattr(watcher, "_sub", None)  # nats-py's KeyWatcher keeps its JetStream subscription here
-    if sub is None:
-        return None
     try:
-        with anyio.fail_after(2):
-            info = await sub.consumer_info()
+        info = await _watch_consumer_info(watcher)
     except Exception:
+        return None
+    if info is None:
         return None
     return int(info.delivered.consumer_seq or 0) + int(info.num_pending or 0)
 
