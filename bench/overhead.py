@@ -16,7 +16,10 @@ so noise from other jobs lands on every side alike):
   Baton's own work per request.
 
 Each cell: /v1/completions, 16-token completions (``ignore_eos``), non-streamed and streamed, from
-one lean keep-alive client (bench/loadgen.py) on this machine, in one of two modes:
+one lean keep-alive client (bench/loadgen.py) on this machine, which acknowledges every segment at
+once (``TCP_QUICKACK``; ``--delayed-ack`` for the delayed ACKs of most clients, against which a
+server that leaves Nagle on, as Dynamo 1.6.1's frontend does, stalls each streamed response ~40
+ms), in one of two modes:
 
 - closed loop (the default): concurrency 1, 16 and 64, each connection sending back to back, so
   every stack runs at saturation;
@@ -67,7 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from baton.nats_server import find_nats_server, free_port, wait_for_port
 from bench import ttft_breakdown
-from bench.loadgen import ARRIVALS, run_load, run_open_loop
+from bench.loadgen import ARRIVALS, QUICK_ACK_SUPPORTED, run_load, run_open_loop
 from shared import probe
 from shared.models import resolve_model
 
@@ -232,17 +235,18 @@ def median_of(runs: list[dict], side: str, key: str) -> float:
     return statistics.median(r[key] for r in runs if r["side"] == side)
 
 
-def run_cell(side: Side, payload: dict, c: int, duration: float) -> dict:
+def run_cell(side: Side, payload: dict, c: int, duration: float, quick_ack: bool = True) -> dict:
     """One closed-loop cell: ``c`` connections sending back to back."""
-    return _measured(side, lambda: run_load("127.0.0.1", side.port, "/v1/completions", payload, c, duration))
+    return _measured(side, lambda: run_load("127.0.0.1", side.port, "/v1/completions", payload, c, duration,
+                                            quick_ack=quick_ack))
 
 
 def run_open_cell(side: Side, payload: dict, rate: float, duration: float, arrivals: str = "poisson",
-                  seed: object = 0, max_connections: int = 512) -> dict:
+                  seed: object = 0, max_connections: int = 512, quick_ack: bool = True) -> dict:
     """One open-loop cell: requests offered at ``rate`` a second (bench/loadgen.py's run_open_loop)."""
     return _measured(side, lambda: run_open_loop("127.0.0.1", side.port, "/v1/completions", payload, rate,
                                                  duration, arrivals=arrivals, seed=seed,
-                                                 max_connections=max_connections))
+                                                 max_connections=max_connections, quick_ack=quick_ack))
 
 
 def _measured(side: Side, load: Any) -> dict:
@@ -370,6 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-connections", type=int, default=512,
                     help="open loop: the most keep-alive connections the load generator opens")
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--delayed-ack", action="store_true",
+                    help="the load generator delays its ACKs as most HTTP clients do, instead of acknowledging "
+                         "every segment at once (TCP_QUICKACK, the default: a server that leaves Nagle on, as "
+                         "Dynamo 1.6.1's does, then stalls each streamed response ~40 ms on the client's account)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sides", nargs="+", default=["service", "embedded", "dynamo"],
                     help="service, embedded, dynamo (dynamo needs --dynamo-venv), floor (bench/nats_floor.py)")
@@ -401,6 +409,7 @@ def main() -> None:
     if "dynamo" in args.sides and not args.dynamo_venv:
         print("no --dynamo-venv: Dynamo left out", file=sys.stderr)
     open_loop = args.mode == "open"
+    quick_ack = not args.delayed_ack and QUICK_ACK_SUPPORTED
     load_key = "rate" if open_loop else "concurrency"
     loads = args.rates if open_loop else args.concurrency
 
@@ -437,9 +446,9 @@ def main() -> None:
                         cell_payload = {**payload, "stream": stream}
                         if open_loop:  # every side of this repeat gets the same arrival schedule
                             s = run_open_cell(side, cell_payload, load, args.duration, args.arrivals,
-                                              f"{repeat}-{stream}-{load}", args.max_connections)
+                                              f"{repeat}-{stream}-{load}", args.max_connections, quick_ack)
                         else:
-                            s = run_cell(side, cell_payload, load, args.duration)
+                            s = run_cell(side, cell_payload, load, args.duration, quick_ack)
                         s["repeat"] = repeat
                         runs.append(s)
                         print(progress_line(s, open_loop), flush=True)
@@ -460,7 +469,8 @@ def main() -> None:
             r["ttft_breakdown"] = ttft_breakdown.summarize(probed[r["side"]], *r["window"])
     loadavg = [r["load1"] for r in runs]
     print(f"\n{started}, {args.mode} loop, {args.repeats} repeats of {args.duration:g} s per cell, load average "
-          f"{min(loadavg):.2f}-{max(loadavg):.2f}, {os.cpu_count()} CPUs; median (min-max) over the repeats\n")
+          f"{min(loadavg):.2f}-{max(loadavg):.2f}, {os.cpu_count()} CPUs; client ACKs "
+          f"{'at once (TCP_QUICKACK)' if quick_ack else 'delayed'}; median (min-max) over the repeats\n")
     if open_loop:
         print(f"Open loop: {args.arrivals} arrivals at each offered rate, on up to {args.max_connections} keep-alive "
               "connections; latency and TTFT from when a request is written; late: requests the load generator "
