@@ -124,6 +124,12 @@ def test_uniform_arrivals_are_evenly_spaced() -> None:
         arrival_times(0, 1.0)
 
 
+async def read_request(reader: asyncio.StreamReader) -> None:
+    """One request from bench/loadgen.py (its headers, then its Content-Length body)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    await reader.readexactly(int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0]))
+
+
 class _FakeServer:
     """A keep-alive HTTP/1.1 server that isolates the load generator: every request gets a chunked
     response, its first chunk after ``first`` seconds and the end ``rest`` seconds later. ``fail``
@@ -145,9 +151,7 @@ class _FakeServer:
         self.handlers.add(task)
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-                await reader.readexactly(length)
+                await read_request(reader)
                 i = self.requests
                 self.requests += 1
                 failure = self.fail(i)
@@ -233,8 +237,7 @@ def test_closed_loop_fails_on_a_response_that_never_comes() -> None:
         nonlocal answered
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                await reader.readexactly(int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0]))
+                await read_request(reader)
                 if answered == 5:
                     await reader.read()  # the sixth request gets no response: wait for the client to go
                     return
@@ -388,8 +391,7 @@ def _nagle_run(quick_ack: bool) -> Any:
         writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                await reader.readexactly(int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0]))
+                await read_request(reader)
                 writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\ndata:\r\n")
                 await asyncio.sleep(0.002)  # the first piece is on the wire, not yet acknowledged
                 writer.write(b"5\r\ndone!\r\n0\r\n\r\n")
