@@ -337,7 +337,7 @@ def summarize_profile(path: Path, top: int = 25) -> str:
 
 
 def profile(side: Side, py_spy: str, outdir: Path, payload: dict, c: int, duration: float,
-            rate: int = 199) -> None:
+            rate: int = 199, quick_ack: bool = True) -> None:
     """py-spy record (raw collapsed stacks) of every Python process of ``side`` under one cell's load."""
     outdir.mkdir(parents=True, exist_ok=True)
     spies = []
@@ -348,7 +348,7 @@ def profile(side: Side, py_spy: str, outdir: Path, payload: dict, c: int, durati
                                            "--nonblocking", "-f", "raw", "-o", str(out)],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     time.sleep(1.0)  # py-spy attaches
-    cell = run_cell(side, payload, c, duration)
+    cell = run_cell(side, payload, c, duration, quick_ack)
     for s in spies:
         s.wait(60)
     (outdir / f"{side.name}-cell.json").write_text(json.dumps(cell, indent=2))
@@ -457,7 +457,7 @@ def main() -> None:
                 if side.name in ("service", "embedded"):
                     profile(side, args.py_spy, Path(args.profile_dir),
                             {**payload, "stream": not args.profile_non_streamed},
-                            args.profile_concurrency, args.duration, args.profile_rate)
+                            args.profile_concurrency, args.duration, args.profile_rate, quick_ack)
     finally:
         for side in sides:
             side.stop()  # each process writes the probe records it still holds as it exits
