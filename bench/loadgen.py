@@ -21,6 +21,7 @@ import statistics
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -79,7 +80,7 @@ class _QuickAckProtocol(asyncio.StreamReaderProtocol):
     every side is measured at its best; ``quick_ack=False`` measures what a client with delayed
     ACKs (most HTTP clients) sees."""
 
-    _sock: socket.socket | None = None
+    _sock: Any = None  # the transport's socket (asyncio's TransportSocket wrapper), for setsockopt
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
