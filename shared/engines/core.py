@@ -115,7 +115,8 @@ class PoolSpec:
 
 @dataclass(slots=True)
 class StepResult:
-    """One computed step: ``tokens[i]`` (and ``logprobs[i]``) for ``batch.samplers[i]``."""
+    """One computed step: ``tokens[i]`` (and ``logprobs[i]``) for ``batch.samplers[i]``; of a
+    multi-step batch, ``runs[i]`` (and ``run_logprobs[i]``), one token per step, instead."""
 
     tokens: list[int]
     logprobs: list[PositionLogprobs | None] | None
@@ -123,6 +124,8 @@ class StepResult:
     # Simulated time that passes before this step's outputs exist (the mocker loading a LoRA
     # adapter first): the loop sleeps it, then delivers. On the loop only.
     stall_s: float = 0.0
+    runs: list[list[int]] | None = None
+    run_logprobs: list[list[PositionLogprobs] | None] | None = None
 
 
 class GrammarRefused(Exception):
@@ -138,6 +141,10 @@ class ModelRunner(ABC):
     layout: str = ""  # kv_layout(), once loaded
     kv_pools: list[memoryview]  # per layer K then V, flat bytes; empty: KV not in host memory
     block_bytes: int = 0  # bytes of one block in each of kv_pools
+    # Multi-step decoding (ScheduledBatch.steps): about this many tokens per execute() across a
+    # batch of decodes alone; 0: one step per call. Only where a step costs next to nothing, so
+    # the scheduler's per-step work is what a step costs (the mocker at a huge speedup).
+    multi_step_tokens: int = 0
 
     @abstractmethod
     def load(self) -> PoolSpec:
@@ -322,7 +329,10 @@ class EngineCore(Engine):
         starts requests (prefill) ends the turn at once, so first tokens never wait on a burst:
         the after-delivery callback (``on_delivered``) sends them as the turn ends; without one,
         the next turn runs one step only, while they take their way to the socket. Arrivals and
-        cancels wait at most ``BURST_S`` for the loop. A slower mocker steps once per turn.
+        cancels wait at most ``BURST_S`` for the loop (and one multi-step batch: a runner whose
+        steps are near free may compute several decode steps per call, ``multi_step_tokens``, since
+        the scheduler's work per step is then all a step costs). A slower mocker steps once per
+        turn.
         """
         loop = asyncio.get_running_loop()
         sched = self.scheduler
@@ -345,7 +355,7 @@ class EngineCore(Engine):
                 burst = quiet_turns or queues.after_delivery is not None
                 turn_ends = time.perf_counter() + BURST_S if burst else 0.0
                 while True:
-                    step_s = self._step_once()
+                    step_s = self._step_once(multi_step=bool(burst))
                     if self._stalled is not None:  # this step's outputs exist only once the stall has passed
                         stall, held = self._stalled
                         self._stalled = None
@@ -372,15 +382,17 @@ class EngineCore(Engine):
             self._closed = True
             self._fail_pending("abort", "engine stopped")
 
-    def _step_once(self) -> float:
-        """Drain the inbox, schedule, compute and record one step; returns its simulated seconds."""
+    def _step_once(self, multi_step: bool = True) -> float:
+        """Drain the inbox, schedule, compute and record one step (or, where the runner takes them
+        and ``multi_step`` allows, a multi-step batch); returns its simulated seconds."""
         sched = self.scheduler
         assert sched is not None
         threaded = self.runner.threaded
         deliver = self._queues.put_threadsafe if threaded else self._queues.put
         with self._lock:
             outputs = self._drain_inbox()
-            batch = sched.schedule() if sched.has_work() else None
+            batch = (sched.schedule(self.runner.multi_step_tokens if multi_step else 0)
+                     if sched.has_work() else None)
             if sched.rejected:
                 outputs += sched.rejected
                 sched.rejected = []
@@ -400,7 +412,10 @@ class EngineCore(Engine):
             deliver(outputs)
             return 0.0
         with self._lock:
-            outputs += sched.update(batch, result.tokens, result.logprobs)
+            if result.runs is not None:
+                outputs += sched.update_runs(batch, result.runs, result.run_logprobs)
+            else:
+                outputs += sched.update(batch, result.tokens, result.logprobs)
         self.num_steps += 1
         self.num_computed_tokens += batch.num_tokens
         if result.stall_s > 0 and not threaded:

@@ -30,7 +30,14 @@ import os
 
 from shared.engines.adapters import SimulatedAdapters, lora_modules
 from shared.engines.base import EngineConfig
-from shared.engines.core import EngineCore, GrammarRefused, ModelRunner, PoolSpec, StepResult
+from shared.engines.core import (
+    NEAR_FREE_STEP_S,
+    EngineCore,
+    GrammarRefused,
+    ModelRunner,
+    PoolSpec,
+    StepResult,
+)
 from shared.engines.kv_cache import default_num_blocks
 from shared.engines.request import Request
 from shared.engines.scheduler import ScheduledBatch
@@ -41,6 +48,9 @@ log = logging.getLogger(__name__)
 FALLBACK_VOCAB_SIZE = 2048
 _MASK64 = (1 << 64) - 1
 MOCKER_KV_LAYERS = 2  # enough to exercise the per-layer K/V ordering of kv_views
+# Near free, a multi-step batch holds about this many tokens: 16 steps of one request, 2 of 32,
+# none past 32 (a batch that size is a single step, as before). Arrivals wait at most that long.
+MULTI_STEP_TOKENS = 64
 
 
 def _kv_block_bytes() -> int:
@@ -112,6 +122,10 @@ class MockRunner(ModelRunner):
             self.adapters = SimulatedAdapters(config.max_loras, config.lora_load_s / speedup)
             for name, path in lora_modules(config.lora_modules):
                 self.adapters.add(name, path)
+        # Near free (a huge speedup): several decode steps per scheduler call, since the
+        # scheduler's work per step is then all a step costs.
+        if self._step_s + self._seq_s * MULTI_STEP_TOKENS < NEAR_FREE_STEP_S:
+            self.multi_step_tokens = MULTI_STEP_TOKENS
         self.layout = (
             f"mocker/{facts.name}/block_size={config.block_size}/layers={MOCKER_KV_LAYERS}"
             f"/block_bytes={self.block_bytes}"
@@ -139,6 +153,8 @@ class MockRunner(ModelRunner):
             "guided_*, a forced tool_choice); use the torch or vllm engine")
 
     def execute(self, batch: ScheduledBatch) -> StepResult:
+        if batch.steps > 1:
+            return self._execute_runs(batch)
         vocab, avoid = self.vocab_size, self.avoid
         samplers = batch.samplers
         sampled: list[int] = []
@@ -174,6 +190,38 @@ class MockRunner(ModelRunner):
         if self.adapters is not None and self.adapters.owed_s:  # adapters made resident for this step: load first
             stall, self.adapters.owed_s = self.adapters.owed_s, 0.0
         return StepResult(sampled, logprobs, seconds, stall)
+
+    def _execute_runs(self, batch: ScheduledBatch) -> StepResult:
+        """A multi-step batch of decodes: each request's next tokens, the same ones (and logprobs)
+        that as many single steps would draw, at the simulated cost of those steps."""
+        vocab, avoid = self.vocab_size, self.avoid
+        runs: list[list[int]] = []
+        run_logprobs: list[list[PositionLogprobs] | None] | None = None
+        for i, (req, n) in enumerate(batch.entries):
+            state = req.state
+            first = len(req.token_ids) - req.num_prompt_tokens  # the output position of its first token
+            run: list[int] = []
+            for position in range(first, first + n):
+                x = ((state ^ (position * 0xD1B54A32D192ED03)) + 0x9E3779B97F4A7C15) & _MASK64
+                x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+                x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+                token = (x ^ (x >> 31)) % vocab
+                while token in avoid:
+                    token = (token + 1) % vocab
+                run.append(token)
+            runs.append(run)
+            top = req.sampling.logprobs
+            if top >= 0:
+                if run_logprobs is None:
+                    run_logprobs = [None] * len(batch.entries)
+                run_logprobs[i] = [self._fake_logprobs(state, t, top) for t in run]
+        # the steps shrink as requests run out of tokens: each counts the decodes still in it
+        decodes = sum(n for _, n in batch.entries)
+        seconds = self._step_s * batch.steps + self._seq_s * decodes
+        stall = 0.0
+        if self.adapters is not None and self.adapters.owed_s:  # (admissions make adapters resident: none here)
+            stall, self.adapters.owed_s = self.adapters.owed_s, 0.0
+        return StepResult([], None, seconds, stall, runs=runs, run_logprobs=run_logprobs)
 
     # --- LoRA: simulated adapters -------------------------------------------------------------
 

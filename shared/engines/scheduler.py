@@ -36,6 +36,7 @@ from shared.kv_hash import ROOT_HASH
 from shared.messages import SamplingParams
 
 WAITING, RUNNING, FINISHED = RequestStatus.WAITING, RequestStatus.RUNNING, RequestStatus.FINISHED
+MAX_MULTI_STEPS = 16  # decode steps one multi-step batch may ask for
 
 
 def _queue_order(req: Request) -> tuple[int, int]:
@@ -56,13 +57,18 @@ class ScheduledBatch:
 
     Requests in ``samplers`` reach the end of their tokens this step, so the engine samples one
     new token for each (in that order) and passes them to :meth:`Scheduler.update`.
+
+    A multi-step batch (``steps`` > 1, decodes only) asks for up to ``steps`` decode steps back to
+    back: each entry's count is the tokens to sample for that request, one per step, each fed to
+    the next; the engine passes them to :meth:`Scheduler.update_runs`.
     """
 
-    __slots__ = ("entries", "num_decodes", "num_prefill_tokens", "samplers")
+    __slots__ = ("entries", "num_decodes", "num_prefill_tokens", "samplers", "steps")
 
-    def __init__(self, entries: list[tuple[Request, int]], num_decodes: int) -> None:
+    def __init__(self, entries: list[tuple[Request, int]], num_decodes: int, steps: int = 1) -> None:
         self.entries = entries
         self.num_decodes = num_decodes
+        self.steps = steps
         if num_decodes == len(entries):  # decodes only (the usual step): each one samples
             self.num_prefill_tokens = 0
             self.samplers = [r for r, _ in entries]
@@ -75,6 +81,8 @@ class ScheduledBatch:
 
     @property
     def num_tokens(self) -> int:
+        if self.steps > 1:
+            return sum(n for _, n in self.entries)
         return self.num_decodes + self.num_prefill_tokens
 
 
@@ -308,7 +316,14 @@ class Scheduler:
 
     # --- one step ----------------------------------------------------------------------------
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, multi_step_tokens: int = 0) -> ScheduledBatch:
+        """The next step's batch. With ``multi_step_tokens`` (a runner whose steps are near free),
+        a batch of decodes alone, nothing waiting, may be a multi-step batch of about that many
+        tokens (:meth:`_multi_step`)."""
+        if multi_step_tokens and not self.waiting and self.running:
+            multi = self._multi_step(multi_step_tokens)
+            if multi is not None:
+                return multi
         budget = self.max_batched_tokens
         kv = self.kv
         entries: list[tuple[Request, int]] = []
@@ -385,6 +400,34 @@ class Scheduler:
                 budget -= n
             waiting.extendleft(reversed(skipped))  # back in their places, first in line
         return ScheduledBatch(entries, num_decodes)
+
+    def _multi_step(self, tokens: int) -> ScheduledBatch | None:
+        """Decode steps back to back in one batch, when every running request is a plain decode:
+        ``tokens // len(running)`` steps (at most :data:`MAX_MULTI_STEPS`), no request given more
+        than it may still produce, the slots for all of them allocated now. None (schedule one
+        step as usual) when fewer than two steps fit, a request is not a plain decode, or the pool
+        cannot hold them without preempting."""
+        running = self.running
+        steps = min(MAX_MULTI_STEPS, tokens // len(running), self.max_batched_tokens // len(running))
+        if steps < 2:
+            return None
+        entries: list[tuple[Request, int]] = []
+        for req in running:
+            length = len(req.token_ids)
+            if (req.num_computed_tokens + 1 != length or req.status is not RUNNING or req.hold or req.pending_forks
+                    or getattr(req.state, "grammar", None) is not None):
+                return None
+            # no slots for tokens past its own end (max_tokens, the model's length, the pool)
+            n = min(steps, req.max_tokens - (length - req.num_prompt_tokens), self.max_model_len - length,
+                    self.pool_tokens + 1 - length)
+            if n < 1:
+                return None
+            entries.append((req, n))
+        kv = self.kv
+        for req, n in entries:
+            if not kv.allocate_slots(req, n):  # slots given to the earlier ones stay theirs
+                return None
+        return ScheduledBatch(entries, len(entries), steps)
 
     def _acquire_adapter(self, req: Request) -> str | None:
         """Pin the adapter of the request at the head of the queue: None (got it), "busy" (every
@@ -471,6 +514,53 @@ class Scheduler:
                 out.logprobs = [lp]
             if req.prompt_logprobs is not None:
                 out.prompt_logprobs, req.prompt_logprobs = req.prompt_logprobs, None
+            outputs.append(out)
+        if finished:
+            self.running = [r for r in self.running if r.status == RUNNING]
+        return outputs
+
+    def update_runs(
+        self, batch: ScheduledBatch, runs: list[list[int]], run_logprobs: list[list[Any] | None] | None = None
+    ) -> list[EngineOutput]:
+        """Record a computed multi-step batch: ``runs[i]`` are the tokens sampled for
+        ``batch.samplers[i]``, one per step (``run_logprobs[i]`` their PositionLogprobs, or None).
+        A request takes them in order up to the one that ends it, as one step at a time would."""
+        if len(runs) != len(batch.samplers):
+            raise ValueError(f"{len(runs)} runs sampled for {len(batch.samplers)} sequences")
+        kv = self.kv
+        block_size = self.block_size
+        outputs: list[EngineOutput] = []
+        finished = False
+        finish_reason = self._finish_reason
+        for i, req in enumerate(batch.samplers):
+            if req.status is not RUNNING:  # aborted while the step ran
+                continue
+            run = runs[i]
+            taken = 0
+            reason = None
+            for token in run:
+                req.token_ids.append(token)
+                taken += 1
+                reason = finish_reason(req, token)
+                if reason is not None:
+                    break
+            if taken < len(run):
+                run = run[:taken]
+            # each token taken but the last was fed to the next step: their KV is computed
+            req.num_computed_tokens += taken
+            if req.num_computed_tokens // block_size > req.num_cached_blocks:
+                kv.cache_computed(req)
+            if reason is not None:
+                finished = True
+                req.status = FINISHED
+                del self.requests[req.request_id]
+                self._release_adapter(req)
+                kv.free(req)
+                self._leave_group(req)
+            out = EngineOutput(req.output_id, run, reason, req.num_prompt_tokens, req.num_cached_tokens, None,
+                               req.choice)
+            if run_logprobs is not None and (lps := run_logprobs[i]) is not None:
+                out.logprobs = lps[:taken]
             outputs.append(out)
         if finished:
             self.running = [r for r in self.running if r.status == RUNNING]

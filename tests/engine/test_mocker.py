@@ -229,7 +229,7 @@ async def _turns_of_outputs(eng: MockerEngine, max_tokens: int) -> list[int]:
             await anyio.lowlevel.checkpoint()
 
     def on_output(out: EngineOutput) -> bool:
-        seen.append(turn)
+        seen.extend([turn] * len(out.token_ids))
         return out.finish_reason is None
 
     async with anyio.create_task_group() as tg:
@@ -238,8 +238,9 @@ async def _turns_of_outputs(eng: MockerEngine, max_tokens: int) -> list[int]:
         eng.listen("t", on_output)
         last, fin = await collect(eng.generate("t", [4, 5, 6], SamplingParams(max_tokens=max_tokens)))
         tg.cancel_scope.cancel()
-    # The listener saw every output (one token each); the stream got the last one only.
-    assert len(seen) == max_tokens and len(last) == 1 and fin.finish_reason == "length"
+    # The listener saw every output (each step's tokens: one, or a multi-step batch's run); the
+    # stream got the last one only.
+    assert len(seen) == max_tokens and last == fin.token_ids and fin.finish_reason == "length"
     return seen
 
 
@@ -255,8 +256,114 @@ async def test_near_free_decode_steps_share_a_loop_turn_but_the_first_token_goes
 
 async def test_a_burst_ends_within_its_real_time_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("shared.engines.core.BURST_S", 0.0)  # no budget: one step a turn, as a slow mocker
-    turns = await _turns_of_outputs(MockerEngine(EngineConfig(**FAST)), 16)
+    eng = MockerEngine(EngineConfig(**FAST))
+    eng.runner.multi_step_tokens = 0  # the budget alone: one plain step per call
+    turns = await _turns_of_outputs(eng, 16)
     assert len(set(turns)) == 16, turns
+
+
+async def test_a_multi_step_batch_is_one_call_of_a_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No burst budget, but a near-free mocker takes its decode steps several to a call: after the
+    # prefill's turn and the plain step of the turn after it, the other 14 tokens come in one call.
+    monkeypatch.setattr("shared.engines.core.BURST_S", 0.0)
+    eng = MockerEngine(EngineConfig(**FAST))
+    assert eng.runner.multi_step_tokens > 0
+    turns = await _turns_of_outputs(eng, 16)
+    assert turns[0] < turns[1] < turns[2] and len(set(turns[2:])) == 1, turns
+
+
+def _drive(eng: MockerEngine, multi_step_tokens: int) -> tuple[dict[str, list[EngineOutput]], int]:
+    """Step ``eng``'s scheduler and runner by hand until idle; each request's outputs, and the calls."""
+    sched, runner = eng.scheduler, eng.runner
+    assert sched is not None
+    outs: dict[str, list[EngineOutput]] = {}
+    calls = 0
+    while sched.has_work():
+        batch = sched.schedule(multi_step_tokens)
+        result = runner.execute(batch)
+        if result.runs is not None:
+            assert batch.steps > 1 and batch.num_decodes == len(batch.entries)
+            got = sched.update_runs(batch, result.runs, result.run_logprobs)
+        else:
+            got = sched.update(batch, result.tokens, result.logprobs)
+        calls += 1
+        for out in got:
+            outs.setdefault(out.request_id, []).append(out)
+    return outs, calls
+
+
+def test_multi_step_batches_give_what_single_steps_give() -> None:
+    """Same tokens, logprobs, finish reasons and usage, a stop token honoured mid-run, the same
+    blocks cached and none left in use, in fewer calls."""
+    from shared.engines.core import AddRequest
+
+    def run(multi_step_tokens: int) -> tuple[dict[str, list[EngineOutput]], int, MockerEngine]:
+        eng = MockerEngine(EngineConfig(**FAST, block_size=4))
+        probe = MockerEngine(EngineConfig(**FAST, block_size=4))
+        # request "s" stops at its 7th token: find that token from a plain run of the same seed
+        first, _ = _drive_one(probe, [7, 8, 9], SamplingParams(max_tokens=12, seed=5, ignore_eos=True))
+        requests = [
+            ("a", [1, 2, 3, 4, 5], SamplingParams(max_tokens=20, ignore_eos=True)),
+            ("b", [1, 2, 3, 4, 6], SamplingParams(max_tokens=3, logprobs=2, ignore_eos=True)),
+            ("s", [7, 8, 9], SamplingParams(max_tokens=12, seed=5, stop_token_ids=[first[6]], ignore_eos=True)),
+            ("m", [7, 8, 9], SamplingParams(max_tokens=12, seed=5, stop_token_ids=[first[1]], min_tokens=4,
+                                            ignore_eos=True)),
+        ]
+        for rid, prompt, sp in requests:
+            eng._apply(AddRequest(rid, prompt, sp))
+        outs, calls = _drive(eng, multi_step_tokens)
+        return outs, calls, eng
+
+    single, single_calls, eng1 = run(0)
+    multi, multi_calls, eng2 = run(64)
+    assert multi_calls < single_calls
+    assert any(len(o.token_ids) > 1 for os in multi.values() for o in os)  # some calls were multi-step
+
+    def flat(outs: list[EngineOutput]) -> tuple:
+        return ([t for o in outs for t in o.token_ids], [lp for o in outs for lp in (o.logprobs or [])],
+                outs[-1].finish_reason, outs[-1].num_prompt_tokens)
+
+    assert {r: flat(o) for r, o in multi.items()} == {r: flat(o) for r, o in single.items()}
+    assert single["s"][-1].finish_reason == "stop" and len(flat(single["s"])[0]) == 7
+    assert len(flat(single["m"])[0]) > 2  # min_tokens held the early stop token back
+    assert len(flat(single["b"])[1]) == 3 and len(flat(single["a"])[0]) == 20
+    for eng in (eng1, eng2):
+        assert eng.stats().kv_blocks_used == 0
+    # the same blocks' contents cached (in other block ids: slots are allocated a run ahead)
+    assert set(eng1.scheduler.kv.pool.cached) == set(eng2.scheduler.kv.pool.cached)  # type: ignore[union-attr]
+
+
+def _drive_one(eng: MockerEngine, prompt: list[int], sp: SamplingParams) -> tuple[list[int], str | None]:
+    from shared.engines.core import AddRequest
+
+    eng._apply(AddRequest("x", prompt, sp))
+    outs, _ = _drive(eng, 0)
+    return [t for o in outs["x"] for t in o.token_ids], outs["x"][-1].finish_reason
+
+
+def test_a_multi_step_batch_only_when_every_running_request_is_a_plain_decode() -> None:
+    from shared.engines.core import AddRequest
+
+    eng = MockerEngine(EngineConfig(**FAST, block_size=4))
+    sched = eng.scheduler
+    assert sched is not None
+    eng._apply(AddRequest("a", [1, 2, 3], SamplingParams(max_tokens=40, ignore_eos=True)))
+    assert sched.schedule(64).steps == 1  # a prefill: one step
+    sched.update(*_sample(eng, sched.schedule(0)))
+    eng._apply(AddRequest("b", [4, 5, 6], SamplingParams(max_tokens=40, ignore_eos=True)))
+    assert sched.schedule(64).steps == 1  # something waits: one step (it is admitted)
+    batch = sched.schedule(0)  # (the test's own step: a's decode and b's prefill)
+    sched.update(*_sample(eng, batch))
+    batch = sched.schedule(64)
+    assert batch.steps == 16 and [n for _, n in batch.entries] == [16, 16]  # 64 tokens over 2 requests, 16 at most
+    for req, n in batch.entries:  # slots for every step's token, allocated now
+        assert len(req.blocks) * 4 >= req.num_computed_tokens + n
+    assert sched.schedule(0).steps == 1 and sched.schedule(3).steps == 1  # off, or under 2 steps each
+
+
+def _sample(eng: MockerEngine, batch):  # type: ignore[no-untyped-def]
+    result = eng.runner.execute(batch)
+    return batch, result.tokens, result.logprobs
 
 
 async def test_steps_that_simulate_time_run_one_a_turn() -> None:
@@ -279,7 +386,7 @@ async def test_with_an_after_delivery_callback_the_burst_follows_the_first_token
     real_put = eng._queues.put
 
     def put(outputs: list[EngineOutput]) -> None:
-        seen_before.extend(o.token_ids[0] for o in outputs if o.token_ids)
+        seen_before.extend(t for o in outputs for t in o.token_ids)
         real_put(outputs)
 
     monkeypatch.setattr(eng._queues, "put", put)
