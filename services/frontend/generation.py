@@ -108,9 +108,14 @@ class Generation:
                     tracing.end(span, **{"baton.worker_id": leased.worker_id})
                 return leased
         # Under an adapter the chain starts at its root, as in the worker's cache (shared.kv_hash).
-        root = adapter_root(lora, lora_digest) if lora else adapter_root(None)
+        # The embedded router without a KV-aware policy reads no hashes: none are made for it.
+        if self.router is None or self.router.kv is not None:
+            root = adapter_root(lora, lora_digest) if lora else adapter_root(None)
+            hashes = block_hashes(token_ids, ROUTE_HASH_BLOCK_SIZE, root)
+        else:
+            hashes = []
         req = RouteRequest(request_id=request_id, model=self.model, token_ids=token_ids, exclude=exclude,
-                           block_hashes=block_hashes(token_ids, ROUTE_HASH_BLOCK_SIZE, root),
+                           block_hashes=hashes,
                            block_size=ROUTE_HASH_BLOCK_SIZE, session_id=session_id, lora=lora,
                            max_tokens=max_tokens)
         span = tracing.start("route", tracing.SpanKind.CLIENT, parent, **{"baton.request_id": request_id})
