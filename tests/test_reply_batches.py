@@ -193,6 +193,7 @@ def test_an_output_listener_takes_tokens_in_the_step_and_the_stream_the_rest(fai
 
     async def main() -> tuple[list[int], list[int], list[str | None]]:
         engine = make_engine(EngineConfig(engine="mocker", speedup=1e9))
+        engine.runner.multi_step_tokens = 0  # one output a step, one token each (not multi-step runs)
         heard: list[int] = []
         streamed: list[int] = []
         finishes: list[str | None] = []
