@@ -406,7 +406,7 @@ class Scheduler:
         ``tokens // len(running)`` steps (at most :data:`MAX_MULTI_STEPS`), no request given more
         than it may still produce, the slots for all of them allocated now. None (schedule one
         step as usual) when fewer than two steps fit, a request is not a plain decode, or the pool
-        cannot hold them without preempting."""
+        cannot hold them all without preempting."""
         running = self.running
         steps = min(MAX_MULTI_STEPS, tokens // len(running), self.max_batched_tokens // len(running))
         if steps < 2:
@@ -424,8 +424,14 @@ class Scheduler:
                 return None
             entries.append((req, n))
         kv = self.kv
+        bs = self.block_size
+        # All or none: blocks taken for some runs and then missing for others could make a single
+        # step preempt where it would not have had to.
+        need = sum(max(0, -(-(req.num_computed_tokens + n) // bs) - len(req.blocks)) for req, n in entries)
+        if need > kv.pool.num_free:
+            return None
         for req, n in entries:
-            if not kv.allocate_slots(req, n):  # slots given to the earlier ones stay theirs
+            if not kv.allocate_slots(req, n):  # (cannot fail: counted above)
                 return None
         return ScheduledBatch(entries, len(entries), steps)
 

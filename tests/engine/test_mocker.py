@@ -361,6 +361,23 @@ def test_a_multi_step_batch_only_when_every_running_request_is_a_plain_decode() 
     assert sched.schedule(0).steps == 1 and sched.schedule(3).steps == 1  # off, or under 2 steps each
 
 
+def test_a_multi_step_batch_takes_all_its_blocks_or_none() -> None:
+    """A pool too small for every run's blocks gives a single step, and no blocks are taken for it
+    (blocks taken for some runs could make the single step preempt)."""
+    from shared.engines.core import AddRequest
+
+    eng = MockerEngine(EngineConfig(**FAST, block_size=4, num_blocks=6))
+    sched = eng.scheduler
+    assert sched is not None
+    for rid in ("a", "b"):
+        eng._apply(AddRequest(rid, [1, 2, 3] if rid == "a" else [4, 5, 6], SamplingParams(max_tokens=40, ignore_eos=True)))
+    sched.update(*_sample(eng, sched.schedule(0)))  # both prefilled: one block each, 4 free
+    free = sched.kv.pool.num_free
+    assert free == 4 and len(sched.running) == 2
+    batch = sched.schedule(64)  # 16 steps each would need 4 more blocks each: 8 > 4
+    assert batch.steps == 1 and sched.kv.pool.num_free == free  # each decode's slot is in its block already
+
+
 def _sample(eng: MockerEngine, batch):  # type: ignore[no-untyped-def]
     result = eng.runner.execute(batch)
     return batch, result.tokens, result.logprobs
