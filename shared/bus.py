@@ -622,6 +622,7 @@ class Bus:
         self._up = anyio.Event()  # set while connected; replaced by an unset one on a disconnect
         self._up.set()
         self._ask_ids = itertools.count()  # tokens of ask()'s replies in the inbox
+        self._write_soon = False  # publish_soon: a write is due at the end of this loop turn
 
     def _went_down(self) -> None:
         if self._up.is_set():
@@ -808,10 +809,10 @@ class Bus:
     async def subscribe(self, subject: str, cb: Callable[[Msg], Awaitable[None]], queue: str = "") -> Any:
         return await self.nc.subscribe(subject, queue=queue, cb=cb, pending_msgs_limit=65536)
 
-    def publish_nowait(self, subject: str, msg: msgspec.Struct | bytes) -> bool:
-        """Queue a message for the socket without a coroutine, as :meth:`publish` would (no reply
-        subject, no headers); it leaves with the next :meth:`write_now` or the client's flusher.
-        False (nothing queued) while the client is not connected, closed or draining: then use
+    def publish_nowait(self, subject: str, msg: msgspec.Struct | bytes, reply: str = "") -> bool:
+        """Queue a message for the socket without a coroutine, as :meth:`publish` would (no
+        headers); it leaves with the next :meth:`write_now` or the client's flusher. False
+        (nothing queued) while the client is not connected, closed or draining: then use
         :meth:`publish`, which buffers across a reconnect."""
         nc = self.nc
         if not nc.is_connected or nc.is_draining_pubs:
@@ -819,12 +820,28 @@ class Bus:
         payload = _payload(msg)
         if len(payload) > nc._max_payload:
             raise nats.errors.MaxPayloadError
-        cmd = pub_cmd(subject, "", payload)
+        cmd = pub_cmd(subject, reply, payload)
         nc.stats["out_msgs"] += 1
         nc.stats["out_bytes"] += len(payload)
         nc._pending.append(cmd)
         nc._pending_data_size += len(cmd)
         return True
+
+    def publish_soon(self, subject: str, msg: msgspec.Struct | bytes, reply: str = "") -> bool:
+        """Queue a message, as :meth:`publish_nowait`, to leave with this event-loop turn's other
+        messages in one socket write as the turn ends: what nats-py's flusher does for
+        :meth:`publish`, without its future, queue and task wake-up per message (a frontend's jobs).
+        False (nothing queued): use :meth:`publish`."""
+        if not self.publish_nowait(subject, msg, reply):
+            return False
+        if not self._write_soon:
+            self._write_soon = True
+            asyncio.get_running_loop().call_soon(self._write_turn)
+        return True
+
+    def _write_turn(self) -> None:
+        self._write_soon = False
+        self.write_now()
 
     def write_now(self) -> None:
         """Hand what the client has buffered to the socket now, not on its flusher task's next

@@ -63,7 +63,9 @@ class EarlyRequest:
     req: GenerateRequest
     outputs: SubmittedStream | None  # None until submit_now returns
     replies: RequestReplies
-    scope: anyio.CancelScope  # a Cancel that comes before the task starts cancels this
+    # A Cancel that comes before the task starts cancels this; None when taskless (no task to
+    # cancel: _finish_taskless ends it): anyio makes each one through a backend lookup, per request.
+    scope: anyio.CancelScope | None
     taskless: bool = False
     outcome: str = ""  # taskless: how it ended, once it has
     timer: asyncio.TimerHandle | None = None  # taskless, with a deadline: its expiry
@@ -289,7 +291,7 @@ class DecodeWorker(WorkerHost):
             if span is not None:
                 bind_request(req.request_id, tracing.trace_id_of(span))
         log.debug("generate: %d prompt tokens, max_tokens %d", len(req.token_ids), req.sampling.max_tokens)
-        scope = early.scope if early is not None else anyio.CancelScope()
+        scope = early.scope if early is not None and early.scope is not None else anyio.CancelScope()
         if req.deadline:
             scope.deadline = anyio.current_time() + max(0.0, req.deadline - time.time())
         self._scopes[req.request_id] = scope
@@ -432,12 +434,14 @@ class DecodeWorker(WorkerHost):
                 return None  # the task prefills elsewhere (deciding again: the load may have moved)
             count_decision(decision)
         replies = RequestReplies(req, self.replies)
-        early = EarlyRequest(req, None, replies, anyio.CancelScope())
+        early = EarlyRequest(req, None, replies, None)
         # Before the submit: the listener must see the request's first output. One that can send
         # every reply itself (a batching frontend) leaves the request no task to wake.
         if replies.listens and self.engine.listen(rid, replies.on_output) and replies.batcher is not None:
             early.taskless = True
             replies.on_done = lambda outcome: self._finish_taskless(early, outcome)
+        else:
+            early.scope = anyio.CancelScope()
         try:
             outputs = self.engine.submit_now(rid, req.token_ids, sp, lora=req.lora)
         finally:

@@ -191,7 +191,9 @@ class Generation:
             gen_span = tracing.start("generate", tracing.SpanKind.CLIENT, parent, **{
                 "baton.worker_id": decision.worker_id, "baton.resumed_tokens": len(reply.generated[0])})
             try:
-                await self.bus.publish(decision.subject, job, reply=inbox.subject, headers=tracing.headers_for(gen_span))
+                headers = tracing.headers_for(gen_span)
+                if headers is not None or not self.bus.publish_soon(decision.subject, job, reply=inbox.subject):
+                    await self.bus.publish(decision.subject, job, reply=inbox.subject, headers=headers)
                 if probe.on:
                     probe.mark("job_published", req.request_id)
                 while True:

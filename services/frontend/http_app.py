@@ -8,6 +8,7 @@ with the right status.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -488,14 +489,39 @@ async def _run_unless_disconnected(work: Callable[[], Awaitable[None]], receive:
     watch: ClientWatch | None = (scope.get("extensions") or {}).get(CLIENT_WATCH)
     if watch is None:
         return await _run_watching_receive(work, receive)
-    with anyio.CancelScope() as cancel:
-        watch.on_gone(cancel.cancel)
-        try:
-            await work()
-        finally:
-            watch.on_gone(None)
-    if cancel.cancelled_caught:
+    # The task itself is cancelled, not an anyio CancelScope around ``work``: entering and leaving
+    # a scope costs several times what the rest of this does, on every request. The connection
+    # fires the watch from its callbacks, so only while the task waits inside ``work`` (a client
+    # gone already is checked first), and the CancelledError comes out of ``work``; uncancel()
+    # tells ours from any other cancel of the task (a shutdown), which goes on.
+    if watch.gone:
         raise ClientGone
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
+
+    def cancel() -> None:
+        nonlocal gone
+        gone = True
+        task.cancel()
+
+    watch.on_gone(cancel)
+    try:
+        await work()
+    except asyncio.CancelledError:
+        if not gone or task.uncancel() > 0:
+            raise
+        raise ClientGone from None
+    except BaseException:
+        if gone:  # work() turned our cancel into another error
+            task.uncancel()
+        raise
+    else:
+        if gone:  # work() swallowed our cancel: the client is gone all the same
+            task.uncancel()
+            raise ClientGone
+    finally:
+        watch.on_gone(None)
 
 
 async def _run_watching_receive(work: Callable[[], Awaitable[None]], receive: Receive) -> None:

@@ -120,6 +120,9 @@ class FakeBus:
     async def ask(self, subject: str, msg: Any, timeout: float, headers: dict[str, str] | None = None) -> Msg:
         return await self.request(subject, msg, timeout, headers)  # the route hop's cheaper round trip
 
+    def publish_soon(self, subject: str, msg: Any, reply: str = "") -> bool:
+        return False  # every job through publish(), which hands it to its worker's script
+
     async def publish(self, subject: str, msg: Any, reply: str = "", headers: dict[str, str] | None = None) -> None:
         for w in self.workers.values():
             if subject == f"gen.{w.worker_id}":
