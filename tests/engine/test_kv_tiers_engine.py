@@ -62,8 +62,12 @@ async def test_host_tier_brings_prefix_back_bit_exact() -> None:
     assert base_hits == 0  # without tiers the evicted prefix is recomputed
     assert hits >= 8 * BLOCK  # with a host tier it came back from host memory instead
     assert engine.scheduler.kv.onboarded_blocks >= 8
-    common = set(before) & set(after)
-    assert len(common) >= 8 and all(before[h] == after[h] for h in common)  # bit-exact round trip
+    # Bit-exact round trip of the blocks that came back from the host. The prompt's last block is
+    # recomputed (its last token always is), and a recomputation at another batch shape need not
+    # match bit for bit on every CPU (it differs on some), so it is not compared.
+    onboarded = block_hashes(CONVERSATION, BLOCK)[: hits // BLOCK]
+    assert len(onboarded) >= 8 and all(h in before and h in after for h in onboarded)
+    assert all(before[h] == after[h] for h in onboarded)
     assert engine.tier_events[2].drain()[0]  # host-tier stores were announced for routers
 
 
