@@ -159,7 +159,7 @@ async def run_load(host: str, port: int, path: str, payload: dict, concurrency: 
     result = RunResult(concurrency, bool(payload.get("stream")), duration)
     t_start = time.perf_counter() + warmup
     t_end = t_start + duration
-    result.window = (_monotonic(t_start), _monotonic(t_end))
+    result.window = _on_monotonic(t_start, t_end)
 
     async def client() -> None:
         reader, writer = await open_connection(host, port, quick_ack)
@@ -184,9 +184,11 @@ async def run_load(host: str, port: int, path: str, payload: dict, concurrency: 
     return result
 
 
-def _monotonic(perf: float) -> float:
-    """A perf_counter() time on the time.monotonic() clock (the TTFT probe's)."""
-    return perf - time.perf_counter() + time.monotonic()
+def _on_monotonic(start: float, end: float) -> tuple[float, float]:
+    """A window of perf_counter() times on the time.monotonic() clock (the TTFT probe's), both ends
+    moved by one reading of the clocks' offset, so the window keeps its length exactly."""
+    offset = time.monotonic() - time.perf_counter()
+    return start + offset, end + offset
 
 
 # --- open loop -----------------------------------------------------------------------------------
@@ -359,7 +361,7 @@ async def run_open_loop(host: str, port: int, path: str, payload: dict, rate: fl
     pool = _Pool(host, port, max_connections, request_timeout, quick_ack)
     t0 = time.perf_counter() + 0.01
     result.start = t0 + warmup
-    result.window = (_monotonic(result.start), _monotonic(result.start + duration))
+    result.window = _on_monotonic(result.start, result.start + duration)
 
     async def one(due: float) -> None:
         sample = OpenSample(0, due, 0.0)
