@@ -249,17 +249,30 @@ def run_open_cell(side: Side, payload: dict, rate: float, duration: float, arriv
                                                  max_connections=max_connections, quick_ack=quick_ack))
 
 
+def cpu_jiffies() -> tuple[int, int]:
+    """(all, stolen) CPU time of the machine so far, in clock ticks (/proc/stat; (0, 0) elsewhere).
+    Stolen time is what the hypervisor gave other guests while this one had work: a cell measured
+    under much of it ran on a slower machine than its neighbours."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return sum(fields[:8]), fields[7] if len(fields) > 7 else 0
+
+
 def _measured(side: Side, load: Any) -> dict:
     """Run ``load()`` (a load generator coroutine) and charge every process's CPU (the side's and
     the load generator's own, this process) to the responses it got."""
-    before, own = side.cpu(), time.process_time()
+    before, own, jiffies = side.cpu(), time.process_time(), cpu_jiffies()
     r = asyncio.run(load())
     own, after = time.process_time() - own, side.cpu()
+    total, stolen = (b - a for a, b in zip(jiffies, cpu_jiffies(), strict=True))
     n = max(r.completed, 1)
     cpu = {role: round(t / n * 1e3, 4) for role, t in side.cpu_by_role(before, after).items()}
     return {**r.summary(), "side": side.name, "completed": r.completed, "cpu_ms": cpu,
             "cpu_stack_ms": round(sum(cpu.values()), 4), "loadgen_cpu_ms": round(own / n * 1e3, 4),
-            "window": r.window, "load1": os.getloadavg()[0]}
+            "window": r.window, "load1": os.getloadavg()[0], "steal_pct": round(100 * stolen / max(total, 1), 1)}
 
 
 # Where a sample's time goes: the first of these found walking its stack from the leaf up.
@@ -468,8 +481,10 @@ def main() -> None:
         if r["side"] in probed:
             r["ttft_breakdown"] = ttft_breakdown.summarize(probed[r["side"]], *r["window"])
     loadavg = [r["load1"] for r in runs]
+    steal = sorted(r.get("steal_pct", 0.0) for r in runs)
     print(f"\n{started}, {args.mode} loop, {args.repeats} repeats of {args.duration:g} s per cell, load average "
-          f"{min(loadavg):.2f}-{max(loadavg):.2f}, {os.cpu_count()} CPUs; client ACKs "
+          f"{min(loadavg):.2f}-{max(loadavg):.2f}, CPU time stolen by the hypervisor per cell {steal[0]:.1f}-"
+          f"{steal[-1]:.1f}% (median {steal[len(steal) // 2]:.1f}%), {os.cpu_count()} CPUs; client ACKs "
           f"{'at once (TCP_QUICKACK)' if quick_ack else 'delayed'}; median (min-max) over the repeats\n")
     if open_loop:
         print(f"Open loop: {args.arrivals} arrivals at each offered rate, on up to {args.max_connections} keep-alive "
@@ -493,11 +508,12 @@ def progress_line(s: dict, open_loop: bool) -> str:
         return (f"#{s['repeat']} {s['side']:8} stream={s['stream']!s:5} rate={s['rate']:6g} {s['rps']:8.1f} req/s "
                 f"p50 {s['p50_ms']:7.2f} ms ttft p50 {s['ttft_p50_ms']:7.2f} p90 {s['ttft_p90_ms']:7.2f} ms "
                 f"cpu {s['cpu_stack_ms']:.3f} ms/req {s['cpu_ms']} loadgen {s['loadgen_cpu_ms']:.3f} "
-                f"late {s['late']} held {s['held']} conns {s['connections']} errors {s['errors']} load {s['load1']:.2f}")
+                f"late {s['late']} held {s['held']} conns {s['connections']} errors {s['errors']} load {s['load1']:.2f} "
+                f"steal {s.get('steal_pct', 0.0):.1f}%")
     return (f"#{s['repeat']} {s['side']:8} stream={s['stream']!s:5} c={s['concurrency']:3} {s['rps']:8.1f} req/s "
             f"p50 {s['p50_ms']:7.2f} ms ttft p50 {s['ttft_p50_ms']:7.2f} ms "
             f"cpu {s['cpu_stack_ms']:.3f} ms/req {s['cpu_ms']} errors {s['errors']} "
-            f"load {s['load1']:.2f}")
+            f"load {s['load1']:.2f} steal {s.get('steal_pct', 0.0):.1f}%")
 
 
 def _mode(stream: bool) -> str:
