@@ -10,19 +10,15 @@ from typing import Any
 import anyio
 import pytest
 
-from baton.nats_server import EmbeddedNats
 from shared.bus import Bus
+from tests.procs import with_bus
 
 pytestmark = pytest.mark.timeout(60)
 
 
 def test_one_turns_messages_leave_in_one_write_in_order(tmp_path: Path) -> None:
-    server = EmbeddedNats(data_dir=tmp_path / "nats", log_file=tmp_path / "nats.log")
-    server.start()
-
-    async def main() -> None:
-        sender = await Bus.connect(server.url, "sender")
-        receiver = await Bus.connect(server.url, "receiver")
+    async def body(receiver: Bus, url: str) -> None:
+        sender = await Bus.connect(url, "sender")
         got: list[tuple[bytes, str]] = []
         all_in = asyncio.Event()
 
@@ -50,13 +46,8 @@ def test_one_turns_messages_leave_in_one_write_in_order(tmp_path: Path) -> None:
                 await all_in.wait()
             assert writes == [3]  # the three in one write
             assert got == [(f"job {i}".encode(), f"inbox.{i}") for i in range(3)]
-
-            await sender.nc.close()
-            assert not sender.publish_soon("jobs.w1", b"late")  # closed: the caller must publish()
         finally:
-            await receiver.close()
+            await sender.close()
+        assert not sender.publish_soon("jobs.w1", b"late")  # closed: the caller must publish()
 
-    try:
-        anyio.run(main)
-    finally:
-        server.stop()
+    with_bus(tmp_path, body)

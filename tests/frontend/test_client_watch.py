@@ -5,6 +5,7 @@ apart from any other cancel of the task, which goes on."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -22,9 +23,26 @@ async def _no_receive() -> dict[str, Any]:
     raise AssertionError("the watch, not receive(), tells when the client leaves")
 
 
+async def _leave_during(work: Callable[[], Awaitable[None]], started: asyncio.Event) -> None:
+    """Run ``work`` as a request does, its client leaving once ``started`` is set; expects
+    ClientGone and checks that nothing of the cancel is left on the task."""
+    watch = ClientWatch()
+
+    async def leave() -> None:
+        await started.wait()
+        watch._fire()  # what the connection does when its client is gone
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(leave)
+        with pytest.raises(ClientGone):
+            await _run_unless_disconnected(work, _no_receive, _scope(watch))
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+    await asyncio.sleep(0)  # and the task still runs
+
+
 def test_a_client_that_leaves_cancels_the_work_and_the_task_goes_on() -> None:
     async def main() -> None:
-        watch = ClientWatch()
         started = asyncio.Event()
         seen: list[str] = []
 
@@ -36,17 +54,7 @@ def test_a_client_that_leaves_cancels_the_work_and_the_task_goes_on() -> None:
                 seen.append("cancelled")
                 raise
 
-        async def leave() -> None:
-            await started.wait()
-            watch._fire()  # what the connection does when its client is gone
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(leave)
-            with pytest.raises(ClientGone):
-                await _run_unless_disconnected(work, _no_receive, _scope(watch))
-        task = asyncio.current_task()
-        assert task is not None and task.cancelling() == 0  # nothing of our cancel is left
-        await asyncio.sleep(0)  # and the task still runs
+        await _leave_during(work, started)
         assert seen == ["cancelled"]
 
     anyio.run(main)
@@ -70,7 +78,6 @@ def test_a_client_gone_before_the_work_starts_runs_no_work() -> None:
 
 def test_work_that_swallows_the_cancel_still_ends_as_client_gone() -> None:
     async def main() -> None:
-        watch = ClientWatch()
         started = asyncio.Event()
 
         async def work() -> None:
@@ -80,16 +87,7 @@ def test_work_that_swallows_the_cancel_still_ends_as_client_gone() -> None:
             except asyncio.CancelledError:
                 pass  # e.g. a library that cleans up and returns
 
-        async def leave() -> None:
-            await started.wait()
-            watch._fire()
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(leave)
-            with pytest.raises(ClientGone):
-                await _run_unless_disconnected(work, _no_receive, _scope(watch))
-        task = asyncio.current_task()
-        assert task is not None and task.cancelling() == 0
+        await _leave_during(work, started)
 
     anyio.run(main)
 
