@@ -31,7 +31,8 @@ ms), in one of two modes:
 Per cell: req/s (achieved), latency and time to the first body chunk (TTFT) p50 (and p90 in the
 open loop), errors, and CPU per request of every process of the side (psutil user+system time over
 the cell divided by the responses in it), by role and summed, and the load generator's own CPU per
-request (open loop: with the requests it sent more than 1 ms behind schedule). Median and min-max
+request (open loop: with the requests it sent more than 1 ms behind schedule), and the share of the
+machine's CPU time the hypervisor stole during the cell (``steal_pct``). Median and min-max
 over the repeats.
 
     python bench/overhead.py                                # Baton only, both router placements
