@@ -482,7 +482,7 @@ def main() -> None:
         if r["side"] in probed:
             r["ttft_breakdown"] = ttft_breakdown.summarize(probed[r["side"]], *r["window"])
     loadavg = [r["load1"] for r in runs]
-    steal = sorted(r.get("steal_pct", 0.0) for r in runs)
+    steal = sorted(r["steal_pct"] for r in runs)
     print(f"\n{started}, {args.mode} loop, {args.repeats} repeats of {args.duration:g} s per cell, load average "
           f"{min(loadavg):.2f}-{max(loadavg):.2f}, CPU time stolen by the hypervisor per cell {steal[0]:.1f}-"
           f"{steal[-1]:.1f}% (median {steal[len(steal) // 2]:.1f}%), {os.cpu_count()} CPUs; client ACKs "
@@ -510,11 +510,11 @@ def progress_line(s: dict, open_loop: bool) -> str:
                 f"p50 {s['p50_ms']:7.2f} ms ttft p50 {s['ttft_p50_ms']:7.2f} p90 {s['ttft_p90_ms']:7.2f} ms "
                 f"cpu {s['cpu_stack_ms']:.3f} ms/req {s['cpu_ms']} loadgen {s['loadgen_cpu_ms']:.3f} "
                 f"late {s['late']} held {s['held']} conns {s['connections']} errors {s['errors']} load {s['load1']:.2f} "
-                f"steal {s.get('steal_pct', 0.0):.1f}%")
+                f"steal {s['steal_pct']:.1f}%")
     return (f"#{s['repeat']} {s['side']:8} stream={s['stream']!s:5} c={s['concurrency']:3} {s['rps']:8.1f} req/s "
             f"p50 {s['p50_ms']:7.2f} ms ttft p50 {s['ttft_p50_ms']:7.2f} ms "
             f"cpu {s['cpu_stack_ms']:.3f} ms/req {s['cpu_ms']} errors {s['errors']} "
-            f"load {s['load1']:.2f} steal {s.get('steal_pct', 0.0):.1f}%")
+            f"load {s['load1']:.2f} steal {s['steal_pct']:.1f}%")
 
 
 def _mode(stream: bool) -> str:
