@@ -34,6 +34,7 @@ from shared.builtin_model import BUILTIN_MODELS, builtin_path
 from shared.bus import DEFAULT_CONNECT_TIMEOUT
 from shared.cli_options import engine_argv
 from shared.engines import EngineConfig
+from shared.engines.cpu_threads import shared_threads_env
 from shared.supervisor import CrashWindow, spawn, stop_processes
 
 log = logging.getLogger("baton.up")
@@ -94,6 +95,7 @@ class ProcessSpec:
     crashes: CrashWindow = field(default_factory=CrashWindow)  # more than 5 exits in a minute: give up
     proc: asyncio.subprocess.Process | None = None
     log_path: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)  # on top of the supervisor's environment
     last_line: str = ""  # without --log-dir: the last line it printed (relayed to this terminal)
     error_line: str = ""  # its own "<service>: error: ..." line, held back: baton up says it once
 
@@ -129,9 +131,14 @@ def service_specs(s: UpSettings, nats_url: str) -> list[ProcessSpec]:
     models = models_of(s)
     if s.planner_connector != "local":  # else the planner owns the workers (and the supervisor the planner)
         # --decode-workers / --prefill-workers of each model; numbered across models (decode-0, decode-1, ...).
-        specs += [ProcessSpec(f"decode-{n}", [*py, "services.decode", *common, "--model", m, *engine_only])
+        # Every engine on this host gets its share of the CPUs (shared/engines/cpu_threads.py).
+        threads = shared_threads_env(len(models) * (s.decode_workers + s.prefill_workers), s.engine,
+                                     {**os.environ, **s.extra_env})
+        specs += [ProcessSpec(f"decode-{n}", [*py, "services.decode", *common, "--model", m, *engine_only],
+                              env=threads)
                   for n, (m, _) in enumerate((m, i) for m in models for i in range(s.decode_workers))]
-        specs += [ProcessSpec(f"prefill-{n}", [*py, "services.prefill", *common, "--model", m, *engine_only])
+        specs += [ProcessSpec(f"prefill-{n}", [*py, "services.prefill", *common, "--model", m, *engine_only],
+                              env=threads)
                   for n, (m, _) in enumerate((m, i) for m in models for i in range(s.prefill_workers))]
     planner_engine = [a for m in models for a in ("--model", m)] + engine_only  # one pool per model
     specs.append(ProcessSpec("planner", [*py, "services.planner", *common, *planner_args(s, planner_engine)]))
@@ -407,7 +414,7 @@ class Stack:
                   f"{self.identities.creds['client']} (operator: {self.identities.creds['admin']})")
 
     async def _spawn(self, spec: ProcessSpec) -> asyncio.subprocess.Process:
-        env = {**os.environ, **self.settings.extra_env, "PYTHONUNBUFFERED": "1",
+        env = {**os.environ, **self.settings.extra_env, **spec.env, "PYTHONUNBUFFERED": "1",
                "BATON_LOG_FORMAT": self.settings.log_format, "BATON_DRAIN_TIMEOUT": str(self.settings.drain_timeout)}
         if self.identities is not None:
             env |= nats_auth.service_env(self.identities, nats_auth.role_of(spec.name))

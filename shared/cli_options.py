@@ -151,6 +151,11 @@ LogFormat = Annotated[
     str, typer.Option("--log-format", envvar="BATON_LOG_FORMAT",
                       help="text, or json: one JSON object a line (service, pid, request_id, trace_id).")
 ]
+TorchThreads = Annotated[
+    int, typer.Option("--torch-threads", envvar="BATON_TORCH_THREADS", min=0,
+                      help="The torch engine's matmul threads (0: the CPUs this process may run on). Engines "
+                           "sharing a host's CPUs need a share each; baton up and the planner set it for theirs.")
+]
 DrainTimeout = Annotated[
     float, typer.Option("--drain-timeout", envvar="BATON_DRAIN_TIMEOUT",
                         help="On SIGTERM, seconds to finish in-flight work before stopping (keep it below "
@@ -261,7 +266,8 @@ def worker_command(command: Callable[..., None]) -> Callable[..., None]:
     tail = [_option("kv_transport", KvTransportKind, "tcp"), _option("kv_host", KvHost, "127.0.0.1"),
             _option("kv_bind_host", KvBindHost, ""), _option("discovery_ttl", DiscoveryTtl, DEFAULT_TTL),
             _option("metrics_port", MetricsPort, 0), _option("log_level", LogLevel, "info"),
-            _option("log_format", LogFormat, "text"), _option("drain_timeout", DrainTimeout, 30.0)]
+            _option("log_format", LogFormat, "text"), _option("drain_timeout", DrainTimeout, 30.0),
+            _option("torch_threads", TorchThreads, 0)]
     own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
            for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "worker"]
     params = [*head, *own, *tail]
@@ -269,10 +275,14 @@ def worker_command(command: Callable[..., None]) -> Callable[..., None]:
     @functools.wraps(command)
     def wrapper(**kwargs: Any) -> None:
         from shared.engines import EngineConfig
+        from shared.engines.cpu_threads import THREADS_ENV
 
         engine = EngineConfig(**{f: kwargs.pop(p) for f, p in engine_params.items()})
         kwargs.pop("nats_creds")  # its callback exported it for the bus
         kwargs.pop("js_replicas")  # likewise
+        threads = kwargs.pop("torch_threads")
+        if threads:  # read where the engine sets its threads (shared/engines/cpu_threads.py)
+            os.environ[THREADS_ENV] = str(threads)
         common = {p.name: kwargs.pop(p.name) for p in (*head, *tail) if p.name in kwargs}
         command(worker=WorkerOptions(engine=engine, **common), **kwargs)
 

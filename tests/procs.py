@@ -18,6 +18,7 @@ import httpx
 from baton.nats_server import EmbeddedNats, free_port
 from shared import nats_auth
 from shared.bus import Bus
+from shared.engines.cpu_threads import shared_threads_env
 
 
 def service_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -196,6 +197,8 @@ class Stack:
             self.metrics_ports[label] = free_port()
             args = [*args, "--metrics-port", str(self.metrics_ports[label])]
         env = {**self.nats.role_env(name), **self.env}
+        if name in ("decode", "prefill"):  # the engines share this host's CPUs, as under baton up
+            env |= shared_threads_env(self._n_decode + self._n_prefill, self.engine, {**os.environ, **self.env})
         p = ServiceProcess(name, args, self.workdir / "logs" / f"{label}.log", env=env).start()
         self.procs.append(p)
         return p

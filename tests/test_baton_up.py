@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from baton.nats_server import free_port
+from shared.engines.cpu_threads import THREADS_ENV, shared_threads_env
 from tests.conftest import e2e_engine
 from tests.procs import service_env, wait_until
 
@@ -37,6 +38,22 @@ def children_of(pid: int) -> set[int]:
             out.add(c)
             todo.append(c)
     return out
+
+
+def engine_role(pid: int) -> str:
+    """"decode" or "prefill" for an engine worker's process, else ""."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return ""
+    return next((role for role in ("decode", "prefill") if f"services.{role}".encode() in argv), "")
+
+
+def environ_of(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        pairs = [item.decode().partition("=") for item in f.read().split(b"\0") if item]
+    return {k: v for k, _, v in pairs}
 
 
 def alive(pid: int) -> bool:
@@ -92,6 +109,11 @@ def test_up_serves_and_sigterm_stops_everything(tmp_path) -> None:
         # Ready means a decode worker is up; the prefill worker registers on its own schedule.
         wait_until(lambda: health().get("prefill_workers") == 1, 30, 0.1, "prefill worker registered")
         assert health()["decode_workers"] == 1
+        # The planner's two engine processes share this host's CPUs (shared/engines/cpu_threads.py).
+        engines = {k: environ_of(k) for k in children_of(proc.pid) if engine_role(k)}
+        assert sorted(engine_role(k) for k in engines) == ["decode", "prefill"]
+        share = shared_threads_env(2, e2e_engine()).get(THREADS_ENV, os.environ.get(THREADS_ENV))
+        assert [env.get(THREADS_ENV) for env in engines.values()] == [share, share]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
         wait_until(lambda: not any(alive(k) for k in kids), 10, 0.05, "children gone")

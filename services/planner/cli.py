@@ -160,16 +160,21 @@ def main(
     def make_connector(for_model: str):
         if connector == "local":
             from shared.engines import EngineConfig
+            from shared.engines.cpu_threads import shared_threads_env
 
             # One engine config for every worker of this model; "" / 0 options stay the workers' own defaults.
             given = {"engine": engine, "speedup": mocker_speedup, "num_blocks": num_blocks, "model": for_model,
                      "max_num_seqs": max_num_seqs, "max_batched_tokens": max_batched_tokens}
             fields = ("engine", "speedup", "num_blocks", *(f for f in ("model", "max_num_seqs", "max_batched_tokens")
                                                            if given[f]))
+            # The most engine processes this planner runs on this host at once (every model's maximum
+            # fleet) share its CPUs (shared/engines/cpu_threads.py).
+            most = sum(hi for m in (models or [""]) for _, hi in settings.limits_for(m).values())
             return LocalProcessConnector(LocalWorkerSettings(
                 nats_url=nats_url, engine=EngineConfig(**{f: given[f] for f in fields}), engine_fields=fields,
                 discovery_ttl=discovery_ttl, log_level=log_level, log_dir=worker_log_dir,
-                extra_args=shlex.split(worker_args), stop_timeout=worker_stop_timeout))
+                extra_args=shlex.split(worker_args), env=shared_threads_env(most, engine),
+                stop_timeout=worker_stop_timeout))
         if connector == "compose":
             return DockerComposeConnector(ComposeSettings(file=compose_file, project=compose_project))
         if connector == "kubernetes":

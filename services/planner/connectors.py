@@ -91,6 +91,7 @@ class LocalWorkerSettings:
     log_level: str = "info"
     log_dir: str | None = None  # one log file per worker here; else the planner's own stdout/stderr
     extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # on top of the planner's own (e.g. each engine's CPU share)
     python: str = sys.executable
     stop_timeout: float = 60.0  # SIGKILL a draining worker after this long
     max_restarts_per_minute: int = 5
@@ -137,7 +138,7 @@ class LocalProcessConnector:
     async def _spawn(self, role: Role) -> ManagedWorker:
         worker_id = f"{role}-{uuid.uuid4().hex[:8]}"
         log_path = Path(self.settings.log_dir) / f"{worker_id}.log" if self.settings.log_dir else None
-        env = {**nats_auth.child_env(role, os.environ), "PYTHONUNBUFFERED": "1"}  # the worker's own identity
+        env = {**nats_auth.child_env(role, os.environ), **self.settings.env, "PYTHONUNBUFFERED": "1"}  # its own identity
         proc = await spawn(self.argv(role, worker_id), env, log_path=log_path)
         w = ManagedWorker(worker_id, role, proc, time.monotonic())
         self.workers[worker_id] = w

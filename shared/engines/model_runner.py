@@ -25,6 +25,7 @@ import torch
 from shared.engines.adapters import lora_modules
 from shared.engines.base import EngineConfig
 from shared.engines.core import GrammarRefused, ModelRunner, PoolSpec, StepResult
+from shared.engines.cpu_threads import torch_threads
 from shared.engines.kv_cache import default_num_blocks
 from shared.engines.lora import row_slots
 from shared.engines.request import Request
@@ -57,17 +58,6 @@ def _available_memory() -> int | None:
 def device_type(device: str) -> str:
     """"cpu", "cuda", ... of a device string such as "cuda:1"."""
     return torch.device(device).type
-
-
-def torch_threads() -> int:
-    """Threads for matmuls: BATON_TORCH_THREADS, else the CPUs this process may run on."""
-    env = os.environ.get("BATON_TORCH_THREADS")
-    if env:
-        return max(1, int(env))
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 class _StepMode(AbstractContextManager[None]):

@@ -137,7 +137,7 @@ def test_kubernetes_in_cluster_defaults(monkeypatch: pytest.MonkeyPatch) -> None
 
 FAKE_WORKER = """#!/bin/sh
 # Stands in for `python -m services.<role> ...`: logs its argv, drains for a moment on SIGTERM.
-echo "$@" > "$FAKE_DIR/$$.args"
+echo "$@ threads=${BATON_TORCH_THREADS:-unset}" > "$FAKE_DIR/$$.args"
 trap 'sleep 0.3; exit 0' TERM
 while true; do sleep 0.05; done
 """
@@ -166,7 +166,7 @@ def test_local_worker_argv() -> None:
 
 def test_local_connector_starts_stops_the_chosen_worker_and_replaces_crashes(tmp_path: Path) -> None:
     conn = LocalProcessConnector(LocalWorkerSettings(nats_url="nats://x", python=fake_python(tmp_path),
-                                                     stop_timeout=5))
+                                                     stop_timeout=5, env={"BATON_TORCH_THREADS": "3"}))
 
     async def main() -> None:
         known = await conn.start({"decode": 3, "prefill": 1})
@@ -200,6 +200,7 @@ def test_local_connector_starts_stops_the_chosen_worker_and_replaces_crashes(tmp
     args = [p.read_text() for p in tmp_path.glob("*.args")]
     assert len(args) == 5  # 3 decode + 1 prefill + 1 replacement
     assert all("--worker-id" in a and "--nats-url nats://x" in a for a in args)
+    assert all(a.split()[-1] == "threads=3" for a in args)  # the settings' environment, the CPU share
 
 
 def test_local_connector_unregistered_workers_go_first(tmp_path: Path) -> None:
