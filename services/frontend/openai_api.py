@@ -329,7 +329,7 @@ load_lora_decoder = msgspec.json.Decoder(LoadLoraAdapterRequest)
 unload_lora_decoder = msgspec.json.Decoder(UnloadLoraAdapterRequest)
 
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
-_UNKNOWN = re.compile(r"unknown field `(.*?)`(?= - at `|$)")  # the name itself may hold backticks
+_UNKNOWN = re.compile(r"unknown field `(.*?)`(?= - at `|$)", re.DOTALL)  # names may hold backticks, newlines
 
 
 def _integral_floats_to_int(node: Any) -> Any:

@@ -105,7 +105,7 @@ def test_every_unhonoured_field_is_refused_by_name_and_null_is_not_set(name: str
 def test_unknown_field_is_refused_by_name() -> None:
     err = _refusal({"model": "m", "messages": HI, "temprature": 0.5})
     assert err is not None and err.param == "temprature" and err.code == "unknown_parameter"
-    for odd in ("`", "a`b", "``"):  # backticks in the name: msgspec quotes it with backticks too
+    for odd in ("`", "a`b", "``", "\n", "a\nb`"):  # msgspec quotes the name with backticks; any character goes
         err = _refusal({"model": "m", "messages": HI, odd: None})
         assert err is not None and err.param == odd and err.code == "unknown_parameter"
 
